@@ -1,0 +1,1 @@
+"""The source of every assembled train_gpt.py: real, importable, tested modules, one concern each."""

@@ -1,0 +1,1 @@
+"""ssm-golf validator: checks Parameter Golf submission folders and pull requests, statically and by re-execution."""

@@ -1,0 +1,70 @@
+"""The strict submission.json of ssm-golf (what `builder` writes and `validator` expects of our own folders)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+CAP_BYTES = 16_000_000
+TRACKS = ("10min_16mb", "non_record_16mb")
+Track = Literal["10min_16mb", "non_record_16mb"]
+
+
+class SeedResult(BaseModel):
+    """One seed's figures, as read from its log."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    val_loss: float
+    val_bpb: float
+    artifact_bytes: int = Field(ge=0)
+    bytes_model: int = Field(ge=0)
+    bytes_code: int = Field(ge=0)
+    steps: int = Field(ge=0)
+    train_time_ms: float = Field(ge=0)
+    eval_time_ms: float = Field(ge=0)
+    score_tag: str
+    log: str
+
+
+class Submission(BaseModel):
+    """submission.json: metadata written at assembly, results filled in by `builder collect`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    author: str
+    github_id: str
+    name: str
+    blurb: str
+    date: str
+    track: Track = "non_record_16mb"
+    variant: str
+    val_bpb: float | None = None
+    val_loss: float | None = None
+    val_bpb_std: float | None = None
+    bytes_total: int | None = Field(default=None, ge=0)
+    bytes_code: int | None = Field(default=None, ge=0)
+    seeds: list[int] = Field(default_factory=list)
+    seed_results: dict[str, SeedResult] = Field(default_factory=dict)
+    hardware: str = ""
+    pytorch_version: str = ""
+
+    @field_validator("date")
+    @classmethod
+    def _iso_date(cls, v: str) -> str:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+            raise ValueError("date must be YYYY-MM-DD")
+        _dt.date.fromisoformat(v)
+        return v
+
+    @model_validator(mode="after")
+    def _results_agree(self) -> Submission:
+        if self.seed_results:
+            if sorted(int(s) for s in self.seed_results) != sorted(self.seeds):
+                raise ValueError("seeds must list exactly the keys of seed_results")
+            if self.val_bpb is None or self.bytes_total is None:
+                raise ValueError("val_bpb and bytes_total are required once seed_results are filled in")
+        return self
