@@ -1,0 +1,1 @@
+"""Dataset tooling: sample corpora, tokenizers, shards in the challenge format, FineWeb download."""
