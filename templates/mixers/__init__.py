@@ -1,0 +1,1 @@
+"""Sequence mixers: attention and the state-space mixers of the variants."""
