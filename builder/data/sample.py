@@ -1,0 +1,57 @@
+"""`builder data sample`: a small English-like dataset made with no network, byte-identical for the same arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from builder.cli import UserError
+from builder.data import tokenizer as tok
+from builder.data.corpus import generate_documents
+from builder.data.export import ExportResult, export_dataset
+
+# ~256 tokens per document with the 1024 vocabulary: 10,000 documents give ~2.5M train tokens (a few hundred
+# steps of 8K tokens) and the first 256 documents a val split of ~65K tokens.
+DEFAULT_DOCS = 10_000
+DEFAULT_VAL_DOCS = 256
+DEFAULT_SHARD_TOKENS = 1_000_000
+
+
+def make_sample(
+    out_dir: Path,
+    *,
+    docs: int = DEFAULT_DOCS,
+    seed: int = 0,
+    vocab_size: int = 1024,
+    val_docs: int = DEFAULT_VAL_DOCS,
+    tokens_per_shard: int = DEFAULT_SHARD_TOKENS,
+    tokenizer_docs: int | None = None,
+) -> ExportResult:
+    """Generate `docs` documents, train the tokenizer on them (or on the first `tokenizer_docs`), write shards."""
+    if docs < 2:
+        raise UserError(f"--docs {docs}: a dataset needs at least 2 documents (one val, one train); pass --docs 2+")
+    if val_docs >= docs:
+        raise UserError(f"--val-docs {val_docs} leaves no train documents out of --docs {docs}; lower --val-docs")
+    if vocab_size not in tok.VOCAB_SIZES:
+        raise UserError(f"--vocab {vocab_size}: supported sizes are {tok.VOCAB_SIZES}")
+    documents = list(tqdm(generate_documents(docs, seed), total=docs, desc="generating", unit="doc"))
+    train_docs = documents if tokenizer_docs is None else documents[: max(1, tokenizer_docs)]
+    model_bytes = tok.train_model(train_docs, vocab_size)
+    source = {
+        "command": "sample",
+        "generator": "builder.data.corpus",
+        "seed": seed,
+        "docs": docs,
+        "tokenizer_docs": len(train_docs),
+    }
+    return export_dataset(
+        documents,
+        model_bytes=model_bytes,
+        vocab_size=vocab_size,
+        out_dir=out_dir,
+        val_docs=val_docs,
+        tokens_per_shard=tokens_per_shard,
+        total_docs=docs,
+        source=source,
+    )

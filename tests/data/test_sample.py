@@ -1,0 +1,69 @@
+"""`builder data sample`: determinism, the upstream layout, BOS before every document, the val split first."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import sentencepiece as spm
+
+from builder.cli import main
+from builder.data import shards
+from builder.data.corpus import generate_documents
+from builder.data.sample import make_sample
+
+ARGS = ["--docs", "120", "--val-docs", "10", "--shard-tokens", "8000", "--seed", "3"]
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_arguments_same_bytes(tmp_path, capsys):
+    assert main(["data", "sample", "--out", str(tmp_path / "a"), *ARGS]) == 0
+    assert main(["data", "sample", "--out", str(tmp_path / "b"), *ARGS]) == 0
+    first = _tree(tmp_path / "a")
+    assert first == _tree(tmp_path / "b")
+    assert "datasets/fineweb10B_sp1024/fineweb_val_000000.bin" in first
+    assert "datasets/fineweb10B_sp1024/fineweb_train_000001.bin" in first
+    assert "tokenizers/fineweb_1024_bpe.model" in first
+    assert "tokenizers/fineweb_1024_bpe.vocab" in first
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == f"DATA_PATH={tmp_path / 'b' / 'datasets' / 'fineweb10B_sp1024'}"
+    assert out[-1] == f"TOKENIZER_PATH={tmp_path / 'b' / 'tokenizers' / 'fineweb_1024_bpe.model'}"
+    # a re-run into the same folder gives the same bytes and leaves no temporary files behind
+    assert main(["data", "sample", "--out", str(tmp_path / "a"), *ARGS]) == 0
+    assert _tree(tmp_path / "a") == first
+    assert not [p for p in (tmp_path / "a").rglob(".*")]
+
+
+def test_other_seed_other_text():
+    assert list(generate_documents(5, seed=1)) != list(generate_documents(5, seed=2))
+    assert list(generate_documents(3, seed=1, start=2)) == list(generate_documents(5, seed=1))[2:]
+
+
+def test_bos_per_document_and_val_first(tmp_path):
+    result = make_sample(tmp_path, docs=60, seed=5, val_docs=7, tokens_per_shard=3000)
+    data = result.data_path
+    processor = spm.SentencePieceProcessor(model_file=str(result.tokenizer_path))
+    docs = list(generate_documents(60, seed=5))
+    val = np.concatenate([shards.read_shard(p) for p in shards.list_shards(data, "val")])
+    train = np.concatenate([shards.read_shard(p) for p in shards.list_shards(data, "train")])
+    expected_val = np.concatenate([[1, *processor.encode(d)] for d in docs[:7]]).astype(np.uint16)
+    expected_train = np.concatenate([[1, *processor.encode(d)] for d in docs[7:]]).astype(np.uint16)
+    assert val.tolist() == expected_val.tolist()
+    assert train.tolist() == expected_train.tolist()
+    assert int((val == 1).sum()) == 7 and int((train == 1).sum()) == 53
+    assert max(shards.read_header(p) for p in shards.list_shards(data, "train")) == 3000
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (entry,) = manifest["datasets"]
+    assert entry["stats"]["docs_val"] == 7 and entry["stats"]["tokens_val"] == val.size
+    assert entry["stats"]["tokens_train"] == train.size
+
+
+def test_text_is_english_like():
+    text = "\n\n".join(generate_documents(40, seed=0))
+    assert any(ch.isdigit() for ch in text) and "," in text and "." in text and "?" in text
+    assert "\n\n" in text and any(w[:1].isupper() for w in text.split())
+    words = text.split()
+    assert len(set(words)) > 300 and words.count("the") > 50
