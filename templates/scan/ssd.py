@@ -1,0 +1,550 @@
+"""Chunked state-space-duality scan (Mamba-2 SSD) in Triton, forward and backward, with its PyTorch reference.
+
+Math, per batch b and head h (state h_t is P x N, fp32):
+    h_t = exp(la_t) h_{t-1} + w_t x_t B_t^T        y_t = h_t C_t + D x_t        out_t = y_t * silu(z_t)
+For Mamba-2 (`ssd_scan`): dt_t = softplus(dt_raw_t + dt_bias) (or dt_raw + dt_bias), la_t = dt_t A_h, w_t = dt_t.
+The generic form (`ssd_generic_scan`, used by Mamba-3) takes la, w per position and one extra coefficient e_t on
+the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same kernels.
+
+Kernels: one program per (batch, head) walks the chunks of Q steps in order with the state in registers; per chunk
+it does the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j) of the chunk-local cumulative log-decay G),
+the carried-state term and the state update, all as tl.dot. The forward writes the state at each chunk start
+(fp32, B x H x chunks x N x P) for the backward, which walks the chunks in reverse with the state gradient in
+registers and produces every gradient in one pass (dx, dB, dC, ddt or dla/dw/de, dA, dD, dz, dh0). B/C gradients
+of heads sharing a group are summed with fp32 atomics. The decay gradient is built from per-position terms and a
+reverse chunk-local cumsum (no out*dout subtraction, which underflows).
+
+Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+SSD_INTERPRET_ENV = "TRITON_INTERPRET"
+
+
+def ssd_use_triton(t: torch.Tensor) -> bool:
+    """True when the scan kernels should run: CUDA tensors, or CPU tensors under the Triton interpreter."""
+    return t.is_cuda or os.environ.get(SSD_INTERPRET_ENV) == "1"
+
+
+@triton.jit
+def _ssd_load_chunk_gates(
+    DT,
+    LA,
+    W,
+    E,
+    DTB,
+    a_h,
+    g_off,
+    offs_t,
+    mask_t,
+    H,
+    GENERIC: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr,
+    HAS_DTB: tl.constexpr,
+    HAS_E: tl.constexpr,
+):
+    """Per-position log-decay la, input weight w, diagonal extra e, and (SSD) dt after bias/softplus and raw+bias."""
+    ptr_off = g_off + offs_t * H
+    if GENERIC:
+        la = tl.load(LA + ptr_off, mask=mask_t, other=0.0).to(tl.float32)
+        w = tl.load(W + ptr_off, mask=mask_t, other=0.0).to(tl.float32)
+        if HAS_E:
+            e = tl.load(E + ptr_off, mask=mask_t, other=0.0).to(tl.float32)
+        else:
+            e = tl.zeros_like(w)
+        raw = w
+        dtv = w
+    else:
+        raw = tl.load(DT + ptr_off, mask=mask_t, other=0.0).to(tl.float32)
+        if HAS_DTB:
+            raw = raw + tl.load(DTB).to(tl.float32)
+        if DT_SOFTPLUS:
+            dtv = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
+        else:
+            dtv = raw
+        dtv = tl.where(mask_t, dtv, 0.0)
+        la = dtv * a_h
+        w = dtv
+        e = tl.zeros_like(w)
+    return la, w, e, dtv, raw
+
+
+@triton.jit
+def _ssd_fwd_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, H0, Y, CKPT, HT,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr,
+    STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = pid.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    x_off = b64 * T * H * P + h * P
+    bc_off = b64 * T * G * N + g * N
+    g_off = b64 * T * H + h
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    if HAS_D:
+        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    if HAS_H0:
+        state = tl.load(H0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], mask=sn_mask, other=0.0)
+        state = state.to(tl.float32)
+    else:
+        state = tl.zeros((BN, BP), dtype=tl.float32)
+    for c in range(NC):
+        offs_t = (c * Q + offs_q).to(tl.int64)
+        mask_t = offs_t < T
+        xp_mask = mask_t[:, None] & mask_p[None, :]
+        bn_mask = mask_t[:, None] & mask_n[None, :]
+        x = tl.load(X + x_off + offs_t[:, None] * H * P + offs_p[None, :], mask=xp_mask, other=0.0).to(tl.float32)
+        kb = tl.load(BM + bc_off + offs_t[:, None] * G * N + offs_n[None, :], mask=bn_mask, other=0.0).to(tl.float32)
+        qc = tl.load(CM + bc_off + offs_t[:, None] * G * N + offs_n[None, :], mask=bn_mask, other=0.0).to(tl.float32)
+        la, w, e, dtv, raw = _ssd_load_chunk_gates(
+            DT, LA, W, E, DTB + h, a_h, g_off, offs_t, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+        )
+        gc = tl.cumsum(la, axis=0)
+        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+        scores = tl.dot(qc.to(DOT), tl.trans(kb).to(DOT), input_precision=PREC)
+        seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
+        wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+        mmat = tl.where(causal, scores * seg * wmat, 0.0)
+        y = tl.dot(mmat.to(DOT), x.to(DOT), input_precision=PREC)
+        y += tl.exp(gc)[:, None] * tl.dot(qc.to(DOT), state.to(DOT), input_precision=PREC)
+        if HAS_D:
+            y += d_row[None, :] * x
+        if STORE_CKPT:
+            ck = CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
+            tl.store(ck, state, mask=sn_mask)
+        dec_end = tl.exp(g_last - gc) * w
+        state = state * tl.exp(g_last) + tl.dot(
+            tl.trans(kb * dec_end[:, None]).to(DOT), x.to(DOT), input_precision=PREC
+        )
+        y_ptr = x_off + offs_t[:, None] * H * P + offs_p[None, :]
+        if HAS_Z:
+            zz = tl.load(Z + y_ptr, mask=xp_mask, other=0.0).to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(Y + y_ptr, y.to(Y.dtype.element_ty), mask=xp_mask)
+    if STORE_FINAL:
+        tl.store(HT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], state, mask=sn_mask)
+
+
+@triton.jit
+def _ssd_bwd_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DHT,
+    DX, DDT, DLA, DW, DE, DB, DC, DZ, DH0, DA_PART, DD_PART,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = pid.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    x_off = b64 * T * H * P + h * P
+    bc_off = b64 * T * G * N + g * N
+    g_off = b64 * T * H + h
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    if HAS_D:
+        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    else:
+        d_row = tl.zeros((BP,), dtype=tl.float32)
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    if HAS_DHT:
+        dst = tl.load(DHT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], mask=sn_mask, other=0.0)
+        dst = dst.to(tl.float32)
+    else:
+        dst = tl.zeros((BN, BP), dtype=tl.float32)
+    da_acc = tl.zeros((Q,), dtype=tl.float32)
+    dd_acc = tl.zeros((BP,), dtype=tl.float32)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        offs_t = (c * Q + offs_q).to(tl.int64)
+        mask_t = offs_t < T
+        xp_mask = mask_t[:, None] & mask_p[None, :]
+        bn_mask = mask_t[:, None] & mask_n[None, :]
+        xy_ptr = x_off + offs_t[:, None] * H * P + offs_p[None, :]
+        bc_ptr = bc_off + offs_t[:, None] * G * N + offs_n[None, :]
+        x = tl.load(X + xy_ptr, mask=xp_mask, other=0.0).to(tl.float32)
+        kb = tl.load(BM + bc_ptr, mask=bn_mask, other=0.0).to(tl.float32)
+        qc = tl.load(CM + bc_ptr, mask=bn_mask, other=0.0).to(tl.float32)
+        dout = tl.load(DY + xy_ptr, mask=xp_mask, other=0.0).to(tl.float32)
+        la, w, e, dtv, raw = _ssd_load_chunk_gates(
+            DT, LA, W, E, DTB + h, a_h, g_off, offs_t, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+        )
+        st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :], mask=sn_mask, other=0.0)
+        gc = tl.cumsum(la, axis=0)
+        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+        e_last = tl.exp(g_last)
+        e_g = tl.exp(gc)
+        scores = tl.dot(qc.to(DOT), tl.trans(kb).to(DOT), input_precision=PREC)
+        seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
+        wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+        mmat = tl.where(causal, scores * seg * wmat, 0.0)
+        y_off = e_g[:, None] * tl.dot(qc.to(DOT), st.to(DOT), input_precision=PREC)
+        if HAS_Z:
+            zz = tl.load(Z + xy_ptr, mask=xp_mask, other=0.0).to(tl.float32)
+            y = tl.dot(mmat.to(DOT), x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
+            sz = tl.sigmoid(zz)
+            dy = dout * zz * sz
+            dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(DZ + xy_ptr, dz.to(DZ.dtype.element_ty), mask=xp_mask)
+        else:
+            dy = dout
+        dec_end = tl.exp(g_last - gc)
+        kdh = tl.dot(kb.to(DOT), dst.to(DOT), input_precision=PREC)
+        dx = tl.dot(tl.trans(mmat).to(DOT), dy.to(DOT), input_precision=PREC)
+        dx += (dec_end * w)[:, None] * kdh + d_row[None, :] * dy
+        tl.store(DX + xy_ptr, dx.to(DX.dtype.element_ty), mask=xp_mask)
+        dmx = tl.dot(dy.to(DOT), tl.trans(x).to(DOT), input_precision=PREC)
+        dsc = tl.where(causal, dmx * seg * wmat, 0.0)
+        dq = tl.dot(dsc.to(DOT), kb.to(DOT), input_precision=PREC)
+        dq += e_g[:, None] * tl.dot(dy.to(DOT), tl.trans(st).to(DOT), input_precision=PREC)
+        dk = tl.dot(tl.trans(dsc).to(DOT), qc.to(DOT), input_precision=PREC)
+        dk += (dec_end * w)[:, None] * tl.dot(x.to(DOT), tl.trans(dst).to(DOT), input_precision=PREC)
+        if ATOMIC_BC:
+            tl.atomic_add(DC + bc_ptr, dq, mask=bn_mask)
+            tl.atomic_add(DB + bc_ptr, dk, mask=bn_mask)
+        else:
+            tl.store(DC + bc_ptr, dq, mask=bn_mask)
+            tl.store(DB + bc_ptr, dk, mask=bn_mask)
+        dwm = tl.where(causal, dmx * scores * seg, 0.0)
+        c_state = dec_end * tl.sum(kdh * x, axis=1)
+        dw = tl.sum(dwm, axis=0) + c_state
+        a_ij = dwm * wmat
+        dgc = tl.sum(a_ij, axis=1) - tl.sum(a_ij, axis=0) + tl.sum(dy * y_off, axis=1) - w * c_state
+        last_extra = tl.sum(w * c_state, axis=0) + e_last * tl.sum(tl.sum(st * dst, axis=1), axis=0)
+        dgc += tl.where(offs_q == Q - 1, last_extra, 0.0)
+        dla = tl.cumsum(dgc, axis=0, reverse=True)
+        dst = e_last * dst + tl.dot(tl.trans(qc * e_g[:, None]).to(DOT), dy.to(DOT), input_precision=PREC)
+        g_ptr = g_off + offs_t * H
+        if GENERIC:
+            tl.store(DLA + g_ptr, dla, mask=mask_t)
+            tl.store(DW + g_ptr, dw, mask=mask_t)
+            if HAS_E:
+                de = tl.sum(tl.where(diag, dwm, 0.0), axis=0)
+                tl.store(DE + g_ptr, de, mask=mask_t)
+        else:
+            ddt = dw + dla * a_h
+            da_acc += tl.where(mask_t, dla * dtv, 0.0)
+            if DT_SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            tl.store(DDT + g_ptr, ddt, mask=mask_t)
+        if HAS_D:
+            dd_acc += tl.sum(dy * x, axis=0)
+    if HAS_H0:
+        tl.store(DH0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], dst, mask=sn_mask)
+    if not GENERIC:
+        tl.store(DA_PART + bh64, tl.sum(da_acc, axis=0))
+    if HAS_D:
+        tl.store(DD_PART + bh64 * P + offs_p, dd_acc, mask=mask_p)
+
+
+def _ssd_pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
+    """Dot operand dtype and fp32 precision: bf16 tensor cores for half inputs on GPU, exact fp32 elsewhere."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return (tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16), "tf32"
+    return tl.float32, "ieee"
+
+
+def _ssd_num_warps(bn: int, bp: int, q: int) -> int:
+    return 8 if bn * bp >= 4096 or q >= 128 else 4
+
+
+def _ssd_check_shapes(x, gates, B, C, chunk_size):
+    if x.dim() != 4:
+        raise ValueError(f"ssd scan: x must be (batch, time, heads, headdim), got shape {tuple(x.shape)}")
+    bsz, seqlen, nheads, _ = x.shape
+    if gates.shape != (bsz, seqlen, nheads):
+        raise ValueError(
+            f"ssd scan: dt/la must be (batch, time, heads) = {(bsz, seqlen, nheads)}, got {tuple(gates.shape)}"
+        )
+    if B.dim() != 4 or B.shape[:2] != (bsz, seqlen) or B.shape != C.shape:
+        raise ValueError(
+            f"ssd scan: B and C must both be (batch, time, groups, N), got {tuple(B.shape)}, {tuple(C.shape)}"
+        )
+    if nheads % B.shape[2] != 0:
+        raise ValueError(f"ssd scan: heads ({nheads}) must be a multiple of groups ({B.shape[2]})")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
+
+
+class _SsdScanFn(torch.autograd.Function):
+    """Autograd wrapper of the two kernels; `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final):
+        bsz, seqlen, nheads, hdim = x.shape
+        ngroups, dstate = B.shape[2], B.shape[3]
+        x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+        z = z.contiguous() if z is not None else None
+        d_mat = None
+        if D is not None:
+            d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous()
+        h0c = h0.float().contiguous() if h0 is not None else None
+        nchunks = triton.cdiv(seqlen, chunk_size)
+        needs_grad = any(ctx.needs_input_grad)
+        y = torch.empty_like(x)
+        final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
+        ckpt = None
+        if needs_grad:
+            ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=torch.float32)
+        if generic:
+            la, w = la.float().contiguous(), w.float().contiguous()
+            e = e.float().contiguous() if e is not None else None
+        else:
+            dt = dt.contiguous()
+            A = A.float().contiguous()
+            dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
+        dot, prec = _ssd_dot_dtype(x)
+        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+        any_t = x
+        _ssd_fwd_kernel[(bsz * nheads,)](
+            x, dt if dt is not None else any_t, A if A is not None else any_t,
+            dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
+            w if w is not None else any_t, e if e is not None else any_t, B, C,
+            d_mat if d_mat is not None else any_t, z if z is not None else any_t,
+            h0c if h0c is not None else any_t, y, ckpt if ckpt is not None else any_t,
+            final if final is not None else any_t,
+            seqlen, nheads, ngroups, hdim, dstate, nchunks,
+            Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
+            HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
+            STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
+            num_warps=_ssd_num_warps(bn, bp, chunk_size),
+        )  # fmt: skip
+        ctx.save_for_backward(x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt)
+        ctx.meta = (chunk_size, dt_softplus, generic, D.dim() if D is not None else 0)
+        ctx.dtypes = (
+            dt.dtype if dt is not None else None,
+            A.dtype if A is not None else None,
+            D.dtype if D is not None else None,
+        )
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt = ctx.saved_tensors
+        chunk_size, dt_softplus, generic, d_dims = ctx.meta
+        bsz, seqlen, nheads, hdim = x.shape
+        ngroups, dstate = B.shape[2], B.shape[3]
+        nchunks = ckpt.shape[2]
+        dy = dy.contiguous()
+        dfin = dfinal.float().contiguous() if dfinal is not None else None
+        f32 = {"device": x.device, "dtype": torch.float32}
+        dx = torch.empty_like(x)
+        atomic = ngroups != nheads
+        dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
+        dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
+        dz = torch.empty_like(z) if z is not None else None
+        dh0 = torch.empty_like(h0c) if h0c is not None else None
+        gshape = (bsz, seqlen, nheads)
+        ddt = dla = dw = de = da_part = None
+        if generic:
+            dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+            de = torch.empty(gshape, **f32) if e is not None else None
+        else:
+            ddt = torch.empty(gshape, **f32)
+            da_part = torch.empty(bsz, nheads, **f32)
+        dd_part = torch.empty(bsz, nheads, hdim, **f32) if d_mat is not None else None
+        dot, prec = _ssd_dot_dtype(x)
+        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+
+        def _or(t):
+            return t if t is not None else x
+
+        _ssd_bwd_kernel[(bsz * nheads,)](
+            x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy,
+            _or(dfin), dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(dh0), _or(da_part),
+            _or(dd_part),
+            seqlen, nheads, ngroups, hdim, dstate, nchunks,
+            Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
+            HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
+            HAS_DHT=dfin is not None, ATOMIC_BC=atomic, DOT=dot, PREC=prec,
+            num_warps=_ssd_num_warps(bn, bp, chunk_size),
+        )  # fmt: skip
+        dD = None
+        if d_mat is not None:
+            dD = dd_part.sum(0)
+            dD = (dD.sum(1) if d_dims == 1 else dD).to(ctx.dtypes[2])
+        dA = ddt_out = ddtb = None
+        if not generic:
+            dA = da_part.sum(0).to(ctx.dtypes[1])
+            ddt_out = ddt.to(ctx.dtypes[0])
+            ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
+        return (
+            dx,
+            ddt_out,
+            dA,
+            ddtb,
+            dla,
+            dw,
+            de,
+            dB.to(B.dtype),
+            dC.to(C.dtype),
+            dD,
+            dz,
+            dh0,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+@torch.compiler.disable
+def _ssd_apply(*args):
+    return _SsdScanFn.apply(*args)
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 64,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    h0: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Mamba-2 SSD scan. x (B,T,H,P); dt (B,T,H); A (H,) negative; B, C (B,T,G,N); D (H,) or (H,P);
+    z (B,T,H,P); h0 (B,H,P,N) fp32. Returns y (B,T,H,P) in x's dtype, and the final state (B,H,P,N) fp32
+    when return_final_state is set."""
+    _ssd_check_shapes(x, dt, B, C, chunk_size)
+    if not ssd_use_triton(x):
+        return ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, return_final_state)
+    y, final = _ssd_apply(
+        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, chunk_size, dt_softplus, False, return_final_state
+    )
+    return (y, final) if return_final_state else y
+
+
+def ssd_generic_scan(
+    x: torch.Tensor,
+    la: torch.Tensor,
+    w: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 64,
+    e: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Generic chunked scan: h_t = exp(la_t) h_{t-1} + w_t x_t B_t^T, y_t = h_t C_t - e_t... see module docstring.
+
+    la (B,T,H) log-decay (must be <= 0), w (B,T,H) input weight, e (B,T,H) extra weight of the diagonal (j == t)
+    term of the output only: y_t = sum_{j<t} decay w_j (C_t.B_j) x_j + (w_t + e_t)(C_t.B_t) x_t + carried + D x_t.
+    The state carried out still uses w_t for the last step."""
+    _ssd_check_shapes(x, la, B, C, chunk_size)
+    if not ssd_use_triton(x):
+        return ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, return_final_state)
+    y, final = _ssd_apply(x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state)
+    return (y, final) if return_final_state else y
+
+
+def _ssd_ref_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def ssd_generic_scan_ref(
+    x: torch.Tensor,
+    la: torch.Tensor,
+    w: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 64,
+    e: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Sequential PyTorch reference of `ssd_generic_scan` (float64 when x is float64, else float32)."""
+    cd = _ssd_ref_dtype(x)
+    bsz, seqlen, nheads, hdim = x.shape
+    rep = nheads // B.shape[2]
+    xs = x.to(cd)
+    bs = B.to(cd).repeat_interleave(rep, dim=2)
+    cs = C.to(cd).repeat_interleave(rep, dim=2)
+    la_, w_ = la.to(cd), w.to(cd)
+    e_ = e.to(cd) if e is not None else torch.zeros_like(w_)
+    state = h0.to(cd) if h0 is not None else x.new_zeros(bsz, nheads, hdim, B.shape[3], dtype=cd)
+    ys = []
+    for t in range(seqlen):
+        inp = xs[:, t, :, :, None] * bs[:, t, :, None, :]
+        state = torch.exp(la_[:, t, :, None, None]) * state + w_[:, t, :, None, None] * inp
+        yt = torch.einsum("bhpn,bhn->bhp", state + e_[:, t, :, None, None] * inp, cs[:, t])
+        ys.append(yt)
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + (D.to(cd)[:, None] if D.dim() == 1 else D.to(cd)) * xs
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    y = y.to(x.dtype)
+    return (y, state.to(torch.float32) if cd != torch.float64 else state) if return_final_state else y
+
+
+def ssd_scan_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 64,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    h0: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Sequential PyTorch reference of `ssd_scan`, same signature (chunk_size is ignored)."""
+    cd = _ssd_ref_dtype(x)
+    dtv = dt.to(cd)
+    if dt_bias is not None:
+        dtv = dtv + dt_bias.to(cd)
+    if dt_softplus:
+        dtv = F.softplus(dtv)
+    la = dtv * A.to(cd)
+    return ssd_generic_scan_ref(x, la, dtv, B, C, chunk_size, None, D, z, h0, return_final_state)
