@@ -1,0 +1,1 @@
+"""Variant specs, one JSON file each."""
