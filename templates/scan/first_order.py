@@ -1,0 +1,504 @@
+"""First-order diagonal linear recurrence h_t = a_t * h_{t-1} + b_t over (batch, time, channels) in Triton.
+
+Real decays, complex decays (LRU, as pairs of reals) and constant-in-time decays (LTI) share one design: a program
+owns (one sequence, BD channels) and walks time in tiles of BT steps, scanning each tile with
+`tl.associative_scan` and carrying the state across tiles in fp32 registers. The backward is the same kernel run
+in reverse time with the decays shifted by one step (adjoint lambda_t = g_t + conj(a_{t+1}) lambda_{t+1}), which
+also yields d a_t = lambda_t * conj(h_{t-1}) and d h_0 = conj(a_1) lambda_1. Every op has a sequential PyTorch
+reference (`*_ref`, float64-capable) used on machines without CUDA.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fo_combine(a1, b1, a2, b2):
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _fo_ccombine(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
+    ar = ar2 * ar1 - ai2 * ai1
+    ai = ar2 * ai1 + ai2 * ar1
+    br = ar2 * br1 - ai2 * bi1 + br2
+    bi = ar2 * bi1 + ai2 * br1 + bi2
+    return ar, ai, br, bi
+
+
+@triton.jit
+def _fo_scan_kernel(
+    a_ptr,
+    b_ptr,
+    c0_ptr,
+    out_ptr,
+    fin_ptr,
+    hp_ptr,
+    h0_ptr,
+    da_ptr,
+    T,
+    D,
+    REVERSE: tl.constexpr,
+    CONST_A: tl.constexpr,
+    HAS_C0: tl.constexpr,
+    STORE_FIN: tl.constexpr,
+    HAS_DA: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """One (sequence, channel block): forward h = scan(a, b), or (REVERSE) the adjoint scan with a shifted by one.
+
+    Forward: c0 = h_0, out = h, fin = h_T. Reverse: b = dL/dh, c0 = dL/dh_T, out = lambda (= dL/db),
+    fin = dL/dh_0, and with HAS_DA: da = lambda * h_{t-1} (hp = forward h, h0 = forward h_0), summed over time
+    per (sequence, channel) when CONST_A.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, BT)
+    cols = pid_d * BD + tl.arange(0, BD)
+    mask_d = cols < D
+    base = pid_b * T * D
+    cols2 = cols[None, :]
+    if CONST_A:
+        a_vec = tl.load(a_ptr + cols, mask=mask_d, other=1.0).to(tl.float32)
+    if HAS_C0:
+        carry = tl.load(c0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BD], dtype=tl.float32)
+    if HAS_DA:
+        if HAS_H0:
+            h0v = tl.load(h0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        if CONST_A:
+            da_acc = tl.zeros([BD], dtype=tl.float32)
+    n_tiles = tl.cdiv(T, BT)
+    for k in range(0, n_tiles):
+        if REVERSE:
+            t = T - 1 - (k * BT + rows)
+            mask_t = t >= 0
+            ta = t + 1
+        else:
+            t = k * BT + rows
+            mask_t = t < T
+            ta = t
+        mask_a = mask_t & (ta < T)
+        m2 = mask_t[:, None] & mask_d[None, :]
+        off = base + t.to(tl.int64)[:, None] * D + cols2
+        if CONST_A:
+            a = tl.where(mask_a[:, None] & mask_d[None, :], a_vec[None, :], 1.0)
+        else:
+            off_a = base + ta.to(tl.int64)[:, None] * D + cols2
+            a = tl.load(a_ptr + off_a, mask=mask_a[:, None] & mask_d[None, :], other=1.0).to(tl.float32)
+        b = tl.load(b_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        acc_a, acc_b = tl.associative_scan((a, b), 0, _fo_combine)
+        h = acc_b + acc_a * carry[None, :]
+        tl.store(out_ptr + off, h.to(out_ptr.dtype.element_ty), mask=m2)
+        carry = tl.sum(tl.where(rows[:, None] == BT - 1, h, 0.0), axis=0)
+        if HAS_DA:
+            hp = tl.load(hp_ptr + off - D, mask=m2 & (t >= 1)[:, None], other=0.0).to(tl.float32)
+            if HAS_H0:
+                hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
+            da = h * hp
+            if CONST_A:
+                da_acc += tl.sum(tl.where(m2, da, 0.0), axis=0)
+            else:
+                tl.store(da_ptr + off, da.to(da_ptr.dtype.element_ty), mask=m2)
+    if HAS_DA:
+        if CONST_A:
+            tl.store(da_ptr + pid_b * D + cols, da_acc, mask=mask_d)
+    if STORE_FIN:
+        if REVERSE:
+            if CONST_A:
+                a0 = a_vec
+            else:
+                a0 = tl.load(a_ptr + base + cols, mask=mask_d, other=0.0).to(tl.float32)
+            carry = carry * a0
+        tl.store(fin_ptr + pid_b * D + cols, carry, mask=mask_d)
+
+
+@triton.jit
+def _fo_cscan_kernel(
+    ar_ptr,
+    ai_ptr,
+    br_ptr,
+    bi_ptr,
+    c0r_ptr,
+    c0i_ptr,
+    outr_ptr,
+    outi_ptr,
+    finr_ptr,
+    fini_ptr,
+    hpr_ptr,
+    hpi_ptr,
+    h0r_ptr,
+    h0i_ptr,
+    dar_ptr,
+    dai_ptr,
+    T,
+    D,
+    REVERSE: tl.constexpr,
+    HAS_C0: tl.constexpr,
+    STORE_FIN: tl.constexpr,
+    HAS_DA: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Complex version of `_fo_scan_kernel`; the reverse pass uses conj(a_{t+1}) and da = lambda * conj(h_{t-1})."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, BT)
+    cols = pid_d * BD + tl.arange(0, BD)
+    mask_d = cols < D
+    base = pid_b * T * D
+    cols2 = cols[None, :]
+    if HAS_C0:
+        cr = tl.load(c0r_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        ci = tl.load(c0i_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        cr = tl.zeros([BD], dtype=tl.float32)
+        ci = tl.zeros([BD], dtype=tl.float32)
+    if HAS_DA:
+        if HAS_H0:
+            h0r = tl.load(h0r_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+            h0i = tl.load(h0i_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    n_tiles = tl.cdiv(T, BT)
+    for k in range(0, n_tiles):
+        if REVERSE:
+            t = T - 1 - (k * BT + rows)
+            mask_t = t >= 0
+            ta = t + 1
+        else:
+            t = k * BT + rows
+            mask_t = t < T
+            ta = t
+        ma = (mask_t & (ta < T))[:, None] & mask_d[None, :]
+        m2 = mask_t[:, None] & mask_d[None, :]
+        off = base + t.to(tl.int64)[:, None] * D + cols2
+        off_a = base + ta.to(tl.int64)[:, None] * D + cols2
+        ar = tl.load(ar_ptr + off_a, mask=ma, other=1.0).to(tl.float32)
+        ai = tl.load(ai_ptr + off_a, mask=ma, other=0.0).to(tl.float32)
+        if REVERSE:
+            ai = -ai
+        br = tl.load(br_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        bi = tl.load(bi_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        pr, pi, sr, si = tl.associative_scan((ar, ai, br, bi), 0, _fo_ccombine)
+        hr = sr + pr * cr[None, :] - pi * ci[None, :]
+        hi = si + pr * ci[None, :] + pi * cr[None, :]
+        tl.store(outr_ptr + off, hr.to(outr_ptr.dtype.element_ty), mask=m2)
+        tl.store(outi_ptr + off, hi.to(outi_ptr.dtype.element_ty), mask=m2)
+        last = rows[:, None] == BT - 1
+        cr = tl.sum(tl.where(last, hr, 0.0), axis=0)
+        ci = tl.sum(tl.where(last, hi, 0.0), axis=0)
+        if HAS_DA:
+            mp = m2 & (t >= 1)[:, None]
+            hpr = tl.load(hpr_ptr + off - D, mask=mp, other=0.0).to(tl.float32)
+            hpi = tl.load(hpi_ptr + off - D, mask=mp, other=0.0).to(tl.float32)
+            if HAS_H0:
+                first = (t == 0)[:, None]
+                hpr += tl.where(first, h0r[None, :], 0.0)
+                hpi += tl.where(first, h0i[None, :], 0.0)
+            tl.store(dar_ptr + off, (hr * hpr + hi * hpi).to(dar_ptr.dtype.element_ty), mask=m2)
+            tl.store(dai_ptr + off, (hi * hpr - hr * hpi).to(dai_ptr.dtype.element_ty), mask=m2)
+    if STORE_FIN:
+        if REVERSE:
+            a0r = tl.load(ar_ptr + base + cols, mask=mask_d, other=0.0).to(tl.float32)
+            a0i = -tl.load(ai_ptr + base + cols, mask=mask_d, other=0.0).to(tl.float32)
+            cr, ci = a0r * cr - a0i * ci, a0r * ci + a0i * cr
+        tl.store(finr_ptr + pid_b * D + cols, cr, mask=mask_d)
+        tl.store(fini_ptr + pid_b * D + cols, ci, mask=mask_d)
+
+
+def _fo_use_triton(x: torch.Tensor) -> bool:
+    """Triton on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; the PyTorch reference otherwise."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fo_config(D: int, config: dict | None) -> dict:
+    """Block sizes: a program owns BD channels of one sequence and scans BT time steps per tile."""
+    cfg = {"BT": 64, "BD": min(64, triton.next_power_of_2(D)), "num_warps": 4}
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        cfg.update(BT=16, BD=min(16, triton.next_power_of_2(D)))
+    if config:
+        cfg.update(config)
+    return cfg
+
+
+def _fo_check(name: str, x: torch.Tensor, shape: tuple) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def _fo_launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c0: torch.Tensor | None,
+    reverse: bool,
+    const_a: bool,
+    cfg: dict,
+    out_dtype: torch.dtype,
+    want_fin: bool,
+    hp: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+) -> tuple:
+    """Run `_fo_scan_kernel` once; returns (out, fin or None, da or None)."""
+    B, T, D = b.shape
+    out = torch.empty((B, T, D), device=b.device, dtype=out_dtype)
+    fin = torch.empty((B, D), device=b.device, dtype=torch.float32) if want_fin else out
+    da = None
+    if hp is not None:
+        da = torch.empty((B, D) if const_a else (B, T, D), device=b.device, dtype=torch.float32 if const_a else a.dtype)
+    grid = (B, triton.cdiv(D, cfg["BD"]))
+    _fo_scan_kernel[grid](
+        a,
+        b,
+        c0 if c0 is not None else b,
+        out,
+        fin,
+        hp if hp is not None else b,
+        h0 if h0 is not None else b,
+        da if da is not None else b,
+        T,
+        D,
+        REVERSE=reverse,
+        CONST_A=const_a,
+        HAS_C0=c0 is not None,
+        STORE_FIN=want_fin,
+        HAS_DA=hp is not None,
+        HAS_H0=h0 is not None,
+        BT=cfg["BT"],
+        BD=cfg["BD"],
+        num_warps=cfg["num_warps"],
+    )
+    return out, (fin if want_fin else None), da
+
+
+class _FoScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, const_a, cfg):
+        a = a.contiguous()
+        b = b.contiguous()
+        h0c = h0.float().contiguous() if h0 is not None else None
+        h, fin, _ = _fo_launch(a, b, h0c, False, const_a, cfg, b.dtype, True)
+        ctx.save_for_backward(a, h, h0c)
+        ctx.const_a, ctx.cfg, ctx.has_h0 = const_a, cfg, h0 is not None
+        ctx.h0_dtype = h0.dtype if h0 is not None else None
+        return h, fin
+
+    @staticmethod
+    def backward(ctx, dh, dfin):
+        a, h, h0c = ctx.saved_tensors
+        if dh is None:
+            dh = torch.zeros_like(h)
+        dh = dh.contiguous()
+        dfin = dfin.float().contiguous() if dfin is not None else None
+        need_a = ctx.needs_input_grad[0]
+        db, dh0, da = _fo_launch(
+            a,
+            dh,
+            dfin,
+            True,
+            ctx.const_a,
+            ctx.cfg,
+            h.dtype,
+            ctx.has_h0,
+            hp=h if need_a else None,
+            h0=h0c if need_a else None,
+        )
+        if da is not None and ctx.const_a:
+            da = da.sum(0)
+        dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
+        return da, db, dh0, None, None
+
+
+class _FoCScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a_re, a_im, b_re, b_im, h0_re, h0_im, cfg):
+        ar, ai, br, bi = (x.contiguous() for x in (a_re, a_im, b_re, b_im))
+        B, T, D = br.shape
+        has_h0 = h0_re is not None
+        c0r = h0_re.float().contiguous() if has_h0 else None
+        c0i = h0_im.float().contiguous() if has_h0 else None
+        hr, hi = torch.empty_like(br), torch.empty_like(bi)
+        fr = torch.empty((B, D), device=br.device, dtype=torch.float32)
+        fi = torch.empty_like(fr)
+        grid = (B, triton.cdiv(D, cfg["BD"]))
+        dummy = br
+        _fo_cscan_kernel[grid](
+            ar, ai, br, bi,
+            c0r if has_h0 else dummy, c0i if has_h0 else dummy,
+            hr, hi, fr, fi,
+            dummy, dummy, dummy, dummy, dummy, dummy,
+            T, D,
+            REVERSE=False, HAS_C0=has_h0, STORE_FIN=True, HAS_DA=False, HAS_H0=False,
+            BT=cfg["BT"], BD=cfg["BD"], num_warps=cfg["num_warps"],
+        )  # fmt: skip
+        ctx.save_for_backward(ar, ai, hr, hi, c0r, c0i)
+        ctx.cfg, ctx.has_h0 = cfg, has_h0
+        ctx.h0_dtype = h0_re.dtype if has_h0 else None
+        return hr, hi, fr, fi
+
+    @staticmethod
+    def backward(ctx, dhr, dhi, dfr, dfi):
+        ar, ai, hr, hi, c0r, c0i = ctx.saved_tensors
+        cfg, has_h0 = ctx.cfg, ctx.has_h0
+        B, T, D = hr.shape
+        dhr = torch.zeros_like(hr) if dhr is None else dhr.contiguous()
+        dhi = torch.zeros_like(hi) if dhi is None else dhi.contiguous()
+        has_c0 = dfr is not None or dfi is not None
+        if has_c0:
+            dfr = torch.zeros((B, D), device=hr.device) if dfr is None else dfr.float().contiguous()
+            dfi = torch.zeros((B, D), device=hr.device) if dfi is None else dfi.float().contiguous()
+        dbr, dbi = torch.empty_like(hr), torch.empty_like(hi)
+        dar, dai = torch.empty_like(ar), torch.empty_like(ai)
+        g0r = torch.empty((B, D), device=hr.device, dtype=torch.float32)
+        g0i = torch.empty_like(g0r)
+        grid = (B, triton.cdiv(D, cfg["BD"]))
+        dummy = hr
+        _fo_cscan_kernel[grid](
+            ar, ai, dhr, dhi,
+            dfr if has_c0 else dummy, dfi if has_c0 else dummy,
+            dbr, dbi, g0r, g0i,
+            hr, hi, c0r if has_h0 else dummy, c0i if has_h0 else dummy,
+            dar, dai,
+            T, D,
+            REVERSE=True, HAS_C0=has_c0, STORE_FIN=has_h0, HAS_DA=True, HAS_H0=has_h0,
+            BT=cfg["BT"], BD=cfg["BD"], num_warps=cfg["num_warps"],
+        )  # fmt: skip
+        if has_h0:
+            g0r, g0i = g0r.to(ctx.h0_dtype), g0i.to(ctx.h0_dtype)
+        else:
+            g0r = g0i = None
+        return dar, dai, dbr, dbi, g0r, g0i, None
+
+
+def first_order_scan_ref(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, return_final_state: bool = False
+):
+    """Sequential reference of h_t = a_t * h_{t-1} + b_t; computes in float32 (float64 if given), returns b's dtype."""
+    cdt = torch.float64 if b.dtype == torch.float64 else torch.float32
+    h = torch.zeros_like(b[:, 0], dtype=cdt) if h0 is None else h0.to(cdt)
+    outs = []
+    for t in range(b.shape[1]):
+        h = a[:, t].to(cdt) * h + b[:, t].to(cdt)
+        outs.append(h)
+    hs = torch.stack(outs, 1).to(b.dtype)
+    return (hs, h.float() if cdt != torch.float64 else h) if return_final_state else hs
+
+
+@torch.compiler.disable
+def first_order_scan(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    config: dict | None = None,
+):
+    """h_t = a_t * h_{t-1} + b_t. a, b: (B, T, D) real (bf16/fp32); h0: (B, D). Returns h (B, T, D) in b's dtype
+    [and the final state (B, D) in fp32]. State and accumulation are fp32; any T."""
+    if b.dim() != 3:
+        raise ValueError(f"first_order_scan: b must be (B, T, D), got shape {tuple(b.shape)}")
+    _fo_check("first_order_scan: a", a, b.shape)
+    if h0 is not None:
+        _fo_check("first_order_scan: h0", h0, (b.shape[0], b.shape[2]))
+    if not _fo_use_triton(b):
+        return first_order_scan_ref(a, b, h0, return_final_state)
+    h, fin = _FoScanFn.apply(a, b, h0, False, _fo_config(b.shape[2], config))
+    return (h, fin) if return_final_state else h
+
+
+def first_order_scan_complex_ref(a_re, a_im, b_re, b_im, h0=None, return_final_state=False):
+    """Sequential reference of the complex recurrence, as pairs of reals (h0 given as a (re, im) pair)."""
+    cdt = torch.float64 if b_re.dtype == torch.float64 else torch.float32
+    if h0 is None:
+        hr = torch.zeros_like(b_re[:, 0], dtype=cdt)
+        hi = torch.zeros_like(hr)
+    else:
+        hr, hi = h0[0].to(cdt), h0[1].to(cdt)
+    out_r, out_i = [], []
+    for t in range(b_re.shape[1]):
+        pr, pi = a_re[:, t].to(cdt), a_im[:, t].to(cdt)
+        hr, hi = pr * hr - pi * hi + b_re[:, t].to(cdt), pr * hi + pi * hr + b_im[:, t].to(cdt)
+        out_r.append(hr)
+        out_i.append(hi)
+    res_r = torch.stack(out_r, 1).to(b_re.dtype)
+    res_i = torch.stack(out_i, 1).to(b_im.dtype)
+    if return_final_state:
+        fdt = cdt if cdt == torch.float64 else torch.float32
+        return res_r, res_i, (hr.to(fdt), hi.to(fdt))
+    return res_r, res_i
+
+
+@torch.compiler.disable
+def first_order_scan_complex(
+    a_re: torch.Tensor,
+    a_im: torch.Tensor,
+    b_re: torch.Tensor,
+    b_im: torch.Tensor,
+    h0: tuple | None = None,
+    return_final_state: bool = False,
+    config: dict | None = None,
+):
+    """Complex h_t = a_t h_{t-1} + b_t with every complex tensor given as (re, im) real tensors of shape (B, T, D);
+    h0 is a pair (re, im) of (B, D). Returns (h_re, h_im) [and the final state as a pair of fp32 (B, D)]."""
+    for name, x in (("a_re", a_re), ("a_im", a_im), ("b_im", b_im)):
+        _fo_check(f"first_order_scan_complex: {name}", x, b_re.shape)
+    if h0 is not None:
+        if len(h0) != 2:
+            raise ValueError("first_order_scan_complex: h0 must be a pair (h0_re, h0_im)")
+        for x in h0:
+            _fo_check("first_order_scan_complex: h0", x, (b_re.shape[0], b_re.shape[2]))
+    if not _fo_use_triton(b_re):
+        return first_order_scan_complex_ref(a_re, a_im, b_re, b_im, h0, return_final_state)
+    h0r, h0i = (h0[0], h0[1]) if h0 is not None else (None, None)
+    hr, hi, fr, fi = _FoCScanFn.apply(a_re, a_im, b_re, b_im, h0r, h0i, _fo_config(b_re.shape[2], config))
+    return (hr, hi, (fr, fi)) if return_final_state else (hr, hi)
+
+
+def _fo_expand_decay(log_a: torch.Tensor, D: int) -> torch.Tensor:
+    """LTI shape rule: log_a is (D,) per channel, or (H,) per head with D % H == 0, head h owning channels
+    [h * D // H, (h + 1) * D // H)."""
+    if log_a.dim() != 1 or D % log_a.shape[0] != 0:
+        raise ValueError(f"lti_scan: log_a must be (D,) or (H,) with D % H == 0; got {tuple(log_a.shape)} for D={D}")
+    return log_a.float().repeat_interleave(D // log_a.shape[0])
+
+
+def lti_scan_ref(x: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None, return_final_state=False):
+    """Sequential reference of the LTI scan h_t = exp(log_a) * h_{t-1} + x_t."""
+    a = torch.exp(_fo_expand_decay(log_a, x.shape[2]).to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+    return first_order_scan_ref(a.expand(x.shape), x, h0, return_final_state)
+
+
+class _FoLtiFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a_vec, h0, cfg):
+        return _FoScanFn.forward(ctx, a_vec, x, h0, True, cfg)
+
+    @staticmethod
+    def backward(ctx, dh, dfin):
+        da, dx, dh0, _, _ = _FoScanFn.backward(ctx, dh, dfin)
+        return dx, da, dh0, None
+
+
+@torch.compiler.disable
+def lti_scan(
+    x: torch.Tensor,
+    log_a: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    config: dict | None = None,
+):
+    """Linear time-invariant scan h_t = exp(log_a) * h_{t-1} + x_t; x (B, T, D), log_a (D,) or (H,) per head
+    (see `_fo_expand_decay`), h0 (B, D). Reads the decay once per program: the bytes of a copy."""
+    if x.dim() != 3:
+        raise ValueError(f"lti_scan: x must be (B, T, D), got shape {tuple(x.shape)}")
+    if h0 is not None:
+        _fo_check("lti_scan: h0", h0, (x.shape[0], x.shape[2]))
+    if not _fo_use_triton(x):
+        return lti_scan_ref(x, log_a, h0, return_final_state)
+    a_vec = torch.exp(_fo_expand_decay(log_a, x.shape[2])).contiguous()
+    h, fin = _FoLtiFn.apply(x, a_vec, h0, _fo_config(x.shape[2], config))
+    return (h, fin) if return_final_state else h
