@@ -1,0 +1,114 @@
+"""Audit events (JSON lines written by the hook in the child) read back and turned into findings."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from validator.findings import Finding, error, warning
+
+# Programs a training script and its libraries legitimately start: the interpreter itself (torchrun's workers,
+# compile pools), C/CUDA compilers and tools Triton and Inductor call, and GPU or library queries.
+ALLOWED_PROGRAMS = frozenset(
+    {
+        "cc",
+        "gcc",
+        "g++",
+        "c++",
+        "clang",
+        "clang++",
+        "ld",
+        "as",
+        "nvcc",
+        "ptxas",
+        "fatbinary",
+        "nvlink",
+        "cuobjdump",
+        "nvdisasm",
+        "ldconfig",
+        "nvidia-smi",
+        "uname",
+    }
+)
+# Interpreter options that would start Python without the audit hook (isolated, no site, no environment).
+HOOK_DEFEATING_FLAGS = frozenset({"-I", "-S", "-E"})
+
+
+def read_events(path: Path) -> list[dict]:
+    """Every well-formed event line; a missing file gives no events (the hook never ran)."""
+    if not path.is_file():
+        return []
+    events = []
+    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and "kind" in event:
+            events.append(event)
+    return events
+
+
+def _is_python(executable: str) -> bool:
+    return os.path.basename(executable).startswith("python")
+
+
+def spawn_is_allowed(event: dict, allowed: frozenset[str]) -> bool:
+    argv = [str(a) for a in event.get("argv") or []]
+    executable = str(event.get("executable") or (argv[0] if argv else ""))
+    name = os.path.basename(executable)
+    if _is_python(executable):
+        return not HOOK_DEFEATING_FLAGS.intersection(argv[1:3])
+    return name in allowed
+
+
+def audit_findings(
+    events: list[dict], log_name: str, expected: bool = True, extra_programs: tuple[str, ...] = ()
+) -> list[Finding]:
+    """Findings from a run's audit events. `expected`: the hook should have run (a Python child)."""
+    allowed = ALLOWED_PROGRAMS | frozenset(extra_programs)
+    findings: list[Finding] = []
+    if expected and not any(e["kind"] == "start" for e in events):
+        findings.append(
+            warning(
+                "AUDIT_NOT_ACTIVE",
+                "the audit hook recorded no process start: file, network and spawn activity was not observed",
+                log_name,
+            )
+        )
+    seen: set[tuple[str, str]] = set()
+    for e in events:
+        kind = e["kind"]
+        if kind == "network":
+            key = (kind, str(e.get("address")))
+            if key not in seen:
+                seen.add(key)
+                refused = " (refused)" if e.get("refused") else ""
+                findings.append(
+                    error("AUDIT_NETWORK", f"network access attempted: {e.get('event')} {e.get('address')}{refused}")
+                )
+        elif kind in ("read_outside", "write_outside"):
+            key = (kind, str(e.get("path")))
+            if key not in seen:
+                seen.add(key)
+                verb = "read" if kind == "read_outside" else "written"
+                code = "AUDIT_READ_OUTSIDE" if kind == "read_outside" else "AUDIT_WRITE_OUTSIDE"
+                findings.append(error(code, f"file {verb} outside the allowed roots: {e.get('path')}"))
+        elif kind == "spawn" and not spawn_is_allowed(e, allowed):
+            argv = " ".join(str(a) for a in (e.get("argv") or [e.get("executable")]))
+            key = (kind, argv)
+            if key not in seen:
+                seen.add(key)
+                findings.append(
+                    error(
+                        "AUDIT_SUBPROCESS",
+                        f"started a program the sandbox cannot audit: {argv[:200]} (allow it with --allow-exec NAME "
+                        "if the README justifies it)",
+                    )
+                )
+        elif kind == "tamper":
+            findings.append(error("AUDIT_TAMPER", f"the script opened the audit log itself: {e.get('path')}"))
+        elif kind == "truncated":
+            findings.append(warning("AUDIT_TRUNCATED", str(e.get("detail"))))
+    return findings

@@ -1,0 +1,98 @@
+"""What a sandboxed run is asked to do (SandboxRequest) and what it gives back (SandboxResult)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Backend = Literal["local", "docker"]
+Launcher = Literal["auto", "torchrun", "python"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Wall-clock limits in seconds, measured outside the script."""
+
+    train_s: float = 600.0
+    eval_s: float = 600.0
+    setup_s: float = 600.0  # everything outside the train and eval phases: imports, compile, serialisation
+    grace_s: float = 30.0  # a phase may overrun its limit this long (the step in flight) before the hard kill
+
+    @property
+    def total_s(self) -> float:
+        """The hard kill for the whole run, whatever its phases say."""
+        return self.train_s + self.eval_s + self.setup_s
+
+    def phase_limit(self, phase: str) -> float | None:
+        return {"train": self.train_s, "eval": self.eval_s}.get(phase)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the script is started: plain python (CPU, one process) or torchrun with its own rendezvous options."""
+
+    nproc: int = 1
+    launcher: Launcher = "auto"
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous, required when nnodes > 1
+    rdzv_backend: str = "c10d"
+    rdzv_id: str | None = None
+    torchrun_args: tuple[str, ...] = ()  # any further torchrun option, passed through untouched
+
+
+@dataclass
+class SandboxRequest:
+    """One run of one submission script with one environment."""
+
+    submission: Path  # the folder to copy; it is never written to
+    session_dir: Path  # new or empty folder for the work copy, audit log, home and temp of this run
+    env: dict[str, str] = field(default_factory=dict)  # hyperparameters, SEED, RUN_ID, ...
+    script: str = "train_gpt.py"
+    data_dir: Path | None = None  # mounted read-only and given as DATA_PATH
+    tokenizer: Path | None = None  # mounted read-only and given as TOKENIZER_PATH
+    inputs: dict[str, Path] = field(default_factory=dict)  # extra files copied into the work dir (name -> source)
+    backend: Backend = "local"
+    launch: Launch = field(default_factory=Launch)
+    limits: Limits = field(default_factory=Limits)
+    gpus: bool | None = None  # None: use CUDA when the machine has it
+    allow_network: bool = False
+    extra_read_roots: tuple[Path, ...] = ()
+    image: str = "ssm-golf:latest"  # docker backend only
+    echo: bool = False  # also print the child's lines as they come
+
+
+@dataclass(frozen=True)
+class PhaseSpan:
+    """One phase as seen from outside: seconds since launch of its begin and end marker lines."""
+
+    begin: float | None
+    end: float | None
+    open_since: float | None = None  # the last begin with no end after it: the phase is still running
+
+    @property
+    def seconds(self) -> float | None:
+        if self.begin is None or self.end is None:
+            return None
+        return self.end - self.begin
+
+
+@dataclass
+class SandboxResult:
+    """What came back: exit status, every output line with its arrival time, phases, audit events."""
+
+    command: list[str]
+    returncode: int | None  # None when killed before it exited by itself
+    killed: str | None  # why the sandbox killed the run, None when it ended by itself
+    wall_s: float
+    lines: list[tuple[float, str]]  # (seconds since launch, line without newline)
+    phases: dict[str, PhaseSpan]
+    audit_events: list[dict]
+    work_dir: Path
+    network_isolation: str  # "netns", "docker-network-none", "audit-hook", or "allowed"
+    audit_log: Path | None = None
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
