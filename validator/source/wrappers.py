@@ -1,0 +1,290 @@
+"""Self-extracting wrappers (`exec(lzma.decompress(base64.b85decode(b"...")))`): found in the AST, decoded from
+their literals with bounded decompressors, never executed.
+
+Supported steps: lzma, zlib, gzip, bz2, brotli decompression; base85/ascii85/base64/base32/base16/hex decoding
+(`base64`, `binascii`, `codecs`, `bytes.fromhex`); `.decode()`/`.encode()`/`str(b, enc)`; `compile(src, ...)`.
+The literal may be inline, a module-level name bound to a literal, or a concatenation of literals.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import bz2
+import codecs
+import lzma
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_DECODED_BYTES = 20_000_000  # a decoded script larger than this is refused, not expanded
+MAX_DEPTH = 4  # nested wrappers followed at most this deep (audit side)
+
+
+class DecodeError(Exception):
+    """A wrapper whose payload could not be decoded statically."""
+
+
+def _bounded(stream_decompress: Callable[[bytes, int], bytes], data: bytes) -> bytes:
+    out = stream_decompress(data, MAX_DECODED_BYTES + 1)
+    if len(out) > MAX_DECODED_BYTES:
+        raise DecodeError(f"decoded payload exceeds {MAX_DECODED_BYTES} bytes")
+    return out
+
+
+def _lzma(data: bytes) -> bytes:
+    return _bounded(lambda d, n: lzma.LZMADecompressor().decompress(d, max_length=n), data)
+
+
+def _zlib(data: bytes, wbits: int = zlib.MAX_WBITS) -> bytes:
+    return _bounded(lambda d, n: zlib.decompressobj(wbits).decompress(d, n), data)
+
+
+def _bz2(data: bytes) -> bytes:
+    return _bounded(lambda d, n: bz2.BZ2Decompressor().decompress(d, max_length=n), data)
+
+
+def _brotli(data: bytes) -> bytes:
+    import brotli
+
+    return _bounded(lambda d, n: brotli.Decompressor().process(d, output_buffer_limit=n), data)
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+# name of the final attribute or function -> transform of bytes
+_DECOMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
+    "lzma.decompress": _lzma,
+    "zlib.decompress": _zlib,
+    "gzip.decompress": lambda d: _zlib(d, 16 + zlib.MAX_WBITS),
+    "bz2.decompress": _bz2,
+    "brotli.decompress": _brotli,
+}
+_DECODERS: dict[str, Callable[[bytes], bytes]] = {
+    "base64.b85decode": base64.b85decode,
+    "base64.a85decode": base64.a85decode,
+    "base64.b64decode": base64.b64decode,
+    "base64.standard_b64decode": base64.standard_b64decode,
+    "base64.urlsafe_b64decode": base64.urlsafe_b64decode,
+    "base64.decodebytes": base64.decodebytes,
+    "base64.b32decode": base64.b32decode,
+    "base64.b16decode": base64.b16decode,
+    "binascii.a2b_base64": binascii.a2b_base64,
+    "binascii.unhexlify": binascii.unhexlify,
+    "binascii.a2b_hex": binascii.a2b_hex,
+}
+_CODECS = {
+    "base64": base64.b64decode,
+    "base_64": base64.b64decode,
+    "zlib": _zlib,
+    "zip": _zlib,
+    "bz2": _bz2,
+    "hex": binascii.unhexlify,
+}
+TRANSFORMS = {**_DECOMPRESSORS, **_DECODERS}
+_SHORT_NAMES = {name.rsplit(".", 1)[1] for name in TRANSFORMS} - {"decompress"}
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """One exec/eval of a decoded payload found in a source."""
+
+    line: int
+    steps: tuple[str, ...]  # transforms applied, innermost first, e.g. ("base64.b85decode", "lzma.decompress")
+    encoded_bytes: int  # size of the literal payload
+    source: str | None  # the decoded text, None when it could not be decoded
+    error: str | None = None
+
+
+def import_aliases(tree: ast.AST) -> dict[str, str]:
+    """Local name -> dotted origin for every import in the tree (`import lzma as L` gives L -> lzma)."""
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname:
+                    aliases[alias.asname] = alias.name
+                else:
+                    top = alias.name.split(".")[0]
+                    aliases[top] = top
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return aliases
+
+
+def dotted_name(node: ast.AST, aliases: dict[str, str]) -> str | None:
+    """`L.decompress` -> "lzma.decompress" given the aliases; None for anything not a plain dotted name."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(aliases.get(node.id, node.id))
+    return ".".join(reversed(parts))
+
+
+def module_literals(tree: ast.Module) -> dict[str, ast.expr]:
+    """Module-level names bound exactly once, to the expression they are bound to."""
+    bound: dict[str, ast.expr] = {}
+    seen: set[str] = set()
+    for stmt in tree.body:
+        targets: list[ast.expr] = []
+        value: ast.expr | None = None
+        if isinstance(stmt, ast.Assign):
+            targets, value = stmt.targets, stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            targets, value = [stmt.target], stmt.value
+        for target in targets:
+            if isinstance(target, ast.Name):
+                if target.id in seen:
+                    bound.pop(target.id, None)
+                else:
+                    bound[target.id] = value
+                seen.add(target.id)
+    return bound
+
+
+class _Evaluator:
+    def __init__(self, tree: ast.Module):
+        self.aliases = import_aliases(tree)
+        self.literals = module_literals(tree)
+        self.steps: list[str] = []
+        self.payload_bytes = 0
+
+    def value(self, node: ast.AST, depth: int = 0) -> bytes | str:
+        if depth > 40:
+            raise DecodeError("expression too deep")
+        if isinstance(node, ast.Constant) and isinstance(node.value, (bytes, str)):
+            self.payload_bytes = max(self.payload_bytes, len(node.value))
+            return node.value
+        if isinstance(node, ast.Name) and node.id in self.literals:
+            return self.value(self.literals[node.id], depth + 1)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            left, right = self.value(node.left, depth + 1), self.value(node.right, depth + 1)
+            if type(left) is not type(right):
+                raise DecodeError("mixed str/bytes concatenation")
+            return left + right
+        if isinstance(node, ast.Call):
+            return self._call(node, depth)
+        raise DecodeError(f"payload is not a literal ({type(node).__name__} at line {getattr(node, 'lineno', '?')})")
+
+    def _call(self, node: ast.Call, depth: int) -> bytes | str:
+        func = node.func
+        name = dotted_name(func, self.aliases) or ""
+        if isinstance(func, ast.Attribute) and func.attr in ("decode", "encode") and name not in TRANSFORMS:
+            inner = self.value(func.value, depth + 1)
+            if func.attr == "decode" and len(node.args) >= 2 and not isinstance(inner, str):
+                pass  # codecs-style obj.decode(x, "codec") is handled below
+            else:
+                encoding = _const_str(node.args[0]) if node.args else "utf-8"
+                if func.attr == "decode":
+                    return self._codec_decode(_as_bytes(inner), encoding or "utf-8", as_text=True)
+                return inner.encode(encoding or "utf-8") if isinstance(inner, str) else inner
+        if name in ("compile", "builtins.compile") and node.args:
+            return self.value(node.args[0], depth + 1)
+        if name in ("str", "builtins.str") and len(node.args) >= 2:
+            return _as_bytes(self.value(node.args[0], depth + 1)).decode(_const_str(node.args[1]) or "utf-8")
+        if name in ("bytes.fromhex",) and node.args:
+            return bytes.fromhex(str(self.value(node.args[0], depth + 1)))
+        if name in ("codecs.decode",) and len(node.args) >= 2:
+            data = self.value(node.args[0], depth + 1)
+            return self._codec_decode(_as_bytes(data), _const_str(node.args[1]) or "", as_text=False)
+        transform = TRANSFORMS.get(name)
+        if transform is None and isinstance(func, (ast.Attribute, ast.Name)):
+            short = func.attr if isinstance(func, ast.Attribute) else func.id
+            candidates = [key for key in TRANSFORMS if key.endswith("." + short)]
+            if short in _SHORT_NAMES and len(candidates) == 1:
+                name, transform = candidates[0], TRANSFORMS[candidates[0]]
+        if transform is None or not node.args:
+            raise DecodeError(f"unknown step {name or type(func).__name__}() at line {node.lineno}")
+        data = _as_bytes(self.value(node.args[0], depth + 1))
+        try:
+            out = transform(data)
+        except DecodeError:
+            raise
+        except Exception as exc:  # every decoder signals bad input its own way
+            raise DecodeError(f"{name} failed: {exc.__class__.__name__}") from None
+        self.steps.append(name)
+        return out
+
+    def _codec_decode(self, data: bytes, codec: str, as_text: bool) -> bytes | str:
+        codec_key = codec.lower().replace("-", "_")
+        if codec_key in _CODECS:
+            try:
+                out = _CODECS[codec_key](data)
+            except DecodeError:
+                raise
+            except Exception as exc:
+                raise DecodeError(f"codec {codec} failed: {exc.__class__.__name__}") from None
+            self.steps.append(f"codecs:{codec_key}")
+            return out
+        try:
+            codecs.lookup(codec)
+            return data.decode(codec)
+        except (LookupError, UnicodeDecodeError, TypeError) as exc:
+            if as_text:
+                raise DecodeError(f"cannot decode payload as {codec}: {exc.__class__.__name__}") from None
+            raise DecodeError(f"unsupported codec {codec}") from None
+
+
+def _const_str(node: ast.AST) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _contains_transform(node: ast.AST, aliases: dict[str, str]) -> bool:
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Call):
+            name = dotted_name(sub.func, aliases) or ""
+            short = name.rsplit(".", 1)[-1]
+            if name in TRANSFORMS or short in _SHORT_NAMES or short in ("decompress", "loads"):
+                return True
+    return False
+
+
+def _is_exec_call(node: ast.Call, aliases: dict[str, str]) -> bool:
+    name = dotted_name(node.func, aliases)
+    return name in ("exec", "eval", "builtins.exec", "builtins.eval") and bool(node.args)
+
+
+def find_wrappers(tree: ast.Module) -> list[Wrapper]:
+    """Every exec/eval whose argument goes through a decompressor or decoder, decoded where it can be."""
+    aliases = import_aliases(tree)
+    found: list[Wrapper] = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and _is_exec_call(node, aliases)):
+            continue
+        arg = node.args[0]
+        if not _contains_transform(arg, aliases) and not _names_wrapped_literal(arg, tree, aliases):
+            continue
+        evaluator = _Evaluator(tree)
+        try:
+            decoded = evaluator.value(arg)
+            text = decoded if isinstance(decoded, str) else decoded.decode("utf-8")
+            found.append(Wrapper(node.lineno, tuple(evaluator.steps), evaluator.payload_bytes, text))
+        except (DecodeError, UnicodeDecodeError, ValueError, TypeError, RecursionError, MemoryError) as exc:
+            message = str(exc) if isinstance(exc, DecodeError) else f"payload not UTF-8 text ({exc.__class__.__name__})"
+            found.append(Wrapper(node.lineno, tuple(evaluator.steps), evaluator.payload_bytes, None, message))
+    return found
+
+
+def _names_wrapped_literal(arg: ast.expr, tree: ast.Module, aliases: dict[str, str]) -> bool:
+    """exec(code) where `code` is bound at module level to a decoding expression."""
+    if isinstance(arg, ast.Name):
+        bound = module_literals(tree).get(arg.id)
+        return bound is not None and _contains_transform(bound, aliases)
+    return False
+
+
+def build_wrapper(minified: bytes) -> bytes:
+    """The lzma + base85 self-extracting wrapper for already-minified source bytes (the code-bytes convention)."""
+    return WRAPPER_PREFIX + base64.b85encode(lzma.compress(minified)) + WRAPPER_SUFFIX
+
+
+# The wrapper text of the convention (upstream records 2026-04-10 onwards compute exactly this at runtime):
+WRAPPER_PREFIX = b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
+WRAPPER_SUFFIX = b'")))\n'
