@@ -107,7 +107,6 @@ def child_env(
     """A scrubbed environment: kept tool paths, the run's own variables, the audit hook's settings."""
     source = os.environ if base is None else base
     env = {k: v for k, v in source.items() if k in KEPT_ENV or k.startswith(KEPT_ENV_PREFIXES)}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env.update(request.env)
     if data_path is not None:
         env["DATA_PATH"] = data_path

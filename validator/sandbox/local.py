@@ -76,6 +76,7 @@ def run_local(request: SandboxRequest) -> SandboxResult:
     extra = [str(Path(p).resolve()) for p in request.extra_read_roots]
     read_roots = [*mine, str(dirs.hook), *SYSTEM_READ_ROOTS, *extra, *(p for p in (data, tokenizer) if p)]
     env = child_env(request, dirs, data, tokenizer, read_roots, [*mine, *SYSTEM_WRITE_ROOTS], isolation != "allowed")
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
 
