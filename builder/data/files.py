@@ -34,7 +34,7 @@ def atomic_link_or_copy(source: Path, destination: Path) -> None:
     tmp_path.unlink(missing_ok=True)
     try:
         try:
-            os.link(source, tmp_path)
+            os.link(Path(source).resolve(), tmp_path)
         except OSError:
             shutil.copyfile(source, tmp_path)
         os.replace(tmp_path, destination)

@@ -151,3 +151,14 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("kevclark/parameter-golf:datasets/manifest.json: download failed (ConnectionError")
+
+
+def test_sample_output_is_a_local_export(tmp_path):
+    from builder.data.sample import make_sample
+
+    made = make_sample(tmp_path / "made", docs=40, val_docs=4, tokens_per_shard=2000)
+    fetched = fineweb.fetch_fineweb("sp1024", 2, tmp_path / "copy", source=str(tmp_path / "made"))
+    names = sorted(p.name for p in fetched.data_path.iterdir())
+    assert names == ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+    for name in names:
+        assert (fetched.data_path / name).read_bytes() == (made.data_path / name).read_bytes()

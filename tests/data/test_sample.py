@@ -67,3 +67,22 @@ def test_text_is_english_like():
     assert "\n\n" in text and any(w[:1].isupper() for w in text.split())
     words = text.split()
     assert len(set(words)) > 300 and words.count("the") > 50
+
+
+def test_sample_is_learnable(tmp_path):
+    """A bigram model counted on train predicts val far better than token frequencies: there is structure to learn."""
+    result = make_sample(tmp_path, docs=300, seed=0, val_docs=30)
+    train = np.concatenate([shards.read_shard(p) for p in shards.list_shards(result.data_path, "train")])
+    val = np.concatenate([shards.read_shard(p) for p in shards.list_shards(result.data_path, "val")])
+    train, val = train.astype(np.int64), val.astype(np.int64)
+    vocab = 1024
+    assert int(train.max()) < vocab
+    unigram = np.bincount(train, minlength=vocab) + 1.0
+    unigram /= unigram.sum()
+    bigram = np.full((vocab, vocab), 0.1)
+    np.add.at(bigram, (train[:-1], train[1:]), 1.0)
+    bigram /= bigram.sum(axis=1, keepdims=True)
+    unigram_bits = float(-np.log2(unigram[val]).mean())
+    bigram_bits = float(-np.log2(bigram[val[:-1], val[1:]]).mean())
+    assert unigram_bits > 7.0
+    assert bigram_bits < unigram_bits - 2.0, (unigram_bits, bigram_bits)
