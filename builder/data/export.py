@@ -78,18 +78,23 @@ def encode_documents(documents: Iterable[str], model_bytes: bytes, workers: int 
             yield from encoded
 
 
-def _merge_manifest(path: Path, dataset_entry: dict, tokenizer_entry: dict) -> None:
+def _read_manifest(path: Path) -> dict:
+    """The manifest already in the output folder (empty when there is none); refuse one that is not JSON."""
+    if not path.is_file():
+        return {"datasets": [], "tokenizers": []}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); delete it or choose another --out") from exc
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a JSON object; delete it or choose another --out")
+    return manifest
+
+
+def _merge_manifest(path: Path, manifest: dict, dataset_entry: dict, tokenizer_entry: dict) -> None:
     """Write `manifest.json`, replacing entries of the same names and keeping those of other variants."""
-    manifest: dict = {"datasets": [], "tokenizers": []}
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc}); delete it or choose another --out") from exc
-        if not isinstance(manifest, dict):
-            raise UserError(f"{path}: not a JSON object; delete it or choose another --out")
     for key, entry in (("datasets", dataset_entry), ("tokenizers", tokenizer_entry)):
-        kept = [item for item in manifest.get(key, []) if item.get("name") != entry["name"]]
+        kept = [item for item in manifest.get(key, []) if isinstance(item, dict) and item.get("name") != entry["name"]]
         manifest[key] = sorted([*kept, entry], key=lambda item: str(item.get("name")))
     atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
@@ -118,6 +123,7 @@ def export_dataset(
     model_path = out_dir / "tokenizers" / f"{stem}.model"
     processor = tok.spm.SentencePieceProcessor(model_proto=model_bytes)
     piece_count = processor.get_piece_size()
+    manifest = _read_manifest(out_dir / "manifest.json")
 
     staging = make_staging_dir(datasets_dir, name)
     try:
@@ -176,5 +182,5 @@ def export_dataset(
         "vocab_path": f"tokenizers/{stem}.vocab",
         "settings": dict(tok.UPSTREAM_SETTINGS),
     }
-    _merge_manifest(out_dir / "manifest.json", dataset_entry, tokenizer_entry)
+    _merge_manifest(out_dir / "manifest.json", manifest, dataset_entry, tokenizer_entry)
     return ExportResult(data_path=datasets_dir / name, tokenizer_path=model_path, stats=stats)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import sentencepiece as spm
 
-from builder.cli import main
+from builder.cli import UserError, main
 from builder.data import shards
 from builder.data.corpus import generate_documents
 from builder.data.sample import make_sample
@@ -86,3 +87,20 @@ def test_sample_is_learnable(tmp_path):
     bigram_bits = float(-np.log2(bigram[val[:-1], val[1:]]).mean())
     assert unigram_bits > 7.0
     assert bigram_bits < unigram_bits - 2.0, (unigram_bits, bigram_bits)
+
+
+def test_variants_share_one_manifest_and_a_bad_one_is_refused(tmp_path):
+    make_sample(tmp_path, docs=30, val_docs=3)
+    make_sample(tmp_path, docs=30, val_docs=3, vocab_size=8192)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [d["name"] for d in manifest["datasets"]] == ["fineweb10B_sp1024", "fineweb10B_sp8192"]
+    assert [t["model_path"] for t in manifest["tokenizers"]] == [
+        "tokenizers/fineweb_1024_bpe.model",
+        "tokenizers/fineweb_8192_bpe.model",
+    ]
+    (tmp_path / "manifest.json").write_text("{not json")
+    before = {p: p.read_bytes() for p in (tmp_path / "datasets").rglob("*.bin")}
+    with pytest.raises(UserError, match=r"manifest\.json: not valid JSON"):
+        make_sample(tmp_path, docs=40, val_docs=3)
+    assert {p: p.read_bytes() for p in (tmp_path / "datasets").rglob("*.bin")} == before
+    assert not [p for p in tmp_path.rglob(".*")]
