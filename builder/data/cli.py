@@ -24,7 +24,10 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="generator seed; same arguments give identical bytes")
     parser.add_argument("--vocab", type=int, choices=(1024, 8192), default=1024, help="tokenizer vocabulary size")
     parser.add_argument(
-        "--val-docs", type=_positive, default=sample.DEFAULT_VAL_DOCS, help="the first N documents form the val split"
+        "--val-docs",
+        type=_positive,
+        default=None,
+        help="the first N documents form the val split (default: min(256, docs/10))",
     )
     parser.add_argument(
         "--shard-tokens", type=_positive, default=sample.DEFAULT_SHARD_TOKENS, help="tokens per shard file"

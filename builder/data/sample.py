@@ -14,8 +14,13 @@ from builder.data.export import ExportResult, export_dataset
 # ~256 tokens per document with the 1024 vocabulary: 10,000 documents give ~2.5M train tokens (a few hundred
 # steps of 8K tokens) and the first 256 documents a val split of ~65K tokens.
 DEFAULT_DOCS = 10_000
-DEFAULT_VAL_DOCS = 256
+DEFAULT_VAL_DOCS = 256  # at most: a small --docs keeps 9/10 of its documents for train
 DEFAULT_SHARD_TOKENS = 1_000_000
+
+
+def default_val_docs(docs: int) -> int:
+    """The default size of the val split for `docs` documents."""
+    return max(1, min(DEFAULT_VAL_DOCS, docs // 10))
 
 
 def make_sample(
@@ -24,13 +29,18 @@ def make_sample(
     docs: int = DEFAULT_DOCS,
     seed: int = 0,
     vocab_size: int = 1024,
-    val_docs: int = DEFAULT_VAL_DOCS,
+    val_docs: int | None = None,
     tokens_per_shard: int = DEFAULT_SHARD_TOKENS,
     tokenizer_docs: int | None = None,
 ) -> ExportResult:
-    """Generate `docs` documents, train the tokenizer on them (or on the first `tokenizer_docs`), write shards."""
+    """Generate `docs` documents, train the tokenizer on them (or on the first `tokenizer_docs`), write shards.
+
+    The val split is the first `val_docs` documents; by default min(256, docs // 10), at least one.
+    """
     if docs < 2:
         raise UserError(f"--docs {docs}: a dataset needs at least 2 documents (one val, one train); pass --docs 2+")
+    if val_docs is None:
+        val_docs = default_val_docs(docs)
     if val_docs >= docs:
         raise UserError(f"--val-docs {val_docs} leaves no train documents out of --docs {docs}; lower --val-docs")
     if vocab_size not in tok.VOCAB_SIZES:

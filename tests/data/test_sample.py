@@ -104,3 +104,11 @@ def test_variants_share_one_manifest_and_a_bad_one_is_refused(tmp_path):
         make_sample(tmp_path, docs=40, val_docs=3)
     assert {p: p.read_bytes() for p in (tmp_path / "datasets").rglob("*.bin")} == before
     assert not [p for p in tmp_path.rglob(".*")]
+
+
+def test_default_val_split_scales_with_docs(tmp_path):
+    from builder.data.sample import default_val_docs
+
+    assert [default_val_docs(n) for n in (2, 300, 2560, 10_000)] == [1, 30, 256, 256]
+    result = make_sample(tmp_path, docs=50)
+    assert result.stats["docs_val"] == 5 and result.stats["docs_train"] == 45
