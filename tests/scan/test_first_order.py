@@ -1,0 +1,201 @@
+"""First-order scan kernels (real, complex, LTI) against their sequential references, under TRITON_INTERPRET=1 on
+the CPU (or on CUDA where present): outputs, final states and every gradient, odd lengths, bf16, long sequences."""
+
+import importlib
+
+import pytest
+import torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def fo():
+    """The module with its kernels built for the interpreter on a CPU-only machine, restored afterwards."""
+    patch = pytest.MonkeyPatch()
+    if DEV == "cpu":
+        patch.setenv("TRITON_INTERPRET", "1")
+    mod = importlib.reload(importlib.import_module("templates.scan.first_order"))
+    yield mod
+    patch.undo()
+    importlib.reload(mod)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative RMS error; NaN or inf anywhere fails."""
+    assert torch.isfinite(x).all(), "non-finite values"
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_()
+
+
+def grads_of(fn, inputs, cotangents):
+    """Outputs and input gradients of sum(out_i * cot_i) for a function returning a tuple of tensors."""
+    ins = [leaf(x) for x in inputs]
+    outs = fn(*ins)
+    loss = sum((o.double() * c).sum() for o, c in zip(outs, cotangents))
+    grads = torch.autograd.grad(loss, ins)
+    return [o.detach() for o in outs], grads
+
+
+@pytest.mark.parametrize("T", [1, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_real_matches_reference(fo, T, dtype, with_h0):
+    torch.manual_seed(T)
+    B, D = 2, 20
+    a = (torch.rand(B, T, D, device=DEV) * 1.3 - 0.2).to(dtype)
+    b = torch.randn(B, T, D, device=DEV).to(dtype)
+    h0 = torch.randn(B, D, device=DEV) if with_h0 else None
+    inputs = [a, b] + ([h0] if with_h0 else [])
+
+    def kern(a, b, h0=None):
+        return fo.first_order_scan(a, b, h0, return_final_state=True)
+
+    def ref(a, b, h0=None):
+        return fo.first_order_scan_ref(a.double(), b.double(), None if h0 is None else h0.double(), True)
+
+    cots = [torch.randn(B, T, D, device=DEV, dtype=torch.float64), torch.randn(B, D, device=DEV, dtype=torch.float64)]
+    (h, fin), g = grads_of(kern, inputs, cots)
+    (h_ref, fin_ref), g_ref = grads_of(ref, inputs, cots)
+    assert h.dtype == dtype and fin.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(h, h_ref) < tol
+    assert rel_err(fin, fin_ref) < 1e-5
+    for got, want in zip(g, g_ref):
+        assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("T", [5, 33])
+def test_complex_matches_reference(fo, T):
+    torch.manual_seed(T)
+    B, D = 2, 12
+    radius = torch.rand(B, T, D, device=DEV) * 0.99
+    angle = torch.rand(B, T, D, device=DEV) * 6.28
+    inputs = [
+        radius * torch.cos(angle),
+        radius * torch.sin(angle),
+        torch.randn(B, T, D, device=DEV),
+        torch.randn(B, T, D, device=DEV),
+        torch.randn(B, D, device=DEV),
+        torch.randn(B, D, device=DEV),
+    ]
+
+    def kern(ar, ai, br, bi, hr, hi):
+        yr, yi, (fr, fi) = fo.first_order_scan_complex(ar, ai, br, bi, (hr, hi), return_final_state=True)
+        return yr, yi, fr, fi
+
+    def ref(ar, ai, br, bi, hr, hi):
+        args = [x.double() for x in (ar, ai, br, bi)]
+        yr, yi, (fr, fi) = fo.first_order_scan_complex_ref(*args, (hr.double(), hi.double()), True)
+        return yr, yi, fr, fi
+
+    shapes = [(B, T, D), (B, T, D), (B, D), (B, D)]
+    cots = [torch.randn(*s, device=DEV, dtype=torch.float64) for s in shapes]
+    outs, g = grads_of(kern, inputs, cots)
+    outs_ref, g_ref = grads_of(ref, inputs, cots)
+    for got, want in zip(list(outs) + list(g), list(outs_ref) + list(g_ref)):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_complex_matches_torch_complex_arithmetic(fo):
+    torch.manual_seed(1)
+    B, T, D = 1, 9, 5
+    a = torch.randn(B, T, D, dtype=torch.complex64, device=DEV) * 0.5
+    b = torch.randn(B, T, D, dtype=torch.complex64, device=DEV)
+    h, outs = torch.zeros(B, D, dtype=torch.complex64, device=DEV), []
+    for t in range(T):
+        h = a[:, t] * h + b[:, t]
+        outs.append(h)
+    want = torch.stack(outs, 1)
+    yr, yi = fo.first_order_scan_complex(a.real, a.imag, b.real, b.imag)
+    assert rel_err(torch.stack([yr, yi], -1), torch.view_as_real(want)) < 1e-5
+
+
+@pytest.mark.parametrize("n_decays", [16, 4])
+def test_lti_per_channel_and_per_head(fo, n_decays):
+    torch.manual_seed(n_decays)
+    B, T, D = 2, 23, 16
+    log_a = -torch.rand(n_decays, device=DEV) * 2
+    x = torch.randn(B, T, D, device=DEV)
+    h0 = torch.randn(B, D, device=DEV)
+
+    def kern(x, log_a, h0):
+        return fo.lti_scan(x, log_a, h0, return_final_state=True)
+
+    def ref(x, log_a, h0):
+        return fo.lti_scan_ref(x.double(), log_a.double(), h0.double(), True)
+
+    cots = [torch.randn(B, T, D, device=DEV, dtype=torch.float64), torch.randn(B, D, device=DEV, dtype=torch.float64)]
+    outs, g = grads_of(kern, [x, log_a, h0], cots)
+    outs_ref, g_ref = grads_of(ref, [x, log_a, h0], cots)
+    for got, want in zip(list(outs) + list(g), list(outs_ref) + list(g_ref)):
+        assert rel_err(got, want) < 1e-5
+    assert g[1].shape == (n_decays,)
+
+
+def test_lti_head_rule(fo):
+    x = torch.randn(1, 4, 6, device=DEV)
+    with pytest.raises(ValueError, match="D % H == 0"):
+        fo.lti_scan(x, torch.zeros(4, device=DEV))
+
+
+def test_bad_shapes_raise(fo):
+    with pytest.raises(ValueError, match="first_order_scan: a"):
+        fo.first_order_scan(torch.rand(1, 4, 3, device=DEV), torch.rand(1, 5, 3, device=DEV))
+    with pytest.raises(ValueError, match="h0"):
+        fo.first_order_scan(torch.rand(1, 4, 3, device=DEV), torch.rand(1, 4, 3, device=DEV), torch.rand(3))
+
+
+def test_two_windows_with_carry_equal_one_window(fo):
+    torch.manual_seed(3)
+    a = torch.rand(2, 30, 8, device=DEV)
+    b = torch.randn(2, 30, 8, device=DEV)
+    whole = fo.first_order_scan(a, b)
+    first, carry = fo.first_order_scan(a[:, :13], b[:, :13], return_final_state=True)
+    second = fo.first_order_scan(a[:, 13:], b[:, 13:], carry)
+    assert rel_err(torch.cat([first, second], 1), whole) < 1e-6
+
+
+@pytest.mark.parametrize("low, high", [(0.0, 0.05), (0.995, 1.0)])
+def test_long_sequence_stable(fo, low, high):
+    """L = 4096 with decays near 0 and near 1: finite, and equal to the float64 reference."""
+    torch.manual_seed(7)
+    B, T, D = 1, 4096, 2
+    a = low + (high - low) * torch.rand(B, T, D, device=DEV)
+    b = torch.randn(B, T, D, device=DEV)
+    cot = torch.randn(B, T, D, device=DEV, dtype=torch.float64)
+    (h,), g = grads_of(lambda a, b: (fo.first_order_scan(a, b),), [a, b], [cot])
+    (h_ref,), g_ref = grads_of(lambda a, b: (fo.first_order_scan_ref(a.double(), b.double()),), [a, b], [cot])
+    assert rel_err(h, h_ref) < 1e-5
+    for got, want in zip(g, g_ref):
+        assert rel_err(got, want) < 1e-5
+    log_a = torch.full((D,), float(torch.log(torch.tensor(high))), device=DEV)
+    assert torch.isfinite(fo.lti_scan(b, log_a)).all()
+
+
+def test_reference_gradcheck_float64(fo):
+    torch.manual_seed(0)
+    a = torch.rand(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, h0: fo.first_order_scan_ref(a, b, h0, True), (a, b, h0))
+    parts = [torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda *p: fo.first_order_scan_complex_ref(*p), parts)
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mod = importlib.import_module("templates.scan.first_order")
+    a, b = torch.rand(1, 6, 3), torch.randn(1, 6, 3)
+    assert torch.equal(mod.first_order_scan(a, b), mod.first_order_scan_ref(a, b))
+
+
+def test_compiled_caller_runs(fo):
+    """Under torch.compile the op is not traced into (torch.compiler.disable) and still returns the right values."""
+    a, b = torch.rand(1, 7, 4, device=DEV), torch.randn(1, 7, 4, device=DEV)
+    compiled = torch.compile(lambda a, b: fo.first_order_scan(a, b) * 2.0, backend="eager")
+    assert rel_err(compiled(a, b), 2.0 * fo.first_order_scan_ref(a, b)) < 1e-6
