@@ -11,8 +11,9 @@ it does the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j) of the ch
 the carried-state term and the state update, all as tl.dot. The forward writes the state at each chunk start
 (fp32, B x H x chunks x N x P) for the backward, which walks the chunks in reverse with the state gradient in
 registers and produces every gradient in one pass (dx, dB, dC, ddt or dla/dw/de, dA, dD, dz, dh0). B/C gradients
-of heads sharing a group are summed with fp32 atomics. The decay gradient is built from per-position terms and a
-reverse chunk-local cumsum (no out*dout subtraction, which underflows).
+of heads sharing a group are summed with fp32 atomics. The decay gradient of step t sums only the terms whose decay
+spans t (pairs j < t <= i through a reverse cumsum of the masked pair matrix, state reads and writes, the carry):
+never a difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
@@ -243,11 +244,14 @@ def _ssd_bwd_kernel(
         dwm = tl.where(causal, dmx * scores * seg, 0.0)
         c_state = dec_end * tl.sum(kdh * x, axis=1)
         dw = tl.sum(dwm, axis=0) + c_state
-        a_ij = dwm * wmat
-        dgc = tl.sum(a_ij, axis=1) - tl.sum(a_ij, axis=0) + tl.sum(dy * y_off, axis=1) - w * c_state
-        last_extra = tl.sum(w * c_state, axis=0) + e_last * tl.sum(tl.sum(st * dst, axis=1), axis=0)
-        dgc += tl.where(offs_q == Q - 1, last_extra, 0.0)
-        dla = tl.cumsum(dgc, axis=0, reverse=True)
+        # d la_t sums the terms whose decay spans step t: pairs j < t <= i, the carried-state read at i >= t,
+        # the state write of j < t, and the carry through the whole chunk; no term cancels against itself.
+        strict = offs_q[:, None] > offs_q[None, :]
+        span = tl.cumsum(tl.where(strict, dwm * wmat, 0.0), axis=0, reverse=True)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
+        dla += tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
+        wc = w * c_state
+        dla += tl.cumsum(wc, axis=0) - wc + e_last * tl.sum(tl.sum(st * dst, axis=1), axis=0)
         dst = e_last * dst + tl.dot(tl.trans(qc * e_g[:, None]).to(DOT), dy.to(DOT), input_precision=PREC)
         g_ptr = g_off + offs_t * H
         if GENERIC:

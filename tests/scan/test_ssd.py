@@ -1,0 +1,183 @@
+"""SSD scan: Triton kernels (under TRITON_INTERPRET=1 on the CPU) against the sequential PyTorch reference."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def ssd():
+    """The ssd module loaded with its kernels interpreted; the environment and module are restored afterwards."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    module = importlib.reload(importlib.import_module("templates.scan.ssd"))
+    yield module
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+    importlib.reload(module)
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    assert torch.isfinite(got).all(), "non-finite values"
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def _inputs(bsz, seqlen, nheads, hdim, ngroups, dstate, dtype, seed=0, dt_shift=-1.0, a_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    return {
+        "x": rnd(bsz, seqlen, nheads, hdim),
+        "dt": (rnd(bsz, seqlen, nheads).double() + dt_shift).to(dtype),
+        "A": -(torch.rand(nheads, generator=gen, dtype=torch.float64) + 0.5).float() * a_scale,
+        "B": rnd(bsz, seqlen, ngroups, dstate),
+        "C": rnd(bsz, seqlen, ngroups, dstate),
+        "D": rnd(nheads).float(),
+        "z": rnd(bsz, seqlen, nheads, hdim),
+        "dt_bias": rnd(nheads).float(),
+        "h0": rnd(bsz, nheads, hdim, dstate).float(),
+    }
+
+
+def _run(fn, inp, opts, chunk, with_final):
+    leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if k in opts or k in ("x", "dt", "A", "B", "C")}
+    kw = {k: leaves[k] for k in ("D", "z", "dt_bias", "h0") if k in leaves}
+    out = fn(
+        leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk, return_final_state=with_final, **kw
+    )
+    y, final = out if with_final else (out, None)
+    gen = torch.Generator().manual_seed(7)
+    loss = (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64)).sum()
+    if final is not None:
+        loss = loss + (final.double() * torch.randn(final.shape, generator=gen, dtype=torch.float64)).sum()
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    res = {"y": y} | ({"final": final} if final is not None else {})
+    return res | {f"d{n}": g for n, g in zip(names, grads)}
+
+
+CASES = [
+    # seqlen, chunk, heads, headdim, groups, dstate, options
+    (37, 16, 4, 16, 2, 16, ("D", "z", "dt_bias", "h0")),
+    (64, 32, 2, 32, 1, 16, ("D",)),
+    (1, 16, 2, 16, 2, 16, ("z", "h0")),
+    (50, 16, 2, 24, 2, 20, ("dt_bias",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}G{c[4]}N{c[5]}" for c in CASES])
+def test_kernel_matches_reference_fp32(ssd, case):
+    seqlen, chunk, nheads, hdim, ngroups, dstate, opts = case
+    inp = _inputs(2, seqlen, nheads, hdim, ngroups, dstate, torch.float32)
+    got = _run(ssd.ssd_scan, inp, opts, chunk, with_final=True)
+    ref = _run(ssd.ssd_scan_ref, inp, opts, chunk, with_final=True)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        assert _rel(got[name], ref[name]) < 2e-5, name
+
+
+def test_kernel_bf16_inputs(ssd):
+    inp = _inputs(2, 33, 2, 16, 1, 16, torch.bfloat16)
+    got = _run(ssd.ssd_scan, inp, ("D", "z"), 16, with_final=False)
+    ref = _run(ssd.ssd_scan_ref, inp, ("D", "z"), 16, with_final=False)
+    assert got["y"].dtype == torch.bfloat16 and got["dx"].dtype == torch.bfloat16
+    for name in ref:
+        assert _rel(got[name], ref[name]) < 2e-2, name
+
+
+def test_without_softplus_and_matrix_d(ssd):
+    inp = _inputs(1, 40, 2, 16, 2, 16, torch.float32)
+    inp["dt"] = inp["dt"].abs() * 0.2
+    inp["D"] = torch.randn(2, 16)
+    x, dt, A, B, C, D = (inp[k] for k in ("x", "dt", "A", "B", "C", "D"))
+    got = ssd.ssd_scan(x, dt, A, B, C, 16, D=D, dt_softplus=False)
+    ref = ssd.ssd_scan_ref(x, dt, A, B, C, 16, D=D, dt_softplus=False)
+    assert _rel(got, ref) < 2e-5
+
+
+@pytest.mark.parametrize("dt_shift,a_scale", [(6.0, 8.0), (-9.0, 1e-3)], ids=["decay_near_0", "decay_near_1"])
+def test_long_sequence_is_stable(ssd, dt_shift, a_scale):
+    inp = _inputs(1, 4096, 1, 16, 1, 16, torch.float32, dt_shift=dt_shift, a_scale=a_scale)
+    got = _run(ssd.ssd_scan, inp, ("dt_bias",), 64, with_final=True)
+    ref = _run(ssd.ssd_scan_ref, {k: v.double() for k, v in inp.items()}, ("dt_bias",), 64, with_final=True)
+    for name in ref:
+        assert torch.isfinite(got[name]).all(), name
+        assert _rel(got[name], ref[name]) < 1e-3, name
+
+
+def test_two_windows_with_carried_state_equal_one(ssd):
+    inp = _inputs(2, 48, 2, 16, 1, 16, torch.float32)
+    x, dt, A, B, C = (inp[k] for k in ("x", "dt", "A", "B", "C"))
+    whole, final = ssd.ssd_scan(x, dt, A, B, C, 16, return_final_state=True)
+    cut = 21
+    first, mid = ssd.ssd_scan(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], 16, return_final_state=True)
+    second, end = ssd.ssd_scan(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], 16, h0=mid, return_final_state=True)
+    assert _rel(torch.cat((first, second), dim=1), whole) < 1e-5
+    assert _rel(end, final) < 1e-5
+
+
+def test_generic_form_with_diagonal_weight(ssd):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 29, 2, 16, generator=gen)
+    la = -torch.rand(2, 29, 2, generator=gen)
+    w = torch.rand(2, 29, 2, generator=gen)
+    e = torch.randn(2, 29, 2, generator=gen)
+    B, C = torch.randn(2, 29, 1, 16, generator=gen), torch.randn(2, 29, 1, 16, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, la, w, e, B, C)]
+    outs = []
+    for fn in (ssd.ssd_generic_scan, ssd.ssd_generic_scan_ref):
+        ins = [t.detach().clone().requires_grad_() for t in leaves]
+        y = fn(ins[0], ins[1], ins[2], ins[4], ins[5], 16, e=ins[3])
+        grads = torch.autograd.grad((y * torch.cos(y)).sum(), ins)
+        outs.append([y, *grads])
+    for got, ref in zip(*outs):
+        assert _rel(got, ref) < 2e-5
+
+
+def test_reference_gradcheck_float64(ssd):
+    inp = _inputs(1, 5, 2, 3, 1, 2, torch.float64)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0")
+    leaves = [inp[n].double().requires_grad_() for n in names]
+
+    def f(x, dt, A, B, C, D, z, dt_bias, h0):
+        y, final = ssd.ssd_scan_ref(x, dt, A, B, C, 4, D, z, dt_bias, True, h0, True)
+        return y, final
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_bad_shapes_raise_clear_errors(ssd):
+    inp = _inputs(1, 8, 4, 16, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ssd.ssd_scan(
+            inp["x"],
+            inp["dt"],
+            inp["A"],
+            inp["B"][:, :, :1].expand(1, 8, 3, 16),
+            inp["C"][:, :, :1].expand(1, 8, 3, 16),
+        )
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd.ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=48)
+    with pytest.raises(ValueError, match="dt/la"):
+        ssd.ssd_scan(inp["x"], inp["dt"][:, :4], inp["A"], inp["B"], inp["C"])
+
+
+def test_under_torch_compile(ssd):
+    inp = _inputs(1, 20, 2, 16, 1, 16, torch.float32)
+
+    def layer(x, dt, A, B, C):
+        return torch.tanh(ssd.ssd_scan(x * 2.0, dt, A, B, C, 16)).sum()
+
+    compiled = torch.compile(layer, backend="eager", fullgraph=False)
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    assert abs(compiled(*args).item() - layer(*args).item()) < 1e-4
