@@ -68,3 +68,21 @@ class Submission(BaseModel):
             if self.val_bpb is None or self.bytes_total is None:
                 raise ValueError("val_bpb and bytes_total are required once seed_results are filled in")
         return self
+
+
+# --- additions for the validator (constants of the rules; the models above are unchanged) ---
+
+TRAIN_LIMIT_MS = 600_000.0  # every step that touches training data, GPTQ calibration included
+EVAL_LIMIT_MS = 600_000.0  # the scored evaluation pass, in addition to training
+TRACK_DIRS = {"10min_16mb": "track_10min_16mb", "non_record_16mb": "track_non_record_16mb"}
+
+
+def strict_problems(data: object) -> list[str]:
+    """The ways `data` departs from the strict ssm-golf model, one short line each (empty when it conforms)."""
+    from pydantic import ValidationError
+
+    try:
+        Submission.model_validate(data)
+    except ValidationError as exc:
+        return [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
+    return []

@@ -1,0 +1,152 @@
+"""What every check reads: the folder, its submission.json (loose), its logs (parsed), its script and README."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from validator.findings import Finding, note, warning
+from validator.folder import SubmissionFolder, open_folder
+from validator.logs import ParsedLog, parse_log
+from validator.loose import LooseSubmission, read_submission
+
+MAX_LOGS = 64
+JSON_CAP_BYTES = 4 * 1024 * 1024
+SEED_IN_NAME = re.compile(r"seed[_-]?(\d+)", re.IGNORECASE)
+TRACK_DIR_NAMES = {"track_10min_16mb": "10min_16mb", "track_non_record_16mb": "non_record_16mb"}
+
+
+@dataclass
+class CheckOptions:
+    """Choices the caller makes; the defaults are ssm-golf's policy."""
+
+    allow_missing_code: bool = False  # fixtures that ship logs and metadata only
+    previous: str | None = None  # frontier row to compare with (PR number or folder name)
+    record: bool | None = None  # force a record claim on/off; None: a record when the track is 10min_16mb
+    frontier_file: Path | None = None  # replaces the bundled validator/data/frontier.json
+    track: str | None = None  # when the folder is not under records/<track>/
+
+
+@dataclass
+class SeedRun:
+    """One log of the folder and the seed it belongs to."""
+
+    rel: str
+    log: ParsedLog
+    seed: int | None
+    seed_from_name: int | None
+
+
+@dataclass
+class Context:
+    folder: SubmissionFolder
+    options: CheckOptions = field(default_factory=CheckOptions)
+    track_dir: str | None = None
+    submission: LooseSubmission | None = None
+    json_file: str | None = None
+    runs: list[SeedRun] = field(default_factory=list)
+    script: str | None = None
+    script_bytes: bytes | None = None
+    readme: str | None = None
+    load_findings: list[Finding] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)  # checks add what the report shows
+
+    @property
+    def track(self) -> str | None:
+        """The canonical track: from the parent folder, else the option, else submission.json."""
+        if self.track_dir in TRACK_DIR_NAMES:
+            return TRACK_DIR_NAMES[self.track_dir]
+        if self.options.track:
+            return self.options.track
+        return self.submission.track if self.submission else None
+
+    @property
+    def is_record(self) -> bool:
+        if self.options.record is not None:
+            return self.options.record
+        return self.track == "10min_16mb"
+
+    @property
+    def scored_runs(self) -> list[SeedRun]:
+        return [r for r in self.runs if r.log.score is not None]
+
+    def seed_scores(self) -> dict[int, float]:
+        """Per seed, the score of record (the last log wins when a seed has two)."""
+        out: dict[int, float] = {}
+        for r in self.scored_runs:
+            if r.seed is not None and r.log.score is not None:
+                out[r.seed] = r.log.score.val_bpb
+        return out
+
+    def mean_score(self) -> float | None:
+        scores = [r.log.score.val_bpb for r in self.scored_runs if r.log.score is not None]
+        if not scores:
+            return None
+        by_seed = self.seed_scores()
+        values = list(by_seed.values()) if len(by_seed) == len(scores) else scores
+        return statistics.fmean(values)
+
+
+def _is_log_name(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1].lower()
+    if name.endswith(".log"):
+        return True
+    return (
+        name.endswith(".txt") and name not in {"requirements.txt"} and any(k in name for k in ("log", "seed", "train"))
+    )
+
+
+def _looks_like_log(text: str) -> bool:
+    return any(k in text for k in ("val_loss", "train_loss", "result_json", "val_bpb"))
+
+
+def load_context(path: str | Path, options: CheckOptions | None = None) -> Context:
+    """Read a folder once for all checks. Raises NotADirectoryError when `path` is not a folder."""
+    options = options or CheckOptions()
+    folder = open_folder(path)
+    ctx = Context(folder=folder, options=options, load_findings=list(folder.findings))
+    parent = Path(path).resolve().parent.name
+    ctx.track_dir = parent if parent.startswith("track_") else None
+    top = folder.top_level()
+    json_names = [f for f in top if f == "submission.json"] or [
+        f for f in top if f.startswith("submission") and f.endswith(".json")
+    ]
+    if json_names:
+        ctx.json_file = json_names[0]
+        if ctx.json_file != "submission.json":
+            ctx.load_findings.append(
+                warning("JSON_FILE_NAME", f"metadata is in {ctx.json_file}; rename it submission.json", ctx.json_file)
+            )
+        if folder.files[ctx.json_file] > JSON_CAP_BYTES:
+            ctx.load_findings.append(warning("JSON_TOO_LARGE", "over 4 MiB; not parsed", ctx.json_file))
+        else:
+            text = folder.read_text(ctx.json_file) or ""
+            ctx.submission, found = read_submission(text, ctx.json_file)
+            ctx.load_findings.extend(found)
+    if "train_gpt.py" in folder.files:
+        ctx.script = "train_gpt.py"
+    else:
+        alternatives = [f for f in top if f.endswith(".py") and f.startswith("train")]
+        ctx.script = alternatives[0] if len(alternatives) == 1 else None
+    if ctx.script:
+        ctx.script_bytes = folder.read_bytes(ctx.script)
+    readmes = [f for f in top if f.lower() == "readme.md"]
+    if readmes:
+        ctx.readme = folder.read_text(readmes[0], cap=1024 * 1024)
+    log_names = sorted(f for f in folder.files if _is_log_name(f))
+    if len(log_names) > MAX_LOGS:
+        ctx.load_findings.append(note("TOO_MANY_LOGS", f"{len(log_names)} logs; the first {MAX_LOGS} are read"))
+        log_names = log_names[:MAX_LOGS]
+    for rel in log_names:
+        text = folder.read_text(rel)
+        if text is None or not _looks_like_log(text):
+            continue
+        log = parse_log(text, path=rel)
+        m = SEED_IN_NAME.search(rel.rsplit("/", 1)[-1])
+        from_name = int(m.group(1)) if m else None
+        ctx.runs.append(
+            SeedRun(rel=rel, log=log, seed=log.seed if log.seed is not None else from_name, seed_from_name=from_name)
+        )
+    return ctx

@@ -1,0 +1,98 @@
+"""Artifact size per seed: code + compressed model <= 16,000,000 bytes, code counted three ways.
+
+ssm-golf counts the committed file (plus every local module it imports) as the honest code size; a record that
+fits only when its code is counted as a virtual minify + lzma + base85 wrapper gets a warning with the figures;
+a total over the cap under every convention is an error.
+"""
+
+from __future__ import annotations
+
+from validator.checks import source
+from validator.checks.context import Context
+from validator.findings import Finding, error, note, warning
+from validator.schema import CAP_BYTES
+
+
+def _round(n: int) -> bool:
+    return n > 0 and n % 10_000 == 0
+
+
+def check(ctx: Context) -> list[Finding]:
+    out: list[Finding] = []
+    cb = source.code_bytes(ctx)
+    committed = len(ctx.script_bytes) if ctx.script_bytes is not None else None
+    table: dict[str, dict] = {}
+    for run in ctx.scored_runs or ctx.runs:
+        log = run.log
+        label = f"seed {run.seed}" if run.seed is not None else run.rel
+        if log.bytes_total is not None and log.bytes_total > CAP_BYTES:
+            out.append(
+                error(
+                    "SIZE_OVER_CAP",
+                    f"{label}: the log's own total {log.bytes_total:,} > {CAP_BYTES:,}",
+                    run.rel,
+                    log.total_line,
+                )
+            )
+        if log.bytes_model is None:
+            if log.bytes_total is None:
+                out.append(warning("SIZE_UNKNOWN", f"{label}: no model or total size line", run.rel))
+            continue
+        if log.bytes_total is not None and log.bytes_code is not None:
+            if log.bytes_total != log.bytes_model + log.bytes_code:
+                out.append(
+                    note(
+                        "TOTAL_NOT_SUM",
+                        f"{label}: total {log.bytes_total:,} != model {log.bytes_model:,} + code {log.bytes_code:,}",
+                        run.rel,
+                        log.total_line,
+                    )
+                )
+        codes = {
+            "raw": cb.raw if cb else (committed if committed is not None else log.code_bytes_raw),
+            "wrapped": cb.wrapped if cb else log.code_bytes_compressed,
+            "with_modules": cb.with_modules if cb else None,
+        }
+        totals = {k: log.bytes_model + v for k, v in codes.items() if v is not None}
+        table[label] = {"model": log.bytes_model, "code": codes, "totals": totals, "log_total": log.bytes_total}
+        honest_key = "with_modules" if "with_modules" in totals else "raw"
+        if honest_key not in totals:
+            continue
+        passing = [k for k, t in totals.items() if t <= CAP_BYTES]
+        figures = ", ".join(f"{k} {t:,}" for k, t in totals.items())
+        if totals[honest_key] <= CAP_BYTES:
+            continue
+        if "wrapped" in passing:
+            out.append(
+                warning(
+                    "CODE_BYTES_VIRTUAL_WRAPPER",
+                    f"{label}: fits only with code counted as a minified lzma+base85 wrapper ({figures}); "
+                    "commit the wrapper itself to count it honestly",
+                    run.rel,
+                )
+            )
+        elif not (log.bytes_total is not None and log.bytes_total > CAP_BYTES):
+            out.append(
+                error("SIZE_OVER_CAP", f"{label}: over {CAP_BYTES:,} under every convention ({figures})", run.rel)
+            )
+    if table:
+        ctx.figures["size"] = table
+    if cb is not None and getattr(cb, "local_modules", None):
+        out.append(note("LOCAL_MODULES", f"counted local modules: {', '.join(cb.local_modules)}", ctx.script))
+    sub = ctx.submission
+    if sub is not None:
+        claimed = [("bytes_total", sub.bytes_total)] + [
+            (f"seed_results[{s}].artifact_bytes", c.artifact_bytes) for s, c in sorted(sub.seed_results.items())
+        ]
+        for key, value in claimed:
+            if value is None:
+                continue
+            if value == 0:
+                out.append(error("SIZE_ZERO", f"{key} is 0", sub.file))
+            elif _round(value):
+                out.append(
+                    warning("ROUND_BYTES", f"{key} is a round number ({value:,}); report the measured bytes", sub.file)
+                )
+            elif value > CAP_BYTES:
+                out.append(error("SIZE_OVER_CAP", f"{key} {value:,} > {CAP_BYTES:,}", sub.file))
+    return out

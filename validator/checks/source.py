@@ -1,0 +1,49 @@
+"""The bridge to `validator.source` (static analysis of the script): legality, LUT canonicality, code bytes.
+
+The package is imported lazily and only an ImportError of that package itself is tolerated, so that a folder is
+still checked (with a note) where the source analysis is not installed.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from validator.checks.context import Context
+from validator.findings import Finding, note
+
+_MISSING = object()
+
+
+def _import(name: str) -> ModuleType | None:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if (exc.name or "").startswith("validator.source"):
+            return None
+        raise
+
+
+def code_bytes(ctx: Context):
+    """`validator.source.codebytes.code_bytes(folder, script)` once per folder, or None (no script or no package)."""
+    cached = ctx.figures.get("_code_bytes", _MISSING)
+    if cached is not _MISSING:
+        return cached
+    result = None
+    mod = _import("validator.source.codebytes") if ctx.script else None
+    if mod is not None and ctx.script is not None:
+        result = mod.code_bytes(ctx.folder.root, ctx.folder.root / ctx.script)
+    ctx.figures["_code_bytes"] = result
+    return result
+
+
+def check(ctx: Context) -> list[Finding]:
+    if ctx.script is None:
+        return []
+    mod = _import("validator.source.audit")
+    if mod is None:
+        return [
+            note("SOURCE_AUDIT_UNAVAILABLE", "validator.source is not installed; legality rules not run", ctx.script)
+        ]
+    return list(mod.audit_source(ctx.folder.root, ctx.folder.root / ctx.script))

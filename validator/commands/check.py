@@ -1,0 +1,109 @@
+"""`validator check PATH...`: static checks of records folders; exit 0 pass, 1 error findings, 2 could not run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from validator.checks import run_checks
+from validator.checks.context import CheckOptions, load_context
+from validator.report import Report, build_report, print_terminal, write_loss_plots
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `check` and `pr`."""
+    parser.add_argument("--json", metavar="FILE", help="write the JSON report here ('-' for stdout)")
+    parser.add_argument("--markdown", metavar="FILE", help="write the Markdown report here ('-' for stdout)")
+    parser.add_argument("--plots", metavar="DIR", type=Path, help="write a loss-curve PNG per seed here")
+    parser.add_argument("--plain", action="store_true", help="plain terminal output (no colours)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
+    parser.add_argument("--allow-missing-code", action="store_true", help="a missing train_gpt.py is a note")
+    parser.add_argument("--previous", help="frontier row to compare a record with (PR number or folder)")
+    parser.add_argument("--frontier", type=Path, help="frontier table (JSON) instead of the bundled one")
+    parser.add_argument("--track", choices=("10min_16mb", "non_record_16mb"), help="track when not under records/")
+    rec = parser.add_mutually_exclusive_group()
+    rec.add_argument("--record", dest="record", action="store_true", default=None, help="treat as a record claim")
+    rec.add_argument("--no-record", dest="record", action="store_false", help="treat as a non-record submission")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="records folder(s) to check")
+    add_common_arguments(parser)
+
+
+def options_from(args: argparse.Namespace) -> CheckOptions:
+    return CheckOptions(
+        allow_missing_code=args.allow_missing_code,
+        previous=args.previous,
+        record=args.record,
+        frontier_file=args.frontier,
+        track=args.track,
+    )
+
+
+def check_folder(path: Path, options: CheckOptions, plots: Path | None = None, target: str | None = None) -> Report:
+    """Check one folder and build its report (plots written when asked and when the logs have step lines)."""
+    ctx = load_context(path, options)
+    report = build_report(ctx, run_checks(ctx), target=target)
+    if plots is not None:
+        outdir = plots / ctx.folder.name if plots else plots
+        report.plots = [str(p) for p in write_loss_plots(ctx, outdir)]
+    return report
+
+
+def write_output(dest: str, text: str) -> None:
+    """Write to stdout ('-') or atomically to a file (temporary file, then rename)."""
+    if dest == "-":
+        sys.stdout.write(text)
+        return
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def emit(reports: list[Report], args: argparse.Namespace, markdown_head: str = "") -> int:
+    """Terminal, JSON and Markdown output for one or more reports; returns the worst exit code."""
+    if args.json:
+        import json
+
+        payload = (
+            reports[0].to_dict()
+            if len(reports) == 1 and not markdown_head
+            else {
+                "verdict": max((r.exit_code for r in reports), default=0),
+                "reports": [r.to_dict() for r in reports],
+            }
+        )
+        write_output(args.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    if args.markdown:
+        body = markdown_head + "\n".join(r.to_markdown(level=2 if len(reports) == 1 else 3) for r in reports)
+        write_output(args.markdown, body)
+    to_stdout = "-" in (args.json, args.markdown)
+    for report in reports:
+        if to_stdout:
+            print(report.headline(), file=sys.stderr)
+        elif args.quiet:
+            print(report.headline())
+        else:
+            print_terminal(report, plain=args.plain or not sys.stdout.isatty())
+    return max((r.exit_code for r in reports), default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        options = options_from(args)
+        reports = [check_folder(p, options, args.plots) for p in args.paths]
+    except (NotADirectoryError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"validator check: {exc}", file=sys.stderr)
+        return 2
+    return emit(reports, args)
