@@ -22,7 +22,7 @@ from .conftest import TINY_ENV  # noqa: TID252
 
 CONTRACT = [
     r"^step:1/\d+ train_loss:[0-9.]+ train_time:\d+ms step_avg:[0-9.]+ms$",
-    r"^step:2/\d+ val_loss:[0-9.]+ val_bpb:[0-9.]+ train_time:\d+ms step_avg:[0-9.]+ms$",
+    r"^step:\d+/\d+ val_loss:[0-9.]+ val_bpb:[0-9.]+ train_time:\d+ms step_avg:[0-9.]+ms$",
     r"^stopping_early: wallclock_cap train_time:\d+ms step:\d+/100000$",
     r"^Serialized model: \d+ bytes$",
     r"^Code size: \d+ bytes$",
