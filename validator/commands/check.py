@@ -71,22 +71,19 @@ def write_output(dest: str, text: str) -> None:
         raise
 
 
-def emit(reports: list[Report], args: argparse.Namespace, markdown_head: str = "") -> int:
+def emit(reports: list[Report], args: argparse.Namespace, always_list: bool = False) -> int:
     """Terminal, JSON and Markdown output for one or more reports; returns the worst exit code."""
     if args.json:
         import json
 
-        payload = (
-            reports[0].to_dict()
-            if len(reports) == 1 and not markdown_head
-            else {
-                "verdict": max((r.exit_code for r in reports), default=0),
-                "reports": [r.to_dict() for r in reports],
-            }
-        )
+        if len(reports) == 1 and not always_list:
+            payload = reports[0].to_dict()
+        else:
+            worst = max((r.exit_code for r in reports), default=0)
+            payload = {"exit_code": worst, "reports": [r.to_dict() for r in reports]}
         write_output(args.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
     if args.markdown:
-        body = markdown_head + "\n".join(r.to_markdown(level=2 if len(reports) == 1 else 3) for r in reports)
+        body = "\n".join(r.to_markdown(level=2 if len(reports) == 1 else 3) for r in reports)
         write_output(args.markdown, body)
     to_stdout = "-" in (args.json, args.markdown)
     for report in reports:
