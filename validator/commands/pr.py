@@ -47,7 +47,8 @@ def changed_files(repo: Path, base: str, head: str) -> list[tuple[str, str]]:
         try:
             _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
         except GitError:
-            raise GitError(f"{label} {rev!r} is not a commit in {repo}; fetch it first (git fetch origin {rev})") from None
+            msg = f"{label} {rev!r} is not a commit in {repo}; fetch it first (git fetch origin {rev})"
+            raise GitError(msg) from None
     raw = _git(repo, "diff", "--name-status", "-z", "--no-renames", f"{base}...{head}")
     parts = raw.decode("utf-8", "surrogateescape").split("\0")
     return [(parts[i][:1], parts[i + 1]) for i in range(0, len(parts) - 1, 2) if parts[i]]
