@@ -33,7 +33,10 @@ def _sel_rev_combine(f_later, p_later, l_later, f_early, p_early, l_early):
 
 @triton.jit
 def _sel_softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+    # log1p(e) without libdevice: log(w) * e / (w - 1) with w = 1 + e keeps the precision for small e
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    return tl.where(x > 20.0, x, tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0))))
 
 
 @triton.jit
