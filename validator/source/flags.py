@@ -93,13 +93,14 @@ def _store_names(stmt: ast.stmt) -> list[str]:
 class FlagEvaluator:
     """Evaluates configuration expressions of one module under an environment (default: empty)."""
 
-    def __init__(self, tree: ast.Module, env: Mapping[str, str] | None = None):
+    def __init__(self, tree: ast.Module, env: Mapping[str, str] | None = None, nodes: list[ast.AST] | None = None):
         self.env = dict(env or {})
-        self.aliases = import_aliases(tree)
+        nodes = nodes if nodes is not None else list(ast.walk(tree))
+        self.aliases = import_aliases(tree, nodes)
         self.module_names = _assigned(tree.body)
         self.attributes: dict[str, list[ast.expr]] = {}
         self.functions: dict[str, ast.FunctionDef] = {}
-        for node in ast.walk(tree):
+        for node in nodes:
             if isinstance(node, ast.ClassDef):
                 for name, values in _assigned(node.body).items():
                     self.attributes.setdefault(name, []).extend(values)

@@ -45,14 +45,24 @@ class Reachability:
 
     def __init__(self, tree: ast.Module, env: Mapping[str, str] | None = None):
         self.tree = tree
-        self.evaluator = FlagEvaluator(tree, env)
         self.parent: dict[int, ast.AST] = {}
+        self.func_of: dict[int, ast.AST | None] = {}
         self.defs: dict[str, list[ast.AST]] = {}
-        for node in ast.walk(tree):
-            for child in ast.iter_child_nodes(node):
-                self.parent[id(child)] = node
+        self.nodes: list[ast.AST] = []
+        stack: list[tuple[ast.AST, ast.AST | None]] = [(tree, None)]
+        while stack:  # one pass: parents, enclosing functions, every node in order
+            node, func = stack.pop()
+            self.nodes.append(node)
+            self.func_of[id(node)] = func
+            inner = node if isinstance(node, _FUNC) else func
             if isinstance(node, _FUNC):
                 self.defs.setdefault(node.name, []).append(node)
+            children = list(ast.iter_child_nodes(node))
+            for child in reversed(children):
+                self.parent[id(child)] = node
+                stack.append((child, inner))
+        self.evaluator = FlagEvaluator(tree, env, self.nodes)
+        self._walk_cache: dict[int, list[ast.AST]] = {}
         self._local_cache: dict[int, frozenset[str] | None] = {}
         self._locals_cache: dict[int, dict] = {}
         self._live_defs: set[int] = set()
@@ -61,10 +71,19 @@ class Reachability:
 
     # -- structure --------------------------------------------------------------------------------------------
     def enclosing_function(self, node: ast.AST) -> ast.AST | None:
+        if id(node) in self.func_of:
+            return self.func_of[id(node)]
         current = self.parent.get(id(node))
         while current is not None and not isinstance(current, _FUNC):
             current = self.parent.get(id(current))
         return current
+
+    def walk(self, node: ast.AST) -> list[ast.AST]:
+        """ast.walk(node) as a list, cached (the rules walk the same functions many times)."""
+        key = id(node)
+        if key not in self._walk_cache:
+            self._walk_cache[key] = self.nodes if node is self.tree else list(ast.walk(node))
+        return self._walk_cache[key]
 
     def _locals(self, func: ast.AST | None) -> dict:
         if func is None:
@@ -128,7 +147,7 @@ class Reachability:
     # -- functions: live when something live refers to them ------------------------------------------------
     def _references(self) -> list[tuple[str, ast.AST]]:
         refs: list[tuple[str, ast.AST]] = []
-        for node in ast.walk(self.tree):
+        for node in self.nodes:
             if isinstance(node, ast.Name) and node.id in self.defs and not isinstance(node.ctx, ast.Store):
                 refs.append((node.id, node))
             elif isinstance(node, ast.Attribute) and node.attr in self.defs:

@@ -99,10 +99,10 @@ class Wrapper:
     error: str | None = None
 
 
-def import_aliases(tree: ast.AST) -> dict[str, str]:
+def import_aliases(tree: ast.AST, nodes: list[ast.AST] | None = None) -> dict[str, str]:
     """Local name -> dotted origin for every import in the tree (`import lzma as L` gives L -> lzma)."""
     aliases: dict[str, str] = {}
-    for node in ast.walk(tree):
+    for node in nodes if nodes is not None else ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.asname:

@@ -1,0 +1,97 @@
+"""Cross-document leakage at BOS (#1797 audit, fixed in #1851/#1855): a token-shift op (smear gate, previous-token
+mix, causal conv) that crosses document boundaries while the rest of the model isolates documents."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from validator.source.rules.common import Hit, RuleContext, node_name
+
+DOC_ISOLATION = re.compile(r"cu_seqlens|varlen|doc_mask|document_mask|doc_ids|document_ids|block_mask", re.I)
+MASK_NAME = re.compile(r"bos|doc|boundar|seq_idx|cu_seqlens|reset|sep_", re.I)
+
+
+def _is_minus_one(node: ast.AST | None) -> bool:
+    return (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and node.operand.value == 1
+    )
+
+
+def _shifted(node: ast.AST) -> bool:
+    """x[:, :-1] (any leading dims) — the previous token's row along the sequence axis."""
+    if not isinstance(node, ast.Subscript) or not isinstance(node.slice, ast.Tuple):
+        return False
+    return any(isinstance(e, ast.Slice) and e.lower is None and _is_minus_one(e.upper) for e in node.slice.elts[1:])
+
+
+def _shift_ops(ctx: RuleContext, func: ast.AST) -> list[ast.AST]:
+    ops = []
+    for node in ctx.walk(func):
+        if not isinstance(node, ast.Call):
+            continue
+        callee = node_name(node.func)
+        if callee in ("cat", "concat", "concatenate", "pad") and any(_shifted(n) for n in ast.walk(node)):
+            ops.append(node)
+        elif callee == "roll" and any(isinstance(a, ast.Constant) and a.value == 1 for a in node.args[1:2]):
+            ops.append(node)
+        elif callee == "roll" and any(
+            k.arg == "shifts" and isinstance(k.value, ast.Constant) and k.value.value == 1 for k in node.keywords
+        ):
+            ops.append(node)
+    return ops
+
+
+def _masked(ctx: RuleContext, func: ast.AST) -> bool:
+    for node in ctx.walk(func):
+        name = node_name(node) if isinstance(node, (ast.Name, ast.Attribute, ast.keyword)) else ""
+        if isinstance(node, ast.keyword):
+            name = node.arg or ""
+        if name and MASK_NAME.search(name):
+            return True
+    return False
+
+
+def bos_leak(ctx: RuleContext) -> list[Hit]:
+    isolates = any(
+        DOC_ISOLATION.search(node_name(n))
+        for n in ctx.nodes
+        if isinstance(n, (ast.Name, ast.Attribute, ast.Constant, ast.arg))
+    ) or any(isinstance(n, ast.arg) and DOC_ISOLATION.search(n.arg) for n in ctx.nodes)
+    if not isolates:
+        return []  # a continuous stream: the previous token is part of the scored prefix (C1 allows it)
+    hits = []
+    for func in ctx.functions:
+        if _masked(ctx, func):
+            continue
+        for op in _shift_ops(ctx, func):
+            hits.append(
+                Hit(
+                    "BOS_LEAK_TOKEN_SHIFT",
+                    True,
+                    f"{func.name}() mixes the previous position's token/state with no BOS or document mask while "
+                    "the script isolates documents elsewhere: the first token of a document sees the end of "
+                    "another (#1797; fix: mask where input_ids == BOS)",
+                    op,
+                )
+            )
+            break
+        for node in ctx.walk(func):
+            if isinstance(node, ast.Call) and node_name(node.func) in ("causal_conv1d_fn", "conv1d", "Conv1d"):
+                if node_name(node.func) == "Conv1d":
+                    continue  # the module's construction; its call in forward is what mixes
+                if not any(k.arg == "seq_idx" for k in node.keywords):
+                    hits.append(
+                        Hit(
+                            "BOS_LEAK_CONV",
+                            False,
+                            f"{func.name}() runs a causal conv across positions without seq_idx/document reset "
+                            "while documents are isolated elsewhere",
+                            node,
+                        )
+                    )
+                    break
+    return hits
