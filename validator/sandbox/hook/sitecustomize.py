@@ -82,61 +82,62 @@ class _Auditor:
             return
         self.busy.on = True
         try:
-            refuse = self.handle(event, args)
+            refusal = self.handle(event, args)
         finally:
             self.busy.on = False
-        if refuse:
-            raise PermissionError(f"ssm-golf sandbox: network access refused ({event}); the run has no network")
+        if refusal:
+            raise PermissionError(f"ssm-golf sandbox: {refusal}")
 
-    def handle(self, event: str, args: tuple) -> bool:
-        """Record the event if it matters; return True when it must be refused."""
+    def handle(self, event: str, args: tuple) -> str | None:
+        """Record the event if it matters; return why it is refused, or None to let it happen."""
         if event == "open":
-            self.on_open(args[0], args[2])
-        elif event == "os.symlink":
-            self.on_open(args[0], 0)
-        elif event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
+            return self.on_open(args[0], args[2])
+        if event == "os.symlink":
+            return self.on_open(args[0], 0)
+        if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
             return self.on_connect(event, args[1] if len(args) > 1 else None)
-        elif event.startswith("socket.gethostby") or event == "socket.getaddrinfo":
+        if event.startswith("socket.gethostby") or event == "socket.getaddrinfo":
             return self.on_lookup(event, args[0])
-        else:
-            self.on_spawn(event, args)
-        return False
+        self.on_spawn(event, args)
+        return None
 
-    def on_open(self, path: object, flags: object) -> None:
+    def on_open(self, path: object, flags: object) -> str | None:
         if isinstance(path, int) or path is None:
-            return
+            return None
         try:
             real = os.path.realpath(os.fsdecode(path))
         except (TypeError, ValueError):
-            return
+            return None
         writing = isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
         if real == self.log_path:
             self.write("tamper", path=real, write=writing)
-        elif writing and not _under(real, self.write_roots):
+            return "the audit log is not the script's to open"
+        if writing and not _under(real, self.write_roots):
             self.once("write_outside", real)
         elif not writing and not _under(real, self.read_roots):
             self.once("read_outside", real)
+        return None
 
     def once(self, kind: str, path: str) -> None:
         if (kind, path) not in self.seen:
             self.seen.add((kind, path))
             self.write(kind, path=path)
 
-    def on_connect(self, event: str, address: object) -> bool:
+    def on_connect(self, event: str, address: object) -> str | None:
         if isinstance(address, (str, bytes)):  # AF_UNIX path: stays on this machine
-            return False
+            return None
         host = address[0] if isinstance(address, tuple) and address else address
         if _is_loopback(host):
-            return False
+            return None
         self.write("network", event=event, address=repr(address), refused=self.block_net)
-        return self.block_net
+        return f"network access refused ({event}); the run has no network" if self.block_net else None
 
-    def on_lookup(self, event: str, host: object) -> bool:
+    def on_lookup(self, event: str, host: object) -> str | None:
         name = os.fsdecode(host) if isinstance(host, (str, bytes)) else host
         if name in _LOCAL_HOSTS or name in self.own_names or _is_loopback(name):
-            return False
+            return None
         self.write("network", event=event, address=repr(name), refused=self.block_net)
-        return self.block_net
+        return f"network access refused ({event}); the run has no network" if self.block_net else None
 
     def on_spawn(self, event: str, args: tuple) -> None:
         if event == "subprocess.Popen":

@@ -1,0 +1,46 @@
+"""Phase spans from timestamped output lines, and the watchdog's kill decision."""
+
+from __future__ import annotations
+
+from validator.sandbox.phases import overrun, phase_spans
+from validator.sandbox.request import Limits
+
+
+def test_spans_take_first_begin_and_last_end_and_ignore_other_lines():
+    lines = [
+        (0.5, "setup"),
+        (1.0, "phase:train begin"),
+        (2.0, "step:1/2 train_loss:1.0"),
+        (5.0, "phase:train end"),
+        (6.0, "phase:eval begin"),
+        (7.0, "phase:eval end"),
+        (8.0, "phase:eval begin"),
+        (9.5, "phase:eval end"),
+        (9.6, "print('phase:train begin') inside a source line is not a marker"),
+    ]
+    spans = phase_spans(lines)
+    assert spans["train"].seconds == 4.0
+    assert spans["eval"].begin == 6.0 and spans["eval"].end == 9.5
+    assert spans["eval"].open_since is None
+
+
+def test_a_phase_still_running_is_killed_only_after_limit_plus_grace():
+    limits = Limits(train_s=10, eval_s=5, setup_s=100, grace_s=2)
+    spans = phase_spans([(1.0, "phase:train begin")])
+    assert spans["train"].open_since == 1.0
+    assert overrun(spans, 12.9, limits) is None
+    assert "train phase" in overrun(spans, 13.1, limits)
+
+
+def test_a_finished_phase_never_triggers_and_the_total_limit_does():
+    limits = Limits(train_s=10, eval_s=5, setup_s=3, grace_s=0)
+    spans = phase_spans([(0.0, "phase:train begin"), (1.0, "phase:train end")])
+    assert overrun(spans, 17.9, limits) is None
+    assert "whole run" in overrun(spans, 18.1, limits)
+
+
+def test_a_second_eval_reopens_the_phase():
+    limits = Limits(train_s=10, eval_s=5, setup_s=100, grace_s=0)
+    spans = phase_spans([(0.0, "phase:eval begin"), (1.0, "phase:eval end"), (2.0, "phase:eval begin")])
+    assert spans["eval"].open_since == 2.0
+    assert "eval phase" in overrun(spans, 5.5, limits)
