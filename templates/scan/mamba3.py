@@ -138,18 +138,18 @@ def mamba3_siso_scan_ref(
     state = s0.to(cd) if s0 is not None else xs.new_zeros(bsz, nheads, hdim, q.shape[3])
     k_prev = _m3_rotate(k0.to(cd), theta0.to(cd)) if k0 is not None else xs.new_zeros(bsz, nheads, q.shape[3])
     v_prev = v0.to(cd) if v0 is not None else xs.new_zeros(bsz, nheads, hdim)
-    ys = []
+    k_prev = torch.cat((k_prev[:, None], k_rot[:, :-1]), dim=1)
+    v_prev = torch.cat((v_prev[:, None], xs[:, :-1]), dim=1)
+    alpha = torch.exp(la)
+    beta = alpha * bprime
+    inputs = (beta[..., None, None] * v_prev[..., :, None] * k_prev[..., None, :]) + (
+        gamma[..., None, None] * xs[..., :, None] * k_rot[..., None, :]
+    )
+    states = []
     for t in range(seqlen):
-        alpha = torch.exp(la[:, t])
-        beta = alpha * bprime[:, t]
-        state = (
-            alpha[..., None, None] * state
-            + beta[..., None, None] * v_prev[..., :, None] * k_prev[..., None, :]
-            + gamma[:, t, :, None, None] * xs[:, t, :, :, None] * k_rot[:, t, :, None, :]
-        )
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, q_rot[:, t]))
-        k_prev, v_prev = k_rot[:, t], xs[:, t]
-    y = torch.stack(ys, dim=1)
+        state = alpha[:, t, :, None, None] * state + inputs[:, t]
+        states.append(state)
+    y = torch.einsum("bthpn,bthn->bthp", torch.stack(states, dim=1), q_rot)
     if D is not None:
         y = y + (D.to(cd)[:, None] if D.dim() == 1 else D.to(cd)) * xs
     if z is not None:

@@ -514,13 +514,13 @@ def ssd_generic_scan_ref(
     la_, w_ = la.to(cd), w.to(cd)
     e_ = e.to(cd) if e is not None else torch.zeros_like(w_)
     state = h0.to(cd) if h0 is not None else x.new_zeros(bsz, nheads, hdim, B.shape[3], dtype=cd)
-    ys = []
+    inputs = xs[..., :, None] * bs[..., None, :]
+    decay = torch.exp(la_)
+    states = []
     for t in range(seqlen):
-        inp = xs[:, t, :, :, None] * bs[:, t, :, None, :]
-        state = torch.exp(la_[:, t, :, None, None]) * state + w_[:, t, :, None, None] * inp
-        yt = torch.einsum("bhpn,bhn->bhp", state + e_[:, t, :, None, None] * inp, cs[:, t])
-        ys.append(yt)
-    y = torch.stack(ys, dim=1)
+        state = decay[:, t, :, None, None] * state + w_[:, t, :, None, None] * inputs[:, t]
+        states.append(state)
+    y = torch.einsum("bthpn,bthn->bthp", torch.stack(states, dim=1) + e_[..., None, None] * inputs, cs)
     if D is not None:
         y = y + (D.to(cd)[:, None] if D.dim() == 1 else D.to(cd)) * xs
     if z is not None:

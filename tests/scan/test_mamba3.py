@@ -1,0 +1,156 @@
+"""Mamba-3 SISO scan: the chunked kernel path (interpreted on the CPU) against the step-by-step trapezoid reference."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture(scope="module")
+def m3():
+    """templates.scan.mamba3 over an interpreted ssd module; the environment and modules are restored afterwards."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    ssd = importlib.reload(importlib.import_module("templates.scan.ssd"))
+    module = importlib.reload(importlib.import_module("templates.scan.mamba3"))
+    yield module
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+    importlib.reload(ssd)
+    importlib.reload(module)
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    assert torch.isfinite(got).all(), "non-finite values"
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def _inputs(bsz, seqlen, nheads, hdim, ngroups, dstate, nangles, seed=0, dt_shift=-1.0, a_range=(0.0, 1.0)):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).float()
+
+    dt = F.softplus(rnd(bsz, seqlen, nheads) + dt_shift)
+    rate = a_range[0] + (a_range[1] - a_range[0]) * torch.rand(bsz, seqlen, nheads, generator=gen)
+    return {
+        "x": rnd(bsz, seqlen, nheads, hdim),
+        "dt": dt,
+        "adt": -dt * rate,
+        "trap": rnd(bsz, seqlen, nheads),
+        "q": rnd(bsz, seqlen, ngroups, dstate),
+        "k": rnd(bsz, seqlen, ngroups, dstate),
+        "angles": torch.tanh(rnd(bsz, seqlen, nheads, nangles)) * torch.pi,
+        "q_bias": rnd(nheads, dstate),
+        "k_bias": rnd(nheads, dstate),
+        "D": rnd(nheads),
+        "z": rnd(bsz, seqlen, nheads, hdim),
+        "state": (
+            rnd(bsz, nheads, nangles),
+            rnd(bsz, nheads, hdim, dstate),
+            rnd(bsz, nheads, dstate),
+            rnd(bsz, nheads, hdim),
+        ),
+    }
+
+
+MAIN = ("x", "dt", "adt", "trap", "q", "k", "angles")
+
+
+def _run(fn, inp, opts, chunk, with_final, cast=None):
+    conv = (lambda t: t.to(cast)) if cast is not None else (lambda t: t)
+    leaves = {k: conv(inp[k]).clone().requires_grad_() for k in MAIN + tuple(o for o in opts if o != "state")}
+    state = [conv(s).clone().requires_grad_() for s in inp["state"]] if "state" in opts else None
+    kw = {k: leaves[k] for k in ("q_bias", "k_bias", "D", "z") if k in leaves}
+    out = fn(*[leaves[k] for k in MAIN], chunk_size=chunk, initial_state=state, return_final_state=with_final, **kw)
+    y, final = out if with_final else (out, ())
+    gen = torch.Generator().manual_seed(9)
+    loss = (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64)).sum()
+    for part in final[1:]:
+        loss = loss + (part.double() * torch.randn(part.shape, generator=gen, dtype=torch.float64)).sum()
+    wrt = list(leaves.values()) + (state or [])
+    grads = torch.autograd.grad(loss, wrt)
+    names = [f"d{k}" for k in leaves] + [f"dstate{i}" for i in range(len(state or []))]
+    return {"y": y} | {f"final{i}": f for i, f in enumerate(final)} | dict(zip(names, grads))
+
+
+CASES = [
+    # seqlen, chunk, heads, headdim, groups, dstate, angles, options
+    (41, 16, 4, 16, 1, 32, 8, ("q_bias", "k_bias", "D", "z", "state")),
+    (64, 32, 2, 16, 2, 16, 8, ("D",)),
+    (19, 16, 2, 32, 2, 16, 4, ("state",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}G{c[4]}N{c[5]}R{c[6]}" for c in CASES])
+def test_kernel_matches_trapezoid_reference(m3, case):
+    seqlen, chunk, nheads, hdim, ngroups, dstate, nangles, opts = case
+    inp = _inputs(2, seqlen, nheads, hdim, ngroups, dstate, nangles)
+    got = _run(m3.mamba3_siso_scan, inp, opts, chunk, with_final=True)
+    ref = _run(m3.mamba3_siso_scan_ref, inp, opts, chunk, with_final=True)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        assert _rel(got[name], ref[name]) < 3e-5, name
+
+
+def test_bf16_inputs(m3):
+    inp = _inputs(1, 33, 2, 16, 1, 16, 4)
+    got = _run(m3.mamba3_siso_scan, inp, ("D", "z"), 16, with_final=False, cast=torch.bfloat16)
+    ref = _run(m3.mamba3_siso_scan_ref, inp, ("D", "z"), 16, with_final=False, cast=torch.bfloat16)
+    assert got["y"].dtype == torch.bfloat16
+    for name in ref:
+        assert _rel(got[name], ref[name]) < 3e-2, name
+
+
+@pytest.mark.parametrize("dt_shift,a_range", [(4.0, (5.0, 10.0)), (-9.0, (1e-4, 1e-3))], ids=["near_0", "near_1"])
+def test_long_sequence_is_stable(m3, dt_shift, a_range):
+    inp = _inputs(1, 4096, 1, 16, 1, 16, 4, dt_shift=dt_shift, a_range=a_range)
+    got = _run(m3.mamba3_siso_scan, inp, (), 64, with_final=True)
+    ref = _run(m3.mamba3_siso_scan_ref, inp, (), 64, with_final=True, cast=torch.float64)
+    for name in ref:
+        assert torch.isfinite(got[name]).all(), name
+        assert _rel(got[name], ref[name]) < 1e-3, name
+
+
+def test_two_windows_with_carried_state_equal_one(m3):
+    inp = _inputs(2, 45, 2, 16, 1, 16, 4)
+    args = [inp[k] for k in MAIN]
+    whole, final = m3.mamba3_siso_scan(*args, chunk_size=16, return_final_state=True)
+    cut = 20
+    first, mid = m3.mamba3_siso_scan(*[a[:, :cut] for a in args], chunk_size=16, return_final_state=True)
+    second, end = m3.mamba3_siso_scan(
+        *[a[:, cut:] for a in args], chunk_size=16, initial_state=mid, return_final_state=True
+    )
+    assert _rel(torch.cat((first, second), dim=1), whole) < 1e-5
+    for got, ref in zip(end, final):
+        assert _rel(got, ref) < 1e-5
+
+
+def test_reference_gradcheck_float64(m3):
+    inp = _inputs(1, 4, 2, 2, 1, 4, 1)
+    names = MAIN + ("q_bias", "k_bias", "D", "z")
+    leaves = [inp[n].double().requires_grad_() for n in names] + [s.double().requires_grad_() for s in inp["state"]]
+
+    def f(*ts):
+        kw = dict(zip(("q_bias", "k_bias", "D", "z"), ts[7:11]))
+        y, fin = m3.mamba3_siso_scan_ref(*ts[:7], **kw, initial_state=tuple(ts[11:]), return_final_state=True)
+        return y, fin[1], fin[2], fin[3]
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_bad_shapes_raise_clear_errors(m3):
+    inp = _inputs(1, 8, 2, 16, 1, 16, 4)
+    args = [inp[k] for k in MAIN]
+    with pytest.raises(ValueError, match="trap"):
+        m3.mamba3_siso_scan(*args[:3], args[3][:, :5], *args[4:])
+    with pytest.raises(ValueError, match="2R <= N"):
+        m3.mamba3_siso_scan(*args[:6], torch.zeros(1, 8, 2, 9))
