@@ -35,8 +35,9 @@ class SubmissionFolder:
     def top_level(self) -> list[str]:
         return sorted(f for f in self.files if "/" not in f)
 
-    def read_bytes(self, rel: str, cap: int = READ_CAP_BYTES) -> bytes | None:
+    def read_bytes(self, rel: str, cap: int | None = None) -> bytes | None:
         """The file's bytes (head + tail beyond `cap`), or None if it is not a listed regular file."""
+        cap = READ_CAP_BYTES if cap is None else cap
         if rel not in self.files:
             return None
         path = self.root.joinpath(*rel.split("/"))
@@ -60,7 +61,7 @@ class SubmissionFolder:
         finally:
             os.close(fd)
 
-    def read_text(self, rel: str, cap: int = READ_CAP_BYTES) -> str | None:
+    def read_text(self, rel: str, cap: int | None = None) -> str | None:
         data = self.read_bytes(rel, cap)
         return None if data is None else data.decode("utf-8", errors="replace")
 

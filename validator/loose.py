@@ -195,8 +195,8 @@ def read_submission(text: str, file: str = "submission.json") -> tuple[LooseSubm
         setattr(sub, key, _num(v))
         if key in data and v is not None and _num(v) is None:
             out.append(warning("JSON_FIELD_TYPE", f"'{key}' is not a finite number: {str(v)[:40]!r}", file))
-    if "val_bpb" not in data or data.get("val_bpb") is None:
-        out.append(error("JSON_NO_VAL_BPB", "no 'val_bpb' (the claimed score); add the mean over seeds", file))
+    if sub.val_bpb is None:
+        out.append(error("JSON_NO_VAL_BPB", "no usable 'val_bpb' (the claimed score); add the mean over seeds", file))
     sub.bytes_total = _int(data.get("bytes_total"))
     if "bytes_total" in data and data["bytes_total"] is not None and sub.bytes_total is None:
         out.append(warning("JSON_FIELD_TYPE", "'bytes_total' is not an integer", file))
