@@ -17,6 +17,7 @@ LUT_NO_SPACE_PIECE, LUT_SPACE_PIECE_UNCHECKED, LUT_NOT_ANALYSED).
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ def _load(folder: Path, path: Path, findings: list[Finding]) -> SourceUnit | Non
         findings.append(
             warning(
                 "SOURCE_UNPARSED",
-                f"{name} does not parse with this Python ({exc.__class__.__name__}); its rules were not checked",
+                f"{name} does not parse with Python {sys.version_info.major}.{sys.version_info.minor} "
+                f"({exc.__class__.__name__}); its rules were not checked",
                 name,
                 line if isinstance(line, int) else None,
             )
@@ -126,7 +128,8 @@ def _expand_wrappers(unit: SourceUnit, reach: Reachability, findings: list[Findi
             findings.append(
                 warning(
                     "WRAPPER_UNDECODABLE",
-                    f"the decoded payload of {unit.name} line {wrapper.line} does not parse ({exc.__class__.__name__})",
+                    f"the decoded payload of {unit.name} line {wrapper.line} does not parse with Python "
+                    f"{sys.version_info.major}.{sys.version_info.minor} ({exc.__class__.__name__}); not audited",
                     unit.file,
                     line,
                 )

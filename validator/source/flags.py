@@ -260,6 +260,13 @@ class FlagEvaluator:
                 return {"int": int, "float": float, "bool": bool, "str": str}[name](inner)
             except Exception:
                 return UNKNOWN
+        if name in ("getattr", "builtins.getattr") and len(args) == 3:
+            attr = self.value(args[1], local, depth)
+            if not isinstance(attr, str):
+                return UNKNOWN
+            if attr in self.attributes:
+                return self._single(self.attributes[attr], {}, depth)
+            return self.value(args[2], local, depth)
         if name in self.functions and not node.keywords:
             return self._inline(self.functions[name], args, local, depth)
         return UNKNOWN

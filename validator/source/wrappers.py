@@ -33,8 +33,8 @@ def _bounded(stream_decompress: Callable[[bytes, int], bytes], data: bytes) -> b
     return out
 
 
-def _lzma(data: bytes) -> bytes:
-    return _bounded(lambda d, n: lzma.LZMADecompressor().decompress(d, max_length=n), data)
+def _lzma(data: bytes, format: int = lzma.FORMAT_AUTO, filters: list | None = None) -> bytes:
+    return _bounded(lambda d, n: lzma.LZMADecompressor(format, None, filters).decompress(d, max_length=n), data)
 
 
 def _zlib(data: bytes, wbits: int = zlib.MAX_WBITS) -> bytes:
@@ -173,6 +173,22 @@ class _Evaluator:
             return self._call(node, depth)
         raise DecodeError(f"payload is not a literal ({type(node).__name__} at line {getattr(node, 'lineno', '?')})")
 
+    def option(self, node: ast.AST):
+        """A literal keyword value of lzma.decompress: constants, lists, dicts, `lzma.FORMAT_RAW`-style names."""
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [self.option(e) for e in node.elts]
+        if isinstance(node, ast.Dict):
+            return {self.option(k): self.option(v) for k, v in zip(node.keys, node.values) if k is not None}
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+            return self.option(node.left) | self.option(node.right)
+        name = dotted_name(node, self.aliases) or ""
+        module, _, attr = name.rpartition(".")
+        if module == "lzma" and attr.isupper() and hasattr(lzma, attr):
+            return getattr(lzma, attr)
+        raise DecodeError(f"lzma option {name or type(node).__name__} is not a literal")
+
     def _call(self, node: ast.Call, depth: int) -> bytes | str:
         func = node.func
         name = dotted_name(func, self.aliases) or ""
@@ -203,8 +219,9 @@ class _Evaluator:
         if transform is None or not node.args:
             raise DecodeError(f"unknown step {name or type(func).__name__}() at line {node.lineno}")
         data = _as_bytes(self.value(node.args[0], depth + 1))
+        options = {k.arg: self.option(k.value) for k in node.keywords if k.arg in ("format", "filters")}
         try:
-            out = transform(data)
+            out = transform(data, **options) if options and name == "lzma.decompress" else transform(data)
         except DecodeError:
             raise
         except Exception as exc:  # every decoder signals bad input its own way

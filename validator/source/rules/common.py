@@ -116,14 +116,14 @@ def _bindings(func: ast.AST | None, tree: ast.Module) -> dict[str, list[ast.AST]
     stack: list[ast.AST] = list(body)
     while stack:
         node = stack.pop()
-        if isinstance(node, (*_FUNC, ast.ClassDef, ast.Lambda)):
+        if isinstance(node, (*_FUNC, ast.ClassDef, ast.Lambda, ast.comprehension)):
             continue
         if isinstance(node, ast.Assign):
             for target in node.targets:
                 add(target, node.value)
         elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and node.value is not None:
             add(node.target, node.value)
-        elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+        elif isinstance(node, (ast.For, ast.AsyncFor)):
             add(node.target, node.iter)
         elif isinstance(node, ast.withitem) and node.optional_vars is not None:
             add(node.optional_vars, node.context_expr)
@@ -189,18 +189,27 @@ class RuleContext:
         self._memo[key] = result
         return result
 
-    def _walk(self, node, func, leaf, kind, visiting) -> bool:
+    def _walk(self, node, func, leaf, kind, visiting, shadow: frozenset = frozenset()) -> bool:
         if leaf(node):
             return True
         if isinstance(node, ast.Name):
-            return self._name_depends(node.id, func, leaf, kind, visiting)
+            return node.id not in shadow and self._name_depends(node.id, func, leaf, kind, visiting)
         if isinstance(node, ast.Call):
             flowing = self._flowing_arguments(node)
             if flowing is not None:
-                return any(self._walk(arg, func, leaf, kind, visiting) for arg in flowing)
+                return any(self._walk(arg, func, leaf, kind, visiting, shadow) for arg in flowing)
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            # comprehension variables live in their own scope: they depend on what they iterate over
+            inner = shadow | {n.id for g in node.generators for n in ast.walk(g.target) if isinstance(n, ast.Name)}
+            parts = [g.iter for g in node.generators]
+            rest = [c for g in node.generators for c in g.ifs]
+            rest += [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
+            return any(self._walk(p, func, leaf, kind, visiting, shadow) for p in parts) or any(
+                self._walk(p, func, leaf, kind, visiting, inner) for p in rest
+            )
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node is not func:
             return False
-        return any(self._walk(child, func, leaf, kind, visiting) for child in ast.iter_child_nodes(node))
+        return any(self._walk(child, func, leaf, kind, visiting, shadow) for child in ast.iter_child_nodes(node))
 
     def _name_depends(self, name: str, func, leaf, kind, visiting) -> bool:
         if kind == "val" and func is not None and name in self._val_params.get(id(func), ()):

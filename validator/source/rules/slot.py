@@ -16,8 +16,7 @@ def fresh_grad_tensors(ctx: RuleContext, func: ast.AST) -> dict[str, ast.AST]:
             value = node.value
             if isinstance(value, ast.Call):
                 grad_kw = any(
-                    k.arg == "requires_grad" and isinstance(k.value, ast.Constant) and k.value.value is True
-                    for k in value.keywords
+                    k.arg == "requires_grad" and ctx.reach.evaluator.truth(k.value) is True for k in value.keywords
                 )
                 is_param = node_name(value.func) == "Parameter"
                 chained = isinstance(value.func, ast.Attribute) and value.func.attr == "requires_grad_"

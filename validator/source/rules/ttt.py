@@ -43,6 +43,29 @@ def score_order(ctx: RuleContext, node: ast.AST, func: ast.AST | None, depth: in
     return "after" if "after" in results else "none"
 
 
+def _throwaway_optimizer(ctx: RuleContext, func: ast.AST, site: ast.AST) -> bool:
+    """The optimizer stepped next to `site` is deleted later in the function (`del adapter, opt`)."""
+    deleted = {
+        target.id
+        for node in ctx.walk(func)
+        if isinstance(node, ast.Delete)
+        for target in node.targets
+        for target in ast.walk(target)
+        if isinstance(target, ast.Name)
+    }
+    loops = enclosing_loops(ctx, site, func)
+    scope = loops[0][0] if loops else func
+    stepped = {
+        node.func.value.id
+        for node in ctx.walk(scope)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "step"
+        and isinstance(node.func.value, ast.Name)
+    }
+    return bool(stepped) and stepped <= deleted
+
+
 def test_time_training(ctx: RuleContext) -> list[Hit]:
     hits: list[Hit] = []
     slots = slot_functions(ctx)
@@ -80,6 +103,16 @@ def test_time_training(ctx: RuleContext) -> list[Hit]:
                         True,
                         f"{func.name}() updates the model on validation tokens and scores them afterwards in the "
                         "same pass (Issue #1017 C3: score before any update that has seen the token)",
+                        site,
+                    )
+                )
+            elif _throwaway_optimizer(ctx, func, site):
+                hits.append(
+                    Hit(
+                        "TTT_WARMUP_ON_VAL",
+                        False,
+                        f"{func.name}() runs backward/step on validation tokens with a throwaway optimizer (compile "
+                        "warm-up, #1530): the model is not kept, but warm-up should use synthetic tokens",
                         site,
                     )
                 )
