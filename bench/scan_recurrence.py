@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""GPU benchmark and correctness check of the first-order scans (time-varying, LTI) and the selective scan.
+
+At the reference layer shape (64 x 1024 tokens, 1024 channels; selective N = 16) it times forward and
+forward+backward, reports GB/s against a minimal-bytes model and the speedup over the PyTorch references, beside
+fla's chunk_hgrn / fused_recurrent_hgrn (when a git-ignored `.anchors/` folder is importable), an SDPA attention
+layer and a device copy. `recurrence_cases(device)` is what bench/scan.py imports.
+
+  python bench/scan_recurrence.py            # table (and JSON to $OUT/scan_recurrence.json when OUT is set)
+  python bench/scan_recurrence.py --check    # kernel vs float64 reference on the GPU, for every swept config
+  python bench/scan_recurrence.py --sweep    # time each candidate block config and use the fastest in the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from templates.scan.first_order import (  # noqa: E402
+    first_order_scan,
+    first_order_scan_complex,
+    first_order_scan_complex_ref,
+    first_order_scan_ref,
+    lti_scan,
+    lti_scan_ref,
+)
+from templates.scan.selective import selective_scan, selective_scan_ref  # noqa: E402
+
+BATCH, SEQ, CHANNELS, HEADS, STATE = 64, 1024, 1024, 16, 16
+BF16 = 2
+SEL_REF_BATCH = 8  # the PyTorch selective reference is timed at batch 8 and scaled x8 (it is launch-bound)
+
+FO_CONFIGS = [
+    {"BT": 64, "BD": 64, "num_warps": 4},
+    {"BT": 32, "BD": 128, "num_warps": 4},
+    {"BT": 128, "BD": 32, "num_warps": 4},
+    {"BT": 16, "BD": 256, "num_warps": 4},
+]
+SEL_CONFIGS = [
+    {"BT": 32, "BD": 16, "num_warps": 4, "SHIFT_MODE": 1},
+    {"BT": 32, "BD": 16, "num_warps": 4, "SHIFT_MODE": 0},
+    {"BT": 16, "BD": 32, "num_warps": 4, "SHIFT_MODE": 1},
+    {"BT": 64, "BD": 8, "num_warps": 4, "SHIFT_MODE": 1},
+    {"BT": 64, "BD": 16, "num_warps": 8, "SHIFT_MODE": 1},
+    {"BT": 16, "BD": 16, "num_warps": 2, "SHIFT_MODE": 1},
+]
+
+
+def time_ms(fn, rep_ms: int = 100) -> float:
+    """Median ms of fn over repeated calls (CUDA events, after warm-up)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def _grad_fn(forward, inputs: list[torch.Tensor], cot):
+    """A closure running forward then the backward of sum(out * cot) into fresh gradients (no accumulation)."""
+
+    def run():
+        out = forward()
+        torch.autograd.grad(out, inputs, cot)
+
+    return run
+
+
+def _fo_inputs(device, dtype=torch.bfloat16, batch=BATCH, seq=SEQ, ch=CHANNELS):
+    g = F.logsigmoid(torch.randn(batch, seq, ch, device=device, dtype=torch.float32))
+    a = g.exp().to(dtype).requires_grad_()
+    x = torch.randn(batch, seq, ch, device=device, dtype=dtype, requires_grad=True)
+    return a, x, g.to(dtype)
+
+
+def _sel_inputs(device, batch=BATCH, seq=SEQ, ch=CHANNELS, n=STATE, dtype=torch.bfloat16):
+    def r(*s, dt=dtype):
+        return torch.randn(*s, device=device, dtype=dt)
+
+    return {
+        "u": r(batch, seq, ch).requires_grad_(),
+        "delta": (r(batch, seq, ch, dt=torch.float32) * 0.5 - 2.0).to(dtype).requires_grad_(),
+        "A": (-torch.exp(torch.rand(ch, n, device=device) * 3)).requires_grad_(),
+        "B": r(batch, seq, n).requires_grad_(),
+        "C": r(batch, seq, n).requires_grad_(),
+        "D": torch.ones(ch, device=device, requires_grad=True),
+        "z": r(batch, seq, ch).requires_grad_(),
+        "delta_bias": (torch.rand(ch, device=device) - 4.0).requires_grad_(),
+    }
+
+
+def first_order_case(device, config=None) -> dict:
+    a, x, _ = _fo_inputs(device)
+    cot = torch.randn_like(x)
+    elems = a.numel()
+    return {
+        "name": "ours first_order_scan (time-varying a)",
+        "fwd": lambda: first_order_scan(a.detach(), x.detach(), config=config),
+        "fwd_bwd": _grad_fn(lambda: first_order_scan(a, x, config=config), [a, x], cot),
+        "bytes_min": 3 * elems * BF16,
+        "bytes_min_fwd_bwd": 8 * elems * BF16,
+    }
+
+
+def lti_case(device, config=None) -> dict:
+    _, x, _ = _fo_inputs(device)
+    log_a = (-torch.rand(HEADS, device=device) * 0.5).requires_grad_()
+    cot = torch.randn_like(x)
+    elems = x.numel()
+    return {
+        "name": f"ours lti_scan ({HEADS} head decays)",
+        "fwd": lambda: lti_scan(x.detach(), log_a.detach(), config=config),
+        "fwd_bwd": _grad_fn(lambda: lti_scan(x, log_a, config=config), [x, log_a], cot),
+        "bytes_min": 2 * elems * BF16,
+        "bytes_min_fwd_bwd": 5 * elems * BF16,
+    }
+
+
+def _sel_bytes(batch, seq, ch, n) -> tuple[int, int]:
+    fwd = BF16 * (4 * batch * seq * ch + 2 * batch * seq * n)
+    bwd = BF16 * (7 * batch * seq * ch + 4 * batch * seq * n)
+    return fwd, fwd + bwd
+
+
+def selective_case(device, config=None) -> dict:
+    ins = _sel_inputs(device)
+    cot = torch.randn_like(ins["u"])
+    leaves = list(ins.values())
+    fwd_b, all_b = _sel_bytes(BATCH, SEQ, CHANNELS, STATE)
+
+    def fwd():
+        with torch.no_grad():
+            return selective_scan(**ins, config=config)
+
+    return {
+        "name": f"ours selective_scan (N={STATE}, z, D, bias)",
+        "fwd": fwd,
+        "fwd_bwd": _grad_fn(lambda: selective_scan(**ins, config=config), leaves, cot),
+        "bytes_min": fwd_b,
+        "bytes_min_fwd_bwd": all_b,
+    }
+
+
+def reference_cases(device) -> list[dict]:
+    """The PyTorch sequential references (the seeds' path). The selective one runs at batch 8, scaled x8."""
+    a, x, _ = _fo_inputs(device)
+    cot = torch.randn_like(x)
+    log_a = (-torch.rand(HEADS, device=device) * 0.5).requires_grad_()
+    ins = _sel_inputs(device, batch=SEL_REF_BATCH)
+    sel_cot = torch.randn_like(ins["u"])
+    scale = BATCH // SEL_REF_BATCH
+    fwd_b, _ = _sel_bytes(BATCH, SEQ, CHANNELS, STATE)
+
+    def sel_fwd():
+        with torch.no_grad():
+            return selective_scan_ref(**ins)
+
+    return [
+        {
+            "name": "torch ref first_order (sequential loop)",
+            "fwd": lambda: first_order_scan_ref(a.detach(), x.detach()),
+            "fwd_bwd": _grad_fn(lambda: first_order_scan_ref(a, x), [a, x], cot),
+            "bytes_min": 3 * a.numel() * BF16,
+            "ref_for": "ours first_order_scan (time-varying a)",
+        },
+        {
+            "name": "torch ref lti (sequential loop)",
+            "fwd": lambda: lti_scan_ref(x.detach(), log_a.detach()),
+            "fwd_bwd": _grad_fn(lambda: lti_scan_ref(x, log_a), [x, log_a], cot),
+            "bytes_min": 2 * x.numel() * BF16,
+            "ref_for": f"ours lti_scan ({HEADS} head decays)",
+        },
+        {
+            "name": f"torch ref selective (batch {SEL_REF_BATCH}, time x{scale})",
+            "fwd": sel_fwd,
+            "fwd_bwd": _grad_fn(lambda: selective_scan_ref(**ins), list(ins.values()), sel_cot),
+            "bytes_min": fwd_b,
+            "scale": scale,
+            "slow": True,
+            "ref_for": f"ours selective_scan (N={STATE}, z, D, bias)",
+        },
+    ]
+
+
+def anchor_cases(device) -> list[dict]:
+    """fla's HGRN first-order kernels on the same tokens, when `.anchors/` (git-ignored) is importable."""
+    anchor_dir = os.environ.get("ANCHOR_DIR", str(REPO / ".anchors"))
+    if anchor_dir not in sys.path:
+        sys.path.insert(0, anchor_dir)
+    try:
+        from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+    except Exception as exc:  # the anchors are optional: report and go on
+        print(f"fla anchors not importable ({type(exc).__name__}: {exc}); skipping them", flush=True)
+        return []
+    cases = []
+    for name, fn in (("fla chunk_hgrn", chunk_hgrn), ("fla fused_recurrent_hgrn", fused_recurrent_hgrn)):
+        _, x, g = _fo_inputs(device)
+        g = g.detach().requires_grad_()
+        cot = torch.randn_like(x)
+
+        def fwd(fn=fn, x=x, g=g):
+            with torch.no_grad():
+                return fn(x, g)[0]
+
+        cases.append(
+            {
+                "name": name,
+                "fwd": fwd,
+                "fwd_bwd": _grad_fn(lambda fn=fn, x=x, g=g: fn(x, g)[0], [x, g], cot),
+                "bytes_min": 3 * x.numel() * BF16,
+                "bytes_min_fwd_bwd": 8 * x.numel() * BF16,
+                "anchor": True,
+            }
+        )
+    return cases
+
+
+def recurrence_cases(device, configs: dict | None = None) -> list[dict]:
+    """Cases for bench/scan.py: our three ops, the PyTorch references, and the fla anchors when present.
+
+    Each dict: name, fwd, fwd_bwd (callables), bytes_min (minimal bytes moved forward), optional
+    bytes_min_fwd_bwd, anchor (bool), scale (multiply the measured time by it: the selective reference runs at
+    batch 8 of 64), slow (time with few repetitions), ref_for (the name of the op it is the reference of)."""
+    configs = configs or {}
+    cases = [
+        first_order_case(device, configs.get("first_order")),
+        lti_case(device, configs.get("lti")),
+        selective_case(device, configs.get("selective")),
+    ]
+    return cases + reference_cases(device) + anchor_cases(device)
+
+
+def context_cases(device) -> list[dict]:
+    """An SDPA causal attention layer (GQA 8q/4kv x 64) and a device copy of 64K x 1024 bf16, same tokens."""
+    q = torch.randn(BATCH, 8, SEQ, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(BATCH, 4, SEQ, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(BATCH, 4, SEQ, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    cot = torch.randn_like(q)
+
+    def attn():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def attn_fwd():
+        with torch.no_grad():
+            return attn()
+
+    src = torch.randn(BATCH * SEQ, CHANNELS, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return [
+        {"name": "sdpa causal attention", "fwd": attn_fwd, "fwd_bwd": _grad_fn(attn, [q, k, v], cot), "anchor": True},
+        {
+            "name": "device copy (floor)",
+            "fwd": lambda: dst.copy_(src),
+            "fwd_bwd": None,
+            "bytes_min": 2 * src.numel() * BF16,
+            "anchor": True,
+        },
+    ]
+
+
+def measure(case: dict) -> dict:
+    slow = case.get("slow", False)
+    scale = case.get("scale", 1)
+    row = {"name": case["name"]}
+    for key in ("fwd", "fwd_bwd"):
+        fn = case.get(key)
+        if fn is None:
+            row[key + "_ms"] = None
+            continue
+        if slow:
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3
+        else:
+            ms = time_ms(fn)
+        row[key + "_ms"] = ms * scale
+    if case.get("bytes_min") and row["fwd_ms"]:
+        row["fwd_GBps"] = case["bytes_min"] / row["fwd_ms"] / 1e6
+    if case.get("bytes_min_fwd_bwd") and row["fwd_bwd_ms"]:
+        row["fwd_bwd_GBps"] = case["bytes_min_fwd_bwd"] / row["fwd_bwd_ms"] / 1e6
+    row["ref_for"] = case.get("ref_for")
+    return row
+
+
+def sweep(device) -> dict:
+    """Time every candidate config of each op (fwd+bwd) and return the fastest per op."""
+    best = {}
+    for op, make, candidates in (
+        ("first_order", first_order_case, FO_CONFIGS),
+        ("lti", lti_case, FO_CONFIGS),
+        ("selective", selective_case, SEL_CONFIGS),
+    ):
+        timings = []
+        for cfg in candidates:
+            case = make(device, cfg)
+            try:
+                fwd, fb = time_ms(case["fwd"], 50), time_ms(case["fwd_bwd"], 50)
+            except Exception as exc:  # a config may not compile (registers, shared memory): report it
+                print(f"sweep {op} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            timings.append((fb, fwd, cfg))
+            print(f"sweep {op} {cfg}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+            del case
+            torch.cuda.empty_cache()
+        if timings:
+            best[op] = min(timings, key=lambda x: x[0])[2]
+            print(f"sweep {op}: best {best[op]}", flush=True)
+    return best
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(x).all():
+        return math.inf
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _compare(kernel, reference, inputs: list[torch.Tensor], cot_shapes: list[tuple]) -> dict:
+    """Relative errors of every output and input gradient of kernel against a float64 reference ({} on a crash)."""
+    try:
+        return _compare_unguarded(kernel, reference, inputs, cot_shapes)
+    except Exception as exc:  # a kernel that fails to compile or run is a failed check, reported, not fatal
+        print(f"check crashed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        return {}
+
+
+def _compare_unguarded(kernel, reference, inputs: list[torch.Tensor], cot_shapes: list[tuple]) -> dict:
+    cots = [torch.randn(s, device=inputs[0].device, dtype=torch.float64) for s in cot_shapes]
+    results = []
+    for fn, cast in ((kernel, lambda x: x), (reference, lambda x: x.double())):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        outs = fn(*[cast(x) for x in leaves])
+        loss = sum((o.double() * c).sum() for o, c in zip(outs, cots))
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        results.append([o.detach() for o in outs] + [g if g is not None else torch.zeros(1) for g in grads])
+    return {f"t{i}": _rel(k, r) for i, (k, r) in enumerate(zip(*results))}
+
+
+def check(device, small: bool = False) -> bool:
+    """Kernel vs float64 reference on the GPU: odd shapes, bf16 for every config and fp32 for the first one,
+    initial and final states. `small` shrinks the shapes (a CPU smoke run under TRITON_INTERPRET=1)."""
+    torch.manual_seed(0)
+    ok = True
+
+    def report(label, errs, tol):
+        nonlocal ok
+        worst = max(errs.values()) if errs else math.inf
+        status = "ok" if worst < tol else "FAIL"
+        ok &= worst < tol
+        print(f"check {label}: worst rel err {worst:.2e} (tol {tol:.0e}) {status}", flush=True)
+
+    Bsz, T, D = (2, 19, 40) if small else (3, 333, 300)
+    sel_shape = (2, 21, 6, 4) if small else (2, 515, 100, STATE)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        fo_configs = FO_CONFIGS if dtype == torch.bfloat16 else FO_CONFIGS[:1]
+        sel_configs = SEL_CONFIGS if dtype == torch.bfloat16 else SEL_CONFIGS[:1]
+        a = (torch.rand(Bsz, T, D, device=device) * 1.1 - 0.05).to(dtype)
+        b = torch.randn(Bsz, T, D, device=device).to(dtype)
+        h0 = torch.randn(Bsz, D, device=device)
+        for cfg in fo_configs:
+            errs = _compare(
+                lambda a, b, h0, cfg=cfg: first_order_scan(a, b, h0, True, config=cfg),
+                lambda a, b, h0: first_order_scan_ref(a, b, h0, True),
+                [a, b, h0],
+                [(Bsz, T, D), (Bsz, D)],
+            )
+            report(f"first_order {dtype} {cfg}", errs, tol)
+            log_a = -torch.rand(D // 20, device=device) * 0.3
+            errs = _compare(
+                lambda x, la, h0, cfg=cfg: lti_scan(x, la, h0, True, config=cfg),
+                lambda x, la, h0: lti_scan_ref(x, la, h0, True),
+                [b, log_a, h0],
+                [(Bsz, T, D), (Bsz, D)],
+            )
+            report(f"lti {dtype} {cfg}", errs, tol)
+        parts = [(torch.rand(Bsz, T, D, device=device) * 0.9).to(dtype) for _ in range(2)]
+        parts += [torch.randn(Bsz, T, D, device=device).to(dtype) for _ in range(2)]
+        parts += [torch.randn(Bsz, D, device=device), torch.randn(Bsz, D, device=device)]
+
+        def cplx(ar, ai, br, bi, hr, hi):
+            yr, yi, (fr, fi) = first_order_scan_complex(ar, ai, br, bi, (hr, hi), True)
+            return yr, yi, fr, fi
+
+        def cplx_ref(ar, ai, br, bi, hr, hi):
+            yr, yi, (fr, fi) = first_order_scan_complex_ref(ar, ai, br, bi, (hr, hi), True)
+            return yr, yi, fr, fi
+
+        errs = _compare(cplx, cplx_ref, parts, [(Bsz, T, D), (Bsz, T, D), (Bsz, D), (Bsz, D)])
+        report(f"first_order_complex {dtype}", errs, tol)
+
+        sb, st, sd, sn = sel_shape
+        ins = _sel_inputs(device, batch=sb, seq=st, ch=sd, n=sn, dtype=dtype)
+        ins["h0"] = torch.randn(sb, sd, sn, device=device)
+        names = list(ins)
+        vals = [v.detach() for v in ins.values()]
+        for cfg in sel_configs:
+            errs = _compare(
+                lambda *xs, cfg=cfg, nm=names: selective_scan(**dict(zip(nm, xs)), return_final_state=True, config=cfg),
+                lambda *xs, nm=names: selective_scan_ref(**dict(zip(nm, xs)), return_final_state=True),
+                vals,
+                [(sb, st, sd), (sb, sd, sn)],
+            )
+            report(f"selective {dtype} {cfg}", errs, tol * 2)
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="kernel vs float64 reference on the GPU, every config")
+    parser.add_argument("--sweep", action="store_true", help="time the candidate configs; the table uses the best")
+    parser.add_argument("--no-table", action="store_true", help="skip the benchmark table")
+    parser.add_argument("--profile", action="store_true", help="run each op's fwd+bwd twice (under ncu) and exit")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/scan_recurrence.py needs a CUDA GPU (run it through the device); nothing measured")
+        return 2
+    device = "cuda"
+    out = os.environ.get("OUT")
+    cfg_file = Path(out, "scan_recurrence_configs.json") if out else None
+    if args.profile:
+        best = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.exists() else {}
+        for case in recurrence_cases(device, best)[:3]:
+            for _ in range(2):
+                case["fwd_bwd"]()
+            torch.cuda.synchronize()
+        return 0
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.check:
+        result["check_ok"] = check(device)
+    best = sweep(device) if args.sweep else {}
+    result["configs"] = best
+    if cfg_file and best:
+        cfg_file.write_text(json.dumps(best))
+    if not args.no_table:
+        rows = [measure(c) for c in recurrence_cases(device, best) + context_cases(device)]
+        by_name = {r["name"]: r for r in rows}
+        for r in rows:
+            ours = by_name.get(r.get("ref_for") or "")
+            if ours and r["fwd_bwd_ms"] and ours["fwd_bwd_ms"]:
+                ours["speedup_vs_ref"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+        result["rows"] = rows
+        print(f"\n{'case':48s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'fwd GB/s':>9s} {'f+b GB/s':>9s} {'vs ref':>8s}")
+        for r in rows:
+
+            def fmt(key, spec, r=r):
+                return format(r[key], spec) if r.get(key) is not None else "-"
+
+            print(
+                f"{r['name']:48s} {fmt('fwd_ms', '9.3f'):>9s} {fmt('fwd_bwd_ms', '11.3f'):>11s} "
+                f"{fmt('fwd_GBps', '9.0f'):>9s} {fmt('fwd_bwd_GBps', '9.0f'):>9s} {fmt('speedup_vs_ref', '7.0f'):>8s}"
+            )
+    if out:
+        Path(out, "scan_recurrence.json").write_text(json.dumps(result, indent=1, default=str))
+    print("JSON " + json.dumps(result, default=str))
+    return 0 if result.get("check_ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
