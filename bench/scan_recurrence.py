@@ -46,6 +46,7 @@ FO_CONFIGS = [
     {"BT": 32, "BD": 128, "num_warps": 4},
     {"BT": 128, "BD": 32, "num_warps": 4},
     {"BT": 16, "BD": 256, "num_warps": 4},
+    {"BT": 64, "BD": 32, "num_warps": 2},
 ]
 SEL_CONFIGS = [
     {"BT": 32, "BD": 16, "num_warps": 4, "SHIFT_MODE": 1},
@@ -54,6 +55,7 @@ SEL_CONFIGS = [
     {"BT": 64, "BD": 8, "num_warps": 4, "SHIFT_MODE": 1},
     {"BT": 64, "BD": 16, "num_warps": 8, "SHIFT_MODE": 1},
     {"BT": 16, "BD": 16, "num_warps": 2, "SHIFT_MODE": 1},
+    {"BT": 32, "BD": 16, "num_warps": 2, "SHIFT_MODE": 1},
 ]
 
 
