@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> CheckOptions:
+    """Options from the command line; a bad --frontier file or an unknown --previous row raises ValueError."""
+    from validator.significance import choose_previous, load_frontier
+
+    rows = load_frontier(args.frontier)
+    if args.previous:
+        choose_previous(rows, None, "", args.previous)
     return CheckOptions(
         allow_missing_code=args.allow_missing_code,
         previous=args.previous,
