@@ -287,8 +287,13 @@ def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
     return tl.float32, "ieee"
 
 
-def _ssd_num_warps(bn: int, bp: int, q: int) -> int:
-    return 8 if bn * bp >= 4096 or q >= 128 else 4
+SSD_TUNING: dict = {}  # "fwd" / "bwd" -> launch options (num_warps, num_stages) overriding the defaults below
+
+
+def _ssd_launch(kind: str, bn: int, bp: int, q: int) -> dict:
+    """Launch options of one kernel: tuned overrides first, else 8 warps for the big tiles, 4 for the small."""
+    opts = {"num_warps": 8 if bn * bp >= 4096 or q >= 128 else 4, "num_stages": 2}
+    return opts | SSD_TUNING.get(kind, {})
 
 
 def _ssd_check_shapes(x, gates, B, C, chunk_size):
@@ -313,7 +318,7 @@ class _SsdScanFn(torch.autograd.Function):
     """Autograd wrapper of the two kernels; `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final):
+    def forward(ctx, x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
         bsz, seqlen, nheads, hdim = x.shape
         ngroups, dstate = B.shape[2], B.shape[3]
         x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
@@ -323,11 +328,10 @@ class _SsdScanFn(torch.autograd.Function):
             d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous()
         h0c = h0.float().contiguous() if h0 is not None else None
         nchunks = triton.cdiv(seqlen, chunk_size)
-        needs_grad = any(ctx.needs_input_grad)
         y = torch.empty_like(x)
         final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
         ckpt = None
-        if needs_grad:
+        if grad:
             ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=torch.float32)
         if generic:
             la, w = la.float().contiguous(), w.float().contiguous()
@@ -350,7 +354,7 @@ class _SsdScanFn(torch.autograd.Function):
             Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
             HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
             STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
-            num_warps=_ssd_num_warps(bn, bp, chunk_size),
+            **_ssd_launch("fwd", bn, bp, chunk_size),
         )  # fmt: skip
         ctx.save_for_backward(x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt)
         ctx.meta = (chunk_size, dt_softplus, generic, D.dim() if D is not None else 0)
@@ -400,7 +404,7 @@ class _SsdScanFn(torch.autograd.Function):
             Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
             HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
             HAS_DHT=dfin is not None, ATOMIC_BC=atomic, DOT=dot, PREC=prec,
-            num_warps=_ssd_num_warps(bn, bp, chunk_size),
+            **_ssd_launch("bwd", bn, bp, chunk_size),
         )  # fmt: skip
         dD = None
         if d_mat is not None:
@@ -411,29 +415,15 @@ class _SsdScanFn(torch.autograd.Function):
             dA = da_part.sum(0).to(ctx.dtypes[1])
             ddt_out = ddt.to(ctx.dtypes[0])
             ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
-        return (
-            dx,
-            ddt_out,
-            dA,
-            ddtb,
-            dla,
-            dw,
-            de,
-            dB.to(B.dtype),
-            dC.to(C.dtype),
-            dD,
-            dz,
-            dh0,
-            None,
-            None,
-            None,
-            None,
-        )
+        grads = (dx, ddt_out, dA, ddtb, dla, dw, de, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dh0)
+        return grads + (None,) * 5
 
 
 @torch.compiler.disable
 def _ssd_apply(*args):
-    return _SsdScanFn.apply(*args)
+    """Runs the autograd function outside dynamo; chunk checkpoints are kept only when a backward can follow."""
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    return _SsdScanFn.apply(*args, grad)
 
 
 def ssd_scan(
