@@ -1,13 +1,20 @@
-"""Fixtures of the source-audit tests: a submission folder written from a dict of file names to contents."""
+"""Fixtures of the source-audit tests: a submission folder written from a dict of file names to contents.
+Also registers the synthetic scripts of scripts.py as the module `source_audit_scripts` (pytest runs in importlib
+mode, so test modules cannot import their siblings by file name)."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from validator.findings import Finding
+_spec = importlib.util.spec_from_file_location("source_audit_scripts", Path(__file__).with_name("scripts.py"))
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+sys.modules["source_audit_scripts"] = _module
 
 
 @pytest.fixture
@@ -25,7 +32,3 @@ def make_folder(tmp_path: Path) -> Callable[[dict[str, str | bytes]], Path]:
         return folder
 
     return make
-
-
-def codes(findings: list[Finding], severity: str | None = None) -> set[str]:
-    return {f.code for f in findings if severity is None or f.severity.value == severity}

@@ -1,5 +1,12 @@
 """Synthetic training-script fragments for the source-audit tests (written for these tests, not copied)."""
 
+from validator.findings import Finding
+
+
+def codes(findings: list[Finding], severity: str | None = None) -> set[str]:
+    return {f.code for f in findings if severity is None or f.severity.value == severity}
+
+
 HEADER = """import os
 import math
 import torch
@@ -204,18 +211,28 @@ def make_train_loader(args):
     return TokenLoader(train_pattern)
 """
 
-SMEAR_UNMASKED = """
-def forward_doc_batch(x, gate, cu_seqlens):
-    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-    return x + gate * prev, cu_seqlens
+DOC_ATTENTION = """
+def doc_attention(q, k, v, cu_seqlens, max_len):
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
 """
 
-SMEAR_MASKED = """
-def forward_doc_batch(x, gate, input_ids, cu_seqlens, bos_id=1):
+SMEAR_STREAM = """
+def smear(x, gate):
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    return x + gate * prev
+"""
+
+SMEAR_UNMASKED = DOC_ATTENTION + SMEAR_STREAM
+
+SMEAR_MASKED = (
+    DOC_ATTENTION
+    + """
+def smear(x, gate, input_ids, bos_id=1):
     prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
     not_bos = (input_ids != bos_id).unsqueeze(-1)
-    return x + gate * prev * not_bos, cu_seqlens
+    return x + gate * prev * not_bos
 """
+)
 
 TWO_PASS = """
 def eval_two_pass(args, model, val_tokens, cache, seq_len=64):

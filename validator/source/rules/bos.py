@@ -9,7 +9,7 @@ import re
 from validator.source.rules.common import Hit, RuleContext, node_name
 
 DOC_ISOLATION = re.compile(r"cu_seqlens|varlen|doc_mask|document_mask|doc_ids|document_ids|block_mask", re.I)
-MASK_NAME = re.compile(r"bos|doc|boundar|seq_idx|cu_seqlens|reset|sep_", re.I)
+MASK_NAME = re.compile(r"bos|doc|boundar|sep_", re.I)
 
 
 def _is_minus_one(node: ast.AST | None) -> bool:
@@ -46,11 +46,19 @@ def _shift_ops(ctx: RuleContext, func: ast.AST) -> list[ast.AST]:
 
 
 def _masked(ctx: RuleContext, func: ast.AST) -> bool:
+    """A comparison with a BOS/document id (`input_ids != BOS_ID`), or a document index passed to a kernel."""
     for node in ctx.walk(func):
-        name = node_name(node) if isinstance(node, (ast.Name, ast.Attribute, ast.keyword)) else ""
-        if isinstance(node, ast.keyword):
-            name = node.arg or ""
-        if name and MASK_NAME.search(name):
+        if isinstance(node, ast.Compare):
+            names = [node_name(n) for n in ast.walk(node) if isinstance(n, (ast.Name, ast.Attribute))]
+            if any(MASK_NAME.search(n) for n in names if n):
+                return True
+            if any(isinstance(c, ast.Constant) and c.value == 1 for c in node.comparators) and any(
+                re.search(r"ids|tok|idx", n) for n in names if n
+            ):
+                return True  # input_ids == 1: the BOS id of the challenge's tokenizers
+        if isinstance(node, ast.Assign) and any(MASK_NAME.search(node_name(t)) for t in node.targets):
+            return True  # bos_mask = ..., not_bos = ..., doc_start = ...
+        if isinstance(node, ast.keyword) and node.arg in ("seq_idx", "cu_seqlens", "doc_ids", "document_ids"):
             return True
     return False
 

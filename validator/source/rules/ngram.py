@@ -22,9 +22,11 @@ def _large_constant(node: ast.AST, ctx: RuleContext) -> bool:
 
 
 def _is_hash_mix(expr: ast.BinOp, ctx: RuleContext) -> bool:
-    """A multiply or XOR with a large constant (a hashing multiplier/prime) somewhere in the expression."""
+    """An XOR (hash combine), or a multiply by a large constant (a hashing multiplier/prime), in the expression."""
     for node in ast.walk(expr):
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.BitXor)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitXor):
+            return True
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
             if _large_constant(node.left, ctx) or _large_constant(node.right, ctx):
                 return True
     return False
