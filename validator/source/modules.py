@@ -103,6 +103,9 @@ def references_in(folder: Path, path: Path, tree: ast.AST) -> tuple[list[LocalRe
         if isinstance(node, ast.Import):
             for alias in node.names:
                 consider(_module_candidates(base, alias.name), "import", node.lineno, id(node) in silent)
+                parts = alias.name.split(".")
+                for depth in range(1, len(parts)):  # importing a.b.c runs a/__init__.py and a/b/__init__.py
+                    consider([base.joinpath(*parts[:depth], "__init__.py")], "import", node.lineno, id(node) in silent)
         elif isinstance(node, ast.ImportFrom):
             origin = base
             for _ in range(max(node.level - 1, 0)):

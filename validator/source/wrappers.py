@@ -26,29 +26,35 @@ class DecodeError(Exception):
     """A wrapper whose payload could not be decoded statically."""
 
 
-def _bounded(stream_decompress: Callable[[bytes, int], bytes], data: bytes) -> bytes:
-    out = stream_decompress(data, MAX_DECODED_BYTES + 1)
+def _bounded(decompressor, decompress: Callable[[bytes, int], bytes], finished: Callable[[], bool], data: bytes):
+    out = decompress(data, MAX_DECODED_BYTES + 1)
     if len(out) > MAX_DECODED_BYTES:
         raise DecodeError(f"decoded payload exceeds {MAX_DECODED_BYTES} bytes")
+    if not finished():
+        raise DecodeError(f"{type(decompressor).__name__}: payload truncated or corrupt")
     return out
 
 
 def _lzma(data: bytes, format: int = lzma.FORMAT_AUTO, filters: list | None = None) -> bytes:
-    return _bounded(lambda d, n: lzma.LZMADecompressor(format, None, filters).decompress(d, max_length=n), data)
+    d = lzma.LZMADecompressor(format, None, filters)
+    return _bounded(d, lambda x, n: d.decompress(x, max_length=n), lambda: d.eof, data)
 
 
 def _zlib(data: bytes, wbits: int = zlib.MAX_WBITS) -> bytes:
-    return _bounded(lambda d, n: zlib.decompressobj(wbits).decompress(d, n), data)
+    d = zlib.decompressobj(wbits)
+    return _bounded(d, d.decompress, lambda: d.eof, data)
 
 
 def _bz2(data: bytes) -> bytes:
-    return _bounded(lambda d, n: bz2.BZ2Decompressor().decompress(d, max_length=n), data)
+    d = bz2.BZ2Decompressor()
+    return _bounded(d, lambda x, n: d.decompress(x, max_length=n), lambda: d.eof, data)
 
 
 def _brotli(data: bytes) -> bytes:
     import brotli
 
-    return _bounded(lambda d, n: brotli.Decompressor().process(d, output_buffer_limit=n), data)
+    d = brotli.Decompressor()
+    return _bounded(d, lambda x, n: d.process(x, output_buffer_limit=n), d.is_finished, data)
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -192,7 +198,12 @@ class _Evaluator:
     def _call(self, node: ast.Call, depth: int) -> bytes | str:
         func = node.func
         name = dotted_name(func, self.aliases) or ""
-        if isinstance(func, ast.Attribute) and func.attr in ("decode", "encode") and name not in TRANSFORMS:
+        special = ("codecs.decode", "codecs.encode", "bytes.fromhex")
+        if (
+            isinstance(func, ast.Attribute)
+            and func.attr in ("decode", "encode")
+            and name not in (*TRANSFORMS, *special)
+        ):
             inner = self.value(func.value, depth + 1)
             if func.attr == "decode" and len(node.args) >= 2 and not isinstance(inner, str):
                 pass  # codecs-style obj.decode(x, "codec") is handled below
