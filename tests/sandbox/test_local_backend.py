@@ -144,6 +144,8 @@ def test_bad_requests_fail_with_one_clear_line(tmp_path, sample_paths, make_subm
     (tmp_path / "session" / "old").write_text("x")
     with pytest.raises(SandboxError, match="not empty"):
         run(folder, tmp_path, sample_paths)
+    with pytest.raises(SandboxError, match="inside the submission"):
+        run(folder, folder, sample_paths)
 
 
 def test_without_a_netns_the_hook_refuses_the_connection(tmp_path, sample_paths, make_submission, monkeypatch):

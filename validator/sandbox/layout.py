@@ -46,6 +46,8 @@ def make_session(request: SandboxRequest) -> SessionDirs:
     submission = request.submission.resolve()
     if not (submission / request.script).is_file():
         raise SandboxError(f"{submission / request.script}: no such script; point at a submission folder")
+    if root == submission or submission in root.parents:
+        raise SandboxError(f"{root}: the session folder lies inside the submission {submission}; put it elsewhere")
     dirs = SessionDirs(root, root / "work", root / "hook", root / "audit", root / "home", root / "tmp")
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(submission, dirs.work, symlinks=False, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -1,0 +1,149 @@
+"""`validator rerun` on stand-in submissions: a faithful one passes, each lie or breach gets its own code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from validator.cli import main
+from validator.schema import CAP_BYTES
+
+
+def rerun(folder, sample_root, tmp_path, *extra: str) -> tuple[int, dict]:
+    out = tmp_path / "report.json"
+    args = ["rerun", str(folder), "--data", str(sample_root), "--gpus", "no", "--workdir", str(tmp_path / "runs")]
+    code = main([*args, "--json", str(out), *extra])
+    return code, json.loads(out.read_text()) if out.exists() else {}
+
+
+def codes(report: dict) -> set[str]:
+    return {f["code"] for f in report["findings"]}
+
+
+def honest_bpb(folder, sample_root, tmp_path) -> float:
+    code, report = rerun(folder, sample_root, tmp_path / "probe_runs", "--seeds", "5")
+    assert code == 0, report
+    return report["rerun"]["seeds"][0]["reproduced_bpb"]
+
+
+def test_faithful_submission_passes_and_the_score_is_recomputed(tmp_path, sample_root, make_submission, capsys):
+    probe = make_submission("probe")
+    bpb = honest_bpb(probe, sample_root, tmp_path)
+    folder = make_submission(claims={5: bpb})
+    code, report = rerun(folder, sample_root, tmp_path)
+    assert code == 0, report["findings"]
+    seed = report["rerun"]["seeds"][0]
+    assert seed["seed"] == 5 and seed["exit_code"] == 0
+    assert seed["recomputed_bpb"] == pytest.approx(seed["script_bpb"], rel=1e-7)
+    assert abs(seed["bpb_gap"]) < 1e-9
+    assert seed["bytes_artifact"] == 4096 and seed["bytes_total"] == 4096 + (folder / "train_gpt.py").stat().st_size
+    assert seed["train_s_measured"] >= 0.04 and seed["eval_s_measured"] is not None
+    assert report["rerun"]["passed"] is True
+    assert "| 5 |" in capsys.readouterr().out  # the Markdown table
+
+
+def test_claiming_a_better_bpb_than_it_gets_is_caught(tmp_path, sample_root, make_submission):
+    folder = make_submission(claims={5: 0.5})
+    code, report = rerun(folder, sample_root, tmp_path)
+    assert code == 1 and "RERUN_BPB_NOT_REPRODUCED" in codes(report)
+
+
+def test_tolerance_option_decides(tmp_path, sample_root, make_submission):
+    bpb = honest_bpb(make_submission("probe"), sample_root, tmp_path)
+    folder = make_submission(claims={5: bpb - 0.002})
+    assert rerun(folder, sample_root, tmp_path / "a")[0] == 0
+    code, report = rerun(folder, sample_root, tmp_path / "b", "--tolerance", "0.001")
+    assert code == 1 and "RERUN_BPB_NOT_REPRODUCED" in codes(report)
+
+
+def test_a_script_with_its_own_byte_accounting_is_scored_by_the_validator(tmp_path, sample_root, make_submission):
+    folder = make_submission(claims={5: 1.0})
+    code, report = rerun(folder, sample_root, tmp_path, "--env", "STANDIN_BPB_FACTOR=0.8")
+    seed = report["rerun"]["seeds"][0]
+    assert "RERUN_BPB_TABLE_MISMATCH" in codes(report) and code == 1
+    assert seed["reproduced_bpb"] == seed["recomputed_bpb"]
+    assert seed["script_bpb"] == pytest.approx(0.8 * seed["recomputed_bpb"], rel=1e-6)
+
+
+def test_an_artifact_over_the_cap_is_caught_from_the_file(tmp_path, sample_root, make_submission):
+    folder = make_submission()
+    code, report = rerun(folder, sample_root, tmp_path, "--env", f"STANDIN_ARTIFACT_BYTES={CAP_BYTES}")
+    seed = report["rerun"]["seeds"][0]
+    assert code == 1 and "RERUN_SIZE_OVER_CAP" in codes(report)
+    assert seed["bytes_total"] == CAP_BYTES + (folder / "train_gpt.py").stat().st_size
+
+
+def test_under_reporting_its_size_is_caught(tmp_path, sample_root, make_submission):
+    folder = make_submission(eval='print("result_json " + json.dumps(dict(bytes_total=10)))\nsys.exit(0)')
+    code, report = rerun(folder, sample_root, tmp_path)
+    assert code == 1 and "RERUN_BYTES_MISREPORTED" in codes(report)
+
+
+def test_sabotages_in_a_full_rerun_get_their_codes(tmp_path, sample_root, make_submission):
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("x")
+    folder = make_submission(
+        setup=f"""
+import socket, subprocess
+try:
+    socket.create_connection(("192.0.2.1", 9), timeout=2)
+except OSError:
+    pass
+open({str(secret)!r}).read()
+subprocess.run(["sh", "-c", "true"])
+"""
+    )
+    code, report = rerun(folder, sample_root, tmp_path)
+    assert code == 1
+    assert {"AUDIT_NETWORK", "AUDIT_READ_OUTSIDE", "AUDIT_SUBPROCESS"} <= codes(report)
+    code, report = rerun(folder, sample_root, tmp_path / "allowed", "--allow-exec", "sh", "--allow-read", str(secret))
+    assert codes(report) & {"AUDIT_SUBPROCESS", "AUDIT_READ_OUTSIDE"} == set()
+
+
+def test_sleeping_past_the_limit_is_killed_and_reported(tmp_path, sample_root, make_submission):
+    folder = make_submission(train="time.sleep(120)")
+    code, report = rerun(folder, sample_root, tmp_path, "--train-limit", "1", "--grace", "0.5")
+    assert code == 1
+    assert {"RERUN_KILLED_AT_LIMIT", "RERUN_TRAIN_TIME_OVER_LIMIT", "RERUN_NO_SCORE"} <= codes(report)
+    assert "train phase" in report["rerun"]["seeds"][0]["killed"]
+
+
+def test_eval_only_scores_the_artifact_and_finds_its_seed_by_hash(tmp_path, sample_root, make_submission):
+    probe = make_submission("probe")
+    code, first = rerun(probe, sample_root, tmp_path / "first", "--seeds", "9")
+    seed_report = first["rerun"]["seeds"][0]
+    folder = make_submission(claims={9: seed_report["reproduced_bpb"], 4: 1.0})
+    artifact = tmp_path / "runs_first_artifact.ptz"
+    artifact.write_bytes((tmp_path / "first" / "runs" / "full_seed9" / "work" / "final_model.int8.ptz").read_bytes())
+    log = json.dumps({"artifact_sha256": seed_report["artifact_sha256"], "val_bpb": seed_report["reproduced_bpb"]})
+    (folder / "train_seed9.log").write_text(f"seed:9\nresult_json {log}\n")
+    code, report = rerun(folder, sample_root, tmp_path, "--eval-only", "--artifact", str(artifact))
+    assert code == 0, report["findings"]
+    seed = report["rerun"]["seeds"][0]
+    assert report["rerun"]["mode"] == "eval-only" and seed["seed"] == 9
+    assert seed["reproduced_bpb"] == pytest.approx(seed_report["reproduced_bpb"], rel=1e-9)
+    assert seed["train_s_measured"] is None and seed["bytes_artifact"] == artifact.stat().st_size
+
+
+def test_eval_only_needs_per_token_losses_of_the_real_stream(tmp_path, sample_root, make_submission):
+    artifact = tmp_path / "a.ptz"
+    artifact.write_bytes(b"\1" * 100)
+    folder = make_submission(eval='os.environ.pop("TOKEN_LOSSES")')
+    code, report = rerun(folder, sample_root, tmp_path / "a", "--eval-only", "--artifact", str(artifact))
+    assert code == 1 and "RERUN_TOKEN_LOSSES_MISSING" in codes(report)
+    shifted = make_submission("shifted", eval="SCORED_OFFSET = 1")
+    text = (shifted / "train_gpt.py").read_text().replace("[: SCORED + 1]", "[1 : SCORED + 2]")
+    (shifted / "train_gpt.py").write_text(text)
+    code, report = rerun(shifted, sample_root, tmp_path / "b", "--eval-only", "--artifact", str(artifact))
+    assert code == 1 and "RERUN_TOKEN_STREAM_MISMATCH" in codes(report)
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, sample_root, make_submission, capsys):
+    folder = make_submission()
+    assert main(["rerun", str(tmp_path), "--data", str(sample_root)]) == 2
+    assert "no such script" in capsys.readouterr().err
+    assert main(["rerun", str(folder), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+    assert main(["rerun", str(folder), "--data", str(sample_root), "--eval-only"]) == 2
+    assert "--artifact" in capsys.readouterr().err
