@@ -27,6 +27,7 @@ class CheckOptions:
     record: bool | None = None  # force a record claim on/off; None: a record when the track is 10min_16mb
     frontier_file: Path | None = None  # replaces the bundled validator/data/frontier.json
     track: str | None = None  # when the folder is not under records/<track>/
+    skip_source: bool = False  # logs and metadata only: no static analysis of the script (fast)
 
 
 @dataclass

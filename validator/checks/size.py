@@ -77,6 +77,8 @@ def check(ctx: Context) -> list[Finding]:
             )
     if table:
         ctx.figures["size"] = table
+    for problem in getattr(cb, "problems", None) or []:
+        out.append(note("CODE_BYTES_PROBLEM", str(problem), ctx.script))
     if cb is not None and getattr(cb, "local_modules", None):
         out.append(note("LOCAL_MODULES", f"counted local modules: {', '.join(cb.local_modules)}", ctx.script))
     sub = ctx.submission

@@ -31,9 +31,13 @@ def code_bytes(ctx: Context):
     if cached is not _MISSING:
         return cached
     result = None
-    mod = _import("validator.source.codebytes") if ctx.script else None
+    mod = _import("validator.source.codebytes") if ctx.script and not ctx.options.skip_source else None
     if mod is not None and ctx.script is not None:
-        result = mod.code_bytes(ctx.folder.root, ctx.folder.root / ctx.script)
+        unsafe = getattr(_import("validator.source.reading"), "UnsafePath", ())
+        try:
+            result = mod.code_bytes(ctx.folder.root, ctx.folder.root / ctx.script)
+        except unsafe as exc:  # the script vanished or became unsafe between listing and reading
+            ctx.figures["_code_bytes_problem"] = str(exc)
     ctx.figures["_code_bytes"] = result
     return result
 
@@ -41,6 +45,8 @@ def code_bytes(ctx: Context):
 def check(ctx: Context) -> list[Finding]:
     if ctx.script is None:
         return []
+    if ctx.options.skip_source:
+        return [note("SOURCE_AUDIT_SKIPPED", "--skip-source: the script's legality rules were not run", ctx.script)]
     mod = _import("validator.source.audit")
     if mod is None:
         return [

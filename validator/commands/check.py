@@ -23,6 +23,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-missing-code", action="store_true", help="a missing train_gpt.py is a note")
     parser.add_argument("--previous", help="frontier row to compare a record with (PR number or folder)")
     parser.add_argument("--frontier", type=Path, help="frontier table (JSON) instead of the bundled one")
+    parser.add_argument("--skip-source", action="store_true", help="logs and metadata only (no script analysis)")
     parser.add_argument("--track", choices=("10min_16mb", "non_record_16mb"), help="track when not under records/")
     rec = parser.add_mutually_exclusive_group()
     rec.add_argument("--record", dest="record", action="store_true", default=None, help="treat as a record claim")
@@ -31,6 +32,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="records folder(s) to check")
+    parser.add_argument("-j", "--jobs", type=int, default=0, help="folders checked in parallel (default: CPU count)")
     add_common_arguments(parser)
 
 
@@ -47,6 +49,7 @@ def options_from(args: argparse.Namespace) -> CheckOptions:
         record=args.record,
         frontier_file=args.frontier,
         track=args.track,
+        skip_source=args.skip_source,
     )
 
 
@@ -102,10 +105,21 @@ def emit(reports: list[Report], args: argparse.Namespace, always_list: bool = Fa
     return max((r.exit_code for r in reports), default=0)
 
 
+def check_many(paths: list[Path], options: CheckOptions, plots: Path | None, jobs: int) -> list[Report]:
+    """Check folders in order; with several folders and jobs > 1, in worker processes."""
+    jobs = jobs or os.cpu_count() or 1
+    if len(paths) < 2 or jobs < 2:
+        return [check_folder(p, options, plots) for p in paths]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as pool:
+        return list(pool.map(check_folder, paths, [options] * len(paths), [plots] * len(paths)))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         options = options_from(args)
-        reports = [check_folder(p, options, args.plots) for p in args.paths]
+        reports = check_many(args.paths, options, args.plots, args.jobs)
     except (NotADirectoryError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"validator check: {exc}", file=sys.stderr)
         return 2
