@@ -317,3 +317,33 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
             seen.add(key)
             out.append(finding)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m validator.source.audit FOLDER [SCRIPT]`: the findings (and code bytes) as JSON on stdout.
+    Exit 0 without error findings, 1 with, 2 when the script cannot be found."""
+    import argparse
+    import json
+
+    from validator.source.codebytes import code_bytes
+
+    parser = argparse.ArgumentParser(prog="python -m validator.source.audit", description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("script", nargs="?", default="train_gpt.py", help="script inside the folder")
+    args = parser.parse_args(argv)
+    script = args.folder / args.script
+    if not script.is_file():
+        print(f"validator.source: {script} not found: pass the records folder and its script name", file=sys.stderr)
+        return 2
+    findings = audit_source(args.folder, script)
+    report = {"findings": [f.to_dict() for f in findings]}
+    try:
+        report["code_bytes"] = code_bytes(args.folder, script).to_dict()
+    except UnsafePath as exc:
+        report["code_bytes"] = {"problems": [str(exc)]}
+    print(json.dumps(report, indent=2))
+    return 1 if any(f.severity is Severity.ERROR for f in findings) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

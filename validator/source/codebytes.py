@@ -15,8 +15,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import lzma
+import os
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -68,16 +71,61 @@ def minifier_version() -> str:
         return ""
 
 
+def _cache_dir() -> Path | None:
+    """Where wrapped sizes are remembered between runs ($SSM_GOLF_CACHE, else ~/.cache/ssm-golf); None: off."""
+    base = os.environ.get("SSM_GOLF_CACHE")
+    if base == "":
+        return None
+    return Path(base) if base else Path.home() / ".cache" / "ssm-golf"
+
+
+def _cache_key(source: str) -> str:
+    options = ",".join(f"{k}={v}" for k, v in sorted(MINIFY_OPTIONS.items()))
+    payload = f"{minifier_version()}|{options}|{WRAPPER_PREFIX!r}|{WRAPPER_SUFFIX!r}|".encode() + source.encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _cached(key: str) -> int | None:
+    directory = _cache_dir()
+    if directory is None:
+        return None
+    try:
+        return int((directory / "wrapped" / key).read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return None
+
+
+def _remember(key: str, size: int) -> None:
+    directory = _cache_dir()
+    if directory is None:
+        return
+    try:
+        target = directory / "wrapped"
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=target, delete=False, encoding="ascii") as handle:
+            handle.write(str(size))
+        os.replace(handle.name, target / key)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+
+
 @lru_cache(maxsize=256)
 def wrapped_size(source: str) -> int:
-    """Length of the convention's wrapper around `source` (cached: minifying 150 KB takes most of a second)."""
+    """Length of the convention's wrapper around `source`. Minifying 150 KB takes most of a second, so results are
+    also kept on disk keyed by sha256 of (minifier version, options, wrapper text, source)."""
+    key = _cache_key(source)
+    cached = _cached(key)
+    if cached is not None:
+        return cached
     import python_minifier
 
     minified = python_minifier.minify(source, **MINIFY_OPTIONS).encode("utf-8")
     payload = lzma.compress(minified)
     # b85 turns every 4 bytes (a padded last group) into 5 characters, exactly as base64.b85encode does
     encoded_len = (len(payload) // 4) * 5 + (len(payload) % 4 + 1 if len(payload) % 4 else 0)
-    return len(WRAPPER_PREFIX) + encoded_len + len(WRAPPER_SUFFIX)
+    size = len(WRAPPER_PREFIX) + encoded_len + len(WRAPPER_SUFFIX)
+    _remember(key, size)
+    return size
 
 
 def code_bytes(folder: Path, script: Path) -> CodeBytes:

@@ -32,3 +32,12 @@ def make_folder(tmp_path: Path) -> Callable[[dict[str, str | bytes]], Path]:
         return folder
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def private_codebytes_cache(tmp_path, monkeypatch):
+    """Keep the on-disk cache of wrapped sizes inside each test's temporary folder."""
+    from validator.source.codebytes import wrapped_size
+
+    monkeypatch.setenv("SSM_GOLF_CACHE", str(tmp_path / "codebytes-cache"))
+    wrapped_size.cache_clear()

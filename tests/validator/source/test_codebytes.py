@@ -39,12 +39,18 @@ def test_three_figures_on_a_folder_with_local_modules(make_folder):
     assert result.problems == []
 
 
-def test_wrapped_size_is_deterministic():
-    text = script()
+def test_wrapped_size_is_deterministic_and_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSM_GOLF_CACHE", str(tmp_path / "cache"))
+    text = script() + "# cache test\n"
     wrapped_size.cache_clear()
     first = wrapped_size(text)
+    stored = list((tmp_path / "cache" / "wrapped").iterdir())
+    assert len(stored) == 1 and int(stored[0].read_text()) == first
     wrapped_size.cache_clear()
     assert wrapped_size(text) == first
+    monkeypatch.setenv("SSM_GOLF_CACHE", "")
+    wrapped_size.cache_clear()
+    assert wrapped_size(text) == first  # cache off: computed again, same figure
 
 
 def test_committed_wrapper_reports_its_decoded_size(make_folder):
