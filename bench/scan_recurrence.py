@@ -48,14 +48,13 @@ FO_CONFIGS = [
     {"BT": 16, "BD": 256, "num_warps": 4},
     {"BT": 64, "BD": 32, "num_warps": 2},
 ]
-SEL_CONFIGS = [
-    {"BT": 32, "BD": 16, "num_warps": 4, "SHIFT_MODE": 1},
-    {"BT": 32, "BD": 16, "num_warps": 4, "SHIFT_MODE": 0},
+SEL_CONFIGS = [  # first = the default of templates/scan/selective.py at N = 16
+    {"BT": 16, "BD": 8, "num_warps": 4, "SHIFT_MODE": 1},
+    {"BT": 16, "BD": 8, "num_warps": 4, "SHIFT_MODE": 0},
+    {"BT": 8, "BD": 16, "num_warps": 4, "SHIFT_MODE": 1},
+    {"BT": 16, "BD": 16, "num_warps": 8, "SHIFT_MODE": 1},
+    {"BT": 8, "BD": 32, "num_warps": 8, "SHIFT_MODE": 1},
     {"BT": 16, "BD": 32, "num_warps": 4, "SHIFT_MODE": 1},
-    {"BT": 64, "BD": 8, "num_warps": 4, "SHIFT_MODE": 1},
-    {"BT": 64, "BD": 16, "num_warps": 8, "SHIFT_MODE": 1},
-    {"BT": 16, "BD": 16, "num_warps": 2, "SHIFT_MODE": 1},
-    {"BT": 32, "BD": 16, "num_warps": 2, "SHIFT_MODE": 1},
 ]
 
 
