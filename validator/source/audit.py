@@ -249,7 +249,8 @@ def audit_source(folder: Path, script: Path, *, env: Mapping[str, str] | None = 
     for decoded, reach, status in _expand_wrappers(main, main_reach, findings):
         units.append(_Unit(decoded, reach, status, False))
     try:
-        closure = local_closure(folder, script, main.tree)
+        decoded_trees = tuple(u.source.tree for u in units[1:])
+        closure = local_closure(folder, script, main.tree, decoded_trees)
     except UnsafePath as exc:
         findings.append(error("SOURCE_UNSAFE_PATH", str(exc), main.file))
         closure = None

@@ -148,6 +148,7 @@ def code_bytes(folder: Path, script: Path) -> CodeBytes:
         problems.append("script is not valid UTF-8")
     tree = None
     decoded = None
+    decoded_trees: list = []
     source_for_wrap = text
     try:
         tree = parse_source(text, script.name)
@@ -155,6 +156,11 @@ def code_bytes(folder: Path, script: Path) -> CodeBytes:
         problems.append(f"script does not parse ({exc.__class__.__name__}); wrapped figure not computed")
     if tree is not None:
         wrappers = [w for w in find_wrappers(tree) if w.source is not None]
+        for wrapper in wrappers:
+            try:
+                decoded_trees.append(parse_source(wrapper.source or "", script.name))
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
+                problems.append(f"a wrapper payload of {script.name} does not parse; its local imports are unknown")
         if wrappers and len(tree.body) <= 6:  # the whole script is a launcher around one payload
             source_for_wrap = max(wrappers, key=lambda w: len(w.source or "")).source or text
             decoded = len(source_for_wrap.encode("utf-8"))
@@ -167,7 +173,7 @@ def code_bytes(folder: Path, script: Path) -> CodeBytes:
     modules: list[str] = []
     extra = 0
     try:
-        closure = local_closure(folder, script, tree)
+        closure = local_closure(folder, script, tree, tuple(decoded_trees))
         modules = closure.paths
         extra = sum(file_size(folder, folder / rel) for rel in modules)
         for bad in closure.unsafe:

@@ -142,8 +142,11 @@ class LocalClosure:
         return sorted({ref.path for ref in self.references})
 
 
-def local_closure(folder: Path, script: Path, script_tree: ast.AST | None = None) -> LocalClosure:
-    """Follow local references from `script` (and from every local .py it reaches), staying inside `folder`."""
+def local_closure(
+    folder: Path, script: Path, script_tree: ast.AST | None = None, extra_trees: tuple[ast.AST, ...] = ()
+) -> LocalClosure:
+    """Follow local references from `script` (and from every local .py it reaches), staying inside `folder`.
+    `extra_trees` are sources that run as the script itself (payloads decoded from its wrappers)."""
     folder = folder.resolve()
     start = inside(folder, script)
     references: list[LocalReference] = []
@@ -151,6 +154,7 @@ def local_closure(folder: Path, script: Path, script_tree: ast.AST | None = None
     unreadable: list[str] = []
     visited = {start}
     queue: deque[tuple[Path, ast.AST | None]] = deque([(start, script_tree)])
+    queue.extend((start, tree) for tree in extra_trees)
     while queue and len(visited) <= MAX_MODULES:
         path, tree = queue.popleft()
         if tree is None:

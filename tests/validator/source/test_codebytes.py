@@ -83,3 +83,11 @@ def test_import_fallback_of_a_local_module_is_warned(make_folder):
     findings = audit_source(folder, folder / "train_gpt.py")
     assert "LOCAL_IMPORT_FALLBACK" in codes(findings, "warning")
     assert "LOCAL_MODULES" in codes(findings, "note")
+
+
+def test_local_modules_imported_inside_a_wrapper_are_counted(make_folder):
+    wrapper = build_wrapper(b"import helpers\nprint(helpers.make_model())\n").decode()
+    folder = make_folder({"train_gpt.py": wrapper, "helpers.py": HELPERS})
+    result = code_bytes(folder, folder / "train_gpt.py")
+    assert result.local_modules == ["helpers.py"]
+    assert result.with_modules == len(wrapper.encode()) + len(HELPERS)
