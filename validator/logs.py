@@ -36,6 +36,7 @@ TOTAL_RAW_RE = re.compile(r"^Total submission size: (\d+) bytes")
 TOTAL_RE = re.compile(r"^Total submission size (?P<fmt>\S+): (\d+) bytes")
 SEED_RE = re.compile(r"^\s*seed: ?(\d+)\s*$")
 EVAL_TIME_RE = re.compile(r"eval_time:\s?" + _NUM + r"ms")
+TIME_MS_RE = re.compile(r"\btime:\s?" + _NUM + r"ms")
 ELAPSED_RE = re.compile(r"elapsed=" + _NUM + r"s")
 TOTAL_EVAL_RE = re.compile(r"^total_eval_time:\s?" + _NUM + r"s")
 GPTQ_RESERVE_RE = re.compile(r"^gptq:reserving " + _NUM + r"s, effective=" + _NUM + r"ms", re.IGNORECASE)
@@ -56,6 +57,7 @@ HPARAM_BLOCK_START = re.compile(r"^Hyperparameters:\s*$")
 HPARAM_BLOCK_LINE = re.compile(r"^\s{2,}([A-Za-z_][\w.]*):\s?(.*)$")
 INLINE_TOKEN = re.compile(r"^\(?([A-Za-z_][\w.]*)[:=](.*?)\)?,?$")
 NOTABLE_RE = re.compile(r"optimal_T|(?<![a-z])slot(?![a-z])|prequant|pre_quant_ttt|ngram|two_pass|rescor|etlb", re.I)
+PROGRESS_RE = re.compile(r"(?:^|[\s_])loss[:=\s]|^step|^\d+/\d+|\bstep:\s?\d")
 SOURCE_RULE_RE = re.compile(r"^={20,}\s*$")
 RESULT_JSON_PREFIX = "result_json "
 
@@ -222,7 +224,12 @@ class ParsedLog:
     def config(self) -> dict[str, str]:
         """The run's configuration as echoed, minus keys that change from run to run by design."""
         merged = {**self.echo, **self.hparams}
-        return {k: v for k, v in merged.items() if k.lower() not in VOLATILE_KEYS}
+        seed = str(self.seed) if self.seed is not None else None
+        return {
+            k: v
+            for k, v in merged.items()
+            if k.lower() not in VOLATILE_KEYS and not (v == seed and (len(k) <= 2 or "seed" in k.lower()))
+        }
 
     @property
     def complete(self) -> bool:
@@ -351,7 +358,10 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
             rest = m.group("rest")
             et = EVAL_TIME_RE.search(rest)
             el = ELAPSED_RE.search(rest)
+            tm = TIME_MS_RE.search(rest)
             eval_ms = _to_float(et.group(1)) if et else (_to_float(el.group(1)) * 1000.0 if el else None)
+            if eval_ms is None and tm:
+                eval_ms = _to_float(tm.group(1))
             out.scores.append(
                 ScoreLine(tag, _to_float(m.group(2)), _to_float(m.group(3)), eval_ms, lineno, rest.strip())
             )
@@ -406,9 +416,11 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
                 out.compile_warmup_source = m.group("src")
             if m := COMPILE_WARMUP_RE.search(line):
                 out.compile_warmup_s = _to_float(m.group(1))
+            if PROGRESS_RE.search(line):
+                seen_step = True  # progress lines of any format end the configuration preamble
             if not seen_step and not _looks_like_source(line):
                 _parse_inline_echo(line, out.echo)
-        if NOTABLE_RE.search(line) and len(out.notable) < 50:
+        if NOTABLE_RE.search(line) and len(out.notable) < 50 and not _looks_like_source(line):
             out.notable.append((lineno, line[:200]))
         if m := TRAIN_SHARDS_RE.search(line):
             out.train_shards = int(m.group(1))

@@ -14,7 +14,7 @@ EXPECTED = {
     "2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT": (
         "10min_16mb",
         "fail",
-        {"TRAIN_DATA_AFTER_CAP", "HPARAMS_DIFFER", "CODE_SIZE_DIFFERS_ACROSS_SEEDS", "JSON_VAL_BPB_ROUNDED"},
+        {"TRAIN_DATA_AFTER_CAP", "HPARAMS_KEYS_DIFFER", "CODE_SIZE_DIFFERS_ACROSS_SEEDS", "SEED_BPB_ROUNDED"},
     ),
     "2026-04-15_Mamba3Hybrid_SP8192_GPTQ_TTT": (
         "non_record_16mb",

@@ -71,23 +71,32 @@ class Context:
 
     @property
     def scored_runs(self) -> list[SeedRun]:
-        return [r for r in self.runs if r.log.score is not None]
+        """Logs with a score; the top-level ones when there are any (logs in subfolders are supplementary)."""
+        scored = [r for r in self.runs if r.log.score is not None]
+        top = [r for r in scored if "/" not in r.rel]
+        return top or scored
+
+    def seed_runs(self) -> dict[int, SeedRun]:
+        """One scored log per seed; with two logs for a seed, the one named for it, else the last."""
+        chosen: dict[int, SeedRun] = {}
+        for r in self.scored_runs:
+            if r.seed is None:
+                continue
+            if r.seed not in chosen or r.seed_from_name == r.seed or chosen[r.seed].seed_from_name != r.seed:
+                chosen[r.seed] = r
+        return chosen
 
     def seed_scores(self) -> dict[int, float]:
-        """Per seed, the score of record (the last log wins when a seed has two)."""
-        out: dict[int, float] = {}
-        for r in self.scored_runs:
-            if r.seed is not None and r.log.score is not None:
-                out[r.seed] = r.log.score.val_bpb
-        return out
+        """Per seed, the score of record."""
+        return {s: r.log.score.val_bpb for s, r in self.seed_runs().items() if r.log.score is not None}
 
     def mean_score(self) -> float | None:
-        scores = [r.log.score.val_bpb for r in self.scored_runs if r.log.score is not None]
-        if not scores:
-            return None
+        """Mean score over seeds (over all scored logs when no seed is known)."""
         by_seed = self.seed_scores()
-        values = list(by_seed.values()) if len(by_seed) == len(scores) else scores
-        return statistics.fmean(values)
+        if by_seed:
+            return statistics.fmean(by_seed.values())
+        scores = [r.log.score.val_bpb for r in self.scored_runs if r.log.score is not None]
+        return statistics.fmean(scores) if scores else None
 
 
 def _is_log_name(rel: str) -> bool:

@@ -54,9 +54,7 @@ def _one(run: SeedRun, record: bool) -> list[Finding]:
     if "fineweb_val" in train_paths:
         out.append(error("VAL_IN_TRAINING", f"training files include validation shards: {train_paths[:120]}", rel))
     if any("datasets/datasets" in v for v in cfg.values()):
-        out.append(
-            warning("DATA_PATH_DOUBLED", "a data path contains 'datasets/datasets' (non-canonical data prep)", rel)
-        )
+        out.append(note("DATA_PATH_DOUBLED", "a data path holds 'datasets/datasets' (HF CaseOps layout)", rel))
     frac = cfg.get("val_doc_fraction")
     try:
         partial = frac is not None and float(frac) < 1.0

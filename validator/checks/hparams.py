@@ -2,33 +2,50 @@
 
 from __future__ import annotations
 
-from validator.checks.context import Context
-from validator.findings import Finding, error, note
+from validator.checks.context import Context, SeedRun
+from validator.findings import Finding, error, note, warning
 
 MAX_LISTED = 8
 
 
+def _listed(items: list[str]) -> str:
+    return "; ".join(i[:80] for i in items[:MAX_LISTED]) + (" ..." if len(items) > MAX_LISTED else "")
+
+
+def _comparable(run: SeedRun, blocks_only: bool) -> dict[str, str]:
+    """The settings to compare: the Hyperparameters block when every log has one, paths by their last component
+    (per-run output and data roots differ by design; the file or dataset named must not)."""
+    cfg = run.log.config
+    if blocks_only:
+        cfg = {k: v for k, v in cfg.items() if k in run.log.hparams}
+    return {k: v.rstrip("/").rsplit("/", 1)[-1] if "/" in v else v for k, v in cfg.items()}
+
+
 def check(ctx: Context) -> list[Finding]:
-    runs = [r for r in ctx.scored_runs if r.log.config]
-    silent = [r.rel for r in ctx.scored_runs if not r.log.config]
+    candidates = list(ctx.seed_runs().values()) or ctx.scored_runs
+    runs = [r for r in candidates if r.log.config]
+    silent = [r.rel for r in candidates if not r.log.config]
     out: list[Finding] = []
     if silent and runs:
         out.append(note("HPARAMS_NOT_ECHOED", f"no hyperparameter echo in {', '.join(silent)}"))
     if len(runs) < 2:
         return out
+    blocks_only = all(r.log.hparams for r in runs)
     ref = runs[0]
     for other in runs[1:]:
-        a, b = ref.log.config, other.log.config
-        diffs = []
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                diffs.append(f"{key}: {a.get(key, '(absent)')!s} vs {b.get(key, '(absent)')!s}")
-        if diffs:
-            listed = "; ".join(d[:80] for d in diffs[:MAX_LISTED]) + (" ..." if len(diffs) > MAX_LISTED else "")
+        a, b = (_comparable(r, blocks_only) for r in (ref, other))
+        changed = [k for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+        one_sided = sorted(set(a) ^ set(b))
+        if changed:
+            listed = _listed([f"{k}: {a[k]} vs {b[k]}" for k in changed])
+            sev = error if ctx.is_record else warning
+            out.append(sev("HPARAMS_DIFFER", f"{other.rel} ran other settings than {ref.rel}: {listed}", other.rel))
+        if one_sided:
+            listed = _listed([f"{k}: {a.get(k, '(absent)')} vs {b.get(k, '(absent)')}" for k in one_sided])
             out.append(
-                error(
-                    "HPARAMS_DIFFER",
-                    f"{other.rel} differs from {ref.rel} in {len(diffs)} setting(s): {listed}",
+                warning(
+                    "HPARAMS_KEYS_DIFFER",
+                    f"{other.rel} and {ref.rel} echo different settings (different script versions?): {listed}",
                     other.rel,
                 )
             )

@@ -16,7 +16,7 @@ BANNED = (
     ("SLOT_ENABLED", re.compile(r"(^|_)slot(_|$)"), "SLOT deltas optimised on scored targets (#1240)"),
     ("PREQUANT_TTT_ENABLED", re.compile(r"pre_?quant.*ttt|ttt.*pre_?quant"), "train-then-score TTT on val (#1376)"),
     ("ETLB_ENABLED", re.compile(r"(^|_)etlb(_|$)"), "eval-time logit bias fitted on val (#1399)"),
-    ("NGRAM_CACHE_ENABLED", re.compile(r"ngram|n_gram"), "hashed n-gram cache blended at eval (#779 ruling)"),
+    ("NGRAM_CACHE_ENABLED", re.compile(r"(ngram|n_gram)(?!_tilt)"), "hashed n-gram cache at eval (#779)"),
     ("TWO_PASS_ENABLED", re.compile(r"two_pass|rescor"), "two-pass re-scoring (#869)"),
     (
         "BYTE_MIXTURE_ENABLED",
@@ -44,6 +44,16 @@ def check(ctx: Context) -> list[Finding]:
                 if pattern.search(k) and _enabled(k, value) and (code, run.rel) not in seen:
                     seen.add((code, run.rel))
                     out.append(error(code, f"{key}={value} in the run's echo: {why}", run.rel))
+            if "ngram_tilt" in k and _enabled(k, value) and ("NGRAM_TILT_ENABLED", run.rel) not in seen:
+                seen.add(("NGRAM_TILT_ENABLED", run.rel))
+                out.append(
+                    warning(
+                        "NGRAM_TILT_ENABLED",
+                        f"{key}={value}: an n-gram tilt is legal only with experts gated on the prefix, never the "
+                        "target (#1514 accepted; #1420/#1967 flagged): confirm with the source audit",
+                        run.rel,
+                    )
+                )
         tricks = [(n, text) for n, text in run.log.notable if "optimal_t" in text.lower()]
         for n, text in tricks[:1]:
             out.append(warning("TEMPERATURE_FIT_ON_VAL", f"temperature chosen at eval: {text[:100]}", run.rel, n))

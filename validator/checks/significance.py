@@ -21,6 +21,8 @@ def check(ctx: Context) -> list[Finding]:
     previous = choose_previous(rows, date, ctx.folder.name, ctx.options.previous)
     if previous is None:
         return [note("SIGNIFICANCE_NO_PREVIOUS", f"no frontier row before {date}; pass --previous to compare")]
+    if ctx.submission is not None and ctx.submission.raw.get("submission_type") == "record_support":
+        return [note("SIGNIFICANCE_NOT_CLAIMED", "submission_type record_support: supports an earlier record")]
     runs = ctx.scored_runs
     losses = [r.log.score.val_loss for r in runs if r.log.score]
     bpbs = [r.log.score.val_bpb for r in runs if r.log.score]
@@ -35,7 +37,9 @@ def check(ctx: Context) -> list[Finding]:
         f"{result.test} p={fmt(result.p_practice)}; "
         f"README rule (margin {result.margin_bpb:.5f} bpb) p={fmt(result.p_readme)}"
     )
-    if result.delta_bpb <= 0:
+    if result.p_practice is None:
+        out.append(warning("SIGNIFICANCE_UNTESTED", f"{len(scores)} seed(s): no t-test possible; {summary}"))
+    elif result.delta_bpb <= 0:
         out.append(error("NOT_A_RECORD", f"no improvement on the frontier: {summary}"))
     elif not result.passes_practice:
         out.append(error("SIGNIFICANCE_PRACTICE_FAIL", f"p >= {PRACTICE_P} (maintainers' cutoff): {summary}"))
