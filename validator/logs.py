@@ -57,6 +57,17 @@ HPARAM_BLOCK_START = re.compile(r"^Hyperparameters:\s*$")
 HPARAM_BLOCK_LINE = re.compile(r"^\s{2,}([A-Za-z_][\w.]*):\s?(.*)$")
 INLINE_TOKEN = re.compile(r"^\(?([A-Za-z_][\w.]*)[:=](.*?)\)?,?$")
 NOTABLE_RE = re.compile(r"optimal_T|(?<![a-z])slot(?![a-z])|prequant|pre_quant_ttt|ngram|two_pass|rescor|etlb", re.I)
+PROGRESS_PREFIXES = (
+    "tttg:",
+    "ttp:",
+    "ttpp:",
+    "ttpr:",
+    "  ttt_chunk",
+    "ttt_progress",
+    "warmup_step:",
+    "loop_warmup_step",
+)
+NOTABLE_WORDS = ("optimal_t", "slot", "prequant", "pre_quant", "ngram", "two_pass", "rescor", "etlb")
 PROGRESS_RE = re.compile(r"(?:^|[\s_])loss[:=\s]|^step|^\d+/\d+|\bstep:\s?\d")
 SOURCE_RULE_RE = re.compile(r"^={20,}\s*$")
 RESULT_JSON_PREFIX = "result_json "
@@ -316,6 +327,8 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
                     out.seed, out.seed_line = int(m.group(2).strip()), lineno
                 continue
             in_block = False
+        if line.startswith(PROGRESS_PREFIXES):
+            continue  # TTT / eval progress lines: many, and never a fact the checks use
         if line.startswith(RESULT_JSON_PREFIX):
             try:
                 data = json.loads(line[len(RESULT_JSON_PREFIX) :])
@@ -412,21 +425,24 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
             if out.seed is None:
                 out.seed, out.seed_line = int(line[5:].strip()), lineno
         else:
-            if m := COMPILE_WARMUP_SRC_RE.search(line):
-                out.compile_warmup_source = m.group("src")
-            if m := COMPILE_WARMUP_RE.search(line):
-                out.compile_warmup_s = _to_float(m.group(1))
+            if "compile" in line:
+                if m := COMPILE_WARMUP_SRC_RE.search(line):
+                    out.compile_warmup_source = m.group("src")
+                if m := COMPILE_WARMUP_RE.search(line):
+                    out.compile_warmup_s = _to_float(m.group(1))
             if PROGRESS_RE.search(line):
                 seen_step = True  # progress lines of any format end the configuration preamble
             if not seen_step and not _looks_like_source(line):
                 _parse_inline_echo(line, out.echo)
-        if NOTABLE_RE.search(line) and len(out.notable) < 50 and not _looks_like_source(line):
-            out.notable.append((lineno, line[:200]))
-        if m := TRAIN_SHARDS_RE.search(line):
+        low = line.lower()
+        if any(w in low for w in NOTABLE_WORDS) and NOTABLE_RE.search(line) and len(out.notable) < 50:
+            if not _looks_like_source(line):
+                out.notable.append((lineno, line[:200]))
+        if "train_shards" in line and (m := TRAIN_SHARDS_RE.search(line)):
             out.train_shards = int(m.group(1))
-        if m := VAL_TOKENS_RE.search(line):
+        if "tokens" in line and (m := VAL_TOKENS_RE.search(line)):
             out.val_tokens = int(m.group(1))
-        if m := TOKENIZER_RE.search(line):
+        if "tokenizer_path" in line and (m := TOKENIZER_RE.search(line)):
             out.tokenizer_path = m.group(1)
     if out.tokenizer_path is None and "tokenizer_path" in out.hparams:
         out.tokenizer_path = out.hparams["tokenizer_path"]

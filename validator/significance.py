@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from scipy import stats
-
 NATS_MARGIN = 0.005
 README_P = 0.01
 PRACTICE_P = 0.25
@@ -109,6 +107,8 @@ def one_sided_p(new: list[float], previous: list[float], shift: float = 0.0) -> 
     """p for H1: mean(new) < mean(previous) - shift. Welch when both have 2+ values, one-sample when previous has 1."""
     if len(new) < 2:
         return None, "none (fewer than 2 seeds)"
+    from scipy import stats  # imported here: it takes most of a second and most checks never need it
+
     if len(previous) >= 2:
         res = stats.ttest_ind(new, [p - shift for p in previous], equal_var=False, alternative="less")
         test = "one-sided Welch t-test"

@@ -58,8 +58,7 @@ def check_folder(path: Path, options: CheckOptions, plots: Path | None = None, t
     ctx = load_context(path, options)
     report = build_report(ctx, run_checks(ctx), target=target)
     if plots is not None:
-        outdir = plots / ctx.folder.name if plots else plots
-        report.plots = [str(p) for p in write_loss_plots(ctx, outdir)]
+        report.plots = [str(p) for p in write_loss_plots(ctx, plots / ctx.folder.name)]
     return report
 
 
