@@ -79,6 +79,8 @@ def _train(run: SeedRun, record: bool, over) -> list[Finding]:
         data_ms = t + log.hessian_s * 1000.0
         if data_ms > TRAIN_LIMIT_MS:
             reserve = f"; GPTQ reserve {log.gptq_reserve_s:g} s" if log.gptq_reserve_s is not None else ""
+            if log.gptq_effective_ms is not None:
+                reserve += f" (effective cap {log.gptq_effective_ms:,.0f} ms)"
             out.append(
                 over(
                     "TRAIN_DATA_AFTER_CAP",
