@@ -65,3 +65,11 @@ def test_strict_schema_problems_listed():
         "variant": "v",
     }
     assert strict_problems(good) == []
+
+
+def test_ssm_golf_folders_are_held_to_the_strict_schema():
+    data = {"author": "a", "github_id": "a", "name": "n", "blurb": "b", "date": "2026-05-01", "variant": "v"}
+    assert "JSON_STRICT_SCHEMA" not in codes(read_submission(json.dumps(data))[1])
+    data["seeds"] = [1]
+    data["seed_results"] = {"2": {}}
+    assert "JSON_STRICT_SCHEMA" in codes(read_submission(json.dumps(data))[1])
