@@ -46,6 +46,8 @@ def test_2_virtual_wrapper_code_count(make_submission):
     assert "CODE_BYTES_VIRTUAL_WRAPPER" in codes(report, Severity.WARNING)
     assert "SIZE_OVER_CAP" not in codes(report)
     assert report.figures["size"]["seed 42"]["totals"]["raw"] > 16_000_000
+    summary = next(f.message for f in report.findings if f.code == "SIZE_CONVENTIONS")
+    assert summary.endswith("under the cap with: wrapped")
 
 
 def test_3_bpb_denominator_bug(make_submission):

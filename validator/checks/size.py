@@ -77,6 +77,22 @@ def check(ctx: Context) -> list[Finding]:
             )
     if table:
         ctx.figures["size"] = table
+        conventions = ("raw", "wrapped", "with_modules")
+        passing = [
+            c for c in conventions if all(c in r["totals"] and r["totals"][c] <= CAP_BYTES for r in table.values())
+        ]
+        worst = {
+            c: max(r["totals"][c] for r in table.values() if c in r["totals"])
+            for c in conventions
+            if any(c in r["totals"] for r in table.values())
+        }
+        figures = ", ".join(f"{c} {worst[c]:,}" for c in worst)
+        out.append(
+            note(
+                "SIZE_CONVENTIONS",
+                f"largest total per code convention: {figures}; under the cap with: {', '.join(passing) or 'none'}",
+            )
+        )
     for problem in getattr(cb, "problems", None) or []:
         out.append(note("CODE_BYTES_PROBLEM", str(problem), ctx.script))
     if cb is not None and getattr(cb, "local_modules", None):
