@@ -188,3 +188,9 @@ def make_submission(tmp_path: Path) -> Callable[..., Path]:
         return write_submission(tmp_path / f"case{next(counter)}", **kwargs)
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _private_code_bytes_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """validator.source caches wrapped sizes on disk; tests keep theirs out of the user's ~/.cache."""
+    monkeypatch.setenv("SSM_GOLF_CACHE", str(tmp_path_factory.mktemp("codebytes-cache")))
