@@ -48,6 +48,11 @@ FO_CONFIGS = [
     {"BT": 16, "BD": 256, "num_warps": 4},
     {"BT": 64, "BD": 32, "num_warps": 2},
 ]
+LTC_CONFIGS = [  # first = the default of the Toeplitz LTI path (per-head decays)
+    {"BT": 64, "BP": 32, "num_warps": 8},
+    {"BT": 32, "BP": 64, "num_warps": 4},
+    {"BT": 64, "BP": 64, "num_warps": 8},
+]
 SEL_CONFIGS = [  # first = the default of templates/scan/selective.py at N = 16
     {"BT": 16, "BD": 8, "num_warps": 4, "SHIFT_MODE": 1},
     {"BT": 16, "BD": 8, "num_warps": 4, "SHIFT_MODE": 0},
@@ -109,6 +114,12 @@ def first_order_case(device, config=None) -> dict:
         "bytes_min": 3 * elems * BF16,
         "bytes_min_fwd_bwd": 8 * elems * BF16,
     }
+
+
+def lti_toeplitz_case(device, config=None) -> dict:
+    case = lti_case(device, {"method": "toeplitz", **(config or {})})
+    case["name"] = f"ours lti_scan toeplitz ({HEADS} head decays)"
+    return case
 
 
 def lti_case(device, config=None) -> dict:
@@ -234,6 +245,7 @@ def recurrence_cases(device, configs: dict | None = None) -> list[dict]:
     cases = [
         first_order_case(device, configs.get("first_order")),
         lti_case(device, configs.get("lti")),
+        lti_toeplitz_case(device, configs.get("lti_toeplitz")),
         selective_case(device, configs.get("selective")),
     ]
     return cases + reference_cases(device) + anchor_cases(device)
@@ -300,6 +312,7 @@ def sweep(device) -> dict:
     for op, make, candidates in (
         ("first_order", first_order_case, FO_CONFIGS),
         ("lti", lti_case, FO_CONFIGS),
+        ("lti_toeplitz", lti_toeplitz_case, LTC_CONFIGS),
         ("selective", selective_case, SEL_CONFIGS),
     ):
         timings = []
@@ -384,6 +397,16 @@ def check(device, small: bool = False) -> bool:
                 [(Bsz, T, D), (Bsz, D)],
             )
             report(f"lti {dtype} {cfg}", errs, tol)
+        width = 32 if small else 256  # 4 heads of 64 channels (the Toeplitz path needs heads of >= 16)
+        log_a = -torch.rand(4, device=device) * 0.3
+        for cfg in LTC_CONFIGS if dtype == torch.bfloat16 else LTC_CONFIGS[:1]:
+            errs = _compare(
+                lambda x, la, h0, cfg=cfg: lti_scan(x, la, h0, True, config={"method": "toeplitz", **cfg}),
+                lambda x, la, h0: lti_scan_ref(x, la, h0, True),
+                [b[..., :width], log_a, h0[:, :width]],
+                [(Bsz, T, width), (Bsz, width)],
+            )
+            report(f"lti toeplitz {dtype} {cfg}", errs, tol)
         parts = [(torch.rand(Bsz, T, D, device=device) * 0.9).to(dtype) for _ in range(2)]
         parts += [torch.randn(Bsz, T, D, device=device).to(dtype) for _ in range(2)]
         parts += [torch.randn(Bsz, D, device=device), torch.randn(Bsz, D, device=device)]

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from templates.scan.lti_chunked import _LtcFn, lti_toeplitz_block  # noqa: F401 (re-exported)
+
 
 @triton.jit
 def _fo_combine(a1, b1, a2, b2):
@@ -492,7 +494,9 @@ def lti_scan(
     config: dict | None = None,
 ):
     """Linear time-invariant scan h_t = exp(log_a) * h_{t-1} + x_t; x (B, T, D), log_a (D,) or (H,) per head
-    (see `_fo_expand_decay`), h0 (B, D). Reads the decay once per program: the bytes of a copy."""
+    (see `_fo_expand_decay`), h0 (B, D). Reads the decay once per program: the bytes of a copy.
+    config={"method": "toeplitz"} runs per-head decays as chunked Toeplitz matrix products on tensor cores
+    (templates/scan/lti_chunked.py); per-channel decays and narrow heads keep the scan."""
     if x.dim() != 3:
         raise ValueError(f"lti_scan: x must be (B, T, D), got shape {tuple(x.shape)}")
     if h0 is not None:
@@ -500,5 +504,13 @@ def lti_scan(
     if not _fo_use_triton(x):
         return lti_scan_ref(x, log_a, h0, return_final_state)
     a_vec = torch.exp(_fo_expand_decay(log_a, x.shape[2])).contiguous()
-    h, fin = _FoLtiFn.apply(x, a_vec, h0, _fo_config(x.shape[2], config))
+    cfg = _fo_config(x.shape[2], config)
+    block = lti_toeplitz_block(x.shape[2], log_a.shape[0])
+    if cfg.get("method", "scan") == "toeplitz" and block:
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 8, **(config or {})}
+        cfg["BP"] = min(cfg["BP"], block)  # a program must stay inside one head
+        h, fin = _LtcFn.apply(x, a_vec, h0, cfg)
+    else:
+        h, fin = _FoLtiFn.apply(x, a_vec, h0, cfg)
     return (h, fin) if return_final_state else h

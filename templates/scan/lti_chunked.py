@@ -1,0 +1,162 @@
+"""LTI scan h_t = a * h_{t-1} + x_t with one constant decay per head, on tensor cores: the Toeplitz form.
+
+Inside a chunk of BT steps, y = L x + a^(i+1) h_prev with L[i, j] = a^(i-j) for i >= j, one BT x BT matrix shared
+by every channel of the head, so the recurrence becomes a small matrix product per chunk and only the carry h
+crosses chunks. The backward is the same with L transposed, walking the chunks in reverse; it also gives
+d a = sum_t lambda_t h_{t-1} per channel and d h_0 = a lambda_1. bf16 inputs multiply by L split into two bf16
+halves (hi + lo), keeping about 16 bits of L; fp32 inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
+Chosen through `lti_scan(..., config={"method": "toeplitz"})` in templates/scan/first_order.py.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ltc_dot(m, x, x_lp, SPLIT: tl.constexpr):
+    if SPLIT:
+        m_hi = m.to(tl.bfloat16)
+        m_lo = (m - m_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(m_hi, x_lp, out_dtype=tl.float32)
+        acc = tl.dot(m_lo, x_lp, acc=acc, out_dtype=tl.float32)
+    else:
+        acc = tl.dot(m, x, input_precision="tf32x3", out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _ltc_kernel(
+    x_ptr,
+    a_ptr,
+    c0_ptr,
+    out_ptr,
+    fin_ptr,
+    hp_ptr,
+    h0_ptr,
+    da_ptr,
+    T,
+    D,
+    REVERSE: tl.constexpr,
+    HAS_C0: tl.constexpr,
+    STORE_FIN: tl.constexpr,
+    HAS_DA: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+):
+    """Forward: out = h, fin = h_T. REVERSE: x = dL/dh, c0 = dL/dh_T, out = lambda, fin = dL/dh_0, and with
+    HAS_DA, da[b, d] = sum_t lambda_t h_{t-1} (hp = forward h, h0 = forward h_0)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, BT)
+    cols = pid_d * BP + tl.arange(0, BP)
+    mask_d = cols < D
+    base = pid_b * T * D
+    l2a = tl.log2(tl.load(a_ptr + pid_d * BP).to(tl.float32))
+    diff = rows[:, None] - rows[None, :]
+    if REVERSE:
+        diff = -diff
+    mat = tl.where(diff >= 0, tl.math.exp2(tl.maximum(diff, 0).to(tl.float32) * l2a), 0.0)
+    if HAS_C0:
+        carry = tl.load(c0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BP], dtype=tl.float32)
+    if HAS_DA:
+        da_acc = tl.zeros([BP], dtype=tl.float32)
+        if HAS_H0:
+            h0v = tl.load(h0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    n_chunks = tl.cdiv(T, BT)
+    for kk in range(0, n_chunks):
+        if REVERSE:
+            k = n_chunks - 1 - kk
+        else:
+            k = kk
+        t0 = k * BT
+        t = t0 + rows
+        mask_t = t < T
+        m2 = mask_t[:, None] & mask_d[None, :]
+        off = base + t.to(tl.int64)[:, None] * D + cols[None, :]
+        x_lp = tl.load(x_ptr + off, mask=m2, other=0.0)
+        x = x_lp.to(tl.float32)
+        if REVERSE:
+            # the carry is lambda at row `end` (the later chunk's first row), or dL/dh_T entering at row T - 1
+            end = tl.minimum(t0 + BT, T)
+            power = tl.maximum(end - t - tl.where(end == T, 1, 0), 0)
+        else:
+            power = rows + 1
+        decay = tl.math.exp2(power.to(tl.float32) * l2a)
+        h = _ltc_dot(mat, x, x_lp, SPLIT) + decay[:, None] * carry[None, :]
+        tl.store(out_ptr + off, h.to(out_ptr.dtype.element_ty), mask=m2)
+        if REVERSE:
+            pick = 0
+        else:
+            pick = tl.minimum(T - t0, BT) - 1
+        carry = tl.sum(tl.where(rows[:, None] == pick, h, 0.0), axis=0)
+        if HAS_DA:
+            hp = tl.load(hp_ptr + off - D, mask=m2 & (t >= 1)[:, None], other=0.0).to(tl.float32)
+            if HAS_H0:
+                hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
+            da_acc += tl.sum(tl.where(m2, h * hp, 0.0), axis=0)
+    if HAS_DA:
+        tl.store(da_ptr + pid_b * D + cols, da_acc, mask=mask_d)
+    if STORE_FIN:
+        if REVERSE:
+            carry = carry * tl.math.exp2(l2a)
+        tl.store(fin_ptr + pid_b * D + cols, carry, mask=mask_d)
+
+
+def lti_toeplitz_block(D: int, n_heads: int) -> int:
+    """Channels per program: a power of two dividing the head width (at least 16 on the GPU, for tl.dot); 0 when
+    the Toeplitz form does not apply (per-channel decays, narrow heads)."""
+    width = D // n_heads
+    block = 1
+    while block * 2 <= min(width, 64) and width % (block * 2) == 0:
+        block *= 2
+    min_block = 1 if os.environ.get("TRITON_INTERPRET") == "1" else 16
+    return block if block >= min_block and n_heads < D else 0
+
+
+def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
+    B, T, D = x.shape
+    out = torch.empty((B, T, D), device=x.device, dtype=x.dtype)
+    fin = torch.empty((B, D), device=x.device, dtype=torch.float32) if want_fin else out
+    da = torch.empty((B, D), device=x.device, dtype=torch.float32) if hp is not None else None
+    split = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
+    grid = (B, triton.cdiv(D, cfg["BP"]))
+    _ltc_kernel[grid](
+        x, a_vec, c0 if c0 is not None else x, out, fin,
+        hp if hp is not None else x, h0 if h0 is not None else x, da if da is not None else x,
+        T, D,
+        REVERSE=reverse, HAS_C0=c0 is not None, STORE_FIN=want_fin, HAS_DA=hp is not None,
+        HAS_H0=h0 is not None, SPLIT=split, BT=cfg["BT"], BP=cfg["BP"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out, (fin if want_fin else None), da
+
+
+class _LtcFn(torch.autograd.Function):
+    """x (B, T, D), a_vec (D,) constant within each block of BP channels, h0 (B, D) or None."""
+
+    @staticmethod
+    def forward(ctx, x, a_vec, h0, cfg):
+        x = x.contiguous()
+        h0c = h0.float().contiguous() if h0 is not None else None
+        h, fin, _ = _ltc_launch(x, a_vec, h0c, False, cfg, True)
+        ctx.save_for_backward(a_vec, h, h0c)
+        ctx.cfg, ctx.has_h0 = cfg, h0 is not None
+        ctx.h0_dtype = h0.dtype if h0 is not None else None
+        return h, fin
+
+    @staticmethod
+    def backward(ctx, dh, dfin):
+        a_vec, h, h0c = ctx.saved_tensors
+        dh = torch.zeros_like(h) if dh is None else dh.contiguous()
+        dfin = dfin.float().contiguous() if dfin is not None else None
+        need_a = ctx.needs_input_grad[1]
+        dx, dh0, da = _ltc_launch(
+            dh, a_vec, dfin, True, ctx.cfg, ctx.has_h0, hp=h if need_a else None, h0=h0c if need_a else None
+        )
+        return dx, (da.sum(0) if da is not None else None), (dh0.to(ctx.h0_dtype) if dh0 is not None else None), None
