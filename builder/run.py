@@ -1,16 +1,25 @@
-"""`builder run`: run a submission's train_gpt.py once per seed and keep each seed's log in the folder."""
+"""`builder run`: run a submission's train_gpt.py once per seed in the sandbox and keep each seed's log in the folder.
+
+Each seed runs in its own copy of the folder (`--workdir/<folder>/seed<SEED>`) through validator.sandbox: locally
+(own process group, scrubbed environment, no network where the platform allows, audit hook, wall-clock limits with a
+hard kill) or in the ssm-golf container (`--backend docker`). Several processes per node go through torchrun;
+several nodes through torchrun's own rendezvous options (`--nnodes --node-rank --rdzv-endpoint ...`), run once on
+every node with the same rendezvous and the node's own rank.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from builder.cli import UserError
 from builder.render import write_atomic
+from validator.findings import Finding, Severity
+from validator.sandbox import Launch, Limits, SandboxError, SandboxRequest, SandboxResult, run_sandboxed
+from validator.sandbox.audit import audit_findings
+from validator.sandbox.verdict import run_findings
 
 
 def check_inputs(submission: Path, data: Path, tokenizer: Path) -> None:
@@ -24,13 +33,6 @@ def check_inputs(submission: Path, data: Path, tokenizer: Path) -> None:
         raise UserError(f"{tokenizer}: tokenizer model not found; pass the .model file that made the shards")
 
 
-def launch_command(nproc: int, script: str = "train_gpt.py") -> list[str]:
-    """python for one process, torchrun (as a module of the same interpreter) for several."""
-    if nproc == 1:
-        return [sys.executable, script]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-
-
 def parse_env(pairs: list[str]) -> dict[str, str]:
     env = {}
     for pair in pairs:
@@ -41,33 +43,73 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def run_seed(
-    submission: Path, seed: int, data: Path, tokenizer: Path, nproc: int, workdir: Path, extra_env: dict[str, str]
-) -> Path:
-    """Run one seed in a fresh copy of the script; returns the log copied into the submission folder."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    shutil.copy2(submission / "train_gpt.py", workdir / "train_gpt.py")
+def launch_from_args(args: argparse.Namespace) -> Launch:
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT, the same on every node")
+    return Launch(
+        nproc=args.nproc,
+        launcher=args.launcher,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_backend=args.rdzv_backend,
+        rdzv_id=args.rdzv_id,
+    )
+
+
+def _report(seed: int, findings: list[Finding]) -> None:
+    for f in findings:
+        print(f"== seed {seed}: {f.severity.value} {f.code}: {f.message}", file=sys.stderr, flush=True)
+
+
+def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> Path:
+    """Run one seed in a fresh copy of the folder; returns the log copied into the submission folder."""
+    submission: Path = args.submission
+    workdir = args.workdir / submission.resolve().name / f"seed{seed}"
+    session = workdir.with_name(f"seed{seed}.sandbox")  # hook, audit log, home and temp of the run
+    for old in (workdir, session):
+        if old.exists():
+            shutil.rmtree(old)
     run_id = f"train_seed{seed}"
-    env = dict(os.environ)
-    env.update(DATA_PATH=str(data.resolve()), TOKENIZER_PATH=str(tokenizer.resolve()), SEED=str(seed), RUN_ID=run_id)
-    env.update(extra_env)
-    env["PYTHONUNBUFFERED"] = "1"
-    print(f"== seed {seed}: {' '.join(launch_command(nproc))} (in {workdir})", flush=True)
-    proc = subprocess.run(launch_command(nproc), cwd=workdir, env=env, check=False)
-    log = workdir / "logs" / f"{run_id}.txt"
-    if proc.returncode != 0:
+    limits = Limits(args.train_limit, args.eval_limit, args.setup_allowance, args.grace)
+    request = SandboxRequest(
+        submission=submission,
+        session_dir=session,
+        work_dir=workdir,
+        env={**extra_env, "SEED": str(seed), "RUN_ID": run_id},
+        data_dir=args.data,
+        tokenizer=args.tokenizer,
+        backend=args.backend,
+        launch=launch_from_args(args),
+        limits=limits,
+        gpus={"auto": None, "yes": True, "no": False}[args.gpus],
+        image=args.image,
+        echo=True,
+    )
+    print(f"== seed {seed}: {args.backend} sandbox, work dir {workdir}", flush=True)
+    try:
+        result: SandboxResult = run_sandboxed(request)
+    except SandboxError as exc:
+        raise UserError(str(exc)) from exc
+    where = f"seed {seed}"
+    findings = run_findings(result, limits, ("train", "eval"), where) + audit_findings(result.audit_events, where)
+    _report(seed, findings)
+    log = result.work_dir / "logs" / f"{run_id}.txt"
+    if result.killed or result.returncode != 0:
         kept = ""
         if log.is_file():
             failed = submission / f"{run_id}.failed.log"
             write_atomic(failed, log.read_bytes())
             kept = f"; its log is in {failed}"
-        raise UserError(f"seed {seed}: train_gpt.py exited with status {proc.returncode}{kept}")
+        why = f"was killed: {result.killed}" if result.killed else f"exited with status {result.returncode}"
+        raise UserError(f"seed {seed}: train_gpt.py {why}{kept}")
     if not log.is_file():
         raise UserError(f"seed {seed}: the run wrote no {log}; is this an ssm-golf or upstream-style script?")
     target = submission / f"{run_id}.log"
     write_atomic(target, log.read_bytes())
+    errors = [f for f in findings if f.severity == Severity.ERROR]
+    if errors:
+        print(f"== seed {seed}: {len(errors)} sandbox finding(s) of severity error: validator rerun will fail it")
     return target
 
 
@@ -79,16 +121,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node; must divide 8")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
     parser.add_argument("--workdir", type=Path, default=Path("runs"), help="where each seed runs (default ./runs)")
+    sandbox = parser.add_argument_group("sandbox (validator.sandbox; the same limits as validator rerun)")
+    sandbox.add_argument("--backend", choices=("local", "docker"), default="local")
+    sandbox.add_argument("--image", default="ssm-golf:latest", help="the image of --backend docker")
+    sandbox.add_argument("--gpus", choices=("auto", "yes", "no"), default="auto")
+    sandbox.add_argument("--launcher", choices=("auto", "torchrun", "python"), default="auto")
+    sandbox.add_argument("--train-limit", type=float, default=600.0, help="seconds of the train phase (600)")
+    sandbox.add_argument("--eval-limit", type=float, default=600.0, help="seconds of the eval phase (600)")
+    sandbox.add_argument("--setup-allowance", type=float, default=600.0, help="seconds outside the two phases")
+    sandbox.add_argument("--grace", type=float, default=30.0, help="seconds a phase may overrun before the kill")
+    multi = parser.add_argument_group("several nodes: torchrun's rendezvous options, passed through")
+    multi.add_argument("--nnodes", type=int, default=1, help="torchrun --nnodes")
+    multi.add_argument("--node-rank", type=int, default=0, help="torchrun --node-rank (this node's)")
+    multi.add_argument("--rdzv-endpoint", help="torchrun --rdzv-endpoint HOST:PORT, the same on every node")
+    multi.add_argument("--rdzv-backend", default="c10d", help="torchrun --rdzv-backend")
+    multi.add_argument("--rdzv-id", help="torchrun --rdzv-id, the same on every node")
 
 
 def run(args: argparse.Namespace) -> int:
-    submission = args.submission
-    check_inputs(submission, args.data, args.tokenizer)
+    check_inputs(args.submission, args.data, args.tokenizer)
     if args.nproc < 1 or 8 % args.nproc:
         raise UserError(f"--nproc {args.nproc} must divide 8")
     extra = parse_env(args.env)
     for seed in args.seeds:
-        workdir = args.workdir / submission.resolve().name / f"seed{seed}"
-        log = run_seed(submission, seed, args.data, args.tokenizer, args.nproc, workdir, extra)
+        log = run_seed(args, seed, extra)
         print(f"== seed {seed}: log {log}", flush=True)
     return 0

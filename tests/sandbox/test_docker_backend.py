@@ -72,6 +72,8 @@ def test_multi_node_goes_through_torchrun_rendezvous(tmp_path, sample_paths):
     command = container_spec(request, make_session(request), gpus=True)["command"]
     assert "--standalone" not in command
     assert {"--nnodes=2", "--node-rank=1", "--rdzv-endpoint=10.0.0.1:29500", "--rdzv-id=golf"} <= set(command)
+    spec = container_spec(request, make_session(request_for(tmp_path / "d", sample_paths)), gpus=True)
+    assert spec["network_mode"] == "host" and spec["environment"]["SSM_GOLF_AUDIT_BLOCK_NET"] == "0"
     bad = request_for(tmp_path / "c", sample_paths, launch=Launch(nproc=8, nnodes=2))
     with pytest.raises(SandboxError, match="rdzv-endpoint"):
         container_spec(bad, make_session(bad), gpus=True)

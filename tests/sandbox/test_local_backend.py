@@ -144,7 +144,7 @@ def test_bad_requests_fail_with_one_clear_line(tmp_path, sample_paths, make_subm
     (tmp_path / "session" / "old").write_text("x")
     with pytest.raises(SandboxError, match="not empty"):
         run(folder, tmp_path, sample_paths)
-    with pytest.raises(SandboxError, match="inside the submission"):
+    with pytest.raises(SandboxError, match="lies inside the submission"):
         run(folder, folder, sample_paths)
 
 

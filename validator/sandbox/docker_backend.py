@@ -81,7 +81,7 @@ def container_spec(request: SandboxRequest, dirs: SessionDirs, gpus: bool) -> di
         tokenizer_path,
         read_roots,
         [*mine, *SYSTEM_WRITE_ROOTS],
-        block_network=not request.allow_network,
+        block_network=not request.network_allowed,
         base=host_env,
     )
     spec: dict = {
@@ -91,7 +91,7 @@ def container_spec(request: SandboxRequest, dirs: SessionDirs, gpus: bool) -> di
         "working_dir": str(INSIDE.work),
         "environment": env,
         "volumes": volumes,
-        "network_mode": "bridge" if request.allow_network else "none",
+        "network_mode": "host" if request.network_allowed else "none",  # NCCL across nodes needs the host's
         "user": _user(),
         "shm_size": SHM_SIZE,
         "ulimits": [
@@ -173,6 +173,6 @@ def run_docker(request: SandboxRequest, client=None) -> SandboxResult:
         phases=phase_spans(lines),
         audit_events=read_events(dirs.audit_log),
         work_dir=dirs.work,
-        network_isolation="allowed" if request.allow_network else "docker-network-none",
+        network_isolation="allowed" if request.network_allowed else "docker-network-none",
         audit_log=dirs.audit_log,
     )

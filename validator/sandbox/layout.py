@@ -41,16 +41,20 @@ class SessionDirs:
 def make_session(request: SandboxRequest) -> SessionDirs:
     """Create the session folder: copy the submission (links followed) and the inputs, install the audit hook."""
     root = request.session_dir.resolve()
-    if root.exists() and any(root.iterdir()):
-        raise SandboxError(f"{root}: session folder is not empty; give a new or empty folder")
+    work = request.work_dir.resolve() if request.work_dir is not None else root / "work"
+    for folder, what in ((root, "session"), (work, "work")):
+        if folder.exists() and any(folder.iterdir()):
+            raise SandboxError(f"{folder}: {what} folder is not empty; give a new or empty folder")
     submission = request.submission.resolve()
     if not (submission / request.script).is_file():
         raise SandboxError(f"{submission / request.script}: no such script; point at a submission folder")
-    if root == submission or submission in root.parents:
-        raise SandboxError(f"{root}: the session folder lies inside the submission {submission}; put it elsewhere")
-    dirs = SessionDirs(root, root / "work", root / "hook", root / "audit", root / "home", root / "tmp")
+    for folder in (root, work):
+        if folder == submission or submission in folder.parents:
+            raise SandboxError(f"{folder}: lies inside the submission {submission}; put the run elsewhere")
+    dirs = SessionDirs(root, work, root / "hook", root / "audit", root / "home", root / "tmp")
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(submission, dirs.work, symlinks=False, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(submission, dirs.work, symlinks=False, ignore=ignore, dirs_exist_ok=True)
     for name, source in request.inputs.items():
         if not Path(source).is_file():
             raise SandboxError(f"{source}: input file for the sandbox is missing")

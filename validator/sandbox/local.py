@@ -63,7 +63,7 @@ def run_local(request: SandboxRequest) -> SandboxResult:
     python = sys.executable
     command = launch_command(request.launch, request.script, python, wants_torchrun(request.launch, gpus))
     prefix = None
-    if request.allow_network or request.launch.nnodes > 1:
+    if request.network_allowed:
         isolation = "allowed"
     else:
         prefix = unshare_prefix()

@@ -61,6 +61,12 @@ class SandboxRequest:
     extra_read_roots: tuple[Path, ...] = ()
     image: str = "ssm-golf:latest"  # docker backend only
     echo: bool = False  # also print the child's lines as they come
+    work_dir: Path | None = None  # where the work copy goes (new or empty); default: session_dir/work
+
+    @property
+    def network_allowed(self) -> bool:
+        """Multi-node runs need the network for their rendezvous and collectives."""
+        return self.allow_network or self.launch.nnodes > 1
 
 
 @dataclass(frozen=True)
