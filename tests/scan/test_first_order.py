@@ -15,9 +15,11 @@ def fo():
     patch = pytest.MonkeyPatch()
     if DEV == "cpu":
         patch.setenv("TRITON_INTERPRET", "1")
+    helper = importlib.reload(importlib.import_module("templates.scan.lti_chunked"))
     mod = importlib.reload(importlib.import_module("templates.scan.first_order"))
     yield mod
     patch.undo()
+    importlib.reload(helper)
     importlib.reload(mod)
 
 
