@@ -42,8 +42,9 @@ def test_spec_has_no_network_read_only_data_gpus_and_a_user(tmp_path, sample_pat
     assert spec["volumes"][str(dirs.hook)]["mode"] == "ro"
     assert spec["device_requests"] == [{"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}]
     assert spec["user"] and not spec["user"].startswith("0:")
-    assert spec["command"] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8"] + [
-        "train_gpt.py"
+    assert spec["command"] == ["python", "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1"] + [
+        "--nproc-per-node=8",
+        "train_gpt.py",
     ]
     assert spec["working_dir"] == "/sandbox/work" and spec["read_only"] is True
     assert spec["cap_drop"] == ["ALL"] and "no-new-privileges" in spec["security_opt"]

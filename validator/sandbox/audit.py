@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from validator.findings import Finding, error, warning
@@ -31,6 +32,8 @@ ALLOWED_PROGRAMS = frozenset(
         "uname",
     }
 )
+# Versioned or target-prefixed compiler drivers (x86_64-linux-gnu-gcc-13, clang-18) as Triton and Inductor find them.
+COMPILER_RE = re.compile(r"^(?:[\w.]+-)*(?:gcc|g\+\+|cc|c\+\+|clang|clang\+\+)(?:-[\d.]+)?$")
 # Interpreter options that would start Python without the audit hook (isolated, no site, no environment).
 HOOK_DEFEATING_FLAGS = frozenset({"-I", "-S", "-E"})
 
@@ -60,7 +63,7 @@ def spawn_is_allowed(event: dict, allowed: frozenset[str]) -> bool:
     name = os.path.basename(executable)
     if _is_python(executable):
         return not HOOK_DEFEATING_FLAGS.intersection(argv[1:3])
-    return name in allowed
+    return name in allowed or bool(COMPILER_RE.match(name))
 
 
 def audit_findings(

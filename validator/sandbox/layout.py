@@ -78,7 +78,8 @@ def launch_command(launch: Launch, script: str, python: str, use_torchrun: bool)
         return [python, script]
     cmd = [python, "-m", "torch.distributed.run"]
     if launch.nnodes == 1 and launch.rdzv_endpoint is None:
-        cmd.append("--standalone")
+        # one node: the rendezvous and MASTER_ADDR stay on loopback, which a network namespace keeps up
+        cmd += ["--standalone", "--local-addr=127.0.0.1"]
     else:
         if not launch.rdzv_endpoint:
             raise SandboxError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (torchrun's rendezvous)")
