@@ -463,7 +463,7 @@ def main() -> int:
     cfg_file = Path(out, "scan_recurrence_configs.json") if out else None
     if args.profile:
         best = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.exists() else {}
-        for case in recurrence_cases(device, best)[:3]:
+        for case in recurrence_cases(device, best)[:4]:
             for _ in range(2):
                 case["fwd_bwd"]()
             torch.cuda.synchronize()
