@@ -110,8 +110,12 @@ def child_env(
     write_roots: list[str],
     block_network: bool,
     base: dict[str, str] | None = None,
+    keep_pythonpath: bool = False,
 ) -> dict[str, str]:
-    """A scrubbed environment: kept tool paths, the run's own variables, the audit hook's settings."""
+    """A scrubbed environment: kept tool paths, the run's own variables, the audit hook's settings.
+
+    The hook folder comes first on PYTHONPATH; `keep_pythonpath` appends the caller's entries (local backend).
+    """
     source = os.environ if base is None else base
     env = {k: v for k, v in source.items() if k in KEPT_ENV or k.startswith(KEPT_ENV_PREFIXES)}
     env.update(request.env)
@@ -129,7 +133,10 @@ def child_env(
             "SSM_GOLF_AUDIT_BLOCK_NET": "1" if block_network else "0",
         }
     )
-    env["PYTHONPATH"] = str(dirs.hook)
+    paths = [str(dirs.hook)]
+    if keep_pythonpath:  # packages the caller reaches only through PYTHONPATH (a wheel folder on a bare machine)
+        paths += [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["HOME"] = str(dirs.home)
     env["TMPDIR"] = str(dirs.tmp)
     return env

@@ -75,7 +75,9 @@ def run_local(request: SandboxRequest) -> SandboxResult:
     mine = [str(p) for p in (dirs.work, dirs.home, dirs.tmp)]
     extra = [str(Path(p).resolve()) for p in request.extra_read_roots]
     read_roots = [*mine, str(dirs.hook), *SYSTEM_READ_ROOTS, *extra, *(p for p in (data, tokenizer) if p)]
-    env = child_env(request, dirs, data, tokenizer, read_roots, [*mine, *SYSTEM_WRITE_ROOTS], isolation != "allowed")
+    write_roots = [*mine, *SYSTEM_WRITE_ROOTS]
+    blocked = isolation != "allowed"
+    env = child_env(request, dirs, data, tokenizer, read_roots, write_roots, blocked, keep_pythonpath=True)
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
