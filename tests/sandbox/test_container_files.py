@@ -96,3 +96,12 @@ def test_entrypoint_passes_other_commands_through(repo_root):
     real = subprocess.run(["bash", str(repo_root / "docker" / "entrypoint.sh"), "validator", "rerun", "--help"],
                           capture_output=True, text=True)  # fmt: skip
     assert real.returncode == 0 and "--eval-only" in real.stdout
+
+
+def test_reproduce_doc_lists_every_finding_code(repo_root):
+    doc = (repo_root / "docs" / "reproduce.md").read_text()
+    sources = [repo_root / "validator" / "rerun.py", *(repo_root / "validator" / "sandbox").glob("*.py")]
+    emitted = {c for path in sources for c in re.findall(r'"((?:RERUN|AUDIT)_[A-Z_]+)"', path.read_text())}
+    emitted |= {"RERUN_TRAIN_TIME_OVER_LIMIT", "RERUN_EVAL_TIME_OVER_LIMIT"}  # built from the phase name
+    assert len(emitted) > 20
+    assert sorted(c for c in emitted if f"`{c}`" not in doc) == []
