@@ -290,10 +290,12 @@ def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
 SSD_TUNING: dict = {}  # "fwd" / "bwd" -> launch options (num_warps, num_stages) overriding the defaults below
 
 
-def _ssd_launch(kind: str, bn: int, bp: int, q: int) -> dict:
-    """Launch options of one kernel: tuned overrides first, else 8 warps for the big tiles, 4 for the small."""
-    opts = {"num_warps": 8 if bn * bp >= 4096 or q >= 128 else 4, "num_stages": 2}
-    return opts | SSD_TUNING.get(kind, {})
+def _ssd_launch(kind: str, bn: int, bp: int, q: int, dot) -> dict:
+    """Launch options of one kernel: tuned overrides first, else 8 warps for the big tiles, 4 for the small, and
+    no software pipelining where the tiles would overflow shared memory (fp32 dots, or chunks of 128 and more)."""
+    wide = dot == tl.float32 or q >= 128
+    opts = {"num_warps": 8 if bn * bp >= 4096 or q >= 128 else 4, "num_stages": 1 if wide else 2}
+    return opts | ({} if wide else SSD_TUNING.get(kind, {}))
 
 
 def _ssd_check_shapes(x, gates, B, C, chunk_size):
@@ -354,7 +356,7 @@ class _SsdScanFn(torch.autograd.Function):
             Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
             HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
             STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
-            **_ssd_launch("fwd", bn, bp, chunk_size),
+            **_ssd_launch("fwd", bn, bp, chunk_size, dot),
         )  # fmt: skip
         ctx.save_for_backward(x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt)
         ctx.meta = (chunk_size, dt_softplus, generic, D.dim() if D is not None else 0)
@@ -404,7 +406,7 @@ class _SsdScanFn(torch.autograd.Function):
             Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
             HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
             HAS_DHT=dfin is not None, ATOMIC_BC=atomic, DOT=dot, PREC=prec,
-            **_ssd_launch("bwd", bn, bp, chunk_size),
+            **_ssd_launch("bwd", bn, bp, chunk_size, dot),
         )  # fmt: skip
         dD = None
         if d_mat is not None:
