@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -22,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from validator import bytetable
+from validator.checks import run_checks
 from validator.checks.context import load_context
 from validator.findings import Finding, Severity, error, note, warning
 from validator.logs import parse_log
+from validator.report import Report, Section, build_report
 from validator.sandbox import Launch, Limits, SandboxError, SandboxRequest, run_sandboxed
 from validator.sandbox.audit import audit_findings
 from validator.sandbox.verdict import run_findings
@@ -334,7 +335,9 @@ def rerun_seed(
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def render_markdown(folder: Path, mode: str, reports: list[SeedReport], findings: list[Finding]) -> str:
+def rerun_table(reports: list[SeedReport]) -> str:
+    """The per-seed Markdown table of the rerun section."""
+
     def fmt(v: object, spec: str = "") -> str:
         return "-" if v is None else format(v, spec)
 
@@ -347,39 +350,45 @@ def render_markdown(folder: Path, mode: str, reports: list[SeedReport], findings
         rows.append(
             f"| {r.seed} | {fmt(r.claimed_bpb, '.5f')} | {fmt(r.reproduced_bpb, '.5f')} | {fmt(r.bpb_gap, '+.5f')} "
             f"| {fmt(r.bytes_total, ',')} | {fmt(r.train_s_measured, '.1f')} | {fmt(r.eval_s_measured, '.1f')} "
-            f"| {exit_text} | {r.network_isolation} |"
+            f"| {exit_text.replace('|', '/')} | {r.network_isolation} |"
         )
-    errors = sum(f.severity == Severity.ERROR for f in findings)
-    verdict = "passed" if errors == 0 else f"failed ({errors} error finding{'s' if errors != 1 else ''})"
-    lines = [f"## Sandboxed rerun ({mode}): {folder.name}: {verdict}", "", *rows, ""]
-    if findings:
-        lines += ["| severity | code | where | message |", "|---|---|---|---|"]
-        for f in findings:
-            lines.append(f"| {f.severity.value} | `{f.code}` | {f.file or ''} | {f.message.replace('|', '/')} |")
-    else:
-        lines.append("No findings.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(rows)
 
 
-def report_json(args: argparse.Namespace, mode: str, reports: list[SeedReport], findings: list[Finding]) -> dict:
+def rerun_section(args: argparse.Namespace, mode: str, reports: list[SeedReport]) -> Section:
+    """The rerun's block of a validator report: Markdown table and the per-seed data for the JSON."""
     seeds = []
     for r in reports:
         d = asdict(r)
         d["findings"] = [f.to_dict() for f in r.findings]
         seeds.append(d)
-    return {
-        "rerun": {
-            "folder": str(args.folder),
-            "mode": mode,
-            "backend": args.backend,
-            "nproc": args.nproc,
-            "tolerance_bpb": args.tolerance,
-            "limits_s": {"train": args.train_limit, "eval": args.eval_limit, "setup": args.setup_allowance},
-            "seeds": seeds,
-            "passed": not any(f.severity == Severity.ERROR for f in findings),
-        },
-        "findings": [f.to_dict() for f in findings],
+    data = {
+        "folder": str(args.folder),
+        "mode": mode,
+        "backend": args.backend,
+        "nproc": args.nproc,
+        "tolerance_bpb": args.tolerance,
+        "limits_s": {"train": args.train_limit, "eval": args.eval_limit, "setup": args.setup_allowance},
+        "seeds": seeds,
+        "passed": not any(f.severity == Severity.ERROR for r in reports for f in r.findings),
     }
+    intro = (
+        f"{mode} rerun, {args.backend} backend, {args.nproc} process(es) per node; val_bpb recomputed by the "
+        f"validator where per-token losses were written; tolerance {args.tolerance} bpb."
+    )
+    return Section(title=f"Sandboxed rerun ({mode})", markdown=intro + "\n\n" + rerun_table(reports), data=data)
+
+
+def build_rerun_report(args: argparse.Namespace, mode: str, reports: list[SeedReport]) -> Report:
+    """The static validator's report, extended with the rerun section (static findings too with --static)."""
+    findings = [f for r in reports for f in r.findings]
+    if args.static:
+        ctx = load_context(args.folder)
+        report = build_report(ctx, run_checks(ctx) + findings)
+    else:
+        report = Report(target=args.folder.resolve().name, findings=findings)
+    report.sections.append(rerun_section(args, mode, reports))
+    return report
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -424,6 +433,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the JSON report here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown summary here")
     parser.add_argument("--echo", action="store_true", help="print the script's output as it runs")
+    parser.add_argument("--static", action="store_true", help="run the static checks too, in the same report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -459,11 +469,11 @@ def _run(args: argparse.Namespace) -> int:
         session = workdir / f"{mode}_seed{seed}"
         print(f"== rerun {folder.name} seed {seed} ({mode}, {args.backend}) in {session}", file=sys.stderr, flush=True)
         reports.append(rerun_seed(args, seed, session, data_dir, tokenizer, claims, table, stream, artifact))
-    findings = [f for r in reports for f in r.findings]
-    markdown = render_markdown(folder, mode, reports, findings)
+    report = build_rerun_report(args, mode, reports)
     if args.json:
-        _write_atomic(args.json, json.dumps(report_json(args, mode, reports, findings), indent=2) + "\n")
+        _write_atomic(args.json, report.to_json() + "\n")
+    markdown = report.to_markdown()
     if args.markdown:
         _write_atomic(args.markdown, markdown)
     print(markdown)
-    return 1 if any(f.severity == Severity.ERROR for f in findings) else 0
+    return report.exit_code

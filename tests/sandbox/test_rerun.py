@@ -14,7 +14,13 @@ def rerun(folder, sample_root, tmp_path, *extra: str) -> tuple[int, dict]:
     out = tmp_path / "report.json"
     args = ["rerun", str(folder), "--data", str(sample_root), "--gpus", "no", "--workdir", str(tmp_path / "runs")]
     code = main([*args, "--json", str(out), *extra])
-    return code, json.loads(out.read_text()) if out.exists() else {}
+    return code, as_rerun(json.loads(out.read_text())) if out.exists() else {}
+
+
+def as_rerun(report: dict) -> dict:
+    """The validator report's findings and its rerun section's data."""
+    (section,) = [s for s in report["sections"] if s["title"].startswith("Sandboxed rerun")]
+    return {"findings": report["findings"], "rerun": section["data"], "verdict": report["verdict"]}
 
 
 def codes(report: dict) -> set[str]:
@@ -147,3 +153,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, sample_root, make_submission,
     assert "data folder not found" in capsys.readouterr().err
     assert main(["rerun", str(folder), "--data", str(sample_root), "--eval-only"]) == 2
     assert "--artifact" in capsys.readouterr().err
+
+
+def test_static_flag_puts_static_findings_and_the_rerun_section_in_one_report(tmp_path, sample_root, make_submission):
+    folder = make_submission(claims={5: 1.0})
+    md = tmp_path / "report.md"
+    code, report = rerun(folder, sample_root, tmp_path, "--static", "--markdown", str(md))
+    static = {c for c in codes(report) if not c.startswith(("RERUN_", "AUDIT_"))}
+    assert static, codes(report)  # e.g. no seed logs in the stand-in folder
+    assert code == {"pass": 0, "fail": 1}[report["verdict"]]
+    text = md.read_text()
+    assert "### Sandboxed rerun (full)" in text and "| 5 |" in text

@@ -27,6 +27,13 @@ TINY = {
     "MAX_WALLCLOCK_SECONDS": "0",
 }
 ENV_ARGS = [a for k, v in TINY.items() for a in ("--env", f"{k}={v}")]
+
+
+def as_rerun(report: dict) -> dict:
+    (section,) = [s for s in report["sections"] if s["title"].startswith("Sandboxed rerun")]
+    return {"findings": report["findings"], "rerun": section["data"]}
+
+
 ASSEMBLE = ["assemble", "--variant", "baseline", "--date", "2026-11-23", "--author", "t"]
 
 
@@ -46,7 +53,7 @@ def test_builder_run_then_rerun_full_and_eval_only(tmp_path, sample_root, sample
     report_file = tmp_path / "full.json"
     common = ["rerun", str(sub), "--data", str(sample_root), "--gpus", "no", *ENV_ARGS]
     code = validator([*common, "--workdir", str(tmp_path / "rerun_full"), "--json", str(report_file)])
-    report = json.loads(report_file.read_text())
+    report = as_rerun(json.loads(report_file.read_text()))
     assert code == 0, report["findings"]
     seed = report["rerun"]["seeds"][0]
     assert seed["seed"] == 1337 and seed["exit_code"] == 0
@@ -62,7 +69,7 @@ def test_builder_run_then_rerun_full_and_eval_only(tmp_path, sample_root, sample
         [*common, "--eval-only", "--artifact", str(artifact), "--workdir", str(tmp_path / "rerun_eval"), "--json",
          str(report_file)]
     )  # fmt: skip
-    report = json.loads(report_file.read_text())
+    report = as_rerun(json.loads(report_file.read_text()))
     assert code == 0, report["findings"]
     seed = report["rerun"]["seeds"][0]
     assert report["rerun"]["mode"] == "eval-only" and seed["seed"] == 1337  # found by the artifact's sha256
