@@ -23,6 +23,7 @@ ALLOWED_PROGRAMS = frozenset(
         "as",
         "nvcc",
         "ptxas",
+        "ptxas-blackwell",
         "fatbinary",
         "nvlink",
         "cuobjdump",
