@@ -84,6 +84,7 @@ def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> 
         limits=limits,
         gpus={"auto": None, "yes": True, "no": False}[args.gpus],
         image=args.image,
+        netns=not args.no_netns,
         echo=True,
     )
     print(f"== seed {seed}: {args.backend} sandbox, work dir {workdir}", flush=True)
@@ -125,6 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sandbox.add_argument("--backend", choices=("local", "docker"), default="local")
     sandbox.add_argument("--image", default="ssm-golf:latest", help="the image of --backend docker")
     sandbox.add_argument("--gpus", choices=("auto", "yes", "no"), default="auto")
+    sandbox.add_argument("--no-netns", action="store_true", help="local: no network namespace, the hook only")
     sandbox.add_argument("--launcher", choices=("auto", "torchrun", "python"), default="auto")
     sandbox.add_argument("--train-limit", type=float, default=600.0, help="seconds of the train phase (600)")
     sandbox.add_argument("--eval-limit", type=float, default=600.0, help="seconds of the eval phase (600)")

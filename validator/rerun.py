@@ -297,6 +297,7 @@ def rerun_seed(
         limits=limits,
         gpus={"auto": None, "yes": True, "no": False}[args.gpus],
         allow_network=args.allow_network,
+        netns=not args.no_netns,
         extra_read_roots=tuple(args.allow_read),
         image=args.image,
         echo=args.echo,
@@ -420,6 +421,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-exec", action="append", default=[], metavar="NAME", help="a program it may start")
     parser.add_argument("--allow-read", action="append", default=[], type=Path, metavar="PATH", help="a readable root")
     parser.add_argument("--allow-network", action="store_true", help="no network block (multi-node only)")
+    parser.add_argument("--no-netns", action="store_true", help="local: no network namespace, the audit hook only")
     parser.add_argument("--script", default="train_gpt.py")
     parser.add_argument("--launcher", choices=("auto", "torchrun", "python"), default="auto")
     parser.add_argument("--gpus", choices=("auto", "yes", "no"), default="auto")

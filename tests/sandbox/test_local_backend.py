@@ -175,6 +175,8 @@ except PermissionError as exc:
     )
     result = run(folder, tmp_path, sample_paths)
     assert result.network_isolation == "audit-hook"
+    monkeypatch.undo()
+    assert run(folder, tmp_path / "b", sample_paths, netns=False).network_isolation == "audit-hook"
     assert result.command[0] != "/usr/bin/unshare"
     assert "refused: ssm-golf sandbox: network access refused" in result.text
     assert "AUDIT_NETWORK" in codes(audit_findings(result.audit_events, "x"))

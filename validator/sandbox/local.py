@@ -66,7 +66,7 @@ def run_local(request: SandboxRequest) -> SandboxResult:
     if request.network_allowed:
         isolation = "allowed"
     else:
-        prefix = unshare_prefix()
+        prefix = unshare_prefix() if request.netns else None
         isolation = "netns" if prefix else "audit-hook"
     full_command = [*prefix, python, str(dirs.hook / "netns.py"), "--", *command] if prefix else command
 

@@ -58,6 +58,7 @@ class SandboxRequest:
     limits: Limits = field(default_factory=Limits)
     gpus: bool | None = None  # None: use CUDA when the machine has it
     allow_network: bool = False
+    netns: bool = True  # local backend: a fresh network namespace where permitted (False: the audit hook alone)
     extra_read_roots: tuple[Path, ...] = ()
     image: str = "ssm-golf:latest"  # docker backend only
     echo: bool = False  # also print the child's lines as they come
