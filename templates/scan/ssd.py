@@ -77,6 +77,15 @@ def _ssd_load_chunk_gates(
 
 
 @triton.jit
+def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
+    """Store, or add atomically where several programs (heads of a group, blocks of P) share the output."""
+    if ATOMIC:
+        tl.atomic_add(ptr, val, mask=mask)
+    else:
+        tl.store(ptr, val, mask=mask)
+
+
+@triton.jit
 def _ssd_fwd_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, H0, Y, CKPT, HT,
     T, H, G, P, N, NC,
@@ -92,15 +101,15 @@ def _ssd_fwd_kernel(
     b64 = b.to(tl.int64)
     bh64 = pid.to(tl.int64)
     offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
+    offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
     causal = offs_q[:, None] >= offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
-    x_off = b64 * T * H * P + h * P
-    bc_off = b64 * T * G * N + g * N
-    g_off = b64 * T * H + h
+    # 64-bit scalar row bases per chunk, 32-bit offsets inside a chunk (cheaper pointer tiles)
+    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
     a_h = 0.0
     if not GENERIC:
         a_h = tl.load(A + h).to(tl.float32)
@@ -113,15 +122,19 @@ def _ssd_fwd_kernel(
     else:
         state = tl.zeros((BN, BP), dtype=tl.float32)
     for c in range(NC):
-        offs_t = (c * Q + offs_q).to(tl.int64)
+        offs_t = c * Q + offs_q
+        row = b64 * T + c * Q
+        x_off = row * H * P + h * P
+        bc_off = row * G * N + g * N
+        g_off = row * H + h
         mask_t = offs_t < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
         bn_mask = mask_t[:, None] & mask_n[None, :]
-        x = tl.load(X + x_off + offs_t[:, None] * H * P + offs_p[None, :], mask=xp_mask, other=0.0).to(tl.float32)
-        kb = tl.load(BM + bc_off + offs_t[:, None] * G * N + offs_n[None, :], mask=bn_mask, other=0.0).to(tl.float32)
-        qc = tl.load(CM + bc_off + offs_t[:, None] * G * N + offs_n[None, :], mask=bn_mask, other=0.0).to(tl.float32)
+        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
+        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, g_off, offs_t, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+            DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
         )
         gc = tl.cumsum(la, axis=0)
         g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
@@ -140,11 +153,10 @@ def _ssd_fwd_kernel(
         state = state * tl.exp(g_last) + tl.dot(
             tl.trans(kb * dec_end[:, None]).to(DOT), x.to(DOT), input_precision=PREC
         )
-        y_ptr = x_off + offs_t[:, None] * H * P + offs_p[None, :]
         if HAS_Z:
-            zz = tl.load(Z + y_ptr, mask=xp_mask, other=0.0).to(tl.float32)
+            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
-        tl.store(Y + y_ptr, y.to(Y.dtype.element_ty), mask=xp_mask)
+        tl.store(Y + x_off + loc_xp, y.to(Y.dtype.element_ty), mask=xp_mask)
     if STORE_FINAL:
         tl.store(HT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], state, mask=sn_mask)
 
@@ -157,7 +169,7 @@ def _ssd_bwd_kernel(
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
-    ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, ATOMIC_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // H
@@ -166,15 +178,15 @@ def _ssd_bwd_kernel(
     b64 = b.to(tl.int64)
     bh64 = pid.to(tl.int64)
     offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
+    offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
     causal = offs_q[:, None] >= offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
-    x_off = b64 * T * H * P + h * P
-    bc_off = b64 * T * G * N + g * N
-    g_off = b64 * T * H + h
+    # 64-bit scalar row bases per chunk, 32-bit offsets inside a chunk (cheaper pointer tiles)
+    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
     a_h = 0.0
     if not GENERIC:
         a_h = tl.load(A + h).to(tl.float32)
@@ -192,18 +204,20 @@ def _ssd_bwd_kernel(
     dd_acc = tl.zeros((BP,), dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
-        offs_t = (c * Q + offs_q).to(tl.int64)
+        offs_t = c * Q + offs_q
+        row = b64 * T + c * Q
+        x_off = row * H * P + h * P
+        bc_off = row * G * N + g * N
+        g_off = row * H + h
         mask_t = offs_t < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
         bn_mask = mask_t[:, None] & mask_n[None, :]
-        xy_ptr = x_off + offs_t[:, None] * H * P + offs_p[None, :]
-        bc_ptr = bc_off + offs_t[:, None] * G * N + offs_n[None, :]
-        x = tl.load(X + xy_ptr, mask=xp_mask, other=0.0).to(tl.float32)
-        kb = tl.load(BM + bc_ptr, mask=bn_mask, other=0.0).to(tl.float32)
-        qc = tl.load(CM + bc_ptr, mask=bn_mask, other=0.0).to(tl.float32)
-        dout = tl.load(DY + xy_ptr, mask=xp_mask, other=0.0).to(tl.float32)
+        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
+        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
+        dout = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, g_off, offs_t, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+            DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
         )
         st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :], mask=sn_mask, other=0.0)
         gc = tl.cumsum(la, axis=0)
@@ -216,31 +230,27 @@ def _ssd_bwd_kernel(
         mmat = tl.where(causal, scores * seg * wmat, 0.0)
         y_off = e_g[:, None] * tl.dot(qc.to(DOT), st.to(DOT), input_precision=PREC)
         if HAS_Z:
-            zz = tl.load(Z + xy_ptr, mask=xp_mask, other=0.0).to(tl.float32)
+            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
             y = tl.dot(mmat.to(DOT), x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
             sz = tl.sigmoid(zz)
             dy = dout * zz * sz
             dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(DZ + xy_ptr, dz.to(DZ.dtype.element_ty), mask=xp_mask)
+            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
         else:
             dy = dout
         dec_end = tl.exp(g_last - gc)
         kdh = tl.dot(kb.to(DOT), dst.to(DOT), input_precision=PREC)
         dx = tl.dot(tl.trans(mmat).to(DOT), dy.to(DOT), input_precision=PREC)
         dx += (dec_end * w)[:, None] * kdh + d_row[None, :] * dy
-        tl.store(DX + xy_ptr, dx.to(DX.dtype.element_ty), mask=xp_mask)
+        tl.store(DX + x_off + loc_xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
         dmx = tl.dot(dy.to(DOT), tl.trans(x).to(DOT), input_precision=PREC)
         dsc = tl.where(causal, dmx * seg * wmat, 0.0)
         dq = tl.dot(dsc.to(DOT), kb.to(DOT), input_precision=PREC)
         dq += e_g[:, None] * tl.dot(dy.to(DOT), tl.trans(st).to(DOT), input_precision=PREC)
         dk = tl.dot(tl.trans(dsc).to(DOT), qc.to(DOT), input_precision=PREC)
         dk += (dec_end * w)[:, None] * tl.dot(x.to(DOT), tl.trans(dst).to(DOT), input_precision=PREC)
-        if ATOMIC_BC:
-            tl.atomic_add(DC + bc_ptr, dq, mask=bn_mask)
-            tl.atomic_add(DB + bc_ptr, dk, mask=bn_mask)
-        else:
-            tl.store(DC + bc_ptr, dq, mask=bn_mask)
-            tl.store(DB + bc_ptr, dk, mask=bn_mask)
+        _ssd_put(DC + bc_off + loc_bn, dq, bn_mask, ATOMIC_BC)
+        _ssd_put(DB + bc_off + loc_bn, dk, bn_mask, ATOMIC_BC)
         dwm = tl.where(causal, dmx * scores * seg, 0.0)
         c_state = dec_end * tl.sum(kdh * x, axis=1)
         dw = tl.sum(dwm, axis=0) + c_state
@@ -253,25 +263,25 @@ def _ssd_bwd_kernel(
         wc = w * c_state
         dla += tl.cumsum(wc, axis=0) - wc + e_last * tl.sum(tl.sum(st * dst, axis=1), axis=0)
         dst = e_last * dst + tl.dot(tl.trans(qc * e_g[:, None]).to(DOT), dy.to(DOT), input_precision=PREC)
-        g_ptr = g_off + offs_t * H
+        g_ptr = g_off + offs_q * H
         if GENERIC:
-            tl.store(DLA + g_ptr, dla, mask=mask_t)
-            tl.store(DW + g_ptr, dw, mask=mask_t)
+            _ssd_put(DLA + g_ptr, dla, mask_t, ATOMIC_G)
+            _ssd_put(DW + g_ptr, dw, mask_t, ATOMIC_G)
             if HAS_E:
                 de = tl.sum(tl.where(diag, dwm, 0.0), axis=0)
-                tl.store(DE + g_ptr, de, mask=mask_t)
+                _ssd_put(DE + g_ptr, de, mask_t, ATOMIC_G)
         else:
             ddt = dw + dla * a_h
             da_acc += tl.where(mask_t, dla * dtv, 0.0)
             if DT_SOFTPLUS:
                 ddt = ddt * tl.sigmoid(raw)
-            tl.store(DDT + g_ptr, ddt, mask=mask_t)
+            _ssd_put(DDT + g_ptr, ddt, mask_t, ATOMIC_G)
         if HAS_D:
             dd_acc += tl.sum(dy * x, axis=0)
     if HAS_H0:
         tl.store(DH0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], dst, mask=sn_mask)
     if not GENERIC:
-        tl.store(DA_PART + bh64, tl.sum(da_acc, axis=0))
+        tl.store(DA_PART + bh64 * tl.num_programs(1) + tl.program_id(1), tl.sum(da_acc, axis=0))
     if HAS_D:
         tl.store(DD_PART + bh64 * P + offs_p, dd_acc, mask=mask_p)
 
@@ -287,15 +297,23 @@ def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
     return tl.float32, "ieee"
 
 
-SSD_TUNING: dict = {}  # "fwd" / "bwd" -> launch options (num_warps, num_stages) overriding the defaults below
+SSD_TUNING: dict = {}  # "fwd" / "bwd" -> {"num_warps", "num_stages", "block_p"} overriding the defaults below
+
+
+def _ssd_block_p(kind: str, hdim: int) -> int:
+    """Headdim columns per program: blocks of P (32 by default) keep the N x P state, its gradient and the x/y tiles
+    small enough for registers (compiled for sm_90 at N = 64, Q = 64, 8 warps: the forward needs 228 registers and
+    no stack at 32 columns against a full 255 at 64; the backward still spills, 1.2 KB instead of 2 KB a thread)."""
+    return min(_ssd_pow2(hdim), max(16, SSD_TUNING.get(kind, {}).get("block_p", 32)))
 
 
 def _ssd_launch(kind: str, bn: int, bp: int, q: int, dot) -> dict:
     """Launch options of one kernel: tuned overrides first, else 8 warps for the big tiles, 4 for the small, and
     no software pipelining where the tiles would overflow shared memory (fp32 dots, or chunks of 128 and more)."""
     wide = dot == tl.float32 or q >= 128
-    opts = {"num_warps": 8 if bn * bp >= 4096 or q >= 128 else 4, "num_stages": 1 if wide else 2}
-    return opts | ({} if wide else SSD_TUNING.get(kind, {}))
+    opts = {"num_warps": 8 if bn * bp >= 2048 or q >= 64 else 4, "num_stages": 1 if wide else 2}
+    tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
+    return opts | ({} if wide else tuned)
 
 
 def _ssd_check_shapes(x, gates, B, C, chunk_size):
@@ -343,9 +361,9 @@ class _SsdScanFn(torch.autograd.Function):
             A = A.float().contiguous()
             dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
         dot, prec = _ssd_dot_dtype(x)
-        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+        bp, bn = _ssd_block_p("fwd", hdim), _ssd_pow2(dstate)
         any_t = x
-        _ssd_fwd_kernel[(bsz * nheads,)](
+        _ssd_fwd_kernel[(bsz * nheads, triton.cdiv(hdim, bp))](
             x, dt if dt is not None else any_t, A if A is not None else any_t,
             dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
             w if w is not None else any_t, e if e is not None else any_t, B, C,
@@ -378,34 +396,37 @@ class _SsdScanFn(torch.autograd.Function):
         dfin = dfinal.float().contiguous() if dfinal is not None else None
         f32 = {"device": x.device, "dtype": torch.float32}
         dx = torch.empty_like(x)
-        atomic = ngroups != nheads
+        n_pb = triton.cdiv(hdim, _ssd_block_p("bwd", hdim))
+        atomic = ngroups != nheads or n_pb > 1
         dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
         dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
+        new_g = torch.zeros if n_pb > 1 else torch.empty
         dz = torch.empty_like(z) if z is not None else None
         dh0 = torch.empty_like(h0c) if h0c is not None else None
         gshape = (bsz, seqlen, nheads)
         ddt = dla = dw = de = da_part = None
         if generic:
-            dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-            de = torch.empty(gshape, **f32) if e is not None else None
+            dla, dw = new_g(gshape, **f32), new_g(gshape, **f32)
+            de = new_g(gshape, **f32) if e is not None else None
         else:
-            ddt = torch.empty(gshape, **f32)
-            da_part = torch.empty(bsz, nheads, **f32)
+            ddt = new_g(gshape, **f32)
+            da_part = torch.empty(bsz, nheads, n_pb, **f32)
         dd_part = torch.empty(bsz, nheads, hdim, **f32) if d_mat is not None else None
         dot, prec = _ssd_dot_dtype(x)
-        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+        bp, bn = _ssd_block_p("bwd", hdim), _ssd_pow2(dstate)
+        atomic_g = n_pb > 1
 
         def _or(t):
             return t if t is not None else x
 
-        _ssd_bwd_kernel[(bsz * nheads,)](
+        _ssd_bwd_kernel[(bsz * nheads, n_pb)](
             x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy,
             _or(dfin), dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(dh0), _or(da_part),
             _or(dd_part),
             seqlen, nheads, ngroups, hdim, dstate, nchunks,
             Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
             HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
-            HAS_DHT=dfin is not None, ATOMIC_BC=atomic, DOT=dot, PREC=prec,
+            HAS_DHT=dfin is not None, ATOMIC_BC=atomic or atomic_g, ATOMIC_G=atomic_g, DOT=dot, PREC=prec,
             **_ssd_launch("bwd", bn, bp, chunk_size, dot),
         )  # fmt: skip
         dD = None
@@ -414,7 +435,7 @@ class _SsdScanFn(torch.autograd.Function):
             dD = (dD.sum(1) if d_dims == 1 else dD).to(ctx.dtypes[2])
         dA = ddt_out = ddtb = None
         if not generic:
-            dA = da_part.sum(0).to(ctx.dtypes[1])
+            dA = da_part.sum((0, 2)).to(ctx.dtypes[1])
             ddt_out = ddt.to(ctx.dtypes[0])
             ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
         grads = (dx, ddt_out, dA, ddtb, dla, dw, de, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dh0)

@@ -154,3 +154,16 @@ def test_bad_shapes_raise_clear_errors(m3):
         m3.mamba3_siso_scan(*args[:3], args[3][:, :5], *args[4:])
     with pytest.raises(ValueError, match="2R <= N"):
         m3.mamba3_siso_scan(*args[:6], torch.zeros(1, 8, 2, 9))
+
+
+def test_headdim_split_into_blocks(m3, monkeypatch):
+    """The generic kernel path with several programs per head: la, w, e gradients summed across blocks of P."""
+    ssd = importlib.import_module("templates.scan.ssd")
+    monkeypatch.setitem(ssd.SSD_TUNING, "fwd", {"block_p": 16})
+    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"block_p": 16})
+    inp = _inputs(1, 37, 2, 48, 1, 16, 4)
+    opts = ("q_bias", "k_bias", "D", "z", "state")
+    got = _run(m3.mamba3_siso_scan, inp, opts, 16, with_final=True)
+    ref = _run(m3.mamba3_siso_scan_ref, inp, opts, 16, with_final=True)
+    for name in ref:
+        assert _rel(got[name], ref[name]) < 3e-5, name

@@ -181,3 +181,15 @@ def test_under_torch_compile(ssd):
     compiled = torch.compile(layer, backend="eager", fullgraph=False)
     args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
     assert abs(compiled(*args).item() - layer(*args).item()) < 1e-4
+
+
+@pytest.mark.parametrize("hdim", [32, 40])
+def test_headdim_split_into_blocks(ssd, hdim, monkeypatch):
+    """Several programs per head (blocks of P): gate and B/C gradients are summed across the blocks."""
+    monkeypatch.setitem(ssd.SSD_TUNING, "fwd", {"block_p": 16})
+    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"block_p": 16})
+    inp = _inputs(2, 37, 2, hdim, 1, 16, torch.float32)
+    got = _run(ssd.ssd_scan, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
+    ref = _run(ssd.ssd_scan_ref, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
+    for name in ref:
+        assert _rel(got[name], ref[name]) < 2e-5, name
