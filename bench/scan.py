@@ -455,11 +455,15 @@ def check(device, limit: int | None = None) -> bool:
     return ok
 
 
-SSD_SWEEP = [{"num_warps": w, "num_stages": s, "block_p": bp} for bp in (32, 64) for w in (4, 8) for s in (1, 2)]
+SSD_SWEEP = {
+    "fwd": [{"num_warps": w, "num_stages": s, "block_p": bp} for bp in (32, 64) for w in (4, 8) for s in (1, 2)],
+    "bwd": [{"num_warps": w, "block_p": bp, "split": sp} for bp in (32, 64) for w in (4, 8) for sp in (True, False)],
+}
 
 
 def sweep(device) -> dict:
-    """Time the SSD kernels' launch options (forward alone, then forward+backward) and keep the fastest."""
+    """Time the SSD kernels' options (forward alone, then forward+backward: blocks of P, warps, stages, split or
+    fused backward) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -469,7 +473,7 @@ def sweep(device) -> dict:
     best = {}
     for kind, run in (("fwd", no_grad_run(fwd)), ("bwd", grad_run(fwd, list(ins.values()), cot))):
         timings = []
-        for opts in SSD_SWEEP:
+        for opts in SSD_SWEEP[kind]:
             ssd_mod.SSD_TUNING[kind] = opts
             try:
                 timings.append((time_ms(run, rep_ms=100), opts))

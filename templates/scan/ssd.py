@@ -164,19 +164,28 @@ def _ssd_fwd_kernel(
 @triton.jit
 def _ssd_bwd_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DHT,
-    DX, DDT, DLA, DW, DE, DB, DC, DZ, DH0, DA_PART, DD_PART,
+    DX, DDT, DLA, DW, DE, DB, DC, DZ, DH0, DA_PART, DD_PART, DCK,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
-    ATOMIC_BC: tl.constexpr, ATOMIC_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, ATOMIC_G: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
+    # SPLIT: one program per (batch, head, chunk), reading the state gradient that _ssd_bwd_carry_kernel stored for
+    # its chunk; else one program per (batch, head) walking the chunks in reverse with that gradient in registers.
     pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
+    if SPLIT:
+        bh = pid // NC
+        c_only = pid % NC
+        n_iter = 1
+    else:
+        bh = pid
+        n_iter = NC
+    b = bh // H
+    h = bh % H
     g = h // (H // G)
     b64 = b.to(tl.int64)
-    bh64 = pid.to(tl.int64)
+    bh64 = bh.to(tl.int64)
     offs_q = tl.arange(0, Q)
     offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
@@ -195,15 +204,20 @@ def _ssd_bwd_kernel(
     else:
         d_row = tl.zeros((BP,), dtype=tl.float32)
     sn_mask = mask_n[:, None] & mask_p[None, :]
-    if HAS_DHT:
+    if HAS_DHT and not SPLIT:
         dst = tl.load(DHT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], mask=sn_mask, other=0.0)
         dst = dst.to(tl.float32)
     else:
         dst = tl.zeros((BN, BP), dtype=tl.float32)
     da_acc = tl.zeros((Q,), dtype=tl.float32)
     dd_acc = tl.zeros((BP,), dtype=tl.float32)
-    for cc in range(NC):
-        c = NC - 1 - cc
+    for cc in range(n_iter):
+        if SPLIT:
+            c = c_only
+            ck = DCK + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
+            dst = tl.load(ck, mask=sn_mask, other=0.0)
+        else:
+            c = NC - 1 - cc
         offs_t = c * Q + offs_q
         row = b64 * T + c * Q
         x_off = row * H * P + h * P
@@ -262,7 +276,8 @@ def _ssd_bwd_kernel(
         dla += tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
         wc = w * c_state
         dla += tl.cumsum(wc, axis=0) - wc + e_last * tl.sum(tl.sum(st * dst, axis=1), axis=0)
-        dst = e_last * dst + tl.dot(tl.trans(qc * e_g[:, None]).to(DOT), dy.to(DOT), input_precision=PREC)
+        if not SPLIT:
+            dst = e_last * dst + tl.dot(tl.trans(qc * e_g[:, None]).to(DOT), dy.to(DOT), input_precision=PREC)
         g_ptr = g_off + offs_q * H
         if GENERIC:
             _ssd_put(DLA + g_ptr, dla, mask_t, ATOMIC_G)
@@ -278,12 +293,68 @@ def _ssd_bwd_kernel(
             _ssd_put(DDT + g_ptr, ddt, mask_t, ATOMIC_G)
         if HAS_D:
             dd_acc += tl.sum(dy * x, axis=0)
+    if HAS_H0 and not SPLIT:
+        tl.store(DH0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], dst, mask=sn_mask)
+    part = pid.to(tl.int64)
+    if not GENERIC:
+        tl.store(DA_PART + part * tl.num_programs(1) + tl.program_id(1), tl.sum(da_acc, axis=0))
+    if HAS_D:
+        tl.store(DD_PART + part * P + offs_p, dd_acc, mask=mask_p)
+
+
+@triton.jit
+def _ssd_bwd_carry_kernel(
+    CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = pid.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    if HAS_DHT:
+        dst = tl.load(DHT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], mask=sn_mask, other=0.0)
+        dst = dst.to(tl.float32)
+    else:
+        dst = tl.zeros((BN, BP), dtype=tl.float32)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        tl.store(DCK + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :], dst, mask=sn_mask)
+        offs_t = c * Q + offs_q
+        row = b64 * T + c * Q
+        x_off = row * H * P + h * P
+        mask_t = offs_t < T
+        xp_mask = mask_t[:, None] & mask_p[None, :]
+        qc = tl.load(CM + row * G * N + g * N + loc_bn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+            dy = dy * zz * tl.sigmoid(zz)
+        la, w, e, dtv, raw = _ssd_load_chunk_gates(
+            DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
+        )
+        gc = tl.cumsum(la, axis=0)
+        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+        qe = qc.to(tl.float32) * tl.exp(gc)[:, None]
+        dst = tl.exp(g_last) * dst + tl.dot(tl.trans(qe).to(DOT), dy.to(DOT), input_precision=PREC)
     if HAS_H0:
         tl.store(DH0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], dst, mask=sn_mask)
-    if not GENERIC:
-        tl.store(DA_PART + bh64 * tl.num_programs(1) + tl.program_id(1), tl.sum(da_acc, axis=0))
-    if HAS_D:
-        tl.store(DD_PART + bh64 * P + offs_p, dd_acc, mask=mask_p)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -401,6 +472,7 @@ class _SsdScanFn(torch.autograd.Function):
         dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
         dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
         new_g = torch.zeros if n_pb > 1 else torch.empty
+        n_parts = nchunks if SSD_TUNING.get("bwd", {}).get("split", True) else 1
         dz = torch.empty_like(z) if z is not None else None
         dh0 = torch.empty_like(h0c) if h0c is not None else None
         gshape = (bsz, seqlen, nheads)
@@ -410,8 +482,8 @@ class _SsdScanFn(torch.autograd.Function):
             de = new_g(gshape, **f32) if e is not None else None
         else:
             ddt = new_g(gshape, **f32)
-            da_part = torch.empty(bsz, nheads, n_pb, **f32)
-        dd_part = torch.empty(bsz, nheads, hdim, **f32) if d_mat is not None else None
+            da_part = torch.empty(bsz, nheads, n_parts, n_pb, **f32)
+        dd_part = torch.empty(bsz, nheads, n_parts, hdim, **f32) if d_mat is not None else None
         dot, prec = _ssd_dot_dtype(x)
         bp, bn = _ssd_block_p("bwd", hdim), _ssd_pow2(dstate)
         atomic_g = n_pb > 1
@@ -419,23 +491,34 @@ class _SsdScanFn(torch.autograd.Function):
         def _or(t):
             return t if t is not None else x
 
-        _ssd_bwd_kernel[(bsz * nheads, n_pb)](
+        split = SSD_TUNING.get("bwd", {}).get("split", True)
+        launch = _ssd_launch("bwd", bn, bp, chunk_size, dot)
+        dck = None
+        if split:
+            dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, **f32)
+            _ssd_bwd_carry_kernel[(bsz * nheads, n_pb)](
+                C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0),
+                seqlen, nheads, ngroups, hdim, dstate, nchunks,
+                Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
+                HAS_Z=z is not None, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, DOT=dot, PREC=prec, **launch,
+            )  # fmt: skip
+        _ssd_bwd_kernel[(bsz * nheads * (nchunks if split else 1), n_pb)](
             x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy,
             _or(dfin), dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(dh0), _or(da_part),
-            _or(dd_part),
+            _or(dd_part), _or(dck),
             seqlen, nheads, ngroups, hdim, dstate, nchunks,
             Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
             HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
-            HAS_DHT=dfin is not None, ATOMIC_BC=atomic or atomic_g, ATOMIC_G=atomic_g, DOT=dot, PREC=prec,
-            **_ssd_launch("bwd", bn, bp, chunk_size, dot),
+            HAS_DHT=dfin is not None, ATOMIC_BC=atomic or atomic_g, ATOMIC_G=atomic_g, SPLIT=split, DOT=dot,
+            PREC=prec, **launch,
         )  # fmt: skip
         dD = None
         if d_mat is not None:
-            dD = dd_part.sum(0)
+            dD = dd_part.sum((0, 2))
             dD = (dD.sum(1) if d_dims == 1 else dD).to(ctx.dtypes[2])
         dA = ddt_out = ddtb = None
         if not generic:
-            dA = da_part.sum((0, 2)).to(ctx.dtypes[1])
+            dA = da_part.sum((0, 2, 3)).to(ctx.dtypes[1])
             ddt_out = ddt.to(ctx.dtypes[0])
             ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
         grads = (dx, ddt_out, dA, ddtb, dla, dw, de, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dh0)

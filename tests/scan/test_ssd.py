@@ -75,7 +75,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}G{c[4]}N{c[5]}" for c in CASES])
-def test_kernel_matches_reference_fp32(ssd, case):
+@pytest.mark.parametrize("split", [True, False], ids=["split_bwd", "fused_bwd"])
+def test_kernel_matches_reference_fp32(ssd, case, split, monkeypatch):
+    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"split": split})
     seqlen, chunk, nheads, hdim, ngroups, dstate, opts = case
     inp = _inputs(2, seqlen, nheads, hdim, ngroups, dstate, torch.float32)
     got = _run(ssd.ssd_scan, inp, opts, chunk, with_final=True)
@@ -183,11 +185,12 @@ def test_under_torch_compile(ssd):
     assert abs(compiled(*args).item() - layer(*args).item()) < 1e-4
 
 
-@pytest.mark.parametrize("hdim", [32, 40])
-def test_headdim_split_into_blocks(ssd, hdim, monkeypatch):
-    """Several programs per head (blocks of P): gate and B/C gradients are summed across the blocks."""
+@pytest.mark.parametrize("hdim,split", [(32, True), (40, True), (40, False)])
+def test_headdim_split_into_blocks(ssd, hdim, split, monkeypatch):
+    """Several programs per head (blocks of P): gate and B/C gradients are summed across the blocks; both backward
+    forms (chunk-parallel after a carry pass, and one sequential pass)."""
     monkeypatch.setitem(ssd.SSD_TUNING, "fwd", {"block_p": 16})
-    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"block_p": 16})
+    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"block_p": 16, "split": split})
     inp = _inputs(2, 37, 2, hdim, 1, 16, torch.float32)
     got = _run(ssd.ssd_scan, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
     ref = _run(ssd.ssd_scan_ref, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
