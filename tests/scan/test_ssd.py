@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import os
+import sys
 
 import pytest
 import torch
@@ -12,15 +12,29 @@ import torch
 @pytest.fixture(scope="module")
 def ssd():
     """The ssd module loaded with its kernels interpreted; the environment and module are restored afterwards."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    module = importlib.reload(importlib.import_module("templates.scan.ssd"))
-    yield module
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        import triton.language  # noqa: F401  (so that its helpers exist to be patched)
+
+        _interpret_triton_helpers(patch)
+        module = importlib.reload(importlib.import_module("templates.scan.ssd"))
+        yield module
     importlib.reload(module)
+
+
+def _interpret_triton_helpers(patch: pytest.MonkeyPatch) -> None:
+    """triton.language's own @jit helpers (tl.sum, tl.cumsum, ...) are interpreted only if TRITON_INTERPRET=1 was set
+    when triton was first imported; when another test imported it earlier, patch in interpreted copies."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    made: dict[int, InterpretedFunction] = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith("triton.language"):
+            continue
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, JITFunction) and not isinstance(obj, InterpretedFunction):
+                patch.setattr(mod, name, made.setdefault(id(obj), InterpretedFunction(obj.fn)))
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
