@@ -19,7 +19,8 @@ v_T), which is exactly what initial_state takes for the next window.
 Chunked form: with b'_t = DT_t (1 - lambda_t), unrolling the trapezoid gives the SSD kernel with input weight
 w_t = gamma_t + b'_{t+1} (b'_{T+1} = 0), log-decay adt, and the diagonal term weighted by gamma_t alone
 (e_t = -b'_{t+1}); the carried-in (v, k) pair folds into the initial state as S_0 + b'_1 v_0 k~_0^T.
-The gates, rotation and head expansion are PyTorch (autograd); the scan is `ssd_generic_scan`.
+The gates and cumulative angles are PyTorch (autograd, (B,T,H)-sized); head expansion, bias and rotation of q and k
+are one Triton kernel each way (`m3_rotary_heads`); the scan is `ssd_generic_scan`.
 """
 
 import math
@@ -27,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from templates.scan.m3_rotary import m3_rotary_heads
 from templates.scan.ssd import ssd_generic_scan, ssd_use_triton
 
 
@@ -53,6 +55,8 @@ def _m3_check(x, dt, adt, trap, q, k, angles):
             raise ValueError(f"mamba3 scan: {name} must be (batch, time, heads) = {(bsz, seqlen, nheads)}")
     if q.shape != k.shape or q.dim() != 4 or nheads % q.shape[2]:
         raise ValueError("mamba3 scan: q and k must be (batch, time, groups, N) with heads a multiple of groups")
+    if q.shape[3] % 2:
+        raise ValueError(f"mamba3 scan: the state size N ({q.shape[3]}) must be even (rotary pairs)")
     if angles.shape[:3] != (bsz, seqlen, nheads) or 2 * angles.shape[3] > q.shape[3]:
         raise ValueError("mamba3 scan: angles must be (batch, time, heads, R) with 2R <= N")
 
@@ -95,9 +99,8 @@ def mamba3_siso_scan(
     theta0, s0, k0, v0 = initial_state if initial_state is not None else (None, None, None, None)
     la, gamma, bprime, theta = _m3_gates(dt, adt, trap, angles, theta0, cd)
     bnext = F.pad(bprime[:, 1:], (0, 0, 0, 1))
-    kh = _m3_heads(k, nheads, k_bias)
-    q_rot = _m3_rotate(_m3_heads(q, nheads, q_bias).to(cd), theta).to(x.dtype)
-    k_rot = _m3_rotate(kh.to(cd), theta).to(x.dtype)
+    q_rot = m3_rotary_heads(q, q_bias, theta, nheads, x.dtype)
+    k_rot = m3_rotary_heads(k, k_bias, theta, nheads, x.dtype)
     h0 = None
     if initial_state is not None:
         k0_rot = _m3_rotate(k0.to(cd), theta0.to(cd))
@@ -107,7 +110,8 @@ def mamba3_siso_scan(
     )
     if not return_final_state:
         return y
-    return y, (torch.remainder(theta[:, -1], 2 * math.pi), s_last, kh[:, -1], x[:, -1])
+    k_last = _m3_heads(k[:, -1:], nheads, k_bias)[:, 0]
+    return y, (torch.remainder(theta[:, -1], 2 * math.pi), s_last, k_last, x[:, -1])
 
 
 def mamba3_siso_scan_ref(

@@ -19,10 +19,11 @@ def m3():
 
         _interpret_triton_helpers(patch)
         ssd = importlib.reload(importlib.import_module("templates.scan.ssd"))
+        rotary = importlib.reload(importlib.import_module("templates.scan.m3_rotary"))
         module = importlib.reload(importlib.import_module("templates.scan.mamba3"))
         yield module
-    importlib.reload(ssd)
-    importlib.reload(module)
+    for mod in (ssd, rotary, module):
+        importlib.reload(mod)
 
 
 def _interpret_triton_helpers(patch: pytest.MonkeyPatch) -> None:
