@@ -150,8 +150,8 @@ def mamba3_siso_scan_ref(
         gamma[..., None, None] * xs[..., :, None] * k_rot[..., None, :]
     )
     states = []
-    for t in range(seqlen):
-        state = alpha[:, t, :, None, None] * state + inputs[:, t]
+    for alpha_t, input_t in zip(alpha[..., None, None].unbind(1), inputs.unbind(1)):
+        state = torch.addcmul(input_t, alpha_t, state)
         states.append(state)
     y = torch.einsum("bthpn,bthn->bthp", torch.stack(states, dim=1), q_rot)
     if D is not None:

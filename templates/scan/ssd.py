@@ -613,8 +613,9 @@ def ssd_generic_scan_ref(
     inputs = xs[..., :, None] * bs[..., None, :]
     decay = torch.exp(la_)
     states = []
-    for t in range(seqlen):
-        state = decay[:, t, :, None, None] * state + w_[:, t, :, None, None] * inputs[:, t]
+    weighted = (w_[..., None, None] * inputs).unbind(1)
+    for decay_t, input_t in zip(decay[..., None, None].unbind(1), weighted):
+        state = torch.addcmul(input_t, decay_t, state)
         states.append(state)
     y = torch.einsum("bthpn,bthn->bthp", torch.stack(states, dim=1) + e_[..., None, None] * inputs, cs)
     if D is not None:
