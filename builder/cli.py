@@ -45,4 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module, so that UserError is the class the subcommands raise.
+    from builder.cli import main as _package_main
+
+    sys.exit(_package_main())
