@@ -375,7 +375,9 @@ def _ssd_block_p(kind: str, hdim: int) -> int:
     """Headdim columns per program: blocks of P (32 by default) keep the N x P state, its gradient and the x/y tiles
     small enough for registers (compiled for sm_90 at N = 64, Q = 64, 8 warps: the forward needs 228 registers and
     no stack at 32 columns against a full 255 at 64; the backward still spills, 1.2 KB instead of 2 KB a thread)."""
-    return min(_ssd_pow2(hdim), max(16, SSD_TUNING.get(kind, {}).get("block_p", 32)))
+    # Default: the whole head dimension. Blocks of P (block_p < P) and the split backward hit an illegal memory
+    # access on the H100 (2026-11-23, docs/benchmarks.md); only the full-P, single-pass form is GPU-verified.
+    return min(_ssd_pow2(hdim), max(16, SSD_TUNING.get(kind, {}).get("block_p", _ssd_pow2(hdim))))
 
 
 def _ssd_launch(kind: str, bn: int, bp: int, q: int, dot) -> dict:
@@ -472,7 +474,7 @@ class _SsdScanFn(torch.autograd.Function):
         dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
         dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
         new_g = torch.zeros if n_pb > 1 else torch.empty
-        n_parts = nchunks if SSD_TUNING.get("bwd", {}).get("split", True) else 1
+        n_parts = nchunks if SSD_TUNING.get("bwd", {}).get("split", False) else 1
         dz = torch.empty_like(z) if z is not None else None
         dh0 = torch.empty_like(h0c) if h0c is not None else None
         gshape = (bsz, seqlen, nheads)
@@ -491,7 +493,7 @@ class _SsdScanFn(torch.autograd.Function):
         def _or(t):
             return t if t is not None else x
 
-        split = SSD_TUNING.get("bwd", {}).get("split", True)
+        split = SSD_TUNING.get("bwd", {}).get("split", False)
         launch = _ssd_launch("bwd", bn, bp, chunk_size, dot)
         dck = None
         if split:
