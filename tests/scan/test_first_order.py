@@ -2,29 +2,13 @@
 the CPU (or on CUDA where present): outputs, final states and every gradient, odd lengths, bf16, long sequences."""
 
 import importlib
-import sys
 
 import pytest
 import torch
 
+from .conftest import interpret_triton_stdlib  # noqa: TID252
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def interpret_triton_stdlib(patch: pytest.MonkeyPatch) -> None:
-    """Triton's own @jit helpers (tl.zeros, tl.sum, ...) are built for the interpreter only when TRITON_INTERPRET=1
-    is set before triton.language is first imported; if another test imported it first, swap them for interpreted
-    copies for the duration of `patch`."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    swapped: dict[int, InterpretedFunction] = {}
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("triton.language"):
-            continue
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, JITFunction) and not isinstance(value, InterpretedFunction):
-                swapped.setdefault(id(value), InterpretedFunction(value.fn))
-                patch.setattr(module, attr, swapped[id(value)])
 
 
 @pytest.fixture(scope="module")

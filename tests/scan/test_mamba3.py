@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from .conftest import interpret_triton_stdlib  # noqa: TID252
 
 
 @pytest.fixture(scope="module")
@@ -17,28 +18,13 @@ def m3():
         patch.setenv("TRITON_INTERPRET", "1")
         import triton.language  # noqa: F401  (so that its helpers exist to be patched)
 
-        _interpret_triton_helpers(patch)
+        interpret_triton_stdlib(patch)
         ssd = importlib.reload(importlib.import_module("templates.scan.ssd"))
         rotary = importlib.reload(importlib.import_module("templates.scan.m3_rotary"))
         module = importlib.reload(importlib.import_module("templates.scan.mamba3"))
         yield module
     for mod in (ssd, rotary, module):
         importlib.reload(mod)
-
-
-def _interpret_triton_helpers(patch: pytest.MonkeyPatch) -> None:
-    """triton.language's own @jit helpers (tl.sum, tl.cumsum, ...) are interpreted only if TRITON_INTERPRET=1 was set
-    when triton was first imported; when another test imported it earlier, patch in interpreted copies."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    made: dict[int, InterpretedFunction] = {}
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not mod_name.startswith("triton.language"):
-            continue
-        for name, obj in list(vars(mod).items()):
-            if isinstance(obj, JITFunction) and not isinstance(obj, InterpretedFunction):
-                patch.setattr(mod, name, made.setdefault(id(obj), InterpretedFunction(obj.fn)))
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import sys
 
 import pytest
 import torch
+
+from .conftest import interpret_triton_stdlib  # noqa: TID252
 
 
 @pytest.fixture(scope="module")
@@ -16,25 +17,10 @@ def ssd():
         patch.setenv("TRITON_INTERPRET", "1")
         import triton.language  # noqa: F401  (so that its helpers exist to be patched)
 
-        _interpret_triton_helpers(patch)
+        interpret_triton_stdlib(patch)
         module = importlib.reload(importlib.import_module("templates.scan.ssd"))
         yield module
     importlib.reload(module)
-
-
-def _interpret_triton_helpers(patch: pytest.MonkeyPatch) -> None:
-    """triton.language's own @jit helpers (tl.sum, tl.cumsum, ...) are interpreted only if TRITON_INTERPRET=1 was set
-    when triton was first imported; when another test imported it earlier, patch in interpreted copies."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    made: dict[int, InterpretedFunction] = {}
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not mod_name.startswith("triton.language"):
-            continue
-        for name, obj in list(vars(mod).items()):
-            if isinstance(obj, JITFunction) and not isinstance(obj, InterpretedFunction):
-                patch.setattr(mod, name, made.setdefault(id(obj), InterpretedFunction(obj.fn)))
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -4,26 +4,13 @@ entry (which pulls in the SSD module), loaded from a file, run interpreted on th
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import pytest
 import torch
 
 from builder.assembler import assemble_source
 
-
-def _interpreted_helpers(patch: pytest.MonkeyPatch) -> None:
-    """Interpreted copies of triton.language's @jit helpers when triton was imported before TRITON_INTERPRET=1."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    made: dict[int, InterpretedFunction] = {}
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not mod_name.startswith("triton.language"):
-            continue
-        for name, obj in list(vars(mod).items()):
-            if isinstance(obj, JITFunction) and not isinstance(obj, InterpretedFunction):
-                patch.setattr(mod, name, made.setdefault(id(obj), InterpretedFunction(obj.fn)))
+from .conftest import interpret_triton_stdlib  # noqa: TID252
 
 
 @pytest.fixture
@@ -31,7 +18,7 @@ def assembled(repo_root, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import triton.language  # noqa: F401
 
-    _interpreted_helpers(monkeypatch)
+    interpret_triton_stdlib(monkeypatch)
     source = assemble_source(repo_root, "templates.scan.mamba3", {}, "assembled ssd test")
     assert "from templates" not in source and "import templates" not in source
     path = tmp_path / "mamba3_assembled.py"
