@@ -424,11 +424,20 @@ def check(device, limit: int | None = None) -> bool:
                 return fn(ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"], chunk, D=ins["D"], z=ins["z"],
                           dt_bias=ins["dt_bias"], h0=ins["h0"], return_final_state=True)  # fmt: skip
 
-            errs = compare(lambda i: run_ssd(i, ssd_scan), lambda i: run_ssd(i, ssd_scan_ref), base)
-            worst = max(errs.values())
-            ok &= worst < tol
-            print(f"check ssd {str(dtype)[6:]} T={seq} G={groups} Q={chunk}: worst rms-rel {worst:.2e} "
-                  f"({max(errs, key=errs.get)}) {'ok' if worst < tol else 'FAIL'}", flush=True)  # fmt: skip
+            forms = [None] + (CHECK_BWD_FORMS if (seq, groups, chunk) == ssd_shapes[0] else [])
+            for form in forms:
+                saved = ssd_mod.SSD_TUNING.get("bwd")
+                if form:
+                    ssd_mod.SSD_TUNING["bwd"] = form
+                errs = compare(lambda i: run_ssd(i, ssd_scan), lambda i: run_ssd(i, ssd_scan_ref), base)
+                ssd_mod.SSD_TUNING.pop("bwd", None)
+                if saved is not None:
+                    ssd_mod.SSD_TUNING["bwd"] = saved
+                worst = max(errs.values())
+                ok &= worst < tol
+                print(f"check ssd {str(dtype)[6:]} T={seq} G={groups} Q={chunk} bwd {form or 'default'}: worst "
+                      f"rms-rel {worst:.2e} ({max(errs, key=errs.get)}) {'ok' if worst < tol else 'FAIL'}",
+                      flush=True)  # fmt: skip
         for seq, groups in m3_shapes:
             base = m3_inputs(device, batch=2, dtype=dtype, seq=seq, groups=groups, seed=seq)
             gen = torch.Generator(device=device).manual_seed(2)
@@ -456,14 +465,18 @@ def check(device, limit: int | None = None) -> bool:
 
 
 SSD_SWEEP = {
-    "fwd": [{"num_warps": w, "num_stages": s, "block_p": bp} for bp in (32, 64) for w in (4, 8) for s in (1, 2)],
-    "bwd": [{"num_warps": w, "block_p": bp, "split": sp} for bp in (32, 64) for w in (4, 8) for sp in (True, False)],
+    "fwd": [{"num_warps": 8, "num_stages": s} for s in (2, 1)],
+    "carry": [{"num_warps": w, "num_stages": 2} for w in (8, 4)],
+    "bwd": [{"form": "chunked", "heads": hb, "num_warps": w, "num_stages": 2} for hb in (16, 4) for w in (8, 4)]
+    + [{"form": "chunked", "heads": 1, "num_warps": 8, "num_stages": 2}, {"form": "fused", "num_warps": 8}],
 }
+# backward forms that --check runs besides the default, on the first SSD shape
+CHECK_BWD_FORMS = [{"form": "fused"}, {"form": "chunked", "heads": 1}]
 
 
 def sweep(device) -> dict:
-    """Time the SSD kernels' options (forward alone, then forward+backward: blocks of P, warps, stages, split or
-    fused backward) and keep the fastest."""
+    """Time the SSD kernels' options (forward alone, then forward+backward: warps and stages of the carry kernel,
+    then of the chunk kernel with 16, 4 or 1 heads per program, and the fused backward) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -471,7 +484,8 @@ def sweep(device) -> dict:
         return ssd_scan(ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"], CHUNK, D=ins["D"])
 
     best = {}
-    for kind, run in (("fwd", no_grad_run(fwd)), ("bwd", grad_run(fwd, list(ins.values()), cot))):
+    fwd_bwd = grad_run(fwd, list(ins.values()), cot)
+    for kind, run in (("fwd", no_grad_run(fwd)), ("carry", fwd_bwd), ("bwd", fwd_bwd)):
         timings = []
         for opts in SSD_SWEEP[kind]:
             ssd_mod.SSD_TUNING[kind] = opts
@@ -495,6 +509,7 @@ def main() -> int:
     parser.add_argument("--no-table", action="store_true", help="skip the timing table")
     parser.add_argument("--recurrence-extras", action="store_true", help="also run scan_recurrence's check/sweep")
     parser.add_argument("--only-ours", action="store_true", help="time only our SSD and Mamba-3 cases")
+    parser.add_argument("--no-recurrence", action="store_true", help="leave out bench/scan_recurrence.py's rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan.py needs a CUDA GPU (run it through the device); nothing measured", file=sys.stderr)
@@ -526,7 +541,9 @@ def main() -> int:
     if not args.no_table:
         cases = our_cases(device)
         if not args.only_ours:
-            cases += recurrence_rows(device, rec_configs) + reference_cases(device) + anchor_cases(device)
+            if not args.no_recurrence:
+                cases += recurrence_rows(device, rec_configs)
+            cases += reference_cases(device) + anchor_cases(device)
             cases += context_cases(device)
         rows = []
         for case in cases:

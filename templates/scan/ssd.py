@@ -6,14 +6,19 @@ For Mamba-2 (`ssd_scan`): dt_t = softplus(dt_raw_t + dt_bias) (or dt_raw + dt_bi
 The generic form (`ssd_generic_scan`, used by Mamba-3) takes la, w per position and one extra coefficient e_t on
 the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same kernels.
 
-Kernels: one program per (batch, head) walks the chunks of Q steps in order with the state in registers; per chunk
-it does the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j) of the chunk-local cumulative log-decay G),
-the carried-state term and the state update, all as tl.dot. The forward writes the state at each chunk start
-(fp32, B x H x chunks x N x P) for the backward, which walks the chunks in reverse with the state gradient in
-registers and produces every gradient in one pass (dx, dB, dC, ddt or dla/dw/de, dA, dD, dz, dh0). B/C gradients
-of heads sharing a group are summed with fp32 atomics. The decay gradient of step t sums only the terms whose decay
-spans t (pairs j < t <= i through a reverse cumsum of the masked pair matrix, state reads and writes, the carry):
-never a difference of large row and column sums, which loses tiny gradients when decays are near 0.
+Forward: one program per (batch, head) walks the chunks of Q steps in order with the state in registers; per
+chunk it does the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j) of the chunk-local cumulative
+log-decay G), the carried-state term and the state update, all as tl.dot, and writes the state at each chunk start
+(fp32, B x H x chunks x N x P) for the backward.
+
+Backward, chunked form (the default): a carry kernel walks the chunks in reverse per (batch, head) with only the
+state gradient in registers and stores it per chunk; then one program per (batch, chunk, block of a group's heads)
+produces every gradient of that chunk (dx, dz, dB, dC, ddt or dla/dw/de, dA and dD shares) from the two stored
+states, C B^T computed once for its heads and their dB/dC summed in registers (no atomics when the block holds the
+whole group). The fused form (`SSD_TUNING["bwd"]["form"] = "fused"`) does it all in one reverse walk per (batch,
+head), with fp32 atomics for dB/dC. The decay gradient of step t sums only the terms whose decay spans t (pairs
+j < t <= i through a reverse cumsum of the masked pair matrix, state reads and writes, the carry): never a
+difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
@@ -101,7 +106,7 @@ def _ssd_fwd_kernel(
     b64 = b.to(tl.int64)
     bh64 = pid.to(tl.int64)
     offs_q = tl.arange(0, Q)
-    offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
+    offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
@@ -162,38 +167,92 @@ def _ssd_fwd_kernel(
 
 
 @triton.jit
+def _ssd_bwd_chunk_dots(
+    x, dout, zz, la, w, e, dtv, raw, kb, qc, scores, st, dst, d_row, a_h, dq_acc, dk_acc, offs_q, mask_t,
+    Q: tl.constexpr, GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """Every gradient of one (head, chunk) from its inputs, the state at the chunk start (st) and the state gradient
+    at its end (dst); kb, qc are the chunk's B and C in the dot dtype and scores = C B^T. Adds this head's shares of
+    dC and dB to dq_acc and dk_acc. Returns dx, dz (dy when there is no gate), dq_acc, dk_acc, the gate gradient
+    (ddt, or dla), dw, de, the dA share and the dD share. Ordered so that each [Q, P] / [Q, Q] tile dies early
+    (the register file, not the arithmetic, bounds this kernel)."""
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    gc = tl.cumsum(la, axis=0)
+    g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+    e_g = tl.exp(gc)
+    dec = tl.exp(g_last - gc)
+    dec_w = dec * w
+    seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+    mmat = scores * seg * wmat
+    y_off = e_g[:, None] * tl.dot(qc, st.to(DOT), input_precision=PREC)
+    if HAS_Z:
+        y = tl.dot(mmat.to(DOT), x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
+        sz = tl.sigmoid(zz)
+        dy = dout * zz * sz
+        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+    else:
+        dy = dout
+        dz = dout
+    read_state = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
+    dd = tl.sum(dy * x, axis=0)
+    dq_acc += e_g[:, None] * tl.dot(dy.to(DOT), tl.trans(st).to(DOT), input_precision=PREC)
+    carry = tl.exp(g_last) * tl.sum(tl.sum(st * dst, axis=1), axis=0)
+    kdh = tl.dot(kb, dst.to(DOT), input_precision=PREC)
+    dx = tl.dot(tl.trans(mmat).to(DOT), dy.to(DOT), input_precision=PREC)
+    dx += dec_w[:, None] * kdh + d_row[None, :] * dy
+    c_state = dec * tl.sum(kdh * x, axis=1)
+    dk_acc += dec_w[:, None] * tl.dot(x.to(DOT), tl.trans(dst).to(DOT), input_precision=PREC)
+    dmx = tl.dot(dy.to(DOT), tl.trans(x).to(DOT), input_precision=PREC)
+    dwm = dmx * scores * seg
+    dsc = dmx * seg * wmat
+    dq_acc += tl.dot(dsc.to(DOT), kb, input_precision=PREC)
+    dk_acc += tl.dot(tl.trans(dsc).to(DOT), qc, input_precision=PREC)
+    dw = tl.sum(dwm, axis=0) + c_state
+    # d la_t sums the terms whose decay spans step t: pairs j < t <= i, the carried-state read at i >= t,
+    # the state write of j < t, and the carry through the whole chunk; no term cancels against itself.
+    strict = offs_q[:, None] > offs_q[None, :]
+    span = tl.cumsum(tl.where(strict, dsc * scores, 0.0), axis=0, reverse=True)
+    dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + read_state
+    wc = w * c_state
+    dla += tl.cumsum(wc, axis=0) - wc + carry
+    de = tl.sum(tl.where(diag, dwm, 0.0), axis=0)
+    da = 0.0
+    if GENERIC:
+        dgate = dla
+    else:
+        dgate = dw + dla * a_h
+        da = tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0)
+        if DT_SOFTPLUS:
+            dgate = dgate * tl.sigmoid(raw)
+    return dx, dz, dq_acc, dk_acc, dgate, dw, de, da, dd
+
+
+@triton.jit
 def _ssd_bwd_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DHT,
-    DX, DDT, DLA, DW, DE, DB, DC, DZ, DH0, DA_PART, DD_PART, DCK,
+    DX, DDT, DLA, DW, DE, DB, DC, DZ, DH0, DA_PART, DD_PART,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
-    ATOMIC_BC: tl.constexpr, ATOMIC_G: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # SPLIT: one program per (batch, head, chunk), reading the state gradient that _ssd_bwd_carry_kernel stored for
-    # its chunk; else one program per (batch, head) walking the chunks in reverse with that gradient in registers.
-    pid = tl.program_id(0)
-    if SPLIT:
-        bh = pid // NC
-        c_only = pid % NC
-        n_iter = 1
-    else:
-        bh = pid
-        n_iter = NC
+    """The fused form: one program per (batch, head) walks the chunks in reverse with the state gradient in
+    registers (fewer launches; slower at large batch: 16 heads add into one group's dB/dC with atomics)."""
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     g = h // (H // G)
     b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
     offs_q = tl.arange(0, Q)
-    offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
+    offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    # 64-bit scalar row bases per chunk, 32-bit offsets inside a chunk (cheaper pointer tiles)
     loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
     loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
     a_h = 0.0
@@ -204,102 +263,68 @@ def _ssd_bwd_kernel(
     else:
         d_row = tl.zeros((BP,), dtype=tl.float32)
     sn_mask = mask_n[:, None] & mask_p[None, :]
-    if HAS_DHT and not SPLIT:
+    sn_loc = offs_n[:, None] * P + offs_p[None, :]
+    if HAS_DHT:
         dst = tl.load(DHT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], mask=sn_mask, other=0.0)
         dst = dst.to(tl.float32)
     else:
         dst = tl.zeros((BN, BP), dtype=tl.float32)
-    da_acc = tl.zeros((Q,), dtype=tl.float32)
+    da_acc = 0.0
     dd_acc = tl.zeros((BP,), dtype=tl.float32)
-    for cc in range(n_iter):
-        if SPLIT:
-            c = c_only
-            ck = DCK + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
-            dst = tl.load(ck, mask=sn_mask, other=0.0)
-        else:
-            c = NC - 1 - cc
-        offs_t = c * Q + offs_q
+    for cc in range(NC):
+        c = NC - 1 - cc
         row = b64 * T + c * Q
         x_off = row * H * P + h * P
         bc_off = row * G * N + g * N
         g_off = row * H + h
-        mask_t = offs_t < T
+        mask_t = c * Q + offs_q < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
         bn_mask = mask_t[:, None] & mask_n[None, :]
         x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
-        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
+        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32).to(DOT)
+        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32).to(DOT)
         dout = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+        zz = dout
+        if HAS_Z:
+            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
         )
-        st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :], mask=sn_mask, other=0.0)
-        gc = tl.cumsum(la, axis=0)
-        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        e_last = tl.exp(g_last)
-        e_g = tl.exp(gc)
-        scores = tl.dot(qc.to(DOT), tl.trans(kb).to(DOT), input_precision=PREC)
-        seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
-        wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-        mmat = tl.where(causal, scores * seg * wmat, 0.0)
-        y_off = e_g[:, None] * tl.dot(qc.to(DOT), st.to(DOT), input_precision=PREC)
-        if HAS_Z:
-            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            y = tl.dot(mmat.to(DOT), x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
-            sz = tl.sigmoid(zz)
-            dy = dout * zz * sz
-            dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
-        else:
-            dy = dout
-        dec_end = tl.exp(g_last - gc)
-        kdh = tl.dot(kb.to(DOT), dst.to(DOT), input_precision=PREC)
-        dx = tl.dot(tl.trans(mmat).to(DOT), dy.to(DOT), input_precision=PREC)
-        dx += (dec_end * w)[:, None] * kdh + d_row[None, :] * dy
+        st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
+        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        zero = tl.zeros((Q, BN), dtype=tl.float32)
+        dx, dz, dq, dk, dgate, dw, de, da, dd = _ssd_bwd_chunk_dots(
+            x, dout, zz, la, w, e, dtv, raw, kb, qc, scores, st, dst, d_row, a_h, zero, zero, offs_q, mask_t,
+            Q, GENERIC, DT_SOFTPLUS, HAS_Z, DOT, PREC,
+        )  # fmt: skip
         tl.store(DX + x_off + loc_xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
-        dmx = tl.dot(dy.to(DOT), tl.trans(x).to(DOT), input_precision=PREC)
-        dsc = tl.where(causal, dmx * seg * wmat, 0.0)
-        dq = tl.dot(dsc.to(DOT), kb.to(DOT), input_precision=PREC)
-        dq += e_g[:, None] * tl.dot(dy.to(DOT), tl.trans(st).to(DOT), input_precision=PREC)
-        dk = tl.dot(tl.trans(dsc).to(DOT), qc.to(DOT), input_precision=PREC)
-        dk += (dec_end * w)[:, None] * tl.dot(x.to(DOT), tl.trans(dst).to(DOT), input_precision=PREC)
+        if HAS_Z:
+            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
         _ssd_put(DC + bc_off + loc_bn, dq, bn_mask, ATOMIC_BC)
         _ssd_put(DB + bc_off + loc_bn, dk, bn_mask, ATOMIC_BC)
-        dwm = tl.where(causal, dmx * scores * seg, 0.0)
-        c_state = dec_end * tl.sum(kdh * x, axis=1)
-        dw = tl.sum(dwm, axis=0) + c_state
-        # d la_t sums the terms whose decay spans step t: pairs j < t <= i, the carried-state read at i >= t,
-        # the state write of j < t, and the carry through the whole chunk; no term cancels against itself.
-        strict = offs_q[:, None] > offs_q[None, :]
-        span = tl.cumsum(tl.where(strict, dwm * wmat, 0.0), axis=0, reverse=True)
-        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
-        dla += tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
-        wc = w * c_state
-        dla += tl.cumsum(wc, axis=0) - wc + e_last * tl.sum(tl.sum(st * dst, axis=1), axis=0)
-        if not SPLIT:
-            dst = e_last * dst + tl.dot(tl.trans(qc * e_g[:, None]).to(DOT), dy.to(DOT), input_precision=PREC)
         g_ptr = g_off + offs_q * H
         if GENERIC:
-            _ssd_put(DLA + g_ptr, dla, mask_t, ATOMIC_G)
-            _ssd_put(DW + g_ptr, dw, mask_t, ATOMIC_G)
+            tl.store(DLA + g_ptr, dgate, mask=mask_t)
+            tl.store(DW + g_ptr, dw, mask=mask_t)
             if HAS_E:
-                de = tl.sum(tl.where(diag, dwm, 0.0), axis=0)
-                _ssd_put(DE + g_ptr, de, mask_t, ATOMIC_G)
+                tl.store(DE + g_ptr, de, mask=mask_t)
         else:
-            ddt = dw + dla * a_h
-            da_acc += tl.where(mask_t, dla * dtv, 0.0)
-            if DT_SOFTPLUS:
-                ddt = ddt * tl.sigmoid(raw)
-            _ssd_put(DDT + g_ptr, ddt, mask_t, ATOMIC_G)
-        if HAS_D:
-            dd_acc += tl.sum(dy * x, axis=0)
-    if HAS_H0 and not SPLIT:
+            tl.store(DDT + g_ptr, dgate, mask=mask_t)
+            da_acc += da
+        dd_acc += dd
+        gc = tl.cumsum(la, axis=0)
+        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+        dy = dout
+        if HAS_Z:
+            dy = dout * zz * tl.sigmoid(zz)
+        qe = (qc.to(tl.float32) * tl.exp(gc)[:, None]).to(DOT)
+        dst = tl.exp(g_last) * dst + tl.dot(tl.trans(qe), dy.to(DOT), input_precision=PREC)
+    if HAS_H0:
         tl.store(DH0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], dst, mask=sn_mask)
-    part = pid.to(tl.int64)
     if not GENERIC:
-        tl.store(DA_PART + part * tl.num_programs(1) + tl.program_id(1), tl.sum(da_acc, axis=0))
+        tl.store(DA_PART + bh64, da_acc)
     if HAS_D:
-        tl.store(DD_PART + part * P + offs_p, dd_acc, mask=mask_p)
+        tl.store(DD_PART + bh64 * P + offs_p, dd_acc, mask=mask_p)
 
 
 @triton.jit
@@ -311,14 +336,14 @@ def _ssd_bwd_carry_kernel(
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end."""
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
     g = h // (H // G)
     b64 = b.to(tl.int64)
-    bh64 = pid.to(tl.int64)
+    bh64 = bh.to(tl.int64)
     offs_q = tl.arange(0, Q)
-    offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
+    offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
@@ -336,10 +361,9 @@ def _ssd_bwd_carry_kernel(
     for cc in range(NC):
         c = NC - 1 - cc
         tl.store(DCK + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :], dst, mask=sn_mask)
-        offs_t = c * Q + offs_q
         row = b64 * T + c * Q
         x_off = row * H * P + h * P
-        mask_t = offs_t < T
+        mask_t = c * Q + offs_q < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
         qc = tl.load(CM + row * G * N + g * N + loc_bn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
         dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
@@ -357,6 +381,89 @@ def _ssd_bwd_carry_kernel(
         tl.store(DH0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], dst, mask=sn_mask)
 
 
+@triton.jit
+def _ssd_bwd_chunk_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DCK,
+    DX, DDT, DLA, DW, DE, DB, DC, DZ, DA_PART, DD_PART,
+    T, H, G, P, N, NC, HB,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """The chunked form: one program per (batch, chunk, block of HB heads of one group), after the carry kernel
+    stored each chunk's state gradient. C B^T is computed once for the heads of the block, and their dB and dC
+    are summed in registers: one store per chunk (atomic only when a group's heads span several blocks)."""
+    b = tl.program_id(0) // NC
+    c = tl.program_id(0) % NC
+    hpg = H // G
+    n_hb = tl.cdiv(hpg, HB)
+    g = tl.program_id(1) // n_hb
+    h_first = g * hpg + (tl.program_id(1) % n_hb) * HB
+    h_end = tl.minimum(h_first + HB, (g + 1) * hpg)
+    b64 = b.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    sn_loc = offs_n[:, None] * P + offs_p[None, :]
+    row = b64 * T + c * Q
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    bn_mask = mask_t[:, None] & mask_n[None, :]
+    bc_off = row * G * N + g * N
+    kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32).to(DOT)
+    qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32).to(DOT)
+    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    dq_acc = tl.zeros((Q, BN), dtype=tl.float32)
+    dk_acc = tl.zeros((Q, BN), dtype=tl.float32)
+    for h in range(h_first, h_end):
+        bh64 = b64 * H + h
+        x_off = row * H * P + h * P
+        g_off = row * H + h
+        a_h = 0.0
+        if not GENERIC:
+            a_h = tl.load(A + h).to(tl.float32)
+        if HAS_D:
+            d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        else:
+            d_row = tl.zeros((BP,), dtype=tl.float32)
+        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+        dout = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+        zz = dout
+        if HAS_Z:
+            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+        la, w, e, dtv, raw = _ssd_load_chunk_gates(
+            DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+        )
+        st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
+        dst = tl.load(DCK + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
+        dx, dz, dq_acc, dk_acc, dgate, dw, de, da, dd = _ssd_bwd_chunk_dots(
+            x, dout, zz, la, w, e, dtv, raw, kb, qc, scores, st, dst, d_row, a_h, dq_acc, dk_acc, offs_q, mask_t,
+            Q, GENERIC, DT_SOFTPLUS, HAS_Z, DOT, PREC,
+        )  # fmt: skip
+        tl.store(DX + x_off + loc_xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
+        if HAS_Z:
+            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
+        g_ptr = g_off + offs_q * H
+        part = (b64 * NC + c) * H + h
+        if GENERIC:
+            tl.store(DLA + g_ptr, dgate, mask=mask_t)
+            tl.store(DW + g_ptr, dw, mask=mask_t)
+            if HAS_E:
+                tl.store(DE + g_ptr, de, mask=mask_t)
+        else:
+            tl.store(DDT + g_ptr, dgate, mask=mask_t)
+            tl.store(DA_PART + part, da)
+        if HAS_D:
+            tl.store(DD_PART + part * P + offs_p, dd, mask=mask_p)
+    _ssd_put(DC + bc_off + loc_bn, dq_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DB + bc_off + loc_bn, dk_acc, bn_mask, ATOMIC_BC)
+
+
 def _ssd_pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -368,25 +475,29 @@ def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
     return tl.float32, "ieee"
 
 
-SSD_TUNING: dict = {}  # "fwd" / "bwd" -> {"num_warps", "num_stages", "block_p"} overriding the defaults below
+SSD_TUNING: dict = {}  # "fwd" / "bwd" -> launch options overriding the defaults below (see _ssd_launch)
+SSD_BWD_FORMS = ("chunked", "fused")
 
 
-def _ssd_block_p(kind: str, hdim: int) -> int:
-    """Headdim columns per program: blocks of P (32 by default) keep the N x P state, its gradient and the x/y tiles
-    small enough for registers (compiled for sm_90 at N = 64, Q = 64, 8 warps: the forward needs 228 registers and
-    no stack at 32 columns against a full 255 at 64; the backward still spills, 1.2 KB instead of 2 KB a thread)."""
-    # Default: the whole head dimension. Blocks of P (block_p < P) and the split backward hit an illegal memory
-    # access on the H100 (2026-11-23, docs/benchmarks.md); only the full-P, single-pass form is GPU-verified.
-    return min(_ssd_pow2(hdim), max(16, SSD_TUNING.get(kind, {}).get("block_p", _ssd_pow2(hdim))))
-
-
-def _ssd_launch(kind: str, bn: int, bp: int, q: int, dot) -> dict:
-    """Launch options of one kernel: tuned overrides first, else 8 warps for the big tiles, 4 for the small, and
-    no software pipelining where the tiles would overflow shared memory (fp32 dots, or chunks of 128 and more)."""
+def _ssd_launch(kind: str, q: int, dot) -> dict:
+    """Launch options of one kernel: tuned overrides first ("num_warps", "num_stages"), else 8 warps for chunks of
+    64 and more, 4 below, and no software pipelining where the tiles would overflow shared memory (fp32 dots, or
+    chunks of 128 and more). "carry" tunes the backward's carry kernel apart from its chunk kernel ("bwd")."""
     wide = dot == tl.float32 or q >= 128
-    opts = {"num_warps": 8 if bn * bp >= 2048 or q >= 64 else 4, "num_stages": 1 if wide else 2}
+    opts = {"num_warps": 8 if q >= 64 else 4, "num_stages": 1 if wide else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
     return opts | ({} if wide else tuned)
+
+
+def _ssd_bwd_plan(nheads: int, ngroups: int) -> tuple[str, int]:
+    """Backward form and heads per program of the chunked form (default: every head of a group, so that dB and dC
+    need no atomics). The whole head dimension is always one program's block (blocks of it faulted on the H100)."""
+    opts = SSD_TUNING.get("bwd", {})
+    form = opts.get("form", "chunked")
+    if form not in SSD_BWD_FORMS:
+        raise ValueError(f"ssd scan: SSD_TUNING['bwd']['form'] must be one of {SSD_BWD_FORMS}, got {form!r}")
+    per_group = nheads // ngroups
+    return form, max(1, min(per_group, int(opts.get("heads", per_group))))
 
 
 def _ssd_check_shapes(x, gates, B, C, chunk_size):
@@ -434,9 +545,9 @@ class _SsdScanFn(torch.autograd.Function):
             A = A.float().contiguous()
             dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
         dot, prec = _ssd_dot_dtype(x)
-        bp, bn = _ssd_block_p("fwd", hdim), _ssd_pow2(dstate)
+        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
         any_t = x
-        _ssd_fwd_kernel[(bsz * nheads, triton.cdiv(hdim, bp))](
+        _ssd_fwd_kernel[(bsz * nheads,)](
             x, dt if dt is not None else any_t, A if A is not None else any_t,
             dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
             w if w is not None else any_t, e if e is not None else any_t, B, C,
@@ -447,7 +558,7 @@ class _SsdScanFn(torch.autograd.Function):
             Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
             HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
             STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
-            **_ssd_launch("fwd", bn, bp, chunk_size, dot),
+            **_ssd_launch("fwd", chunk_size, dot),
         )  # fmt: skip
         ctx.save_for_backward(x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt)
         ctx.meta = (chunk_size, dt_softplus, generic, D.dim() if D is not None else 0)
@@ -468,59 +579,62 @@ class _SsdScanFn(torch.autograd.Function):
         dy = dy.contiguous()
         dfin = dfinal.float().contiguous() if dfinal is not None else None
         f32 = {"device": x.device, "dtype": torch.float32}
-        dx = torch.empty_like(x)
-        n_pb = triton.cdiv(hdim, _ssd_block_p("bwd", hdim))
-        atomic = ngroups != nheads or n_pb > 1
+        form, heads = _ssd_bwd_plan(nheads, ngroups)
+        chunked = form == "chunked"
+        # dB/dC need atomics where several programs add into one group's rows
+        atomic = (nheads // ngroups > heads) if chunked else ngroups != nheads
         dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
         dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
-        new_g = torch.zeros if n_pb > 1 else torch.empty
-        n_parts = nchunks if SSD_TUNING.get("bwd", {}).get("split", False) else 1
+        dx = torch.empty_like(x)
         dz = torch.empty_like(z) if z is not None else None
         dh0 = torch.empty_like(h0c) if h0c is not None else None
         gshape = (bsz, seqlen, nheads)
+        n_parts = nchunks if chunked else 1
         ddt = dla = dw = de = da_part = None
         if generic:
-            dla, dw = new_g(gshape, **f32), new_g(gshape, **f32)
-            de = new_g(gshape, **f32) if e is not None else None
+            dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+            de = torch.empty(gshape, **f32) if e is not None else None
         else:
-            ddt = new_g(gshape, **f32)
-            da_part = torch.empty(bsz, nheads, n_parts, n_pb, **f32)
-        dd_part = torch.empty(bsz, nheads, n_parts, hdim, **f32) if d_mat is not None else None
+            ddt = torch.empty(gshape, **f32)
+            da_part = torch.empty(bsz, n_parts, nheads, **f32)
+        dd_part = torch.empty(bsz, n_parts, nheads, hdim, **f32) if d_mat is not None else None
         dot, prec = _ssd_dot_dtype(x)
-        bp, bn = _ssd_block_p("bwd", hdim), _ssd_pow2(dstate)
-        atomic_g = n_pb > 1
+        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
 
         def _or(t):
             return t if t is not None else x
 
-        split = SSD_TUNING.get("bwd", {}).get("split", False)
-        launch = _ssd_launch("bwd", bn, bp, chunk_size, dot)
-        dck = None
-        if split:
+        flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
+                 "HAS_DTB": dt_bias is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
+        dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+        if chunked:
             dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, **f32)
-            _ssd_bwd_carry_kernel[(bsz * nheads, n_pb)](
-                C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0),
-                seqlen, nheads, ngroups, hdim, dstate, nchunks,
-                Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
-                HAS_Z=z is not None, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, DOT=dot, PREC=prec, **launch,
+            _ssd_bwd_carry_kernel[(bsz * nheads,)](
+                C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0), *dims,
+                HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags, **_ssd_launch("carry", chunk_size, dot),
             )  # fmt: skip
-        _ssd_bwd_kernel[(bsz * nheads * (nchunks if split else 1), n_pb)](
-            x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy,
-            _or(dfin), dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(dh0), _or(da_part),
-            _or(dd_part), _or(dck),
-            seqlen, nheads, ngroups, hdim, dstate, nchunks,
-            Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
-            HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
-            HAS_DHT=dfin is not None, ATOMIC_BC=atomic or atomic_g, ATOMIC_G=atomic_g, SPLIT=split, DOT=dot,
-            PREC=prec, **launch,
-        )  # fmt: skip
+            grid = (bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))
+            _ssd_bwd_chunk_kernel[grid](
+                x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy, dck,
+                dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(da_part), _or(dd_part), *dims, heads,
+                HAS_E=e is not None, HAS_D=d_mat is not None, ATOMIC_BC=atomic, **flags,
+                **_ssd_launch("bwd", chunk_size, dot),
+            )  # fmt: skip
+        else:
+            _ssd_bwd_kernel[(bsz * nheads,)](
+                x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy,
+                _or(dfin), dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(dh0), _or(da_part),
+                _or(dd_part), *dims,
+                HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0c is not None, HAS_DHT=dfin is not None,
+                ATOMIC_BC=atomic, **flags, **_ssd_launch("bwd", chunk_size, dot),
+            )  # fmt: skip
         dD = None
         if d_mat is not None:
-            dD = dd_part.sum((0, 2))
+            dD = dd_part.sum((0, 1))
             dD = (dD.sum(1) if d_dims == 1 else dD).to(ctx.dtypes[2])
         dA = ddt_out = ddtb = None
         if not generic:
-            dA = da_part.sum((0, 2, 3)).to(ctx.dtypes[1])
+            dA = da_part.sum((0, 1)).to(ctx.dtypes[1])
             ddt_out = ddt.to(ctx.dtypes[0])
             ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
         grads = (dx, ddt_out, dA, ddtb, dla, dw, de, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dh0)

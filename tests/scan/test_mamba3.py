@@ -157,11 +157,12 @@ def test_bad_shapes_raise_clear_errors(m3):
         m3.mamba3_siso_scan(*args[:6], torch.zeros(1, 8, 2, 9))
 
 
-def test_headdim_split_into_blocks(m3, monkeypatch):
-    """The generic kernel path with several programs per head: la, w, e gradients summed across blocks of P."""
+@pytest.mark.parametrize("bwd", [{"form": "fused"}, {"form": "chunked", "heads": 1}], ids=["fused", "head_blocks"])
+def test_other_backward_forms(m3, bwd, monkeypatch):
+    """The generic kernel path through the fused backward, and the chunked one with one head per program (dB/dC
+    summed with atomics), at a head dimension that is not a power of two."""
     ssd = importlib.import_module("templates.scan.ssd")
-    monkeypatch.setitem(ssd.SSD_TUNING, "fwd", {"block_p": 16})
-    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"block_p": 16})
+    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", bwd)
     inp = _inputs(1, 37, 2, 48, 1, 16, 4)
     opts = ("q_bias", "k_bias", "D", "z", "state")
     got = _run(m3.mamba3_siso_scan, inp, opts, 16, with_final=True)
