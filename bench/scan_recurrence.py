@@ -53,13 +53,14 @@ LTC_CONFIGS = [  # first = the default of the Toeplitz LTI path (per-head decays
     {"BT": 32, "BP": 64, "num_warps": 4},
     {"BT": 64, "BP": 64, "num_warps": 8},
 ]
-SEL_CONFIGS = [  # first = the default of templates/scan/selective.py at N = 16
-    {"BT": 16, "BD": 8, "num_warps": 4, "SHIFT_MODE": 1},
-    {"BT": 16, "BD": 8, "num_warps": 4, "SHIFT_MODE": 0},
-    {"BT": 8, "BD": 16, "num_warps": 4, "SHIFT_MODE": 1},
-    {"BT": 16, "BD": 16, "num_warps": 8, "SHIFT_MODE": 1},
-    {"BT": 8, "BD": 32, "num_warps": 8, "SHIFT_MODE": 1},
-    {"BT": 16, "BD": 32, "num_warps": 4, "SHIFT_MODE": 1},
+SEL_CONFIGS = [  # first = the default of templates/scan/selective.py (channels per program and warps of the forward
+    # and of the backward, CK-step chunks between checkpoints)
+    {"FWD_BD": 32, "FWD_WARPS": 1, "BD": 32, "num_warps": 1, "CK": 128},
+    {"FWD_BD": 32, "FWD_WARPS": 1, "BD": 32, "num_warps": 1, "CK": 64},
+    {"FWD_BD": 32, "FWD_WARPS": 1, "BD": 32, "num_warps": 1, "CK": 256},
+    {"FWD_BD": 64, "FWD_WARPS": 1, "BD": 32, "num_warps": 1, "CK": 128},
+    {"FWD_BD": 128, "FWD_WARPS": 2, "BD": 32, "num_warps": 1, "CK": 128},
+    {"FWD_BD": 32, "FWD_WARPS": 1, "BD": 64, "num_warps": 2, "CK": 128},
 ]
 
 

@@ -1,14 +1,31 @@
 """Selective scan (Mamba-1) in Triton: per (channel, state) decay exp(dt * A), input-dependent B and C, D skip,
 optional z gate, dt = softplus(delta + bias) fused; forward and backward.
 
-A program owns (one sequence, BD channels, all N states) with the state h [BD, N] in fp32 registers and walks time
-in tiles of BT steps, scanning each [BT, BD, N] tile with `tl.associative_scan`. The state reaches HBM only at tile
-ends (checkpoints for the backward, and the optional final state). The backward walks the tiles in reverse: it
-recomputes h from the checkpoint, then runs the adjoint recurrence lambda_t = C_t dy_t + a_{t+1} lambda_{t+1}
-(a reverse scan whose shifted decay comes either from a second exp, or, without one, from a scan that carries each
-segment's first decay) and forms every gradient from the tile. dB and dC are summed over channel blocks with fp32
-atomics; dA, dD and the bias gradient are written per sequence and summed afterwards. `selective_scan_ref` is the
-sequential PyTorch reference (float64-capable) used on machines without CUDA.
+Both kernels walk time one step at a time. A program owns one sequence and BD channels with all N states, and keeps
+the state as an fp32 [N, BD] register tile; each step loads the step's [BD] rows of u, delta, z (and dout) and the
+[N] rows of B and C, issued one step ahead so that their latency overlaps the previous step's arithmetic. The time
+dependence is a single multiply-add per state per step, so there is no scan tree and no layout shuffling of tiles;
+the parallelism is batch x channel blocks (32 channels per one-warp program by default).
+
+Forward: h_t = exp2(dt_t A log2e) h_{t-1} + dt_t u_t B_t, y_t = sum_n C_t h_t (+ D u_t, times silu(z_t)). With grad
+enabled the state is written every CK steps (chunk checkpoints, fp32).
+
+Backward: chunks of CK steps in reverse, two sweeps per chunk and no per-step state in memory.
+* Reverse sweep: the adjoint lambda_t = C_t dy_t + a_{t+1} lambda_{t+1} needs no forward state. It gives du, dB
+  (summed over the program's channels, then one fp32 atomic per (step, state) per program), dD, and the
+  lambda-dependent parts of ddt and dA.
+* Forward sweep: h is recomputed from the checkpoint. It gives y (for dz), dC (atomics as for dB), and the rest of
+  ddt and dA.
+Both ddt and dA need g_t = lambda_t w_t with w_t = a_t h_{t-1} (the gradient of the log-decay), which pairs a future
+quantity with a past one. The identity g_{t+1} = g_t + mu_t x_t - (C_t dy_t) w_t (mu_t = a_{t+1} lambda_{t+1},
+x_t = dt u B_t) splits it into an adjoint part and a state part; each vanishes with the decay, so strong decays
+cancel no large terms. The reverse sweep writes its per-channel part to a small per-program scratch ([CK, BD] fp32,
+which stays in cache). The forward sweep starts from the exact g at the chunk start (the carried mu times the
+checkpoint) and adds its own part. The running sums therefore restart every chunk, and nothing is ever divided by a
+decay that may have underflowed to 0. dA, dD and the bias gradient are written per sequence and summed afterwards;
+dh0 is the carried mu at the first step.
+
+`selective_scan_ref` is the sequential PyTorch reference (float64-capable), used on machines without CUDA.
 """
 
 import os
@@ -20,23 +37,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _sel_combine(a1, b1, a2, b2):
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _sel_rev_combine(f_later, p_later, l_later, f_early, p_early, l_early):
-    # Segments as (first decay, product of the decays after the first, adjoint sum); reverse scans pass the later
-    # segment first. Joining early + later: the later sum enters through the early product and the later first decay.
-    return f_early, p_early * f_later * p_later, l_early + p_early * f_later * l_later
-
-
-@triton.jit
 def _sel_softplus(x):
-    # log1p(e) without libdevice: log(w) * e / (w - 1) with w = 1 + e keeps the precision for small e
+    # softplus(x) and its derivative sigmoid(x) from one exp; log1p(e) without libdevice as log(w) * e / (w - 1),
+    # w = 1 + e, which keeps the precision for small e
     e = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + e
-    return tl.where(x > 20.0, x, tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0))))
+    sp = tl.where(x > 20.0, x, tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0))))
+    return sp, e / w
 
 
 @triton.jit
@@ -62,63 +69,72 @@ def _sel_fwd_kernel(
     SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr,
     SAVE_CK: tl.constexpr,
-    STORE_FIN: tl.constexpr,
-    BT: tl.constexpr,
+    CK: tl.constexpr,
     BD: tl.constexpr,
     BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    rows = tl.arange(0, BT)
     cols = pid_d * BD + tl.arange(0, BD)
     ns = tl.arange(0, BN)
     md = cols < DM
     mn = ns < N
-    mdn = md[:, None] & mn[None, :]
-    A2 = tl.load(A_ptr + cols[:, None] * N + ns[None, :], mask=mdn, other=0.0).to(tl.float32) * 1.4426950408889634
+    mnd = mn[:, None] & md[None, :]
+    # the state is held transposed, [N, BD]: a channel's states sit in one thread, so sums over N stay in-thread
+    s_off = ns[:, None] + cols[None, :] * N
+    A2 = tl.load(A_ptr + s_off, mask=mnd, other=0.0).to(tl.float32) * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=md, other=0.0).to(tl.float32)
     if HAS_D:
         dskip = tl.load(D_ptr + cols, mask=md, other=0.0).to(tl.float32)
-    state_off = pid_b * DM * N + cols[:, None] * N + ns[None, :]
+    st_off = pid_b * DM * N + s_off
     if HAS_H0:
-        carry = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
     else:
-        carry = tl.zeros([BD, BN], dtype=tl.float32)
-    n_tiles = tl.cdiv(T, BT)
-    for k in range(0, n_tiles):
-        t = k * BT + rows
-        mt = t < T
-        m2 = mt[:, None] & md[None, :]
-        mtn = mt[:, None] & mn[None, :]
-        off = pid_b * T * DM + t.to(tl.int64)[:, None] * DM + cols[None, :]
-        offn = pid_b * T * N + t.to(tl.int64)[:, None] * N + ns[None, :]
-        u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        dt = tl.load(dl_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[None, :]
-        if SOFTPLUS:
-            dt = _sel_softplus(dt)
-        dt = tl.where(m2, dt, 0.0)
-        bt = tl.load(B_ptr + offn, mask=mtn, other=0.0).to(tl.float32)
-        ct = tl.load(C_ptr + offn, mask=mtn, other=0.0).to(tl.float32)
-        a = tl.math.exp2(dt[:, :, None] * A2[None, :, :])
-        bx = (dt * u)[:, :, None] * bt[:, None, :]
-        pa, pb = tl.associative_scan((a, bx), 0, _sel_combine)
-        h = pb + pa * carry[None, :, :]
-        y = tl.sum(h * ct[:, None, :], axis=2)
-        if HAS_D:
-            y += dskip[None, :] * u
+        h = tl.zeros([BN, BD], dtype=tl.float32)
+    po = pid_b * T * DM + cols
+    pn = pid_b * T * N + ns
+    # step t's inputs are loaded during step t - 1 (a software pipeline of depth one)
+    u_n = tl.load(u_ptr + po, mask=md, other=0.0).to(tl.float32)
+    dl_n = tl.load(dl_ptr + po, mask=md, other=0.0).to(tl.float32)
+    b_n = tl.load(B_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+    c_n = tl.load(C_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z_n = tl.load(z_ptr + po, mask=md, other=0.0).to(tl.float32)
+    n_ck = tl.cdiv(T, CK)
+    for t in range(0, T):
+        u = u_n
+        dt = dl_n
+        bt = b_n
+        ct = c_n
         if HAS_Z:
-            z = tl.load(z_ptr + off, mask=m2, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m2)
-        carry = tl.sum(tl.where(rows[:, None, None] == BT - 1, h, 0.0), axis=0)
+            zt = z_n
+        nxt = tl.zeros([BD], dtype=tl.int32) + t + 1 < T  # a vector: the interpreter mis-types bool scalar & vector
+        nxn = tl.zeros([BN], dtype=tl.int32) + t + 1 < T
+        u_n = tl.load(u_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+        dl_n = tl.load(dl_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+        b_n = tl.load(B_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
+        c_n = tl.load(C_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z_n = tl.load(z_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias
+        if SOFTPLUS:
+            dt, _sg = _sel_softplus(dt)
+        a = tl.math.exp2(dt[None, :] * A2)
+        h = a * h + bt[:, None] * (dt * u)[None, :]
+        y = tl.sum(h * ct[:, None], axis=0)
+        if HAS_D:
+            y += dskip * u
+        if HAS_Z:
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(out_ptr + po, y.to(out_ptr.dtype.element_ty), mask=md)
         if SAVE_CK:
-            ck_off = (pid_b * n_tiles + k) * DM * N + cols[:, None] * N + ns[None, :]
-            tl.store(ck_ptr + ck_off, carry, mask=mdn)
-    if STORE_FIN:
-        tl.store(fin_ptr + state_off, carry, mask=mdn)
+            if t % CK == CK - 1:
+                tl.store(ck_ptr + (pid_b * n_ck + t // CK) * DM * N + s_off, h, mask=mnd)
+        po += DM
+        pn += N
+    tl.store(fin_ptr + st_off, h, mask=mnd)
 
 
 @triton.jit
@@ -135,6 +151,7 @@ def _sel_bwd_kernel(
     ck_ptr,
     do_ptr,
     dfin_ptr,
+    q_ptr,
     du_ptr,
     ddl_ptr,
     dz_ptr,
@@ -153,133 +170,186 @@ def _sel_bwd_kernel(
     SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_DFIN: tl.constexpr,
-    SHIFT_MODE: tl.constexpr,
-    BT: tl.constexpr,
+    CK: tl.constexpr,
     BD: tl.constexpr,
     BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    rows = tl.arange(0, BT)
     cols = pid_d * BD + tl.arange(0, BD)
     ns = tl.arange(0, BN)
     md = cols < DM
     mn = ns < N
-    mdn = md[:, None] & mn[None, :]
-    A_nat = tl.load(A_ptr + cols[:, None] * N + ns[None, :], mask=mdn, other=0.0).to(tl.float32)
+    mnd = mn[:, None] & md[None, :]
+    s_off = ns[:, None] + cols[None, :] * N
+    A_nat = tl.load(A_ptr + s_off, mask=mnd, other=0.0).to(tl.float32)
     A2 = A_nat * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=md, other=0.0).to(tl.float32)
     if HAS_D:
         dskip = tl.load(D_ptr + cols, mask=md, other=0.0).to(tl.float32)
-    state_off = pid_b * DM * N + cols[:, None] * N + ns[None, :]
+    st_off = pid_b * DM * N + s_off
     if HAS_H0:
-        h0v = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
-    # lam_c: SHIFT_MODE 0 carries lambda at the first row of the later tile, SHIFT_MODE 1 carries a * lambda there.
+        h0v = tl.load(h0_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
+    # mu = a_{t+1} lambda_{t+1}, the adjoint carried into step t from the right (dfin at the end)
     if HAS_DFIN:
-        lam_c = tl.load(dfin_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
+        mu = tl.load(dfin_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
     else:
-        lam_c = tl.zeros([BD, BN], dtype=tl.float32)
-    dh0_acc = tl.zeros([BD, BN], dtype=tl.float32)
-    dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
+        mu = tl.zeros([BN, BD], dtype=tl.float32)
+    dA_acc = tl.zeros([BN, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
-    n_tiles = tl.cdiv(T, BT)
-    for kk in range(0, n_tiles):
-        k = n_tiles - 1 - kk
-        t = k * BT + rows
-        mt = t < T
-        m2 = mt[:, None] & md[None, :]
-        mtn = mt[:, None] & mn[None, :]
-        off = pid_b * T * DM + t.to(tl.int64)[:, None] * DM + cols[None, :]
-        offn = pid_b * T * N + t.to(tl.int64)[:, None] * N + ns[None, :]
-        u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        dt_raw = tl.load(dl_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_raw += bias[None, :]
-        if SOFTPLUS:
-            dt = _sel_softplus(dt_raw)
-            ddt_scale = tl.where(dt_raw > 20.0, 1.0, tl.sigmoid(dt_raw))
-        else:
-            dt = dt_raw
-        dt = tl.where(m2, dt, 0.0)
-        bt = tl.load(B_ptr + offn, mask=mtn, other=0.0).to(tl.float32)
-        ct = tl.load(C_ptr + offn, mask=mtn, other=0.0).to(tl.float32)
-        dout = tl.load(do_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        # recompute the tile's states from the checkpoint before the tile
-        ck_off = (pid_b * n_tiles + k - 1) * DM * N + cols[:, None] * N + ns[None, :]
-        k_vec = tl.full([BD, BN], 0, tl.int32) + k
-        h_start = tl.load(ck_ptr + ck_off, mask=mdn & (k_vec > 0), other=0.0)
-        if HAS_H0:
-            h_start += tl.where(k_vec == 0, h0v, 0.0)
-        a = tl.math.exp2(dt[:, :, None] * A2[None, :, :])
-        dtu = dt * u
-        bx = dtu[:, :, None] * bt[:, None, :]
-        pa, pb = tl.associative_scan((a, bx), 0, _sel_combine)
-        h = pb + pa * h_start[None, :, :]
+    # this program's scratch row block: CK x BD fp32, written by the reverse sweep, read by the forward sweep
+    q_base = (pid_b * tl.num_programs(1) + pid_d) * CK * BD + tl.arange(0, BD)
+    row = pid_b * T * DM + cols
+    rown = pid_b * T * N + ns
+    n_ck = tl.cdiv(T, CK)
+    for kk in range(0, n_ck):
+        c = n_ck - 1 - kk
+        t0 = c * CK
+        L = tl.minimum(T - t0, CK)
+        # ---- reverse sweep over the chunk: the adjoint, du, dB, and the lambda-side parts of ddt and dA ----
+        dsuf = tl.zeros([BD], dtype=tl.float32)  # sum of dt over the chunk's later steps
+        fsuf = tl.zeros([BD], dtype=tl.float32)  # sum over the chunk's steps >= t of f_k = sum_n A lambda x
+        po = row + (t0 + L - 1).to(tl.int64) * DM
+        pn = rown + (t0 + L - 1).to(tl.int64) * N
+        pq = q_base + (L - 1) * BD
+        u_n = tl.load(u_ptr + po, mask=md, other=0.0).to(tl.float32)
+        dl_n = tl.load(dl_ptr + po, mask=md, other=0.0).to(tl.float32)
+        do_n = tl.load(do_ptr + po, mask=md, other=0.0).to(tl.float32)
+        b_n = tl.load(B_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+        c_n = tl.load(C_ptr + pn, mask=mn, other=0.0).to(tl.float32)
         if HAS_Z:
-            y = tl.sum(h * ct[:, None, :], axis=2)
-            if HAS_D:
-                y += dskip[None, :] * u
-            z = tl.load(z_ptr + off, mask=m2, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(z)
-            dy = dout * z * sz
-            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-        else:
-            dy = dout
-        dy = tl.where(m2, dy, 0.0)
-        g = ct[:, None, :] * dy[:, :, None]
-        if SHIFT_MODE == 0:
-            tn = t + 1
-            mn2 = (tn < T)[:, None] & md[None, :]
-            dtn = tl.load(dl_ptr + off + DM, mask=mn2, other=0.0).to(tl.float32)
+            z_n = tl.load(z_ptr + po, mask=md, other=0.0).to(tl.float32)
+        for i in range(0, L):
+            u = u_n
+            dt = dl_n
+            dout = do_n
+            bt = b_n
+            ct = c_n
+            if HAS_Z:
+                zt = z_n
+            nxt = tl.zeros([BD], dtype=tl.int32) + i + 1 < L
+            nxn = tl.zeros([BN], dtype=tl.int32) + i + 1 < L
+            u_n = tl.load(u_ptr + po - DM, mask=md & nxt, other=0.0).to(tl.float32)
+            dl_n = tl.load(dl_ptr + po - DM, mask=md & nxt, other=0.0).to(tl.float32)
+            do_n = tl.load(do_ptr + po - DM, mask=md & nxt, other=0.0).to(tl.float32)
+            b_n = tl.load(B_ptr + pn - N, mask=mn & nxn, other=0.0).to(tl.float32)
+            c_n = tl.load(C_ptr + pn - N, mask=mn & nxn, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z_n = tl.load(z_ptr + po - DM, mask=md & nxt, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                dtn += bias[None, :]
+                dt += bias
             if SOFTPLUS:
-                dtn = _sel_softplus(dtn)
-            dtn = tl.where(mn2, dtn, 0.0)
-            a_next = tl.math.exp2(dtn[:, :, None] * A2[None, :, :])
-            pn, rl = tl.associative_scan((a_next, g), 0, _sel_combine, reverse=True)
-            lam = rl + pn * lam_c[None, :, :]
-            lam_c = tl.sum(tl.where(rows[:, None, None] == 0, lam, 0.0), axis=0)
-            if HAS_H0:
-                dh0_acc = tl.sum(tl.where(rows[:, None, None] == 0, a * lam, 0.0), axis=0)
-        else:
-            ones = tl.full([BT, BD, BN], 1.0, tl.float32)
-            _f, pex, ls = tl.associative_scan((a, ones, g), 0, _sel_rev_combine, reverse=True)
-            lam = ls + pex * lam_c[None, :, :]
-            lam_c = tl.sum(tl.where(rows[:, None, None] == 0, a * lam, 0.0), axis=0)
-        hb = h - bx
-        lb = tl.sum(lam * bt[:, None, :], axis=2)
-        lh = lam * hb
-        du = dt * lb
-        if HAS_D:
-            du += dskip[None, :] * dy
-            dD_acc += tl.sum(dy * u, axis=0)
-        ddt = tl.sum(lh * A_nat[None, :, :], axis=2) + u * lb
-        if SOFTPLUS:
-            ddt = ddt * ddt_scale
-        ddt = tl.where(m2, ddt, 0.0)
-        tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(ddl_ptr + off, ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
-        dA_acc += tl.sum(lh * dt[:, :, None], axis=0)
-        if HAS_BIAS:
-            dbias_acc += tl.sum(ddt, axis=0)
-        dB_t = tl.sum(lam * dtu[:, :, None], axis=1)
-        dC_t = tl.sum(h * dy[:, :, None], axis=1)
-        tl.atomic_add(dB_ptr + offn, dB_t, mask=mtn)
-        tl.atomic_add(dC_ptr + offn, dC_t, mask=mtn)
-    tl.store(dA_ptr + state_off, dA_acc, mask=mdn)
+                dt, _sg = _sel_softplus(dt)
+            dtu = dt * u
+            if HAS_Z:
+                dy = dout * zt * tl.sigmoid(zt)
+            else:
+                dy = dout
+            a = tl.math.exp2(dt[None, :] * A2)
+            # lambda = C dy + mu; the sums over N take the mu part per state and the C dy part through sum_n C B
+            mB = mu * bt[:, None]
+            lb = tl.sum(mB, axis=0) + dy * tl.sum(ct * bt, axis=0)
+            du = dt * lb
+            if HAS_D:
+                du += dskip * dy
+                dD_acc += dy * u
+            tl.store(du_ptr + po, du.to(du_ptr.dtype.element_ty), mask=md)
+            fsuf += dtu * tl.sum(mB * A_nat, axis=0)
+            tl.store(q_ptr + pq, u * lb - fsuf, mask=md)
+            dA_acc += mB * (dtu * dsuf)[None, :]
+            dsuf += dt
+            lam = ct[:, None] * dy[None, :] + mu
+            tl.atomic_add(dB_ptr + pn, tl.sum(lam * dtu[None, :], axis=1), mask=mn, sem="relaxed")
+            mu = a * lam
+            po -= DM
+            pn -= N
+            pq -= BD
+        tl.debug_barrier()
+        # ---- forward sweep: recompute h from the checkpoint; y, dz, dC and the h-side parts of ddt and dA ----
+        # g_t = lambda_t w_t with w_t = a_t h_{t-1} (the gradient of the log-decay) is exact at the chunk start and
+        # moves by g_{t+1} = g_t + mu_t x_t - (C_t dy_t) w_t (mu_t = lambda_t - C_t dy_t, x_t = dt u B_t); the reverse
+        # sweep summed the mu part into q and fsuf. Both parts vanish with the decay, so strong decays lose nothing.
+        c_vec = tl.full([BN, BD], 0, tl.int32) + c
+        h = tl.load(ck_ptr + (pid_b * n_ck + c - 1) * DM * N + s_off, mask=mnd & (c_vec > 0), other=0.0)
+        if HAS_H0:
+            h += tl.where(c_vec == 0, h0v, 0.0)
+        g0 = mu * h
+        dA_acc += g0 * dsuf[None, :]
+        run = fsuf + tl.sum(g0 * A_nat, axis=0)
+        dtot = dsuf
+        dpre = tl.zeros([BD], dtype=tl.float32)
+        po = row + t0.to(tl.int64) * DM
+        pn = rown + t0.to(tl.int64) * N
+        pq = q_base
+        u_n = tl.load(u_ptr + po, mask=md, other=0.0).to(tl.float32)
+        dl_n = tl.load(dl_ptr + po, mask=md, other=0.0).to(tl.float32)
+        do_n = tl.load(do_ptr + po, mask=md, other=0.0).to(tl.float32)
+        q_n = tl.load(q_ptr + pq, mask=md, other=0.0)
+        b_n = tl.load(B_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+        c_n = tl.load(C_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z_n = tl.load(z_ptr + po, mask=md, other=0.0).to(tl.float32)
+        for i in range(0, L):
+            u = u_n
+            dt = dl_n
+            dout = do_n
+            q = q_n
+            bt = b_n
+            ct = c_n
+            if HAS_Z:
+                zt = z_n
+            nxt = tl.zeros([BD], dtype=tl.int32) + i + 1 < L
+            nxn = tl.zeros([BN], dtype=tl.int32) + i + 1 < L
+            u_n = tl.load(u_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+            dl_n = tl.load(dl_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+            do_n = tl.load(do_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+            q_n = tl.load(q_ptr + pq + BD, mask=md & nxt, other=0.0)
+            b_n = tl.load(B_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
+            c_n = tl.load(C_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z_n = tl.load(z_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bias
+            if SOFTPLUS:
+                dt, sg = _sel_softplus(dt)
+            dtu = dt * u
+            a = tl.math.exp2(dt[None, :] * A2)
+            w = a * h
+            h = w + bt[:, None] * dtu[None, :]
+            cw = w * ct[:, None]
+            if HAS_Z:
+                sz = tl.sigmoid(zt)
+                dy = dout * zt * sz
+                y = tl.sum(cw, axis=0) + dtu * tl.sum(ct * bt, axis=0)
+                if HAS_D:
+                    y += dskip * u
+                dz = dout * y * sz * (1.0 + zt * (1.0 - sz))
+                tl.store(dz_ptr + po, dz.to(dz_ptr.dtype.element_ty), mask=md)
+            else:
+                dy = dout
+            ddt = q + run
+            if SOFTPLUS:
+                ddt = ddt * sg
+            tl.store(ddl_ptr + po, ddt.to(ddl_ptr.dtype.element_ty), mask=md)
+            if HAS_BIAS:
+                dbias_acc += ddt
+            run -= dy * tl.sum(cw * A_nat, axis=0)
+            dpre += dt
+            dA_acc -= cw * (dy * (dtot - dpre))[None, :]
+            tl.atomic_add(dC_ptr + pn, tl.sum(h * dy[None, :], axis=1), mask=mn, sem="relaxed")
+            po += DM
+            pn += N
+            pq += BD
+        tl.debug_barrier()
+    tl.store(dA_ptr + st_off, dA_acc, mask=mnd)
     if HAS_D:
         tl.store(dD_ptr + pid_b * DM + cols, dD_acc, mask=md)
     if HAS_BIAS:
         tl.store(dbias_ptr + pid_b * DM + cols, dbias_acc, mask=md)
     if HAS_H0:
-        if SHIFT_MODE == 0:
-            tl.store(dh0_ptr + state_off, dh0_acc, mask=mdn)
-        else:
-            tl.store(dh0_ptr + state_off, lam_c, mask=mdn)
+        tl.store(dh0_ptr + st_off, mu, mask=mnd)
 
 
 def _sel_use_triton(x: torch.Tensor) -> bool:
@@ -288,17 +358,18 @@ def _sel_use_triton(x: torch.Tensor) -> bool:
 
 
 def _sel_config(DM: int, N: int, config: dict | None) -> dict:
-    """Tile sizes: BT time steps x BD channels x all N states per program; SHIFT_MODE picks the backward's
-    source of the shifted decay (0: a second exp, 1: a three-way scan). The default keeps 16 elements of each
-    [BT, BD, N] tile per thread (time in-thread, N across lanes): at N = 16 the backward then needs 168 registers
-    and no spills on sm_90, where BT = 32 or BD = 16 spill (ptxas resource usage of the Triton build)."""
+    """Channels per program (all N states) and warps: FWD_BD / FWD_WARPS for the forward, BD / num_warps for the
+    backward; CK steps between the forward's checkpoints (the backward's chunk). On the H100 at the reference shape
+    one warp of 32 channels (a channel's 16 states as 4 x 4 per thread) was fastest for both; 64 channels per warp
+    make the forward slower and spill in the backward, several warps add barriers."""
     bn = triton.next_power_of_2(N)
-    cfg = {"BT": 16, "BD": max(1, min(32, 2048 // (16 * bn))), "BN": bn, "num_warps": 4, "SHIFT_MODE": 1}
+    cfg = {"BD": 32, "CK": 128, "BN": bn, "num_warps": 1, "FWD_BD": 32, "FWD_WARPS": 1}
     if os.environ.get("TRITON_INTERPRET") == "1":
-        cfg.update(BT=16, BD=4)
+        cfg.update(BD=4, CK=8, FWD_BD=8)
     if config:
         cfg.update(config)
-    cfg["BD"] = min(cfg["BD"], triton.next_power_of_2(DM))
+    for key in ("BD", "FWD_BD"):
+        cfg[key] = min(cfg[key], max(triton.next_power_of_2(DM), 1))
     return cfg
 
 
@@ -313,19 +384,19 @@ class _SelScanFn(torch.autograd.Function):
         h0c = h0.float().contiguous() if h0 is not None else None
         Bsz, T, DM = u.shape
         N = A.shape[1]
-        n_tiles = triton.cdiv(T, cfg["BT"])
         out = torch.empty_like(u)
         fin = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32)
-        ck = torch.empty((Bsz, n_tiles, DM, N), device=u.device, dtype=torch.float32) if save else fin
-        grid = (Bsz, triton.cdiv(DM, cfg["BD"]))
+        n_ck = triton.cdiv(T, cfg["CK"])
+        ck = torch.empty((Bsz, n_ck, DM, N), device=u.device, dtype=torch.float32) if save else fin
+        grid = (Bsz, triton.cdiv(DM, cfg["FWD_BD"]))
         _sel_fwd_kernel[grid](
             u, delta, A, B, C,
             D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
             h0c if h0c is not None else fin, out, ck, fin,
             T, DM, N,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-            HAS_H0=h0c is not None, SAVE_CK=save, STORE_FIN=True,
-            BT=cfg["BT"], BD=cfg["BD"], BN=cfg["BN"], num_warps=cfg["num_warps"],
+            HAS_H0=h0c is not None, SAVE_CK=save,
+            CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"], num_warps=cfg["FWD_WARPS"],
         )  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, h0c, ck if save else None)
         ctx.softplus, ctx.cfg = softplus, cfg
@@ -351,16 +422,17 @@ class _SelScanFn(torch.autograd.Function):
         dbias = torch.empty((Bsz, DM), device=u.device, dtype=torch.float32) if bias is not None else None
         dh0 = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32) if h0c is not None else None
         grid = (Bsz, triton.cdiv(DM, cfg["BD"]))
+        scratch = torch.empty(grid[0] * grid[1] * cfg["CK"] * cfg["BD"], device=u.device, dtype=torch.float32)
         _sel_bwd_kernel[grid](
             u, delta, A, B, C,
             D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-            h0c if h0c is not None else dA, ck, dout, dfin if dfin is not None else dA,
+            h0c if h0c is not None else dA, ck, dout, dfin if dfin is not None else dA, scratch,
             du, ddelta, dz if dz is not None else du, dA, dB, dC,
             dD if dD is not None else dA, dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
             T, DM, N,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_H0=h0c is not None, HAS_DFIN=dfin is not None, SHIFT_MODE=cfg["SHIFT_MODE"],
-            BT=cfg["BT"], BD=cfg["BD"], BN=cfg["BN"], num_warps=cfg["num_warps"],
+            HAS_H0=h0c is not None, HAS_DFIN=dfin is not None,
+            CK=cfg["CK"], BD=cfg["BD"], BN=cfg["BN"], num_warps=cfg["num_warps"],
         )  # fmt: skip
         b_dtype, c_dtype, h0_dtype = ctx.dtypes
         return (
