@@ -26,11 +26,15 @@ def _m3r_pairs(ptr, rows, offs_n, mask_t, N, BT: tl.constexpr, BR: tl.constexpr)
 
 
 @triton.jit
-def _m3r_bias_pairs(BIAS, h, offs_n, N, BR: tl.constexpr):
-    """Head h's bias row split into even and odd elements, each [1, BR] (fp32)."""
-    row = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    even, odd = tl.split(tl.reshape(row, (BR, 2)))
-    return even[None, :], odd[None, :]
+def _m3r_head(even, odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Head h's side of the rotation: its group's pairs plus its bias row, and cos/sin of its angles [BT, BR]."""
+    if HAS_BIAS:
+        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
+        even += b_even[None, :]
+        odd += b_odd[None, :]
+    theta = tl.load(TH + (row * H + h)[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
+    return even, odd, tl.cos(theta), tl.sin(theta)
 
 
 @triton.jit
@@ -55,13 +59,8 @@ def _m3r_fwd_kernel(
     mask_t = offs_t < T
     row = b64 * T + offs_t.to(tl.int64)
     even, odd = _m3r_pairs(V, row * G + g, offs_n, mask_t, N, BT, BR)
-    if HAS_BIAS:
-        b_even, b_odd = _m3r_bias_pairs(BIAS, h, offs_n, N, BR)
-        even += b_even
-        odd += b_odd
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-    theta = tl.load(TH + (row * H + h)[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
-    cos, sin = tl.cos(theta), tl.sin(theta)
+    even, odd, cos, sin = _m3r_head(even, odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR, HAS_BIAS)
     _m3r_store_pairs(OUT, row * H + h, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
 
 
@@ -85,13 +84,7 @@ def _m3r_bwd_kernel(
     dv_odd = tl.zeros((BT, BR), dtype=tl.float32)
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
     for h in range(g * hpg, (g + 1) * hpg):
-        even, odd = v_even, v_odd
-        if HAS_BIAS:
-            b_even, b_odd = _m3r_bias_pairs(BIAS, h, offs_n, N, BR)
-            even += b_even
-            odd += b_odd
-        theta = tl.load(TH + (row * H + h)[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
-        cos, sin = tl.cos(theta), tl.sin(theta)
+        even, odd, cos, sin = _m3r_head(v_even, v_odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR, HAS_BIAS)
         d_even_r, d_odd_r = _m3r_pairs(DOUT, row * H + h, offs_n, mask_t, N, BT, BR)
         d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
         tl.store(DTH + (row * H + h)[:, None] * R + offs_r[None, :], d_theta, mask=th_mask)

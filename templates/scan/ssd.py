@@ -82,6 +82,22 @@ def _ssd_load_chunk_gates(
 
 
 @triton.jit
+def _ssd_state_t(bh64, offs_p, offs_n, P, N):
+    """Offsets of one (batch, head) state stored (P, N) as the [BN, BP] tile the kernels hold (h0, final, dh0)."""
+    return bh64 * P * N + offs_p[None, :] * N + offs_n[:, None]
+
+
+@triton.jit
+def _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of the reverse state-gradient pass: from the gradient at the chunk's end to the one at its start,
+    exp(G_last) dst + (C exp(G))^T dy, with G the chunk-local cumulative log-decay and dy after the gate."""
+    gc = tl.cumsum(la, axis=0)
+    g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+    qe = qc.to(tl.float32) * tl.exp(gc)[:, None]
+    return tl.exp(g_last) * dst + tl.dot(tl.trans(qe).to(DOT), dy.to(DOT), input_precision=PREC)
+
+
+@triton.jit
 def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
     """Store, or add atomically where several programs (heads of a group, blocks of P) share the output."""
     if ATOMIC:
@@ -122,7 +138,7 @@ def _ssd_fwd_kernel(
         d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     sn_mask = mask_n[:, None] & mask_p[None, :]
     if HAS_H0:
-        state = tl.load(H0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], mask=sn_mask, other=0.0)
+        state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
         state = state.to(tl.float32)
     else:
         state = tl.zeros((BN, BP), dtype=tl.float32)
@@ -163,7 +179,7 @@ def _ssd_fwd_kernel(
             y = y * zz * tl.sigmoid(zz)
         tl.store(Y + x_off + loc_xp, y.to(Y.dtype.element_ty), mask=xp_mask)
     if STORE_FINAL:
-        tl.store(HT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], state, mask=sn_mask)
+        tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
 
 
 @triton.jit
@@ -175,8 +191,8 @@ def _ssd_bwd_chunk_dots(
     """Every gradient of one (head, chunk) from its inputs, the state at the chunk start (st) and the state gradient
     at its end (dst); kb, qc are the chunk's B and C in the dot dtype and scores = C B^T. Adds this head's shares of
     dC and dB to dq_acc and dk_acc. Returns dx, dz (dy when there is no gate), dq_acc, dk_acc, the gate gradient
-    (ddt, or dla), dw, de, the dA share and the dD share. Ordered so that each [Q, P] / [Q, Q] tile dies early
-    (the register file, not the arithmetic, bounds this kernel)."""
+    (ddt, or dla), dw, de, the dA share, the dD share and dy (the output gradient after the gate). Ordered so that
+    each [Q, P] / [Q, Q] tile dies early (the register file, not the arithmetic, bounds this kernel)."""
     causal = offs_q[:, None] >= offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
     gc = tl.cumsum(la, axis=0)
@@ -227,7 +243,7 @@ def _ssd_bwd_chunk_dots(
         da = tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0)
         if DT_SOFTPLUS:
             dgate = dgate * tl.sigmoid(raw)
-    return dx, dz, dq_acc, dk_acc, dgate, dw, de, da, dd
+    return dx, dz, dq_acc, dk_acc, dgate, dw, de, da, dd, dy
 
 
 @triton.jit
@@ -265,7 +281,7 @@ def _ssd_bwd_kernel(
     sn_mask = mask_n[:, None] & mask_p[None, :]
     sn_loc = offs_n[:, None] * P + offs_p[None, :]
     if HAS_DHT:
-        dst = tl.load(DHT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], mask=sn_mask, other=0.0)
+        dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
         dst = dst.to(tl.float32)
     else:
         dst = tl.zeros((BN, BP), dtype=tl.float32)
@@ -293,7 +309,7 @@ def _ssd_bwd_kernel(
         st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
         scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
         zero = tl.zeros((Q, BN), dtype=tl.float32)
-        dx, dz, dq, dk, dgate, dw, de, da, dd = _ssd_bwd_chunk_dots(
+        dx, dz, dq, dk, dgate, dw, de, da, dd, dy = _ssd_bwd_chunk_dots(
             x, dout, zz, la, w, e, dtv, raw, kb, qc, scores, st, dst, d_row, a_h, zero, zero, offs_q, mask_t,
             Q, GENERIC, DT_SOFTPLUS, HAS_Z, DOT, PREC,
         )  # fmt: skip
@@ -312,15 +328,9 @@ def _ssd_bwd_kernel(
             tl.store(DDT + g_ptr, dgate, mask=mask_t)
             da_acc += da
         dd_acc += dd
-        gc = tl.cumsum(la, axis=0)
-        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        dy = dout
-        if HAS_Z:
-            dy = dout * zz * tl.sigmoid(zz)
-        qe = (qc.to(tl.float32) * tl.exp(gc)[:, None]).to(DOT)
-        dst = tl.exp(g_last) * dst + tl.dot(tl.trans(qe), dy.to(DOT), input_precision=PREC)
+        dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
     if HAS_H0:
-        tl.store(DH0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], dst, mask=sn_mask)
+        tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
     if not GENERIC:
         tl.store(DA_PART + bh64, da_acc)
     if HAS_D:
@@ -354,7 +364,7 @@ def _ssd_bwd_carry_kernel(
         a_h = tl.load(A + h).to(tl.float32)
     sn_mask = mask_n[:, None] & mask_p[None, :]
     if HAS_DHT:
-        dst = tl.load(DHT + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], mask=sn_mask, other=0.0)
+        dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
         dst = dst.to(tl.float32)
     else:
         dst = tl.zeros((BN, BP), dtype=tl.float32)
@@ -373,12 +383,9 @@ def _ssd_bwd_carry_kernel(
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
-        gc = tl.cumsum(la, axis=0)
-        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        qe = qc.to(tl.float32) * tl.exp(gc)[:, None]
-        dst = tl.exp(g_last) * dst + tl.dot(tl.trans(qe).to(DOT), dy.to(DOT), input_precision=PREC)
+        dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
     if HAS_H0:
-        tl.store(DH0 + bh64 * P * N + offs_p[None, :] * N + offs_n[:, None], dst, mask=sn_mask)
+        tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
 
 
 @triton.jit
@@ -441,7 +448,7 @@ def _ssd_bwd_chunk_kernel(
         )
         st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
         dst = tl.load(DCK + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
-        dx, dz, dq_acc, dk_acc, dgate, dw, de, da, dd = _ssd_bwd_chunk_dots(
+        dx, dz, dq_acc, dk_acc, dgate, dw, de, da, dd, _dy = _ssd_bwd_chunk_dots(
             x, dout, zz, la, w, e, dtv, raw, kb, qc, scores, st, dst, d_row, a_h, dq_acc, dk_acc, offs_q, mask_t,
             Q, GENERIC, DT_SOFTPLUS, HAS_Z, DOT, PREC,
         )  # fmt: skip
