@@ -1,4 +1,6 @@
-"""Token shards: the challenge's binary format, a sequential token stream and a distributed batch loader."""
+"""Token shards and batches. A shard is 256 little-endian int32 (magic 20240520, version 1, token count, then
+unused) followed by that many uint16 tokens. Every shard is checked before training starts; a bad one is named.
+"""
 
 import glob
 import os
@@ -6,94 +8,100 @@ import os
 import numpy as np
 import torch
 
+HEADER_INTS = 256
+HEADER_BYTES = 4 * HEADER_INTS
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
-SHARD_HEADER_INTS = 256
 
 
-def load_data_shard(path: str) -> torch.Tensor:
-    """Read one shard: 256 little-endian int32 (magic, version, token count, ...), then uint16 tokens."""
-    header_bytes = SHARD_HEADER_INTS * 4
-    size = os.path.getsize(path)
-    if size < header_bytes:
-        raise ValueError(f"{path}: shard is {size} bytes, shorter than its {header_bytes}-byte header; re-create it")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if int(header[0]) != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad magic {int(header[0])} (want {SHARD_MAGIC}); not a token shard")
-    if int(header[1]) != SHARD_VERSION:
-        raise ValueError(f"{path}: shard version {int(header[1])} is not supported (want {SHARD_VERSION})")
-    num_tokens = int(header[2])
-    expected = header_bytes + 2 * num_tokens
-    if size != expected:
-        raise ValueError(
-            f"{path}: size {size} bytes but header says {num_tokens} tokens ({expected} bytes); re-create it"
-        )
-    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=header_bytes)
+class ShardError(ValueError):
+    """A shard that is not in the challenge's format; the message names the file and the fix."""
+
+
+def shard_token_count(path: str) -> int:
+    """The number of tokens a shard holds, after checking its header against its size."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read the shard ({exc.strerror})") from exc
+    if header.size < HEADER_INTS:
+        raise ShardError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header; re-create the shard")
+    magic, version, count = (int(v) for v in header[:3])
+    if magic != SHARD_MAGIC:
+        raise ShardError(f"{path}: magic {magic}, not {SHARD_MAGIC}: not a token shard; re-create it")
+    if version != SHARD_VERSION:
+        raise ShardError(f"{path}: shard version {version}; this script reads version {SHARD_VERSION}")
+    if size != HEADER_BYTES + 2 * count:
+        raise ShardError(f"{path}: header says {count} tokens but the file has {size} bytes; re-create the shard")
+    return count
+
+
+def read_shard(path: str) -> torch.Tensor:
+    count = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
     return torch.from_numpy(tokens.astype(np.int32))
 
 
-def shard_files(pattern: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
+def find_shards(data_path: str, split: str) -> list[str]:
+    """The split's shards in name order, each checked; an error names the folder when there are none."""
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
-        raise FileNotFoundError(f"no shards match {pattern}; set DATA_PATH to a folder with fineweb_*_*.bin files")
+        raise ShardError(f"{data_path}: no fineweb_{split}_*.bin shards; set DATA_PATH to a folder of shards")
+    for path in files:
+        shard_token_count(path)
     return files
 
 
-class TokenStream:
-    """Reads shards in order, forever, and hands out contiguous runs of tokens."""
+class ShardStream:
+    """The training shards read front to back, and again from the first when the last runs out."""
 
-    def __init__(self, pattern: str) -> None:
-        self.files = shard_files(pattern)
-        self.file_idx = 0
-        self.tokens = load_data_shard(self.files[0])
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+        self.next_file = 0
+        self.tokens = torch.zeros(0, dtype=torch.int32)
         self.pos = 0
 
-    def _advance(self) -> None:
-        self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens = load_data_shard(self.files[self.file_idx])
-        self.pos = 0
-
-    def take(self, n: int) -> torch.Tensor:
-        chunks = []
-        while n > 0:
-            avail = self.tokens.numel() - self.pos
-            if avail <= 0:
-                self._advance()
+    def read(self, n: int) -> torch.Tensor:
+        out = torch.empty(n, dtype=torch.int64)
+        filled = 0
+        while filled < n:
+            if self.pos == self.tokens.numel():
+                self.tokens = read_shard(self.files[self.next_file])
+                self.next_file = (self.next_file + 1) % len(self.files)
+                self.pos = 0
                 continue
-            k = min(n, avail)
-            chunks.append(self.tokens[self.pos : self.pos + k])
+            k = min(n - filled, self.tokens.numel() - self.pos)
+            out[filled : filled + k] = self.tokens[self.pos : self.pos + k]
+            filled += k
             self.pos += k
-            n -= k
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return out
 
 
-class DistributedTokenLoader:
-    """Each call takes one global batch from the stream; every rank keeps its own contiguous span."""
+class BatchLoader:
+    """One micro-batch per call: every rank reads the same span of the stream and keeps its own contiguous part
+    (its sequences plus one token for the shifted targets)."""
 
-    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device) -> None:
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device
-        self.stream = TokenStream(pattern)
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device) -> None:
+        self.stream = ShardStream(files)
+        self.rank, self.world_size, self.device = rank, world_size, device
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
-        local_tokens = max(seq_len, local_tokens // seq_len * seq_len)
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)
-        local = chunk[self.rank * span : (self.rank + 1) * span].to(dtype=torch.int64)
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
-        pin = self.device.type == "cuda"
-        return x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
+    def next(self, batch_tokens: int, seq_len: int, accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        per_rank = batch_tokens // (self.world_size * accum_steps) // seq_len * seq_len
+        per_rank = max(per_rank, seq_len)
+        span = self.stream.read((per_rank + 1) * self.world_size)
+        mine = span[self.rank * (per_rank + 1) : (self.rank + 1) * (per_rank + 1)]
+        if self.device.type == "cuda":
+            mine = mine.pin_memory().to(self.device, non_blocking=True)
+        return mine[:-1].view(-1, seq_len), mine[1:].view(-1, seq_len)
 
 
-def load_validation_tokens(pattern: str, seq_len: int, limit: int = 0) -> torch.Tensor:
-    """The validation stream, cut to whole sequences plus one token (optionally only its first `limit` tokens)."""
-    tokens = torch.cat([load_data_shard(f) for f in shard_files(pattern)])
+def load_validation_tokens(files: list[str], seq_len: int, limit: int = 0) -> torch.Tensor:
+    """The validation stream cut to whole sequences plus one target token (its first `limit` tokens if set)."""
+    tokens = torch.cat([read_shard(path) for path in files])
     if limit > 0:
         tokens = tokens[: limit + 1]
     usable = (tokens.numel() - 1) // seq_len * seq_len
     if usable <= 0:
-        raise ValueError(f"validation split {pattern} is shorter than one sequence of {seq_len} tokens")
+        raise ShardError(f"{files[0]}: the validation split is shorter than one sequence of {seq_len} tokens")
     return tokens[: usable + 1]

@@ -1,71 +1,106 @@
-"""Validation: non-overlapping windows over the validation stream, split across ranks; loss, bpb, token losses."""
+"""Scoring the validation split: every target token scored once, summed over ranks into loss and bits per byte.
+
+Two ways to walk the split (EVAL_MODE):
+  windows    non-overlapping windows of EVAL_SEQ_LEN tokens, each seen on its own (upstream's evaluation)
+  stateful   each rank's range cut into EVAL_BATCH_SEQS contiguous streams, each stream scored window after
+             window with the recurrent mixers' states carried over, so most tokens see far more context than
+             one window at the cost of a single pass; windows left over at the end are scored on their own
+"""
 
 import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from templates.bpb import target_bytes
 
 
+class Tally:
+    """Running sums of nats, tokens and bytes (float64), reduced over ranks at the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, losses: torch.Tensor, x: torch.Tensor, y: torch.Tensor, tables: tuple) -> None:
+        self.sums[0] += losses.double().sum()
+        self.sums[1] += y.numel()
+        self.sums[2] += target_bytes(x, y, tables).double().sum()
+
+    def result(self, world_size: int) -> tuple[float, float]:
+        if world_size > 1:
+            dist.all_reduce(self.sums)
+        nats, tokens, nbytes = self.sums.tolist()
+        loss = nats / tokens
+        return loss, loss / math.log(2.0) * tokens / nbytes
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    val_tokens: torch.Tensor,
-    byte_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    tokens: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     seq_len: int,
-    batch_tokens: int,
+    batch_seqs: int,
     rank: int,
     world_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
-    keep_token_losses: bool = False,
+    stateful: bool = False,
+    keep_losses: bool = False,
 ) -> tuple[float, float, torch.Tensor | None]:
-    """(val_loss in nats per token, val_bpb, the per-token losses of this rank's windows in order, or None).
-
-    `model(x, y, reduction="none")` must return per-token losses. Each rank scores a contiguous range of windows.
-    """
-    total_seqs = (val_tokens.numel() - 1) // seq_len
-    first = total_seqs * rank // world_size
-    last = total_seqs * (rank + 1) // world_size
-    seqs_per_batch = max(1, batch_tokens // (world_size * seq_len))
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    token_count = torch.zeros((), device=device, dtype=torch.float64)
-    byte_count = torch.zeros((), device=device, dtype=torch.float64)
-    kept = []
+    """(loss in nats per token, bits per byte, this rank's per-token losses in token order or None)."""
+    n_windows = (tokens.numel() - 1) // seq_len
+    first, last = n_windows * rank // world_size, n_windows * (rank + 1) // world_size
+    tally = Tally(device)
+    kept = torch.zeros(last - first, seq_len) if keep_losses else None
     was_training = model.training
     model.eval()
-    for s in range(first, last, seqs_per_batch):
-        e = min(s + seqs_per_batch, last)
-        chunk = val_tokens[s * seq_len : e * seq_len + 1].to(device=device, dtype=torch.int64, non_blocking=True)
-        x = chunk[:-1].reshape(-1, seq_len)
-        y = chunk[1:].reshape(-1, seq_len)
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            losses = model(x, y, reduction="none").float()
-        loss_sum += losses.double().sum()
-        token_count += y.numel()
-        byte_count += target_bytes(x, y, byte_tables).double().sum()
-        if keep_token_losses:
-            kept.append(losses.reshape(-1).cpu())
-    if world_size > 1:
-        for t in (loss_sum, token_count, byte_count):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def window(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        run = tokens[i * seq_len : (i + 1) * seq_len + 1].to(device=device, dtype=torch.int64, non_blocking=True)
+        return run[:-1], run[1:]
+
+    def score(indices: list[int], states: dict | None) -> None:
+        pairs = [window(i) for i in indices]
+        x = torch.stack([p[0] for p in pairs])
+        y = torch.stack([p[1] for p in pairs])
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if states is None:
+                losses = model(x, y, reduction="none").float()
+            else:
+                logits = core.logits(x, states)
+                losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        tally.add(losses, x, y, tables)
+        if kept is not None:
+            kept[torch.tensor(indices) - first] = losses.cpu()
+
+    core = getattr(model, "_orig_mod", model)  # under torch.compile, the module itself: states are Python objects
+    streams = max(1, min(batch_seqs, last - first))
+    rest = list(range(first, last))
+    if stateful and rest:
+        per_stream = len(rest) // streams
+        states: dict = {}
+        for step in range(per_stream):
+            score([first + s * per_stream + step for s in range(streams)], states)
+        rest = rest[streams * per_stream :]
+    for start in range(0, len(rest), streams):
+        score(rest[start : start + streams], None)
     model.train(was_training)
-    val_loss = (loss_sum / token_count).item()
-    val_bpb = val_loss / math.log(2.0) * (token_count / byte_count).item()
-    return val_loss, val_bpb, (torch.cat(kept) if kept else torch.zeros(0)) if keep_token_losses else None
+    loss, bpb = tally.result(world_size)
+    return loss, bpb, kept.flatten() if kept is not None else None
 
 
 def gather_token_losses(local: torch.Tensor, world_size: int, device: torch.device) -> torch.Tensor:
-    """Concatenate every rank's per-token losses in rank order (ranks hold contiguous ranges)."""
+    """Every rank's per-token losses concatenated in rank order (each rank holds a contiguous range)."""
     if world_size == 1:
         return local
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
-    dist.all_gather(sizes, torch.tensor([local.numel()], dtype=torch.int64, device=device))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, dtype=torch.float32, device=device)
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([local.numel()], device=device))
+    size = int(max(c.item() for c in counts))
+    padded = torch.zeros(size, device=device)
     padded[: local.numel()] = local.to(device)
-    parts = [torch.zeros_like(padded) for _ in range(world_size)]
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(n.item())].cpu() for p, n in zip(parts, sizes)])
+    return torch.cat([part[: int(c.item())].cpu() for part, c in zip(parts, counts)])

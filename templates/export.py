@@ -1,86 +1,139 @@
-"""The artifact: int8 per-row quantisation of the weights, zlib compression, and the exact read-back."""
+"""The artifact: a quantiser chosen for each tensor, the encoded tensors serialised with torch.save and the whole
+blob compressed. The file starts with a plain header naming the format and the compressor, so it can be read
+back with nothing else; the score is always computed on the model read back from the file.
+
+Which quantiser a tensor gets (first rule that applies):
+  QUANT_OVERRIDES "name_substring=quantiser"      e.g. "tok_emb=int8"
+  weights of ternary linears                      QUANT_TERNARY (ternary2 or ternary5)
+  small tensors (<= KEEP_FLOAT_MAX_NUMEL)         float32 if a control tensor, else float16
+  everything else                                 QUANT (int8 or int6)
+"""
 
 import io
+import lzma
+import os
 import zlib
 
 import torch
+from torch import Tensor, nn
 
-INT8_CLIP_QUANTILE = 0.9999984
-INT8_KEEP_FLOAT_MAX_NUMEL = 65_536
-INT8_FORMAT = "int8_clean_per_row_v1"
+from templates.layers import TernaryLinear
+from templates.quant import Quantiser
+from templates.registry import COMPRESSORS, QUANTISERS, lookup, register_compressor
 
+FORMAT = "ssm-golf-artifact/1"
+MAGIC = b"SSMG1 "  # then the compressor's name, a newline, the compressed torch.save blob
 
-def _quantize_rows_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 with a clip at a high quantile of |w|; fp16 scales."""
-    w = t.float()
-    if w.numel() == 0:
-        return torch.zeros_like(w, dtype=torch.int8), torch.ones(w.shape[0], dtype=torch.float16)
-    clip = torch.quantile(w.abs(), INT8_CLIP_QUANTILE, dim=1) if w.shape[1] > 1 else w.abs().amax(dim=1)
-    scale = (clip / 127.0).clamp_min(1e-7).to(torch.float16)  # an all-zero row keeps a tiny, nonzero scale
-    s = scale.float()[:, None]
-    q = torch.clamp(torch.round(torch.clamp(w, -clip[:, None], clip[:, None]) / s), -127, 127).to(torch.int8)
-    return q, scale
+register_compressor("zlib")((lambda raw: zlib.compress(raw, 9), zlib.decompress))
+register_compressor("lzma")((lambda raw: lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME), lzma.decompress))
 
 
-def _quantize_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = t.float()
-    clip = torch.quantile(w.abs().flatten(), INT8_CLIP_QUANTILE) if w.numel() else torch.tensor(0.0)
-    scale = (clip / 127.0).clamp_min(1e-12)
-    q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -127, 127).to(torch.int8)
-    return q, scale.reshape(1).to(torch.float32)
+class ArtifactError(ValueError):
+    """An artifact that cannot be written or read back; the message names the file."""
 
 
-def quantize_state_dict_int8(state: dict[str, torch.Tensor], keep_fp32_patterns: tuple[str, ...]) -> dict:
-    """Large float tensors -> int8 (+ scales); small ones pass through (fp32 if a control tensor, else fp16)."""
-    quantized, scales, passthrough, dtypes = {}, {}, {}, {}
-    for name, tensor in state.items():
-        t = tensor.detach().to("cpu").contiguous()
+def choose_quantisers(
+    model: nn.Module,
+    quant: str,
+    quant_ternary: str,
+    overrides: tuple[str, ...],
+    control_patterns: tuple[str, ...],
+    keep_float_max_numel: int,
+    ternary_lstsq: bool = False,
+) -> dict[str, tuple[str, dict]]:
+    """{tensor name: (quantiser, options)} for every floating tensor of the model's state dict."""
+    ternary = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    rules = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"QUANT_OVERRIDES item {item!r} is not name_substring=quantiser")
+        rules.append((key, value))
+    plan = {}
+    for name, t in model.state_dict().items():
         if not t.is_floating_point():
-            passthrough[name] = t
             continue
-        dtypes[name] = str(t.dtype).removeprefix("torch.")
-        if t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
-            keep32 = any(p in name for p in keep_fp32_patterns)
-            passthrough[name] = t.float() if keep32 else t.to(torch.float16)
-            continue
-        q, s = _quantize_rows_int8(t) if t.ndim == 2 else _quantize_tensor_int8(t)
-        quantized[name], scales[name] = q, s
-    return dict(format=INT8_FORMAT, quantized=quantized, scales=scales, passthrough=passthrough, dtypes=dtypes)
+        chosen = next((q for key, q in rules if key in name), None)
+        if chosen is None and name in ternary:
+            chosen = quant_ternary
+        if chosen is None and t.numel() <= keep_float_max_numel:
+            chosen = "float32" if any(p in name for p in control_patterns) else "float16"
+        chosen = chosen or quant
+        lookup(QUANTISERS, "quantiser", chosen)
+        options = {}
+        if chosen.startswith("ternary"):
+            if name not in ternary:
+                raise ValueError(f"{name}: {chosen} is only for the weights of ternary linears (LINEAR_KIND=ternary)")
+            options = {"per_row": ternary[name].per_row, "lstsq": ternary_lstsq}
+        plan[name] = (chosen, options)
+    return plan
 
 
-def dequantize_state_dict_int8(obj: dict) -> dict[str, torch.Tensor]:
-    if obj.get("format") != INT8_FORMAT:
-        raise ValueError(f"artifact format {obj.get('format')!r} is not {INT8_FORMAT!r}")
+def encode_state(state: dict[str, Tensor], plan: dict[str, tuple[str, dict]]) -> dict:
+    """The serialisable container: format tag and, per tensor, its quantiser, dtype and encoded fields."""
+    tensors = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if name not in plan:
+            tensors[name] = {"quantiser": "raw", "dtype": str(t.dtype), "fields": {"w": t.clone()}}
+            continue
+        quantiser, options = plan[name]
+        q: Quantiser = lookup(QUANTISERS, "quantiser", quantiser)
+        tensors[name] = {"quantiser": quantiser, "dtype": str(t.dtype), "fields": q.encode(t, options)}
+    return {"format": FORMAT, "tensors": tensors}
+
+
+def decode_state(container: dict) -> dict[str, Tensor]:
+    if not isinstance(container, dict) or container.get("format") != FORMAT:
+        raise ValueError(f"not an {FORMAT} container")
     out = {}
-    for name, q in obj["quantized"].items():
-        s = obj["scales"][name].float()
-        w = q.float() * (s[:, None] if q.ndim == 2 else s)
-        out[name] = w.to(getattr(torch, obj["dtypes"][name]))
-    for name, t in obj["passthrough"].items():
-        out[name] = t.to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
+    for name, entry in container["tensors"].items():
+        dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
+        if entry["quantiser"] == "raw":
+            out[name] = entry["fields"]["w"]
+            continue
+        q: Quantiser = lookup(QUANTISERS, "quantiser", entry["quantiser"])
+        out[name] = q.decode(entry["fields"]).to(dtype)
     return out
 
 
-def payload_bytes(obj: dict) -> int:
-    parts = ("quantized", "scales", "passthrough")
-    return sum(t.numel() * t.element_size() for part in parts for t in obj[part].values())
+def payload_bytes(container: dict) -> int:
+    """Bytes of the encoded tensors themselves, before torch.save and compression."""
+    fields = (f for entry in container["tensors"].values() for f in entry["fields"].values())
+    return sum(t.numel() * t.element_size() for t in fields)
 
 
-def serialize_artifact(obj: dict) -> tuple[bytes, int]:
-    """(compressed blob, raw torch.save size)."""
+def write_artifact(path: str, container: dict, compressor: str) -> tuple[int, int]:
+    """Write the artifact (temporary name, then rename); (bytes of the file, bytes of the torch.save blob)."""
+    compress, _ = lookup(COMPRESSORS, "compressor", compressor)
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(container, buf)
     raw = buf.getvalue()
-    return zlib.compress(raw, level=9), len(raw)
+    blob = MAGIC + compressor.encode() + b"\n" + compress(raw)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    return len(blob), len(raw)
 
 
-def read_artifact(path: str) -> dict[str, torch.Tensor]:
-    """Read an artifact file back into a state dict of the training dtypes."""
-    with open(path, "rb") as f:
-        blob = f.read()
+def read_artifact(path: str) -> dict[str, Tensor]:
+    """The state dict stored in an artifact file; ArtifactError (one line, naming the file) if it cannot be read."""
     try:
-        raw = zlib.decompress(blob)
-    except zlib.error as exc:
-        raise ValueError(f"{path}: not a zlib-compressed artifact ({exc}); pass the file the run wrote") from exc
-    obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    return dequantize_state_dict_int8(obj)
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read the artifact ({exc.strerror}); pass the file the run wrote") from exc
+    header, newline, body = blob.partition(b"\n")
+    if not header.startswith(MAGIC) or not newline:
+        raise ArtifactError(f"{path}: not an ssm-golf artifact (no {MAGIC.decode().strip()} header); re-export it")
+    compressor = header[len(MAGIC) :].decode("ascii", errors="replace")
+    if compressor not in COMPRESSORS:
+        raise ArtifactError(f"{path}: compressed with {compressor!r}, which this script cannot read")
+    _, decompress = COMPRESSORS[compressor]
+    try:
+        container = torch.load(io.BytesIO(decompress(body)), map_location="cpu", weights_only=True)
+        return decode_state(container)
+    except Exception as exc:  # any decoding failure means a damaged file
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"{path}: damaged or truncated artifact ({reason}); re-export it") from exc

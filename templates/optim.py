@@ -1,89 +1,158 @@
-"""Optimisers and schedules: Muon (orthogonalised momentum) for matrices, Adam for the rest, wall-clock warmdown."""
+"""Optimisers and schedules: Muon for the blocks' matrices, Adam for everything else, which tensor goes where
+decided by the declaration (control-tensor name patterns); the wall-clock warmdown; an EMA of the weights.
+"""
+
+import math
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# quintic Newton-Schulz coefficients: x <- a x + (b G + c G^2) x with G = x x^T
+NS_A, NS_B, NS_C = 3.4445, -4.7750, 2.0315
 
 
-def newton_schulz_orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximately U V^T of g = U S V^T by a quintic Newton-Schulz iteration, in bf16."""
-    a, b, c = NS_COEFFS
+def orthogonalize(g: Tensor, steps: int) -> Tensor:
+    """Approximate U V^T of each matrix in a stack [n, rows, cols] (g = U S V^T), iterated in bf16."""
     x = g.bfloat16()
-    x = x / (x.norm() + eps)
-    transposed = g.size(0) > g.size(1)
-    if transposed:
-        x = x.T
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
-        poly = b * gram + c * gram @ gram
-        x = a * x + poly @ x
-    return x.T if transposed else x
+        gram = x @ x.mT
+        x = NS_A * x + (NS_B * gram + NS_C * (gram @ gram)) @ x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised per matrix; matrices are shared round-robin between ranks.
+    """Momentum (Nesterov), orthogonalised, scaled by sqrt(max(1, rows / cols)); decoupled weight decay.
 
-    Each rank orthogonalises its share of the parameters into one flat buffer; an all-reduce sums the buffers so
-    every rank applies every update. The update is scaled by sqrt(max(1, rows / cols)).
+    Matrices of one shape are stacked and orthogonalised as a batch. With several ranks each rank orthogonalises
+    an equal slice of every stack and an all-gather hands every rank the whole stack. Gradients must already be
+    averaged across ranks (DDP does this).
     """
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
-        self.orthogonalize = newton_schulz_orthogonalize
+    def __init__(
+        self,
+        params: list[Tensor],
+        lr: float,
+        momentum: float,
+        steps: int,
+        weight_decay: float = 0.0,
+        row_norm: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, steps=steps, weight_decay=weight_decay, row_norm=row_norm)
+        super().__init__(params, defaults)
+        self.orthogonalize = orthogonalize
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 (torch's signature)
-        distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+    def step(self, closure=None) -> None:  # noqa: ANN001 (torch's signature)
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if ranks > 1 else 0
         for group in self.param_groups:
-            params = group["params"]
-            if not params:
-                continue
-            total = sum(p.numel() for p in params)
-            flat = torch.zeros(total, device=params[0].device, dtype=torch.bfloat16)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
-                    g = p.grad
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(g)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(g)
-                    if group["nesterov"]:
-                        g = g.add(buf, alpha=group["momentum"])
-                    else:
-                        g = buf
-                    update = self.orthogonalize(g, group["backend_steps"])
-                    update = update * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = update.reshape(-1)
-                offset += p.numel()
-            if distributed:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            stacks: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    stacks[tuple(p.shape)].append(p)
+            for shape, params in stacks.items():
+                state = self.state[params[0]]
+                grads = torch.stack([p.grad for p in params])
+                if "stack_momentum" not in state:
+                    state["stack_momentum"] = torch.zeros_like(grads)
+                velocity = state["stack_momentum"]
+                velocity.mul_(group["momentum"]).add_(grads)
+                direction = grads.add(velocity, alpha=group["momentum"])
+                if group["row_norm"]:
+                    direction = direction / (direction.norm(dim=-1, keepdim=True) + 1e-7)
+                share = math.ceil(len(params) / ranks)
+                if ranks > 1:
+                    pad = share * ranks - len(params)
+                    if pad:
+                        direction = torch.cat((direction, direction.new_zeros(pad, *shape)))
+                    mine = self.orthogonalize(direction[rank * share : (rank + 1) * share], group["steps"])
+                    update = mine.new_empty(share * ranks, *shape)
+                    dist.all_gather_into_tensor(update, mine.contiguous())
+                else:
+                    update = self.orthogonalize(direction, group["steps"])
+                gain = max(1.0, shape[0] / shape[1]) ** 0.5
+                for i, p in enumerate(params):
+                    if group["weight_decay"]:
+                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                    p.add_(update[i].to(p.dtype), alpha=-group["lr"] * gain)
 
 
-def lr_multiplier(
-    step: int, elapsed_ms: float, iterations: int, warmdown_iters: int, max_wallclock_ms: float | None
+def split_parameters(model: nn.Module, control_patterns: tuple[str, ...]) -> dict[str, list[Tensor]]:
+    """{"muon": block matrices, "embed": embedding tables, "head": untied head, "scalar": the rest}.
+
+    A matrix inside a block or an input feature goes to Muon unless its name contains a control pattern;
+    embedding tables (the token embedding and any feature tables) go to the embedding group; vectors,
+    convolutions, control tensors and the model's own top-level tensors go to the scalar group.
+    """
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    head_ids = {id(head.weight)} if head is not None else set()
+    inside = ("blocks.", "features.")
+    groups: dict[str, list[Tensor]] = {"muon": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if id(p) in tables:
+            groups["embed"].append(p)
+        elif id(p) in head_ids:
+            groups["head"].append(p)
+        elif p.ndim == 2 and name.startswith(inside) and not any(pattern in name for pattern in control_patterns):
+            groups["muon"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def lr_scale(
+    step: int,
+    elapsed_ms: float,
+    iterations: int,
+    warmup_steps: int,
+    warmdown_iters: int,
+    cap_ms: float | None,
 ) -> float:
-    """1 until the warmdown, then linear to 0: by steps, or by wall-clock when a cap is set."""
+    """Learning-rate multiplier: a linear ramp over `warmup_steps`, flat, then a linear warmdown to zero.
+
+    With a wall-clock cap the warmdown spans the last `warmdown_iters` steps' worth of time at the pace so far;
+    without one it spans the last `warmdown_iters` of `iterations`.
+    """
+    ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if warmdown_iters <= 0:
-        return 1.0
-    if max_wallclock_ms is None:
-        start = max(iterations - warmdown_iters, 0)
-        return max((iterations - step) / warmdown_iters, 0.0) if step >= start else 1.0
-    step_ms = elapsed_ms / max(step, 1)
-    warmdown_ms = warmdown_iters * step_ms
-    remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        return ramp
+    if cap_ms is None:
+        left = (iterations - step) / warmdown_iters
+    else:
+        pace_ms = elapsed_ms / max(step, 1)
+        left = (cap_ms - elapsed_ms) / max(warmdown_iters * pace_ms, 1e-9)
+    return ramp * min(1.0, max(left, 0.0))
 
 
-def muon_momentum_at(step: int, start: float, end: float, warmup_steps: int) -> float:
-    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
-    return (1 - frac) * start + frac * end
+def momentum_at(step: int, start: float, end: float, ramp_steps: int) -> float:
+    """Muon momentum, linear from `start` to `end` over the first `ramp_steps` steps."""
+    t = min(step / ramp_steps, 1.0) if ramp_steps > 0 else 1.0
+    return start + t * (end - start)
+
+
+class WeightAverage:
+    """An fp32 exponential moving average of the parameters, swapped into the model before the final export."""
+
+    def __init__(self, model: nn.Module, decay: float, start_step: int) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.decay = decay
+        self.start_step = start_step
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        current = [p.detach().float() for p in self.params]
+        weight = 1.0 if step < self.start_step else 1.0 - self.decay
+        torch._foreach_lerp_(self.shadow, current, weight)
+
+    @torch.no_grad()
+    def copy_into_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))

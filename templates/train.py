@@ -1,8 +1,11 @@
-"""main(): setup, training under the wall-clock cap, serialisation, round-trip evaluation of the artifact, logs.
+"""Training and scoring, top to bottom: set up ranks and logging, read the data, build the model from its
+declaration, train under the wall-clock cap, write the artifact, read it back and score it.
 
-Runs as `torchrun --standalone --nproc_per_node=N train_gpt.py` on CUDA (N divides 8), or `python train_gpt.py` on a
-CPU-only machine. EVAL_ONLY=1 ARTIFACT=<file> skips training and scores an existing artifact; TOKEN_LOSSES=<file.npz>
-also writes the scored tokens and their per-token losses.
+  torchrun --standalone --nproc_per_node=8 train_gpt.py     CUDA; the rank count must divide 8
+  python train_gpt.py                                       one process (CPU works, with tiny settings)
+  EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz python train_gpt.py
+                                                            score an existing artifact, no training
+  TOKEN_LOSSES=losses.npz                                   also save the scored tokens and each one's loss
 """
 
 import copy
@@ -21,310 +24,311 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from templates.bpb import build_byte_tables
-from templates.data import DistributedTokenLoader, load_validation_tokens, shard_files
+from templates.config import model_config_from_env
+from templates.data import BatchLoader, ShardError, find_shards, load_validation_tokens
 from templates.evaluate import evaluate, gather_token_losses
 from templates.export import (
+    ArtifactError,
+    choose_quantisers,
+    encode_state,
     payload_bytes,
-    quantize_state_dict_int8,
     read_artifact,
-    serialize_artifact,
+    write_artifact,
 )
-from templates.hparams import Hyperparameters, env_int
-from templates.layers import CastedLinear, keep_control_params_fp32
-from templates.model import GPT
-from templates.optim import Muon, lr_multiplier, muon_momentum_at, newton_schulz_orthogonalize
+from templates.hparams import Hyperparameters
+from templates.layers import TernaryLinear
+from templates.model import LanguageModel
+from templates.optim import Muon, WeightAverage, lr_scale, momentum_at, split_parameters
 
-ARTIFACT_NAME = "final_model.int8.ptz"
-SCORE_TAG = "final_int8_zlib_roundtrip"
+
+def ternary_mix(elapsed_ms: float, cap_ms: float | None, warmstart_frac: float, ramp_frac: float) -> float:
+    """How ternary the ternary linears are now: 0 during the float warm start, then a linear ramp to 1."""
+    if warmstart_frac <= 0 or cap_ms is None:
+        return 1.0
+    start_ms = warmstart_frac * cap_ms
+    return min(1.0, max(0.0, (elapsed_ms - start_ms) / max(ramp_frac * (cap_ms - start_ms), 1e-9)))
 
 
 def main() -> None:
     hp = Hyperparameters()
+    cfg = model_config_from_env()
     code = Path(__file__).read_bytes()
 
-    # ----------------------------------------------------------------------------- distributed and device
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", "0"))
+    # ----- ranks, device, logging -----
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if 8 % world_size != 0:
-        raise SystemExit(f"WORLD_SIZE={world_size} must divide 8 (the batch is split into 8 micro-batches)")
-    grad_accum_steps = env_int("GRAD_ACCUM_STEPS", 0) or 8 // world_size
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = "RANK" in os.environ and world_size > 1
+    if 8 % world_size:
+        raise SystemExit(f"WORLD_SIZE={world_size}: the rank count must divide 8")
+    accum_steps = hp.grad_accum_steps or 8 // world_size
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
     if distributed:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     master = rank == 0
-    autocast_dtype = torch.bfloat16 if use_cuda else None
-    compile_model = hp.compile and use_cuda
+    amp_dtype = torch.bfloat16 if cuda else None
+    compiled = hp.compile and cuda
 
-    def sync() -> None:
-        if use_cuda:
+    log_file = Path("logs") / f"{hp.run_id}.txt"
+    if master:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(code.decode("utf-8", errors="replace") + "\n" + "=" * 100 + "\n", encoding="utf-8")
+
+    def log(line: str, console: bool = True) -> None:
+        if master:
+            if console:
+                print(line, flush=True)
+            with log_file.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def wait_for_device() -> None:
+        if cuda:
             torch.cuda.synchronize()
 
-    # ----------------------------------------------------------------------------- logging
-    log_path = Path("logs") / f"{hp.run_id}.txt"
-    if master:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("w", encoding="utf-8") as f:
-            f.write(code.decode("utf-8", errors="replace"))
-            f.write("\n" + "=" * 100 + "\n")
-
-    def log0(msg: str, console: bool = True) -> None:
-        if not master:
-            return
-        if console:
-            print(msg, flush=True)
-        with log_path.open("a", encoding="utf-8") as f:
-            f.write(msg + "\n")
-
-    log0(f"Running Python {sys.version}", console=False)
-    log0(f"Running PyTorch {torch.__version__}", console=False)
-    if use_cuda:
-        log0(f"device:{torch.cuda.get_device_name(device)} count:{torch.cuda.device_count()}", console=False)
-    log0("Hyperparameters:")
+    log(f"Running Python {sys.version}", console=False)
+    log(f"Running PyTorch {torch.__version__}", console=False)
+    if cuda:
+        log(f"device:{torch.cuda.get_device_name(device)} count:{torch.cuda.device_count()}", console=False)
+    log("Hyperparameters:")
     for name, value in hp.items():
-        log0(f"  {name}: {value}")
-    log0(f"seed:{hp.seed}")
-    log0(f"world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
-
+        log(f"  {name}: {value}")
+    log(f"model: {cfg}")
+    log(f"seed:{hp.seed}")
+    log(f"world_size:{world_size} grad_accum_steps:{accum_steps}")
     random.seed(hp.seed)
     np.random.seed(hp.seed)
     torch.manual_seed(hp.seed)
-    if use_cuda:
-        torch.cuda.manual_seed_all(hp.seed)
 
-    # ----------------------------------------------------------------------------- tokenizer and validation data
+    # ----- data: every shard checked before anything else -----
+    try:
+        train_files = [] if hp.eval_only else find_shards(hp.data_path, "train")
+        val_files = find_shards(hp.data_path, "val")
+    except ShardError as exc:
+        raise SystemExit(f"error: {exc}") from None
     sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
-    if sp.get_piece_size() != hp.vocab_size:
-        raise SystemExit(f"{hp.tokenizer_path}: {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}")
-    byte_tables = build_byte_tables(sp, hp.vocab_size, device)
-    train_pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
-    val_pattern = os.path.join(hp.data_path, "fineweb_val_*.bin")
-    val_tokens = load_validation_tokens(val_pattern, hp.train_seq_len, hp.val_tokens)
-    log0(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
-    log0(f"val_loader:shards pattern={val_pattern} tokens:{val_tokens.numel() - 1}")
+    if sp.get_piece_size() != cfg.vocab_size:
+        raise SystemExit(f"{hp.tokenizer_path}: {sp.get_piece_size()} pieces, but VOCAB_SIZE={cfg.vocab_size}")
+    tables = build_byte_tables(sp, cfg.vocab_size, device)
+    eval_seq_len = hp.eval_seq_len or hp.train_seq_len
+    if hp.eval_mode not in ("windows", "stateful"):
+        raise SystemExit(f"EVAL_MODE={hp.eval_mode!r}: choose windows or stateful")
+    eval_batch_seqs = hp.eval_batch_seqs or max(1, hp.val_batch_size // (world_size * eval_seq_len))
+    val_tokens = load_validation_tokens(val_files, eval_seq_len, hp.val_tokens)
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    log(f"val_loader:shards pattern={hp.data_path}/fineweb_val_*.bin tokens:{val_tokens.numel() - 1}")
 
-    # ----------------------------------------------------------------------------- model
-    base_model = GPT(hp).to(device)
-    if use_cuda:
-        base_model = base_model.bfloat16()
-        for module in base_model.modules():
-            if isinstance(module, CastedLinear):
-                module.float()
-    keep_control_params_fp32(base_model, hp.control_patterns)
-    log0(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
-    model = torch.compile(base_model, dynamic=False, fullgraph=True) if compile_model else base_model
+    def validate(net: torch.nn.Module, keep: bool = False) -> tuple[float, float, torch.Tensor | None]:
+        return evaluate(
+            net, val_tokens, tables, eval_seq_len, eval_batch_seqs, rank, world_size, device, amp_dtype,
+            stateful=hp.eval_mode == "stateful", keep_losses=keep,
+        )  # fmt: skip
 
-    steps_done = 0
-    train_time_ms = 0.0
-    pre_quant_bpb = None
+    # ----- model -----
+    base = LanguageModel(cfg).to(device)
+    log(f"model_params:{sum(p.numel() for p in base.parameters())}")
+    model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph) if compiled else base
+
+    steps, train_ms, pre_quant_bpb = 0, 0.0, None
+    artifact = Path(hp.artifact if hp.eval_only else hp.artifact_name)
     if hp.eval_only:
-        if not hp.artifact or not os.path.isfile(hp.artifact):
-            raise SystemExit(f"EVAL_ONLY=1 needs ARTIFACT=<file> of an existing artifact (got {hp.artifact!r})")
-        artifact_path = Path(hp.artifact)
-        log0(f"eval_only: scoring {artifact_path.name} without training")
-        bytes_model = artifact_path.stat().st_size
+        if not artifact.is_file():
+            raise SystemExit(f"EVAL_ONLY=1 needs ARTIFACT=<file> of an existing artifact, got {str(artifact)!r}")
+        log(f"eval_only: scoring {artifact.name} without training")
     else:
-        # ------------------------------------------------------------------------- optimisers
-        named = list(base_model.named_parameters())
-        is_control = [p.ndim < 2 or any(c in n for c in hp.control_patterns) for n, p in named]
-        matrix_params = [p for (n, p), c in zip(named, is_control) if n.startswith("blocks.") and not c]
-        scalar_params = [p for (n, p), c in zip(named, is_control) if n.startswith("blocks.") and c]
-        scalar_params.append(base_model.skip_weights)
-        fused = use_cuda
-        embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
-        adam_kw = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
-        optimizers: list[torch.optim.Optimizer] = [
-            torch.optim.Adam([{"params": [base_model.tok_emb.weight], "lr": embed_lr, "base_lr": embed_lr}], **adam_kw),
-            Muon(matrix_params, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps),
-            torch.optim.Adam([{"params": scalar_params, "lr": hp.scalar_lr, "base_lr": hp.scalar_lr}], **adam_kw),
-        ]
-        for group in optimizers[1].param_groups:
-            group["base_lr"] = hp.matrix_lr
-        if base_model.lm_head is not None:
-            head = [{"params": [base_model.lm_head.weight], "lr": hp.head_lr, "base_lr": hp.head_lr}]
-            optimizers.append(torch.optim.Adam(head, **adam_kw))
-        if compile_model:
-            optimizers[1].orthogonalize = torch.compile(newton_schulz_orthogonalize)
-        train_model = (
-            DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
-            if distributed
-            else model
-        )
+        # ----- optimisers: who goes where is the declaration's control patterns -----
+        groups = split_parameters(base, hp.control_patterns)
+        adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=cuda)
+        embed_lr = hp.tied_embed_lr if cfg.tie_embeddings else hp.embed_lr
+        muon = Muon(
+            groups["muon"], hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_weight_decay,
+            hp.muon_row_norm,
+        )  # fmt: skip
+        optimizers: list[torch.optim.Optimizer] = [muon]
+        for key, lr in (("embed", embed_lr), ("scalar", hp.scalar_lr), ("head", hp.head_lr)):
+            if groups[key]:
+                optimizers.append(torch.optim.Adam([{"params": groups[key], "lr": lr}], **adam))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        if compiled:
+            muon.orthogonalize = torch.compile(muon.orthogonalize)
+        ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None) if distributed else model
+        ternary = [m for m in base.modules() if isinstance(m, TernaryLinear)]
 
-        def train_step(loader: DistributedTokenLoader, lr_scale: float, momentum: float) -> torch.Tensor:
-            total = torch.zeros((), device=device)
-            for micro in range(grad_accum_steps):
+        def step_once(loader: BatchLoader, scale: float, momentum: float) -> torch.Tensor:
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum_steps):
                 if distributed:
-                    train_model.require_backward_grad_sync = micro == grad_accum_steps - 1
-                x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, grad_accum_steps)
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = train_model(x, y)
-                (loss / grad_accum_steps).backward()
-                total += loss.detach() / grad_accum_steps
-            for group in optimizers[1].param_groups:
-                group["momentum"] = momentum
+                    ddp.require_backward_grad_sync = micro == accum_steps - 1
+                x, y = loader.next(hp.train_batch_tokens, hp.train_seq_len, accum_steps)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = ddp(x, y)
+                (loss / accum_steps).backward()
+                loss_sum += loss.detach()
             for opt in optimizers:
                 for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * lr_scale
+                    group["lr"] = group["initial_lr"] * scale
+            for group in muon.param_groups:
+                group["momentum"] = momentum
             if hp.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(base_model.parameters(), hp.grad_clip_norm)
+                torch.nn.utils.clip_grad_norm_(base.parameters(), hp.grad_clip_norm)
             for opt in optimizers:
                 opt.step()
-            for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            return total
+            return loss_sum / accum_steps
 
-        # ------------------------------------------------------------------------- compile warm-up, then restore
-        log0(f"train_loader:dataset:{os.path.basename(hp.data_path)} train_shards:{len(shard_files(train_pattern))}")
+        # ----- compile warm-up on real batches, then back to the initial weights and optimiser state -----
+        log(f"train_loader:dataset:{Path(hp.data_path).name} train_shards:{len(train_files)}")
         if hp.warmup_steps > 0:
-            model_state = copy.deepcopy(base_model.state_dict())
-            opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-            warm_loader = DistributedTokenLoader(train_pattern, rank, world_size, device)
-            for i in range(hp.warmup_steps):
-                train_step(warm_loader, 1.0, hp.muon_momentum_warmup_start)
-                if i + 1 == hp.warmup_steps or (i + 1) % 10 == 0:
-                    log0(f"warmup_step:{i + 1}/{hp.warmup_steps}")
-            base_model.load_state_dict(model_state)
-            for opt, state in zip(optimizers, opt_states):
+            saved = copy.deepcopy((base.state_dict(), [opt.state_dict() for opt in optimizers]))
+            warm_loader = BatchLoader(train_files, rank, world_size, device)
+            for i in range(1, hp.warmup_steps + 1):
+                step_once(warm_loader, 1.0, hp.muon_momentum_warmup_start)
+                if i % 10 == 0 or i == hp.warmup_steps:
+                    log(f"warmup_step:{i}/{hp.warmup_steps}")
+            base.load_state_dict(saved[0])
+            for opt, state in zip(optimizers, saved[1]):
                 opt.load_state_dict(state)
-            del model_state, opt_states, warm_loader
+            del saved, warm_loader
 
-        # ------------------------------------------------------------------------- training under the cap
-        loader = DistributedTokenLoader(train_pattern, rank, world_size, device)
-        max_wallclock_ms = 1000.0 * hp.max_wallclock_seconds if hp.max_wallclock_seconds > 0 else None
-        stop_after_step = None
-        log0("phase:train begin")
-        sync()
-        t0 = time.perf_counter()
-        step = 0
+        # ----- training under the wall-clock cap -----
+        loader = BatchLoader(train_files, rank, world_size, device)
+        average = WeightAverage(base, hp.ema_decay, hp.ema_start_step) if hp.ema_decay > 0 else None
+        cap_ms = 1000.0 * hp.max_wallclock_seconds if hp.max_wallclock_seconds > 0 else None
+        stop_at = hp.iterations
+        log("phase:train begin")
+        wait_for_device()
+        started = time.perf_counter()
         while True:
-            last_step = step == hp.iterations or (stop_after_step is not None and step >= stop_after_step)
-            if last_step or (hp.val_loss_every > 0 and step > 0 and step % hp.val_loss_every == 0):
-                sync()
-                train_time_ms += 1000.0 * (time.perf_counter() - t0)
-                val_loss, val_bpb, _ = evaluate(
-                    model, val_tokens, byte_tables, hp.train_seq_len, hp.val_batch_size, rank, world_size, device,
-                    autocast_dtype,
-                )  # fmt: skip
-                pre_quant_bpb = val_bpb
-                log0(
-                    f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                    f"train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / max(step, 1):.2f}ms"
+            final = steps >= stop_at
+            if final or (hp.val_loss_every > 0 and steps > 0 and steps % hp.val_loss_every == 0):
+                wait_for_device()
+                train_ms += 1000.0 * (time.perf_counter() - started)
+                val_loss, pre_quant_bpb, _ = validate(model)
+                log(
+                    f"step:{steps}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{pre_quant_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(steps, 1):.2f}ms"
                 )
-                sync()
-                t0 = time.perf_counter()
-            if last_step:
-                if stop_after_step is not None and step < hp.iterations:
-                    log0(f"stopping_early: wallclock_cap train_time:{train_time_ms:.0f}ms step:{step}/{hp.iterations}")
+                wait_for_device()
+                started = time.perf_counter()
+            if final:
+                if stop_at < hp.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{steps}/{hp.iterations}")
                 break
-            elapsed_ms = train_time_ms + 1000.0 * (time.perf_counter() - t0)
-            lr_scale = lr_multiplier(step, elapsed_ms, hp.iterations, hp.warmdown_iters, max_wallclock_ms)
-            momentum = muon_momentum_at(
-                step, hp.muon_momentum_warmup_start, hp.muon_momentum, hp.muon_momentum_warmup_steps
+            elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
+            if ternary:
+                mix = ternary_mix(elapsed, cap_ms, hp.ternary_warmstart_frac, hp.ternary_ramp_frac)
+                for m in ternary:
+                    m.quant_mix.fill_(mix)
+            scale = lr_scale(steps, elapsed, hp.iterations, hp.lr_warmup_steps, hp.warmdown_iters, cap_ms)
+            momentum = momentum_at(
+                steps, hp.muon_momentum_warmup_start, hp.muon_momentum, hp.muon_momentum_warmup_steps
             )
-            train_loss = train_step(loader, lr_scale, momentum)
-            step += 1
-            approx_ms = train_time_ms + 1000.0 * (time.perf_counter() - t0)
-            if hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0):
-                log0(
-                    f"step:{step}/{hp.iterations} train_loss:{train_loss.item():.4f} "
-                    f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms"
+            train_loss = step_once(loader, scale, momentum)
+            steps += 1
+            if average is not None:
+                average.update(steps)
+            elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
+            if hp.train_log_every > 0 and (steps <= 10 or steps % hp.train_log_every == 0):
+                log(
+                    f"step:{steps}/{hp.iterations} train_loss:{train_loss.item():.4f} "
+                    f"train_time:{elapsed:.0f}ms step_avg:{elapsed / steps:.2f}ms"
                 )
-            reached_cap = max_wallclock_ms is not None and approx_ms >= max_wallclock_ms
-            if distributed and max_wallclock_ms is not None:
-                flag = torch.tensor(int(reached_cap), device=device)
+            out_of_time = cap_ms is not None and elapsed >= cap_ms
+            if distributed and cap_ms is not None:
+                flag = torch.tensor(float(out_of_time), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                reached_cap = bool(flag.item())
-            if stop_after_step is None and reached_cap:
-                stop_after_step = step
-        steps_done = step
-        log0("phase:train end")
-        if use_cuda:
-            log0(
+                out_of_time = flag.item() > 0
+            if out_of_time and stop_at == hp.iterations:
+                stop_at = steps
+        log("phase:train end")
+        if cuda:
+            log(
                 f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
             )
+        if average is not None:
+            average.copy_into_model()
+            log(f"ema:applied decay={hp.ema_decay}")
 
-        # ------------------------------------------------------------------------- serialisation
-        log0("phase:serialize begin")
-        artifact_path = Path(ARTIFACT_NAME)
+        # ----- the artifact: quantise, compress, write -----
+        log("phase:serialize begin")
         if master:
-            state = base_model.state_dict()
+            plan = choose_quantisers(
+                base, hp.quant, hp.quant_ternary, hp.quant_overrides, hp.control_patterns, hp.keep_float_max_numel,
+                hp.ternary_lstsq,
+            )  # fmt: skip
+            state = base.state_dict()
             raw_bytes = sum(t.numel() * t.element_size() for t in state.values())
-            quant = quantize_state_dict_int8(state, hp.control_patterns)
-            blob, raw_torch = serialize_artifact(quant)
-            tmp = artifact_path.with_suffix(".tmp")
-            tmp.write_bytes(blob)
-            os.replace(tmp, artifact_path)
-            payload = payload_bytes(quant)
-            log0(f"Serialized model: {raw_bytes} bytes")
-            log0(f"Code size: {len(code)} bytes")
-            log0(f"Total submission size: {raw_bytes + len(code)} bytes")
-            log0(
-                f"Serialized model int8+zlib: {len(blob)} bytes "
-                f"(payload:{payload} raw_torch:{raw_torch} payload_ratio:{raw_bytes / max(payload, 1):.2f}x)"
+            container = encode_state(state, plan)
+            file_bytes, torch_bytes = write_artifact(str(artifact), container, hp.compressor)
+            payload = payload_bytes(container)
+            label = f"{hp.quant}+{hp.compressor}"
+            log(f"Serialized model: {raw_bytes} bytes")
+            log(f"Code size: {len(code)} bytes")
+            log(f"Total submission size: {raw_bytes + len(code)} bytes")
+            log(
+                f"Serialized model {label}: {file_bytes} bytes "
+                f"(payload:{payload} raw_torch:{torch_bytes} payload_ratio:{raw_bytes / max(payload, 1):.2f}x)"
             )
-            log0(f"Total submission size int8+zlib: {len(blob) + len(code)} bytes")
+            log(f"Total submission size {label}: {file_bytes + len(code)} bytes")
         if distributed:
             dist.barrier()
-        bytes_model = artifact_path.stat().st_size
-        log0("phase:serialize end")
+        log("phase:serialize end")
 
-    # ----------------------------------------------------------------------------- round-trip evaluation
+    # ----- score the model read back from the artifact -----
+    model_bytes = artifact.stat().st_size
     if hp.eval_only:
-        log0(f"Serialized model int8+zlib: {bytes_model} bytes")
-        log0(f"Code size: {len(code)} bytes")
-        log0(f"Total submission size int8+zlib: {bytes_model + len(code)} bytes")
-    log0("phase:eval begin")
-    sync()
-    t_eval = time.perf_counter()
-    base_model.load_state_dict(read_artifact(str(artifact_path)), strict=True)
-    val_loss, val_bpb, token_losses = evaluate(
-        model, val_tokens, byte_tables, hp.train_seq_len, hp.val_batch_size, rank, world_size, device, autocast_dtype,
-        keep_token_losses=bool(hp.token_losses),
-    )  # fmt: skip
-    sync()
-    eval_time_ms = 1000.0 * (time.perf_counter() - t_eval)
-    log0(f"{SCORE_TAG} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_time_ms:.0f}ms")
-    log0(f"{SCORE_TAG}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-    log0("phase:eval end")
+        label = f"{hp.quant}+{hp.compressor}"
+        log(f"Serialized model {label}: {model_bytes} bytes")
+        log(f"Code size: {len(code)} bytes")
+        log(f"Total submission size {label}: {model_bytes + len(code)} bytes")
+    log("phase:eval begin")
+    wait_for_device()
+    eval_started = time.perf_counter()
+    try:
+        base.load_state_dict(read_artifact(str(artifact)), strict=True)
+    except (ArtifactError, RuntimeError) as exc:
+        raise SystemExit(f"error: {str(exc).splitlines()[0]}") from None
+    val_loss, val_bpb, token_losses = validate(model, keep=bool(hp.token_losses))
+    wait_for_device()
+    eval_ms = 1000.0 * (time.perf_counter() - eval_started)
+    log(f"{hp.score_tag} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"{hp.score_tag}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    log("phase:eval end")
     if hp.token_losses:
-        all_losses = gather_token_losses(token_losses, world_size, device)
+        losses = gather_token_losses(token_losses, world_size, device)
         if master:
-            out = Path(hp.token_losses)
-            tmp = out.with_name(out.name + ".tmp.npz")
-            tokens = val_tokens[: all_losses.numel() + 1].numpy().astype(np.int32)
-            np.savez(tmp, tokens=tokens, losses=all_losses.numpy().astype(np.float32))
-            os.replace(tmp, out)
-            log0(f"token_losses: {all_losses.numel()} written to {out.name}")
+            target = Path(hp.token_losses)
+            tmp = target.with_name(target.name + ".tmp.npz")
+            scored = val_tokens[: losses.numel() + 1].numpy().astype(np.int32)
+            np.savez(tmp, tokens=scored, losses=losses.numpy().astype(np.float32))
+            os.replace(tmp, target)
+            log(f"token_losses: {losses.numel()} written to {target.name}")
 
-    result = {
+    summary = {
         "seed": hp.seed,
         "world_size": world_size,
-        "steps": steps_done,
-        "train_time_ms": round(train_time_ms, 1),
-        "eval_time_ms": round(eval_time_ms, 1),
+        "steps": steps,
+        "train_time_ms": round(train_ms, 1),
+        "eval_time_ms": round(eval_ms, 1),
         "val_loss": val_loss,
         "val_bpb": val_bpb,
         "pre_quant_val_bpb": pre_quant_bpb,
-        "bytes_model": bytes_model,
+        "bytes_model": model_bytes,
         "bytes_code": len(code),
-        "bytes_total": bytes_model + len(code),
-        "artifact": artifact_path.name,
-        "artifact_sha256": hashlib.sha256(artifact_path.read_bytes()).hexdigest(),
-        "score_tag": f"{SCORE_TAG}_exact",
+        "bytes_total": model_bytes + len(code),
+        "artifact": artifact.name,
+        "artifact_sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
+        "score_tag": f"{hp.score_tag}_exact",
         "eval_only": hp.eval_only,
         "torch": torch.__version__,
     }
-    log0("result_json " + json.dumps(result, sort_keys=True))
+    log("result_json " + json.dumps(summary, sort_keys=True))
     if distributed:
         dist.destroy_process_group()
 

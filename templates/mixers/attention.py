@@ -1,59 +1,76 @@
-"""Causal self-attention with grouped-query heads, rotary positions, QK RMS norm and a learned per-head query gain."""
+"""Causal self-attention: grouped-query heads, rotary positions, RMS-normed queries and keys with a learned gain
+per query head, optionally SiLU on the values; flash attention through PyTorch's SDPA.
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from templates.layers import CastedLinear, rms_norm
+from templates.layers import LinearMaker, rms_norm
+from templates.registry import register_mixer
 
 
-class Rotary(nn.Module):
-    """Rotary position tables, cached for the last sequence length and device seen."""
-
-    def __init__(self, head_dim: int, base: float) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            self._cache = (seq_len, device, freqs.cos()[None, None], freqs.sin()[None, None])
-        return self._cache[2].to(dtype), self._cache[3].to(dtype)
+def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x frequency, each [seq_len, head_dim] (the half-dim table written twice)."""
+    freqs = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * freqs[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (i, i + d/2) of the last dimension by the tables' angles."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((second, -first), dim=-1) * sin
 
 
+@register_mixer("attention")
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float) -> None:
+    OPTIONS = {
+        "heads": ("NUM_HEADS", 8),
+        "kv_heads": ("NUM_KV_HEADS", 4),
+        "rope_base": ("ROPE_BASE", 10_000.0),
+        "qk_gain": ("QK_GAIN_INIT", 1.5),
+        "value_silu": ("ATTN_VALUE_SILU", False),
+    }
+
+    def __init__(
+        self,
+        dim: int,
+        linear: LinearMaker,
+        heads: int = 8,
+        kv_heads: int = 4,
+        rope_base: float = 10_000.0,
+        qk_gain: float = 1.5,
+        value_silu: bool = False,
+    ) -> None:
         super().__init__()
-        if dim % num_heads or num_heads % num_kv_heads:
-            raise ValueError(f"MODEL_DIM {dim} / NUM_HEADS {num_heads} / NUM_KV_HEADS {num_kv_heads} do not divide")
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = dim // num_heads
-        kv_dim = self.head_dim * num_kv_heads
-        self.c_q = CastedLinear(dim, dim)
-        self.c_k = CastedLinear(dim, kv_dim)
-        self.c_v = CastedLinear(dim, kv_dim)
-        self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        if dim % heads or heads % kv_heads or (dim // heads) % 2:
+            raise ValueError(f"attention: MODEL_DIM {dim}, NUM_HEADS {heads}, NUM_KV_HEADS {kv_heads} do not divide")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.rope_base = rope_base
+        self.value_silu = value_silu
+        self.q_proj = linear(dim, dim)
+        self.k_proj = linear(dim, kv_heads * self.head_dim)
+        self.v_proj = linear(dim, kv_heads * self.head_dim)
+        self.out_proj = linear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((heads,), float(qk_gain)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q = self.c_q(x).reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rms_norm(q), rms_norm(k)
-        cos, sin = self.rotary(t, x.device, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        batch, seq_len, dim = x.shape
+
+        def heads_first(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t.view(batch, seq_len, n, self.head_dim).transpose(1, 2)
+
+        q = rms_norm(heads_first(self.q_proj(x), self.heads))
+        k = rms_norm(heads_first(self.k_proj(x), self.kv_heads))
+        v = heads_first(self.v_proj(x), self.kv_heads)
+        if self.value_silu:
+            v = F.silu(v)
+        cos, sin = rotary_tables(seq_len, self.head_dim, self.rope_base, x.device)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = rotate(q, cos, sin) * self.q_gain.to(q.dtype).view(1, -1, 1, 1)
+        k = rotate(k, cos, sin)
+        grouped = self.kv_heads != self.heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
