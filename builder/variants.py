@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from functools import cache
 from importlib import resources
 from typing import Literal
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from builder.cli import UserError
 
 SPEC_PACKAGE = "builder.specs"
+MODULE_PATTERN = r"^templates(\.[a-z_][a-z0-9_]*)+$"
 
 
 class VariantSpec(BaseModel):
@@ -24,12 +26,23 @@ class VariantSpec(BaseModel):
     title: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # the <Name> of the submission folder
     summary: str
     blurb: str
-    entry: str = Field(default="templates.train", pattern=r"^templates(\.[a-z_][a-z0-9_]*)+$")
-    track: Literal["10min_16mb", "non_record_16mb"] = "non_record_16mb"
-    defaults: dict[str, str | int | float] = Field(default_factory=dict)
+    entry: str = Field(default="templates.train", pattern=MODULE_PATTERN)
+    modules: list[str] = Field(default_factory=list)  # the parts it names: mixers, input features, codecs
+    origin: str = ""  # the pull request it comes from, e.g. "openai/parameter-golf#1994"
+    defaults: dict[str, str | int | float] = Field(default_factory=dict)  # the record recipe (600 s, 8 GPUs)
+    non_record_defaults: dict[str, str | int | float] = Field(default_factory=dict)  # over defaults, non-record
     architecture: list[tuple[str, str]] = Field(default_factory=list)
+    differences: list[str] = Field(default_factory=list)  # what differs from the origin, and why
 
-    @field_validator("defaults")
+    @field_validator("modules")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if not re.fullmatch(MODULE_PATTERN, m)]
+        if bad:
+            raise ValueError(f"modules must be templates.<module> names, not {bad}")
+        return v
+
+    @field_validator("defaults", "non_record_defaults")
     @classmethod
     def _upper_names(cls, v: dict[str, str | int | float]) -> dict[str, str | int | float]:
         bad = [k for k in v if not k.isupper() or not k.replace("_", "").isalnum()]
@@ -37,8 +50,12 @@ class VariantSpec(BaseModel):
             raise ValueError(f"default names must be environment variable names, not {bad}")
         return v
 
-    def defaults_as_strings(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.defaults.items()}
+    def defaults_as_strings(self, track: str = "record") -> dict[str, str]:
+        """The environment defaults of the recipe for `track` ("record" or "non-record")."""
+        merged = dict(self.defaults)
+        if track == "non-record":
+            merged.update(self.non_record_defaults)
+        return {k: str(v) for k, v in merged.items()}
 
 
 @cache
