@@ -87,7 +87,7 @@ def pack_script(script: str) -> str:
     from validator.source.wrappers import build_wrapper
 
     minified = python_minifier.minify(script, **MINIFY_OPTIONS)
-    return build_wrapper(minified.encode("utf-8")).decode("ascii") + "\n"
+    return build_wrapper(minified.encode("utf-8")).decode("ascii").rstrip("\n") + "\n"
 
 
 def _git_config(key: str) -> str:

@@ -279,7 +279,9 @@ def assemble_source(root: Path, entry: str | list[str], defaults: dict[str, str]
                         )
                     owners[name] = mod.name
                 kept_statements.append((mod, stmt))
-    unused = _unused_definitions([s for _, s in kept_statements], keep={"main"})
+    # what the entry modules define themselves is kept (main, or the API of a library-style entry)
+    keep = {n for m, st in kept_statements if m.name in entries for n in _bound_names(st)}
+    unused = _unused_definitions([s for _, s in kept_statements], keep=keep)
     bodies: list[str] = []
     for mod in modules:
         lines = mod.source.splitlines()
