@@ -426,13 +426,11 @@ def check(device, limit: int | None = None) -> bool:
 
             forms = [None] + (CHECK_BWD_FORMS if (seq, groups, chunk) == ssd_shapes[0] else [])
             for form in forms:
-                saved = ssd_mod.SSD_TUNING.get("bwd")
-                if form:
-                    ssd_mod.SSD_TUNING["bwd"] = form
+                saved = dict(ssd_mod.SSD_TUNING)
+                ssd_mod.SSD_TUNING.update(form or {})
                 errs = compare(lambda i: run_ssd(i, ssd_scan), lambda i: run_ssd(i, ssd_scan_ref), base)
-                ssd_mod.SSD_TUNING.pop("bwd", None)
-                if saved is not None:
-                    ssd_mod.SSD_TUNING["bwd"] = saved
+                ssd_mod.SSD_TUNING.clear()
+                ssd_mod.SSD_TUNING.update(saved)
                 worst = max(errs.values())
                 ok &= worst < tol
                 print(f"check ssd {str(dtype)[6:]} T={seq} G={groups} Q={chunk} bwd {form or 'default'}: worst "
@@ -467,16 +465,17 @@ def check(device, limit: int | None = None) -> bool:
 SSD_SWEEP = {
     "fwd": [{"num_warps": 8, "num_stages": s} for s in (2, 1)],
     "carry": [{"num_warps": w, "num_stages": 2} for w in (8, 4)],
-    "bwd": [{"form": "chunked", "heads": hb, "num_warps": w, "num_stages": 2} for hb in (16, 4) for w in (8, 4)]
-    + [{"form": "chunked", "heads": 1, "num_warps": 8, "num_stages": 2}, {"form": "fused", "num_warps": 8}],
+    "dx": [{"num_warps": w, "num_stages": 2} for w in (8, 4, 16)],
+    "dbc": [{"num_warps": w, "num_stages": 2} for w in (8, 4, 16)],
+    "bwd": [{"form": "split", "heads": hb} for hb in (16, 4)] + [{"form": "chunked", "num_warps": 8, "num_stages": 2}],
 }
-# backward forms that --check runs besides the default, on the first SSD shape
-CHECK_BWD_FORMS = [{"form": "fused"}, {"form": "chunked", "heads": 1}]
+# backward forms and state options that --check runs besides the default, on the first SSD shape
+CHECK_BWD_FORMS = [{"bwd": {"form": "chunked"}}, {"state": {"fp32": True}}]
 
 
 def sweep(device) -> dict:
-    """Time the SSD kernels' options (forward alone, then forward+backward: warps and stages of the carry kernel,
-    then of the chunk kernel with 16, 4 or 1 heads per program, and the fused backward) and keep the fastest."""
+    """Time the SSD kernels' options (forward alone, then forward+backward: warps of the carry kernel and of the
+    split backward's two kernels, its heads per program, and the chunked backward) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -485,7 +484,13 @@ def sweep(device) -> dict:
 
     best = {}
     fwd_bwd = grad_run(fwd, list(ins.values()), cot)
-    for kind, run in (("fwd", no_grad_run(fwd)), ("carry", fwd_bwd), ("bwd", fwd_bwd)):
+    for kind, run in (
+        ("fwd", no_grad_run(fwd)),
+        ("carry", fwd_bwd),
+        ("dx", fwd_bwd),
+        ("dbc", fwd_bwd),
+        ("bwd", fwd_bwd),
+    ):
         timings = []
         for opts in SSD_SWEEP[kind]:
             ssd_mod.SSD_TUNING[kind] = opts
@@ -510,6 +515,7 @@ def main() -> int:
     parser.add_argument("--recurrence-extras", action="store_true", help="also run scan_recurrence's check/sweep")
     parser.add_argument("--only-ours", action="store_true", help="time only our SSD and Mamba-3 cases")
     parser.add_argument("--no-recurrence", action="store_true", help="leave out bench/scan_recurrence.py's rows")
+    parser.add_argument("--no-refs", action="store_true", help="leave out the (slow) sequential PyTorch references")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan.py needs a CUDA GPU (run it through the device); nothing measured", file=sys.stderr)
@@ -543,7 +549,7 @@ def main() -> int:
         if not args.only_ours:
             if not args.no_recurrence:
                 cases += recurrence_rows(device, rec_configs)
-            cases += reference_cases(device) + anchor_cases(device)
+            cases += ([] if args.no_refs else reference_cases(device)) + anchor_cases(device)
             cases += context_cases(device)
         rows = []
         for case in cases:

@@ -169,7 +169,7 @@ def _ssd_fwd_kernel(
             y += d_row[None, :] * x
         if STORE_CKPT:
             ck = CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
-            tl.store(ck, state, mask=sn_mask)
+            tl.store(ck, state.to(CKPT.dtype.element_ty), mask=sn_mask)
         dec_end = tl.exp(g_last - gc) * w
         state = state * tl.exp(g_last) + tl.dot(
             tl.trans(kb * dec_end[:, None]).to(DOT), x.to(DOT), input_precision=PREC
@@ -339,13 +339,15 @@ def _ssd_bwd_kernel(
 
 @triton.jit
 def _ssd_bwd_carry_kernel(
-    CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0,
+    CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0, CKPT, CARRY,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_CARRY: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end."""
+    """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end and
+    (STORE_CARRY) the decay gradient's carry term exp(G_last) <h_start, dh_end> (fp32 state gradient in registers)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -370,7 +372,10 @@ def _ssd_bwd_carry_kernel(
         dst = tl.zeros((BN, BP), dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
-        tl.store(DCK + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :], dst, mask=sn_mask)
+        sn = (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
+        tl.store(DCK + sn, dst.to(DCK.dtype.element_ty), mask=sn_mask)
+        if STORE_CARRY:
+            st_dot = tl.sum(tl.sum(tl.load(CKPT + sn, mask=sn_mask, other=0.0).to(tl.float32) * dst, axis=1), axis=0)
         row = b64 * T + c * Q
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
@@ -383,6 +388,8 @@ def _ssd_bwd_carry_kernel(
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
+        if STORE_CARRY:
+            tl.store(CARRY + (b64 * NC + c) * H + h, tl.exp(tl.sum(la, axis=0)) * st_dot)
         dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
@@ -471,8 +478,195 @@ def _ssd_bwd_chunk_kernel(
     _ssd_put(DB + bc_off + loc_bn, dk_acc, bn_mask, ATOMIC_BC)
 
 
+@triton.jit
+def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
+    """Chunk-local cumulative log-decay G, its last value, exp(G) and exp(G_last - G)."""
+    gc = tl.cumsum(la, axis=0)
+    g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+    return gc, g_last, tl.exp(gc), tl.exp(g_last - gc)
+
+
+@triton.jit
+def _ssd_bwd_dx_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DCK, CARRY,
+    DX, DZ, DLA_T, DW_T, DD_PART,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Split backward, part 1: one program per (batch, chunk, head). dx, dz, the dD share, and the terms of the
+    decay and weight gradients that need the chunk's states (the carried-state read, the state write, the carry
+    through the chunk), stored per position for part 2. Tiles: the masked C B^T (as a dot operand), x, dy, C h, B dh."""
+    b = tl.program_id(0) // NC
+    c = tl.program_id(0) % NC
+    h = tl.program_id(1)
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = b64 * H + h
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    row = b64 * T + c * Q
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    bn_mask = mask_t[:, None] & mask_n[None, :]
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    # scalar 64-bit bases, 32-bit offset tiles (fewer registers than 64-bit pointer tiles)
+    x_base = row * H * P + h * P
+    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    bc_base = row * G * N + g * N
+    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    s_base = (bh64 * NC + c) * N * P
+    sn = offs_n[:, None] * P + offs_p[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    la, w, e, dtv, raw = _ssd_load_chunk_gates(
+        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+    )
+    gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    dout = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
+    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+    mmat = tl.where(causal, scores * seg * wmat, 0.0).to(DOT)
+    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    y_off = e_g[:, None] * tl.dot(qc, st, input_precision=PREC)
+    if HAS_D:
+        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    else:
+        d_row = tl.zeros((BP,), dtype=tl.float32)
+    if HAS_Z:
+        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+        y = tl.dot(mmat, x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
+        sz = tl.sigmoid(zz)
+        dy = dout * zz * sz
+        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+        tl.store(DZ + x_base + xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
+    else:
+        dy = dout
+    read = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
+    if HAS_D:
+        part = (b64 * NC + c) * H + h
+        tl.store(DD_PART + part * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+    kdh = tl.dot(kb, tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT), input_precision=PREC)
+    c_state = dec * tl.sum(kdh * x, axis=1)
+    dx = tl.dot(tl.trans(mmat), dy.to(DOT), input_precision=PREC) + (dec * w)[:, None] * kdh + d_row[None, :] * dy
+    tl.store(DX + x_base + xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
+    wc = w * c_state
+    g_ptr = row * H + h + offs_q * H
+    carry = tl.load(CARRY + (b64 * NC + c) * H + h)
+    tl.store(DLA_T + g_ptr, read + tl.cumsum(wc, axis=0) - wc + carry, mask=mask_t)
+    tl.store(DW_T + g_ptr, c_state, mask=mask_t)
+
+
+@triton.jit
+def _ssd_bwd_dbc_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, Z, CKPT, DY, DCK, DLA_T, DW_T,
+    DDT, DLA, DW, DE, DB, DC, DA_PART,
+    T, H, G, P, N, NC, HB,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Split backward, part 2: one program per (batch, chunk, block of HB heads of one group). dB and dC summed over
+    the block's heads in registers (atomic only when a group spans several blocks), the pair terms of the decay
+    gradient and the weight gradient's pair sum, and the gate gradients finished from part 1's per-position terms."""
+    b = tl.program_id(0) // NC
+    c = tl.program_id(0) % NC
+    hpg = H // G
+    n_hb = tl.cdiv(hpg, HB)
+    g = tl.program_id(1) // n_hb
+    h_first = g * hpg + (tl.program_id(1) % n_hb) * HB
+    h_end = tl.minimum(h_first + HB, (g + 1) * hpg)
+    b64 = b.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    row = b64 * T + c * Q
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    bn_mask = mask_t[:, None] & mask_n[None, :]
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    bc_base = row * G * N + g * N
+    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    sn = offs_n[:, None] * P + offs_p[None, :]
+    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    strict = offs_q[:, None] > offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    dq_acc = tl.zeros((Q, BN), dtype=tl.float32)
+    dk_acc = tl.zeros((Q, BN), dtype=tl.float32)
+    for h in range(h_first, h_end):
+        bh64 = b64 * H + h
+        x_base = row * H * P + h * P
+        s_base = (bh64 * NC + c) * N * P
+        g_ptr = row * H + h + offs_q * H
+        a_h = 0.0
+        if not GENERIC:
+            a_h = tl.load(A + h).to(tl.float32)
+        la, w, e, dtv, raw = _ssd_load_chunk_gates(
+            DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+        )
+        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+        x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
+        dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+            dy = dy * zz * tl.sigmoid(zz)
+        dy = dy.to(DOT)
+        st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+        dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+        dq_acc += e_g[:, None] * tl.dot(dy, tl.trans(st), input_precision=PREC)
+        dk_acc += (dec * w)[:, None] * tl.dot(x, tl.trans(dst), input_precision=PREC)
+        dmx = tl.dot(dy, tl.trans(x), input_precision=PREC)
+        seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+        dwm = dmx * seg
+        dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
+        dq_acc += tl.dot(dsc, kb, input_precision=PREC)
+        dk_acc += tl.dot(tl.trans(dsc), qc, input_precision=PREC)
+        dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        # d la_t over the pairs j < t <= i: a reverse cumsum down the columns of the strict pair matrix
+        span = tl.cumsum(tl.where(strict, dwm * w[None, :], 0.0), axis=0, reverse=True)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
+        dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
+        if GENERIC:
+            tl.store(DLA + g_ptr, dla, mask=mask_t)
+            tl.store(DW + g_ptr, dw, mask=mask_t)
+            if HAS_E:
+                tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
+        else:
+            dgate = dw + dla * a_h
+            if DT_SOFTPLUS:
+                dgate = dgate * tl.sigmoid(raw)
+            tl.store(DDT + g_ptr, dgate, mask=mask_t)
+            tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
+    _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
+
+
 def _ssd_pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _ssd_state_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the stored chunk states and state gradients: the dot operand dtype (the backward feeds them to the
+    tensor cores in that dtype anyway; only the carry's scalar product sees the rounding), fp32 elsewhere or when
+    SSD_TUNING["state"]["fp32"] is set (to measure what the rounding costs)."""
+    half = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    return x.dtype if half and not SSD_TUNING.get("state", {}).get("fp32") else torch.float32
 
 
 def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
@@ -483,7 +677,7 @@ def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
 
 
 SSD_TUNING: dict = {}  # "fwd" / "bwd" -> launch options overriding the defaults below (see _ssd_launch)
-SSD_BWD_FORMS = ("chunked", "fused")
+SSD_BWD_FORMS = ("split", "chunked", "fused")
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
@@ -500,7 +694,7 @@ def _ssd_bwd_plan(nheads: int, ngroups: int) -> tuple[str, int]:
     """Backward form and heads per program of the chunked form (default: every head of a group, so that dB and dC
     need no atomics). The whole head dimension is always one program's block (blocks of it faulted on the H100)."""
     opts = SSD_TUNING.get("bwd", {})
-    form = opts.get("form", "chunked")
+    form = opts.get("form", "split")
     if form not in SSD_BWD_FORMS:
         raise ValueError(f"ssd scan: SSD_TUNING['bwd']['form'] must be one of {SSD_BWD_FORMS}, got {form!r}")
     per_group = nheads // ngroups
@@ -543,7 +737,7 @@ class _SsdScanFn(torch.autograd.Function):
         final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
         ckpt = None
         if grad:
-            ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=torch.float32)
+            ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
         if generic:
             la, w = la.float().contiguous(), w.float().contiguous()
             e = e.float().contiguous() if e is not None else None
@@ -587,7 +781,7 @@ class _SsdScanFn(torch.autograd.Function):
         dfin = dfinal.float().contiguous() if dfinal is not None else None
         f32 = {"device": x.device, "dtype": torch.float32}
         form, heads = _ssd_bwd_plan(nheads, ngroups)
-        chunked = form == "chunked"
+        chunked = form != "fused"
         # dB/dC need atomics where several programs add into one group's rows
         atomic = (nheads // ngroups > heads) if chunked else ngroups != nheads
         dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
@@ -615,12 +809,27 @@ class _SsdScanFn(torch.autograd.Function):
                  "HAS_DTB": dt_bias is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
         dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
         if chunked:
-            dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, **f32)
+            dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
+            carry = torch.empty(bsz, nchunks, nheads, **f32)
             _ssd_bwd_carry_kernel[(bsz * nheads,)](
-                C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0), *dims,
-                HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags, **_ssd_launch("carry", chunk_size, dot),
+                C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0), ckpt, carry,
+                *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, STORE_CARRY=form == "split", **flags,
+                **_ssd_launch("carry", chunk_size, dot),
             )  # fmt: skip
             grid = (bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))
+        if form == "split":
+            dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+            _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
+                x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy, dck,
+                carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
+                HAS_E=e is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
+            )  # fmt: skip
+            _ssd_bwd_dbc_kernel[grid](
+                x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(z), ckpt, dy, dck, dla_t, dw_t,
+                _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
+                HAS_E=e is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
+            )  # fmt: skip
+        elif chunked:
             _ssd_bwd_chunk_kernel[grid](
                 x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy, dck,
                 dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(da_part), _or(dd_part), *dims, heads,

@@ -75,7 +75,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}G{c[4]}N{c[5]}" for c in CASES])
-@pytest.mark.parametrize("form", ["chunked", "fused"])
+@pytest.mark.parametrize("form", ["split", "chunked", "fused"])
 def test_kernel_matches_reference_fp32(ssd, case, form, monkeypatch):
     monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"form": form})
     seqlen, chunk, nheads, hdim, ngroups, dstate, opts = case
@@ -189,7 +189,7 @@ def test_under_torch_compile(ssd):
 def test_chunked_backward_with_head_blocks(ssd, heads, monkeypatch):
     """Several programs per group (blocks of 1 or 3 of its 4 heads, the last block short): dB and dC are summed
     across them with atomics; a head dimension that is not a power of two."""
-    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"form": "chunked", "heads": heads})
+    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"form": "split", "heads": heads})
     inp = _inputs(2, 37, 4, 40, 1, 16, torch.float32)
     got = _run(ssd.ssd_scan, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
     ref = _run(ssd.ssd_scan_ref, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
@@ -198,7 +198,7 @@ def test_chunked_backward_with_head_blocks(ssd, heads, monkeypatch):
 
 
 def test_unknown_backward_form_is_refused(ssd, monkeypatch):
-    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"form": "split"})
+    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"form": "blocked"})
     inp = _inputs(1, 8, 2, 16, 1, 16, torch.float32)
     x = inp["x"].clone().requires_grad_()
     y = ssd.ssd_scan(x, inp["dt"], inp["A"], inp["B"], inp["C"], 16)
