@@ -433,7 +433,7 @@ def check(device, limit: int | None = None) -> bool:
                 ssd_mod.SSD_TUNING.update(saved)
                 worst = max(errs.values())
                 ok &= worst < tol
-                print(f"check ssd {str(dtype)[6:]} T={seq} G={groups} Q={chunk} bwd {form or 'default'}: worst "
+                print(f"check ssd {str(dtype)[6:]} T={seq} G={groups} Q={chunk} {form or 'default'}: worst "
                       f"rms-rel {worst:.2e} ({max(errs, key=errs.get)}) {'ok' if worst < tol else 'FAIL'}",
                       flush=True)  # fmt: skip
         for seq, groups in m3_shapes:
@@ -463,19 +463,18 @@ def check(device, limit: int | None = None) -> bool:
 
 
 SSD_SWEEP = {
-    "fwd": [{"num_warps": 8, "num_stages": s} for s in (2, 1)],
-    "carry": [{"num_warps": w, "num_stages": 2} for w in (8, 4)],
-    "dx": [{"num_warps": w, "num_stages": 2} for w in (8, 4, 16)],
-    "dbc": [{"num_warps": w, "num_stages": 2} for w in (8, 4, 16)],
-    "bwd": [{"form": "split", "heads": hb} for hb in (16, 4)] + [{"form": "chunked", "num_warps": 8, "num_stages": 2}],
+    "fwd": [{"num_warps": w, "num_stages": 2} for w in (8, 4)],
+    "carry": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
+    "dx": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
+    "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 4)] + [{"num_warps": 8, "num_stages": 2}],
 }
-# backward forms and state options that --check runs besides the default, on the first SSD shape
-CHECK_BWD_FORMS = [{"bwd": {"form": "chunked"}}, {"state": {"fp32": True}}]
+# options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs)
+CHECK_BWD_FORMS = [{"state": {"fp32": True}}]
 
 
 def sweep(device) -> dict:
     """Time the SSD kernels' options (forward alone, then forward+backward: warps of the carry kernel and of the
-    split backward's two kernels, its heads per program, and the chunked backward) and keep the fastest."""
+    backward's dx and dB/dC kernels, heads per dB/dC program) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -489,7 +488,6 @@ def sweep(device) -> dict:
         ("carry", fwd_bwd),
         ("dx", fwd_bwd),
         ("dbc", fwd_bwd),
-        ("bwd", fwd_bwd),
     ):
         timings = []
         for opts in SSD_SWEEP[kind]:
