@@ -153,28 +153,29 @@ def _ssd_fwd_kernel(
         mask_t = offs_t < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
         bn_mask = mask_t[:, None] & mask_n[None, :]
-        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
-        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
+        # dot operands loaded straight in the dot dtype (no fp32 copies of the tiles)
+        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(DOT)
+        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
+        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
         )
         gc = tl.cumsum(la, axis=0)
         g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        scores = tl.dot(qc.to(DOT), tl.trans(kb).to(DOT), input_precision=PREC)
+        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
         seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
         wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
         mmat = tl.where(causal, scores * seg * wmat, 0.0)
-        y = tl.dot(mmat.to(DOT), x.to(DOT), input_precision=PREC)
-        y += tl.exp(gc)[:, None] * tl.dot(qc.to(DOT), state.to(DOT), input_precision=PREC)
+        y = tl.dot(mmat.to(DOT), x, input_precision=PREC)
+        y += tl.exp(gc)[:, None] * tl.dot(qc, state.to(DOT), input_precision=PREC)
         if HAS_D:
-            y += d_row[None, :] * x
+            y += d_row[None, :] * x.to(tl.float32)
         if STORE_CKPT:
             ck = CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
             tl.store(ck, state.to(CKPT.dtype.element_ty), mask=sn_mask)
         dec_end = tl.exp(g_last - gc) * w
         state = state * tl.exp(g_last) + tl.dot(
-            tl.trans(kb * dec_end[:, None]).to(DOT), x.to(DOT), input_precision=PREC
+            tl.trans(kb), (x.to(tl.float32) * dec_end[:, None]).to(DOT), input_precision=PREC
         )
         if HAS_Z:
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
