@@ -143,18 +143,20 @@ def _sel_bytes(batch, seq, ch, n) -> tuple[int, int]:
     return fwd, fwd + bwd
 
 
-def selective_case(device, config=None) -> dict:
-    ins = _sel_inputs(device)
+def selective_case(device, config=None, shape: tuple | None = None, label: str = "") -> dict:
+    """Our selective scan; shape (batch, seq, channels, N) defaults to the reference layer's."""
+    batch, seq, ch, n = shape or (BATCH, SEQ, CHANNELS, STATE)
+    ins = _sel_inputs(device, batch=batch, seq=seq, ch=ch, n=n)
     cot = torch.randn_like(ins["u"])
     leaves = list(ins.values())
-    fwd_b, all_b = _sel_bytes(BATCH, SEQ, CHANNELS, STATE)
+    fwd_b, all_b = _sel_bytes(batch, seq, ch, n)
 
     def fwd():
         with torch.no_grad():
             return selective_scan(**ins, config=config)
 
     return {
-        "name": f"ours selective_scan (N={STATE}, z, D, bias)",
+        "name": f"ours selective_scan (N={n}, z, D, bias){label}",
         "fwd": fwd,
         "fwd_bwd": _grad_fn(lambda: selective_scan(**ins, config=config), leaves, cot),
         "bytes_min": fwd_b,
@@ -236,7 +238,7 @@ def anchor_cases(device) -> list[dict]:
     return cases
 
 
-def recurrence_cases(device, configs: dict | None = None) -> list[dict]:
+def recurrence_cases(device, configs: dict | None = None, refs: bool = True) -> list[dict]:
     """Cases for bench/scan.py: our three ops, the PyTorch references, and the fla anchors when present.
 
     Each dict: name, fwd, fwd_bwd (callables), bytes_min (minimal bytes moved forward), optional
@@ -249,7 +251,7 @@ def recurrence_cases(device, configs: dict | None = None) -> list[dict]:
         lti_toeplitz_case(device, configs.get("lti_toeplitz")),
         selective_case(device, configs.get("selective")),
     ]
-    return [c for c in cases if _runs(c)] + reference_cases(device) + anchor_cases(device)
+    return [c for c in cases if _runs(c)] + (reference_cases(device) if refs else []) + anchor_cases(device)
 
 
 def _runs(case: dict) -> bool:

@@ -9,16 +9,18 @@ the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same
 Forward: one program per (batch, head) walks the chunks of Q steps in order with the state in registers; per
 chunk it does the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j) of the chunk-local cumulative
 log-decay G), the carried-state term and the state update, all as tl.dot, and writes the state at each chunk start
-(fp32, B x H x chunks x N x P) for the backward.
+(B x H x chunks x N x P, in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost
+nothing against fp32 checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error) for the backward.
 
-Backward, chunked form (the default): a carry kernel walks the chunks in reverse per (batch, head) with only the
-state gradient in registers and stores it per chunk; then one program per (batch, chunk, block of a group's heads)
-produces every gradient of that chunk (dx, dz, dB, dC, ddt or dla/dw/de, dA and dD shares) from the two stored
-states, C B^T computed once for its heads and their dB/dC summed in registers (no atomics when the block holds the
-whole group). The fused form (`SSD_TUNING["bwd"]["form"] = "fused"`) does it all in one reverse walk per (batch,
-head), with fp32 atomics for dB/dC. The decay gradient of step t sums only the terms whose decay spans t (pairs
-j < t <= i through a reverse cumsum of the masked pair matrix, state reads and writes, the carry): never a
-difference of large row and column sums, which loses tiny gradients when decays are near 0.
+Backward, three kernels with few live tiles each: (1) a carry kernel walks the chunks in reverse per (batch,
+head) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype, like the forward's
+state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>; (2) one program per (batch,
+chunk, head) gives dx, dz, the dD share and the per-position decay terms that need the states; (3) one program per
+(batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers, atomics only when a
+group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt or dla/dw/de, dA
+shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i through a reverse
+cumsum of the masked pair matrix, state reads and writes, the carry): never a difference of large row and column
+sums, which loses tiny gradients when decays are near 0.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
@@ -151,28 +153,29 @@ def _ssd_fwd_kernel(
         mask_t = offs_t < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
         bn_mask = mask_t[:, None] & mask_n[None, :]
-        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
-        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32)
+        # dot operands loaded straight in the dot dtype (no fp32 copies of the tiles)
+        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(DOT)
+        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
+        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
         )
         gc = tl.cumsum(la, axis=0)
         g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        scores = tl.dot(qc.to(DOT), tl.trans(kb).to(DOT), input_precision=PREC)
+        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
         seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
         wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
         mmat = tl.where(causal, scores * seg * wmat, 0.0)
-        y = tl.dot(mmat.to(DOT), x.to(DOT), input_precision=PREC)
-        y += tl.exp(gc)[:, None] * tl.dot(qc.to(DOT), state.to(DOT), input_precision=PREC)
+        y = tl.dot(mmat.to(DOT), x, input_precision=PREC)
+        y += tl.exp(gc)[:, None] * tl.dot(qc, state.to(DOT), input_precision=PREC)
         if HAS_D:
-            y += d_row[None, :] * x
+            y += d_row[None, :] * x.to(tl.float32)
         if STORE_CKPT:
             ck = CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
-            tl.store(ck, state, mask=sn_mask)
+            tl.store(ck, state.to(CKPT.dtype.element_ty), mask=sn_mask)
         dec_end = tl.exp(g_last - gc) * w
         state = state * tl.exp(g_last) + tl.dot(
-            tl.trans(kb * dec_end[:, None]).to(DOT), x.to(DOT), input_precision=PREC
+            tl.trans(kb), (x.to(tl.float32) * dec_end[:, None]).to(DOT), input_precision=PREC
         )
         if HAS_Z:
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
@@ -183,169 +186,15 @@ def _ssd_fwd_kernel(
 
 
 @triton.jit
-def _ssd_bwd_chunk_dots(
-    x, dout, zz, la, w, e, dtv, raw, kb, qc, scores, st, dst, d_row, a_h, dq_acc, dk_acc, offs_q, mask_t,
-    Q: tl.constexpr, GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr,
-):  # fmt: skip
-    """Every gradient of one (head, chunk) from its inputs, the state at the chunk start (st) and the state gradient
-    at its end (dst); kb, qc are the chunk's B and C in the dot dtype and scores = C B^T. Adds this head's shares of
-    dC and dB to dq_acc and dk_acc. Returns dx, dz (dy when there is no gate), dq_acc, dk_acc, the gate gradient
-    (ddt, or dla), dw, de, the dA share, the dD share and dy (the output gradient after the gate). Ordered so that
-    each [Q, P] / [Q, Q] tile dies early (the register file, not the arithmetic, bounds this kernel)."""
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    gc = tl.cumsum(la, axis=0)
-    g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-    e_g = tl.exp(gc)
-    dec = tl.exp(g_last - gc)
-    dec_w = dec * w
-    seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
-    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-    mmat = scores * seg * wmat
-    y_off = e_g[:, None] * tl.dot(qc, st.to(DOT), input_precision=PREC)
-    if HAS_Z:
-        y = tl.dot(mmat.to(DOT), x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
-        sz = tl.sigmoid(zz)
-        dy = dout * zz * sz
-        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-    else:
-        dy = dout
-        dz = dout
-    read_state = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
-    dd = tl.sum(dy * x, axis=0)
-    dq_acc += e_g[:, None] * tl.dot(dy.to(DOT), tl.trans(st).to(DOT), input_precision=PREC)
-    carry = tl.exp(g_last) * tl.sum(tl.sum(st * dst, axis=1), axis=0)
-    kdh = tl.dot(kb, dst.to(DOT), input_precision=PREC)
-    dx = tl.dot(tl.trans(mmat).to(DOT), dy.to(DOT), input_precision=PREC)
-    dx += dec_w[:, None] * kdh + d_row[None, :] * dy
-    c_state = dec * tl.sum(kdh * x, axis=1)
-    dk_acc += dec_w[:, None] * tl.dot(x.to(DOT), tl.trans(dst).to(DOT), input_precision=PREC)
-    dmx = tl.dot(dy.to(DOT), tl.trans(x).to(DOT), input_precision=PREC)
-    dwm = dmx * scores * seg
-    dsc = dmx * seg * wmat
-    dq_acc += tl.dot(dsc.to(DOT), kb, input_precision=PREC)
-    dk_acc += tl.dot(tl.trans(dsc).to(DOT), qc, input_precision=PREC)
-    dw = tl.sum(dwm, axis=0) + c_state
-    # d la_t sums the terms whose decay spans step t: pairs j < t <= i, the carried-state read at i >= t,
-    # the state write of j < t, and the carry through the whole chunk; no term cancels against itself.
-    strict = offs_q[:, None] > offs_q[None, :]
-    span = tl.cumsum(tl.where(strict, dsc * scores, 0.0), axis=0, reverse=True)
-    dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + read_state
-    wc = w * c_state
-    dla += tl.cumsum(wc, axis=0) - wc + carry
-    de = tl.sum(tl.where(diag, dwm, 0.0), axis=0)
-    da = 0.0
-    if GENERIC:
-        dgate = dla
-    else:
-        dgate = dw + dla * a_h
-        da = tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0)
-        if DT_SOFTPLUS:
-            dgate = dgate * tl.sigmoid(raw)
-    return dx, dz, dq_acc, dk_acc, dgate, dw, de, da, dd, dy
-
-
-@triton.jit
-def _ssd_bwd_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DHT,
-    DX, DDT, DLA, DW, DE, DB, DC, DZ, DH0, DA_PART, DD_PART,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
-    ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """The fused form: one program per (batch, head) walks the chunks in reverse with the state gradient in
-    registers (fewer launches; slower at large batch: 16 heads add into one group's dB/dC with atomics)."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    g = h // (H // G)
-    b64 = b.to(tl.int64)
-    bh64 = bh.to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mask_p = offs_p < P
-    mask_n = offs_n < N
-    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    a_h = 0.0
-    if not GENERIC:
-        a_h = tl.load(A + h).to(tl.float32)
-    if HAS_D:
-        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    else:
-        d_row = tl.zeros((BP,), dtype=tl.float32)
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    sn_loc = offs_n[:, None] * P + offs_p[None, :]
-    if HAS_DHT:
-        dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
-        dst = dst.to(tl.float32)
-    else:
-        dst = tl.zeros((BN, BP), dtype=tl.float32)
-    da_acc = 0.0
-    dd_acc = tl.zeros((BP,), dtype=tl.float32)
-    for cc in range(NC):
-        c = NC - 1 - cc
-        row = b64 * T + c * Q
-        x_off = row * H * P + h * P
-        bc_off = row * G * N + g * N
-        g_off = row * H + h
-        mask_t = c * Q + offs_q < T
-        xp_mask = mask_t[:, None] & mask_p[None, :]
-        bn_mask = mask_t[:, None] & mask_n[None, :]
-        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32).to(DOT)
-        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32).to(DOT)
-        dout = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        zz = dout
-        if HAS_Z:
-            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-        )
-        st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
-        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        zero = tl.zeros((Q, BN), dtype=tl.float32)
-        dx, dz, dq, dk, dgate, dw, de, da, dd, dy = _ssd_bwd_chunk_dots(
-            x, dout, zz, la, w, e, dtv, raw, kb, qc, scores, st, dst, d_row, a_h, zero, zero, offs_q, mask_t,
-            Q, GENERIC, DT_SOFTPLUS, HAS_Z, DOT, PREC,
-        )  # fmt: skip
-        tl.store(DX + x_off + loc_xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
-        if HAS_Z:
-            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
-        _ssd_put(DC + bc_off + loc_bn, dq, bn_mask, ATOMIC_BC)
-        _ssd_put(DB + bc_off + loc_bn, dk, bn_mask, ATOMIC_BC)
-        g_ptr = g_off + offs_q * H
-        if GENERIC:
-            tl.store(DLA + g_ptr, dgate, mask=mask_t)
-            tl.store(DW + g_ptr, dw, mask=mask_t)
-            if HAS_E:
-                tl.store(DE + g_ptr, de, mask=mask_t)
-        else:
-            tl.store(DDT + g_ptr, dgate, mask=mask_t)
-            da_acc += da
-        dd_acc += dd
-        dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
-    if HAS_H0:
-        tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
-    if not GENERIC:
-        tl.store(DA_PART + bh64, da_acc)
-    if HAS_D:
-        tl.store(DD_PART + bh64 * P + offs_p, dd_acc, mask=mask_p)
-
-
-@triton.jit
 def _ssd_bwd_carry_kernel(
-    CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0,
+    CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0, CKPT, CARRY,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end."""
+    """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end and
+    the decay gradient's carry term exp(G_last) <h_start, dh_end> (fp32 state gradient in registers)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -370,7 +219,9 @@ def _ssd_bwd_carry_kernel(
         dst = tl.zeros((BN, BP), dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
-        tl.store(DCK + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :], dst, mask=sn_mask)
+        sn = (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
+        tl.store(DCK + sn, dst.to(DCK.dtype.element_ty), mask=sn_mask)
+        st_dot = tl.sum(tl.sum(tl.load(CKPT + sn, mask=sn_mask, other=0.0).to(tl.float32) * dst, axis=1), axis=0)
         row = b64 * T + c * Q
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
@@ -383,23 +234,114 @@ def _ssd_bwd_carry_kernel(
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
+        tl.store(CARRY + (b64 * NC + c) * H + h, tl.exp(tl.sum(la, axis=0)) * st_dot)
         dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
 
 
 @triton.jit
-def _ssd_bwd_chunk_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DCK,
-    DX, DDT, DLA, DW, DE, DB, DC, DZ, DA_PART, DD_PART,
+def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
+    """Chunk-local cumulative log-decay G, its last value, exp(G) and exp(G_last - G)."""
+    gc = tl.cumsum(la, axis=0)
+    g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+    return gc, g_last, tl.exp(gc), tl.exp(g_last - gc)
+
+
+@triton.jit
+def _ssd_bwd_dx_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DCK, CARRY,
+    DX, DZ, DLA_T, DW_T, DD_PART,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Split backward, part 1: one program per (batch, chunk, head). dx, dz, the dD share, and the terms of the
+    decay and weight gradients that need the chunk's states (the carried-state read, the state write, the carry
+    through the chunk), stored per position for part 2. Tiles: the masked C B^T (as a dot operand), x, dy, C h, B dh."""
+    b = tl.program_id(0) // NC
+    c = tl.program_id(0) % NC
+    h = tl.program_id(1)
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = b64 * H + h
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    row = b64 * T + c * Q
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    bn_mask = mask_t[:, None] & mask_n[None, :]
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    # scalar 64-bit bases, 32-bit offset tiles (fewer registers than 64-bit pointer tiles)
+    x_base = row * H * P + h * P
+    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    bc_base = row * G * N + g * N
+    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    s_base = (bh64 * NC + c) * N * P
+    sn = offs_n[:, None] * P + offs_p[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    la, w, e, dtv, raw = _ssd_load_chunk_gates(
+        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+    )
+    gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    dout = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
+    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+    mmat = tl.where(causal, scores * seg * wmat, 0.0).to(DOT)
+    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    y_off = e_g[:, None] * tl.dot(qc, st, input_precision=PREC)
+    if HAS_D:
+        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    else:
+        d_row = tl.zeros((BP,), dtype=tl.float32)
+    if HAS_Z:
+        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+        y = tl.dot(mmat, x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
+        sz = tl.sigmoid(zz)
+        dy = dout * zz * sz
+        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+        tl.store(DZ + x_base + xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
+    else:
+        dy = dout
+    read = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
+    if HAS_D:
+        part = (b64 * NC + c) * H + h
+        tl.store(DD_PART + part * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+    kdh = tl.dot(kb, tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT), input_precision=PREC)
+    c_state = dec * tl.sum(kdh * x, axis=1)
+    dx = tl.dot(tl.trans(mmat), dy.to(DOT), input_precision=PREC) + (dec * w)[:, None] * kdh + d_row[None, :] * dy
+    tl.store(DX + x_base + xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
+    wc = w * c_state
+    g_ptr = row * H + h + offs_q * H
+    carry = tl.load(CARRY + (b64 * NC + c) * H + h)
+    tl.store(DLA_T + g_ptr, read + tl.cumsum(wc, axis=0) - wc + carry, mask=mask_t)
+    tl.store(DW_T + g_ptr, c_state, mask=mask_t)
+
+
+@triton.jit
+def _ssd_bwd_dbc_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, Z, CKPT, DY, DCK, DLA_T, DW_T,
+    DDT, DLA, DW, DE, DB, DC, DA_PART,
     T, H, G, P, N, NC, HB,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """The chunked form: one program per (batch, chunk, block of HB heads of one group), after the carry kernel
-    stored each chunk's state gradient. C B^T is computed once for the heads of the block, and their dB and dC
-    are summed in registers: one store per chunk (atomic only when a group's heads span several blocks)."""
+    """Split backward, part 2: one program per (batch, chunk, block of HB heads of one group). dB and dC summed over
+    the block's heads in registers (atomic only when a group spans several blocks), the pair terms of the decay
+    gradient and the weight gradient's pair sum, and the gate gradients finished from part 1's per-position terms."""
     b = tl.program_id(0) // NC
     c = tl.program_id(0) % NC
     hpg = H // G
@@ -413,66 +355,80 @@ def _ssd_bwd_chunk_kernel(
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
-    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    sn_loc = offs_n[:, None] * P + offs_p[None, :]
     row = b64 * T + c * Q
     mask_t = c * Q + offs_q < T
     xp_mask = mask_t[:, None] & mask_p[None, :]
     bn_mask = mask_t[:, None] & mask_n[None, :]
-    bc_off = row * G * N + g * N
-    kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32).to(DOT)
-    qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(tl.float32).to(DOT)
-    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    bc_base = row * G * N + g * N
+    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    sn = offs_n[:, None] * P + offs_p[None, :]
+    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    strict = offs_q[:, None] > offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
     dq_acc = tl.zeros((Q, BN), dtype=tl.float32)
     dk_acc = tl.zeros((Q, BN), dtype=tl.float32)
     for h in range(h_first, h_end):
         bh64 = b64 * H + h
-        x_off = row * H * P + h * P
-        g_off = row * H + h
+        x_base = row * H * P + h * P
+        s_base = (bh64 * NC + c) * N * P
+        g_ptr = row * H + h + offs_q * H
         a_h = 0.0
         if not GENERIC:
             a_h = tl.load(A + h).to(tl.float32)
-        if HAS_D:
-            d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        else:
-            d_row = tl.zeros((BP,), dtype=tl.float32)
-        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        dout = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        zz = dout
-        if HAS_Z:
-            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+            DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
         )
-        st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
-        dst = tl.load(DCK + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask, other=0.0)
-        dx, dz, dq_acc, dk_acc, dgate, dw, de, da, dd, _dy = _ssd_bwd_chunk_dots(
-            x, dout, zz, la, w, e, dtv, raw, kb, qc, scores, st, dst, d_row, a_h, dq_acc, dk_acc, offs_q, mask_t,
-            Q, GENERIC, DT_SOFTPLUS, HAS_Z, DOT, PREC,
-        )  # fmt: skip
-        tl.store(DX + x_off + loc_xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
+        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+        x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
+        dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
-        g_ptr = g_off + offs_q * H
-        part = (b64 * NC + c) * H + h
+            zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+            dy = dy * zz * tl.sigmoid(zz)
+        dy = dy.to(DOT)
+        st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+        dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+        dq_acc += e_g[:, None] * tl.dot(dy, tl.trans(st), input_precision=PREC)
+        dk_acc += (dec * w)[:, None] * tl.dot(x, tl.trans(dst), input_precision=PREC)
+        dmx = tl.dot(dy, tl.trans(x), input_precision=PREC)
+        seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+        dwm = dmx * seg
+        dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
+        dq_acc += tl.dot(dsc, kb, input_precision=PREC)
+        dk_acc += tl.dot(tl.trans(dsc), qc, input_precision=PREC)
+        dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        # d la_t over the pairs j < t <= i: a reverse cumsum down the columns of the strict pair matrix
+        span = tl.cumsum(tl.where(strict, dwm * w[None, :], 0.0), axis=0, reverse=True)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
+        dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
         if GENERIC:
-            tl.store(DLA + g_ptr, dgate, mask=mask_t)
+            tl.store(DLA + g_ptr, dla, mask=mask_t)
             tl.store(DW + g_ptr, dw, mask=mask_t)
             if HAS_E:
-                tl.store(DE + g_ptr, de, mask=mask_t)
+                tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
         else:
+            dgate = dw + dla * a_h
+            if DT_SOFTPLUS:
+                dgate = dgate * tl.sigmoid(raw)
             tl.store(DDT + g_ptr, dgate, mask=mask_t)
-            tl.store(DA_PART + part, da)
-        if HAS_D:
-            tl.store(DD_PART + part * P + offs_p, dd, mask=mask_p)
-    _ssd_put(DC + bc_off + loc_bn, dq_acc, bn_mask, ATOMIC_BC)
-    _ssd_put(DB + bc_off + loc_bn, dk_acc, bn_mask, ATOMIC_BC)
+            tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
+    _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
 
 
 def _ssd_pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _ssd_state_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the stored chunk states and state gradients: the dot operand dtype (the backward feeds them to the
+    tensor cores in that dtype anyway; only the carry's scalar product sees the rounding), fp32 elsewhere or when
+    SSD_TUNING["state"]["fp32"] is set (to measure what the rounding costs)."""
+    half = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    return x.dtype if half and not SSD_TUNING.get("state", {}).get("fp32") else torch.float32
 
 
 def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
@@ -482,29 +438,24 @@ def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
     return tl.float32, "ieee"
 
 
-SSD_TUNING: dict = {}  # "fwd" / "bwd" -> launch options overriding the defaults below (see _ssd_launch)
-SSD_BWD_FORMS = ("chunked", "fused")
+SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults below (see _ssd_launch)
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
-    """Launch options of one kernel: tuned overrides first ("num_warps", "num_stages"), else 8 warps for chunks of
-    64 and more, 4 below, and no software pipelining where the tiles would overflow shared memory (fp32 dots, or
-    chunks of 128 and more). "carry" tunes the backward's carry kernel apart from its chunk kernel ("bwd")."""
+    """Launch options of one kernel ("fwd", "carry", "dx", "dbc"): tuned overrides first ("num_warps", "num_stages"),
+    else the defaults measured fastest on the H100 (8 warps forward, 4 for the backward kernels at chunks of 64; 4
+    below), and no software pipelining where the tiles would overflow shared memory (fp32 dots, chunks >= 128)."""
     wide = dot == tl.float32 or q >= 128
-    opts = {"num_warps": 8 if q >= 64 else 4, "num_stages": 1 if wide else 2}
+    opts = {"num_warps": 8 if q >= 64 and kind == "fwd" else 4, "num_stages": 1 if wide else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
     return opts | ({} if wide else tuned)
 
 
-def _ssd_bwd_plan(nheads: int, ngroups: int) -> tuple[str, int]:
-    """Backward form and heads per program of the chunked form (default: every head of a group, so that dB and dC
-    need no atomics). The whole head dimension is always one program's block (blocks of it faulted on the H100)."""
-    opts = SSD_TUNING.get("bwd", {})
-    form = opts.get("form", "chunked")
-    if form not in SSD_BWD_FORMS:
-        raise ValueError(f"ssd scan: SSD_TUNING['bwd']['form'] must be one of {SSD_BWD_FORMS}, got {form!r}")
+def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
+    """Heads per program of the dB/dC kernel (default: every head of a group, so that dB and dC need no atomics;
+    SSD_TUNING["dbc"]["heads"] sets fewer, summed with atomics)."""
     per_group = nheads // ngroups
-    return form, max(1, min(per_group, int(opts.get("heads", per_group))))
+    return max(1, min(per_group, int(SSD_TUNING.get("dbc", {}).get("heads", per_group))))
 
 
 def _ssd_check_shapes(x, gates, B, C, chunk_size):
@@ -543,7 +494,7 @@ class _SsdScanFn(torch.autograd.Function):
         final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
         ckpt = None
         if grad:
-            ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=torch.float32)
+            ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
         if generic:
             la, w = la.float().contiguous(), w.float().contiguous()
             e = e.float().contiguous() if e is not None else None
@@ -586,25 +537,22 @@ class _SsdScanFn(torch.autograd.Function):
         dy = dy.contiguous()
         dfin = dfinal.float().contiguous() if dfinal is not None else None
         f32 = {"device": x.device, "dtype": torch.float32}
-        form, heads = _ssd_bwd_plan(nheads, ngroups)
-        chunked = form == "chunked"
-        # dB/dC need atomics where several programs add into one group's rows
-        atomic = (nheads // ngroups > heads) if chunked else ngroups != nheads
+        heads = _ssd_bwd_heads(nheads, ngroups)
+        atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
         dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
         dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
         dx = torch.empty_like(x)
         dz = torch.empty_like(z) if z is not None else None
         dh0 = torch.empty_like(h0c) if h0c is not None else None
         gshape = (bsz, seqlen, nheads)
-        n_parts = nchunks if chunked else 1
         ddt = dla = dw = de = da_part = None
         if generic:
             dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
             de = torch.empty(gshape, **f32) if e is not None else None
         else:
             ddt = torch.empty(gshape, **f32)
-            da_part = torch.empty(bsz, n_parts, nheads, **f32)
-        dd_part = torch.empty(bsz, n_parts, nheads, hdim, **f32) if d_mat is not None else None
+            da_part = torch.empty(bsz, nchunks, nheads, **f32)
+        dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
         dot, prec = _ssd_dot_dtype(x)
         bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
 
@@ -614,27 +562,27 @@ class _SsdScanFn(torch.autograd.Function):
         flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
                  "HAS_DTB": dt_bias is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
         dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
-        if chunked:
-            dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, **f32)
-            _ssd_bwd_carry_kernel[(bsz * nheads,)](
-                C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0), *dims,
-                HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags, **_ssd_launch("carry", chunk_size, dot),
-            )  # fmt: skip
-            grid = (bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))
-            _ssd_bwd_chunk_kernel[grid](
-                x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy, dck,
-                dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(da_part), _or(dd_part), *dims, heads,
-                HAS_E=e is not None, HAS_D=d_mat is not None, ATOMIC_BC=atomic, **flags,
-                **_ssd_launch("bwd", chunk_size, dot),
-            )  # fmt: skip
-        else:
-            _ssd_bwd_kernel[(bsz * nheads,)](
-                x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy,
-                _or(dfin), dx, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(dz), _or(dh0), _or(da_part),
-                _or(dd_part), *dims,
-                HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0c is not None, HAS_DHT=dfin is not None,
-                ATOMIC_BC=atomic, **flags, **_ssd_launch("bwd", chunk_size, dot),
-            )  # fmt: skip
+        # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
+        dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
+        carry = torch.empty(bsz, nchunks, nheads, **f32)
+        _ssd_bwd_carry_kernel[(bsz * nheads,)](
+            C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0), ckpt, carry,
+            *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags,
+            **_ssd_launch("carry", chunk_size, dot),
+        )  # fmt: skip
+        # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
+        dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+        _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
+            x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy, dck,
+            carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
+            HAS_E=e is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
+        )  # fmt: skip
+        # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
+        _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
+            x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(z), ckpt, dy, dck, dla_t, dw_t,
+            _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
+            HAS_E=e is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
+        )  # fmt: skip
         dD = None
         if d_mat is not None:
             dD = dd_part.sum((0, 1))

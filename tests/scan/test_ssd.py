@@ -75,9 +75,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}G{c[4]}N{c[5]}" for c in CASES])
-@pytest.mark.parametrize("form", ["chunked", "fused"])
-def test_kernel_matches_reference_fp32(ssd, case, form, monkeypatch):
-    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"form": form})
+def test_kernel_matches_reference_fp32(ssd, case):
     seqlen, chunk, nheads, hdim, ngroups, dstate, opts = case
     inp = _inputs(2, seqlen, nheads, hdim, ngroups, dstate, torch.float32)
     got = _run(ssd.ssd_scan, inp, opts, chunk, with_final=True)
@@ -186,21 +184,12 @@ def test_under_torch_compile(ssd):
 
 
 @pytest.mark.parametrize("heads", [1, 3])
-def test_chunked_backward_with_head_blocks(ssd, heads, monkeypatch):
-    """Several programs per group (blocks of 1 or 3 of its 4 heads, the last block short): dB and dC are summed
+def test_backward_with_head_blocks(ssd, heads, monkeypatch):
+    """Several dB/dC programs per group (blocks of 1 or 3 of its 4 heads, the last block short): dB and dC are summed
     across them with atomics; a head dimension that is not a power of two."""
-    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"form": "chunked", "heads": heads})
+    monkeypatch.setitem(ssd.SSD_TUNING, "dbc", {"heads": heads})
     inp = _inputs(2, 37, 4, 40, 1, 16, torch.float32)
     got = _run(ssd.ssd_scan, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
     ref = _run(ssd.ssd_scan_ref, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
     for name in ref:
         assert _rel(got[name], ref[name]) < 2e-5, name
-
-
-def test_unknown_backward_form_is_refused(ssd, monkeypatch):
-    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"form": "split"})
-    inp = _inputs(1, 8, 2, 16, 1, 16, torch.float32)
-    x = inp["x"].clone().requires_grad_()
-    y = ssd.ssd_scan(x, inp["dt"], inp["A"], inp["B"], inp["C"], 16)
-    with pytest.raises(ValueError, match="form"):
-        y.sum().backward()
