@@ -7,10 +7,10 @@ it samples nothing), and writes the model through `model_writer`, so no temporar
 model; the `.vocab` file is written from the trained model the way SentencePiece writes it (piece, tab, score).
 
 Vocabulary sizes: upstream's 1024, 4096 and 8192 with exactly those settings, and small sizes from 64 to 1023 for
-tests. A small vocabulary cannot hold the 256 byte-fallback pieces, so it trains without byte fallback and with
-character coverage 1.0: every character of the training text gets a piece of its own (its size must be at least
-the number of distinct characters plus the four special pieces), and a character never seen in training encodes
-to unk.
+tests. The 256 byte-fallback pieces would not fit or would take most of a small vocabulary, so a small size
+trains without byte fallback and with character coverage 1.0: every character of the training text gets a piece
+of its own (the size must be at least the number of distinct characters plus the four special pieces), and a
+character never seen in training encodes to unk.
 """
 
 from __future__ import annotations
