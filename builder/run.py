@@ -90,8 +90,11 @@ def _report(seed: int, findings: list[Finding]) -> None:
         print(f"== seed {seed}: {f.severity.value} {f.code}: {f.message}", file=sys.stderr, flush=True)
 
 
-def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> Path:
-    """Run one seed in a fresh copy of the folder; returns the log copied into the submission folder."""
+def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> Path | None:
+    """Run one seed in a fresh copy of the folder; returns the log copied into the submission folder.
+
+    On a node of rank above 0 (its processes write no log; node 0 keeps it) returns None once the run exited 0.
+    """
     submission: Path = args.submission
     workdir = args.workdir / submission.resolve().name / f"seed{seed}"
     session = workdir.with_name(f"seed{seed}.sandbox")  # hook, audit log, home and temp of the run
@@ -129,6 +132,8 @@ def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> 
         failure = f"train_gpt.py was killed: {result.killed}"
     elif result.returncode != 0:
         failure = f"train_gpt.py exited with status {result.returncode}"
+    elif args.node_rank > 0:
+        return None
     elif not log.is_file():
         failure = f"the run wrote no {log.name}; is this an ssm-golf or upstream-style script?"
     elif parse_log_file(log).result_json is None:
@@ -205,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
         sub = load_submission(args.submission)
     for seed in seeds:
         log = run_seed(args, seed, extra)
+        if log is None:
+            print(f"== seed {seed}: done on node rank {args.node_rank}; node 0 keeps the log and records it")
+            continue
         kept = [s for s in sub.seeds if (args.submission / f"train_seed{s}.log").is_file()]
         if dropped := sorted(set(sub.seeds) - set(kept)):
             print(f"== seeds {dropped} of submission.json have no log in the folder any more; no longer recorded")

@@ -143,3 +143,18 @@ def test_env_that_builder_run_sets_itself(folder, sample_data, capsys, pair, opt
     assert run(folder, sample_data, "--env", pair) == 2
     assert f"use {option} instead" in capsys.readouterr().err
     assert json.loads((folder / "submission.json").read_text())["seeds"] == []
+
+
+def test_a_node_of_rank_above_0_records_nothing(folder, sample_data, tmp_path, monkeypatch, capsys):
+    import builder.run as run_module
+    from validator.sandbox import SandboxResult
+
+    def fake(request):  # node 1's processes exit 0 and write no log (node 0 keeps it)
+        request.work_dir.mkdir(parents=True)
+        return SandboxResult([], 0, None, 0.1, [], {}, [], request.work_dir, "allowed")
+
+    monkeypatch.setattr(run_module, "run_sandboxed", fake)
+    multi = ["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29500", "--seeds", "4"]
+    assert run(folder, sample_data, *multi, "--env", "MODEL_DIM=64") == 0
+    assert "done on node rank 1; node 0 keeps the log" in capsys.readouterr().out
+    assert not list(folder.glob("train_seed*")) and submission(folder).seeds == []
