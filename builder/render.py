@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import re
+import shlex
 from pathlib import Path
 
 from validator.schema import Submission
@@ -45,17 +47,37 @@ def hyperparameter_defaults(hparams_source: str, overrides: dict[str, str]) -> l
     return sorted(out.items())
 
 
-def run_command(nproc: int = 8, seed: int = 1337) -> str:
+def env_prefix(env: dict[str, str]) -> str:
+    """`K=V K=V ` for a command line (values quoted for the shell), empty for no overrides."""
+    return "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(env.items()))
+
+
+def run_command(nproc: int = 8, seed: int = 1337, env: dict[str, str] | None = None) -> str:
     return (
-        f"RUN_ID=train_seed{seed} SEED={seed} DATA_PATH=./data/datasets/fineweb10B_sp1024 "
+        f"{env_prefix(env or {})}RUN_ID=train_seed{seed} SEED={seed} DATA_PATH=./data/datasets/fineweb10B_sp1024 "
         f"TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model "
         f"torchrun --standalone --nproc_per_node={nproc} train_gpt.py"
     )
 
 
+def overrides_text(sub: Submission) -> list[str]:
+    """The README lines that say which overrides the runs were made with, and how to run one again."""
+    world = re.match(r"(\d+)x", sub.hardware)
+    command = run_command(nproc=int(world.group(1)) if world else 8, seed=sub.seeds[0], env=sub.env)
+    if sub.env:
+        shown = ", ".join(f"`{k}={v}`" for k, v in sorted(sub.env.items()))
+        said = (
+            f"Run with these overrides of the defaults below: {shown}. They are recorded in submission.json "
+            "(`env`), and `validator rerun` applies them."
+        )
+    else:
+        said = "Run with the defaults below, no overrides."
+    return [said, "", f"```bash\n{command}\n```"]
+
+
 def results_section(sub: Submission) -> str:
     if not sub.seed_results:
-        body = "Not run yet. `builder run` writes one `train_seed<SEED>.log` per seed; `builder collect` fills this in."
+        body = "Not run yet. `builder run` writes one `train_seed<SEED>.log` per seed and fills this in."
         return f"{RESULTS_BEGIN}\n{body}\n{RESULTS_END}"
     rows = [
         "| seed | val_bpb | val_loss | steps | train time | eval time | artifact bytes |",
@@ -71,7 +93,7 @@ def results_section(sub: Submission) -> str:
         f"Mean val_bpb over {len(sub.seeds)} seed(s): **{sub.val_bpb:.8f}**{std}. Largest artifact: "
         f"{sub.bytes_total:,} bytes (code {sub.bytes_code:,} bytes) of the 16,000,000 allowed."
     )
-    return "\n".join([RESULTS_BEGIN, summary, "", *rows, RESULTS_END])
+    return "\n".join([RESULTS_BEGIN, summary, "", *rows, "", *overrides_text(sub), RESULTS_END])
 
 
 def render_readme(
@@ -107,8 +129,9 @@ pip install -r requirements.txt
 
 Each run writes `logs/<RUN_ID>.txt` and the artifact `final_model.int8.ptz`; the score of record is the
 `final_int8_zlib_roundtrip_exact` line, computed on the model read back from the artifact. With ssm-golf installed,
-`builder run . --data DATA --tokenizer MODEL --seeds 1337 42 2025 --nproc 8` runs every seed and `builder collect .`
-fills in the results below. `EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz` re-scores an artifact without training.
+`builder run . --data DATA --tokenizer MODEL --seeds 1337 42 2025 --nproc 8` runs every seed and fills in the
+results below (`builder collect .` reads the logs again). `EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz` re-scores an
+artifact without training.
 
 ## Results
 

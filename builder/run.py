@@ -5,6 +5,12 @@ Each seed runs in its own copy of the folder (`--workdir/<folder>/seed<SEED>`) t
 hard kill) or in the ssm-golf container (`--backend docker`). Several processes per node go through torchrun;
 several nodes through torchrun's own rendezvous options (`--nnodes --node-rank --rdzv-endpoint ...`), run once on
 every node with the same rendezvous and the node's own rank.
+
+Before anything runs, every shard of --data is checked (header, version, size against its token count). A seed's
+log is kept in the folder only when its run succeeded (exit 0 and a result_json line); then the seed is recorded in
+submission.json and the README's results (as `builder collect` does), with the run's `--env` overrides in
+submission.json's `env`, which `validator rerun` applies again. A failed run's log stays in the work dir. Overrides
+that are not hyperparameters of the script (OMP_NUM_THREADS, CUDA_*, ...) reach the run but are not recorded.
 """
 
 from __future__ import annotations
@@ -15,11 +21,18 @@ import sys
 from pathlib import Path
 
 from builder.cli import UserError
+from builder.collect import collect, load_submission, save_submission, without_results
+from builder.data.shards import SPLITS, list_shards, read_header
 from builder.render import write_atomic
 from validator.findings import Finding, Severity
+from validator.logs import parse_log_file
 from validator.sandbox import Launch, Limits, SandboxError, SandboxRequest, SandboxResult, run_sandboxed
 from validator.sandbox.audit import audit_findings
 from validator.sandbox.verdict import run_findings
+from validator.schema import env_name_problem
+
+# --env names that builder run sets itself from its own options
+OWN_ENV = {"SEED": "--seeds", "RUN_ID": "--seeds", "DATA_PATH": "--data", "TOKENIZER_PATH": "--tokenizer"}
 
 
 def check_inputs(submission: Path, data: Path, tokenizer: Path) -> None:
@@ -33,14 +46,29 @@ def check_inputs(submission: Path, data: Path, tokenizer: Path) -> None:
         raise UserError(f"{tokenizer}: tokenizer model not found; pass the .model file that made the shards")
 
 
+def check_shards(data: Path) -> int:
+    """Check the header and size of every shard of `data`; returns how many. ShardError names a bad file."""
+    paths = [path for split in SPLITS for path in list_shards(data, split)]
+    for path in paths:
+        read_header(path)
+    return len(paths)
+
+
 def parse_env(pairs: list[str]) -> dict[str, str]:
     env = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--env {pair!r} is not KEY=VALUE")
+        if key in OWN_ENV:
+            raise UserError(f"--env {key}: builder run sets {key} itself; use {OWN_ENV[key]} instead")
         env[key] = value
     return env
+
+
+def recorded_overrides(env: dict[str, str]) -> dict[str, str]:
+    """The overrides submission.json records: the hyperparameter-shaped names (validator.schema.env_name_problem)."""
+    return {k: v for k, v in env.items() if env_name_problem(k) is None}
 
 
 def launch_from_args(args: argparse.Namespace) -> Launch:
@@ -62,8 +90,11 @@ def _report(seed: int, findings: list[Finding]) -> None:
         print(f"== seed {seed}: {f.severity.value} {f.code}: {f.message}", file=sys.stderr, flush=True)
 
 
-def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> Path:
-    """Run one seed in a fresh copy of the folder; returns the log copied into the submission folder."""
+def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> Path | None:
+    """Run one seed in a fresh copy of the folder; returns the log copied into the submission folder.
+
+    On a node of rank above 0 (its processes write no log; node 0 keeps it) returns None once the run exited 0.
+    """
     submission: Path = args.submission
     workdir = args.workdir / submission.resolve().name / f"seed{seed}"
     session = workdir.with_name(f"seed{seed}.sandbox")  # hook, audit log, home and temp of the run
@@ -96,16 +127,23 @@ def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> 
     findings = run_findings(result, limits, ("train", "eval"), where) + audit_findings(result.audit_events, where)
     _report(seed, findings)
     log = result.work_dir / "logs" / f"{run_id}.txt"
-    if result.killed or result.returncode != 0:
-        kept = ""
-        if log.is_file():
-            failed = submission / f"{run_id}.failed.log"
-            write_atomic(failed, log.read_bytes())
-            kept = f"; its log is in {failed}"
-        why = f"was killed: {result.killed}" if result.killed else f"exited with status {result.returncode}"
-        raise UserError(f"seed {seed}: train_gpt.py {why}{kept}")
-    if not log.is_file():
-        raise UserError(f"seed {seed}: the run wrote no {log}; is this an ssm-golf or upstream-style script?")
+    failure = None
+    if result.killed:
+        failure = f"train_gpt.py was killed: {result.killed}"
+    elif result.returncode != 0:
+        failure = f"train_gpt.py exited with status {result.returncode}"
+    elif args.node_rank > 0:
+        return None
+    elif not log.is_file():
+        failure = f"the run wrote no {log.name}; is this an ssm-golf or upstream-style script?"
+    elif parse_log_file(log).result_json is None:
+        failure = f"{log.name} has no result_json line; the run did not finish"
+    if failure:
+        if not log.is_file():  # keep what it printed instead
+            workdir.mkdir(parents=True, exist_ok=True)
+            log = workdir / f"{run_id}.output.txt"
+            write_atomic(log, result.text + "\n")
+        raise UserError(f"seed {seed}: {failure}; its log is in {log} (nothing was added to {submission})")
     target = submission / f"{run_id}.log"
     write_atomic(target, log.read_bytes())
     errors = [f for f in findings if f.severity == Severity.ERROR]
@@ -145,7 +183,40 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1 or 8 % args.nproc:
         raise UserError(f"--nproc {args.nproc} must divide 8")
     extra = parse_env(args.env)
-    for seed in args.seeds:
+    overrides = recorded_overrides(extra)
+    if unrecorded := sorted(set(extra) - set(overrides)):
+        print(f"== not recorded in submission.json (not a hyperparameter of the script): {', '.join(unrecorded)}")
+    sub = load_submission(args.submission)
+    seeds = list(dict.fromkeys(args.seeds))
+    start_over = bool(sub.seeds) and sub.env != overrides
+    if start_over:
+        others = [s for s in sub.seeds if s not in seeds]
+        if others:
+            old = " ".join(f"--env {k}={v}" for k, v in sorted(sub.env.items())) or "no --env"
+            raise UserError(
+                f"{args.submission / 'submission.json'}: seeds {sub.seeds} were run with {old}; pass the same, or run "
+                f"all of them again with the new overrides: --seeds {' '.join(map(str, sorted({*sub.seeds, *seeds})))}"
+            )
+    print(f"== {check_shards(args.data)} shards of {args.data} checked", flush=True)
+    if start_over:  # the results of the old overrides go to the work dir; each seed is recorded again as it succeeds
+        aside = args.workdir / args.submission.resolve().name / "previous"
+        aside.mkdir(parents=True, exist_ok=True)
+        for seed in sub.seeds:
+            log = args.submission / f"train_seed{seed}.log"
+            if log.is_file():
+                log.replace(aside / log.name)
+        save_submission(args.submission, without_results(sub, overrides))
+        print(f"== the results of the previous overrides ({sub.env}) are set aside in {aside}")
+        sub = load_submission(args.submission)
+    for seed in seeds:
         log = run_seed(args, seed, extra)
-        print(f"== seed {seed}: log {log}", flush=True)
+        if log is None:
+            print(f"== seed {seed}: done on node rank {args.node_rank}; node 0 keeps the log and records it")
+            continue
+        kept = [s for s in sub.seeds if (args.submission / f"train_seed{s}.log").is_file()]
+        if dropped := sorted(set(sub.seeds) - set(kept)):
+            print(f"== seeds {dropped} of submission.json have no log in the folder any more; no longer recorded")
+        recorded = collect(args.submission, seeds=sorted({*kept, seed}), env=overrides, quiet=True)
+        sub = recorded
+        print(f"== seed {seed}: log {log}; recorded in submission.json, val_bpb {recorded.val_bpb:.8f}", flush=True)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from validator.report import Report, Section, build_report
 from validator.sandbox import Launch, Limits, SandboxError, SandboxRequest, run_sandboxed
 from validator.sandbox.audit import audit_findings
 from validator.sandbox.verdict import run_findings
-from validator.schema import CAP_BYTES
+from validator.schema import CAP_BYTES, env_name_problem
 
 DEFAULT_TOLERANCE_BPB = 0.0025  # the gap at which maintainers said "cannot reproduce" (May 2026 repro pass)
 TOKEN_LOSSES_NAME = "token_losses.npz"
@@ -255,6 +256,23 @@ def _compare_bpb(report: SeedReport, tolerance: float) -> None:
         report.findings.append(warning("RERUN_BPB_BETTER_THAN_CLAIMED", msg, where))
 
 
+def recorded_env(folder: Path, seed: int) -> dict[str, str]:
+    """The overrides submission.json records in `env` (`builder run --env`); names it may not set are skipped."""
+    try:
+        data = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    given = data.get("env") if isinstance(data, dict) else None
+    if not isinstance(given, dict):
+        return {}
+    env = {k: v for k, v in given.items() if isinstance(v, str) and env_name_problem(k) is None}
+    skipped = sorted(set(given) - set(env))
+    shown = " ".join(f"{k}={v}" for k, v in env.items()) or "none"
+    tail = f"; skipped (not a hyperparameter override): {', '.join(skipped)}" if skipped else ""
+    print(f"== seed {seed}: environment from submission.json: {shown}{tail}", file=sys.stderr, flush=True)
+    return env
+
+
 def rerun_seed(
     args: argparse.Namespace,
     seed: int,
@@ -269,7 +287,7 @@ def rerun_seed(
     report = SeedReport(seed=seed, session=str(session))
     report.claimed_bpb = claims.bpb.get(seed)
     report.bytes_total_claimed = claims.bytes_total.get(seed)
-    env = parse_env(args.env)
+    env = {**recorded_env(args.folder, seed), **parse_env(args.env)}  # --env on the command line wins
     env.update(SEED=str(seed), RUN_ID=f"train_seed{seed}", TOKEN_LOSSES=TOKEN_LOSSES_NAME)
     inputs = {}
     if artifact is not None:

@@ -12,6 +12,28 @@ CAP_BYTES = 16_000_000
 TRACKS = ("10min_16mb", "non_record_16mb")
 Track = Literal["10min_16mb", "non_record_16mb"]
 
+# `env`: the hyperparameter overrides of the recorded runs (`builder run --env`), applied again by `validator rerun`.
+# The file is the submitter's, so only names shaped like a hyperparameter, and none that the validator sets itself,
+# that a launcher sets, or that changes how the interpreter, the loader, the sandbox or the toolchain starts.
+ENV_NAME_RE = re.compile(r"[A-Z][A-Z0-9_]*")
+ENV_RESERVED = frozenset(
+    "SEED RUN_ID DATA_PATH TOKENIZER_PATH TOKEN_LOSSES EVAL_ONLY ARTIFACT PATH HOME TMPDIR SHELL ENV BASH_ENV IFS "
+    "RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK MASTER_ADDR MASTER_PORT".split()
+)
+ENV_RESERVED_PREFIXES = (
+    "PYTHON", "LD_", "DYLD_", "SSM_GOLF_", "TRITON_", "TORCH", "CUDA_", "NCCL_", "NVIDIA_", "OMP_", "MKL_",
+    "MALLOC_", "GLIBC_", "GCONV_", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN",
+)  # fmt: skip
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a recorded override in submission.json's `env` (None when it can)."""
+    if not ENV_NAME_RE.fullmatch(name):
+        return "not an upper-case hyperparameter name"
+    if name in ENV_RESERVED or name.startswith(ENV_RESERVED_PREFIXES):
+        return "set by the launcher or the validator, or changes how the process starts"
+    return None
+
 
 class SeedResult(BaseModel):
     """One seed's figures, as read from its log."""
@@ -42,6 +64,7 @@ class Submission(BaseModel):
     date: str
     track: Track = "non_record_16mb"
     variant: str
+    env: dict[str, str] = Field(default_factory=dict)  # overrides of the recorded runs; `validator rerun` applies them
     val_bpb: float | None = None
     val_loss: float | None = None
     val_bpb_std: float | None = None
@@ -58,6 +81,14 @@ class Submission(BaseModel):
         if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
             raise ValueError("date must be YYYY-MM-DD")
         _dt.date.fromisoformat(v)
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if problem := env_name_problem(name):
+                raise ValueError(f"{name}: {problem}")
         return v
 
     @model_validator(mode="after")

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from builder.data import fineweb, sample, text
 from builder.data.export import ExportResult
+from builder.data.tokenizer import SMALL_VOCAB_MAX, SMALL_VOCAB_MIN
+
+VOCAB_HELP = f"tokenizer vocabulary size: 1024 (default), 4096, 8192, or {SMALL_VOCAB_MIN}..{SMALL_VOCAB_MAX} for tests"
 
 
 def _positive(text: str) -> int:
@@ -22,7 +25,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (datasets/, tokenizers/, manifest)")
     parser.add_argument("--docs", type=_positive, default=sample.DEFAULT_DOCS, help="number of documents")
     parser.add_argument("--seed", type=int, default=0, help="generator seed; same arguments give identical bytes")
-    parser.add_argument("--vocab", type=int, choices=(1024, 8192), default=1024, help="tokenizer vocabulary size")
+    parser.add_argument("--vocab", type=int, default=1024, help=VOCAB_HELP)
     parser.add_argument(
         "--val-docs",
         type=_positive,
@@ -43,7 +46,7 @@ def _add_text(sub: argparse._SubParsersAction) -> None:
         "--input", nargs="+", required=True, metavar="GLOB", help="files or quoted glob patterns ('**' recurses)"
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (datasets/, tokenizers/, manifest)")
-    parser.add_argument("--vocab", type=int, choices=(1024, 8192), default=1024, help="tokenizer vocabulary size")
+    parser.add_argument("--vocab", type=int, default=1024, help=VOCAB_HELP)
     parser.add_argument(
         "--split", choices=text.SPLIT_MODES, default="file", help="one document per file, or per blank-line block"
     )

@@ -180,7 +180,7 @@ def export_dataset(
         "eos_id": tok.EOS_ID,
         "model_path": f"tokenizers/{stem}.model",
         "vocab_path": f"tokenizers/{stem}.vocab",
-        "settings": dict(tok.UPSTREAM_SETTINGS),
+        "settings": tok.settings_for(vocab_size),
     }
     _merge_manifest(out_dir / "manifest.json", manifest, dataset_entry, tokenizer_entry)
     return ExportResult(data_path=datasets_dir / name, tokenizer_path=model_path, stats=stats)

@@ -43,11 +43,16 @@ def make_sample(
         val_docs = default_val_docs(docs)
     if val_docs >= docs:
         raise UserError(f"--val-docs {val_docs} leaves no train documents out of --docs {docs}; lower --val-docs")
-    if vocab_size not in tok.VOCAB_SIZES:
-        raise UserError(f"--vocab {vocab_size}: supported sizes are {tok.VOCAB_SIZES}")
+    try:
+        tok.check_vocab_size(vocab_size)
+    except tok.VocabSizeError as exc:
+        raise UserError(str(exc)) from exc
     documents = list(tqdm(generate_documents(docs, seed), total=docs, desc="generating", unit="doc"))
     train_docs = documents if tokenizer_docs is None else documents[: max(1, tokenizer_docs)]
-    model_bytes = tok.train_model(train_docs, vocab_size)
+    try:
+        model_bytes = tok.train_model(train_docs, vocab_size)
+    except tok.VocabSizeError as exc:
+        raise UserError(str(exc)) from exc
     source = {
         "command": "sample",
         "generator": "builder.data.corpus",

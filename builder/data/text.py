@@ -77,8 +77,10 @@ def make_text_dataset(
     errors: str = "strict",
 ) -> ExportResult:
     """Tokenize local text files into the upstream layout under `out_dir`."""
-    if vocab_size not in tok.VOCAB_SIZES:
-        raise UserError(f"--vocab {vocab_size}: supported sizes are {tok.VOCAB_SIZES}")
+    try:
+        tok.check_vocab_size(vocab_size)
+    except tok.VocabSizeError as exc:
+        raise UserError(str(exc)) from exc
     paths = find_inputs(patterns)
     total = sum(1 for _ in tqdm(iter_documents(paths, split, errors), desc="counting documents", unit="doc"))
     if total < 2:
@@ -96,7 +98,10 @@ def make_text_dataset(
         trained_on = None
     else:
         trained_on = min(total, tokenizer_docs)
-        model_bytes = tok.train_model(islice(iter_documents(paths, split, errors), trained_on), vocab_size)
+        try:
+            model_bytes = tok.train_model(islice(iter_documents(paths, split, errors), trained_on), vocab_size)
+        except tok.VocabSizeError as exc:
+            raise UserError(f"{paths[0]}: {exc}") from exc
     source = {
         "command": "text",
         "files": len(paths),

@@ -5,11 +5,18 @@ pad 0 / bos 1 / eos 2 / unk 3, character_coverage 0.999, hard_vocab_limit false.
 on one thread with a fixed random seed, reads the sentences we give it in our order (input_sentence_size 0, so
 it samples nothing), and writes the model through `model_writer`, so no temporary path ends up inside the
 model; the `.vocab` file is written from the trained model the way SentencePiece writes it (piece, tab, score).
+
+Vocabulary sizes: upstream's 1024, 4096 and 8192 with exactly those settings, and small sizes from 64 to 1023 for
+tests. The 256 byte-fallback pieces would not fit or would take most of a small vocabulary, so a small size
+trains without byte fallback and with character coverage 1.0: every character of the training text gets a piece
+of its own (the size must be at least the number of distinct characters plus the four special pieces), and a
+character never seen in training encodes to unk.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,7 +24,8 @@ import sentencepiece as spm
 
 from builder.data.files import atomic_write_bytes
 
-VOCAB_SIZES = (1024, 8192)
+UPSTREAM_VOCAB_SIZES = (1024, 4096, 8192)
+SMALL_VOCAB_MIN, SMALL_VOCAB_MAX = 64, 1023  # test sizes: below upstream's smallest
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 TRAINER_SEED = 1337
 # SentencePiece skips training sentences longer than this many bytes; longer lines are cut at spaces first.
@@ -36,6 +44,35 @@ UPSTREAM_SETTINGS = {
     "unk_id": UNK_ID,
     "hard_vocab_limit": False,
 }
+
+
+# what a small vocabulary changes (see the module docstring)
+SMALL_VOCAB_SETTINGS = {"byte_fallback": False, "character_coverage": 1.0}
+_REQUIRED_CHARS = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+class VocabSizeError(ValueError):
+    """The vocabulary size is not supported, or too small for the training text; the message says what fits."""
+
+
+def check_vocab_size(vocab_size: int) -> int:
+    """`vocab_size` if supported (upstream's sizes or a small test size); VocabSizeError otherwise."""
+    if vocab_size in UPSTREAM_VOCAB_SIZES or SMALL_VOCAB_MIN <= vocab_size <= SMALL_VOCAB_MAX:
+        return vocab_size
+    sizes = ", ".join(str(v) for v in UPSTREAM_VOCAB_SIZES)
+    small = f"{SMALL_VOCAB_MIN}..{SMALL_VOCAB_MAX}"
+    raise VocabSizeError(f"--vocab {vocab_size}: supported sizes are upstream's {sizes}, or {small} for tests")
+
+
+def is_small_vocab(vocab_size: int) -> bool:
+    """True for the test sizes, which train without byte fallback."""
+    return vocab_size < min(UPSTREAM_VOCAB_SIZES)
+
+
+def settings_for(vocab_size: int) -> dict:
+    """The trainer settings of a vocabulary size: upstream's, with the small-vocabulary changes below 1024."""
+    check_vocab_size(vocab_size)
+    return {**UPSTREAM_SETTINGS, **(SMALL_VOCAB_SETTINGS if is_small_vocab(vocab_size) else {})}
 
 
 def tokenizer_stem(vocab_size: int) -> str:
@@ -63,19 +100,33 @@ def training_sentences(documents: Iterable[str]) -> Iterator[str]:
 
 
 def train_model(documents: Iterable[str], vocab_size: int) -> bytes:
-    """Train a BPE model on `documents` with the upstream settings; return the serialized model."""
+    """Train a BPE model on `documents` with the settings of `vocab_size`; return the serialized model.
+
+    Raises VocabSizeError when the size is unsupported or smaller than the text's characters need.
+    """
+    settings = settings_for(vocab_size)
     spm.set_random_generator_seed(TRAINER_SEED)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=training_sentences(documents),
-        model_writer=model,
-        vocab_size=vocab_size,
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-        **UPSTREAM_SETTINGS,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_sentences(documents),
+            model_writer=model,
+            vocab_size=vocab_size,
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            minloglevel=2,
+            **settings,
+        )
+    except RuntimeError as exc:
+        found = _REQUIRED_CHARS.search(str(exc))
+        if not found:
+            raise
+        need = int(found.group(2))
+        raise VocabSizeError(
+            f"--vocab {vocab_size}: the training text needs at least {need} pieces (its characters plus the special "
+            f"ones{'' if is_small_vocab(vocab_size) else ' and the 256 byte pieces'}); pass --vocab {need} or more"
+        ) from exc
     return model.getvalue()
 
 
