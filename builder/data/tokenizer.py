@@ -31,19 +31,20 @@ TRAINER_SEED = 1337
 # SentencePiece skips training sentences longer than this many bytes; longer lines are cut at spaces first.
 MAX_SENTENCE_BYTES = 4096
 
-UPSTREAM_SETTINGS = {
-    "model_type": "bpe",
-    "character_coverage": 0.999,
-    "byte_fallback": True,
-    "split_digits": True,
-    "normalization_rule_name": "nmt_nfkc",
-    "add_dummy_prefix": False,
-    "pad_id": PAD_ID,
-    "bos_id": BOS_ID,
-    "eos_id": EOS_ID,
-    "unk_id": UNK_ID,
-    "hard_vocab_limit": False,
-}
+# upstream's trainer settings (a compatibility fact): BPE, byte fallback, digits split, NFKC, no dummy prefix
+UPSTREAM_SETTINGS = dict(
+    model_type="bpe",
+    normalization_rule_name="nmt_nfkc",
+    character_coverage=0.999,
+    hard_vocab_limit=False,
+    add_dummy_prefix=False,
+    split_digits=True,
+    byte_fallback=True,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    pad_id=PAD_ID,
+)
 
 
 # what a small vocabulary changes (see the module docstring)
