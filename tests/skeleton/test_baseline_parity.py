@@ -36,3 +36,17 @@ def test_loss_curve_matches_the_previous_baseline(tmp_path, sample_data):
     assert curve.keys() == PREVIOUS.keys()
     for step, loss in PREVIOUS.items():
         assert abs(curve[step] - loss) / loss < 0.005, (step, curve[step], loss)
+
+
+def test_packed_script_runs_and_counts_its_packed_bytes(tmp_path, sample_data):
+    data, tokenizer = sample_data
+    files = build_files(get_variant("baseline"), "2026-11-27", "a", "b", pack=True)
+    (tmp_path / "train_gpt.py").write_text(files["train_gpt.py"])
+    env = dict(SETTINGS, ITERATIONS=2, VAL_LOSS_EVERY=0, VAL_TOKENS=2048, DATA_PATH=data, TOKENIZER_PATH=tokenizer)
+    done = subprocess.run(
+        [sys.executable, "train_gpt.py"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", **{k: str(v) for k, v in env.items()}},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"Code size: {len(files['train_gpt.py'].encode())} bytes" in done.stdout
+    assert re.search(r"^final_int8_zlib_roundtrip_exact val_loss:\d", done.stdout, re.M)
