@@ -43,8 +43,9 @@ def test_packed_script_runs_and_counts_its_packed_bytes(tmp_path, sample_data):
     files = build_files(get_variant("baseline"), "2026-11-27", "a", "b", pack=True)
     (tmp_path / "train_gpt.py").write_text(files["train_gpt.py"])
     env = dict(SETTINGS, ITERATIONS=2, VAL_LOSS_EVERY=0, VAL_TOKENS=2048, DATA_PATH=data, TOKENIZER_PATH=tokenizer)
+    env = {"PATH": "/usr/bin:/bin", **{k: str(v) for k, v in env.items()}}
     done = subprocess.run(
-        [sys.executable, "train_gpt.py"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", **{k: str(v) for k, v in env.items()}},
+        [sys.executable, "train_gpt.py"], cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
