@@ -15,6 +15,7 @@ import templates.features.ngram_hash  # noqa: F401 (registers the n-gram feature
 import templates.mixers.attention  # noqa: F401 (registers the mixers)
 import templates.mixers.lti_mamba2  # noqa: F401
 import templates.mixers.selective  # noqa: F401
+import templates.quant_ternary  # noqa: F401 (registers ternary2 / ternary5)
 from templates.config import model_config_from_env
 from templates.export import choose_quantisers, encode_state, read_artifact, write_artifact
 from templates.hparams import Hyperparameters

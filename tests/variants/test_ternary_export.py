@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from templates.layers import TernaryLinear, ternarize, ternary_scale
-from templates.quant import pack_2bit, pack_base3, unpack_2bit, unpack_base3
+from templates.quant_ternary import pack_2bit, pack_base3, unpack_2bit, unpack_base3
 from templates.registry import QUANTISERS
 
 codes = st.lists(st.integers(0, 2), min_size=0, max_size=301)
