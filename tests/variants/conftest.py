@@ -1,0 +1,99 @@
+"""Shared parts of the variant tests: a variant's spec defaults as the environment (with tiny overrides), a model
+built from that declaration, a few optimiser steps on a fixed batch, and the artifact round trip."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import templates.brotli_codec  # noqa: F401 (registers brotli)
+import templates.features.ngram_hash  # noqa: F401 (registers the n-gram features)
+import templates.mixers.attention  # noqa: F401 (registers the mixers)
+import templates.mixers.lti_mamba2  # noqa: F401
+import templates.mixers.selective  # noqa: F401
+import templates.quant_ternary  # noqa: F401 (registers ternary2 / ternary5)
+from templates.config import model_config_from_env
+from templates.export import choose_quantisers, encode_state, read_artifact, write_artifact
+from templates.hparams import Hyperparameters
+from templates.model import LanguageModel
+from templates.optim import Muon, split_parameters
+
+SPECS = Path(__file__).resolve().parents[2] / "builder" / "specs"
+
+
+def spec_defaults(name: str) -> dict[str, str]:
+    """The record defaults of builder/specs/<name>.json as environment strings."""
+    spec = json.loads((SPECS / f"{name}.json").read_text(encoding="utf-8"))
+    return {k: str(v) for k, v in spec["defaults"].items()}
+
+
+@pytest.fixture
+def variant_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """variant_env("ttsm", MODEL_DIM="32", ...): the spec's defaults, then the overrides, as the environment."""
+
+    def apply(name: str, **overrides: str) -> None:
+        for key, value in {**spec_defaults(name), **overrides}.items():
+            monkeypatch.setenv(key, value)
+
+    return apply
+
+
+def build_model(seed: int = 0) -> LanguageModel:
+    torch.manual_seed(seed)
+    return LanguageModel(model_config_from_env())
+
+
+def fixed_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable batch: each row repeats a short random phrase."""
+    g = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(0, vocab, (batch, 7), generator=g)
+    run = phrase.repeat(1, (seq_len + 1) // 7 + 1)[:, : seq_len + 1]
+    return run[:, :-1].contiguous(), run[:, 1:].contiguous()
+
+
+def train_steps(model: LanguageModel, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[float]:
+    """`steps` optimiser steps on (x, y) with the run's optimiser split (Muon + Adam, the environment's rates)."""
+    hp = Hyperparameters()
+    groups = split_parameters(model, hp.control_patterns)
+    opts: list[torch.optim.Optimizer] = [
+        Muon(groups["muon"], hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, 0.0, hp.muon_row_norm)
+    ]
+    for key, lr in (("embed", hp.tied_embed_lr), ("scalar", hp.scalar_lr), ("head", hp.head_lr)):
+        if groups[key]:
+            opts.append(torch.optim.Adam(groups[key], lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(x, y)
+        loss.backward()
+        if hp.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip_norm)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def round_trip(model: LanguageModel, path: Path, exact: bool) -> LanguageModel:
+    """Export through the pipeline and read back into a fresh model (strict). exact: the variant's ternary quantiser
+    and compressor but float32 for every other tensor and absmean export scales, so that the only lossy step is
+    the ternary one; otherwise the variant's whole plan (QUANT, overrides, TERNARY_LSTSQ, ...)."""
+    hp = Hyperparameters()
+    if exact:
+        plan = choose_quantisers(model, "float32", hp.quant_ternary, (), ("",), hp.keep_float_max_numel, False)
+    else:
+        plan = choose_quantisers(
+            model, hp.quant, hp.quant_ternary, hp.quant_overrides, hp.control_patterns, hp.keep_float_max_numel,
+            hp.ternary_lstsq,
+        )  # fmt: skip
+    file_bytes, _ = write_artifact(str(path), encode_state(model.state_dict(), plan), hp.compressor)
+    assert path.stat().st_size == file_bytes
+    assert path.read_bytes().startswith(b"SSMG1 " + hp.compressor.encode() + b"\n")
+    fresh = build_model(seed=123)
+    fresh.load_state_dict(read_artifact(str(path)), strict=True)
+    return fresh.eval()
