@@ -31,6 +31,7 @@ from validator.source.reading import (
     SourceUnit,
     UnsafePath,
     decode_text,
+    locate,
     parse_source,
     read_bytes_capped,
     relative_name,
@@ -237,8 +238,7 @@ def audit_source(folder: Path, script: Path, *, env: Mapping[str, str] | None = 
 
     `env` overrides environment variables when judging reachability (e.g. the settings a run command or a log's
     hyperparameter echo shows); by default the script's own defaults decide. Never executes the analysed code."""
-    folder = Path(folder)
-    script = Path(script) if Path(script).is_absolute() else folder / script
+    folder, script = locate(folder, script)
     findings: list[Finding] = []
     main = _load(folder, script, findings)
     if main is None:

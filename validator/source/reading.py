@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,20 @@ MAX_SOURCE_BYTES = 4_000_000
 
 class UnsafePath(Exception):
     """A path that leads outside the checked folder, is not a regular file, or cannot be read."""
+
+
+def locate(folder: str | Path, script: str | Path) -> tuple[Path, Path]:
+    """`folder` made absolute, and `script` as a path inside it: an absolute script, or a relative one that already
+    names a file inside the folder from the working directory (`records/x/train_gpt.py`), is taken as it is;
+    anything else is relative to the folder (`train_gpt.py`). Never joins the folder twice."""
+    root = Path(os.path.abspath(folder))
+    path = Path(script)
+    if path.is_absolute():
+        return root, path
+    from_cwd = Path(os.path.abspath(path))
+    if root in from_cwd.parents:
+        return root, from_cwd
+    return root, root / path
 
 
 def relative_name(folder: Path, path: Path) -> str:
