@@ -7,12 +7,18 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from validator.findings import Finding, note, warning
+import validator.folder as vfolder
+from validator.findings import Finding, Severity, error, warning
 from validator.folder import SubmissionFolder, open_folder
 from validator.logs import ParsedLog, parse_log
 from validator.loose import LooseSubmission, read_submission
 
-MAX_LOGS = 64
+# Every candidate log is read; these bounds only stop a folder built to exhaust the validator, and hitting one is
+# itself a finding (an error for a record claim), so padding a folder cannot push a real log out unseen.
+LOG_READ_BUDGET_BYTES = 256 * 1024 * 1024  # all logs together
+LOG_READ_BUDGET_SECONDS = 120.0
+# What the folder reader could not list or read: for a record claim, what cannot be read cannot be accepted.
+UNREAD_CODES = frozenset({"TOO_MANY_FILES", "TREE_TOO_DEEP", "UNREADABLE_DIR", "NAME_NOT_UTF8"})
 JSON_CAP_BYTES = 4 * 1024 * 1024
 SEED_IN_NAME = re.compile(r"seed[_-]?(\d+)", re.IGNORECASE)
 TRACK_DIR_NAMES = {"track_10min_16mb": "10min_16mb", "track_non_record_16mb": "non_record_16mb"}
@@ -108,6 +114,22 @@ def _is_log_name(rel: str) -> bool:
     )
 
 
+def _log_order(rel: str) -> tuple:
+    """Read order: top-level first, then names that say train/seed/log, `.log` before `.txt`, then by name."""
+    name = rel.rsplit("/", 1)[-1].lower()
+    telling = name.startswith(("train", "seed", "log")) or "seed" in name
+    return (rel.count("/"), not telling, not name.endswith(".log"), rel)
+
+
+def _escalated(finding: Finding, record: bool) -> Finding:
+    """A listing problem is an error for a record claim: the unread part could hold the evidence."""
+    if not record or finding.code not in UNREAD_CODES or finding.severity is Severity.ERROR:
+        return finding
+    return error(
+        finding.code, f"{finding.message} (a record claim cannot be accepted unread)", finding.file, finding.line
+    )
+
+
 def _looks_like_log(text: str) -> bool:
     return any(k in text for k in ("val_loss", "train_loss", "result_json", "val_bpb"))
 
@@ -116,7 +138,7 @@ def load_context(path: str | Path, options: CheckOptions | None = None) -> Conte
     """Read a folder once for all checks. Raises NotADirectoryError when `path` is not a folder."""
     options = options or CheckOptions()
     folder = open_folder(path)
-    ctx = Context(folder=folder, options=options, load_findings=list(folder.findings))
+    ctx = Context(folder=folder, options=options)
     parent = Path(path).resolve().parent.name
     ctx.track_dir = parent if parent.startswith("track_") else None
     top = folder.top_level()
@@ -145,18 +167,58 @@ def load_context(path: str | Path, options: CheckOptions | None = None) -> Conte
     readmes = [f for f in top if f.lower() == "readme.md"]
     if readmes:
         ctx.readme = folder.read_text(readmes[0], cap=1024 * 1024)
-    log_names = sorted(f for f in folder.files if _is_log_name(f))
-    if len(log_names) > MAX_LOGS:
-        ctx.load_findings.append(note("TOO_MANY_LOGS", f"{len(log_names)} logs; the first {MAX_LOGS} are read"))
-        log_names = log_names[:MAX_LOGS]
-    for rel in log_names:
+    ctx.load_findings[:0] = [_escalated(f, ctx.is_record) for f in folder.findings]
+    _read_logs(ctx)
+    return ctx
+
+
+def _read_logs(ctx: Context) -> None:
+    """Parse every candidate log, in `_log_order`; the bounds, when hit, are findings naming what was not read."""
+    import time
+
+    folder = ctx.folder
+    names = sorted((f for f in folder.files if _is_log_name(f)), key=_log_order)
+    used, start = 0, time.monotonic()
+    unread: list[str] = []
+    for rel in names:
+        size = folder.files[rel]
+        if unread or used + min(size, vfolder.READ_CAP_BYTES) > LOG_READ_BUDGET_BYTES:
+            unread.append(rel)
+            continue
+        if time.monotonic() - start > LOG_READ_BUDGET_SECONDS:
+            unread.append(rel)
+            continue
         text = folder.read_text(rel)
+        used += min(size, vfolder.READ_CAP_BYTES)
         if text is None or not _looks_like_log(text):
             continue
+        if size > vfolder.READ_CAP_BYTES:
+            ctx.load_findings.append(
+                _severity_for(ctx)(
+                    "LOG_PARTIALLY_READ",
+                    f"{size:,} bytes, over the {vfolder.READ_CAP_BYTES:,}-byte read cap: only head and tail were read; "
+                    "commit the training log itself, not a padded one",
+                    rel,
+                )
+            )
         log = parse_log(text, path=rel)
         m = SEED_IN_NAME.search(rel.rsplit("/", 1)[-1])
         from_name = int(m.group(1)) if m else None
         ctx.runs.append(
             SeedRun(rel=rel, log=log, seed=log.seed if log.seed is not None else from_name, seed_from_name=from_name)
         )
-    return ctx
+    ctx.runs.sort(key=lambda r: r.rel)
+    if unread:
+        shown = ", ".join(unread[:5]) + (", ..." if len(unread) > 5 else "")
+        ctx.load_findings.append(
+            _severity_for(ctx)(
+                "LOGS_NOT_READ",
+                f"{len(unread)} of {len(names)} candidate logs not read (past {LOG_READ_BUDGET_BYTES:,} bytes or "
+                f"{LOG_READ_BUDGET_SECONDS:.0f} s of logs): {shown}; remove the files that are not training logs",
+            )
+        )
+
+
+def _severity_for(ctx: Context):
+    """error() for a record claim, warning() otherwise."""
+    return error if ctx.is_record else warning

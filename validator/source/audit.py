@@ -78,11 +78,12 @@ def _load(folder: Path, path: Path, findings: list[Finding]) -> SourceUnit | Non
         tree = parse_source(text, name)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         line = getattr(exc, "lineno", None)
+        reason = (getattr(exc, "msg", None) or str(exc) or exc.__class__.__name__).splitlines()[0][:120]
         findings.append(
             warning(
                 "SOURCE_UNPARSED",
-                f"{name} does not parse with Python {sys.version_info.major}.{sys.version_info.minor} "
-                f"({exc.__class__.__name__}); its rules were not checked",
+                f"{name} does not compile with Python {sys.version_info.major}.{sys.version_info.minor} "
+                f"({exc.__class__.__name__}: {reason}); its rules were not checked: commit a script that runs",
                 name,
                 line if isinstance(line, int) else None,
             )

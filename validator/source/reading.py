@@ -17,16 +17,16 @@ class UnsafePath(Exception):
 
 
 def locate(folder: str | Path, script: str | Path) -> tuple[Path, Path]:
-    """`folder` made absolute, and `script` as a path inside it: an absolute script, or a relative one that already
-    names a file inside the folder from the working directory (`records/x/train_gpt.py`), is taken as it is;
-    anything else is relative to the folder (`train_gpt.py`). Never joins the folder twice."""
-    root = Path(os.path.abspath(folder))
+    """`folder` made absolute, and `script` as an absolute path inside it: an absolute script as it is; a relative
+    one that starts with the folder as given (`records/x/train_gpt.py` for `records/x`) from the working
+    directory; any other relative one (`train_gpt.py`) inside the folder. Never joins the folder twice."""
+    given = Path(folder)
+    root = Path(os.path.abspath(given))
     path = Path(script)
     if path.is_absolute():
         return root, path
-    from_cwd = Path(os.path.abspath(path))
-    if root in from_cwd.parents:
-        return root, from_cwd
+    if given.parts and path.parts[: len(given.parts)] == given.parts and len(path.parts) > len(given.parts):
+        return root, Path(os.path.abspath(path))
     return root, root / path
 
 
