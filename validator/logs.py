@@ -69,6 +69,7 @@ PROGRESS_PREFIXES = (
 )
 NOTABLE_WORDS = ("optimal_t", "slot", "prequant", "pre_quant", "ngram", "two_pass", "rescor", "etlb")
 PROGRESS_RE = re.compile(r"(?:^|[\s_])loss[:=\s]|^step|^\d+/\d+|\bstep:\s?\d")
+SOURCE_FIRST = ('"""', "'''", "import ", "from ", "#!", "# ")
 SOURCE_RULE_RE = re.compile(r"^={20,}\s*$")
 RESULT_JSON_PREFIX = "result_json "
 
@@ -114,6 +115,8 @@ SCORE_PRIORITY = (
     "final_temped",
     "quantized",
 )
+# A word between a score tag and `val_loss` that qualifies the pass (`stride:64`, `T=0.90`), not part of the tag.
+QUALIFIER_RE = re.compile(r"^[A-Za-z_]\w*[:=][-+]?[0-9][\w.]*,?$")
 _PRIORITY_INDEX = {tag: i for i, tag in enumerate(SCORE_PRIORITY)}
 DIAGNOSTIC_PREFIXES = ("diagnostic", "pre-quantization", "pre_quant", "prequant", "post_ema", "ema ")
 
@@ -201,10 +204,11 @@ class ParsedLog:
     embedded_source: str | None = None
     embedded_source_lines: int = 0
     n_lines: int = 0
+    claimed: ScoreLine | None = None  # set by the checks: the final line submission.json claims, when not `score`
 
     @property
-    def score(self) -> ScoreLine | None:
-        """The score of record: by tag priority, the last line of the best tag present."""
+    def priority_score(self) -> ScoreLine | None:
+        """By tag priority, the last line of the best tag present."""
         best: ScoreLine | None = None
         best_rank = len(SCORE_PRIORITY)
         for s in self.scores:
@@ -218,6 +222,12 @@ class ParsedLog:
             return exact[-1]
         final = [s for s in self.scores if s.tag.startswith("final") and not s.diagnostic]
         return final[-1] if final else None
+
+    @property
+    def score(self) -> ScoreLine | None:
+        """The score of record: the final line the submission claims where the log holds it (a failed later pass
+        does not outrank it), else the line chosen by tag priority."""
+        return self.claimed if self.claimed is not None else self.priority_score
 
     @property
     def eval_time_ms(self) -> float | None:
@@ -257,14 +267,33 @@ def _looks_like_source(line: str) -> bool:
 
 
 def _split_embedded_source(lines: list[str]) -> int:
-    """Index of the first run line when the log starts with the script's source and a '====' rule, else 0."""
+    """Index of the first run line when the log starts with the script's source and a '====' rule, else 0.
+
+    The rule that ends the source is the first one before which the text is complete Python: a `=====` underline
+    inside the script's docstring or a string comes before the source is complete, so it does not end it."""
+    first = 0
     for i, line in enumerate(lines[:20000]):
-        if SOURCE_RULE_RE.match(line):
-            head = lines[:i]
-            if any(h.startswith(("import ", "from ", '"""', "def ", "class ")) for h in head):
-                return i + 1
-            return 0
-    return 0
+        if not SOURCE_RULE_RE.match(line):
+            continue
+        head = lines[:i]
+        if not any(h.startswith(("import ", "from ", '"""', "def ", "class ")) for h in head):
+            return first
+        first = first or i + 1
+        try:
+            _compiles("\n".join(head))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        return i + 1
+    return first
+
+
+def _compiles(text: str) -> None:
+    import ast
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ast.parse(text)
 
 
 def _to_float(text: str) -> float:
@@ -313,8 +342,10 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
     out.n_lines = len(lines)
     start = _split_embedded_source(lines)
     if start:
-        out.embedded_source = "\n".join(lines[: start - 1])
-        out.embedded_source_lines = start - 1
+        # launcher or warning lines printed before the script's first line are not part of it
+        first = next((i for i, h in enumerate(lines[: start - 1]) if h.startswith(SOURCE_FIRST)), 0)
+        out.embedded_source = "\n".join(lines[first : start - 1])
+        out.embedded_source_lines = start - 1 - first
     in_block = False
     seen_step = False
     for lineno in range(start + 1, len(lines) + 1):
@@ -365,10 +396,13 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
                 out.stop_step, out.total_steps = int(m.group(2)), int(m.group(3))
             continue
         if m := SCORE_RE.match(line):
-            tag = " ".join(m.group("tag").split())
-            if tag.startswith("step") or "/" in tag:
+            words = m.group("tag").split()
+            # `final_sliding_window_eval_exact stride:64 val_loss:...`: numeric key:value words are qualifiers
+            qualifiers = [w for w in words if QUALIFIER_RE.match(w)]
+            tag = " ".join(w for w in words if not QUALIFIER_RE.match(w))
+            if not tag or tag.startswith("step") or "/" in tag:
                 continue
-            rest = m.group("rest")
+            rest = " ".join([*qualifiers, m.group("rest")])
             et = EVAL_TIME_RE.search(rest)
             el = ELAPSED_RE.search(rest)
             tm = TIME_MS_RE.search(rest)

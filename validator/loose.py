@@ -48,6 +48,13 @@ def decimals(value: float | None) -> int | None:
     return len(text.split(".", 1)[1])
 
 
+# Other spellings of the headline figures seen upstream; read (with a note) only when the canonical key is absent.
+CLAIM_ALIASES = {
+    "val_bpb": ("mean_val_bpb", "val_bpb_mean", "mean_bpb"),
+    "val_loss": ("mean_val_loss", "val_loss_mean"),
+}
+
+
 @dataclass
 class SeedClaim:
     """What submission.json claims for one seed."""
@@ -199,6 +206,13 @@ def read_submission(text: str, file: str = "submission.json") -> tuple[LooseSubm
         setattr(sub, key, _num(v))
         if key in data and v is not None and _num(v) is None:
             out.append(warning("JSON_FIELD_TYPE", f"'{key}' is not a finite number: {str(v)[:40]!r}", file))
+    for key in ("val_bpb", "val_loss"):  # the mean under another spelling (`mean_val_bpb`, `val_bpb_mean`)
+        if getattr(sub, key) is None and data.get(key) is None:
+            for alias in CLAIM_ALIASES[key]:
+                if _num(data.get(alias)) is not None:
+                    setattr(sub, key, _num(data.get(alias)))
+                    out.append(note("JSON_CLAIM_SPELLING", f"'{alias}' read as the claimed '{key}'", file))
+                    break
     if sub.val_bpb is None:
         out.append(error("JSON_NO_VAL_BPB", "no usable 'val_bpb' (the claimed score); add the mean over seeds", file))
     sub.bytes_total = _int(data.get("bytes_total"))

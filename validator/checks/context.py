@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import validator.folder as vfolder
-from validator.findings import Finding, Severity, error, warning
+from validator.findings import Finding, Severity, error, note, warning
 from validator.folder import SubmissionFolder, open_folder
 from validator.logs import ParsedLog, parse_log
 from validator.loose import LooseSubmission, read_submission
@@ -59,6 +59,7 @@ class Context:
     readme: str | None = None
     load_findings: list[Finding] = field(default_factory=list)
     figures: dict = field(default_factory=dict)  # checks add what the report shows
+    claimed_rels: set[str] | None = None  # the experiment whose logs back the claim, where the folder holds several
 
     @property
     def track(self) -> str | None:
@@ -79,6 +80,8 @@ class Context:
     def scored_runs(self) -> list[SeedRun]:
         """Logs with a score; the top-level ones when there are any (logs in subfolders are supplementary)."""
         scored = [r for r in self.runs if r.log.score is not None]
+        if self.claimed_rels is not None:
+            scored = [r for r in scored if r.rel in self.claimed_rels]
         top = [r for r in scored if "/" not in r.rel]
         return top or scored
 
@@ -106,18 +109,17 @@ class Context:
 
 
 def _is_log_name(rel: str) -> bool:
+    """Every `.log` and every `.txt` but requirements files: whether it is a log is decided by its content."""
     name = rel.rsplit("/", 1)[-1].lower()
     if name.endswith(".log"):
         return True
-    return (
-        name.endswith(".txt") and name not in {"requirements.txt"} and any(k in name for k in ("log", "seed", "train"))
-    )
+    return name.endswith(".txt") and not name.startswith("requirements")
 
 
 def _log_order(rel: str) -> tuple:
     """Read order: top-level first, then names that say train/seed/log, `.log` before `.txt`, then by name."""
     name = rel.rsplit("/", 1)[-1].lower()
-    telling = name.startswith(("train", "seed", "log")) or "seed" in name
+    telling = any(k in name for k in ("train", "seed", "log"))
     return (rel.count("/"), not telling, not name.endswith(".log"), rel)
 
 
@@ -169,6 +171,9 @@ def load_context(path: str | Path, options: CheckOptions | None = None) -> Conte
         ctx.readme = folder.read_text(readmes[0], cap=1024 * 1024)
     ctx.load_findings[:0] = [_escalated(f, ctx.is_record) for f in folder.findings]
     _read_logs(ctx)
+    if ctx.submission is not None:
+        _claimed_lines(ctx)
+        _claimed_experiment(ctx)
     return ctx
 
 
@@ -222,3 +227,90 @@ def _read_logs(ctx: Context) -> None:
 def _severity_for(ctx: Context):
     """error() for a record claim, warning() otherwise."""
     return error if ctx.is_record else warning
+
+
+SEED_TOKEN = re.compile(r"(?:(?<=[_\-.])|^)(?:seed|s)[_-]?\d+(?=[_\-.]|$)", re.IGNORECASE)
+
+
+def experiment_of(rel: str) -> str:
+    """The experiment a log belongs to: its path with the seed token taken out (`x_seq32768_s42.txt` and
+    `x_seq32768.txt` are one experiment, `x_seq16384_seed1341.txt` another)."""
+    folder, _, name = rel.rpartition("/")
+    stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
+    stem = re.sub(r"[_\-.]{2,}", "_", SEED_TOKEN.sub("", stem)).strip("_-.")
+    return f"{folder}/{stem}{dot}{ext}" if folder else f"{stem}{dot}{ext}"
+
+
+def _agrees(claim: float, value: float) -> bool:
+    """`value` is the claimed figure, exactly (1e-6) or rounded as the claim is written."""
+    from validator.loose import decimals
+
+    d = decimals(claim)
+    tol = max(1e-6, 0.5 * 10.0**-d + 1e-12) if d is not None and d < 8 else 1e-6
+    return abs(claim - value) <= tol
+
+
+def _claims(ctx: Context) -> list[float]:
+    sub = ctx.submission
+    assert sub is not None
+    return [c.val_bpb for c in sub.seed_results.values() if c.val_bpb is not None]
+
+
+def _claimed_lines(ctx: Context) -> None:
+    """Where a seed's claim is a final line of its log other than the priority pick (a failed later pass, say),
+    that line is the score of record, with a note naming the line passed over."""
+    sub = ctx.submission
+    assert sub is not None
+    for run in ctx.runs:
+        claim = sub.seed_results.get(run.seed) if run.seed is not None else None
+        if claim is None or claim.val_bpb is None or run.log.priority_score is None:
+            continue
+        pick = run.log.priority_score
+        if _agrees(claim.val_bpb, pick.val_bpb):
+            continue
+        matches = [s for s in run.log.scores if not s.diagnostic and _agrees(claim.val_bpb, s.val_bpb)]
+        if not matches:
+            continue
+        run.log.claimed = matches[-1]
+        ctx.load_findings.append(
+            note(
+                "SCORE_LINE_CLAIMED",
+                f"seed {run.seed}: the claim {claim.val_bpb} is the {matches[-1].tag} line; the later "
+                f"{pick.tag} pass ({pick.val_bpb:.8f}, line {pick.line}) is not claimed",
+                run.rel,
+                matches[-1].line,
+            )
+        )
+
+
+def _claimed_experiment(ctx: Context) -> None:
+    """A folder holding the logs of several experiments: the claim is checked against the experiment whose logs
+    hold the claimed figures (per-seed claims, else the headline as their mean), never across experiments."""
+    sub = ctx.submission
+    assert sub is not None
+    groups: dict[str, list[SeedRun]] = {}
+    for run in ctx.runs:
+        if run.log.score is not None:
+            groups.setdefault(experiment_of(run.rel), []).append(run)
+    if len(groups) < 2:
+        return
+    claims = _claims(ctx)
+
+    def fit(runs: list[SeedRun]) -> int:
+        values = [r.log.score.val_bpb for r in runs if r.log.score is not None]
+        hits = sum(any(_agrees(c, v) for v in values) for c in claims)
+        if sub.val_bpb is not None and values and _agrees(sub.val_bpb, statistics.fmean(values)):
+            hits += 1
+        return hits
+
+    backing = {key: runs for key, runs in groups.items() if fit(runs) > 0}
+    if not backing or len(backing) == len(groups):
+        return
+    ctx.claimed_rels = {r.rel for runs in backing.values() for r in runs}
+    ctx.load_findings.append(
+        note(
+            "CLAIMED_EXPERIMENT",
+            f"the claim is checked against the logs of {', '.join(sorted(backing))}, which hold the claimed "
+            f"figures; the folder's {len(groups) - len(backing)} other experiment(s) are supplementary",
+        )
+    )
