@@ -32,6 +32,7 @@ CODE_RAW_RE = re.compile(r"^(?:Code size \(uncompressed\)|\[modal\] Script size)
 CODE_PACKED_RE = re.compile(r"^Code size \(compressed\): (\d+) bytes")
 MODEL_RAW_RE = re.compile(r"^Serialized model: (\d+) bytes")
 MODEL_RE = re.compile(r"^Serialized model (?P<fmt>\S+): (\d+) bytes")
+ARTIFACT_MB_RE = re.compile(r"^artifact:\s?(\d+(?:\.\d+)?)\s?MB\b")  # `artifact:15.92MB ternary:... code:N`
 TOTAL_RAW_RE = re.compile(r"^Total submission size: (\d+) bytes")
 TOTAL_RE = re.compile(r"^Total submission size (?P<fmt>\S+): (\d+) bytes")
 SEED_RE = re.compile(r"^\s*seed: ?(\d+)\s*$")
@@ -179,6 +180,7 @@ class ParsedLog:
     model_format: str | None = None
     total_format: str | None = None
     bytes_total_raw: int | None = None
+    bytes_total_approx: float | None = None  # a total stated only in rounded MB (`artifact:15.92MB`)
     total_line: int | None = None
     gptq_reserve_s: float | None = None
     gptq_effective_ms: float | None = None
@@ -343,7 +345,9 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
     start = _split_embedded_source(lines)
     if start:
         # launcher or warning lines printed before the script's first line are not part of it
-        first = next((i for i, h in enumerate(lines[: start - 1]) if h.startswith(SOURCE_FIRST)), 0)
+        first = 0
+        if not lines[0].startswith(("'", '"', "#", "import ", "from ")):
+            first = next((i for i, h in enumerate(lines[: start - 1]) if h.startswith(SOURCE_FIRST)), 0)
         out.embedded_source = "\n".join(lines[first : start - 1])
         out.embedded_source_lines = start - 1 - first
     in_block = False
@@ -423,6 +427,8 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
             out.bytes_model_raw = int(m.group(1))
         elif m := MODEL_RE.match(line):
             out.bytes_model, out.model_format = int(m.group(2)), m.group("fmt")
+        elif m := ARTIFACT_MB_RE.match(line):
+            out.bytes_total_approx = _to_float(m.group(1)) * 1e6
         elif m := TOTAL_RAW_RE.match(line):
             out.bytes_total_raw = int(m.group(1))
             if out.total_format is None:

@@ -307,6 +307,12 @@ def _claimed_experiment(ctx: Context) -> None:
     if not backing or len(backing) == len(groups):
         return
     ctx.claimed_rels = {r.rel for runs in backing.values() for r in runs}
+    # eval-only logs (no training in them) are backed by the training logs of the same seeds: those stay in
+    untrained = {r.seed for runs in backing.values() for r in runs if r.log.train_time_ms is None and not r.log.steps}
+    ctx.claimed_rels |= {r.rel for r in ctx.runs if r.seed is not None and r.seed in untrained}
+    if len(ctx.claimed_rels) == sum(len(v) for v in groups.values()):
+        ctx.claimed_rels = None
+        return
     ctx.load_findings.append(
         note(
             "CLAIMED_EXPERIMENT",

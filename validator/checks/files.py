@@ -58,7 +58,11 @@ def _evidence(ctx: Context) -> list[Finding]:
                 "val_bpb:...): the claimed val_bpb cannot be checked; commit the complete logs",
             )
         )
-    sized = [r for r in ctx.runs if r.log.bytes_total is not None or r.log.bytes_model is not None]
+    sized = [
+        r
+        for r in ctx.runs
+        if r.log.bytes_total is not None or r.log.bytes_model is not None or r.log.bytes_total_approx is not None
+    ]
     if not sized and not any(r.log.result_json for r in ctx.runs):
         out.append(
             make(
