@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 
 from validator.findings import Finding, error, note, warning
-from validator.schema import strict_problems
 
 # spelling seen upstream -> (canonical track, unlimited compute)
 TRACK_SPELLINGS = {
@@ -92,7 +91,13 @@ class LooseSubmission:
     hardware: str | None = None
     pytorch_version: str | None = None
     attribution: dict[str, str] = field(default_factory=dict)
-    strict: bool = False
+
+    @property
+    def strict(self) -> bool:
+        """Whether the JSON satisfies ssm-golf's strict model (pydantic, imported only when asked)."""
+        from validator.schema import strict_problems
+
+        return not strict_problems(self.raw)
 
 
 def _num(v: object) -> float | None:
@@ -165,9 +170,13 @@ def read_submission(text: str, file: str = "submission.json") -> tuple[LooseSubm
     if not isinstance(data, dict):
         return None, [error("JSON_NOT_OBJECT", f"top level is {type(data).__name__}, expected an object", file)]
     sub = LooseSubmission(file=file, raw=data)
-    problems = strict_problems(data)
-    sub.strict = not problems
-    if problems and "variant" in data:  # an ssm-golf folder (builder writes 'variant'): held to the strict model
+    if "variant" in data:  # an ssm-golf folder (builder writes 'variant'): held to the strict model
+        from validator.schema import strict_problems
+
+        problems = strict_problems(data)
+    else:
+        problems = []
+    if problems:
         listed = "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
         out.append(warning("JSON_STRICT_SCHEMA", f"ssm-golf's strict schema: {listed}", file))
     for key in REQUIRED_TEXT + ("blurb", "hardware", "pytorch_version"):
