@@ -70,6 +70,7 @@ PROGRESS_PREFIXES = (
 )
 NOTABLE_WORDS = ("optimal_t", "slot", "prequant", "pre_quant", "ngram", "two_pass", "rescor", "etlb")
 PROGRESS_RE = re.compile(r"(?:^|[\s_])loss[:=\s]|^step|^\d+/\d+|\bstep:\s?\d")
+EVAL_ONLY_RE = re.compile(r"eval_only\s*[=:]\s*(?:1|true)\b|skipping training")
 SOURCE_FIRST = ('"""', "'''", "import ", "from ", "#!", "# ")
 SOURCE_RULE_RE = re.compile(r"^={20,}\s*$")
 RESULT_JSON_PREFIX = "result_json "
@@ -206,6 +207,7 @@ class ParsedLog:
     embedded_source: str | None = None
     embedded_source_lines: int = 0
     n_lines: int = 0
+    eval_only: bool = False  # the run says it skipped training and scored a saved artifact
     claimed: ScoreLine | None = None  # set by the checks: the final line submission.json claims, when not `score`
 
     @property
@@ -271,31 +273,20 @@ def _looks_like_source(line: str) -> bool:
 def _split_embedded_source(lines: list[str]) -> int:
     """Index of the first run line when the log starts with the script's source and a '====' rule, else 0.
 
-    The rule that ends the source is the first one before which the text is complete Python: a `=====` underline
-    inside the script's docstring or a string comes before the source is complete, so it does not end it."""
-    first = 0
+    A rule inside a triple-quoted string (a docstring underline) does not end the source: the rule that does is the
+    first one with an even number of triple quotes before it."""
+    quotes = 0
     for i, line in enumerate(lines[:20000]):
-        if not SOURCE_RULE_RE.match(line):
+        if SOURCE_RULE_RE.match(line):
+            head = lines[:i]
+            if not any(h.startswith(("import ", "from ", '"""', "'''", "def ", "class ")) for h in head):
+                return 0
+            if quotes % 2 == 0:
+                return i + 1
             continue
-        head = lines[:i]
-        if not any(h.startswith(("import ", "from ", '"""', "def ", "class ")) for h in head):
-            return first
-        first = first or i + 1
-        try:
-            _compiles("\n".join(head))
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            continue
-        return i + 1
-    return first
-
-
-def _compiles(text: str) -> None:
-    import ast
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ast.parse(text)
+        if '"""' in line or "'''" in line:
+            quotes += line.count('"""') + line.count("'''")
+    return 0
 
 
 def _to_float(text: str) -> float:
@@ -475,6 +466,8 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
             if not seen_step and not _looks_like_source(line):
                 _parse_inline_echo(line, out.echo)
         low = line.lower()
+        if "eval_only" in low or "skipping training" in low:
+            out.eval_only = out.eval_only or bool(EVAL_ONLY_RE.search(low))
         if any(w in low for w in NOTABLE_WORDS) and NOTABLE_RE.search(line) and len(out.notable) < 50:
             if not _looks_like_source(line):
                 out.notable.append((lineno, line[:200]))

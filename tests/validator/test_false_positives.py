@@ -235,3 +235,35 @@ def test_seeds_are_paired_within_the_claimed_experiment(make_submission):
         log.rename(folder / "ignored.bin")
     _, findings = _run(folder)
     assert "SEED_BPB_MISMATCH" in _errors(findings)
+
+
+def test_artifact_mb_line_is_a_size_line(make_submission):
+    folder = make_submission()
+    for log in folder.glob("train_seed*.log"):
+        kept = [
+            x for x in log.read_text().splitlines() if not x.startswith(("Total submission", "Serialized", "result"))
+        ]
+        log.write_text("\n".join([*kept, "artifact:15.92MB ternary:64880640(14239486B) code:70853"]) + "\n")
+    _, findings = _run(folder)
+    assert "NO_SIZE_LINE" not in _codes(findings)
+
+
+def test_eval_only_claim_keeps_the_training_logs_of_its_seeds(make_submission):
+    from .conftest import make_log
+
+    folder = make_submission(log_kwargs={"train_ms": 601_500.0, "stopped": False})  # training over the cap
+    data = json.loads((folder / "submission.json").read_text())
+    sub = folder / "rescore"
+    sub.mkdir()
+    for seed, claim in data["seed_results"].items():
+        text = "TTT_EVAL_ONLY=1 skipping training, loading saved artifact\n" + make_log(
+            int(seed), claim["val_bpb"] - 0.001, code_bytes=len(CLEAN_SCRIPT.encode())
+        )
+        lines = [x for x in text.splitlines() if not x.startswith(("step:", "stopping_early"))]
+        (sub / f"seed_{seed}.log").write_text("\n".join(lines) + "\n")
+        claim["val_bpb"] -= 0.001
+    data["val_bpb"] = round(sum(c["val_bpb"] for c in data["seed_results"].values()) / 3, 8)
+    (folder / "submission.json").write_text(json.dumps(data))
+    ctx, findings = _run(folder)
+    assert ctx.claimed_rels is None or "train_seed42.log" in ctx.claimed_rels
+    assert "TRAIN_TIME_OVER_LIMIT" in _errors(findings)

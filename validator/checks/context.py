@@ -307,9 +307,13 @@ def _claimed_experiment(ctx: Context) -> None:
     if not backing or len(backing) == len(groups):
         return
     ctx.claimed_rels = {r.rel for runs in backing.values() for r in runs}
-    # eval-only logs (no training in them) are backed by the training logs of the same seeds: those stay in
-    untrained = {r.seed for runs in backing.values() for r in runs if r.log.train_time_ms is None and not r.log.steps}
-    ctx.claimed_rels |= {r.rel for r in ctx.runs if r.seed is not None and r.seed in untrained}
+    # eval-only logs (the run says it skipped training) are backed by the training logs of the same seeds: those stay in
+    untrained = {r.seed for runs in backing.values() for r in runs if r.log.eval_only}
+    ctx.claimed_rels |= {
+        r.rel
+        for r in ctx.runs
+        if r.seed is not None and r.seed in untrained and (r.log.train_time_ms is not None or r.log.steps)
+    }
     if len(ctx.claimed_rels) == sum(len(v) for v in groups.values()):
         ctx.claimed_rels = None
         return

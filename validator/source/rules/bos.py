@@ -85,14 +85,31 @@ def _builds_document_rows(ctx: RuleContext, func: ast.AST) -> bool:
     return False
 
 
+def _function_names(ctx: RuleContext) -> dict[int, set[str]]:
+    """Per function definition, every name it mentions (computed once per module)."""
+    cached = getattr(ctx, "_bos_function_names", None)
+    if cached is None:
+        cached = {
+            id(f): {
+                n.id if isinstance(n, ast.Name) else n.attr
+                for n in ctx.walk(f)
+                if isinstance(n, (ast.Name, ast.Attribute))
+            }
+            for f in ctx.functions
+        }
+        ctx._bos_function_names = cached
+    return cached
+
+
 def _aliases(ctx: RuleContext, name: str) -> set[str]:
     """Names through which a function is called: wrappers that mention it, names bound to expressions that mention
     it (`f = torch.compile(wrapper)`), and parameters it is passed as (`evaluate(..., forward=f)`)."""
     names = {name}
+    by_func = _function_names(ctx)
     for _ in range(8):
         grown: set[str] = set()
         for node in ctx.nodes:
-            if isinstance(node, _FUNC) and node.name not in names and names & _names_in(node):
+            if isinstance(node, _FUNC) and node.name not in names and names & by_func.get(id(node), set()):
                 grown.add(node.name)
             elif isinstance(node, ast.Assign) and names & _names_in(node.value):
                 grown |= {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
