@@ -23,6 +23,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # The distribution's packages follow the base image's Ubuntu 24.04 snapshot; the Python stack below is pinned.
+# bubblewrap is not installed here: the container itself is the sandbox (docker run --network none, data :ro), and
+# bwrap needs user namespaces that containers usually deny; `validator rerun --backend local` inside the image falls
+# back to the network namespace / audit hook and says so in the report's isolation column. On a host, install it
+# (apt-get install bubblewrap) and the local backend runs every child under bwrap.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \

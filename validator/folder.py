@@ -76,11 +76,11 @@ def _valid_name(name: str) -> bool:
 
 def open_folder(path: str | Path) -> SubmissionFolder:
     """List a folder safely. Raises NotADirectoryError / FileNotFoundError when `path` is not a directory."""
-    root = Path(path)
+    root = Path(os.path.abspath(path))  # `.` and relative paths: the real name, and no path joined twice
     if root.is_symlink():
-        raise NotADirectoryError(f"{root}: the submission folder itself is a symlink; pass the real folder")
+        raise NotADirectoryError(f"{path}: the submission folder itself is a symlink; pass the real folder")
     if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a directory; pass a records folder (records/<track>/<date>_<name>)")
+        raise NotADirectoryError(f"{path}: not a directory; pass a records folder (records/<track>/<date>_<name>)")
     real_root = root.resolve()
     folder = SubmissionFolder(root=root)
     pending: list[tuple[Path, str, int]] = [(root, "", 0)]

@@ -32,6 +32,7 @@ CODE_RAW_RE = re.compile(r"^(?:Code size \(uncompressed\)|\[modal\] Script size)
 CODE_PACKED_RE = re.compile(r"^Code size \(compressed\): (\d+) bytes")
 MODEL_RAW_RE = re.compile(r"^Serialized model: (\d+) bytes")
 MODEL_RE = re.compile(r"^Serialized model (?P<fmt>\S+): (\d+) bytes")
+ARTIFACT_MB_RE = re.compile(r"^artifact:\s?(\d+(?:\.\d+)?)\s?MB\b")  # `artifact:15.92MB ternary:... code:N`
 TOTAL_RAW_RE = re.compile(r"^Total submission size: (\d+) bytes")
 TOTAL_RE = re.compile(r"^Total submission size (?P<fmt>\S+): (\d+) bytes")
 SEED_RE = re.compile(r"^\s*seed: ?(\d+)\s*$")
@@ -69,6 +70,8 @@ PROGRESS_PREFIXES = (
 )
 NOTABLE_WORDS = ("optimal_t", "slot", "prequant", "pre_quant", "ngram", "two_pass", "rescor", "etlb")
 PROGRESS_RE = re.compile(r"(?:^|[\s_])loss[:=\s]|^step|^\d+/\d+|\bstep:\s?\d")
+EVAL_ONLY_RE = re.compile(r"eval_only\s*[=:]\s*(?:1|true)\b|skipping training")
+SOURCE_FIRST = ('"""', "'''", "import ", "from ", "#!", "# ")
 SOURCE_RULE_RE = re.compile(r"^={20,}\s*$")
 RESULT_JSON_PREFIX = "result_json "
 
@@ -114,6 +117,8 @@ SCORE_PRIORITY = (
     "final_temped",
     "quantized",
 )
+# A word between a score tag and `val_loss` that qualifies the pass (`stride:64`, `T=0.90`), not part of the tag.
+QUALIFIER_RE = re.compile(r"^[A-Za-z_]\w*[:=][-+]?[0-9][\w.]*,?$")
 _PRIORITY_INDEX = {tag: i for i, tag in enumerate(SCORE_PRIORITY)}
 DIAGNOSTIC_PREFIXES = ("diagnostic", "pre-quantization", "pre_quant", "prequant", "post_ema", "ema ")
 
@@ -176,6 +181,7 @@ class ParsedLog:
     model_format: str | None = None
     total_format: str | None = None
     bytes_total_raw: int | None = None
+    bytes_total_approx: float | None = None  # a total stated only in rounded MB (`artifact:15.92MB`)
     total_line: int | None = None
     gptq_reserve_s: float | None = None
     gptq_effective_ms: float | None = None
@@ -201,10 +207,12 @@ class ParsedLog:
     embedded_source: str | None = None
     embedded_source_lines: int = 0
     n_lines: int = 0
+    eval_only: bool = False  # the run says it skipped training and scored a saved artifact
+    claimed: ScoreLine | None = None  # set by the checks: the final line submission.json claims, when not `score`
 
     @property
-    def score(self) -> ScoreLine | None:
-        """The score of record: by tag priority, the last line of the best tag present."""
+    def priority_score(self) -> ScoreLine | None:
+        """By tag priority, the last line of the best tag present."""
         best: ScoreLine | None = None
         best_rank = len(SCORE_PRIORITY)
         for s in self.scores:
@@ -218,6 +226,12 @@ class ParsedLog:
             return exact[-1]
         final = [s for s in self.scores if s.tag.startswith("final") and not s.diagnostic]
         return final[-1] if final else None
+
+    @property
+    def score(self) -> ScoreLine | None:
+        """The score of record: the final line the submission claims where the log holds it (a failed later pass
+        does not outrank it), else the line chosen by tag priority."""
+        return self.claimed if self.claimed is not None else self.priority_score
 
     @property
     def eval_time_ms(self) -> float | None:
@@ -257,13 +271,21 @@ def _looks_like_source(line: str) -> bool:
 
 
 def _split_embedded_source(lines: list[str]) -> int:
-    """Index of the first run line when the log starts with the script's source and a '====' rule, else 0."""
+    """Index of the first run line when the log starts with the script's source and a '====' rule, else 0.
+
+    A rule inside a triple-quoted string (a docstring underline) does not end the source: the rule that does is the
+    first one with an even number of triple quotes before it."""
+    quotes = 0
     for i, line in enumerate(lines[:20000]):
         if SOURCE_RULE_RE.match(line):
             head = lines[:i]
-            if any(h.startswith(("import ", "from ", '"""', "def ", "class ")) for h in head):
+            if not any(h.startswith(("import ", "from ", '"""', "'''", "def ", "class ")) for h in head):
+                return 0
+            if quotes % 2 == 0:
                 return i + 1
-            return 0
+            continue
+        if '"""' in line or "'''" in line:
+            quotes += line.count('"""') + line.count("'''")
     return 0
 
 
@@ -313,8 +335,12 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
     out.n_lines = len(lines)
     start = _split_embedded_source(lines)
     if start:
-        out.embedded_source = "\n".join(lines[: start - 1])
-        out.embedded_source_lines = start - 1
+        # launcher or warning lines printed before the script's first line are not part of it
+        first = 0
+        if not lines[0].startswith(("'", '"', "#", "import ", "from ")):
+            first = next((i for i, h in enumerate(lines[: start - 1]) if h.startswith(SOURCE_FIRST)), 0)
+        out.embedded_source = "\n".join(lines[first : start - 1])
+        out.embedded_source_lines = start - 1 - first
     in_block = False
     seen_step = False
     for lineno in range(start + 1, len(lines) + 1):
@@ -365,10 +391,13 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
                 out.stop_step, out.total_steps = int(m.group(2)), int(m.group(3))
             continue
         if m := SCORE_RE.match(line):
-            tag = " ".join(m.group("tag").split())
-            if tag.startswith("step") or "/" in tag:
+            words = m.group("tag").split()
+            # `final_sliding_window_eval_exact stride:64 val_loss:...`: numeric key:value words are qualifiers
+            qualifiers = [w for w in words if QUALIFIER_RE.match(w)]
+            tag = " ".join(w for w in words if not QUALIFIER_RE.match(w))
+            if not tag or tag.startswith("step") or "/" in tag:
                 continue
-            rest = m.group("rest")
+            rest = " ".join([*qualifiers, m.group("rest")])
             et = EVAL_TIME_RE.search(rest)
             el = ELAPSED_RE.search(rest)
             tm = TIME_MS_RE.search(rest)
@@ -389,6 +418,8 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
             out.bytes_model_raw = int(m.group(1))
         elif m := MODEL_RE.match(line):
             out.bytes_model, out.model_format = int(m.group(2)), m.group("fmt")
+        elif m := ARTIFACT_MB_RE.match(line):
+            out.bytes_total_approx = _to_float(m.group(1)) * 1e6
         elif m := TOTAL_RAW_RE.match(line):
             out.bytes_total_raw = int(m.group(1))
             if out.total_format is None:
@@ -435,6 +466,8 @@ def parse_log(text: str, path: str = "") -> ParsedLog:
             if not seen_step and not _looks_like_source(line):
                 _parse_inline_echo(line, out.echo)
         low = line.lower()
+        if "eval_only" in low or "skipping training" in low:
+            out.eval_only = out.eval_only or bool(EVAL_ONLY_RE.search(low))
         if any(w in low for w in NOTABLE_WORDS) and NOTABLE_RE.search(line) and len(out.notable) < 50:
             if not _looks_like_source(line):
                 out.notable.append((lineno, line[:200]))

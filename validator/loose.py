@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 
 from validator.findings import Finding, error, note, warning
-from validator.schema import strict_problems
 
 # spelling seen upstream -> (canonical track, unlimited compute)
 TRACK_SPELLINGS = {
@@ -46,6 +45,13 @@ def decimals(value: float | None) -> int | None:
     if not text or "e" in text.lower() or "." not in text:
         return 0 if text and text.lstrip("-").isdigit() else None
     return len(text.split(".", 1)[1])
+
+
+# Other spellings of the headline figures seen upstream; read (with a note) only when the canonical key is absent.
+CLAIM_ALIASES = {
+    "val_bpb": ("mean_val_bpb", "val_bpb_mean", "mean_bpb"),
+    "val_loss": ("mean_val_loss", "val_loss_mean"),
+}
 
 
 @dataclass
@@ -85,7 +91,13 @@ class LooseSubmission:
     hardware: str | None = None
     pytorch_version: str | None = None
     attribution: dict[str, str] = field(default_factory=dict)
-    strict: bool = False
+
+    @property
+    def strict(self) -> bool:
+        """Whether the JSON satisfies ssm-golf's strict model (pydantic, imported only when asked)."""
+        from validator.schema import strict_problems
+
+        return not strict_problems(self.raw)
 
 
 def _num(v: object) -> float | None:
@@ -158,9 +170,13 @@ def read_submission(text: str, file: str = "submission.json") -> tuple[LooseSubm
     if not isinstance(data, dict):
         return None, [error("JSON_NOT_OBJECT", f"top level is {type(data).__name__}, expected an object", file)]
     sub = LooseSubmission(file=file, raw=data)
-    problems = strict_problems(data)
-    sub.strict = not problems
-    if problems and "variant" in data:  # an ssm-golf folder (builder writes 'variant'): held to the strict model
+    if "variant" in data:  # an ssm-golf folder (builder writes 'variant'): held to the strict model
+        from validator.schema import strict_problems
+
+        problems = strict_problems(data)
+    else:
+        problems = []
+    if problems:
         listed = "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
         out.append(warning("JSON_STRICT_SCHEMA", f"ssm-golf's strict schema: {listed}", file))
     for key in REQUIRED_TEXT + ("blurb", "hardware", "pytorch_version"):
@@ -199,6 +215,13 @@ def read_submission(text: str, file: str = "submission.json") -> tuple[LooseSubm
         setattr(sub, key, _num(v))
         if key in data and v is not None and _num(v) is None:
             out.append(warning("JSON_FIELD_TYPE", f"'{key}' is not a finite number: {str(v)[:40]!r}", file))
+    for key in ("val_bpb", "val_loss"):  # the mean under another spelling (`mean_val_bpb`, `val_bpb_mean`)
+        if getattr(sub, key) is None and data.get(key) is None:
+            for alias in CLAIM_ALIASES[key]:
+                if _num(data.get(alias)) is not None:
+                    setattr(sub, key, _num(data.get(alias)))
+                    out.append(note("JSON_CLAIM_SPELLING", f"'{alias}' read as the claimed '{key}'", file))
+                    break
     if sub.val_bpb is None:
         out.append(error("JSON_NO_VAL_BPB", "no usable 'val_bpb' (the claimed score); add the mean over seeds", file))
     sub.bytes_total = _int(data.get("bytes_total"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from validator.checks import run_checks
 from validator.checks.context import load_context
 from validator.findings import Finding, Severity, error, note, warning
 from validator.logs import parse_log
+from validator.output import OutputError, check_writable, write_output
 from validator.report import Report, Section, build_report
 from validator.sandbox import Launch, Limits, SandboxError, SandboxRequest, run_sandboxed
 from validator.sandbox.audit import audit_findings
@@ -410,13 +410,6 @@ def build_rerun_report(args: argparse.Namespace, mode: str, reports: list[SeedRe
     return report
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
@@ -458,8 +451,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_writable(args.json, "JSON report")
+        check_writable(args.markdown, "Markdown report")
         return _run(args)
-    except (RerunError, SandboxError) as exc:
+    except (RerunError, SandboxError, OutputError) as exc:
         print(f"validator rerun: error: {exc}", file=sys.stderr)
         return 2
 
@@ -491,9 +486,9 @@ def _run(args: argparse.Namespace) -> int:
         reports.append(rerun_seed(args, seed, session, data_dir, tokenizer, claims, table, stream, artifact))
     report = build_rerun_report(args, mode, reports)
     if args.json:
-        _write_atomic(args.json, report.to_json() + "\n")
+        write_output(args.json, report.to_json() + "\n", "JSON report")
     markdown = report.to_markdown()
     if args.markdown:
-        _write_atomic(args.markdown, markdown)
+        write_output(args.markdown, markdown, "Markdown report")
     print(markdown)
     return report.exit_code

@@ -39,7 +39,7 @@ def test_clean_run_has_no_findings_and_leaves_the_submission_untouched(tmp_path,
     result = run(folder, tmp_path, sample_paths)
     assert result.returncode == 0, result.text
     assert result.killed is None
-    assert result.network_isolation in ("netns", "audit-hook")
+    assert result.network_isolation.startswith(("bwrap+netns", "netns", "audit-hook"))
     assert result.text.splitlines()[-1].startswith("result_json ")
     assert result.phases["train"].seconds >= 0.04 and result.phases["eval"].seconds is not None
     assert (result.work_dir / "final_model.int8.ptz").stat().st_size == 4096
@@ -164,6 +164,7 @@ def test_without_a_netns_the_hook_refuses_the_connection(tmp_path, sample_paths,
     import validator.sandbox.local as local
 
     monkeypatch.setattr(local, "unshare_prefix", lambda: None)
+    monkeypatch.setattr(local, "bwrap_path", lambda: None)
     folder = make_submission(
         setup="""
 import socket
@@ -174,9 +175,43 @@ except PermissionError as exc:
 """
     )
     result = run(folder, tmp_path, sample_paths)
-    assert result.network_isolation == "audit-hook"
+    assert result.network_isolation == "audit-hook (no bwrap: filesystem not enforced)"
     monkeypatch.undo()
-    assert run(folder, tmp_path / "b", sample_paths, netns=False).network_isolation == "audit-hook"
+    other = run(folder, tmp_path / "b", sample_paths, netns=False, bwrap=False).network_isolation
+    assert other == "audit-hook (no bwrap: filesystem not enforced)"
     assert result.command[0] != "/usr/bin/unshare"
     assert "refused: ssm-golf sandbox: network access refused" in result.text
     assert "AUDIT_NETWORK" in codes(audit_findings(result.audit_events, "x"))
+
+
+def test_bwrap_refuses_a_native_write_outside_the_work_dir(tmp_path, sample_paths, make_submission):
+    """Under bubblewrap the filesystem is read-only but the session: a write the audit hook cannot see (libc
+    through ctypes) fails, and the file does not exist afterwards; the host's /tmp is not the run's /tmp."""
+    import shutil
+    import tempfile
+
+    from validator.sandbox.local import bwrap_path
+
+    if bwrap_path() is None:
+        pytest.skip("bwrap (Debian package bubblewrap) is not installed or cannot create namespaces here")
+    outside = Path(tempfile.mkdtemp(prefix="ssm-golf-bwrap-", dir="/var/tmp"))
+    target, host_tmp = outside / "planted.txt", tmp_path / "host_tmp_planted.txt"
+    try:
+        folder = make_submission(
+            setup=f"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.open({str(target).encode()!r}, 0o101, 0o644)
+print("native write fd", fd, "errno", ctypes.get_errno())
+try:
+    open({str(host_tmp)!r}, "w").write("x")
+except OSError as exc:
+    print("tmp write refused", type(exc).__name__)
+"""
+        )
+        result = run(folder, tmp_path, sample_paths)
+        assert result.network_isolation == "bwrap+netns"
+        assert "native write fd -1" in result.text, result.text
+        assert not target.exists() and not host_tmp.exists()
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)

@@ -27,6 +27,8 @@ def check(ctx: Context) -> list[Finding]:
             out.append(error("MISSING_SCRIPT", f"no train_gpt.py{hint}; all counted code must live in train_gpt.py"))
     if not ctx.runs:
         out.append(error("MISSING_LOGS", "no training log; add the log each seed's run wrote (train_seed<N>.log)"))
+    else:
+        out.extend(_evidence(ctx))
     if "requirements.txt" not in files:
         out.append(note("NO_REQUIREMENTS", "no requirements.txt; list the packages beyond the RunPod image"))
     name = ctx.folder.name
@@ -40,6 +42,35 @@ def check(ctx: Context) -> list[Finding]:
             error("TRACK_DIR_UNKNOWN", f"parent folder {ctx.track_dir!r} is not one of {sorted(TRACK_DIR_NAMES)}")
         )
     out.extend(_track_consistency(ctx))
+    return out
+
+
+def _evidence(ctx: Context) -> list[Finding]:
+    """Logs that hold no score line, or no size line, at all: for a record claim the claim cannot be checked."""
+    out: list[Finding] = []
+    make = error if ctx.is_record else warning
+    n = len(ctx.runs)
+    if not ctx.scored_runs:
+        out.append(
+            make(
+                "NO_SCORE_LINE",
+                f"none of the {n} log(s) holds a final score line (e.g. final_int8_zlib_roundtrip_exact val_loss:... "
+                "val_bpb:...): the claimed val_bpb cannot be checked; commit the complete logs",
+            )
+        )
+    sized = [
+        r
+        for r in ctx.runs
+        if r.log.bytes_total is not None or r.log.bytes_model is not None or r.log.bytes_total_approx is not None
+    ]
+    if not sized and not any(r.log.result_json for r in ctx.runs):
+        out.append(
+            make(
+                "NO_SIZE_LINE",
+                f"none of the {n} log(s) holds a 'Total submission size' or 'Serialized model' line: the "
+                "16,000,000-byte cap cannot be checked; commit the complete logs",
+            )
+        )
     return out
 
 

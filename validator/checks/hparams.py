@@ -21,6 +21,11 @@ def _comparable(run: SeedRun, blocks_only: bool) -> dict[str, str]:
     return {k: v.rstrip("/").rsplit("/", 1)[-1] if "/" in v else v for k, v in cfg.items()}
 
 
+def _same_data(a: SeedRun, b: SeedRun) -> bool:
+    fa = (a.log.val_tokens, a.log.train_shards)
+    return None not in fa and fa == (b.log.val_tokens, b.log.train_shards)
+
+
 def check(ctx: Context) -> list[Finding]:
     candidates = list(ctx.seed_runs().values()) or ctx.scored_runs
     runs = [r for r in candidates if r.log.config]
@@ -35,6 +40,19 @@ def check(ctx: Context) -> list[Finding]:
     for other in runs[1:]:
         a, b = (_comparable(r, blocks_only) for r in (ref, other))
         changed = [k for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+        paths = [k for k in changed if "/" in ref.log.config.get(k, "") or "/" in other.log.config.get(k, "")]
+        if paths and _same_data(ref, other):
+            # where each person keeps the data is not a setting; the fingerprints say it is the same data
+            changed = [k for k in changed if k not in paths]
+            listed = _listed([f"{k}: {ref.log.config[k]} vs {other.log.config[k]}" for k in paths])
+            out.append(
+                note(
+                    "HPARAMS_PATHS_DIFFER",
+                    f"{other.rel} and {ref.rel} read data from other paths ({listed}); their data fingerprints "
+                    "(val_tokens, train_shards) agree",
+                    other.rel,
+                )
+            )
         one_sided = sorted(set(a) ^ set(b))
         if changed:
             listed = _listed([f"{k}: {a[k]} vs {b[k]}" for k in changed])

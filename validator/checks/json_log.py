@@ -65,7 +65,8 @@ def _score_agreement(ctx: Context) -> list[Finding]:
     assert sub is not None
     f = sub.file
     by_seed: dict[int, list[float]] = {}
-    for run in ctx.runs:  # any log of the seed may back its claim (reruns, eval-only logs in subfolders)
+    backing = [r for r in ctx.runs if ctx.claimed_rels is None or r.rel in ctx.claimed_rels]
+    for run in backing:  # any log of the seed may back its claim (reruns, eval-only logs in subfolders)
         if run.seed is not None and run.log.score is not None:
             by_seed.setdefault(run.seed, []).append(run.log.score.val_bpb)
     claims = [c.val_bpb for c in sub.seed_results.values() if c.val_bpb is not None]

@@ -38,12 +38,20 @@ def check(ctx: Context) -> list[Finding]:
     out: list[Finding] = []
     seen: set[tuple[str, str]] = set()
     for run in ctx.scored_runs:
-        for key, value in run.log.config.items():
+        config = run.log.config
+        for code, pattern, why in BANNED:
+            family = {k: v for k, v in config.items() if pattern.search(k.lower())}
+            # the family's own switch (`prequant_ttt_enabled`) decides; its other settings
+            # (`prequant_ttt_compile: True`) only count where the log echoes no switch for it
+            switches = {k: v for k, v in family.items() if SWITCH_KEY.search(k.lower())}
+            deciding = switches or family
+            live = [(k, v) for k, v in deciding.items() if _enabled(k.lower(), v)]
+            if live and (code, run.rel) not in seen:
+                seen.add((code, run.rel))
+                key, value = live[0]
+                out.append(error(code, f"{key}={value} in the run's echo: {why}", run.rel))
+        for key, value in config.items():
             k = key.lower()
-            for code, pattern, why in BANNED:
-                if pattern.search(k) and _enabled(k, value) and (code, run.rel) not in seen:
-                    seen.add((code, run.rel))
-                    out.append(error(code, f"{key}={value} in the run's echo: {why}", run.rel))
             if "ngram_tilt" in k and _enabled(k, value) and ("NGRAM_TILT_ENABLED", run.rel) not in seen:
                 seen.add(("NGRAM_TILT_ENABLED", run.rel))
                 out.append(

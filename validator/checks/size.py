@@ -10,7 +10,8 @@ from __future__ import annotations
 from validator.checks import source
 from validator.checks.context import Context
 from validator.findings import Finding, error, note, warning
-from validator.schema import CAP_BYTES
+
+CAP_BYTES = 16_000_000  # decimal bytes (validator.schema.CAP_BYTES, without importing pydantic)
 
 
 def _round(n: int) -> bool:

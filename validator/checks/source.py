@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from validator.checks.context import Context
-from validator.findings import Finding, note
+from validator.findings import Finding, Severity, error, note
 
 _MISSING = object()
 
@@ -52,4 +52,30 @@ def check(ctx: Context) -> list[Finding]:
         return [
             note("SOURCE_AUDIT_UNAVAILABLE", "validator.source is not installed; legality rules not run", ctx.script)
         ]
-    return list(mod.audit_source(ctx.folder.root, ctx.folder.root / ctx.script))
+    findings = list(mod.audit_source(ctx.folder.root, ctx.folder.root / ctx.script, env=env_from_logs(ctx) or None))
+    return [_escalated(f) for f in findings] if ctx.is_record else findings
+
+
+def env_from_logs(ctx: Context) -> dict[str, str]:
+    """Switches every scored log echoes as on (`smear_gate_enabled: True` -> SMEAR_GATE_ENABLED=1), for judging
+    which code ran. Only switches that are on: a log (written by the submitter) can make code live, never dead."""
+    common: dict[str, str] | None = None
+    for run in ctx.scored_runs:
+        on = {k.upper(): "1" for k, v in run.log.config.items() if v.strip().lower() == "true" and k.isidentifier()}
+        common = on if common is None else {k: v for k, v in common.items() if k in on}
+    return common or {}
+
+
+# What the audit could not read, decode or parse: for a record claim, what cannot be audited cannot be accepted.
+UNAUDITED_CODES = frozenset({"WRAPPER_UNDECODABLE", "SOURCE_UNPARSED", "SOURCE_TOO_LARGE"})
+
+
+def _escalated(finding: Finding) -> Finding:
+    if finding.code not in UNAUDITED_CODES or finding.severity is Severity.ERROR:
+        return finding
+    return error(
+        finding.code,
+        f"{finding.message} (a record claim cannot be accepted unaudited)",
+        finding.file,
+        finding.line,
+    )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from validator.checks import run_checks
 from validator.checks.context import CheckOptions, load_context
+from validator.output import OutputError, check_writable, write_output
 from validator.report import Report, build_report, print_terminal, write_loss_plots
 
 
@@ -62,37 +62,22 @@ def check_folder(path: Path, options: CheckOptions, plots: Path | None = None, t
     return report
 
 
-def write_output(dest: str, text: str) -> None:
-    """Write to stdout ('-') or atomically to a file (temporary file, then rename)."""
-    if dest == "-":
-        sys.stdout.write(text)
-        return
-    target = Path(dest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse report paths that cannot be written before any folder is checked (raises OutputError)."""
+    check_writable(args.json, "JSON report")
+    check_writable(args.markdown, "Markdown report")
+
+
+def emit(
+    reports: list[Report], args: argparse.Namespace, always_list: bool = False, prog: str = "validator check"
+) -> int:
+    """Terminal, JSON and Markdown output for one or more reports; returns the worst exit code (2 when a report
+    file cannot be written: one line on stderr)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def emit(reports: list[Report], args: argparse.Namespace, always_list: bool = False) -> int:
-    """Terminal, JSON and Markdown output for one or more reports; returns the worst exit code."""
-    if args.json:
-        import json
-
-        if len(reports) == 1 and not always_list:
-            payload = reports[0].to_dict()
-        else:
-            worst = max((r.exit_code for r in reports), default=0)
-            payload = {"exit_code": worst, "reports": [r.to_dict() for r in reports]}
-        write_output(args.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    if args.markdown:
-        body = "\n".join(r.to_markdown(level=2 if len(reports) == 1 else 3) for r in reports)
-        write_output(args.markdown, body)
+        _write_reports(reports, args, always_list)
+    except OutputError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
     to_stdout = "-" in (args.json, args.markdown)
     for report in reports:
         if to_stdout:
@@ -102,6 +87,21 @@ def emit(reports: list[Report], args: argparse.Namespace, always_list: bool = Fa
         else:
             print_terminal(report, plain=args.plain or not sys.stdout.isatty())
     return max((r.exit_code for r in reports), default=0)
+
+
+def _write_reports(reports: list[Report], args: argparse.Namespace, always_list: bool) -> None:
+    if args.json:
+        import json
+
+        if len(reports) == 1 and not always_list:
+            payload = reports[0].to_dict()
+        else:
+            worst = max((r.exit_code for r in reports), default=0)
+            payload = {"exit_code": worst, "reports": [r.to_dict() for r in reports]}
+        write_output(args.json, json.dumps(payload, indent=2, allow_nan=False) + "\n", "JSON report")
+    if args.markdown:
+        body = "\n".join(r.to_markdown(level=2 if len(reports) == 1 else 3) for r in reports)
+        write_output(args.markdown, body, "Markdown report")
 
 
 def check_many(paths: list[Path], options: CheckOptions, plots: Path | None, jobs: int) -> list[Report]:
@@ -117,9 +117,10 @@ def check_many(paths: list[Path], options: CheckOptions, plots: Path | None, job
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_outputs(args)
         options = options_from(args)
         reports = check_many(args.paths, options, args.plots, args.jobs)
-    except (NotADirectoryError, FileNotFoundError, ValueError, OSError) as exc:
+    except (NotADirectoryError, FileNotFoundError, ValueError, OSError, OutputError) as exc:
         print(f"validator check: {exc}", file=sys.stderr)
         return 2
     return emit(reports, args)

@@ -15,8 +15,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from validator.commands.check import add_common_arguments, check_folder, emit, options_from
+from validator.commands.check import add_common_arguments, check_folder, check_outputs, emit, options_from
 from validator.findings import Finding, error, warning
+from validator.output import OutputError
 from validator.report import Report
 
 RECORD_PATH = re.compile(r"^records/(?P<track>[^/]+)/(?P<folder>[^/]+)/(?P<rest>.+)$")
@@ -114,6 +115,7 @@ def export_folder(repo: Path, head: str, track: str, folder: str, dest: Path) ->
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_outputs(args)
         options = options_from(args)
         changes = changed_files(args.repo, args.base, args.head)
         new, pr_findings = classify(changes)
@@ -126,10 +128,10 @@ def run(args: argparse.Namespace) -> int:
                 report = check_folder(path, options, args.plots, target=f"records/{track}/{folder}")
                 report.findings = export_findings + report.findings
                 reports.append(report)
-    except (GitError, ValueError, OSError) as exc:
+    except (GitError, ValueError, OSError, OutputError) as exc:
         print(f"validator pr: {exc}", file=sys.stderr)
         return 2
     summary = Report(target=f"pull request {args.base}...{args.head}", findings=pr_findings)
     if not new:
         summary.findings.append(error("PR_NO_RECORDS_FOLDER", "the pull request adds no records/<track>/<folder>/"))
-    return emit([summary, *reports] if summary.findings else reports, args, always_list=True)
+    return emit([summary, *reports] if summary.findings else reports, args, always_list=True, prog="validator pr")

@@ -49,6 +49,39 @@ def unshare_prefix() -> tuple[str, ...] | None:
 
 
 @functools.lru_cache(maxsize=1)
+def bwrap_path() -> str | None:
+    """Debian's `bwrap` (package bubblewrap) when it is installed and can make its namespaces here, else None."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None or not sys.platform.startswith("linux"):
+        return None
+    probe = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-net", "true"]
+    try:
+        return bwrap if subprocess.run(probe, capture_output=True, timeout=20).returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def bwrap_prefix(bwrap: str, dirs, network: bool, read_roots: list[str] = ()) -> list[str]:
+    """The filesystem read-only but the session folder (work copy, home, temp, audit log), a private /tmp and
+    /dev/shm, devices (GPUs) passed through, and its own network namespace (loopback only) unless `network`.
+    Read roots that the private /tmp would hide (data, tokenizer, PYTHONPATH under /tmp) are bound read-only."""
+    session = str(dirs.root)
+    work = str(dirs.work)
+    cmd = [bwrap, "--die-with-parent", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc"]
+    cmd += ["--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+    for root in read_roots:
+        hidden = root.startswith(("/tmp/", "/dev/shm/")) and not root.startswith(session + os.sep)
+        if hidden and os.path.exists(root):
+            cmd += ["--ro-bind", root, root]
+    cmd += ["--bind", session, session]
+    if not work.startswith(session + os.sep):
+        cmd += ["--bind", work, work]
+    if not network:
+        cmd += ["--unshare-net"]
+    return [*cmd, "--chdir", work, "--"]
+
+
+@functools.lru_cache(maxsize=1)
 def cuda_available() -> bool:
     try:
         import torch
@@ -63,12 +96,28 @@ def run_local(request: SandboxRequest) -> SandboxResult:
     python = sys.executable
     command = launch_command(request.launch, request.script, python, wants_torchrun(request.launch, gpus))
     prefix = None
-    if request.network_allowed:
-        isolation = "allowed"
+    bwrap = bwrap_path() if request.bwrap else None
+    if bwrap is not None:
+        # the filesystem is enforced by bwrap; the network too unless the run needs it (multi-node)
+        no_net = not request.network_allowed and request.netns
+        isolation = "bwrap+netns" if no_net else ("bwrap, network allowed" if request.network_allowed else "bwrap")
+        visible = [
+            str(Path(p).resolve())
+            for p in [
+                *(str(x) for x in request.extra_read_roots),
+                *(str(x) for x in (request.data_dir, request.tokenizer) if x),
+                *os.environ.get("PYTHONPATH", "").split(os.pathsep),
+            ]
+            if p
+        ]
+        full_command = [*bwrap_prefix(bwrap, dirs, network=not no_net, read_roots=visible), *command]
     else:
-        prefix = unshare_prefix() if request.netns else None
-        isolation = "netns" if prefix else "audit-hook"
-    full_command = [*prefix, python, str(dirs.hook / "netns.py"), "--", *command] if prefix else command
+        if request.network_allowed:
+            isolation = "allowed (no bwrap: filesystem not enforced)"
+        else:
+            prefix = unshare_prefix() if request.netns else None
+            isolation = ("netns" if prefix else "audit-hook") + " (no bwrap: filesystem not enforced)"
+        full_command = [*prefix, python, str(dirs.hook / "netns.py"), "--", *command] if prefix else command
 
     data = str(request.data_dir.resolve()) if request.data_dir else None
     tokenizer = str(request.tokenizer.resolve()) if request.tokenizer else None
@@ -76,7 +125,7 @@ def run_local(request: SandboxRequest) -> SandboxResult:
     extra = [str(Path(p).resolve()) for p in request.extra_read_roots]
     read_roots = [*mine, str(dirs.hook), *SYSTEM_READ_ROOTS, *extra, *(p for p in (data, tokenizer) if p)]
     write_roots = [*mine, *SYSTEM_WRITE_ROOTS]
-    blocked = isolation != "allowed"
+    blocked = not request.network_allowed
     env = child_env(request, dirs, data, tokenizer, read_roots, write_roots, blocked, keep_pythonpath=True)
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     if not gpus:

@@ -59,6 +59,7 @@ class SandboxRequest:
     gpus: bool | None = None  # None: use CUDA when the machine has it
     allow_network: bool = False
     netns: bool = True  # local backend: a fresh network namespace where permitted (False: the audit hook alone)
+    bwrap: bool = True  # local backend: bubblewrap (read-only filesystem but the session, own /tmp) where installed
     extra_read_roots: tuple[Path, ...] = ()
     image: str = "ssm-golf:latest"  # docker backend only
     echo: bool = False  # also print the child's lines as they come

@@ -31,6 +31,7 @@ from validator.source.reading import (
     SourceUnit,
     UnsafePath,
     decode_text,
+    locate,
     parse_source,
     read_bytes_capped,
     relative_name,
@@ -52,6 +53,31 @@ class _Unit:
 
 def _finding(severity: Severity, code: str, message: str, file: str | None, line: int | None) -> Finding:
     return Finding(code, severity, message, file, line)
+
+
+CHALLENGE_PYTHON = (3, 12)  # the official image's Python: syntax newer than ours is not the submission's fault
+
+
+def _unparsed(code: str, what: str, exc: BaseException, file: str | None, line: int | None, text: str) -> Finding:
+    """One line saying why `what` does not compile; syntax this Python is too old for is a warning of its own."""
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    reason = (getattr(exc, "msg", None) or str(exc) or exc.__class__.__name__).splitlines()[0][:120]
+    newer = isinstance(exc, SyntaxError) and reason.startswith("f-string")  # PEP 701 (3.12) f-strings
+    if newer and "\x00" not in text and sys.version_info[:2] < CHALLENGE_PYTHON:
+        return warning(
+            "SOURCE_NEEDS_NEWER_PYTHON",
+            f"{what} does not compile with Python {here} ({reason}) but may with the challenge's Python "
+            f"{CHALLENGE_PYTHON[0]}.{CHALLENGE_PYTHON[1]}: not audited here; run the validator on Python 3.12",
+            file,
+            line,
+        )
+    return warning(
+        code,
+        f"{what} does not compile with Python {here} ({exc.__class__.__name__}: {reason}); its rules were not "
+        "checked: commit a script that runs",
+        file,
+        line,
+    )
 
 
 def _load(folder: Path, path: Path, findings: list[Finding]) -> SourceUnit | None:
@@ -77,15 +103,7 @@ def _load(folder: Path, path: Path, findings: list[Finding]) -> SourceUnit | Non
         tree = parse_source(text, name)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         line = getattr(exc, "lineno", None)
-        findings.append(
-            warning(
-                "SOURCE_UNPARSED",
-                f"{name} does not parse with Python {sys.version_info.major}.{sys.version_info.minor} "
-                f"({exc.__class__.__name__}); its rules were not checked",
-                name,
-                line if isinstance(line, int) else None,
-            )
-        )
+        findings.append(_unparsed("SOURCE_UNPARSED", name, exc, name, line if isinstance(line, int) else None, text))
         return None
     return SourceUnit(name, name, text, tree)
 
@@ -125,15 +143,8 @@ def _expand_wrappers(unit: SourceUnit, reach: Reachability, findings: list[Findi
         try:
             tree = parse_source(wrapper.source, unit.name)
         except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-            findings.append(
-                warning(
-                    "WRAPPER_UNDECODABLE",
-                    f"the decoded payload of {unit.name} line {wrapper.line} does not parse with Python "
-                    f"{sys.version_info.major}.{sys.version_info.minor} ({exc.__class__.__name__}); not audited",
-                    unit.file,
-                    line,
-                )
-            )
+            what = f"the decoded payload of {unit.name} line {wrapper.line}"
+            findings.append(_unparsed("WRAPPER_UNDECODABLE", what, exc, unit.file, line, wrapper.source))
             continue
         decoded = SourceUnit(f"{unit.name} (decoded wrapper {index})", unit.file, wrapper.source, tree, line)
         inner_reach = Reachability(tree)
@@ -237,8 +248,7 @@ def audit_source(folder: Path, script: Path, *, env: Mapping[str, str] | None = 
 
     `env` overrides environment variables when judging reachability (e.g. the settings a run command or a log's
     hyperparameter echo shows); by default the script's own defaults decide. Never executes the analysed code."""
-    folder = Path(folder)
-    script = Path(script) if Path(script).is_absolute() else folder / script
+    folder, script = locate(folder, script)
     findings: list[Finding] = []
     main = _load(folder, script, findings)
     if main is None:

@@ -29,6 +29,7 @@ from validator.source.reading import (
     UnsafePath,
     decode_text,
     file_size,
+    locate,
     parse_source,
     read_bytes_capped,
 )
@@ -131,8 +132,7 @@ def wrapped_size(source: str) -> int:
 def code_bytes(folder: Path, script: Path) -> CodeBytes:
     """The three code-byte figures of `script` (a file inside `folder`). Raises UnsafePath for a script that is
     missing, not a regular file, or outside the folder; everything else is reported in `problems`."""
-    folder = Path(folder)
-    script = Path(script) if Path(script).is_absolute() else folder / script
+    folder, script = locate(folder, script)
     data, truncated = read_bytes_capped(folder, script)
     raw = file_size(folder, script)
     problems: list[str] = []

@@ -142,8 +142,7 @@ class FlagEvaluator:
             dotted = self._dotted(node)
             if dotted in ("os.environ", "environ"):
                 return UNKNOWN
-            values = self.attributes.get(node.attr)
-            return self._single(values, {}, nxt)
+            return self._attribute(node.attr, nxt)
         if isinstance(node, ast.Tuple | ast.List | ast.Set):
             items = tuple(self.value(e, local, nxt) for e in node.elts)
             return UNKNOWN if any(i is UNKNOWN for i in items) else items
@@ -181,6 +180,18 @@ class FlagEvaluator:
         if isinstance(node, ast.Call):
             return self._call(node, local, nxt)
         return UNKNOWN
+
+    def _attribute(self, attr: str, depth: int):
+        """`self.flag` / `h.flag`: copies of a same-named attribute (`self.flag = h.flag`) pass the value through;
+        the other bindings must all agree on one known value."""
+        values = [v for v in self.attributes.get(attr) or [] if not (isinstance(v, ast.Attribute) and v.attr == attr)]
+        if not values or any(v is None for v in values):
+            return UNKNOWN
+        results = [self.value(v, {}, depth) for v in values]
+        first = results[0]
+        if first is UNKNOWN or any(r is UNKNOWN or type(r) is not type(first) or r != first for r in results[1:]):
+            return UNKNOWN
+        return first
 
     def _single(self, values: list[ast.expr] | None, local, depth: int):
         if not values or len(values) != 1 or values[0] is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,20 @@ MAX_SOURCE_BYTES = 4_000_000
 
 class UnsafePath(Exception):
     """A path that leads outside the checked folder, is not a regular file, or cannot be read."""
+
+
+def locate(folder: str | Path, script: str | Path) -> tuple[Path, Path]:
+    """`folder` made absolute, and `script` as an absolute path inside it: an absolute script as it is; a relative
+    one that starts with the folder as given (`records/x/train_gpt.py` for `records/x`) from the working
+    directory; any other relative one (`train_gpt.py`) inside the folder. Never joins the folder twice."""
+    given = Path(folder)
+    root = Path(os.path.abspath(given))
+    path = Path(script)
+    if path.is_absolute():
+        return root, path
+    if given.parts and path.parts[: len(given.parts)] == given.parts and len(path.parts) > len(given.parts):
+        return root, Path(os.path.abspath(path))
+    return root, root / path
 
 
 def relative_name(folder: Path, path: Path) -> str:

@@ -69,18 +69,14 @@ _DECOMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
     "bz2.decompress": _bz2,
     "brotli.decompress": _brotli,
 }
+# every decoding function of base64 and binascii a wrapper may call, by dotted name
 _DECODERS: dict[str, Callable[[bytes], bytes]] = {
-    "base64.b85decode": base64.b85decode,
-    "base64.a85decode": base64.a85decode,
-    "base64.b64decode": base64.b64decode,
-    "base64.standard_b64decode": base64.standard_b64decode,
-    "base64.urlsafe_b64decode": base64.urlsafe_b64decode,
-    "base64.decodebytes": base64.decodebytes,
-    "base64.b32decode": base64.b32decode,
-    "base64.b16decode": base64.b16decode,
-    "binascii.a2b_base64": binascii.a2b_base64,
-    "binascii.unhexlify": binascii.unhexlify,
-    "binascii.a2b_hex": binascii.a2b_hex,
+    **{
+        f"base64.{fn}": getattr(base64, fn)
+        for fn in ("b85decode", "a85decode", "b64decode", "standard_b64decode", "urlsafe_b64decode")
+        + ("decodebytes", "b32decode", "b16decode")
+    },
+    **{f"binascii.{fn}": getattr(binascii, fn) for fn in ("a2b_base64", "unhexlify", "a2b_hex")},
 }
 _CODECS = {
     "base64": base64.b64decode,

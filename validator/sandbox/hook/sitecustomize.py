@@ -114,6 +114,7 @@ class _Auditor:
             return "the audit log is not the script's to open"
         if writing and not _under(real, self.write_roots):
             self.once("write_outside", real)
+            return f"writing {real} refused: the run may write only in its work dir, home and temp"
         elif not writing and not _under(real, self.read_roots):
             self.once("read_outside", real)
         return None

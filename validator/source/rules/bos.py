@@ -63,6 +63,79 @@ def _masked(ctx: RuleContext, func: ast.AST) -> bool:
     return False
 
 
+DOC_START = re.compile(r"^doc_?(?:start|begin|offset|off)s?$", re.I)
+DOC_LEN = re.compile(r"^doc_?(?:len|length|size|end)s?$", re.I)
+_FUNC = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _names_in(node: ast.AST) -> set[str]:
+    return {
+        n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node) if isinstance(n, (ast.Name, ast.Attribute))
+    }
+
+
+def _builds_document_rows(ctx: RuleContext, func: ast.AST) -> bool:
+    """The function lays out one document per row: it unpacks a document's start and length together
+    (`doc_start, doc_len = batch[b]`, `for doc_start, doc_len in ...`)."""
+    for node in ctx.walk(func):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.For) else []
+        names = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        if any(DOC_START.match(n) for n in names) and any(DOC_LEN.match(n) for n in names):
+            return True
+    return False
+
+
+def _function_names(ctx: RuleContext) -> dict[int, set[str]]:
+    """Per function definition, every name it mentions (computed once per module)."""
+    cached = getattr(ctx, "_bos_function_names", None)
+    if cached is None:
+        cached = {
+            id(f): {
+                n.id if isinstance(n, ast.Name) else n.attr
+                for n in ctx.walk(f)
+                if isinstance(n, (ast.Name, ast.Attribute))
+            }
+            for f in ctx.functions
+        }
+        ctx._bos_function_names = cached
+    return cached
+
+
+def _aliases(ctx: RuleContext, name: str) -> set[str]:
+    """Names through which a function is called: wrappers that mention it, names bound to expressions that mention
+    it (`f = torch.compile(wrapper)`), and parameters it is passed as (`evaluate(..., forward=f)`)."""
+    names = {name}
+    by_func = _function_names(ctx)
+    for _ in range(8):
+        grown: set[str] = set()
+        for node in ctx.nodes:
+            if isinstance(node, _FUNC) and node.name not in names and names & by_func.get(id(node), set()):
+                grown.add(node.name)
+            elif isinstance(node, ast.Assign) and names & _names_in(node.value):
+                grown |= {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+            elif isinstance(node, ast.Call):
+                grown |= {k.arg for k in node.keywords if k.arg and names & _names_in(k.value)}
+        grown -= names
+        if not grown:
+            break
+        names |= grown
+    return names
+
+
+def _fed_document_rows(ctx: RuleContext, func: ast.AST) -> bool:
+    """A function whose rows hold a single document each: some caller reached through its aliases builds its
+    batches one document per row, so a shift inside a row never crosses a document boundary."""
+    names = _aliases(ctx, func.name)
+    for caller in ctx.functions:
+        calls = any(
+            isinstance(n, ast.Call) and node_name(n.func) in names and node_name(n.func) != caller.name
+            for n in ctx.walk(caller)
+        )
+        if calls and _builds_document_rows(ctx, caller):
+            return True
+    return False
+
+
 def bos_leak(ctx: RuleContext) -> list[Hit]:
     isolates = any(
         DOC_ISOLATION.search(node_name(n))
@@ -75,7 +148,10 @@ def bos_leak(ctx: RuleContext) -> list[Hit]:
     for func in ctx.functions:
         if _masked(ctx, func):
             continue
-        for op in _shift_ops(ctx, func):
+        ops = _shift_ops(ctx, func)
+        if ops and _fed_document_rows(ctx, func):
+            ops = []  # one document per row: the previous position is always the same document's
+        for op in ops:
             hits.append(
                 Hit(
                     "BOS_LEAK_TOKEN_SHIFT",
