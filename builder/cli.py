@@ -9,6 +9,7 @@ import sys
 # subcommand -> module with add_arguments(parser) and run(args) -> exit code
 COMMANDS = {
     "list": ("builder.variants", "list the variants, one line each"),
+    "plan": ("builder.plan", "estimate a variant's artifact bytes before training: does it fit 16,000,000?"),
     "assemble": ("builder.assemble", "assemble a variant into a submission folder"),
     "run": ("builder.run", "run a submission for one or more seeds, one log per seed"),
     "collect": ("builder.collect", "read a submission's logs and fill in submission.json"),

@@ -75,14 +75,18 @@ def results_section(sub: Submission) -> str:
 
 
 def render_readme(
-    sub: Submission, architecture: list[tuple[str, str]], hparams: list[tuple[str, str]], code_bytes: int
+    sub: Submission,
+    architecture: list[tuple[str, str]],
+    hparams: list[tuple[str, str]],
+    code_bytes: int,
+    extra: str = "",
 ) -> str:
     arch = "\n".join(f"| {k} | {v} |" for k, v in architecture)
     hp = "\n".join(f"| `{k}` | `{v}` |" for k, v in hparams)
     return f"""# {sub.name}
 
 {sub.blurb}
-
+{extra}
 Assembled by ssm-golf from its templates (variant `{sub.variant}`); `train_gpt.py` is self-contained
 ({code_bytes:,} bytes, all counted code) and needs only what `requirements.txt` names.
 

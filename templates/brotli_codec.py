@@ -2,6 +2,6 @@
 
 import brotli
 
-from templates.registry import register_compressor
+from templates.registry import COMPRESSORS, register
 
-register_compressor("brotli")((lambda raw: brotli.compress(raw, quality=11), brotli.decompress))
+register(COMPRESSORS, "brotli")((lambda raw: brotli.compress(raw, quality=11), brotli.decompress))

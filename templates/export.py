@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from templates.layers import TernaryLinear
 from templates.quant import Quantiser
-from templates.registry import COMPRESSORS, QUANTISERS, lookup, register_compressor
+from templates.registry import COMPRESSORS, QUANTISERS, lookup, register
 
 FORMAT = "ssm-golf-artifact/1"
 MAGIC = b"SSMG1 "  # then the compressor's name, a newline, the compressed torch.save blob
 
-register_compressor("zlib")((lambda raw: zlib.compress(raw, 9), zlib.decompress))
-register_compressor("lzma")((lambda raw: lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME), lzma.decompress))
+register(COMPRESSORS, "zlib")((lambda raw: zlib.compress(raw, 9), zlib.decompress))
+register(COMPRESSORS, "lzma")((lambda raw: lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME), lzma.decompress))
 
 
 class ArtifactError(ValueError):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from templates.registry import register_mlp
+from templates.registry import MLPS, register
 
 
 def rms_norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
@@ -89,7 +89,7 @@ class LinearMaker:
         return CastedLinear(d_in, d_out, zero_init)
 
 
-@register_mlp("relu2")
+@register(MLPS, "relu2")
 class ReluSquaredMLP(nn.Module):
     """down(relu(up x)^2); `down` starts at zero so a fresh block adds nothing."""
 
@@ -102,7 +102,7 @@ class ReluSquaredMLP(nn.Module):
         return self.down(torch.relu(self.up(x)).square())
 
 
-@register_mlp("leaky_relu2")
+@register(MLPS, "leaky_relu2")
 class LeakyReluSquaredMLP(ReluSquaredMLP):
     """down(leaky_relu(up x, 0.5)^2)."""
 
@@ -110,7 +110,7 @@ class LeakyReluSquaredMLP(ReluSquaredMLP):
         return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
 
 
-@register_mlp("swiglu")
+@register(MLPS, "swiglu")
 class SwiGLUMLP(nn.Module):
     """down(silu(gate x) * up x)."""
 

@@ -13,10 +13,12 @@ QUANTISERS: dict[str, Any] = {}
 COMPRESSORS: dict[str, Any] = {}
 
 
-def _register(table: dict[str, Any], kind: str, name: str) -> Callable[[Any], Any]:
+def register(table: dict[str, Any], name: str) -> Callable[[Any], Any]:
+    """`register(MLPS, "relu2")(part)`, or as a decorator; a name taken by another part is an error."""
+
     def add(obj: Any) -> Any:
-        if name in table and table[name] is not obj:
-            raise ValueError(f"two {kind}s are registered as {name!r}")
+        if table.get(name, obj) is not obj:
+            raise ValueError(f"two parts are registered as {name!r}")
         table[name] = obj
         return obj
 
@@ -25,24 +27,12 @@ def _register(table: dict[str, Any], kind: str, name: str) -> Callable[[Any], An
 
 def register_mixer(name: str) -> Callable[[Any], Any]:
     """Class decorator: `@register_mixer("attention")`. The class takes (dim, linear, **options)."""
-    return _register(MIXERS, "mixer", name)
-
-
-def register_mlp(name: str) -> Callable[[Any], Any]:
-    return _register(MLPS, "MLP", name)
+    return register(MIXERS, name)
 
 
 def register_feature(name: str) -> Callable[[Any], Any]:
     """Class decorator for an input feature added to the token embedding; takes (vocab_size, dim, **options)."""
-    return _register(FEATURES, "input feature", name)
-
-
-def register_quantiser(name: str) -> Callable[[Any], Any]:
-    return _register(QUANTISERS, "quantiser", name)
-
-
-def register_compressor(name: str) -> Callable[[Any], Any]:
-    return _register(COMPRESSORS, "compressor", name)
+    return register(FEATURES, name)
 
 
 def lookup(table: dict[str, Any], kind: str, name: str) -> Any:

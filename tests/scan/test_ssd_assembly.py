@@ -19,7 +19,7 @@ def assembled(repo_root, tmp_path, monkeypatch):
     import triton.language  # noqa: F401
 
     interpret_triton_stdlib(monkeypatch)
-    source = assemble_source(repo_root, "templates.scan.mamba3", {}, "assembled ssd test")
+    source = assemble_source(repo_root, ["templates.scan.mamba3", "templates.scan.ssd"], {}, "assembled ssd test")
     assert "from templates" not in source and "import templates" not in source
     path = tmp_path / "mamba3_assembled.py"
     path.write_text(source)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def test_only_reached_modules_in_dependency_order(tmp_path):
     assert src.count("import math") == 1
     assert "def unused" not in src
     assert src.index("def low") < src.index("def mid") < src.index("def main")
-    assert "# templates.sub.mid: mid." in src
+    assert "# mid." in src and "templates.sub" not in src  # banners are the modules' own words
     ns: dict = {}
     exec(compile(src, "x", "exec"), ns)  # noqa: S102 - our own generated test script
     assert ns["mid"]() == pytest.approx(3.14159, abs=1e-4)
@@ -92,11 +94,53 @@ def test_refusals(tmp_path, modules, message):
 
 
 def test_variant_defaults_are_written_in(tmp_path):
-    src = assemble_source(TEMPLATES_ROOT, "templates.train", {"NUM_LAYERS": "3", "MODEL_DIM": "64"}, "h")
+    entries = ["templates.train", "templates.mixers.attention"]
+    src = assemble_source(TEMPLATES_ROOT, entries, {"NUM_LAYERS": "3", "MODEL_DIM": "64"}, "h")
     assert '    "MODEL_DIM": "64",\n    "NUM_LAYERS": "3",\n}' in src
     ns: dict = {}
     exec(compile(src.replace('if __name__ == "__main__":', "if False:"), "x", "exec"), ns)  # noqa: S102
-    assert ns["Hyperparameters"]().num_layers == 3
+    assert ns["Hyperparameters"]().train_seq_len == 1024
+    assert ns["model_config_from_env"]().dim == 64 and len(ns["model_config_from_env"]().layers) == 3
     root = _package(tmp_path, {"entry": "def main():\n    pass\n"})
     with pytest.raises(AssemblyError, match="VARIANT_DEFAULTS"):
         assemble_source(root, "templates.entry", {"X": "1"}, "h")
+
+
+def test_baseline_reads_like_a_training_script(tmp_path):
+    """Sections in reading order, banners in words, no unused helper, under 1,500 lines, ruff-clean as it is."""
+    script = build_files(get_variant("baseline"), "2026-11-27", "a", "b")["train_gpt.py"]
+    assert len(script.splitlines()) < 1500
+    assert "templates." not in script  # no module names, no local imports
+    order = [
+        "Hyperparameters:",
+        "The model's declaration",
+        "Token shards",
+        "Causal self-attention",
+        "The stack,",
+        "Optimisers and schedules",
+        "The artifact:",
+        "Scoring the validation split",
+        "Training and scoring",
+    ]
+    positions = [script.index("# " + title) for title in order]
+    assert positions == sorted(positions)
+    assert "EVAL_ONLY=1 ARTIFACT=" in script and "TOKEN_LOSSES=" in script  # the usage notes are kept
+    assert "def bits_per_byte" not in script and "def ternary_encode" not in script  # unused parts left out
+    path = tmp_path / "train_gpt.py"
+    path.write_text(script)
+    for args in (["check", "--no-cache"], ["format", "--check", "--no-cache"]):
+        done = subprocess.run([sys.executable, "-m", "ruff", *args, str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_pack_commits_the_counted_form_with_the_readable_one_beside(tmp_path):
+    from validator.source.wrappers import find_wrappers
+
+    files = build_files(get_variant("baseline"), "2026-11-27", "a", "b", track="non-record", pack=True)
+    packed, readable = files["train_gpt.py"], files["train_gpt_readable.py"]
+    assert len(packed) < len(readable) / 2 and packed.count("\n") <= 2
+    (wrapper,) = find_wrappers(ast.parse(packed))
+    decoded = wrapper.source
+    assert "def main" in decoded and "VARIANT_DEFAULTS" in decoded
+    assert f"({len(packed.encode()):,} bytes" in files["README.md"] and "non-record" in files["README.md"]
+    assert '"non_record_16mb"' in files["submission.json"]

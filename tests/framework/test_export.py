@@ -1,0 +1,112 @@
+"""The export pipeline: each quantiser round-trips, the row-scale floor, which tensor gets which quantiser, the
+artifact file (header, compressors, damaged files) and ternary packing."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import templates.brotli_codec  # noqa: F401 (registers brotli)
+import templates.mixers.attention  # noqa: F401
+import templates.quant_ternary  # noqa: F401 (registers ternary2 / ternary5)
+from templates.config import model_config_from_env
+from templates.export import (
+    ArtifactError,
+    choose_quantisers,
+    decode_state,
+    encode_state,
+    read_artifact,
+    write_artifact,
+)
+from templates.layers import TernaryLinear
+from templates.model import LanguageModel
+from templates.quant import integer_encode
+from templates.quant_ternary import pack_2bit, pack_base3, unpack_2bit, unpack_base3
+from templates.registry import QUANTISERS
+
+
+@pytest.mark.parametrize("name, tol", [("float16", 1e-3), ("float32", 0.0), ("int8", 0.01), ("int6", 0.05)])
+def test_each_quantiser_round_trips(name, tol):
+    t = torch.randn(96, 70)
+    q = QUANTISERS[name]
+    back = q.decode(q.encode(t, {}))
+    assert back.shape == t.shape and back.dtype == torch.float32
+    assert ((back - t).norm() / t.norm()).item() <= tol + 1e-7
+
+
+def test_row_scale_floor_puts_small_rows_on_the_fixed_grid():
+    w = torch.randn(8, 512) * 0.02  # clip far below 1
+    fields = integer_encode(w, 127)
+    assert torch.all(fields["scale"].float() == torch.tensor(1 / 127, dtype=torch.float16).float())
+    assert fields["q"].abs().max() <= 127 * w.abs().max() + 1
+    big = integer_encode(torch.randn(4, 512) * 10, 127)  # clip above 1: a scale of its own
+    assert torch.all(big["scale"].float() > 1 / 127)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=0, max_size=97))
+def test_ternary_packings_round_trip_exactly(codes):
+    c = torch.tensor(codes, dtype=torch.uint8)
+    assert unpack_2bit(pack_2bit(c), len(codes)).tolist() == codes
+    assert unpack_base3(pack_base3(c), len(codes)).tolist() == codes
+    assert pack_2bit(c).numel() == -(-len(codes) // 4) and pack_base3(c).numel() == -(-len(codes) // 5)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("quantiser", ["ternary2", "ternary5"])
+def test_ternary_read_back_reproduces_the_ternary_forward(per_row, quantiser):
+    layer = TernaryLinear(33, 21, per_row=per_row)
+    x = torch.randn(5, 33)
+    want = layer(x)
+    q = QUANTISERS[quantiser]
+    with torch.no_grad():
+        layer.weight.copy_(q.decode(q.encode(layer.weight, {"per_row": per_row})))
+    assert torch.allclose(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+def _tiny_model(monkeypatch, **extra) -> LanguageModel:
+    env = dict(VOCAB_SIZE=64, MODEL_DIM=32, NUM_LAYERS=2, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=4, **extra)
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    return LanguageModel(model_config_from_env())
+
+
+def test_quantiser_choice_follows_the_rules(monkeypatch):
+    model = _tiny_model(monkeypatch, LINEAR_KIND="ternary")
+    plan = choose_quantisers(model, "int8", "ternary5", ("tok_emb=int6",), ("resid_mix",), 100)
+    assert plan["tok_emb.weight"][0] == "int6"  # an override wins
+    assert plan["blocks.0.mixers.0.q_proj.weight"][0] == "ternary5"  # ternary linears
+    assert plan["blocks.0.resid_mix"][0] == "float32" and plan["blocks.0.mlp_scale"][0] == "float16"
+    float_model = _tiny_model(monkeypatch, LINEAR_KIND="float")
+    assert choose_quantisers(float_model, "int8", "ternary2", (), (), 100)["blocks.0.mlp.up.weight"][0] == "int8"
+    with pytest.raises(ValueError, match="only for the weights of ternary linears"):
+        choose_quantisers(float_model, "int8", "ternary2", ("mlp.up=ternary2",), (), 100)
+    with pytest.raises(ValueError, match="unknown quantiser 'int3'"):
+        choose_quantisers(float_model, "int3", "ternary2", (), (), 100)
+
+
+@pytest.mark.parametrize("compressor", ["zlib", "lzma", "brotli"])
+def test_artifact_round_trip_and_damage(monkeypatch, tmp_path, compressor):
+    model = _tiny_model(monkeypatch)
+    plan = choose_quantisers(model, "int8", "ternary2", (), ("resid_mix",), 100)
+    container = encode_state(model.state_dict(), plan)
+    path = tmp_path / "final_model.ptz"
+    size, raw = write_artifact(str(path), container, compressor)
+    blob = path.read_bytes()
+    assert size == len(blob) and blob.startswith(f"SSMG1 {compressor}\n".encode()) and raw > 0
+    back = read_artifact(str(path))
+    model.load_state_dict(back, strict=True)
+    assert back.keys() == decode_state(container).keys()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ArtifactError, match="damaged or truncated") as info:
+        read_artifact(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    path.write_bytes(zlib.compress(b"an older artifact"))
+    with pytest.raises(ArtifactError, match="not an ssm-golf artifact"):
+        read_artifact(str(path))
+    with pytest.raises(ArtifactError, match="cannot read"):
+        read_artifact(str(tmp_path / "missing.ptz"))
