@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from templates.layers import CastedLinear
 from templates.quant import Quantiser, integer_decode
-from templates.registry import COMPRESSORS, lookup, register_quantiser
+from templates.registry import COMPRESSORS, QUANTISERS, lookup, register
 
 GPTQ_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 GPTQ_QMAX = {"int6": 31, "int8": 127}
@@ -88,7 +88,7 @@ def rows_int_encode(t: Tensor, opts: dict) -> dict[str, Tensor]:
     return {"q": q.to(torch.int8), "scale": scale.view(-1, 1).to(torch.float16)}
 
 
-register_quantiser("rows_int")(Quantiser(rows_int_encode, integer_decode))
+register(QUANTISERS, "rows_int")(Quantiser(rows_int_encode, integer_decode))
 
 
 def gptq_row_ranges(module: nn.Module, rows: int, qmax: int, wide_qmax: int) -> Tensor:
