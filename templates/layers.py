@@ -27,37 +27,17 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.eps)
 
 
-def fake_quant_rows(w: torch.Tensor, qmax: torch.Tensor) -> torch.Tensor:
-    """w on the per-row integer grid the export uses (scale = max(|w|_max / qmax, 1 / qmax)), qmax [rows, 1]."""
-    scale = torch.maximum(w.abs().amax(dim=1, keepdim=True) / qmax, 1.0 / qmax)
-    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
-
-
 class CastedLinear(nn.Linear):
-    """Bias-free linear map; the master weight stays fp32 and meets the input in the input's dtype.
-
-    Late QAT: once `enable_qat(qmax_rows)` is called the forward sees the weight on its export grid (int6, or a
-    range per row), and gradients pass straight through to the float master.
-    """
+    """Bias-free linear map; the master weight stays fp32 and meets the input in the input's dtype."""
 
     def __init__(self, d_in: int, d_out: int, zero_init: bool = False) -> None:
         super().__init__(d_in, d_out, bias=False)
         self.zero_init = zero_init
-        self.qat = False
         if zero_init:
             nn.init.zeros_(self.weight)
 
-    def enable_qat(self, qmax_rows: torch.Tensor) -> None:
-        """Fake-quantise from now on with `qmax_rows` ([rows]) levels either side of zero."""
-        qmax = qmax_rows.to(device=self.weight.device, dtype=torch.float32).view(-1, 1)
-        self.register_buffer("qat_qmax", qmax, persistent=False)
-        self.qat = True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.qat:
-            w = w + (fake_quant_rows(w.detach(), self.qat_qmax) - w.detach())
-        return F.linear(x, w.to(x.dtype))
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def ternary_scale(w: torch.Tensor, per_row: bool) -> torch.Tensor:

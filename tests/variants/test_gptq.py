@@ -131,23 +131,3 @@ def test_selective_prune_fits_the_target_touching_only_unit_codes():
         new = container["tensors"][key]["fields"]["q"]
         changed = new != old
         assert (old[changed].abs() == 1).all() and (new[changed] == 0).all()
-
-
-def test_late_qat_puts_the_forward_on_the_export_grid_and_passes_gradients():
-    from templates.layers import CastedLinear, fake_quant_rows
-
-    torch.manual_seed(0)
-    layer = CastedLinear(16, 8)
-    x = torch.randn(4, 16)
-    plain = layer(x)
-    qmax = torch.full((8,), 31)
-    qmax[:2] = 127
-    layer.enable_qat(qmax)
-    out = layer(x)
-    grid = fake_quant_rows(layer.weight.detach(), qmax.float().view(-1, 1))
-    assert torch.allclose(out, x @ grid.T, atol=1e-6) and not torch.allclose(out, plain)
-    codes = grid / torch.maximum(layer.weight.abs().amax(1, keepdim=True) / qmax.view(-1, 1), 1 / qmax.view(-1, 1))
-    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes[2:].abs().max() <= 31
-    out.sum().backward()
-    assert torch.allclose(layer.weight.grad, x.sum(0).expand(8, 16))  # straight through
-    assert "qat_qmax" not in layer.state_dict()
