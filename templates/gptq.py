@@ -11,13 +11,15 @@ default, int8 (127) for rows a module names in `wide_rows` (Mamba-3's dt and A r
 
 The result is written back into the model (weights on their grid) and into the export plan as the "rows_int"
 quantiser with the scales fixed, so encoding reproduces GPTQ's codes exactly. `selective_prune` then zeroes the
-cheapest +-1 codes (smallest row scale first) until the compressed artifact fits a byte target.
+cheapest +-1 codes (smallest row scale first) until the compressed artifact fits a byte target. Late QAT
+(`enable_late_qat`) makes the large float linears see their weights on that grid for the end of training.
 """
 
 import io
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from templates.layers import CastedLinear
@@ -264,3 +266,32 @@ def gptq_plain_round(w: Tensor, qmax: Tensor, scale: Tensor) -> Tensor:
     """Round-to-nearest on the same grid (what GPTQ is compared against)."""
     q = qmax.float().view(-1, 1)
     return torch.clamp(torch.round(w / scale.view(-1, 1)), -q, q) * scale.view(-1, 1)
+
+
+def fake_quant_rows(w: Tensor, qmax: Tensor) -> Tensor:
+    """w on the per-row integer grid (scale = max(|w|_max / qmax, 1 / qmax)), qmax [rows, 1]."""
+    scale = torch.maximum(w.abs().amax(dim=1, keepdim=True) / qmax, 1.0 / qmax)
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+class QATLinear(CastedLinear):
+    """A CastedLinear whose forward sees its weight on the export grid (`qat_qmax` per row); the gradient passes
+    straight through to the float master. Same parameters and state dict as the CastedLinear it replaces."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        w = w + (fake_quant_rows(w.detach(), self.qat_qmax) - w.detach())
+        return F.linear(x, w.to(x.dtype))
+
+
+def enable_late_qat(model: nn.Module, bits: int, wide_bits: int, min_numel: int) -> int:
+    """Turn every float CastedLinear with more than `min_numel` weights into a QATLinear (rows it names in
+    `wide_rows` at `wide_bits`); returns how many."""
+    count = 0
+    for m in model.modules():
+        if type(m) is CastedLinear and m.weight.numel() > min_numel:
+            rows = gptq_row_ranges(m, m.weight.size(0), 2 ** (bits - 1) - 1, 2 ** (wide_bits - 1) - 1)
+            m.register_buffer("qat_qmax", rows.to(m.weight.device, torch.float32).view(-1, 1), persistent=False)
+            m.__class__ = QATLinear
+            count += 1
+    return count

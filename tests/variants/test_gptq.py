@@ -131,3 +131,28 @@ def test_selective_prune_fits_the_target_touching_only_unit_codes():
         new = container["tensors"][key]["fields"]["q"]
         changed = new != old
         assert (old[changed].abs() == 1).all() and (new[changed] == 0).all()
+
+
+def test_late_qat_puts_the_forward_on_the_export_grid_and_passes_gradients():
+    from templates.gptq import enable_late_qat, fake_quant_rows
+    from templates.layers import LinearMaker
+    from templates.mixers.mamba3 import Mamba3Mixer
+
+    torch.manual_seed(0)
+    layer = torch.nn.ModuleDict({"mixer": Mamba3Mixer(32, LinearMaker(), d_state=16, head_dim=16, chunk_size=8)})
+    in_proj = layer["mixer"].in_proj
+    x = torch.randn(4, 32)
+    plain = in_proj(x)
+    assert enable_late_qat(layer, bits=6, wide_bits=8, min_numel=256) == 2  # in_proj and out_proj
+    out = in_proj(x)
+    qmax = in_proj.qat_qmax
+    start, stop = in_proj.wide_rows
+    assert set(qmax[start:stop].view(-1).tolist()) == {127.0} and qmax[0].item() == 31.0
+    grid = fake_quant_rows(in_proj.weight.detach(), qmax)
+    assert torch.allclose(out, x @ grid.T, atol=1e-5) and not torch.allclose(out, plain)
+    scale = torch.maximum(in_proj.weight.abs().amax(1, keepdim=True) / qmax, 1 / qmax)
+    codes = grid / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes[:start].abs().max() <= 31
+    out.sum().backward()
+    assert torch.allclose(in_proj.weight.grad, x.sum(0).expand_as(in_proj.weight))  # straight through
+    assert "qat_qmax" not in in_proj.state_dict() and set(in_proj.state_dict()) == {"weight"}
