@@ -17,11 +17,17 @@ cheapest +-1 codes (smallest row scale first) until the compressed artifact fits
 
 import io
 import math
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from templates.evaluate import STAGES
+from templates.export import encode_state
+from templates.hparams import env_flag, env_float, env_int
 from templates.layers import CastedLinear
 from templates.quant import Quantiser, integer_decode
 from templates.registry import COMPRESSORS, QUANTISERS, lookup, register
@@ -295,3 +301,52 @@ def enable_late_qat(model: nn.Module, bits: int, wide_bits: int, min_numel: int)
             m.__class__ = QATLinear
             count += 1
     return count
+
+
+@register(STAGES, "late_qat")
+def gptq_late_qat(model: nn.Module, lr_multiplier: float, log: Callable[[str], None]) -> None:
+    """Once the LR multiplier drops below LATE_QAT_THRESHOLD (0: never), QAT_BITS fake-quantisation from then on."""
+    threshold = env_float("LATE_QAT_THRESHOLD", 0.0)
+    if threshold <= 0 or lr_multiplier >= threshold or getattr(model, "qat_enabled", False):
+        return
+    model.qat_enabled = True
+    bits, wide = env_int("QAT_BITS", 6), env_int("WIDE_ROW_BITS", 8)
+    n = enable_late_qat(model, bits, wide, env_int("KEEP_FLOAT_MAX_NUMEL", 65_536))
+    log(f"late_qat:enabled bits={bits} wide_bits={wide} linears:{n} lr_multiplier:{lr_multiplier:.4f}")
+
+
+@register(STAGES, "reserve_s")
+def gptq_reserve_seconds() -> float:
+    """Seconds taken off the training cap so that GPTQ runs inside it (GPTQ_RESERVE_SECONDS, with USE_GPTQ=1)."""
+    return env_float("GPTQ_RESERVE_SECONDS", 0.0) if env_flag("USE_GPTQ", False) else 0.0
+
+
+@register(STAGES, "export")
+def gptq_export(
+    model: nn.Module,
+    plan: dict[str, tuple[str, dict]],
+    code_bytes: int,
+    hp: Any,
+    autocast_dtype: torch.dtype | None,
+    log: Callable[[str], None],
+) -> dict:
+    """The export container: wide rows at WIDE_ROW_BITS, GPTQ with USE_GPTQ=1 (GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN
+    self-generated tokens), then +-1 pruning to PRUNE_TARGET_BYTES (artifact + code; 0: none)."""
+    wide = env_int("WIDE_ROW_BITS", 8)
+    plan = wide_rows_plan(model, plan, wide)
+    if env_flag("USE_GPTQ", False):
+        started = time.perf_counter()
+        seqs, length = env_int("GPTQ_CALIB_SEQS", 32), env_int("GPTQ_CALIB_LEN", 0) or hp.train_seq_len
+        calibration = generate_calibration(model, seqs, length, autocast_dtype=autocast_dtype)
+        generated = time.perf_counter() - started
+        hessians = collect_hessians(model, calibration, autocast_dtype=autocast_dtype)
+        plan = gptq_refine_plan(model, hessians, plan, wide)
+        log(f"gptq:{len(hessians)} hessians from {seqs}x{length} self-generated tokens "
+            f"(generation {generated:.1f}s, total {time.perf_counter() - started:.1f}s)")  # fmt: skip
+    container = encode_state(model.state_dict(), plan)
+    target = env_int("PRUNE_TARGET_BYTES", 0)
+    if target > 0:
+        header = len(b"SSMG1 ") + len(hp.compressor) + 1
+        _, zeroed, candidates = selective_prune(container, target - code_bytes - header, hp.compressor)
+        log(f"selective_prune: zeroed {zeroed} of {candidates} +-1 codes for {target} bytes")
+    return container

@@ -9,7 +9,9 @@ The model is changed in place: score a copy if the original is needed afterwards
 import torch
 from torch import nn
 
-from templates.evaluate import Tally
+from templates.evaluate import STAGES, Tally
+from templates.hparams import env_float, env_int
+from templates.registry import register
 
 
 def ttt_evaluate(
@@ -64,3 +66,14 @@ def ttt_evaluate(
     model.train(was_training)
     loss, bpb = tally.result(world_size)
     return loss, bpb, kept.flatten() if kept is not None else None
+
+
+@register(STAGES, "ttt")
+def ttt_stage(model: nn.Module, tokens: torch.Tensor, tables: tuple, seq_len: int, chunk_seqs: int, rank: int,
+              world_size: int, device: torch.device, autocast_dtype: torch.dtype | None, stateful: bool = False,
+              keep_losses: bool = False) -> tuple[float, float, torch.Tensor | None]:  # fmt: skip
+    """EVAL_MODE=ttt, called like `evaluate` (`stateful` unused): `ttt_evaluate` with TTT_EPOCHS (2), TTT_LR (0.01)
+    and TTT_MOMENTUM (0.9) from the environment."""
+    epochs, lr, momentum = env_int("TTT_EPOCHS", 2), env_float("TTT_LR", 0.01), env_float("TTT_MOMENTUM", 0.9)
+    return ttt_evaluate(model, tokens, tables, seq_len, chunk_seqs, epochs, lr, momentum, rank, world_size, device,
+                        autocast_dtype, keep_losses)  # fmt: skip

@@ -156,3 +156,24 @@ def test_late_qat_puts_the_forward_on_the_export_grid_and_passes_gradients():
     out.sum().backward()
     assert torch.allclose(in_proj.weight.grad, x.sum(0).expand_as(in_proj.weight))  # straight through
     assert "qat_qmax" not in in_proj.state_dict() and set(in_proj.state_dict()) == {"weight"}
+
+
+def test_export_stage_runs_gptq_and_prunes_to_the_target(monkeypatch):
+    from templates.evaluate import STAGES
+
+    use_recipe(monkeypatch, "mamba3-hybrid", **TINY)
+    monkeypatch.setenv("USE_GPTQ", "1")
+    monkeypatch.setenv("GPTQ_CALIB_SEQS", "2")
+    monkeypatch.setenv("GPTQ_CALIB_LEN", "8")
+    monkeypatch.setenv("GPTQ_RESERVE_SECONDS", "30")
+    torch.manual_seed(0)
+    hp, model = Hyperparameters(), LanguageModel(model_config_from_env())
+    plan = choose_quantisers(model, hp.quant, hp.quant_ternary, hp.quant_overrides, hp.control_patterns, 256)
+    lines: list[str] = []
+    plain = compressed_size(encode_state(model.state_dict(), plan), "lzma")
+    monkeypatch.setenv("PRUNE_TARGET_BYTES", str(plain - 300 + 1000))  # artifact + 1,000 bytes of "code"
+    container = STAGES["export"](model, plan, 1000, hp, None, lines.append)
+    assert STAGES["reserve_s"]() == 30.0
+    assert container["tensors"]["blocks.0.mixers.0.in_proj.weight"]["quantiser"] == "rows_int"
+    assert any(line.startswith("gptq:") for line in lines) and any("selective_prune" in line for line in lines)
+    assert compressed_size(container, "lzma") <= plain - 300 - len(b"SSMG1 lzma\n")

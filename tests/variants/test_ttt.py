@@ -90,3 +90,17 @@ def test_adaptation_lowers_the_loss_on_a_repetitive_stream(monkeypatch):
     plain, _, _ = evaluate(copy.deepcopy(model), tokens, TABLES, SEQ, CHUNK, 0, 1, torch.device("cpu"), None)
     adapted, bpb, _ = _ttt(copy.deepcopy(model), tokens)
     assert adapted < plain and bpb > 0
+
+
+def test_ttt_stage_is_called_like_evaluate_and_reads_its_knobs(monkeypatch):
+    from templates.evaluate import STAGES
+
+    model = _model(monkeypatch)
+    monkeypatch.setenv("TTT_EPOCHS", str(EPOCHS))
+    monkeypatch.setenv("TTT_LR", str(LR))
+    monkeypatch.setenv("TTT_MOMENTUM", str(MOM))
+    tokens = _stream()
+    args = (tokens, TABLES, SEQ, CHUNK, 0, 1, torch.device("cpu"), None)
+    staged = STAGES["ttt"](copy.deepcopy(model), *args, stateful=False, keep_losses=True)
+    direct = _ttt(copy.deepcopy(model), tokens)
+    assert staged[0] == direct[0] and torch.equal(staged[2], direct[2])
