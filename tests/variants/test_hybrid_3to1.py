@@ -1,0 +1,60 @@
+"""hybrid-3to1: the origin's count and the fitted count on the meta device, the tiny CPU path, the S6 state."""
+
+from __future__ import annotations
+
+import torch
+
+from templates.layers import LinearMaker
+from templates.mixers.s6 import S6Mixer
+
+from .conftest import meta_parameter_count, stateful_matches_whole, train_export_score, use_recipe  # noqa: TID252
+
+TINY = dict(
+    VOCAB_SIZE=64, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, NUM_LAYERS=4, S6_DT_RANK=4, TRAIN_SEQ_LEN=20,
+    KEEP_FLOAT_MAX_NUMEL=256,
+)  # fmt: skip
+
+
+def test_origin_mixer_reproduces_the_origins_count(monkeypatch):
+    use_recipe(monkeypatch, "hybrid-3to1", S6_DT_RANK=0, S6_EXPAND=2)
+    assert meta_parameter_count() == 30_299_152
+
+
+def test_record_shape_count_and_size_estimate(monkeypatch):
+    use_recipe(monkeypatch, "hybrid-3to1")
+    count = meta_parameter_count()
+    assert count == 21_934_992
+    assert count * 0.70 < 16_000_000 - 200_000  # int6 + lzma, pessimistic bytes per parameter
+
+
+def test_attention_at_depths_3_and_7(monkeypatch):
+    use_recipe(monkeypatch, "hybrid-3to1")
+    from templates.config import model_config_from_env
+
+    names = [spec.mixers[0] for spec in model_config_from_env().layers]
+    assert [i for i, n in enumerate(names) if n == "attention"] == [3, 7] and names.count("s6") == 7
+
+
+def test_low_rank_and_full_rank_dt_shapes():
+    low = S6Mixer(64, LinearMaker(), dt_rank=8, expand=2)
+    full = S6Mixer(64, LinearMaker(), dt_rank=0, expand=2)
+    assert tuple(low.x_proj.weight.shape) == (8 + 32, 128) and tuple(low.dt_proj.weight.shape) == (128, 8)
+    assert tuple(full.x_proj.weight.shape) == (32, 128) and tuple(full.dt_proj.weight.shape) == (128, 128)
+    x = torch.randn(2, 12, 64)
+    for m in (low, full):
+        torch.nn.init.normal_(m.out_proj.weight)
+        assert m(x).shape == x.shape
+
+
+def test_tiny_model_trains_exports_and_scores(monkeypatch, tmp_path):
+    use_recipe(monkeypatch, "hybrid-3to1", **TINY)
+    r = train_export_score(tmp_path)
+    assert r["last"] < r["first"] - 0.3
+    assert abs(r["scored"] - r["trained"]) < 0.25
+
+
+def test_state_carried_across_windows_equals_one_pass():
+    torch.manual_seed(1)
+    mixer = S6Mixer(16, LinearMaker(), dt_rank=4, d_state=4)
+    torch.nn.init.normal_(mixer.out_proj.weight)
+    assert stateful_matches_whole(mixer, 16) < 1e-4
