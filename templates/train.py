@@ -270,7 +270,8 @@ def main() -> None:
             container = export(base, plan, len(code), hp, amp_dtype, log)
             file_bytes, torch_bytes = write_artifact(str(artifact), container, hp.compressor)
             payload = payload_bytes(container)
-            label = f"{hp.quant}+{hp.compressor}"
+            used = {q for q, _ in plan.values()} - {"float16", "float32"}
+            label = "+".join(sorted(used | {hp.quant}) + [hp.compressor])
             log(f"Serialized model: {raw_bytes} bytes")
             log(f"Code size: {len(code)} bytes")
             log(f"Total submission size: {raw_bytes + len(code)} bytes")
