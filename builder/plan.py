@@ -143,6 +143,14 @@ def run(args: argparse.Namespace) -> int:
     total = model_bytes + code
     margin = CAP_BYTES - total
     print(f"model {model_bytes:,.0f} ({note}) + code {code:,} = {total:,.0f} bytes; margin {margin:,.0f}")
+    target = int(float({**defaults, **overrides}.get("PRUNE_TARGET_BYTES", 0) or 0))
+    if margin < 0 and 0 < target <= CAP_BYTES:
+        cut = 1 - (target - code) / model_bytes
+        print(
+            f"the export prunes +-1 codes until model + code <= {target:,} bytes (PRUNE_TARGET_BYTES): about "
+            f"{100 * cut:.0f}% fewer bytes than this estimate; fits if the pruning reaches it (check a run's log)"
+        )
+        return 0
     if margin < 0:
         print(f"does not fit: {-margin:,.0f} bytes over the 16,000,000-byte cap; narrow the model or quantise harder")
         return 1
