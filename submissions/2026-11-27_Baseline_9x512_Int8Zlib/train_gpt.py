@@ -1094,6 +1094,8 @@ def read_artifact(path: str) -> dict[str, Tensor]:
 #              one window at the cost of a single pass; windows left over at the end are scored on their own
 # ---------------------------------------------------------------------------------------------------------------------
 
+STAGES: dict = {}  # optional stages by name, registered by the GPTQ and TTT modules where a variant has them
+
 
 class Tally:
     """Running sums of nats, tokens and bytes (float64), reduced over ranks at the end."""
@@ -1269,15 +1271,15 @@ def main() -> None:
         raise SystemExit(f"{hp.tokenizer_path}: {sp.get_piece_size()} pieces, but VOCAB_SIZE={cfg.vocab_size}")
     tables = build_byte_tables(sp, cfg.vocab_size, device)
     eval_seq_len = hp.eval_seq_len or hp.train_seq_len
-    if hp.eval_mode not in ("windows", "stateful"):
-        raise SystemExit(f"EVAL_MODE={hp.eval_mode!r}: choose windows or stateful")
+    if hp.eval_mode not in ("windows", "stateful") + (("ttt",) if "ttt" in STAGES else ()):
+        raise SystemExit(f"EVAL_MODE={hp.eval_mode!r}: choose windows or stateful (ttt: a variant with the TTT module)")
     eval_batch_seqs = hp.eval_batch_seqs or max(1, hp.val_batch_size // (world_size * eval_seq_len))
     val_tokens = load_validation_tokens(val_files, eval_seq_len, hp.val_tokens)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_loader:shards pattern={hp.data_path}/fineweb_val_*.bin tokens:{val_tokens.numel() - 1}")
 
-    def validate(net: torch.nn.Module, keep: bool = False) -> tuple[float, float, torch.Tensor | None]:
-        return evaluate(
+    def validate(net: torch.nn.Module, keep: bool = False, score=evaluate) -> tuple[float, float, torch.Tensor | None]:
+        return score(
             net, val_tokens, tables, eval_seq_len, eval_batch_seqs, rank, world_size, device, amp_dtype,
             stateful=hp.eval_mode == "stateful", keep_losses=keep,
         )  # fmt: skip
@@ -1353,7 +1355,8 @@ def main() -> None:
         # ----- training under the wall-clock cap -----
         loader = BatchLoader(train_files, rank, world_size, device)
         average = WeightAverage(base, hp.ema_decay, hp.ema_start_step) if hp.ema_decay > 0 else None
-        cap_ms = 1000.0 * hp.max_wallclock_seconds if hp.max_wallclock_seconds > 0 else None
+        reserve_s = STAGES.get("reserve_s", lambda: 0.0)()  # time kept for GPTQ at export
+        cap_ms = 1000.0 * (hp.max_wallclock_seconds - reserve_s) if hp.max_wallclock_seconds > 0 else None
         stop_at = hp.iterations
         log("phase:train begin")
         wait_for_device()
@@ -1380,6 +1383,7 @@ def main() -> None:
                 for m in ternary:
                     m.quant_mix.fill_(mix)
             scale = lr_scale(steps, elapsed, hp.iterations, hp.lr_warmup_steps, hp.warmdown_iters, cap_ms)
+            STAGES.get("late_qat", lambda *_: None)(base, scale, log)
             momentum = momentum_at(
                 steps, hp.muon_momentum_warmup_start, hp.muon_momentum, hp.muon_momentum_warmup_steps
             )
@@ -1419,10 +1423,12 @@ def main() -> None:
             )  # fmt: skip
             state = base.state_dict()
             raw_bytes = sum(t.numel() * t.element_size() for t in state.values())
-            container = encode_state(state, plan)
+            export = STAGES.get("export", lambda net, p, *_: encode_state(state, p))  # GPTQ, pruning
+            container = export(base, plan, len(code), hp, amp_dtype, log)
             file_bytes, torch_bytes = write_artifact(str(artifact), container, hp.compressor)
             payload = payload_bytes(container)
-            label = f"{hp.quant}+{hp.compressor}"
+            used = {q for q, _ in plan.values()} - {"float16", "float32"}
+            label = "+".join(sorted(used | {hp.quant}) + [hp.compressor])
             log(f"Serialized model: {raw_bytes} bytes")
             log(f"Code size: {len(code)} bytes")
             log(f"Total submission size: {raw_bytes + len(code)} bytes")
@@ -1449,7 +1455,8 @@ def main() -> None:
         base.load_state_dict(read_artifact(str(artifact)), strict=True)
     except (ArtifactError, RuntimeError) as exc:
         raise SystemExit(f"error: {str(exc).splitlines()[0]}") from None
-    val_loss, val_bpb, token_losses = validate(model, keep=bool(hp.token_losses))
+    final_score = STAGES["ttt"] if hp.eval_mode == "ttt" else evaluate
+    val_loss, val_bpb, token_losses = validate(model, keep=bool(hp.token_losses), score=final_score)
     wait_for_device()
     eval_ms = 1000.0 * (time.perf_counter() - eval_started)
     log(f"{hp.score_tag} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
