@@ -1,0 +1,32 @@
+"""The assembled folders committed under submissions/ are what today's templates assemble: no drift."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from builder.assemble import READABLE_NAME, build_files
+from builder.variants import get_variant
+
+SUBMISSIONS = Path(__file__).resolve().parents[2] / "submissions"
+FOLDERS = sorted(p for p in SUBMISSIONS.iterdir() if (p / "submission.json").is_file())
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_committed_script_is_what_the_templates_assemble(folder):
+    sub = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
+    track = "record" if sub["track"] == "10min_16mb" else "non-record"
+    packed = (folder / READABLE_NAME).is_file()
+    files = build_files(get_variant(sub["variant"]), sub["date"], "-", "-", track, packed)
+    for name in ("train_gpt.py", READABLE_NAME) if packed else ("train_gpt.py",):
+        assert (folder / name).read_text(encoding="utf-8") == files[name], (
+            f"{folder.name}/{name} is stale: re-run `builder assemble --variant {sub['variant']}` into it"
+        )
+
+
+def test_every_variant_has_a_committed_folder():
+    assert {json.loads((f / "submission.json").read_text())["variant"] for f in FOLDERS} >= {
+        "baseline", "kill-mamba2", "ttsm", "mamba3-hybrid", "lru", "hybrid-3to1",
+    }  # fmt: skip
