@@ -1,6 +1,5 @@
-"""The artifact: a quantiser chosen for each tensor, the encoded tensors serialised with torch.save and the whole
-blob compressed. The file starts with a plain header naming the format and the compressor, so it can be read
-back with nothing else; the score is always computed on the model read back from the file.
+"""The artifact: a quantiser per tensor, the encoded tensors saved with torch.save, the blob compressed, behind a
+plain header naming format and compressor; the score is always computed on the model read back from the file.
 
 Which quantiser a tensor gets (first rule that applies):
   QUANT_OVERRIDES "name_substring=quantiser"      e.g. "tok_emb=int8"

@@ -95,6 +95,3 @@ class Hyperparameters:
         self.eval_only = env_flag("EVAL_ONLY", False)
         self.artifact = env_str("ARTIFACT", "")
         self.token_losses = env_str("TOKEN_LOSSES", "")
-
-    def items(self) -> list[tuple[str, object]]:
-        return sorted(vars(self).items())

@@ -83,17 +83,21 @@ class LanguageModel(nn.Module):
                     if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 16:
                         nn.init.orthogonal_(m.weight)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, states: dict | None = None) -> torch.Tensor:
         x = self.tok_emb(ids)
-        for feature in self.features:
-            x = x + feature(ids)
+        for f in self.features:  # a feature that looks back gets the previous window's tokens when scoring with state
+            if states is None or not hasattr(f, "forward_stateful"):
+                x = x + f(ids)
+                continue
+            out, states[id(f)] = f.forward_stateful(ids, states.get(id(f)))
+            x = x + out
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return x
 
     def hidden(self, ids: torch.Tensor, states: dict | None = None) -> torch.Tensor:
-        x = x0 = self.embed(ids)
+        x = x0 = self.embed(ids, states)
         for loop in range(self.cfg.loops):
             if self.loop_pos is not None:
                 x = x + self.loop_pos[loop].to(x.dtype)

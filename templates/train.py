@@ -94,7 +94,7 @@ def main() -> None:
     if cuda:
         log(f"device:{torch.cuda.get_device_name(device)} count:{torch.cuda.device_count()}", console=False)
     log("Hyperparameters:")
-    for name, value in hp.items():
+    for name, value in sorted(vars(hp).items()):
         log(f"  {name}: {value}")
     log(f"model: {cfg}")
     log(f"seed:{hp.seed}")

@@ -179,9 +179,6 @@ class Hyperparameters:
         self.artifact = env_str("ARTIFACT", "")
         self.token_losses = env_str("TOKEN_LOSSES", "")
 
-    def items(self) -> list[tuple[str, object]]:
-        return sorted(vars(self).items())
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Parts by name: a variant's declaration names its mixers, MLPs, input features, quantisers and compressors,
@@ -1530,17 +1527,21 @@ class LanguageModel(nn.Module):
                     if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 16:
                         nn.init.orthogonal_(m.weight)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, states: dict | None = None) -> torch.Tensor:
         x = self.tok_emb(ids)
-        for feature in self.features:
-            x = x + feature(ids)
+        for f in self.features:  # a feature that looks back gets the previous window's tokens when scoring with state
+            if states is None or not hasattr(f, "forward_stateful"):
+                x = x + f(ids)
+                continue
+            out, states[id(f)] = f.forward_stateful(ids, states.get(id(f)))
+            x = x + out
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return x
 
     def hidden(self, ids: torch.Tensor, states: dict | None = None) -> torch.Tensor:
-        x = x0 = self.embed(ids)
+        x = x0 = self.embed(ids, states)
         for loop in range(self.cfg.loops):
             if self.loop_pos is not None:
                 x = x + self.loop_pos[loop].to(x.dtype)
@@ -1864,9 +1865,8 @@ register(QUANTISERS, "ternary5")(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The artifact: a quantiser chosen for each tensor, the encoded tensors serialised with torch.save and the whole
-# blob compressed. The file starts with a plain header naming the format and the compressor, so it can be read
-# back with nothing else; the score is always computed on the model read back from the file.
+# The artifact: a quantiser per tensor, the encoded tensors saved with torch.save, the blob compressed, behind a
+# plain header naming format and compressor; the score is always computed on the model read back from the file.
 #
 # Which quantiser a tensor gets (first rule that applies):
 #   QUANT_OVERRIDES "name_substring=quantiser"      e.g. "tok_emb=int8"
@@ -2166,7 +2166,7 @@ def main() -> None:
     if cuda:
         log(f"device:{torch.cuda.get_device_name(device)} count:{torch.cuda.device_count()}", console=False)
     log("Hyperparameters:")
-    for name, value in hp.items():
+    for name, value in sorted(vars(hp).items()):
         log(f"  {name}: {value}")
     log(f"model: {cfg}")
     log(f"seed:{hp.seed}")

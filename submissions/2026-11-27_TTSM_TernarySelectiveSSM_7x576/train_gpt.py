@@ -186,9 +186,6 @@ class Hyperparameters:
         self.artifact = env_str("ARTIFACT", "")
         self.token_losses = env_str("TOKEN_LOSSES", "")
 
-    def items(self) -> list[tuple[str, object]]:
-        return sorted(vars(self).items())
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Parts by name: a variant's declaration names its mixers, MLPs, input features, quantisers and compressors,
@@ -1246,6 +1243,7 @@ class SelectiveSSM(nn.Module):
 #                  the first position of a window, which has no previous token, takes the last bucket
 #   trigram_hash   two tables of TRIGRAM_BUCKETS rows, concatenated before the projection: the bigram hash
 #                  mod buckets, and the same XOR 12979 t_{i-2}; positions without enough history take bucket 0
+# In stateful scoring the previous window's last tokens are the history of a window's first positions.
 #
 # The tables are float (never ternary; the artifact stores them as float or int8). The projection starts at zero
 # and the tables at N(0, NGRAM_INIT_STD^2): were both zero, as in the origin, neither would ever get a gradient.
@@ -1286,6 +1284,13 @@ class _HashedTables(nn.Module):
         self.proj = CastedLinear(tables * width, dim, zero_init=True)
         self.feature_scale = nn.Parameter(torch.tensor(float(scale)))
         self.buckets = buckets
+
+    def forward_stateful(self, ids: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features of a window with the previous window's last two tokens as history (state: those tokens)."""
+        if state is None:
+            return self(ids), ids[:, -2:]
+        joined = torch.cat((state, ids), dim=1)
+        return self(joined)[:, state.size(1) :], joined[:, -2:]
 
     def project(self, indices: tuple[torch.Tensor, ...]) -> torch.Tensor:
         rows = torch.cat([table(i) for table, i in zip(self.tables, indices)], dim=-1)
@@ -1407,17 +1412,21 @@ class LanguageModel(nn.Module):
                     if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 16:
                         nn.init.orthogonal_(m.weight)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, states: dict | None = None) -> torch.Tensor:
         x = self.tok_emb(ids)
-        for feature in self.features:
-            x = x + feature(ids)
+        for f in self.features:  # a feature that looks back gets the previous window's tokens when scoring with state
+            if states is None or not hasattr(f, "forward_stateful"):
+                x = x + f(ids)
+                continue
+            out, states[id(f)] = f.forward_stateful(ids, states.get(id(f)))
+            x = x + out
         x = rms_norm(x)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return x
 
     def hidden(self, ids: torch.Tensor, states: dict | None = None) -> torch.Tensor:
-        x = x0 = self.embed(ids)
+        x = x0 = self.embed(ids, states)
         for loop in range(self.cfg.loops):
             if self.loop_pos is not None:
                 x = x + self.loop_pos[loop].to(x.dtype)
@@ -1741,9 +1750,8 @@ register(QUANTISERS, "ternary5")(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The artifact: a quantiser chosen for each tensor, the encoded tensors serialised with torch.save and the whole
-# blob compressed. The file starts with a plain header naming the format and the compressor, so it can be read
-# back with nothing else; the score is always computed on the model read back from the file.
+# The artifact: a quantiser per tensor, the encoded tensors saved with torch.save, the blob compressed, behind a
+# plain header naming format and compressor; the score is always computed on the model read back from the file.
 #
 # Which quantiser a tensor gets (first rule that applies):
 #   QUANT_OVERRIDES "name_substring=quantiser"      e.g. "tok_emb=int8"
@@ -2036,7 +2044,7 @@ def main() -> None:
     if cuda:
         log(f"device:{torch.cuda.get_device_name(device)} count:{torch.cuda.device_count()}", console=False)
     log("Hyperparameters:")
-    for name, value in hp.items():
+    for name, value in sorted(vars(hp).items()):
         log(f"  {name}: {value}")
     log(f"model: {cfg}")
     log(f"seed:{hp.seed}")

@@ -5,6 +5,7 @@ tokens, projected to the model width and added to the token embedding with a lea
                  the first position of a window, which has no previous token, takes the last bucket
   trigram_hash   two tables of TRIGRAM_BUCKETS rows, concatenated before the projection: the bigram hash
                  mod buckets, and the same XOR 12979 t_{i-2}; positions without enough history take bucket 0
+In stateful scoring the previous window's last tokens are the history of a window's first positions.
 
 The tables are float (never ternary; the artifact stores them as float or int8). The projection starts at zero
 and the tables at N(0, NGRAM_INIT_STD^2): were both zero, as in the origin, neither would ever get a gradient.
@@ -51,6 +52,13 @@ class _HashedTables(nn.Module):
         self.proj = CastedLinear(tables * width, dim, zero_init=True)
         self.feature_scale = nn.Parameter(torch.tensor(float(scale)))
         self.buckets = buckets
+
+    def forward_stateful(self, ids: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features of a window with the previous window's last two tokens as history (state: those tokens)."""
+        if state is None:
+            return self(ids), ids[:, -2:]
+        joined = torch.cat((state, ids), dim=1)
+        return self(joined)[:, state.size(1) :], joined[:, -2:]
 
     def project(self, indices: tuple[torch.Tensor, ...]) -> torch.Tensor:
         rows = torch.cat([table(i) for table, i in zip(self.tables, indices)], dim=-1)
