@@ -58,8 +58,10 @@ def knob_table(spec: VariantSpec, defaults: dict[str, str]) -> list[tuple[str, s
         table.update(hyperparameter_defaults((TEMPLATES_ROOT / rel).read_text(encoding="utf-8"), {}))
     for module in spec.modules:
         path = TEMPLATES_ROOT / Path(*module.split(".")).with_suffix(".py")
-        if path.is_file():
-            table.update(option_defaults(path.read_text(encoding="utf-8")))
+        if path.is_file():  # its OPTIONS table, and any knob it reads itself (GPTQ, TTT, ...)
+            source = path.read_text(encoding="utf-8")
+            table.update(hyperparameter_defaults(source, {}))
+            table.update(option_defaults(source))
     table.update(defaults)
     return sorted(table.items())
 
