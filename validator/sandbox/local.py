@@ -107,6 +107,8 @@ def run_local(request: SandboxRequest) -> SandboxResult:
                 *(str(x) for x in request.extra_read_roots),
                 *(str(x) for x in (request.data_dir, request.tokenizer) if x),
                 *os.environ.get("PYTHONPATH", "").split(os.pathsep),
+                # the interpreter's own tree (a virtual environment under /tmp, say): the private /tmp hides it
+                *sorted({sys.prefix, sys.exec_prefix, sys.base_prefix, *sys.path}),
             ]
             if p
         ]
