@@ -56,3 +56,25 @@ def test_bad_frontier_file_is_named(tmp_path):
     bad.write_text('{"rows": 3}')
     with pytest.raises(ValueError, match="f.json"):
         load_frontier(bad)
+
+
+def test_t_tests_agree_with_scipy_stats():
+    """one_sided_p computes Welch's and the one-sample t-test itself (scipy.stats takes most of a second to import)."""
+    import random
+
+    from scipy import stats
+
+    from validator.significance import one_sided_p
+
+    rng = random.Random(0)
+    for _ in range(50):
+        new = [1.1 + rng.gauss(0, 0.002) for _ in range(rng.randint(2, 5))]
+        prev = [1.1 + rng.gauss(0, 0.002) for _ in range(rng.randint(1, 5))]
+        shift = rng.choice([0.0, 0.001, 0.005])
+        p, test = one_sided_p(new, prev, shift)
+        if len(prev) >= 2:
+            want = stats.ttest_ind(new, [x - shift for x in prev], equal_var=False, alternative="less").pvalue
+            assert test == "one-sided Welch t-test"
+        else:
+            want = stats.ttest_1samp(new, popmean=prev[0] - shift, alternative="less").pvalue
+        assert p == pytest.approx(float(want), rel=1e-9, abs=1e-12)
