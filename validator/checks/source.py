@@ -25,20 +25,22 @@ def _import(name: str) -> ModuleType | None:
         raise
 
 
-def code_bytes(ctx: Context):
-    """`validator.source.codebytes.code_bytes(folder, script)` once per folder, or None (no script or no package)."""
-    cached = ctx.figures.get("_code_bytes", _MISSING)
-    if cached is not _MISSING:
-        return cached
+def code_bytes(ctx: Context, wrap: bool = True):
+    """`validator.source.codebytes.code_bytes(folder, script)` once per folder, or None (no script or no package).
+    wrap=False: without the wrapped figure (no minifier run) unless a run with it is already cached."""
+    key = "_code_bytes" if wrap else "_code_bytes_unwrapped"
+    for cached in (ctx.figures.get("_code_bytes", _MISSING), ctx.figures.get(key, _MISSING)):
+        if cached is not _MISSING:
+            return cached
     result = None
     mod = _import("validator.source.codebytes") if ctx.script and not ctx.options.skip_source else None
     if mod is not None and ctx.script is not None:
         unsafe = getattr(_import("validator.source.reading"), "UnsafePath", ())
         try:
-            result = mod.code_bytes(ctx.folder.root, ctx.folder.root / ctx.script)
+            result = mod.code_bytes(ctx.folder.root, ctx.folder.root / ctx.script, wrap=wrap)
         except unsafe as exc:  # the script vanished or became unsafe between listing and reading
             ctx.figures["_code_bytes_problem"] = str(exc)
-    ctx.figures["_code_bytes"] = result
+    ctx.figures[key] = result
     return result
 
 

@@ -129,17 +129,18 @@ def wrapped_size(source: str) -> int:
     return size
 
 
-def code_bytes(folder: Path, script: Path) -> CodeBytes:
+def code_bytes(folder: Path, script: Path, wrap: bool = True) -> CodeBytes:
     """The three code-byte figures of `script` (a file inside `folder`). Raises UnsafePath for a script that is
-    missing, not a regular file, or outside the folder; everything else is reported in `problems`."""
+    missing, not a regular file, or outside the folder; everything else is reported in `problems`. wrap=False
+    leaves the wrapped figure out (None): it needs the minifier, most of a second on a large script."""
     folder, script = locate(folder, script)
     data, truncated = read_bytes_capped(folder, script)
     raw = file_size(folder, script)
     problems: list[str] = []
     version = minifier_version()
-    if not version:
+    if wrap and not version:
         problems.append("python-minifier is not installed: install python-minifier==3.4.0 for the wrapped figure")
-    elif version != PINNED_MINIFIER:
+    elif wrap and version != PINNED_MINIFIER:
         problems.append(f"python-minifier {version} is not the pinned {PINNED_MINIFIER}: wrapped bytes may differ")
     if truncated:
         problems.append(f"script larger than the read cap ({len(data)} bytes read); wrapped figure not computed")
@@ -165,7 +166,7 @@ def code_bytes(folder: Path, script: Path) -> CodeBytes:
             source_for_wrap = max(wrappers, key=lambda w: len(w.source or "")).source or text
             decoded = len(source_for_wrap.encode("utf-8"))
     wrapped = None
-    if tree is not None and version and not truncated and utf8:
+    if wrap and tree is not None and version and not truncated and utf8:
         try:
             wrapped = wrapped_size(source_for_wrap)
         except Exception as exc:  # the minifier raises its own errors on sources it cannot handle
