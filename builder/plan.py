@@ -114,6 +114,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="an override, as for builder run")
     parser.add_argument("--pack", action="store_true", help="count the code in its packed form")
     parser.add_argument("--measured", type=Path, help="a run submission folder whose logs refine the estimate")
+    parser.add_argument(
+        "--fit",
+        metavar="KNOB=START:STOP:STEP",
+        help="try each value of one knob (e.g. MODEL_DIM=256:1024:64) and report the largest that fits",
+    )
+
+
+def parse_fit(text: str) -> tuple[str, list[int]]:
+    knob, sep, span = text.partition("=")
+    parts = span.split(":")
+    if not sep or not knob or len(parts) != 3 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise UserError(f"--fit {text!r} is not KNOB=START:STOP:STEP with whole numbers, e.g. MODEL_DIM=256:1024:64")
+    start, stop, step = (int(p) for p in parts)
+    if step <= 0 or stop < start:
+        raise UserError(f"--fit {text!r}: STEP must be positive and STOP at least START")
+    return knob, list(range(start, stop + 1, step))
+
+
+def fit(spec: VariantSpec, defaults: dict[str, str], overrides: dict[str, str], code: int, text: str) -> int:
+    """The largest value of one knob whose estimated model + code fits; one line per value tried."""
+    knob, values = parse_fit(text)
+    best = None
+    print(f"{knob:>12} {'parameters':>13} {'est. total':>13} {'margin':>12}")
+    for value in values:
+        try:
+            groups, params, _ = plan_groups(spec, defaults, {**overrides, knob: str(value)})
+        except UserError as exc:
+            print(f"{value:>12} cannot build: {exc}")
+            continue
+        total = sum(g.estimate for g in groups) + code
+        print(f"{value:>12} {params:>13,} {total:>13,.0f} {CAP_BYTES - total:>12,.0f}")
+        if total <= CAP_BYTES:
+            best = value
+    if best is None:
+        print(f"no value of {knob} in {values[0]}..{values[-1]} fits")
+        return 1
+    print(f"largest {knob} that fits: {best} (--env {knob}={best})")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
     spec = get_variant(args.variant)
     overrides = parse_env(args.env)
     defaults = spec.defaults_as_strings(args.track)
-    groups, params, compressor = plan_groups(spec, defaults, overrides)
     code = len(build_files(spec, "2000-01-01", "-", "-", args.track, args.pack)["train_gpt.py"].encode("utf-8"))
+    if args.fit:
+        return fit(spec, defaults, overrides, code, args.fit)
+    groups, params, compressor = plan_groups(spec, defaults, overrides)
     model_bytes = sum(g.estimate for g in groups)
     note = "estimated"
     if args.measured:

@@ -27,3 +27,12 @@ def test_ternary_variant_groups_and_bad_input(capsys):
     assert "61,657,752 parameters" in out and re.search(r"^ternary2\s+63\s", out, re.M)
     assert main(["plan", "--variant", "baseline", "--env", "LAYER_PATTERN=nope"]) == 2
     assert "unknown mixer 'nope'" in capsys.readouterr().err
+
+
+def test_fit_reports_the_largest_value_that_fits(capsys):
+    assert main(["plan", "--variant", "baseline", "--fit", "MODEL_DIM=448:576:64"]) == 0
+    out = capsys.readouterr().out
+    assert "largest MODEL_DIM that fits: 512" in out  # 576 is over, 512 is the baseline itself
+    assert main(["plan", "--variant", "baseline", "--fit", "MODEL_DIM=640:704:64"]) == 1
+    assert "no value of MODEL_DIM in 640..704 fits" in capsys.readouterr().out
+    assert main(["plan", "--variant", "baseline", "--fit", "MODEL_DIM=7"]) == 2
