@@ -99,5 +99,6 @@ def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
             res.append(scan_none(grads[0]))
         else:
             g = next(found)
-            res.append(torch.zeros_like(x) if g is None else g)
+            # a clone: autograd may hand back an incoming gradient itself, and op results must not alias inputs
+            res.append(torch.zeros_like(x) if g is None else g.clone())
     return res
