@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import types
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
@@ -45,7 +46,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 VARIANT_DEFAULTS: dict[str, str] = {
     "ARTIFACT_NAME": "final_model.ternary.ptz",
-    "COMPILE_FULLGRAPH": "0",
     "COMPRESSOR": "brotli",
     "CONTROL_TENSOR_NAME_PATTERNS": "branch_scales,mlp_scale,resid_mix,q_gain,A_log,D_skip,dt_bias,conv_,B_const,C_const",
     "DEAD_ROWS": "1",
@@ -722,29 +722,105 @@ def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
     return out, (fin if want_fin else None), da
 
 
-class _LtcFn(torch.autograd.Function):
-    """x (B, T, D), a_vec (D,) constant within each block of BP channels, h0 (B, D) or None."""
+# ---------------------------------------------------------------------------------------------------------------------
+# The scan core as PyTorch custom operators (namespace `ssm_golf`): each scan is one opaque node for torch.compile,
+# forward and backward, so that a model compiles with fullgraph=True around its scans.
+#
+# Every scan is a pair of ops, the forward and its backward, tied together with `register_autograd`; each op's
+# implementation picks the path itself (Triton on CUDA or under TRITON_INTERPRET=1, the PyTorch reference otherwise,
+# whose backward is autograd through the reference), and a fake implementation gives the output shapes for tracing.
+# Schemas hold no dicts and no None results: configs travel as strings ("BT=16,method=toeplitz") and absent tensors
+# come back as empty placeholders that the Python wrappers drop.
+#
+# An op is defined once per process. A module imported again (importlib.reload in the interpreter tests, an assembled
+# script run beside the templates) swaps its own functions in behind the existing definition, through a registry
+# kept in sys.modules, so the newest import's kernels are the ones that run.
+# ---------------------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, x, a_vec, h0, cfg):
-        x = x.contiguous()
-        h0c = h0.float().contiguous() if h0 is not None else None
-        h, fin, _ = _ltc_launch(x, a_vec, h0c, False, cfg, True)
-        ctx.save_for_backward(a_vec, h, h0c)
-        ctx.cfg, ctx.has_h0 = cfg, h0 is not None
-        ctx.h0_dtype = h0.dtype if h0 is not None else None
-        return h, fin
+SCAN_OP_NAMESPACE = "ssm_golf"
+_SOP_REGISTRY = "_ssm_golf_scan_op_registry"
 
-    @staticmethod
-    def backward(ctx, dh, dfin):
-        a_vec, h, h0c = ctx.saved_tensors
-        dh = torch.zeros_like(h) if dh is None else dh.contiguous()
-        dfin = dfin.float().contiguous() if dfin is not None else None
-        need_a = ctx.needs_input_grad[1]
-        dx, dh0, da = _ltc_launch(
-            dh, a_vec, dfin, True, ctx.cfg, ctx.has_h0, hp=h if need_a else None, h0=h0c if need_a else None
+
+def _sop_registry() -> dict:
+    """Process-wide {op name: (impl, fake, backward, setup_context)}, shared by every copy of this module."""
+    holder = sys.modules.get(_SOP_REGISTRY)
+    if holder is None:
+        holder = types.ModuleType(_SOP_REGISTRY)
+        holder.impls = {}
+        sys.modules[_SOP_REGISTRY] = holder
+    return holder.impls
+
+
+def scan_op(
+    name: str,
+    schema: str,
+    impl: Callable,
+    fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+) -> torch._ops.OpOverload:
+    """Define ssm_golf::<name> with `schema` (positional arguments only) on first use, else point the existing
+    definition at these functions; returns the op."""
+    impls = _sop_registry()
+    first = name not in impls
+    impls[name] = (impl, fake, backward, setup_context)
+    if first:
+        op = torch.library.custom_op(
+            f"{SCAN_OP_NAMESPACE}::{name}", lambda *args: impls[name][0](*args), mutates_args=(), schema=schema
         )
-        return dx, (da.sum(0) if da is not None else None), (dh0.to(ctx.h0_dtype) if dh0 is not None else None), None
+        op.register_fake(lambda *args: impls[name][1](*args))
+        if backward is not None:
+            op.register_autograd(
+                lambda ctx, *grads: impls[name][2](ctx, *grads),
+                setup_context=lambda ctx, inputs, output: impls[name][3](ctx, inputs, output),
+            )
+    return getattr(getattr(torch.ops, SCAN_OP_NAMESPACE), name).default
+
+
+def scan_config_str(config: dict | None) -> str:
+    """A config dict of ints and strings as the op's string argument (traceable: only constants are formatted)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(config.items())) if config else ""
+
+
+def scan_config_dict(text: str) -> dict:
+    """The inverse of `scan_config_str`: integers back as int, anything else as str."""
+    out: dict = {}
+    for item in text.split(","):
+        if item:
+            key, value = item.split("=", 1)
+            out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def scan_none(ref: torch.Tensor) -> torch.Tensor:
+    """The placeholder for an absent tensor result (op schemas cannot return None)."""
+    return ref.new_empty(0)
+
+
+def scan_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A placeholder back to None."""
+    return None if t is None or t.numel() == 0 and t.dim() == 1 else t
+
+
+def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
+    """Gradients of fn(*inputs) (a tuple of tensors) against `grads`, by autograd through fn: the backward of the
+    reference path. Returns one tensor per input, a placeholder for None or non-float inputs."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() if x is not None and x.is_floating_point() else x for x in inputs]
+        outs = fn(*leaves)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and g.numel() and o.requires_grad]
+        wrt = [x for x in leaves if x is not None and x.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+    found = iter(got)
+    res = []
+    for x in leaves:
+        if x is None or not x.requires_grad:
+            res.append(scan_none(grads[0]))
+        else:
+            g = next(found)
+            # a clone: autograd may hand back an incoming gradient itself, and op results must not alias inputs
+            res.append(torch.zeros_like(x) if g is None else g.clone())
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1020,105 +1096,6 @@ def _fo_launch(
     return out, (fin if want_fin else None), da
 
 
-class _FoScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, h0, const_a, cfg):
-        a = a.contiguous()
-        b = b.contiguous()
-        h0c = h0.float().contiguous() if h0 is not None else None
-        h, fin, _ = _fo_launch(a, b, h0c, False, const_a, cfg, b.dtype, True)
-        ctx.save_for_backward(a, h, h0c)
-        ctx.const_a, ctx.cfg, ctx.has_h0 = const_a, cfg, h0 is not None
-        ctx.h0_dtype = h0.dtype if h0 is not None else None
-        return h, fin
-
-    @staticmethod
-    def backward(ctx, dh, dfin):
-        a, h, h0c = ctx.saved_tensors
-        if dh is None:
-            dh = torch.zeros_like(h)
-        dh = dh.contiguous()
-        dfin = dfin.float().contiguous() if dfin is not None else None
-        need_a = ctx.needs_input_grad[0]
-        db, dh0, da = _fo_launch(
-            a,
-            dh,
-            dfin,
-            True,
-            ctx.const_a,
-            ctx.cfg,
-            h.dtype,
-            ctx.has_h0,
-            hp=h if need_a else None,
-            h0=h0c if need_a else None,
-        )
-        if da is not None and ctx.const_a:
-            da = da.sum(0)
-        dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
-        return da, db, dh0, None, None
-
-
-class _FoCScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a_re, a_im, b_re, b_im, h0_re, h0_im, cfg):
-        ar, ai, br, bi = (x.contiguous() for x in (a_re, a_im, b_re, b_im))
-        B, T, D = br.shape
-        has_h0 = h0_re is not None
-        c0r = h0_re.float().contiguous() if has_h0 else None
-        c0i = h0_im.float().contiguous() if has_h0 else None
-        hr, hi = torch.empty_like(br), torch.empty_like(bi)
-        fr = torch.empty((B, D), device=br.device, dtype=torch.float32)
-        fi = torch.empty_like(fr)
-        grid = (B, triton.cdiv(D, cfg["BD"]))
-        dummy = br
-        _fo_cscan_kernel[grid](
-            ar, ai, br, bi,
-            c0r if has_h0 else dummy, c0i if has_h0 else dummy,
-            hr, hi, fr, fi,
-            dummy, dummy, dummy, dummy, dummy, dummy,
-            T, D,
-            REVERSE=False, HAS_C0=has_h0, STORE_FIN=True, HAS_DA=False, HAS_H0=False,
-            BT=cfg["BT"], BD=cfg["BD"], num_warps=cfg["num_warps"],
-        )  # fmt: skip
-        ctx.save_for_backward(ar, ai, hr, hi, c0r, c0i)
-        ctx.cfg, ctx.has_h0 = cfg, has_h0
-        ctx.h0_dtype = h0_re.dtype if has_h0 else None
-        return hr, hi, fr, fi
-
-    @staticmethod
-    def backward(ctx, dhr, dhi, dfr, dfi):
-        ar, ai, hr, hi, c0r, c0i = ctx.saved_tensors
-        cfg, has_h0 = ctx.cfg, ctx.has_h0
-        B, T, D = hr.shape
-        dhr = torch.zeros_like(hr) if dhr is None else dhr.contiguous()
-        dhi = torch.zeros_like(hi) if dhi is None else dhi.contiguous()
-        has_c0 = dfr is not None or dfi is not None
-        if has_c0:
-            dfr = torch.zeros((B, D), device=hr.device) if dfr is None else dfr.float().contiguous()
-            dfi = torch.zeros((B, D), device=hr.device) if dfi is None else dfi.float().contiguous()
-        dbr, dbi = torch.empty_like(hr), torch.empty_like(hi)
-        dar, dai = torch.empty_like(ar), torch.empty_like(ai)
-        g0r = torch.empty((B, D), device=hr.device, dtype=torch.float32)
-        g0i = torch.empty_like(g0r)
-        grid = (B, triton.cdiv(D, cfg["BD"]))
-        dummy = hr
-        _fo_cscan_kernel[grid](
-            ar, ai, dhr, dhi,
-            dfr if has_c0 else dummy, dfi if has_c0 else dummy,
-            dbr, dbi, g0r, g0i,
-            hr, hi, c0r if has_h0 else dummy, c0i if has_h0 else dummy,
-            dar, dai,
-            T, D,
-            REVERSE=True, HAS_C0=has_c0, STORE_FIN=has_h0, HAS_DA=True, HAS_H0=has_h0,
-            BT=cfg["BT"], BD=cfg["BD"], num_warps=cfg["num_warps"],
-        )  # fmt: skip
-        if has_h0:
-            g0r, g0i = g0r.to(ctx.h0_dtype), g0i.to(ctx.h0_dtype)
-        else:
-            g0r = g0i = None
-        return dar, dai, dbr, dbi, g0r, g0i, None
-
-
 def first_order_scan_ref(
     a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, return_final_state: bool = False
 ):
@@ -1131,27 +1108,6 @@ def first_order_scan_ref(
         outs.append(h)
     hs = torch.stack(outs, 1).to(b.dtype)
     return (hs, h.float() if cdt != torch.float64 else h) if return_final_state else hs
-
-
-@torch.compiler.disable
-def first_order_scan(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    h0: torch.Tensor | None = None,
-    return_final_state: bool = False,
-    config: dict | None = None,
-):
-    """h_t = a_t * h_{t-1} + b_t. a, b: (B, T, D) real (bf16/fp32); h0: (B, D). Returns h (B, T, D) in b's dtype
-    [and the final state (B, D) in fp32]. State and accumulation are fp32; any T."""
-    if b.dim() != 3:
-        raise ValueError(f"first_order_scan: b must be (B, T, D), got shape {tuple(b.shape)}")
-    _fo_check("first_order_scan: a", a, b.shape)
-    if h0 is not None:
-        _fo_check("first_order_scan: h0", h0, (b.shape[0], b.shape[2]))
-    if not _fo_use_triton(b):
-        return first_order_scan_ref(a, b, h0, return_final_state)
-    h, fin = _FoScanFn.apply(a, b, h0, False, _fo_config(b.shape[2], config))
-    return (h, fin) if return_final_state else h
 
 
 def first_order_scan_complex_ref(a_re, a_im, b_re, b_im, h0=None, return_final_state=False):
@@ -1176,30 +1132,202 @@ def first_order_scan_complex_ref(a_re, a_im, b_re, b_im, h0=None, return_final_s
     return res_r, res_i
 
 
-@torch.compiler.disable
-def first_order_scan_complex(
-    a_re: torch.Tensor,
-    a_im: torch.Tensor,
-    b_re: torch.Tensor,
-    b_im: torch.Tensor,
-    h0: tuple | None = None,
-    return_final_state: bool = False,
-    config: dict | None = None,
-):
-    """Complex h_t = a_t h_{t-1} + b_t with every complex tensor given as (re, im) real tensors of shape (B, T, D);
-    h0 is a pair (re, im) of (B, D). Returns (h_re, h_im) [and the final state as a pair of fp32 (B, D)]."""
-    for name, x in (("a_re", a_re), ("a_im", a_im), ("b_im", b_im)):
-        _fo_check(f"first_order_scan_complex: {name}", x, b_re.shape)
-    if h0 is not None:
-        if len(h0) != 2:
-            raise ValueError("first_order_scan_complex: h0 must be a pair (h0_re, h0_im)")
-        for x in h0:
-            _fo_check("first_order_scan_complex: h0", x, (b_re.shape[0], b_re.shape[2]))
-    if not _fo_use_triton(b_re):
-        return first_order_scan_complex_ref(a_re, a_im, b_re, b_im, h0, return_final_state)
-    h0r, h0i = (h0[0], h0[1]) if h0 is not None else (None, None)
-    hr, hi, fr, fi = _FoCScanFn.apply(a_re, a_im, b_re, b_im, h0r, h0i, _fo_config(b_re.shape[2], config))
-    return (hr, hi, (fr, fi)) if return_final_state else (hr, hi)
+def _fo_fin_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fo_plan(D: int, heads: int, config: str) -> tuple:
+    """(Toeplitz form?, launch config) of one real scan: heads = 0 for time-varying decays, else the number of
+    constant decays (LTI); the Toeplitz form when the config asks for it and the heads are wide enough."""
+    user = scan_config_dict(config)
+    cfg = _fo_config(D, user)
+    block = lti_toeplitz_block(D, heads) if heads else 0
+    if cfg.get("method", "scan") == "toeplitz" and block:
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 8, **user}
+        cfg["BP"] = min(cfg["BP"], block)  # a program must stay inside one head
+        return True, cfg
+    return False, cfg
+
+
+def _fo_scan_impl(a, b, h0, heads, config):
+    if not _fo_use_triton(b):
+        h, fin = first_order_scan_ref(a.expand(b.shape), b, h0, True)
+        return h, fin.to(_fo_fin_dtype(b))
+    toeplitz, cfg = _fo_plan(b.shape[2], heads, config)
+    a, b = a.contiguous(), b.contiguous()
+    h0c = h0.float().contiguous() if h0 is not None else None
+    if toeplitz:
+        h, fin, _ = _ltc_launch(b, a, h0c, False, cfg, True)
+    else:
+        h, fin, _ = _fo_launch(a, b, h0c, False, heads > 0, cfg, b.dtype, True)
+    return h, fin.to(_fo_fin_dtype(b))
+
+
+def _fo_scan_fake(a, b, h0, heads, config):
+    return b.new_empty(b.shape), b.new_empty((b.shape[0], b.shape[2]), dtype=_fo_fin_dtype(b))
+
+
+def _fo_scan_setup(ctx, inputs, output):
+    a, b, h0, heads, config = inputs
+    ref = not _fo_use_triton(b)
+    ctx.heads, ctx.config = heads, config
+    # the kernels' backward needs the forward's h; the reference's backward recomputes from b
+    ctx.save_for_backward(a, b if ref else None, None if ref else output[0], h0)
+
+
+def _fo_scan_backward(ctx, dh, dfin):
+    a, b, h, h0 = ctx.saved_tensors
+    need_a = ctx.needs_input_grad[0]
+    da, db, dh0 = _fo_scan_bwd_op(a, b, h, h0, dh, dfin, ctx.heads, need_a, ctx.config)
+    return (da if need_a else None), db, scan_opt(dh0), None, None
+
+
+def _fo_scan_bwd_impl(a, b, h, h0, dh, dfin, heads, need_a, config):
+    if b is not None:
+        return tuple(scan_ref_vjp(lambda a, b, h0: _fo_scan_impl(a, b, h0, heads, config), [a, b, h0], [dh, dfin]))
+    toeplitz, cfg = _fo_plan(h.shape[2], heads, config)
+    a, dh, dfin = a.contiguous(), dh.contiguous(), dfin.float().contiguous()
+    h0c = h0.float().contiguous() if h0 is not None and need_a else None
+    hp = h if need_a else None
+    if toeplitz:
+        db, dh0, da = _ltc_launch(dh, a, dfin, True, cfg, h0 is not None, hp=hp, h0=h0c)
+    else:
+        db, dh0, da = _fo_launch(a, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
+    if da is not None and heads:
+        da = da.sum(0)
+    da = da.to(a.dtype) if da is not None else scan_none(dh)
+    return da, db, dh0.to(h0.dtype) if h0 is not None else scan_none(dh)
+
+
+def _fo_scan_bwd_fake(a, b, h, h0, dh, dfin, heads, need_a, config):
+    da = a.new_empty(a.shape) if need_a or b is not None else scan_none(dh)
+    return da, dh.new_empty(dh.shape), h0.new_empty(h0.shape) if h0 is not None else scan_none(dh)
+
+
+_fo_scan_bwd_op = scan_op(
+    "fo_scan_bwd",
+    "(Tensor a, Tensor? b, Tensor? h, Tensor? h0, Tensor dh, Tensor dfin, int heads, bool need_a, str config)"
+    " -> (Tensor, Tensor, Tensor)",
+    _fo_scan_bwd_impl,
+    _fo_scan_bwd_fake,
+)
+
+
+_fo_scan_op = scan_op(
+    "fo_scan",
+    "(Tensor a, Tensor b, Tensor? h0, int heads, str config) -> (Tensor, Tensor)",
+    _fo_scan_impl,
+    _fo_scan_fake,
+    _fo_scan_backward,
+    _fo_scan_setup,
+)
+
+
+def _fo_cscan_impl(ar, ai, br, bi, h0r, h0i, config):
+    fdt = _fo_fin_dtype(br)
+    if not _fo_use_triton(br):
+        hr, hi, (fr, fi) = first_order_scan_complex_ref(ar, ai, br, bi, (h0r, h0i) if h0r is not None else None, True)
+        return hr, hi, fr.to(fdt), fi.to(fdt)
+    cfg = _fo_config(br.shape[2], scan_config_dict(config))
+    ar, ai, br, bi = (x.contiguous() for x in (ar, ai, br, bi))
+    B, T, D = br.shape
+    has_h0 = h0r is not None
+    c0r = h0r.float().contiguous() if has_h0 else None
+    c0i = h0i.float().contiguous() if has_h0 else None
+    hr, hi = torch.empty_like(br), torch.empty_like(bi)
+    fr = torch.empty((B, D), device=br.device, dtype=torch.float32)
+    fi = torch.empty_like(fr)
+    grid = (B, triton.cdiv(D, cfg["BD"]))
+    dummy = br
+    _fo_cscan_kernel[grid](
+        ar, ai, br, bi,
+        c0r if has_h0 else dummy, c0i if has_h0 else dummy,
+        hr, hi, fr, fi,
+        dummy, dummy, dummy, dummy, dummy, dummy,
+        T, D,
+        REVERSE=False, HAS_C0=has_h0, STORE_FIN=True, HAS_DA=False, HAS_H0=False,
+        BT=cfg["BT"], BD=cfg["BD"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return hr, hi, fr.to(fdt), fi.to(fdt)
+
+
+def _fo_cscan_fake(ar, ai, br, bi, h0r, h0i, config):
+    fin = (br.shape[0], br.shape[2])
+    fdt = _fo_fin_dtype(br)
+    return br.new_empty(br.shape), bi.new_empty(bi.shape), br.new_empty(fin, dtype=fdt), br.new_empty(fin, dtype=fdt)
+
+
+def _fo_cscan_setup(ctx, inputs, output):
+    ar, ai, br, bi, h0r, h0i, config = inputs
+    ctx.config = config
+    if _fo_use_triton(br):
+        ctx.save_for_backward(ar, ai, None, None, output[0], output[1], h0r, h0i)
+    else:
+        ctx.save_for_backward(ar, ai, br, bi, None, None, h0r, h0i)
+
+
+def _fo_cscan_backward(ctx, dhr, dhi, dfr, dfi):
+    grads = _fo_cscan_bwd_op(*ctx.saved_tensors, dhr, dhi, dfr, dfi, ctx.config)
+    return (*grads[:4], scan_opt(grads[4]), scan_opt(grads[5]), None)
+
+
+def _fo_cscan_bwd_impl(ar, ai, br, bi, hr, hi, h0r, h0i, dhr, dhi, dfr, dfi, config):
+    if br is not None:
+        fwd = lambda *xs: _fo_cscan_impl(*xs, config)  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, [ar, ai, br, bi, h0r, h0i], [dhr, dhi, dfr, dfi]))
+    cfg = _fo_config(hr.shape[2], scan_config_dict(config))
+    ar, ai = ar.contiguous(), ai.contiguous()
+    has_h0 = h0r is not None
+    c0r = h0r.float().contiguous() if has_h0 else None
+    c0i = h0i.float().contiguous() if has_h0 else None
+    B, T, D = hr.shape
+    dhr, dhi = dhr.contiguous(), dhi.contiguous()
+    dfr, dfi = dfr.float().contiguous(), dfi.float().contiguous()
+    dbr, dbi = torch.empty_like(hr), torch.empty_like(hi)
+    dar, dai = torch.empty_like(ar), torch.empty_like(ai)
+    g0r = torch.empty((B, D), device=hr.device, dtype=torch.float32)
+    g0i = torch.empty_like(g0r)
+    grid = (B, triton.cdiv(D, cfg["BD"]))
+    dummy = hr
+    _fo_cscan_kernel[grid](
+        ar, ai, dhr, dhi,
+        dfr, dfi,
+        dbr, dbi, g0r, g0i,
+        hr, hi, c0r if has_h0 else dummy, c0i if has_h0 else dummy,
+        dar, dai,
+        T, D,
+        REVERSE=True, HAS_C0=True, STORE_FIN=has_h0, HAS_DA=True, HAS_H0=has_h0,
+        BT=cfg["BT"], BD=cfg["BD"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    if has_h0:
+        return dar, dai, dbr, dbi, g0r.to(h0r.dtype), g0i.to(h0i.dtype)
+    return dar, dai, dbr, dbi, scan_none(dhr), scan_none(dhr)
+
+
+def _fo_cscan_bwd_fake(ar, ai, br, bi, hr, hi, h0r, h0i, dhr, dhi, dfr, dfi, config):
+    h0 = (h0r.new_empty(h0r.shape), h0i.new_empty(h0i.shape)) if h0r is not None else (scan_none(dhr),) * 2
+    return ar.new_empty(ar.shape), ai.new_empty(ai.shape), dhr.new_empty(dhr.shape), dhi.new_empty(dhi.shape), *h0
+
+
+_fo_cscan_bwd_op = scan_op(
+    "fo_cscan_bwd",
+    "(Tensor ar, Tensor ai, Tensor? br, Tensor? bi, Tensor? hr, Tensor? hi, Tensor? h0r, Tensor? h0i, Tensor dhr,"
+    " Tensor dhi, Tensor dfr, Tensor dfi, str config) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _fo_cscan_bwd_impl,
+    _fo_cscan_bwd_fake,
+)
+
+
+_fo_cscan_op = scan_op(
+    "fo_cscan",
+    "(Tensor ar, Tensor ai, Tensor br, Tensor bi, Tensor? h0r, Tensor? h0i, str config)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    _fo_cscan_impl,
+    _fo_cscan_fake,
+    _fo_cscan_backward,
+    _fo_cscan_setup,
+)
 
 
 def _fo_expand_decay(log_a: torch.Tensor, D: int) -> torch.Tensor:
@@ -1210,24 +1338,6 @@ def _fo_expand_decay(log_a: torch.Tensor, D: int) -> torch.Tensor:
     return log_a.float().repeat_interleave(D // log_a.shape[0])
 
 
-def lti_scan_ref(x: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None, return_final_state=False):
-    """Sequential reference of the LTI scan h_t = exp(log_a) * h_{t-1} + x_t."""
-    a = torch.exp(_fo_expand_decay(log_a, x.shape[2]).to(torch.float64 if x.dtype == torch.float64 else torch.float32))
-    return first_order_scan_ref(a.expand(x.shape), x, h0, return_final_state)
-
-
-class _FoLtiFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, a_vec, h0, cfg):
-        return _FoScanFn.forward(ctx, a_vec, x, h0, True, cfg)
-
-    @staticmethod
-    def backward(ctx, dh, dfin):
-        da, dx, dh0, _, _ = _FoScanFn.backward(ctx, dh, dfin)
-        return dx, da, dh0, None
-
-
-@torch.compiler.disable
 def lti_scan(
     x: torch.Tensor,
     log_a: torch.Tensor,
@@ -1238,23 +1348,14 @@ def lti_scan(
     """Linear time-invariant scan h_t = exp(log_a) * h_{t-1} + x_t; x (B, T, D), log_a (D,) or (H,) per head
     (see `_fo_expand_decay`), h0 (B, D). Reads the decay once per program: the bytes of a copy.
     config={"method": "toeplitz"} runs per-head decays as chunked Toeplitz matrix products on tensor cores
-    (templates/scan/lti_chunked.py); per-channel decays and narrow heads keep the scan."""
+    (templates/scan/lti_chunked.py); per-channel decays and narrow heads keep the scan. One op (ssm_golf::fo_scan
+    with constant decays); exp and the head expansion of the decay are PyTorch around it."""
     if x.dim() != 3:
         raise ValueError(f"lti_scan: x must be (B, T, D), got shape {tuple(x.shape)}")
     if h0 is not None:
         _fo_check("lti_scan: h0", h0, (x.shape[0], x.shape[2]))
-    if not _fo_use_triton(x):
-        return lti_scan_ref(x, log_a, h0, return_final_state)
-    a_vec = torch.exp(_fo_expand_decay(log_a, x.shape[2])).contiguous()
-    cfg = _fo_config(x.shape[2], config)
-    block = lti_toeplitz_block(x.shape[2], log_a.shape[0])
-    if cfg.get("method", "scan") == "toeplitz" and block:
-        interp = os.environ.get("TRITON_INTERPRET") == "1"
-        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 8, **(config or {})}
-        cfg["BP"] = min(cfg["BP"], block)  # a program must stay inside one head
-        h, fin = _LtcFn.apply(x, a_vec, h0, cfg)
-    else:
-        h, fin = _FoLtiFn.apply(x, a_vec, h0, cfg)
+    a_vec = torch.exp(_fo_expand_decay(log_a, x.shape[2]).to(_fo_fin_dtype(x)))
+    h, fin = _fo_scan_op(a_vec, x, h0, log_a.shape[0], scan_config_str(config))
     return (h, fin) if return_final_state else h
 
 

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import types
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
@@ -45,7 +46,6 @@ from torch.nn.parallel import DistributedDataParallel
 VARIANT_DEFAULTS: dict[str, str] = {
     "ARTIFACT_NAME": "final_model.int6.ptz",
     "ATTN_VALUE_SILU": "1",
-    "COMPILE_FULLGRAPH": "0",
     "COMPRESSOR": "lzma",
     "CONTROL_TENSOR_NAME_PATTERNS": "_scale,resid_mix,q_gain,skip_weights,_bias,_norm_weight,D_skip",
     "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
@@ -592,6 +592,92 @@ class SwiGLUMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The scan core as PyTorch custom operators (namespace `ssm_golf`): each scan is one opaque node for torch.compile,
+# forward and backward, so that a model compiles with fullgraph=True around its scans.
+#
+# Every scan is a pair of ops, the forward and its backward, tied together with `register_autograd`; each op's
+# implementation picks the path itself (Triton on CUDA or under TRITON_INTERPRET=1, the PyTorch reference otherwise,
+# whose backward is autograd through the reference), and a fake implementation gives the output shapes for tracing.
+# Schemas hold no dicts and no None results: configs travel as strings ("BT=16,method=toeplitz") and absent tensors
+# come back as empty placeholders that the Python wrappers drop.
+#
+# An op is defined once per process. A module imported again (importlib.reload in the interpreter tests, an assembled
+# script run beside the templates) swaps its own functions in behind the existing definition, through a registry
+# kept in sys.modules, so the newest import's kernels are the ones that run.
+# ---------------------------------------------------------------------------------------------------------------------
+
+SCAN_OP_NAMESPACE = "ssm_golf"
+_SOP_REGISTRY = "_ssm_golf_scan_op_registry"
+
+
+def _sop_registry() -> dict:
+    """Process-wide {op name: (impl, fake, backward, setup_context)}, shared by every copy of this module."""
+    holder = sys.modules.get(_SOP_REGISTRY)
+    if holder is None:
+        holder = types.ModuleType(_SOP_REGISTRY)
+        holder.impls = {}
+        sys.modules[_SOP_REGISTRY] = holder
+    return holder.impls
+
+
+def scan_op(
+    name: str,
+    schema: str,
+    impl: Callable,
+    fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+) -> torch._ops.OpOverload:
+    """Define ssm_golf::<name> with `schema` (positional arguments only) on first use, else point the existing
+    definition at these functions; returns the op."""
+    impls = _sop_registry()
+    first = name not in impls
+    impls[name] = (impl, fake, backward, setup_context)
+    if first:
+        op = torch.library.custom_op(
+            f"{SCAN_OP_NAMESPACE}::{name}", lambda *args: impls[name][0](*args), mutates_args=(), schema=schema
+        )
+        op.register_fake(lambda *args: impls[name][1](*args))
+        if backward is not None:
+            op.register_autograd(
+                lambda ctx, *grads: impls[name][2](ctx, *grads),
+                setup_context=lambda ctx, inputs, output: impls[name][3](ctx, inputs, output),
+            )
+    return getattr(getattr(torch.ops, SCAN_OP_NAMESPACE), name).default
+
+
+def scan_none(ref: torch.Tensor) -> torch.Tensor:
+    """The placeholder for an absent tensor result (op schemas cannot return None)."""
+    return ref.new_empty(0)
+
+
+def scan_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A placeholder back to None."""
+    return None if t is None or t.numel() == 0 and t.dim() == 1 else t
+
+
+def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
+    """Gradients of fn(*inputs) (a tuple of tensors) against `grads`, by autograd through fn: the backward of the
+    reference path. Returns one tensor per input, a placeholder for None or non-float inputs."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() if x is not None and x.is_floating_point() else x for x in inputs]
+        outs = fn(*leaves)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and g.numel() and o.requires_grad]
+        wrt = [x for x in leaves if x is not None and x.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+    found = iter(got)
+    res = []
+    for x in leaves:
+        if x is None or not x.requires_grad:
+            res.append(scan_none(grads[0]))
+        else:
+            g = next(found)
+            # a clone: autograd may hand back an incoming gradient itself, and op results must not alias inputs
+            res.append(torch.zeros_like(x) if g is None else g.clone())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Mamba-3's per-head q/k preparation as one Triton kernel each way: head expansion, per-head bias, rotation.
 #
 # `m3_rotary_heads(v, bias, theta, nheads, out_dtype)` maps v (B,T,G,N) to (B,T,H,N): each head h takes its group's
@@ -602,6 +688,9 @@ class SwiGLUMLP(nn.Module):
 # the bytes' time on the H100). The backward rotates the gradient back (by -theta), sums it over the heads of a
 # group in registers (one program per time block, batch and group), reduces the bias gradient per program, and gives
 # d theta = -dout_even * out_odd + dout_odd * out_even.
+#
+# Both directions are one custom op each (ssm_golf::m3_rotary and its backward); off CUDA without the interpreter
+# they run `m3_rotary_heads_ref`, the same map in PyTorch.
 # ---------------------------------------------------------------------------------------------------------------------
 
 M3R_BLOCK_T = 32
@@ -689,48 +778,106 @@ def _m3r_bwd_kernel(
     _m3r_store_pairs(DV, row * G + g, offs_n, mask_t, N, dv_even, dv_odd, BT, BR)
 
 
-class _M3RotaryFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, bias, theta, nheads, out_dtype):
-        bsz, seqlen, ngroups, dstate = v.shape
-        v, theta = v.contiguous(), theta.float().contiguous()
-        bias_c = bias.float().contiguous() if bias is not None else None
-        out = torch.empty(bsz, seqlen, nheads, dstate, device=v.device, dtype=out_dtype)
-        grid = (triton.cdiv(seqlen, M3R_BLOCK_T), bsz * nheads)
-        br = max(16, triton.next_power_of_2(dstate // 2))
-        _m3r_fwd_kernel[grid](
-            v, bias_c if bias_c is not None else v, theta, out, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-            BT=M3R_BLOCK_T, BR=br, HAS_BIAS=bias_c is not None,
-        )  # fmt: skip
-        ctx.save_for_backward(v, bias_c, theta)
-        ctx.meta = (nheads, br, bias.dtype if bias is not None else None, theta.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        v, bias_c, theta = ctx.saved_tensors
-        nheads, br, bias_dtype, _ = ctx.meta
-        bsz, seqlen, ngroups, dstate = v.shape
-        f32 = {"device": v.device, "dtype": torch.float32}
-        dv = torch.empty(v.shape, **f32)
-        dth = torch.empty(theta.shape, **f32)
-        n_tb = triton.cdiv(seqlen, M3R_BLOCK_T)
-        dbias_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if bias_c is not None else None
-        _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
-            v, bias_c if bias_c is not None else v, theta, dout.contiguous(), dv, dth,
-            dbias_part if dbias_part is not None else dv, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-            BT=M3R_BLOCK_T, BR=br, HAS_BIAS=bias_c is not None,
-        )  # fmt: skip
-        dbias = dbias_part.sum((0, 2)).to(bias_dtype) if dbias_part is not None else None
-        return dv.to(v.dtype), dbias, dth, None, None
+def _m3r_use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@torch.compiler.disable
+def m3_rotary_heads_ref(
+    v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """PyTorch reference of `m3_rotary_heads` (fp32 math, fp64 when v is fp64)."""
+    cd = torch.float64 if v.dtype == torch.float64 else torch.float32
+    heads = v.to(cd).repeat_interleave(nheads // v.shape[2], dim=2)
+    if bias is not None:
+        heads = heads + bias.to(cd)
+    rdim = theta.shape[-1]
+    pairs = heads[..., : 2 * rdim].unflatten(-1, (rdim, 2))
+    cos, sin = torch.cos(theta.to(cd)), torch.sin(theta.to(cd))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    return torch.cat((turned, heads[..., 2 * rdim :]), dim=-1).to(out_dtype)
+
+
+def _m3r_impl(v, bias, theta, nheads, out_dtype):
+    if not _m3r_use_triton(v):
+        return m3_rotary_heads_ref(v, bias, theta, nheads, out_dtype)
+    bsz, seqlen, ngroups, dstate = v.shape
+    v, theta = v.contiguous(), theta.float().contiguous()
+    bias_c = bias.float().contiguous() if bias is not None else None
+    out = torch.empty(bsz, seqlen, nheads, dstate, device=v.device, dtype=out_dtype)
+    grid = (triton.cdiv(seqlen, M3R_BLOCK_T), bsz * nheads)
+    _m3r_fwd_kernel[grid](
+        v, bias_c if bias_c is not None else v, theta, out, seqlen, nheads, ngroups, dstate, theta.shape[-1],
+        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
+    )  # fmt: skip
+    return out
+
+
+def _m3r_fake(v, bias, theta, nheads, out_dtype):
+    return v.new_empty((v.shape[0], v.shape[1], nheads, v.shape[3]), dtype=out_dtype)
+
+
+def _m3r_setup(ctx, inputs, output):
+    v, bias, theta, nheads, _ = inputs
+    ctx.nheads = nheads
+    ctx.save_for_backward(v, bias, theta)
+
+
+def _m3r_backward(ctx, dout):
+    v, bias, theta = ctx.saved_tensors
+    dv, dbias, dth = _m3r_bwd_op(v, bias, theta, dout, ctx.nheads)
+    return dv, scan_opt(dbias), dth, None, None
+
+
+def _m3r_bwd_impl(v, bias, theta, dout, nheads):
+    if not _m3r_use_triton(v):
+        fwd = lambda v, b, t: (m3_rotary_heads_ref(v, b, t, nheads, dout.dtype),)  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, [v, bias, theta], [dout]))
+    bsz, seqlen, ngroups, dstate = v.shape
+    v_c, theta_c = v.contiguous(), theta.float().contiguous()
+    bias_c = bias.float().contiguous() if bias is not None else None
+    f32 = {"device": v.device, "dtype": torch.float32}
+    dv = torch.empty(v.shape, **f32)
+    dth = torch.empty(theta.shape, **f32)
+    n_tb = triton.cdiv(seqlen, M3R_BLOCK_T)
+    dbias_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if bias_c is not None else None
+    _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
+        v_c, bias_c if bias_c is not None else v_c, theta_c, dout.contiguous(), dv, dth,
+        dbias_part if dbias_part is not None else dv, seqlen, nheads, ngroups, dstate, theta.shape[-1],
+        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
+    )  # fmt: skip
+    dbias = dbias_part.sum((0, 2)).to(bias.dtype) if dbias_part is not None else scan_none(dv)
+    return dv.to(v.dtype), dbias, dth.to(theta.dtype)
+
+
+def _m3r_bwd_fake(v, bias, theta, dout, nheads):
+    dbias = bias.new_empty(bias.shape) if bias is not None else scan_none(v)
+    return v.new_empty(v.shape), dbias, theta.new_empty(theta.shape)
+
+
+_m3r_bwd_op = scan_op(
+    "m3_rotary_bwd",
+    "(Tensor v, Tensor? bias, Tensor theta, Tensor dout, int nheads) -> (Tensor, Tensor, Tensor)",
+    _m3r_bwd_impl,
+    _m3r_bwd_fake,
+)
+
+
+_m3r_op = scan_op(
+    "m3_rotary",
+    "(Tensor v, Tensor? bias, Tensor theta, int nheads, ScalarType out_dtype) -> Tensor",
+    _m3r_impl,
+    _m3r_fake,
+    _m3r_backward,
+    _m3r_setup,
+)
+
+
 def m3_rotary_heads(
     v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """(B,T,G,N) -> (B,T,H,N): group row per head, plus bias (H,N), pairs r < R rotated by theta (B,T,H,R)."""
-    return _M3RotaryFn.apply(v, bias, theta, nheads, out_dtype)
+    return _m3r_op(v, bias, theta, nheads, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1205,131 +1352,206 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
 
 
-class _SsdScanFn(torch.autograd.Function):
-    """Autograd wrapper of the two kernels; `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias)."""
+def _ssd_fin_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def forward(ctx, x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
-        bsz, seqlen, nheads, hdim = x.shape
-        ngroups, dstate = B.shape[2], B.shape[3]
-        x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
-        z = z.contiguous() if z is not None else None
-        d_mat = None
-        if D is not None:
-            d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous()
-        h0c = h0.float().contiguous() if h0 is not None else None
-        nchunks = triton.cdiv(seqlen, chunk_size)
-        y = torch.empty_like(x)
-        final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
-        ckpt = None
-        if grad:
-            ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+
+def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+    if not ssd_use_triton(x):
         if generic:
-            la, w = la.float().contiguous(), w.float().contiguous()
-            e = e.float().contiguous() if e is not None else None
+            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True)
         else:
-            dt = dt.contiguous()
-            A = A.float().contiguous()
-            dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
-        dot, prec = _ssd_dot_dtype(x)
-        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-        any_t = x
-        _ssd_fwd_kernel[(bsz * nheads,)](
-            x, dt if dt is not None else any_t, A if A is not None else any_t,
-            dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
-            w if w is not None else any_t, e if e is not None else any_t, B, C,
-            d_mat if d_mat is not None else any_t, z if z is not None else any_t,
-            h0c if h0c is not None else any_t, y, ckpt if ckpt is not None else any_t,
-            final if final is not None else any_t,
-            seqlen, nheads, ngroups, hdim, dstate, nchunks,
-            Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
-            HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
-            STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
-            **_ssd_launch("fwd", chunk_size, dot),
-        )  # fmt: skip
-        ctx.save_for_backward(x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt)
-        ctx.meta = (chunk_size, dt_softplus, generic, D.dim() if D is not None else 0)
-        ctx.dtypes = (
-            dt.dtype if dt is not None else None,
-            A.dtype if A is not None else None,
-            D.dtype if D is not None else None,
-        )
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt = ctx.saved_tensors
-        chunk_size, dt_softplus, generic, d_dims = ctx.meta
-        bsz, seqlen, nheads, hdim = x.shape
-        ngroups, dstate = B.shape[2], B.shape[3]
-        nchunks = ckpt.shape[2]
-        dy = dy.contiguous()
-        dfin = dfinal.float().contiguous() if dfinal is not None else None
-        f32 = {"device": x.device, "dtype": torch.float32}
-        heads = _ssd_bwd_heads(nheads, ngroups)
-        atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-        dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
-        dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
-        dx = torch.empty_like(x)
-        dz = torch.empty_like(z) if z is not None else None
-        dh0 = torch.empty_like(h0c) if h0c is not None else None
-        gshape = (bsz, seqlen, nheads)
-        ddt = dla = dw = de = da_part = None
-        if generic:
-            dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-            de = torch.empty(gshape, **f32) if e is not None else None
-        else:
-            ddt = torch.empty(gshape, **f32)
-            da_part = torch.empty(bsz, nchunks, nheads, **f32)
-        dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
-        dot, prec = _ssd_dot_dtype(x)
-        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-
-        def _or(t):
-            return t if t is not None else x
-
-        flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-                 "HAS_DTB": dt_bias is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
-        dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
-        # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
-        dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
-        carry = torch.empty(bsz, nchunks, nheads, **f32)
-        _ssd_bwd_carry_kernel[(bsz * nheads,)](
-            C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0), ckpt, carry,
-            *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags,
-            **_ssd_launch("carry", chunk_size, dot),
-        )  # fmt: skip
-        # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
-        dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-        _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
-            x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy, dck,
-            carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
-            HAS_E=e is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
-        )  # fmt: skip
-        # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
-        _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
-            x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(z), ckpt, dy, dck, dla_t, dw_t,
-            _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
-            HAS_E=e is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
-        )  # fmt: skip
-        dD = None
-        if d_mat is not None:
-            dD = dd_part.sum((0, 1))
-            dD = (dD.sum(1) if d_dims == 1 else dD).to(ctx.dtypes[2])
-        dA = ddt_out = ddtb = None
-        if not generic:
-            dA = da_part.sum((0, 1)).to(ctx.dtypes[1])
-            ddt_out = ddt.to(ctx.dtypes[0])
-            ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
-        grads = (dx, ddt_out, dA, ddtb, dla, dw, de, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dh0)
-        return grads + (None,) * 5
+            y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
+        return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x)
+    bsz, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+    z = z.contiguous() if z is not None else None
+    d_mat = None
+    if D is not None:
+        d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous()
+    h0c = h0.float().contiguous() if h0 is not None else None
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    y = torch.empty_like(x)
+    final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
+    ckpt = None
+    if grad:
+        ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+    if generic:
+        la, w = la.float().contiguous(), w.float().contiguous()
+        e = e.float().contiguous() if e is not None else None
+    else:
+        dt = dt.contiguous()
+        A = A.float().contiguous()
+        dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
+    dot, prec = _ssd_dot_dtype(x)
+    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+    any_t = x
+    _ssd_fwd_kernel[(bsz * nheads,)](
+        x, dt if dt is not None else any_t, A if A is not None else any_t,
+        dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
+        w if w is not None else any_t, e if e is not None else any_t, B, C,
+        d_mat if d_mat is not None else any_t, z if z is not None else any_t,
+        h0c if h0c is not None else any_t, y, ckpt if ckpt is not None else any_t,
+        final if final is not None else any_t,
+        seqlen, nheads, ngroups, hdim, dstate, nchunks,
+        Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
+        STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
+        **_ssd_launch("fwd", chunk_size, dot),
+    )  # fmt: skip
+    final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
+    return y, final, ckpt if ckpt is not None else scan_none(x)
 
 
-@torch.compiler.disable
-def _ssd_apply(*args):
-    """Runs the autograd function outside dynamo; chunk checkpoints are kept only when a backward can follow."""
-    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
-    return _SsdScanFn.apply(*args, grad)
+def _ssd_scan_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+    bsz, seqlen, nheads, hdim = x.shape
+    dstate = B.shape[3]
+    final = x.new_empty((bsz, nheads, hdim, dstate), dtype=_ssd_fin_dtype(x)) if want_final else scan_none(x)
+    ckpt = scan_none(x)
+    if grad and ssd_use_triton(x):
+        nchunks = (seqlen + chunk_size - 1) // chunk_size
+        ckpt = x.new_empty((bsz, nheads, nchunks, dstate, hdim), dtype=_ssd_state_dtype(x))
+    return x.new_empty(x.shape), final, ckpt
+
+
+def _ssd_scan_setup(ctx, inputs, output):
+    ctx.meta = inputs[12:16]  # chunk_size, dt_softplus, generic, want_final
+    ctx.save_for_backward(*inputs[:12], output[2])
+
+
+def _ssd_scan_backward(ctx, dy, dfinal, dckpt):
+    chunk_size, dt_softplus, generic, want_final = ctx.meta
+    grads = _ssd_scan_bwd_op(*ctx.saved_tensors, dy, dfinal if want_final else None, chunk_size, dt_softplus, generic)
+    return (
+        (grads[0], *(scan_opt(g) for g in grads[1:7]), grads[7], grads[8])
+        + tuple(scan_opt(g) for g in grads[9:])
+        + (None,) * 5
+    )
+
+
+def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
+    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0]
+    if not ssd_use_triton(x):
+        fwd = lambda *xs: _ssd_scan_impl(*xs, chunk_size, dt_softplus, generic, True, False)[:2]  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, inputs, [dy, dfinal]))
+    if ckpt.numel() == 0:
+        raise RuntimeError("ssd scan: backward needs the chunk states; run the forward with grad enabled")
+    bsz, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = ckpt.shape[2]
+    x_c, B_c, C_c = x.contiguous(), B.contiguous(), C.contiguous()
+    z_c = z.contiguous() if z is not None else None
+    d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous() if D is not None else None
+    h0c = h0.float().contiguous() if h0 is not None else None
+    la_c = w_c = e_c = dt_c = A_c = dtb_c = None
+    if generic:
+        la_c, w_c = la.float().contiguous(), w.float().contiguous()
+        e_c = e.float().contiguous() if e is not None else None
+    else:
+        dt_c, A_c = dt.contiguous(), A.float().contiguous()
+        dtb_c = dt_bias.float().contiguous() if dt_bias is not None else None
+    dy = dy.contiguous()
+    dfin = dfinal.float().contiguous() if dfinal is not None else None
+    f32 = {"device": x.device, "dtype": torch.float32}
+    heads = _ssd_bwd_heads(nheads, ngroups)
+    atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
+    dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
+    dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
+    dx = torch.empty_like(x_c)
+    dz = torch.empty_like(z_c) if z is not None else None
+    dh0 = torch.empty_like(h0c) if h0c is not None else None
+    gshape = (bsz, seqlen, nheads)
+    ddt = dla = dw = de = da_part = None
+    if generic:
+        dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+        de = torch.empty(gshape, **f32) if e is not None else None
+    else:
+        ddt = torch.empty(gshape, **f32)
+        da_part = torch.empty(bsz, nchunks, nheads, **f32)
+    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
+    dot, prec = _ssd_dot_dtype(x)
+    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+
+    def _or(t):
+        return t if t is not None else x_c
+
+    flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
+             "HAS_DTB": dtb_c is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
+    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+    # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
+    dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
+    carry = torch.empty(bsz, nchunks, nheads, **f32)
+    _ssd_bwd_carry_kernel[(bsz * nheads,)](
+        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(dfin), dck, _or(dh0), ckpt,
+        carry, *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags,
+        **_ssd_launch("carry", chunk_size, dot),
+    )  # fmt: skip
+    # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
+    dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+    _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), _or(z_c), ckpt,
+        dy, dck, carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
+        HAS_E=e_c is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
+    )  # fmt: skip
+    # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
+    _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(z_c), ckpt, dy, dck,
+        dla_t, dw_t, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
+        HAS_E=e_c is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
+    )  # fmt: skip
+
+    def cast(g, like):
+        return g.to(like.dtype) if g is not None else scan_none(x)
+
+    dD = None
+    if d_mat is not None:
+        dD = dd_part.sum((0, 1))
+        dD = dD.sum(1) if D.dim() == 1 else dD
+    dA = ddtb = None
+    if not generic:
+        dA = da_part.sum((0, 1))
+        ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
+    return (
+        dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
+        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
+    )  # fmt: skip
+
+
+def _ssd_scan_bwd_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
+    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0)
+    return tuple(t.new_empty(t.shape) if t is not None else scan_none(x) for t in inputs)
+
+
+_SSD_ARGS = (
+    "Tensor x, Tensor? dt, Tensor? A, Tensor? dt_bias, Tensor? la, Tensor? w, Tensor? e, Tensor B, Tensor C,"
+    " Tensor? D, Tensor? z, Tensor? h0"
+)
+
+
+_ssd_scan_bwd_op = scan_op(
+    "ssd_scan_bwd",
+    f"({_SSD_ARGS}, Tensor ckpt, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus, bool generic)"
+    f" -> ({', '.join(['Tensor'] * 12)})",
+    _ssd_scan_bwd_impl,
+    _ssd_scan_bwd_fake,
+)
+
+
+_ssd_scan_op = scan_op(
+    "ssd_scan",
+    f"({_SSD_ARGS}, int chunk_size, bool dt_softplus, bool generic, bool want_final, bool grad)"
+    " -> (Tensor, Tensor, Tensor)",
+    _ssd_scan_impl,
+    _ssd_scan_fake,
+    _ssd_scan_backward,
+    _ssd_scan_setup,
+)
+
+
+def _ssd_needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Chunk states are kept only when a backward can follow."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def ssd_generic_scan(
@@ -1349,11 +1571,12 @@ def ssd_generic_scan(
 
     la (B,T,H) log-decay (must be <= 0), w (B,T,H) input weight, e (B,T,H) extra weight of the diagonal (j == t)
     term of the output only: y_t = sum_{j<t} decay w_j (C_t.B_j) x_j + (w_t + e_t)(C_t.B_t) x_t + carried + D x_t.
-    The state carried out still uses w_t for the last step."""
+    The state carried out still uses w_t for the last step. One op (ssm_golf::ssd_scan, generic form)."""
     _ssd_check_shapes(x, la, B, C, chunk_size)
-    if not ssd_use_triton(x):
-        return ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, return_final_state)
-    y, final = _ssd_apply(x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state)
+    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0)
+    y, final, _ = _ssd_scan_op(
+        x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state, grad
+    )
     return (y, final) if return_final_state else y
 
 
@@ -1398,6 +1621,31 @@ def ssd_generic_scan_ref(
         y = y * F.silu(z.to(cd))
     y = y.to(x.dtype)
     return (y, state.to(torch.float32) if cd != torch.float64 else state) if return_final_state else y
+
+
+def ssd_scan_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 64,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    h0: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Sequential PyTorch reference of `ssd_scan`, same signature (chunk_size is ignored)."""
+    cd = _ssd_ref_dtype(x)
+    dtv = dt.to(cd)
+    if dt_bias is not None:
+        dtv = dtv + dt_bias.to(cd)
+    if dt_softplus:
+        dtv = F.softplus(dtv)
+    la = dtv * A.to(cd)
+    return ssd_generic_scan_ref(x, la, dtv, B, C, chunk_size, None, D, z, h0, return_final_state)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1657,12 +1905,6 @@ def m3mix_dt_bias(n: int, dt_min: float, dt_max: float) -> torch.Tensor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
-@torch.compiler.disable
-def m3mix_scan(*args, **kwargs):  # noqa: ANN002, ANN003 (mamba3_siso_scan's arguments)
-    """The scan outside torch.compile's graph (its Triton kernels and autograd run as they are)."""
-    return mamba3_siso_scan(*args, **kwargs)
-
-
 @register_mixer("mamba3")
 class Mamba3Mixer(nn.Module):
     OPTIONS = {
@@ -1719,7 +1961,7 @@ class Mamba3Mixer(nn.Module):
         q = F.rms_norm(c.unsqueeze(2), (self.d_state,), weight=self.C_norm_weight.to(c.dtype))
         angles = (math.pi * torch.tanh(angle.float())).unsqueeze(2).expand(batch, seq_len, self.heads, self.angles)
         heads = (batch, seq_len, self.heads, self.head_dim)
-        out = m3mix_scan(
+        out = mamba3_siso_scan(
             v.reshape(heads), dt, adt, trap, q, k, angles, q_bias=self.C_bias, k_bias=self.B_bias,
             D=self.D_skip, z=z.reshape(heads), chunk_size=self.chunk_size, initial_state=state,
             return_final_state=keep_state,

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import types
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
@@ -47,7 +48,6 @@ VARIANT_DEFAULTS: dict[str, str] = {
     "BIGRAM_BUCKETS": "3072",
     "BIGRAM_DIM": "16",
     "BIGRAM_SCALE_INIT": "0.05",
-    "COMPILE_FULLGRAPH": "0",
     "COMPRESSOR": "zlib",
     "CONTROL_TENSOR_NAME_PATTERNS": "branch_scales,resid_mix,skip_weights,loop_pos,feature_scale,A_log,dt_proj",
     "EVAL_BATCH_SEQS": "32",
@@ -601,6 +601,107 @@ class SwiGLUMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The scan core as PyTorch custom operators (namespace `ssm_golf`): each scan is one opaque node for torch.compile,
+# forward and backward, so that a model compiles with fullgraph=True around its scans.
+#
+# Every scan is a pair of ops, the forward and its backward, tied together with `register_autograd`; each op's
+# implementation picks the path itself (Triton on CUDA or under TRITON_INTERPRET=1, the PyTorch reference otherwise,
+# whose backward is autograd through the reference), and a fake implementation gives the output shapes for tracing.
+# Schemas hold no dicts and no None results: configs travel as strings ("BT=16,method=toeplitz") and absent tensors
+# come back as empty placeholders that the Python wrappers drop.
+#
+# An op is defined once per process. A module imported again (importlib.reload in the interpreter tests, an assembled
+# script run beside the templates) swaps its own functions in behind the existing definition, through a registry
+# kept in sys.modules, so the newest import's kernels are the ones that run.
+# ---------------------------------------------------------------------------------------------------------------------
+
+SCAN_OP_NAMESPACE = "ssm_golf"
+_SOP_REGISTRY = "_ssm_golf_scan_op_registry"
+
+
+def _sop_registry() -> dict:
+    """Process-wide {op name: (impl, fake, backward, setup_context)}, shared by every copy of this module."""
+    holder = sys.modules.get(_SOP_REGISTRY)
+    if holder is None:
+        holder = types.ModuleType(_SOP_REGISTRY)
+        holder.impls = {}
+        sys.modules[_SOP_REGISTRY] = holder
+    return holder.impls
+
+
+def scan_op(
+    name: str,
+    schema: str,
+    impl: Callable,
+    fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+) -> torch._ops.OpOverload:
+    """Define ssm_golf::<name> with `schema` (positional arguments only) on first use, else point the existing
+    definition at these functions; returns the op."""
+    impls = _sop_registry()
+    first = name not in impls
+    impls[name] = (impl, fake, backward, setup_context)
+    if first:
+        op = torch.library.custom_op(
+            f"{SCAN_OP_NAMESPACE}::{name}", lambda *args: impls[name][0](*args), mutates_args=(), schema=schema
+        )
+        op.register_fake(lambda *args: impls[name][1](*args))
+        if backward is not None:
+            op.register_autograd(
+                lambda ctx, *grads: impls[name][2](ctx, *grads),
+                setup_context=lambda ctx, inputs, output: impls[name][3](ctx, inputs, output),
+            )
+    return getattr(getattr(torch.ops, SCAN_OP_NAMESPACE), name).default
+
+
+def scan_config_str(config: dict | None) -> str:
+    """A config dict of ints and strings as the op's string argument (traceable: only constants are formatted)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(config.items())) if config else ""
+
+
+def scan_config_dict(text: str) -> dict:
+    """The inverse of `scan_config_str`: integers back as int, anything else as str."""
+    out: dict = {}
+    for item in text.split(","):
+        if item:
+            key, value = item.split("=", 1)
+            out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def scan_none(ref: torch.Tensor) -> torch.Tensor:
+    """The placeholder for an absent tensor result (op schemas cannot return None)."""
+    return ref.new_empty(0)
+
+
+def scan_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A placeholder back to None."""
+    return None if t is None or t.numel() == 0 and t.dim() == 1 else t
+
+
+def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
+    """Gradients of fn(*inputs) (a tuple of tensors) against `grads`, by autograd through fn: the backward of the
+    reference path. Returns one tensor per input, a placeholder for None or non-float inputs."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() if x is not None and x.is_floating_point() else x for x in inputs]
+        outs = fn(*leaves)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and g.numel() and o.requires_grad]
+        wrt = [x for x in leaves if x is not None and x.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+    found = iter(got)
+    res = []
+    for x in leaves:
+        if x is None or not x.requires_grad:
+            res.append(scan_none(grads[0]))
+        else:
+            g = next(found)
+            # a clone: autograd may hand back an incoming gradient itself, and op results must not alias inputs
+            res.append(torch.zeros_like(x) if g is None else g.clone())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Selective scan (Mamba-1) in Triton: per (channel, state) decay exp(dt * A), input-dependent B and C, D skip,
 # optional z gate, dt = softplus(delta + bias) fused; forward and backward.
 #
@@ -969,84 +1070,6 @@ def _sel_config(DM: int, N: int, config: dict | None) -> dict:
     return cfg
 
 
-class _SelScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, h0, save, cfg):
-        u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
-        A = A.float().contiguous()
-        D = D.float().contiguous() if D is not None else None
-        z = z.contiguous() if z is not None else None
-        bias = delta_bias.float().contiguous() if delta_bias is not None else None
-        h0c = h0.float().contiguous() if h0 is not None else None
-        Bsz, T, DM = u.shape
-        N = A.shape[1]
-        out = torch.empty_like(u)
-        fin = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32)
-        n_ck = triton.cdiv(T, cfg["CK"])
-        ck = torch.empty((Bsz, n_ck, DM, N), device=u.device, dtype=torch.float32) if save else fin
-        grid = (Bsz, triton.cdiv(DM, cfg["FWD_BD"]))
-        _sel_fwd_kernel[grid](
-            u, delta, A, B, C,
-            D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-            h0c if h0c is not None else fin, out, ck, fin,
-            T, DM, N,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-            HAS_H0=h0c is not None, SAVE_CK=save,
-            CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"], num_warps=cfg["FWD_WARPS"],
-        )  # fmt: skip
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, h0c, ck if save else None)
-        ctx.softplus, ctx.cfg = softplus, cfg
-        ctx.dtypes = (B.dtype, C.dtype, h0.dtype if h0 is not None else None)
-        return out, fin
-
-    @staticmethod
-    def backward(ctx, dout, dfin):
-        u, delta, A, B, C, D, z, bias, h0c, ck = ctx.saved_tensors
-        if ck is None:
-            raise RuntimeError("selective_scan: backward needs the checkpoints; run the forward with grad enabled")
-        cfg = ctx.cfg
-        Bsz, T, DM = u.shape
-        N = A.shape[1]
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
-        dfin = dfin.float().contiguous() if dfin is not None else None
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dA = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32)
-        dB = torch.zeros((Bsz, T, N), device=u.device, dtype=torch.float32)
-        dC = torch.zeros((Bsz, T, N), device=u.device, dtype=torch.float32)
-        dD = torch.empty((Bsz, DM), device=u.device, dtype=torch.float32) if D is not None else None
-        dbias = torch.empty((Bsz, DM), device=u.device, dtype=torch.float32) if bias is not None else None
-        dh0 = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32) if h0c is not None else None
-        grid = (Bsz, triton.cdiv(DM, cfg["BD"]))
-        scratch = torch.empty(grid[0] * grid[1] * cfg["CK"] * cfg["BD"], device=u.device, dtype=torch.float32)
-        _sel_bwd_kernel[grid](
-            u, delta, A, B, C,
-            D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-            h0c if h0c is not None else dA, ck, dout, dfin if dfin is not None else dA, scratch,
-            du, ddelta, dz if dz is not None else du, dA, dB, dC,
-            dD if dD is not None else dA, dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
-            T, DM, N,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_H0=h0c is not None, HAS_DFIN=dfin is not None,
-            CK=cfg["CK"], BD=cfg["BD"], BN=cfg["BN"], num_warps=cfg["num_warps"],
-        )  # fmt: skip
-        b_dtype, c_dtype, h0_dtype = ctx.dtypes
-        return (
-            du,
-            ddelta,
-            dA.sum(0),
-            dB.to(b_dtype),
-            dC.to(c_dtype),
-            dD.sum(0) if dD is not None else None,
-            dz,
-            dbias.sum(0) if dbias is not None else None,
-            None,
-            dh0.to(h0_dtype) if dh0 is not None else None,
-            None,
-            None,
-        )
-
-
 def _sel_check(u, delta, A, B, C, D, z, delta_bias, h0) -> None:
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (B, T, Dm), got shape {tuple(u.shape)}")
@@ -1099,7 +1122,142 @@ def selective_scan_ref(
     return y
 
 
-@torch.compiler.disable
+def _sel_fin_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _sel_scan_impl(u, delta, A, B, C, D, z, delta_bias, h0, softplus, save, config):
+    if not _sel_use_triton(u):
+        y, fin = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, h0, True)
+        return y, fin.to(_sel_fin_dtype(u)), scan_none(fin)
+    Bsz, T, DM = u.shape
+    N = A.shape[1]
+    cfg = _sel_config(DM, N, scan_config_dict(config))
+    u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
+    A = A.float().contiguous()
+    D = D.float().contiguous() if D is not None else None
+    z = z.contiguous() if z is not None else None
+    bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    h0c = h0.float().contiguous() if h0 is not None else None
+    out = torch.empty_like(u)
+    fin = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32)
+    n_ck = triton.cdiv(T, cfg["CK"])
+    ck = torch.empty((Bsz, n_ck, DM, N), device=u.device, dtype=torch.float32) if save else fin
+    grid = (Bsz, triton.cdiv(DM, cfg["FWD_BD"]))
+    _sel_fwd_kernel[grid](
+        u, delta, A, B, C,
+        D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
+        h0c if h0c is not None else fin, out, ck, fin,
+        T, DM, N,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0c is not None, SAVE_CK=save,
+        CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"], num_warps=cfg["FWD_WARPS"],
+    )  # fmt: skip
+    return out, fin.to(_sel_fin_dtype(u)), ck if save else scan_none(fin)
+
+
+def _sel_scan_fake(u, delta, A, B, C, D, z, delta_bias, h0, softplus, save, config):
+    Bsz, T, DM = u.shape
+    N = A.shape[1]
+    fin = u.new_empty((Bsz, DM, N), dtype=_sel_fin_dtype(u))
+    ck = u.new_empty(0, dtype=fin.dtype)
+    if save and _sel_use_triton(u):
+        ck_steps = _sel_config(DM, N, scan_config_dict(config))["CK"]
+        n_ck = (T + ck_steps - 1) // ck_steps
+        ck = u.new_empty((Bsz, n_ck, DM, N), dtype=torch.float32)
+    return u.new_empty(u.shape), fin, ck
+
+
+def _sel_scan_setup(ctx, inputs, output):
+    ctx.softplus, ctx.config = inputs[9], inputs[11]
+    ctx.save_for_backward(*inputs[:9], output[2])
+
+
+def _sel_scan_backward(ctx, dy, dfin, dck):
+    grads = _sel_scan_bwd_op(*ctx.saved_tensors, dy, dfin, ctx.softplus, ctx.config)
+    return (*grads[:5], *(scan_opt(g) for g in grads[5:]), None, None, None)
+
+
+def _sel_scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, h0, ck, dout, dfin, softplus, config):
+    inputs = [u, delta, A, B, C, D, z, delta_bias, h0]
+    if not _sel_use_triton(u):
+        fwd = lambda *xs: _sel_scan_impl(*xs, softplus, False, config)[:2]  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, inputs, [dout, dfin]))
+    if ck.numel() == 0:
+        raise RuntimeError("selective_scan: backward needs the checkpoints; run the forward with grad enabled")
+    Bsz, T, DM = u.shape
+    N = A.shape[1]
+    cfg = _sel_config(DM, N, scan_config_dict(config))
+    u_c, delta_c, B_c, C_c = (x.contiguous() for x in (u, delta, B, C))
+    A_c = A.float().contiguous()
+    D_c = D.float().contiguous() if D is not None else None
+    z_c = z.contiguous() if z is not None else None
+    bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    h0c = h0.float().contiguous() if h0 is not None else None
+    dout = dout.contiguous()
+    dfin = dfin.float().contiguous()
+    du, ddelta = torch.empty_like(u_c), torch.empty_like(delta_c)
+    dz = torch.empty_like(z_c) if z is not None else None
+    f32 = {"device": u.device, "dtype": torch.float32}
+    dA = torch.empty((Bsz, DM, N), **f32)
+    dB = torch.zeros((Bsz, T, N), **f32)
+    dC = torch.zeros((Bsz, T, N), **f32)
+    dD = torch.empty((Bsz, DM), **f32) if D is not None else None
+    dbias = torch.empty((Bsz, DM), **f32) if bias is not None else None
+    dh0 = torch.empty((Bsz, DM, N), **f32) if h0c is not None else None
+    grid = (Bsz, triton.cdiv(DM, cfg["BD"]))
+    scratch = torch.empty(grid[0] * grid[1] * cfg["CK"] * cfg["BD"], **f32)
+    _sel_bwd_kernel[grid](
+        u_c, delta_c, A_c, B_c, C_c,
+        D_c if D_c is not None else A_c, z_c if z_c is not None else u_c, bias if bias is not None else A_c,
+        h0c if h0c is not None else dA, ck, dout, dfin, scratch,
+        du, ddelta, dz if dz is not None else du, dA, dB, dC,
+        dD if dD is not None else dA, dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
+        T, DM, N,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0c is not None, HAS_DFIN=True,
+        CK=cfg["CK"], BD=cfg["BD"], BN=cfg["BN"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return (
+        du,
+        ddelta,
+        dA.sum(0).to(A.dtype),
+        dB.to(B.dtype),
+        dC.to(C.dtype),
+        dD.sum(0).to(D.dtype) if dD is not None else scan_none(du),
+        dz if dz is not None else scan_none(du),
+        dbias.sum(0).to(delta_bias.dtype) if dbias is not None else scan_none(du),
+        dh0.to(h0.dtype) if dh0 is not None else scan_none(du),
+    )
+
+
+def _sel_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, h0, ck, dout, dfin, softplus, config):
+    return tuple(
+        x.new_empty(x.shape) if x is not None else scan_none(dout) for x in (u, delta, A, B, C, D, z, delta_bias, h0)
+    )
+
+
+_SEL_ARGS = "Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? h0"
+
+
+_sel_scan_bwd_op = scan_op(
+    "sel_scan_bwd",
+    f"({_SEL_ARGS}, Tensor ck, Tensor dout, Tensor dfin, bool softplus, str config) -> ({', '.join(['Tensor'] * 9)})",
+    _sel_scan_bwd_impl,
+    _sel_scan_bwd_fake,
+)
+
+
+_sel_scan_op = scan_op(
+    "sel_scan",
+    f"({_SEL_ARGS}, bool softplus, bool save, str config) -> (Tensor, Tensor, Tensor)",
+    _sel_scan_impl,
+    _sel_scan_fake,
+    _sel_scan_backward,
+    _sel_scan_setup,
+)
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -1116,14 +1274,14 @@ def selective_scan(
 ):
     """Mamba-1 selective scan. u, delta, z: (B, T, Dm); A: (Dm, N) (negative reals); B, C: (B, T, N) (one group);
     D, delta_bias: (Dm,); h0: (B, Dm, N). dt = softplus(delta + delta_bias); h_t = exp(dt A) h_{t-1} + dt u_t B_t;
-    y = C_t h_t + D u, times silu(z). Returns y (B, T, Dm) in u's dtype [and the final state (B, Dm, N), fp32]."""
+    y = C_t h_t + D u, times silu(z). Returns y (B, T, Dm) in u's dtype [and the final state (B, Dm, N), fp32].
+    One op (ssm_golf::sel_scan); its chunk checkpoints are kept only when a backward can follow."""
     _sel_check(u, delta, A, B, C, D, z, delta_bias, h0)
-    if not _sel_use_triton(u):
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, return_final_state)
     inputs = (u, delta, A, B, C, D, z, delta_bias, h0)
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    cfg = _sel_config(u.shape[2], A.shape[1], config)
-    y, fin = _SelScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), h0, save, cfg)
+    y, fin, _ = _sel_scan_op(
+        u, delta, A, B, C, D, z, delta_bias, h0, bool(delta_softplus), save, scan_config_str(config)
+    )
     return (y, fin) if return_final_state else y
 
 

@@ -32,12 +32,6 @@ def m3mix_dt_bias(n: int, dt_min: float, dt_max: float) -> torch.Tensor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
-@torch.compiler.disable
-def m3mix_scan(*args, **kwargs):  # noqa: ANN002, ANN003 (mamba3_siso_scan's arguments)
-    """The scan outside torch.compile's graph (its Triton kernels and autograd run as they are)."""
-    return mamba3_siso_scan(*args, **kwargs)
-
-
 @register_mixer("mamba3")
 class Mamba3Mixer(nn.Module):
     OPTIONS = {
@@ -94,7 +88,7 @@ class Mamba3Mixer(nn.Module):
         q = F.rms_norm(c.unsqueeze(2), (self.d_state,), weight=self.C_norm_weight.to(c.dtype))
         angles = (math.pi * torch.tanh(angle.float())).unsqueeze(2).expand(batch, seq_len, self.heads, self.angles)
         heads = (batch, seq_len, self.heads, self.head_dim)
-        out = m3mix_scan(
+        out = mamba3_siso_scan(
             v.reshape(heads), dt, adt, trap, q, k, angles, q_bias=self.C_bias, k_bias=self.B_bias,
             D=self.D_skip, z=z.reshape(heads), chunk_size=self.chunk_size, initial_state=state,
             return_final_state=keep_state,

@@ -135,28 +135,3 @@ def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
         HAS_H0=h0 is not None, SPLIT=split, BT=cfg["BT"], BP=cfg["BP"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out, (fin if want_fin else None), da
-
-
-class _LtcFn(torch.autograd.Function):
-    """x (B, T, D), a_vec (D,) constant within each block of BP channels, h0 (B, D) or None."""
-
-    @staticmethod
-    def forward(ctx, x, a_vec, h0, cfg):
-        x = x.contiguous()
-        h0c = h0.float().contiguous() if h0 is not None else None
-        h, fin, _ = _ltc_launch(x, a_vec, h0c, False, cfg, True)
-        ctx.save_for_backward(a_vec, h, h0c)
-        ctx.cfg, ctx.has_h0 = cfg, h0 is not None
-        ctx.h0_dtype = h0.dtype if h0 is not None else None
-        return h, fin
-
-    @staticmethod
-    def backward(ctx, dh, dfin):
-        a_vec, h, h0c = ctx.saved_tensors
-        dh = torch.zeros_like(h) if dh is None else dh.contiguous()
-        dfin = dfin.float().contiguous() if dfin is not None else None
-        need_a = ctx.needs_input_grad[1]
-        dx, dh0, da = _ltc_launch(
-            dh, a_vec, dfin, True, ctx.cfg, ctx.has_h0, hp=h if need_a else None, h0=h0c if need_a else None
-        )
-        return dx, (da.sum(0) if da is not None else None), (dh0.to(ctx.h0_dtype) if dh0 is not None else None), None

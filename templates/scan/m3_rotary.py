@@ -8,11 +8,18 @@ contiguous tiles, split into even and odd elements in registers (stride-2 loads 
 the bytes' time on the H100). The backward rotates the gradient back (by -theta), sums it over the heads of a
 group in registers (one program per time block, batch and group), reduces the bias gradient per program, and gives
 d theta = -dout_even * out_odd + dout_odd * out_even.
+
+Both directions are one custom op each (ssm_golf::m3_rotary and its backward); off CUDA without the interpreter
+they run `m3_rotary_heads_ref`, the same map in PyTorch.
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 M3R_BLOCK_T = 32
 
@@ -99,45 +106,101 @@ def _m3r_bwd_kernel(
     _m3r_store_pairs(DV, row * G + g, offs_n, mask_t, N, dv_even, dv_odd, BT, BR)
 
 
-class _M3RotaryFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, bias, theta, nheads, out_dtype):
-        bsz, seqlen, ngroups, dstate = v.shape
-        v, theta = v.contiguous(), theta.float().contiguous()
-        bias_c = bias.float().contiguous() if bias is not None else None
-        out = torch.empty(bsz, seqlen, nheads, dstate, device=v.device, dtype=out_dtype)
-        grid = (triton.cdiv(seqlen, M3R_BLOCK_T), bsz * nheads)
-        br = max(16, triton.next_power_of_2(dstate // 2))
-        _m3r_fwd_kernel[grid](
-            v, bias_c if bias_c is not None else v, theta, out, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-            BT=M3R_BLOCK_T, BR=br, HAS_BIAS=bias_c is not None,
-        )  # fmt: skip
-        ctx.save_for_backward(v, bias_c, theta)
-        ctx.meta = (nheads, br, bias.dtype if bias is not None else None, theta.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        v, bias_c, theta = ctx.saved_tensors
-        nheads, br, bias_dtype, _ = ctx.meta
-        bsz, seqlen, ngroups, dstate = v.shape
-        f32 = {"device": v.device, "dtype": torch.float32}
-        dv = torch.empty(v.shape, **f32)
-        dth = torch.empty(theta.shape, **f32)
-        n_tb = triton.cdiv(seqlen, M3R_BLOCK_T)
-        dbias_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if bias_c is not None else None
-        _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
-            v, bias_c if bias_c is not None else v, theta, dout.contiguous(), dv, dth,
-            dbias_part if dbias_part is not None else dv, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-            BT=M3R_BLOCK_T, BR=br, HAS_BIAS=bias_c is not None,
-        )  # fmt: skip
-        dbias = dbias_part.sum((0, 2)).to(bias_dtype) if dbias_part is not None else None
-        return dv.to(v.dtype), dbias, dth, None, None
+def _m3r_use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@torch.compiler.disable
+def m3_rotary_heads_ref(
+    v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """PyTorch reference of `m3_rotary_heads` (fp32 math, fp64 when v is fp64)."""
+    cd = torch.float64 if v.dtype == torch.float64 else torch.float32
+    heads = v.to(cd).repeat_interleave(nheads // v.shape[2], dim=2)
+    if bias is not None:
+        heads = heads + bias.to(cd)
+    rdim = theta.shape[-1]
+    pairs = heads[..., : 2 * rdim].unflatten(-1, (rdim, 2))
+    cos, sin = torch.cos(theta.to(cd)), torch.sin(theta.to(cd))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    return torch.cat((turned, heads[..., 2 * rdim :]), dim=-1).to(out_dtype)
+
+
+def _m3r_impl(v, bias, theta, nheads, out_dtype):
+    if not _m3r_use_triton(v):
+        return m3_rotary_heads_ref(v, bias, theta, nheads, out_dtype)
+    bsz, seqlen, ngroups, dstate = v.shape
+    v, theta = v.contiguous(), theta.float().contiguous()
+    bias_c = bias.float().contiguous() if bias is not None else None
+    out = torch.empty(bsz, seqlen, nheads, dstate, device=v.device, dtype=out_dtype)
+    grid = (triton.cdiv(seqlen, M3R_BLOCK_T), bsz * nheads)
+    _m3r_fwd_kernel[grid](
+        v, bias_c if bias_c is not None else v, theta, out, seqlen, nheads, ngroups, dstate, theta.shape[-1],
+        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
+    )  # fmt: skip
+    return out
+
+
+def _m3r_fake(v, bias, theta, nheads, out_dtype):
+    return v.new_empty((v.shape[0], v.shape[1], nheads, v.shape[3]), dtype=out_dtype)
+
+
+def _m3r_setup(ctx, inputs, output):
+    v, bias, theta, nheads, _ = inputs
+    ctx.nheads = nheads
+    ctx.save_for_backward(v, bias, theta)
+
+
+def _m3r_backward(ctx, dout):
+    v, bias, theta = ctx.saved_tensors
+    dv, dbias, dth = _m3r_bwd_op(v, bias, theta, dout, ctx.nheads)
+    return dv, scan_opt(dbias), dth, None, None
+
+
+def _m3r_bwd_impl(v, bias, theta, dout, nheads):
+    if not _m3r_use_triton(v):
+        fwd = lambda v, b, t: (m3_rotary_heads_ref(v, b, t, nheads, dout.dtype),)  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, [v, bias, theta], [dout]))
+    bsz, seqlen, ngroups, dstate = v.shape
+    v_c, theta_c = v.contiguous(), theta.float().contiguous()
+    bias_c = bias.float().contiguous() if bias is not None else None
+    f32 = {"device": v.device, "dtype": torch.float32}
+    dv = torch.empty(v.shape, **f32)
+    dth = torch.empty(theta.shape, **f32)
+    n_tb = triton.cdiv(seqlen, M3R_BLOCK_T)
+    dbias_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if bias_c is not None else None
+    _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
+        v_c, bias_c if bias_c is not None else v_c, theta_c, dout.contiguous(), dv, dth,
+        dbias_part if dbias_part is not None else dv, seqlen, nheads, ngroups, dstate, theta.shape[-1],
+        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
+    )  # fmt: skip
+    dbias = dbias_part.sum((0, 2)).to(bias.dtype) if dbias_part is not None else scan_none(dv)
+    return dv.to(v.dtype), dbias, dth.to(theta.dtype)
+
+
+def _m3r_bwd_fake(v, bias, theta, dout, nheads):
+    dbias = bias.new_empty(bias.shape) if bias is not None else scan_none(v)
+    return v.new_empty(v.shape), dbias, theta.new_empty(theta.shape)
+
+
+_m3r_bwd_op = scan_op(
+    "m3_rotary_bwd",
+    "(Tensor v, Tensor? bias, Tensor theta, Tensor dout, int nheads) -> (Tensor, Tensor, Tensor)",
+    _m3r_bwd_impl,
+    _m3r_bwd_fake,
+)
+_m3r_op = scan_op(
+    "m3_rotary",
+    "(Tensor v, Tensor? bias, Tensor theta, int nheads, ScalarType out_dtype) -> Tensor",
+    _m3r_impl,
+    _m3r_fake,
+    _m3r_backward,
+    _m3r_setup,
+)
+
+
 def m3_rotary_heads(
     v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """(B,T,G,N) -> (B,T,H,N): group row per head, plus bias (H,N), pairs r < R rotated by theta (B,T,H,R)."""
-    return _M3RotaryFn.apply(v, bias, theta, nheads, out_dtype)
+    return _m3r_op(v, bias, theta, nheads, out_dtype)

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from templates.scan.ops import scan_config_dict, scan_config_str, scan_none, scan_op, scan_opt, scan_ref_vjp
+
 
 @triton.jit
 def _sel_softplus(x):
@@ -373,84 +375,6 @@ def _sel_config(DM: int, N: int, config: dict | None) -> dict:
     return cfg
 
 
-class _SelScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, h0, save, cfg):
-        u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
-        A = A.float().contiguous()
-        D = D.float().contiguous() if D is not None else None
-        z = z.contiguous() if z is not None else None
-        bias = delta_bias.float().contiguous() if delta_bias is not None else None
-        h0c = h0.float().contiguous() if h0 is not None else None
-        Bsz, T, DM = u.shape
-        N = A.shape[1]
-        out = torch.empty_like(u)
-        fin = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32)
-        n_ck = triton.cdiv(T, cfg["CK"])
-        ck = torch.empty((Bsz, n_ck, DM, N), device=u.device, dtype=torch.float32) if save else fin
-        grid = (Bsz, triton.cdiv(DM, cfg["FWD_BD"]))
-        _sel_fwd_kernel[grid](
-            u, delta, A, B, C,
-            D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-            h0c if h0c is not None else fin, out, ck, fin,
-            T, DM, N,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-            HAS_H0=h0c is not None, SAVE_CK=save,
-            CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"], num_warps=cfg["FWD_WARPS"],
-        )  # fmt: skip
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, h0c, ck if save else None)
-        ctx.softplus, ctx.cfg = softplus, cfg
-        ctx.dtypes = (B.dtype, C.dtype, h0.dtype if h0 is not None else None)
-        return out, fin
-
-    @staticmethod
-    def backward(ctx, dout, dfin):
-        u, delta, A, B, C, D, z, bias, h0c, ck = ctx.saved_tensors
-        if ck is None:
-            raise RuntimeError("selective_scan: backward needs the checkpoints; run the forward with grad enabled")
-        cfg = ctx.cfg
-        Bsz, T, DM = u.shape
-        N = A.shape[1]
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
-        dfin = dfin.float().contiguous() if dfin is not None else None
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dA = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32)
-        dB = torch.zeros((Bsz, T, N), device=u.device, dtype=torch.float32)
-        dC = torch.zeros((Bsz, T, N), device=u.device, dtype=torch.float32)
-        dD = torch.empty((Bsz, DM), device=u.device, dtype=torch.float32) if D is not None else None
-        dbias = torch.empty((Bsz, DM), device=u.device, dtype=torch.float32) if bias is not None else None
-        dh0 = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32) if h0c is not None else None
-        grid = (Bsz, triton.cdiv(DM, cfg["BD"]))
-        scratch = torch.empty(grid[0] * grid[1] * cfg["CK"] * cfg["BD"], device=u.device, dtype=torch.float32)
-        _sel_bwd_kernel[grid](
-            u, delta, A, B, C,
-            D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-            h0c if h0c is not None else dA, ck, dout, dfin if dfin is not None else dA, scratch,
-            du, ddelta, dz if dz is not None else du, dA, dB, dC,
-            dD if dD is not None else dA, dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
-            T, DM, N,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_H0=h0c is not None, HAS_DFIN=dfin is not None,
-            CK=cfg["CK"], BD=cfg["BD"], BN=cfg["BN"], num_warps=cfg["num_warps"],
-        )  # fmt: skip
-        b_dtype, c_dtype, h0_dtype = ctx.dtypes
-        return (
-            du,
-            ddelta,
-            dA.sum(0),
-            dB.to(b_dtype),
-            dC.to(c_dtype),
-            dD.sum(0) if dD is not None else None,
-            dz,
-            dbias.sum(0) if dbias is not None else None,
-            None,
-            dh0.to(h0_dtype) if dh0 is not None else None,
-            None,
-            None,
-        )
-
-
 def _sel_check(u, delta, A, B, C, D, z, delta_bias, h0) -> None:
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (B, T, Dm), got shape {tuple(u.shape)}")
@@ -503,7 +427,141 @@ def selective_scan_ref(
     return y
 
 
-@torch.compiler.disable
+# ---- ssm_golf::sel_scan: (y, final state, chunk checkpoints or a placeholder), and its backward op ----
+
+
+def _sel_fin_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _sel_scan_impl(u, delta, A, B, C, D, z, delta_bias, h0, softplus, save, config):
+    if not _sel_use_triton(u):
+        y, fin = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, h0, True)
+        return y, fin.to(_sel_fin_dtype(u)), scan_none(fin)
+    Bsz, T, DM = u.shape
+    N = A.shape[1]
+    cfg = _sel_config(DM, N, scan_config_dict(config))
+    u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
+    A = A.float().contiguous()
+    D = D.float().contiguous() if D is not None else None
+    z = z.contiguous() if z is not None else None
+    bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    h0c = h0.float().contiguous() if h0 is not None else None
+    out = torch.empty_like(u)
+    fin = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32)
+    n_ck = triton.cdiv(T, cfg["CK"])
+    ck = torch.empty((Bsz, n_ck, DM, N), device=u.device, dtype=torch.float32) if save else fin
+    grid = (Bsz, triton.cdiv(DM, cfg["FWD_BD"]))
+    _sel_fwd_kernel[grid](
+        u, delta, A, B, C,
+        D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
+        h0c if h0c is not None else fin, out, ck, fin,
+        T, DM, N,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0c is not None, SAVE_CK=save,
+        CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"], num_warps=cfg["FWD_WARPS"],
+    )  # fmt: skip
+    return out, fin.to(_sel_fin_dtype(u)), ck if save else scan_none(fin)
+
+
+def _sel_scan_fake(u, delta, A, B, C, D, z, delta_bias, h0, softplus, save, config):
+    Bsz, T, DM = u.shape
+    N = A.shape[1]
+    fin = u.new_empty((Bsz, DM, N), dtype=_sel_fin_dtype(u))
+    ck = u.new_empty(0, dtype=fin.dtype)
+    if save and _sel_use_triton(u):
+        ck_steps = _sel_config(DM, N, scan_config_dict(config))["CK"]
+        n_ck = (T + ck_steps - 1) // ck_steps
+        ck = u.new_empty((Bsz, n_ck, DM, N), dtype=torch.float32)
+    return u.new_empty(u.shape), fin, ck
+
+
+def _sel_scan_setup(ctx, inputs, output):
+    ctx.softplus, ctx.config = inputs[9], inputs[11]
+    ctx.save_for_backward(*inputs[:9], output[2])
+
+
+def _sel_scan_backward(ctx, dy, dfin, dck):
+    grads = _sel_scan_bwd_op(*ctx.saved_tensors, dy, dfin, ctx.softplus, ctx.config)
+    return (*grads[:5], *(scan_opt(g) for g in grads[5:]), None, None, None)
+
+
+def _sel_scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, h0, ck, dout, dfin, softplus, config):
+    inputs = [u, delta, A, B, C, D, z, delta_bias, h0]
+    if not _sel_use_triton(u):
+        fwd = lambda *xs: _sel_scan_impl(*xs, softplus, False, config)[:2]  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, inputs, [dout, dfin]))
+    if ck.numel() == 0:
+        raise RuntimeError("selective_scan: backward needs the checkpoints; run the forward with grad enabled")
+    Bsz, T, DM = u.shape
+    N = A.shape[1]
+    cfg = _sel_config(DM, N, scan_config_dict(config))
+    u_c, delta_c, B_c, C_c = (x.contiguous() for x in (u, delta, B, C))
+    A_c = A.float().contiguous()
+    D_c = D.float().contiguous() if D is not None else None
+    z_c = z.contiguous() if z is not None else None
+    bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    h0c = h0.float().contiguous() if h0 is not None else None
+    dout = dout.contiguous()
+    dfin = dfin.float().contiguous()
+    du, ddelta = torch.empty_like(u_c), torch.empty_like(delta_c)
+    dz = torch.empty_like(z_c) if z is not None else None
+    f32 = {"device": u.device, "dtype": torch.float32}
+    dA = torch.empty((Bsz, DM, N), **f32)
+    dB = torch.zeros((Bsz, T, N), **f32)
+    dC = torch.zeros((Bsz, T, N), **f32)
+    dD = torch.empty((Bsz, DM), **f32) if D is not None else None
+    dbias = torch.empty((Bsz, DM), **f32) if bias is not None else None
+    dh0 = torch.empty((Bsz, DM, N), **f32) if h0c is not None else None
+    grid = (Bsz, triton.cdiv(DM, cfg["BD"]))
+    scratch = torch.empty(grid[0] * grid[1] * cfg["CK"] * cfg["BD"], **f32)
+    _sel_bwd_kernel[grid](
+        u_c, delta_c, A_c, B_c, C_c,
+        D_c if D_c is not None else A_c, z_c if z_c is not None else u_c, bias if bias is not None else A_c,
+        h0c if h0c is not None else dA, ck, dout, dfin, scratch,
+        du, ddelta, dz if dz is not None else du, dA, dB, dC,
+        dD if dD is not None else dA, dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
+        T, DM, N,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0c is not None, HAS_DFIN=True,
+        CK=cfg["CK"], BD=cfg["BD"], BN=cfg["BN"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return (
+        du,
+        ddelta,
+        dA.sum(0).to(A.dtype),
+        dB.to(B.dtype),
+        dC.to(C.dtype),
+        dD.sum(0).to(D.dtype) if dD is not None else scan_none(du),
+        dz if dz is not None else scan_none(du),
+        dbias.sum(0).to(delta_bias.dtype) if dbias is not None else scan_none(du),
+        dh0.to(h0.dtype) if dh0 is not None else scan_none(du),
+    )
+
+
+def _sel_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, h0, ck, dout, dfin, softplus, config):
+    return tuple(
+        x.new_empty(x.shape) if x is not None else scan_none(dout) for x in (u, delta, A, B, C, D, z, delta_bias, h0)
+    )
+
+
+_SEL_ARGS = "Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? h0"
+_sel_scan_bwd_op = scan_op(
+    "sel_scan_bwd",
+    f"({_SEL_ARGS}, Tensor ck, Tensor dout, Tensor dfin, bool softplus, str config) -> ({', '.join(['Tensor'] * 9)})",
+    _sel_scan_bwd_impl,
+    _sel_scan_bwd_fake,
+)
+_sel_scan_op = scan_op(
+    "sel_scan",
+    f"({_SEL_ARGS}, bool softplus, bool save, str config) -> (Tensor, Tensor, Tensor)",
+    _sel_scan_impl,
+    _sel_scan_fake,
+    _sel_scan_backward,
+    _sel_scan_setup,
+)
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -520,12 +578,12 @@ def selective_scan(
 ):
     """Mamba-1 selective scan. u, delta, z: (B, T, Dm); A: (Dm, N) (negative reals); B, C: (B, T, N) (one group);
     D, delta_bias: (Dm,); h0: (B, Dm, N). dt = softplus(delta + delta_bias); h_t = exp(dt A) h_{t-1} + dt u_t B_t;
-    y = C_t h_t + D u, times silu(z). Returns y (B, T, Dm) in u's dtype [and the final state (B, Dm, N), fp32]."""
+    y = C_t h_t + D u, times silu(z). Returns y (B, T, Dm) in u's dtype [and the final state (B, Dm, N), fp32].
+    One op (ssm_golf::sel_scan); its chunk checkpoints are kept only when a backward can follow."""
     _sel_check(u, delta, A, B, C, D, z, delta_bias, h0)
-    if not _sel_use_triton(u):
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, return_final_state)
     inputs = (u, delta, A, B, C, D, z, delta_bias, h0)
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    cfg = _sel_config(u.shape[2], A.shape[1], config)
-    y, fin = _SelScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), h0, save, cfg)
+    y, fin, _ = _sel_scan_op(
+        u, delta, A, B, C, D, z, delta_bias, h0, bool(delta_softplus), save, scan_config_str(config)
+    )
     return (y, fin) if return_final_state else y

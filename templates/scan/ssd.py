@@ -32,6 +32,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
+
 SSD_INTERPRET_ENV = "TRITON_INTERPRET"
 
 
@@ -476,131 +478,206 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
 
 
-class _SsdScanFn(torch.autograd.Function):
-    """Autograd wrapper of the two kernels; `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias)."""
+# ---- ssm_golf::ssd_scan: (y, final state or a placeholder, chunk states or a placeholder), and its backward op ----
+# `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias); `grad` keeps the chunk states for a backward.
 
-    @staticmethod
-    def forward(ctx, x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
-        bsz, seqlen, nheads, hdim = x.shape
-        ngroups, dstate = B.shape[2], B.shape[3]
-        x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
-        z = z.contiguous() if z is not None else None
-        d_mat = None
-        if D is not None:
-            d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous()
-        h0c = h0.float().contiguous() if h0 is not None else None
-        nchunks = triton.cdiv(seqlen, chunk_size)
-        y = torch.empty_like(x)
-        final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
-        ckpt = None
-        if grad:
-            ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+
+def _ssd_fin_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+    if not ssd_use_triton(x):
         if generic:
-            la, w = la.float().contiguous(), w.float().contiguous()
-            e = e.float().contiguous() if e is not None else None
+            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True)
         else:
-            dt = dt.contiguous()
-            A = A.float().contiguous()
-            dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
-        dot, prec = _ssd_dot_dtype(x)
-        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-        any_t = x
-        _ssd_fwd_kernel[(bsz * nheads,)](
-            x, dt if dt is not None else any_t, A if A is not None else any_t,
-            dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
-            w if w is not None else any_t, e if e is not None else any_t, B, C,
-            d_mat if d_mat is not None else any_t, z if z is not None else any_t,
-            h0c if h0c is not None else any_t, y, ckpt if ckpt is not None else any_t,
-            final if final is not None else any_t,
-            seqlen, nheads, ngroups, hdim, dstate, nchunks,
-            Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
-            HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
-            STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
-            **_ssd_launch("fwd", chunk_size, dot),
-        )  # fmt: skip
-        ctx.save_for_backward(x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt)
-        ctx.meta = (chunk_size, dt_softplus, generic, D.dim() if D is not None else 0)
-        ctx.dtypes = (
-            dt.dtype if dt is not None else None,
-            A.dtype if A is not None else None,
-            D.dtype if D is not None else None,
-        )
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        x, dt, A, dt_bias, la, w, e, B, C, d_mat, z, h0c, ckpt = ctx.saved_tensors
-        chunk_size, dt_softplus, generic, d_dims = ctx.meta
-        bsz, seqlen, nheads, hdim = x.shape
-        ngroups, dstate = B.shape[2], B.shape[3]
-        nchunks = ckpt.shape[2]
-        dy = dy.contiguous()
-        dfin = dfinal.float().contiguous() if dfinal is not None else None
-        f32 = {"device": x.device, "dtype": torch.float32}
-        heads = _ssd_bwd_heads(nheads, ngroups)
-        atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-        dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
-        dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
-        dx = torch.empty_like(x)
-        dz = torch.empty_like(z) if z is not None else None
-        dh0 = torch.empty_like(h0c) if h0c is not None else None
-        gshape = (bsz, seqlen, nheads)
-        ddt = dla = dw = de = da_part = None
-        if generic:
-            dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-            de = torch.empty(gshape, **f32) if e is not None else None
-        else:
-            ddt = torch.empty(gshape, **f32)
-            da_part = torch.empty(bsz, nchunks, nheads, **f32)
-        dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
-        dot, prec = _ssd_dot_dtype(x)
-        bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-
-        def _or(t):
-            return t if t is not None else x
-
-        flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-                 "HAS_DTB": dt_bias is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
-        dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
-        # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
-        dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
-        carry = torch.empty(bsz, nchunks, nheads, **f32)
-        _ssd_bwd_carry_kernel[(bsz * nheads,)](
-            C, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), dy, _or(z), _or(dfin), dck, _or(dh0), ckpt, carry,
-            *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags,
-            **_ssd_launch("carry", chunk_size, dot),
-        )  # fmt: skip
-        # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
-        dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-        _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
-            x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(d_mat), _or(z), ckpt, dy, dck,
-            carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
-            HAS_E=e is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
-        )  # fmt: skip
-        # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
-        _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
-            x, _or(dt), _or(A), _or(dt_bias), _or(la), _or(w), _or(e), B, C, _or(z), ckpt, dy, dck, dla_t, dw_t,
-            _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
-            HAS_E=e is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
-        )  # fmt: skip
-        dD = None
-        if d_mat is not None:
-            dD = dd_part.sum((0, 1))
-            dD = (dD.sum(1) if d_dims == 1 else dD).to(ctx.dtypes[2])
-        dA = ddt_out = ddtb = None
-        if not generic:
-            dA = da_part.sum((0, 1)).to(ctx.dtypes[1])
-            ddt_out = ddt.to(ctx.dtypes[0])
-            ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
-        grads = (dx, ddt_out, dA, ddtb, dla, dw, de, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dh0)
-        return grads + (None,) * 5
+            y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
+        return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x)
+    bsz, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+    z = z.contiguous() if z is not None else None
+    d_mat = None
+    if D is not None:
+        d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous()
+    h0c = h0.float().contiguous() if h0 is not None else None
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    y = torch.empty_like(x)
+    final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
+    ckpt = None
+    if grad:
+        ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+    if generic:
+        la, w = la.float().contiguous(), w.float().contiguous()
+        e = e.float().contiguous() if e is not None else None
+    else:
+        dt = dt.contiguous()
+        A = A.float().contiguous()
+        dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
+    dot, prec = _ssd_dot_dtype(x)
+    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+    any_t = x
+    _ssd_fwd_kernel[(bsz * nheads,)](
+        x, dt if dt is not None else any_t, A if A is not None else any_t,
+        dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
+        w if w is not None else any_t, e if e is not None else any_t, B, C,
+        d_mat if d_mat is not None else any_t, z if z is not None else any_t,
+        h0c if h0c is not None else any_t, y, ckpt if ckpt is not None else any_t,
+        final if final is not None else any_t,
+        seqlen, nheads, ngroups, hdim, dstate, nchunks,
+        Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
+        STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
+        **_ssd_launch("fwd", chunk_size, dot),
+    )  # fmt: skip
+    final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
+    return y, final, ckpt if ckpt is not None else scan_none(x)
 
 
-@torch.compiler.disable
-def _ssd_apply(*args):
-    """Runs the autograd function outside dynamo; chunk checkpoints are kept only when a backward can follow."""
-    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
-    return _SsdScanFn.apply(*args, grad)
+def _ssd_scan_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+    bsz, seqlen, nheads, hdim = x.shape
+    dstate = B.shape[3]
+    final = x.new_empty((bsz, nheads, hdim, dstate), dtype=_ssd_fin_dtype(x)) if want_final else scan_none(x)
+    ckpt = scan_none(x)
+    if grad and ssd_use_triton(x):
+        nchunks = (seqlen + chunk_size - 1) // chunk_size
+        ckpt = x.new_empty((bsz, nheads, nchunks, dstate, hdim), dtype=_ssd_state_dtype(x))
+    return x.new_empty(x.shape), final, ckpt
+
+
+def _ssd_scan_setup(ctx, inputs, output):
+    ctx.meta = inputs[12:16]  # chunk_size, dt_softplus, generic, want_final
+    ctx.save_for_backward(*inputs[:12], output[2])
+
+
+def _ssd_scan_backward(ctx, dy, dfinal, dckpt):
+    chunk_size, dt_softplus, generic, want_final = ctx.meta
+    grads = _ssd_scan_bwd_op(*ctx.saved_tensors, dy, dfinal if want_final else None, chunk_size, dt_softplus, generic)
+    return (
+        (grads[0], *(scan_opt(g) for g in grads[1:7]), grads[7], grads[8])
+        + tuple(scan_opt(g) for g in grads[9:])
+        + (None,) * 5
+    )
+
+
+def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
+    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0]
+    if not ssd_use_triton(x):
+        fwd = lambda *xs: _ssd_scan_impl(*xs, chunk_size, dt_softplus, generic, True, False)[:2]  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, inputs, [dy, dfinal]))
+    if ckpt.numel() == 0:
+        raise RuntimeError("ssd scan: backward needs the chunk states; run the forward with grad enabled")
+    bsz, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = ckpt.shape[2]
+    x_c, B_c, C_c = x.contiguous(), B.contiguous(), C.contiguous()
+    z_c = z.contiguous() if z is not None else None
+    d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous() if D is not None else None
+    h0c = h0.float().contiguous() if h0 is not None else None
+    la_c = w_c = e_c = dt_c = A_c = dtb_c = None
+    if generic:
+        la_c, w_c = la.float().contiguous(), w.float().contiguous()
+        e_c = e.float().contiguous() if e is not None else None
+    else:
+        dt_c, A_c = dt.contiguous(), A.float().contiguous()
+        dtb_c = dt_bias.float().contiguous() if dt_bias is not None else None
+    dy = dy.contiguous()
+    dfin = dfinal.float().contiguous() if dfinal is not None else None
+    f32 = {"device": x.device, "dtype": torch.float32}
+    heads = _ssd_bwd_heads(nheads, ngroups)
+    atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
+    dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
+    dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
+    dx = torch.empty_like(x_c)
+    dz = torch.empty_like(z_c) if z is not None else None
+    dh0 = torch.empty_like(h0c) if h0c is not None else None
+    gshape = (bsz, seqlen, nheads)
+    ddt = dla = dw = de = da_part = None
+    if generic:
+        dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+        de = torch.empty(gshape, **f32) if e is not None else None
+    else:
+        ddt = torch.empty(gshape, **f32)
+        da_part = torch.empty(bsz, nchunks, nheads, **f32)
+    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
+    dot, prec = _ssd_dot_dtype(x)
+    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+
+    def _or(t):
+        return t if t is not None else x_c
+
+    flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
+             "HAS_DTB": dtb_c is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
+    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+    # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
+    dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
+    carry = torch.empty(bsz, nchunks, nheads, **f32)
+    _ssd_bwd_carry_kernel[(bsz * nheads,)](
+        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(dfin), dck, _or(dh0), ckpt,
+        carry, *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags,
+        **_ssd_launch("carry", chunk_size, dot),
+    )  # fmt: skip
+    # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
+    dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+    _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), _or(z_c), ckpt,
+        dy, dck, carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
+        HAS_E=e_c is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
+    )  # fmt: skip
+    # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
+    _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(z_c), ckpt, dy, dck,
+        dla_t, dw_t, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
+        HAS_E=e_c is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
+    )  # fmt: skip
+
+    def cast(g, like):
+        return g.to(like.dtype) if g is not None else scan_none(x)
+
+    dD = None
+    if d_mat is not None:
+        dD = dd_part.sum((0, 1))
+        dD = dD.sum(1) if D.dim() == 1 else dD
+    dA = ddtb = None
+    if not generic:
+        dA = da_part.sum((0, 1))
+        ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
+    return (
+        dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
+        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
+    )  # fmt: skip
+
+
+def _ssd_scan_bwd_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
+    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0)
+    return tuple(t.new_empty(t.shape) if t is not None else scan_none(x) for t in inputs)
+
+
+_SSD_ARGS = (
+    "Tensor x, Tensor? dt, Tensor? A, Tensor? dt_bias, Tensor? la, Tensor? w, Tensor? e, Tensor B, Tensor C,"
+    " Tensor? D, Tensor? z, Tensor? h0"
+)
+_ssd_scan_bwd_op = scan_op(
+    "ssd_scan_bwd",
+    f"({_SSD_ARGS}, Tensor ckpt, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus, bool generic)"
+    f" -> ({', '.join(['Tensor'] * 12)})",
+    _ssd_scan_bwd_impl,
+    _ssd_scan_bwd_fake,
+)
+_ssd_scan_op = scan_op(
+    "ssd_scan",
+    f"({_SSD_ARGS}, int chunk_size, bool dt_softplus, bool generic, bool want_final, bool grad)"
+    " -> (Tensor, Tensor, Tensor)",
+    _ssd_scan_impl,
+    _ssd_scan_fake,
+    _ssd_scan_backward,
+    _ssd_scan_setup,
+)
+
+
+def _ssd_needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Chunk states are kept only when a backward can follow."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def ssd_scan(
@@ -619,12 +696,11 @@ def ssd_scan(
 ):
     """Mamba-2 SSD scan. x (B,T,H,P); dt (B,T,H); A (H,) negative; B, C (B,T,G,N); D (H,) or (H,P);
     z (B,T,H,P); h0 (B,H,P,N) fp32. Returns y (B,T,H,P) in x's dtype, and the final state (B,H,P,N) fp32
-    when return_final_state is set."""
+    when return_final_state is set. One op (ssm_golf::ssd_scan)."""
     _ssd_check_shapes(x, dt, B, C, chunk_size)
-    if not ssd_use_triton(x):
-        return ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, return_final_state)
-    y, final = _ssd_apply(
-        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, chunk_size, dt_softplus, False, return_final_state
+    grad = _ssd_needs_grad(x, dt, A, dt_bias, B, C, D, z, h0)
+    y, final, _ = _ssd_scan_op(
+        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, chunk_size, dt_softplus, False, return_final_state, grad
     )
     return (y, final) if return_final_state else y
 
@@ -646,11 +722,12 @@ def ssd_generic_scan(
 
     la (B,T,H) log-decay (must be <= 0), w (B,T,H) input weight, e (B,T,H) extra weight of the diagonal (j == t)
     term of the output only: y_t = sum_{j<t} decay w_j (C_t.B_j) x_j + (w_t + e_t)(C_t.B_t) x_t + carried + D x_t.
-    The state carried out still uses w_t for the last step."""
+    The state carried out still uses w_t for the last step. One op (ssm_golf::ssd_scan, generic form)."""
     _ssd_check_shapes(x, la, B, C, chunk_size)
-    if not ssd_use_triton(x):
-        return ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, return_final_state)
-    y, final = _ssd_apply(x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state)
+    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0)
+    y, final, _ = _ssd_scan_op(
+        x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state, grad
+    )
     return (y, final) if return_final_state else y
 
 

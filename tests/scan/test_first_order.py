@@ -239,7 +239,7 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
 
 
 def test_compiled_caller_runs(fo):
-    """Under torch.compile the op is not traced into (torch.compiler.disable) and still returns the right values."""
+    """Under torch.compile (whose graph holds the scan as the opaque op ssm_golf::fo_scan) the values are right."""
     a, b = torch.rand(1, 7, 4, device=DEV), torch.randn(1, 7, 4, device=DEV)
     compiled = torch.compile(lambda a, b: fo.first_order_scan(a, b) * 2.0, backend="eager")
     assert rel_err(compiled(a, b), 2.0 * fo.first_order_scan_ref(a, b)) < 1e-6
