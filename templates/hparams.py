@@ -1,7 +1,6 @@
 """Hyperparameters: every knob is an environment variable (upstream's names where upstream has one).
 
-The variant's own defaults sit in VARIANT_DEFAULTS, written there by `builder assemble`; a variable set in the
-environment at run time wins over both. The model's shape is declared in the next section (ModelConfig).
+The variant's defaults sit in VARIANT_DEFAULTS (written by `builder assemble`); the environment at run time wins.
 """
 
 import os

@@ -40,8 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 # ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters: every knob is an environment variable (upstream's names where upstream has one).
 #
-# The variant's own defaults sit in VARIANT_DEFAULTS, written there by `builder assemble`; a variable set in the
-# environment at run time wins over both. The model's shape is declared in the next section (ModelConfig).
+# The variant's defaults sit in VARIANT_DEFAULTS (written by `builder assemble`); the environment at run time wins.
 # ---------------------------------------------------------------------------------------------------------------------
 
 VARIANT_DEFAULTS: dict[str, str] = {
@@ -2262,8 +2261,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    log(f"Running Python {sys.version}", console=False)
-    log(f"Running PyTorch {torch.__version__}", console=False)
+    log(f"Running Python {sys.version} PyTorch {torch.__version__}", console=False)
     if cuda:
         log(f"device:{torch.cuda.get_device_name(device)} count:{torch.cuda.device_count()}", console=False)
     log("Hyperparameters:")
@@ -2382,11 +2380,13 @@ def main() -> None:
             if final or (hp.val_loss_every > 0 and steps > 0 and steps % hp.val_loss_every == 0):
                 wait_for_device()
                 train_ms += 1000.0 * (time.perf_counter() - started)
+                log("phase:val begin")  # validation is not training time; the sandbox's clock pauses too
                 val_loss, pre_quant_bpb, _ = validate(model)
                 log(
                     f"step:{steps}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{pre_quant_bpb:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(steps, 1):.2f}ms"
                 )
+                log("phase:val end")
                 wait_for_device()
                 started = time.perf_counter()
             if final:

@@ -44,3 +44,23 @@ def test_a_second_eval_reopens_the_phase():
     spans = phase_spans([(0.0, "phase:eval begin"), (1.0, "phase:eval end"), (2.0, "phase:eval begin")])
     assert spans["eval"].open_since == 2.0
     assert "eval phase" in overrun(spans, 5.5, limits)
+
+
+def test_validation_inside_training_pauses_its_clock():
+    limits = Limits(train_s=10, eval_s=5, setup_s=100, grace_s=1)
+    lines = [(0.0, "phase:train begin"), (4.0, "phase:val begin"), (10.0, "phase:val end")]
+    spans = phase_spans(lines)
+    assert spans["train"].paused_s == 6.0
+    assert overrun(spans, 16.5, limits) is None  # 16.5 s since the start, 10.5 s of it training
+    assert "train phase" in overrun(spans, 17.5, limits)
+    # a validation still running pauses the clock too, and the whole-run limit still counts everything
+    spans = phase_spans([(0.0, "phase:train begin"), (5.0, "phase:val begin")])
+    assert spans["train"].paused_since == 5.0 and overrun(spans, 100.0, limits) is None
+    assert "whole run" in overrun(spans, 116.0, limits)
+    done = phase_spans(lines + [(13.0, "phase:val begin"), (14.0, "phase:val end"), (15.0, "phase:train end")])
+    assert done["train"].seconds == 15.0 - 7.0
+    # a validation outside the phase does not count against it
+    assert (
+        phase_spans([(0.0, "phase:val begin"), (2.0, "phase:val end"), (3.0, "phase:train begin")])["train"].paused_s
+        == 0.0
+    )

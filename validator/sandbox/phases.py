@@ -1,4 +1,8 @@
-"""Phase timing from the arrival times of the child's output lines (`phase:<name> begin|end` markers)."""
+"""Phase timing from the arrival times of the child's output lines (`phase:<name> begin|end` markers).
+
+A `phase:val` span inside another phase pauses that phase's clock: upstream's training time leaves out the
+validation passes made during training, and so does the limit here (the whole-run limit still counts everything).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import re
 
 from validator.sandbox.request import Limits, PhaseSpan
 
+PAUSE_PHASE = "val"
 PHASE_RE = re.compile(r"(?:^|\s)phase:(?P<phase>[a-z_]+) (?P<edge>begin|end)\s*$")
 
 
@@ -25,8 +30,36 @@ def phase_spans(lines: list[tuple[float, str]]) -> dict[str, PhaseSpan]:
         else:
             ends[phase] = t
             running[phase] = None
-    names = sorted(set(begins) | set(ends))
-    return {p: PhaseSpan(begins.get(p), ends.get(p), running.get(p)) for p in names}
+    pauses = _intervals(lines, PAUSE_PHASE)
+    out = {}
+    for p in sorted(set(begins) | set(ends)):
+        begin, end, open_since = begins.get(p), ends.get(p), running.get(p)
+        paused, paused_since = 0.0, None
+        if p != PAUSE_PHASE and begin is not None:
+            stop = end if end is not None and open_since is None else float("inf")
+            for b, e in pauses:
+                if b < begin or b >= stop:
+                    continue
+                if e is None:
+                    paused_since = b
+                else:
+                    paused += min(e, stop) - b
+        out[p] = PhaseSpan(begin, end, open_since, paused, paused_since)
+    return out
+
+
+def _intervals(lines: list[tuple[float, str]], phase: str) -> list[tuple[float, float | None]]:
+    """Every (begin, end or None) span of one phase, in order."""
+    spans: list[tuple[float, float | None]] = []
+    for t, text in lines:
+        m = PHASE_RE.search(text)
+        if not m or m.group("phase") != phase:
+            continue
+        if m.group("edge") == "begin":
+            spans.append((t, None))
+        elif spans and spans[-1][1] is None:
+            spans[-1] = (spans[-1][0], t)
+    return spans
 
 
 def overrun(spans: dict[str, PhaseSpan], now: float, limits: Limits) -> str | None:
@@ -37,6 +70,6 @@ def overrun(spans: dict[str, PhaseSpan], now: float, limits: Limits) -> str | No
         limit = limits.phase_limit(phase)
         if limit is None or span.open_since is None or span.begin is None:
             continue
-        if now - span.begin > limit + limits.grace_s:
+        if span.elapsed(now) > limit + limits.grace_s:
             return f"{phase} phase past its limit of {limit:.0f} s (+{limits.grace_s:.0f} s grace)"
     return None

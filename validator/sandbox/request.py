@@ -78,12 +78,20 @@ class PhaseSpan:
     begin: float | None
     end: float | None
     open_since: float | None = None  # the last begin with no end after it: the phase is still running
+    paused_s: float = 0.0  # finished `phase:val` spans inside it (validation while training is not training time)
+    paused_since: float | None = None  # a `phase:val` span inside it still running
 
     @property
     def seconds(self) -> float | None:
+        """Its length, less the validation inside it."""
         if self.begin is None or self.end is None:
             return None
-        return self.end - self.begin
+        return self.end - self.begin - self.paused_s
+
+    def elapsed(self, now: float) -> float:
+        """Its length so far at `now`, less the validation inside it."""
+        pause = self.paused_s + (now - self.paused_since if self.paused_since is not None else 0.0)
+        return now - (self.begin if self.begin is not None else now) - pause
 
 
 @dataclass

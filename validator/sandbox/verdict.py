@@ -24,10 +24,11 @@ def run_findings(result: SandboxResult, limits: Limits, phases_expected: tuple[s
                 msg = f"no `phase:{phase} begin` line: {phase} time not measured"
                 findings.append(warning("RERUN_NO_PHASE_MARKERS", msg, where))
             continue
-        seconds = span.seconds if span.seconds is not None else result.wall_s - span.begin
+        seconds = span.seconds if span.seconds is not None else span.elapsed(result.wall_s)
         if limit is None or seconds <= limit:
             continue
-        msg = f"{phase} took {seconds:.1f} s measured outside the script; the limit is {limit:.0f} s"
+        paused = f" (validation inside it left out: {span.paused_s:.1f} s)" if span.paused_s else ""
+        msg = f"{phase} took {seconds:.1f} s measured outside the script{paused}; the limit is {limit:.0f} s"
         if seconds > limit + limits.grace_s or span.end is None:
             findings.append(error(code, msg, where))
         else:
