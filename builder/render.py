@@ -52,10 +52,26 @@ def env_prefix(env: dict[str, str]) -> str:
     return "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(env.items()))
 
 
-def run_command(nproc: int = 8, seed: int = 1337, env: dict[str, str] | None = None) -> str:
+DEFAULT_DATA = ("./data/datasets/fineweb10B_sp1024", "./data/tokenizers/fineweb_1024_bpe.model")
+
+
+def variant_knobs(variant: str | None) -> dict[str, str]:
+    """The record defaults of a known variant (its data paths, artifact name, score tag), else none."""
+    from builder.variants import load_variants
+
+    try:
+        spec = load_variants().get(variant or "")
+    except Exception:  # a broken spec file is reported by `builder list`; the README falls back to the defaults
+        return {}
+    return spec.defaults_as_strings() if spec else {}
+
+
+def run_command(nproc: int = 8, seed: int = 1337, env: dict[str, str] | None = None, knobs: dict | None = None) -> str:
+    knobs = knobs or {}
+    data = knobs.get("DATA_PATH", DEFAULT_DATA[0])
+    tokenizer = knobs.get("TOKENIZER_PATH", DEFAULT_DATA[1])
     return (
-        f"{env_prefix(env or {})}RUN_ID=train_seed{seed} SEED={seed} DATA_PATH=./data/datasets/fineweb10B_sp1024 "
-        f"TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model "
+        f"{env_prefix(env or {})}RUN_ID=train_seed{seed} SEED={seed} DATA_PATH={data} TOKENIZER_PATH={tokenizer} "
         f"torchrun --standalone --nproc_per_node={nproc} train_gpt.py"
     )
 
@@ -63,7 +79,8 @@ def run_command(nproc: int = 8, seed: int = 1337, env: dict[str, str] | None = N
 def overrides_text(sub: Submission) -> list[str]:
     """The README lines that say which overrides the runs were made with, and how to run one again."""
     world = re.match(r"(\d+)x", sub.hardware)
-    command = run_command(nproc=int(world.group(1)) if world else 8, seed=sub.seeds[0], env=sub.env)
+    nproc = int(world.group(1)) if world else 8
+    command = run_command(nproc=nproc, seed=sub.seeds[0], env=sub.env, knobs=variant_knobs(sub.variant))
     if sub.env:
         shown = ", ".join(f"`{k}={v}`" for k, v in sorted(sub.env.items()))
         said = (
@@ -104,6 +121,10 @@ def render_readme(
     extra: str = "",
 ) -> str:
     arch = "\n".join(f"| {k} | {v} |" for k, v in architecture)
+    knobs = dict(hparams)
+    artifact = knobs.get("ARTIFACT_NAME", "final_model.int8.ptz")
+    score = knobs.get("SCORE_TAG", "final_int8_zlib_roundtrip")
+    data_variant = knobs.get("DATA_PATH", DEFAULT_DATA[0]).rstrip("/").rsplit("_", 1)[-1]
     hp = "\n".join(f"| `{k}` | `{v}` |" for k, v in hparams)
     return f"""# {sub.name}
 
@@ -120,17 +141,17 @@ Assembled by ssm-golf from its templates (variant `{sub.variant}`); `train_gpt.p
 
 ## Reproduce
 
-From this folder, with the data of `builder data fineweb --variant sp1024` (or any folder of the same layout):
+From this folder, with the data of `builder data fineweb --variant {data_variant}` (or any folder of the same layout):
 
 ```bash
 pip install -r requirements.txt
-{run_command()}
+{run_command(knobs=knobs)}
 ```
 
-Each run writes `logs/<RUN_ID>.txt` and the artifact `final_model.int8.ptz`; the score of record is the
-`final_int8_zlib_roundtrip_exact` line, computed on the model read back from the artifact. With ssm-golf installed,
+Each run writes `logs/<RUN_ID>.txt` and the artifact `{artifact}`; the score of record is the
+`{score}_exact` line, computed on the model read back from the artifact. With ssm-golf installed,
 `builder run . --data DATA --tokenizer MODEL --seeds 1337 42 2025 --nproc 8` runs every seed and fills in the
-results below (`builder collect .` reads the logs again). `EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz` re-scores an
+results below (`builder collect .` reads the logs again). `EVAL_ONLY=1 ARTIFACT={artifact}` re-scores an
 artifact without training.
 
 ## Results
