@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Whole-variant GPU benchmark: each variant assembled, run at full size, measured from its own log, in one call.
+
+Throughput mode (default): ITERATIONS steps of the record recipe's batch on this machine's GPUs, then the export,
+the read-back and the scoring, each variant under its own timeout. Per variant: ms/step (from the logged
+train_time between step 10 and the last logged step), tokens/s, peak memory, artifact and total bytes, the final
+score and its evaluation time, and projections to 8 GPUs (linear scaling: steps in 600 s, evaluation of the
+62,021,632-token sp1024 validation split).
+
+Quality mode (`--seconds S`): every variant trains for the same S seconds of wall-clock on the same data and is
+scored the same way, so the val_bpb column compares them at equal time (proxy data is not FineWeb: say so).
+
+  python bench/variants.py --data-root DATA --variants baseline,kill-mamba2 --steps 60 --timeout 240
+  python bench/variants.py --data-root DATA --seconds 300 --timeout 560
+
+DATA is a folder laid out like `builder data sample --out DATA` (datasets/fineweb10B_sp<V>/ and
+tokenizers/fineweb_<V>_bpe.model for every vocabulary the variants use). Results go to $OUT (or --out) as
+variants.json and variants.md; each run's log is kept beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from builder.assemble import build_files  # noqa: E402
+from builder.variants import get_variant, load_variants  # noqa: E402
+from validator.logs import parse_log  # noqa: E402
+
+SP1024_VAL_TOKENS = 62_021_632
+PEAK_RE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB", re.M)
+KNOB_RE = re.compile(r"^  (train_batch_tokens|train_seq_len): (\d+)$", re.M)
+
+
+def data_env(root: Path, vocab: int) -> dict[str, str]:
+    data = root / "datasets" / f"fineweb10B_sp{vocab}"
+    tokenizer = root / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    if not data.is_dir() or not tokenizer.is_file():
+        raise SystemExit(f"{root}: no sp{vocab} data; make it with `builder data sample --vocab {vocab} --out {root}`")
+    return {"DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer)}
+
+
+def measure(log_text: str) -> dict:
+    """The figures of one run, from its log (None where the run did not get that far)."""
+    parsed = parse_log(log_text)
+    knobs = {k: int(v) for k, v in KNOB_RE.findall(log_text)}
+    steps = [(s, t) for s, _, t in parsed.steps]
+    timed = [(s, t) for s, t in steps if s >= 10]
+    ms_per_step = None
+    if len(timed) >= 2:
+        (s0, t0), (s1, t1) = timed[0], timed[-1]
+        ms_per_step = (t1 - t0) / (s1 - s0)
+    elif steps:
+        ms_per_step = steps[-1][1] / steps[-1][0]
+    peak = PEAK_RE.search(log_text)
+    final = parsed.scores[-1] if parsed.scores else None
+    summary = parsed.result_json or {}
+    tokens = knobs.get("train_batch_tokens")
+    out = {
+        "steps": summary.get("steps", steps[-1][0] if steps else 0),
+        "ms_per_step": ms_per_step,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / ms_per_step * 1000 if tokens and ms_per_step else None,
+        "peak_alloc_mib": int(peak.group(1)) if peak else None,
+        "peak_reserved_mib": int(peak.group(2)) if peak else None,
+        "bytes_model": parsed.bytes_model,
+        "bytes_total": parsed.bytes_total,
+        "val_bpb": summary.get("val_bpb", final.val_bpb if final else None),
+        "eval_ms": summary.get("eval_time_ms", final.eval_time_ms if final else None),
+        "val_tokens": parsed.val_tokens,
+    }
+    if ms_per_step:
+        out["steps_in_600s_8gpu"] = int(600_000 / (ms_per_step / 8))
+    if out["eval_ms"] is not None and parsed.val_tokens:
+        out["eval_s_8gpu_sp1024_split"] = out["eval_ms"] / 1000 * SP1024_VAL_TOKENS / parsed.val_tokens / 8
+    return out
+
+
+def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
+    spec = get_variant(name)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train_gpt.py").write_text(build_files(spec, "2026-11-27", "-", "-", "record")["train_gpt.py"])
+    defaults = spec.defaults_as_strings("record")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RUN_ID=name)
+    env.update(data_env(args.data_root, int(defaults.get("VOCAB_SIZE", 1024))))
+    env.update(VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="10")
+    if args.seconds > 0:
+        env.update(MAX_WALLCLOCK_SECONDS=str(args.seconds), ITERATIONS="1000000")
+    else:
+        env.update(MAX_WALLCLOCK_SECONDS="0", ITERATIONS=str(args.steps))
+    for pair in args.env:
+        key, _, value = pair.partition("=")
+        env[key] = value
+    launch = [sys.executable, "train_gpt.py"]
+    if args.nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+        launch.append("train_gpt.py")
+    started = time.monotonic()
+    try:
+        done = subprocess.run(launch, cwd=folder, env=env, capture_output=True, text=True, timeout=args.timeout)
+        text, status = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        status = "timeout"
+    (folder / "log.txt").write_text(text)
+    result = {"variant": name, "exit": status, "wall_s": round(time.monotonic() - started, 1)}
+    result.update(measure(text))
+    return result
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    def fmt(v: object, spec: str = "") -> str:
+        return "-" if v is None else format(v, spec)
+
+    mode = f"{args.seconds} s of training each" if args.seconds > 0 else f"{args.steps} steps each"
+    lines = [
+        f"Variants, {mode}, {args.nproc} process(es); {datetime.date.today().isoformat()}",
+        "",
+        "| variant | exit | steps | ms/step | tokens/s | peak alloc / reserved MiB | model bytes | total bytes "
+        "| val_bpb | eval s | steps in 600 s, 8 GPUs | eval s, sp1024 split, 8 GPUs |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        peak = f"{fmt(r['peak_alloc_mib'], ',')} / {fmt(r['peak_reserved_mib'], ',')}"
+        eval_s = None if r["eval_ms"] is None else r["eval_ms"] / 1000
+        cells = [
+            r["variant"], r["exit"], r["steps"], fmt(r["ms_per_step"], ".1f"), fmt(r["tokens_per_s"], ",.0f"), peak,
+            fmt(r["bytes_model"], ","), fmt(r["bytes_total"], ","), fmt(r["val_bpb"], ".4f"), fmt(eval_s, ".1f"),
+            fmt(r.get("steps_in_600s_8gpu"), ","), fmt(r.get("eval_s_8gpu_sp1024_split"), ".1f"),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--variants", default=",".join(load_variants()), help="comma-separated names")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=0.0, help="quality mode: this much training each")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per variant, seconds")
+    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="an override for every variant")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_variants_out")))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        rows.append(run_variant(name, args, args.out))
+        print(json.dumps(rows[-1]), flush=True)
+    (args.out / "variants.json").write_text(json.dumps(rows, indent=2) + "\n")
+    table = markdown(rows, args)
+    (args.out / "variants.md").write_text(table)
+    print(table)
+    return 0 if all(r["exit"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

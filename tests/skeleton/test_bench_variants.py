@@ -1,0 +1,46 @@
+"""bench/variants.py at tiny settings on the CPU: every variant it runs is assembled, trained, exported and scored,
+and the figures it reports are read from the run's own log."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+TINY = [
+    "MODEL_DIM=64", "NUM_LAYERS=2", "NUM_LOOPS=1", "NUM_HEADS=4", "NUM_KV_HEADS=2", "MLP_MULT=2",
+    "TRAIN_SEQ_LEN=64", "TRAIN_BATCH_TOKENS=2048", "GRAD_ACCUM_STEPS=1", "WARMUP_STEPS=1", "VAL_TOKENS=4096",
+    "EMA_DECAY=0",
+]  # fmt: skip
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[2] / "bench" / "variants.py"
+    spec = importlib.util.spec_from_file_location("bench_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_mode_on_two_variants(tmp_path, sample_data):
+    data, _ = sample_data
+    bench = _bench()
+    args = ["--data-root", str(data.parent.parent), "--variants", "baseline,kill-mamba2", "--steps", "12"]
+    args += ["--timeout", "240", "--out", str(tmp_path)] + [a for kv in TINY for a in ("--env", kv)]
+    assert bench.main(args) == 0
+    rows = json.loads((tmp_path / "variants.json").read_text())
+    assert [r["variant"] for r in rows] == ["baseline", "kill-mamba2"]
+    for r in rows:
+        assert r["exit"] == 0 and r["steps"] == 12 and r["tokens_per_step"] == 2048
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["steps_in_600s_8gpu"] > 0
+        assert 0 < r["bytes_model"] < r["bytes_total"] and 0 < r["val_bpb"] < 10 and r["eval_ms"] >= 0
+        assert (tmp_path / r["variant"] / "log.txt").read_text().count("result_json") == 1
+    assert "| kill-mamba2 | 0 | 12 |" in (tmp_path / "variants.md").read_text()
+
+
+def test_measure_reads_a_log_that_stopped_early():
+    log = "  train_batch_tokens: 1000\nstep:10/99 train_loss:3.0 train_time:500ms step_avg:50.00ms\n"
+    log += "step:20/99 train_loss:2.5 train_time:1500ms step_avg:75.00ms\n"
+    figures = _bench().measure(log)
+    assert figures["ms_per_step"] == 100.0 and figures["tokens_per_s"] == 10_000
+    assert figures["bytes_model"] is None and figures["val_bpb"] is None
