@@ -16,8 +16,6 @@ from torch import nn
 
 from templates.bpb import target_bytes
 
-STAGES: dict = {}  # optional stages by name, registered by the GPTQ and TTT modules where a variant has them
-
 
 class Tally:
     """Running sums of nats, tokens and bytes (float64), reduced over ranks at the end."""

@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from templates.evaluate import STAGES
 from templates.export import encode_state
 from templates.hparams import env_flag, env_float, env_int
 from templates.layers import CastedLinear
 from templates.quant import Quantiser, integer_decode
-from templates.registry import COMPRESSORS, QUANTISERS, lookup, register
+from templates.registry import COMPRESSORS, QUANTISERS, STAGES, lookup, register
 
 GPTQ_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 GPTQ_QMAX = {"int6": 31, "int8": 127}
@@ -303,8 +302,10 @@ def enable_late_qat(model: nn.Module, bits: int, wide_bits: int, min_numel: int)
     return count
 
 
-@register(STAGES, "late_qat")
-def gptq_late_qat(model: nn.Module, lr_multiplier: float, log: Callable[[str], None]) -> None:
+@register(STAGES, "step:late_qat")
+def gptq_late_qat(
+    model: nn.Module, hp: Any, lr_multiplier: float, elapsed_ms: float, cap_ms: float | None, log
+) -> None:
     """Once the LR multiplier drops below LATE_QAT_THRESHOLD (0: never), QAT_BITS fake-quantisation from then on."""
     threshold = env_float("LATE_QAT_THRESHOLD", 0.0)
     if threshold <= 0 or lr_multiplier >= threshold or getattr(model, "qat_enabled", False):

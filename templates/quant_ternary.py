@@ -3,7 +3,8 @@
   ternary2   4 codes per byte, 2 bits each (code + 1), the first code in the low bits
   ternary5   5 codes per byte in base 3: sum of (code_k + 1) * 3^k, padded with the zero code
 Codes come from the absmean scale, as in the forward; the stored scale is absmean or, with TERNARY_LSTSQ=1, the
-least-squares fit of the float weights by scale * codes; per tensor or per row, as the linear itself.
+least-squares fit of the float weights by scale * codes; per tensor or per row, as the linear itself. A warm start
+(TERNARY_WARMSTART_FRAC of the time in float, then a ramp over TERNARY_RAMP_FRAC of the rest) is a step stage.
 """
 
 from typing import Any
@@ -11,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from templates.layers import ternarize, ternary_scale
+from templates.layers import TernaryLinear, ternarize, ternary_scale
 from templates.quant import Quantiser
-from templates.registry import QUANTISERS, register
+from templates.registry import QUANTISERS, STAGES, register
 
 
 def pack_2bit(codes: Tensor) -> Tensor:
@@ -77,3 +78,22 @@ register(QUANTISERS, "ternary2")(
 register(QUANTISERS, "ternary5")(
     Quantiser(lambda t, o: ternary_encode(t, o, pack_base3), lambda f: ternary_decode(f, unpack_base3))
 )
+
+
+def ternary_mix(elapsed_ms: float, cap_ms: float | None, warmstart_frac: float, ramp_frac: float) -> float:
+    """How ternary the ternary linears are now: 0 during the float warm start, then a linear ramp to 1."""
+    if warmstart_frac <= 0 or cap_ms is None:
+        return 1.0
+    start_ms = warmstart_frac * cap_ms
+    return min(1.0, max(0.0, (elapsed_ms - start_ms) / max(ramp_frac * (cap_ms - start_ms), 1e-9)))
+
+
+@register(STAGES, "step:ternary_ramp")
+def ternary_ramp(
+    model: torch.nn.Module, hp: Any, lr_scale: float, elapsed_ms: float, cap_ms: float | None, log
+) -> None:
+    """Before each step: set every ternary linear's quant_mix for the time elapsed."""
+    mix = ternary_mix(elapsed_ms, cap_ms, hp.ternary_warmstart_frac, hp.ternary_ramp_frac)
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.quant_mix.fill_(mix)

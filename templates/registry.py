@@ -11,6 +11,7 @@ MLPS: dict[str, Any] = {}
 FEATURES: dict[str, Any] = {}
 QUANTISERS: dict[str, Any] = {}
 COMPRESSORS: dict[str, Any] = {}
+STAGES: dict[str, Any] = {}  # optional training/export/scoring stages; "step:<name>" runs after every step
 
 
 def register(table: dict[str, Any], name: str) -> Callable[[Any], Any]:

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from templates.bpb import build_byte_tables
 from templates.config import model_config_from_env
 from templates.data import BatchLoader, ShardError, find_shards, load_validation_tokens
-from templates.evaluate import STAGES, evaluate, gather_token_losses
+from templates.evaluate import evaluate, gather_token_losses
 from templates.export import (
     ArtifactError,
     choose_quantisers,
@@ -36,17 +36,9 @@ from templates.export import (
     write_artifact,
 )
 from templates.hparams import Hyperparameters
-from templates.layers import TernaryLinear
 from templates.model import LanguageModel
 from templates.optim import Muon, WeightAverage, lr_scale, momentum_at, split_parameters
-
-
-def ternary_mix(elapsed_ms: float, cap_ms: float | None, warmstart_frac: float, ramp_frac: float) -> float:
-    """How ternary the ternary linears are now: 0 during the float warm start, then a linear ramp to 1."""
-    if warmstart_frac <= 0 or cap_ms is None:
-        return 1.0
-    start_ms = warmstart_frac * cap_ms
-    return min(1.0, max(0.0, (elapsed_ms - start_ms) / max(ramp_frac * (cap_ms - start_ms), 1e-9)))
+from templates.registry import STAGES
 
 
 def main() -> None:
@@ -156,7 +148,6 @@ def main() -> None:
         if compiled:
             muon.orthogonalize = torch.compile(muon.orthogonalize)
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None) if distributed else model
-        ternary = [m for m in base.modules() if isinstance(m, TernaryLinear)]
 
         def step_once(loader: BatchLoader, scale: float, momentum: float) -> torch.Tensor:
             loss_sum = torch.zeros((), device=device)
@@ -222,12 +213,10 @@ def main() -> None:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{steps}/{hp.iterations}")
                 break
             elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
-            if ternary:
-                mix = ternary_mix(elapsed, cap_ms, hp.ternary_warmstart_frac, hp.ternary_ramp_frac)
-                for m in ternary:
-                    m.quant_mix.fill_(mix)
             scale = lr_scale(steps, elapsed, hp.iterations, hp.lr_warmup_steps, hp.warmdown_iters, cap_ms)
-            STAGES.get("late_qat", lambda *_: None)(base, scale, log)
+            for name, stage in STAGES.items():  # per-step stages of the variant's parts (ternary ramp, late QAT)
+                if name.startswith("step:"):
+                    stage(base, hp, scale, elapsed, cap_ms, log)
             momentum = momentum_at(
                 steps, hp.muon_momentum_warmup_start, hp.muon_momentum, hp.muon_momentum_warmup_steps
             )

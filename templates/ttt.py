@@ -9,9 +9,9 @@ The model is changed in place: score a copy if the original is needed afterwards
 import torch
 from torch import nn
 
-from templates.evaluate import STAGES, Tally
+from templates.evaluate import Tally
 from templates.hparams import env_float, env_int
-from templates.registry import register
+from templates.registry import STAGES, register
 
 
 def ttt_evaluate(

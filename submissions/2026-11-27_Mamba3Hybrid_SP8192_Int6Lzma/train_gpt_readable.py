@@ -193,6 +193,7 @@ MLPS: dict[str, Any] = {}
 FEATURES: dict[str, Any] = {}
 QUANTISERS: dict[str, Any] = {}
 COMPRESSORS: dict[str, Any] = {}
+STAGES: dict[str, Any] = {}  # optional training/export/scoring stages; "step:<name>" runs after every step
 
 
 def register(table: dict[str, Any], name: str) -> Callable[[Any], Any]:
@@ -2445,108 +2446,6 @@ def read_artifact(path: str) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Scoring the validation split: every target token scored once, summed over ranks into loss and bits per byte.
-#
-# Two ways to walk the split (EVAL_MODE):
-#   windows    non-overlapping windows of EVAL_SEQ_LEN tokens, each seen on its own (upstream's evaluation)
-#   stateful   each rank's range cut into EVAL_BATCH_SEQS contiguous streams, each stream scored window after
-#              window with the recurrent mixers' states carried over, so most tokens see far more context than
-#              one window at the cost of a single pass; windows left over at the end are scored on their own
-# ---------------------------------------------------------------------------------------------------------------------
-
-STAGES: dict = {}  # optional stages by name, registered by the GPTQ and TTT modules where a variant has them
-
-
-class Tally:
-    """Running sums of nats, tokens and bytes (float64), reduced over ranks at the end."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-
-    def add(self, losses: torch.Tensor, x: torch.Tensor, y: torch.Tensor, tables: tuple) -> None:
-        self.sums[0] += losses.double().sum()
-        self.sums[1] += y.numel()
-        self.sums[2] += target_bytes(x, y, tables).double().sum()
-
-    def result(self, world_size: int) -> tuple[float, float]:
-        if world_size > 1:
-            dist.all_reduce(self.sums)
-        nats, tokens, nbytes = self.sums.tolist()
-        loss = nats / tokens
-        return loss, loss / math.log(2.0) * tokens / nbytes
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    seq_len: int,
-    batch_seqs: int,
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    stateful: bool = False,
-    keep_losses: bool = False,
-) -> tuple[float, float, torch.Tensor | None]:
-    """(loss in nats per token, bits per byte, this rank's per-token losses in token order or None)."""
-    n_windows = (tokens.numel() - 1) // seq_len
-    first, last = n_windows * rank // world_size, n_windows * (rank + 1) // world_size
-    tally = Tally(device)
-    kept = torch.zeros(last - first, seq_len) if keep_losses else None
-    was_training = model.training
-    model.eval()
-
-    def window(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        run = tokens[i * seq_len : (i + 1) * seq_len + 1].to(device=device, dtype=torch.int64, non_blocking=True)
-        return run[:-1], run[1:]
-
-    def score(indices: list[int], states: dict | None) -> None:
-        pairs = [window(i) for i in indices]
-        x = torch.stack([p[0] for p in pairs])
-        y = torch.stack([p[1] for p in pairs])
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            if states is None:
-                losses = model(x, y, reduction="none").float()
-            else:
-                logits = core.logits(x, states)
-                losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        tally.add(losses, x, y, tables)
-        if kept is not None:
-            kept[torch.tensor(indices) - first] = losses.cpu()
-
-    core = getattr(model, "_orig_mod", model)  # under torch.compile, the module itself: states are Python objects
-    streams = max(1, min(batch_seqs, last - first))
-    rest = list(range(first, last))
-    if stateful and rest:
-        per_stream = len(rest) // streams
-        states: dict = {}
-        for step in range(per_stream):
-            score([first + s * per_stream + step for s in range(streams)], states)
-        rest = rest[streams * per_stream :]
-    for start in range(0, len(rest), streams):
-        score(rest[start : start + streams], None)
-    model.train(was_training)
-    loss, bpb = tally.result(world_size)
-    return loss, bpb, kept.flatten() if kept is not None else None
-
-
-def gather_token_losses(local: torch.Tensor, world_size: int, device: torch.device) -> torch.Tensor:
-    """Every rank's per-token losses concatenated in rank order (each rank holds a contiguous range)."""
-    if world_size == 1:
-        return local
-    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
-    dist.all_gather(counts, torch.tensor([local.numel()], device=device))
-    size = int(max(c.item() for c in counts))
-    padded = torch.zeros(size, device=device)
-    padded[: local.numel()] = local.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(c.item())].cpu() for part, c in zip(parts, counts)])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Full-Hessian GPTQ for the integer export, with per-row clip ranges, on calibration text the model writes itself.
 #
 # For a weight W [rows, cols] fed inputs x (H = sum x x^T over calibration tokens), GPTQ quantises W one input column
@@ -2835,8 +2734,10 @@ def enable_late_qat(model: nn.Module, bits: int, wide_bits: int, min_numel: int)
     return count
 
 
-@register(STAGES, "late_qat")
-def gptq_late_qat(model: nn.Module, lr_multiplier: float, log: Callable[[str], None]) -> None:
+@register(STAGES, "step:late_qat")
+def gptq_late_qat(
+    model: nn.Module, hp: Any, lr_multiplier: float, elapsed_ms: float, cap_ms: float | None, log
+) -> None:
     """Once the LR multiplier drops below LATE_QAT_THRESHOLD (0: never), QAT_BITS fake-quantisation from then on."""
     threshold = env_float("LATE_QAT_THRESHOLD", 0.0)
     if threshold <= 0 or lr_multiplier >= threshold or getattr(model, "qat_enabled", False):
@@ -2882,6 +2783,106 @@ def gptq_export(
         _, zeroed, candidates = selective_prune(container, target - code_bytes - header, hp.compressor)
         log(f"selective_prune: zeroed {zeroed} of {candidates} +-1 codes for {target} bytes")
     return container
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring the validation split: every target token scored once, summed over ranks into loss and bits per byte.
+#
+# Two ways to walk the split (EVAL_MODE):
+#   windows    non-overlapping windows of EVAL_SEQ_LEN tokens, each seen on its own (upstream's evaluation)
+#   stateful   each rank's range cut into EVAL_BATCH_SEQS contiguous streams, each stream scored window after
+#              window with the recurrent mixers' states carried over, so most tokens see far more context than
+#              one window at the cost of a single pass; windows left over at the end are scored on their own
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Tally:
+    """Running sums of nats, tokens and bytes (float64), reduced over ranks at the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, losses: torch.Tensor, x: torch.Tensor, y: torch.Tensor, tables: tuple) -> None:
+        self.sums[0] += losses.double().sum()
+        self.sums[1] += y.numel()
+        self.sums[2] += target_bytes(x, y, tables).double().sum()
+
+    def result(self, world_size: int) -> tuple[float, float]:
+        if world_size > 1:
+            dist.all_reduce(self.sums)
+        nats, tokens, nbytes = self.sums.tolist()
+        loss = nats / tokens
+        return loss, loss / math.log(2.0) * tokens / nbytes
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    seq_len: int,
+    batch_seqs: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    stateful: bool = False,
+    keep_losses: bool = False,
+) -> tuple[float, float, torch.Tensor | None]:
+    """(loss in nats per token, bits per byte, this rank's per-token losses in token order or None)."""
+    n_windows = (tokens.numel() - 1) // seq_len
+    first, last = n_windows * rank // world_size, n_windows * (rank + 1) // world_size
+    tally = Tally(device)
+    kept = torch.zeros(last - first, seq_len) if keep_losses else None
+    was_training = model.training
+    model.eval()
+
+    def window(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        run = tokens[i * seq_len : (i + 1) * seq_len + 1].to(device=device, dtype=torch.int64, non_blocking=True)
+        return run[:-1], run[1:]
+
+    def score(indices: list[int], states: dict | None) -> None:
+        pairs = [window(i) for i in indices]
+        x = torch.stack([p[0] for p in pairs])
+        y = torch.stack([p[1] for p in pairs])
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if states is None:
+                losses = model(x, y, reduction="none").float()
+            else:
+                logits = core.logits(x, states)
+                losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        tally.add(losses, x, y, tables)
+        if kept is not None:
+            kept[torch.tensor(indices) - first] = losses.cpu()
+
+    core = getattr(model, "_orig_mod", model)  # under torch.compile, the module itself: states are Python objects
+    streams = max(1, min(batch_seqs, last - first))
+    rest = list(range(first, last))
+    if stateful and rest:
+        per_stream = len(rest) // streams
+        states: dict = {}
+        for step in range(per_stream):
+            score([first + s * per_stream + step for s in range(streams)], states)
+        rest = rest[streams * per_stream :]
+    for start in range(0, len(rest), streams):
+        score(rest[start : start + streams], None)
+    model.train(was_training)
+    loss, bpb = tally.result(world_size)
+    return loss, bpb, kept.flatten() if kept is not None else None
+
+
+def gather_token_losses(local: torch.Tensor, world_size: int, device: torch.device) -> torch.Tensor:
+    """Every rank's per-token losses concatenated in rank order (each rank holds a contiguous range)."""
+    if world_size == 1:
+        return local
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([local.numel()], device=device))
+    size = int(max(c.item() for c in counts))
+    padded = torch.zeros(size, device=device)
+    padded[: local.numel()] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(c.item())].cpu() for part, c in zip(parts, counts)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2969,14 +2970,6 @@ def ttt_stage(model: nn.Module, tokens: torch.Tensor, tables: tuple, seq_len: in
 #                                                             score an existing artifact, no training
 #   TOKEN_LOSSES=losses.npz                                   also save the scored tokens and each one's loss
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def ternary_mix(elapsed_ms: float, cap_ms: float | None, warmstart_frac: float, ramp_frac: float) -> float:
-    """How ternary the ternary linears are now: 0 during the float warm start, then a linear ramp to 1."""
-    if warmstart_frac <= 0 or cap_ms is None:
-        return 1.0
-    start_ms = warmstart_frac * cap_ms
-    return min(1.0, max(0.0, (elapsed_ms - start_ms) / max(ramp_frac * (cap_ms - start_ms), 1e-9)))
 
 
 def main() -> None:
@@ -3086,7 +3079,6 @@ def main() -> None:
         if compiled:
             muon.orthogonalize = torch.compile(muon.orthogonalize)
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None) if distributed else model
-        ternary = [m for m in base.modules() if isinstance(m, TernaryLinear)]
 
         def step_once(loader: BatchLoader, scale: float, momentum: float) -> torch.Tensor:
             loss_sum = torch.zeros((), device=device)
@@ -3152,12 +3144,10 @@ def main() -> None:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{steps}/{hp.iterations}")
                 break
             elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
-            if ternary:
-                mix = ternary_mix(elapsed, cap_ms, hp.ternary_warmstart_frac, hp.ternary_ramp_frac)
-                for m in ternary:
-                    m.quant_mix.fill_(mix)
             scale = lr_scale(steps, elapsed, hp.iterations, hp.lr_warmup_steps, hp.warmdown_iters, cap_ms)
-            STAGES.get("late_qat", lambda *_: None)(base, scale, log)
+            for name, stage in STAGES.items():  # per-step stages of the variant's parts (ternary ramp, late QAT)
+                if name.startswith("step:"):
+                    stage(base, hp, scale, elapsed, cap_ms, log)
             momentum = momentum_at(
                 steps, hp.muon_momentum_warmup_start, hp.muon_momentum, hp.muon_momentum_warmup_steps
             )

@@ -197,6 +197,7 @@ MLPS: dict[str, Any] = {}
 FEATURES: dict[str, Any] = {}
 QUANTISERS: dict[str, Any] = {}
 COMPRESSORS: dict[str, Any] = {}
+STAGES: dict[str, Any] = {}  # optional training/export/scoring stages; "step:<name>" runs after every step
 
 
 def register(table: dict[str, Any], name: str) -> Callable[[Any], Any]:
@@ -1837,7 +1838,8 @@ register(QUANTISERS, "int6")(Quantiser(lambda t, opts: integer_encode(t, 31), in
 #   ternary2   4 codes per byte, 2 bits each (code + 1), the first code in the low bits
 #   ternary5   5 codes per byte in base 3: sum of (code_k + 1) * 3^k, padded with the zero code
 # Codes come from the absmean scale, as in the forward; the stored scale is absmean or, with TERNARY_LSTSQ=1, the
-# least-squares fit of the float weights by scale * codes; per tensor or per row, as the linear itself.
+# least-squares fit of the float weights by scale * codes; per tensor or per row, as the linear itself. A warm start
+# (TERNARY_WARMSTART_FRAC of the time in float, then a ramp over TERNARY_RAMP_FRAC of the rest) is a step stage.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -1904,6 +1906,25 @@ register(QUANTISERS, "ternary2")(
 register(QUANTISERS, "ternary5")(
     Quantiser(lambda t, o: ternary_encode(t, o, pack_base3), lambda f: ternary_decode(f, unpack_base3))
 )
+
+
+def ternary_mix(elapsed_ms: float, cap_ms: float | None, warmstart_frac: float, ramp_frac: float) -> float:
+    """How ternary the ternary linears are now: 0 during the float warm start, then a linear ramp to 1."""
+    if warmstart_frac <= 0 or cap_ms is None:
+        return 1.0
+    start_ms = warmstart_frac * cap_ms
+    return min(1.0, max(0.0, (elapsed_ms - start_ms) / max(ramp_frac * (cap_ms - start_ms), 1e-9)))
+
+
+@register(STAGES, "step:ternary_ramp")
+def ternary_ramp(
+    model: torch.nn.Module, hp: Any, lr_scale: float, elapsed_ms: float, cap_ms: float | None, log
+) -> None:
+    """Before each step: set every ternary linear's quant_mix for the time elapsed."""
+    mix = ternary_mix(elapsed_ms, cap_ms, hp.ternary_warmstart_frac, hp.ternary_ramp_frac)
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.quant_mix.fill_(mix)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2044,8 +2065,6 @@ def read_artifact(path: str) -> dict[str, Tensor]:
 #              one window at the cost of a single pass; windows left over at the end are scored on their own
 # ---------------------------------------------------------------------------------------------------------------------
 
-STAGES: dict = {}  # optional stages by name, registered by the GPTQ and TTT modules where a variant has them
-
 
 class Tally:
     """Running sums of nats, tokens and bytes (float64), reduced over ranks at the end."""
@@ -2146,14 +2165,6 @@ def gather_token_losses(local: torch.Tensor, world_size: int, device: torch.devi
 #                                                             score an existing artifact, no training
 #   TOKEN_LOSSES=losses.npz                                   also save the scored tokens and each one's loss
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def ternary_mix(elapsed_ms: float, cap_ms: float | None, warmstart_frac: float, ramp_frac: float) -> float:
-    """How ternary the ternary linears are now: 0 during the float warm start, then a linear ramp to 1."""
-    if warmstart_frac <= 0 or cap_ms is None:
-        return 1.0
-    start_ms = warmstart_frac * cap_ms
-    return min(1.0, max(0.0, (elapsed_ms - start_ms) / max(ramp_frac * (cap_ms - start_ms), 1e-9)))
 
 
 def main() -> None:
@@ -2263,7 +2274,6 @@ def main() -> None:
         if compiled:
             muon.orthogonalize = torch.compile(muon.orthogonalize)
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None) if distributed else model
-        ternary = [m for m in base.modules() if isinstance(m, TernaryLinear)]
 
         def step_once(loader: BatchLoader, scale: float, momentum: float) -> torch.Tensor:
             loss_sum = torch.zeros((), device=device)
@@ -2329,12 +2339,10 @@ def main() -> None:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{steps}/{hp.iterations}")
                 break
             elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
-            if ternary:
-                mix = ternary_mix(elapsed, cap_ms, hp.ternary_warmstart_frac, hp.ternary_ramp_frac)
-                for m in ternary:
-                    m.quant_mix.fill_(mix)
             scale = lr_scale(steps, elapsed, hp.iterations, hp.lr_warmup_steps, hp.warmdown_iters, cap_ms)
-            STAGES.get("late_qat", lambda *_: None)(base, scale, log)
+            for name, stage in STAGES.items():  # per-step stages of the variant's parts (ternary ramp, late QAT)
+                if name.startswith("step:"):
+                    stage(base, hp, scale, elapsed, cap_ms, log)
             momentum = momentum_at(
                 steps, hp.muon_momentum_warmup_start, hp.muon_momentum, hp.muon_momentum_warmup_steps
             )

@@ -110,3 +110,19 @@ def test_artifact_round_trip_and_damage(monkeypatch, tmp_path, compressor):
         read_artifact(str(path))
     with pytest.raises(ArtifactError, match="cannot read"):
         read_artifact(str(tmp_path / "missing.ptz"))
+
+
+def test_ternary_warm_start_ramp_is_a_step_stage(monkeypatch):
+    from templates.quant_ternary import ternary_mix
+    from templates.registry import STAGES
+
+    assert ternary_mix(0.0, None, 0.1, 0.1) == 1.0  # no cap: ternary from the start
+    assert ternary_mix(50.0, 1000.0, 0.1, 0.1) == 0.0  # inside the float warm start (the first 100 ms)
+    assert ternary_mix(145.0, 1000.0, 0.1, 0.1) == pytest.approx(0.5)  # halfway through the 90 ms ramp
+    assert ternary_mix(900.0, 1000.0, 0.1, 0.1) == 1.0
+    model = _tiny_model(monkeypatch, LINEAR_KIND="ternary", TERNARY_WARMSTART_FRAC=0.1)
+    from templates.hparams import Hyperparameters
+
+    STAGES["step:ternary_ramp"](model, Hyperparameters(), 1.0, 50.0, 1000.0, print)
+    mixes = [m.quant_mix.item() for m in model.modules() if isinstance(m, TernaryLinear)]
+    assert mixes and all(v == 0.0 for v in mixes)

@@ -159,7 +159,7 @@ def test_late_qat_puts_the_forward_on_the_export_grid_and_passes_gradients():
 
 
 def test_export_stage_runs_gptq_and_prunes_to_the_target(monkeypatch):
-    from templates.evaluate import STAGES
+    from templates.registry import STAGES
 
     use_recipe(monkeypatch, "mamba3-hybrid", **TINY)
     monkeypatch.setenv("USE_GPTQ", "1")

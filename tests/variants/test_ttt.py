@@ -93,7 +93,7 @@ def test_adaptation_lowers_the_loss_on_a_repetitive_stream(monkeypatch):
 
 
 def test_ttt_stage_is_called_like_evaluate_and_reads_its_knobs(monkeypatch):
-    from templates.evaluate import STAGES
+    from templates.registry import STAGES
 
     model = _model(monkeypatch)
     monkeypatch.setenv("TTT_EPOCHS", str(EPOCHS))
