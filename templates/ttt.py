@@ -9,7 +9,7 @@ The model is changed in place: score a copy if the original is needed afterwards
 import torch
 from torch import nn
 
-from templates.evaluate import Tally
+from templates.evaluate import Tally, rank_windows, window_batch
 from templates.hparams import env_float, env_int
 from templates.registry import STAGES, register
 
@@ -30,23 +30,16 @@ def ttt_evaluate(
     keep_losses: bool = False,
 ) -> tuple[float, float, torch.Tensor | None]:
     """(loss in nats per token, bits per byte, this rank's per-token losses in token order or None)."""
-    n_windows = (tokens.numel() - 1) // seq_len
-    first, last = n_windows * rank // world_size, n_windows * (rank + 1) // world_size
+    first, last = rank_windows(tokens, seq_len, rank, world_size)
     tally = Tally(device)
     kept = torch.zeros(last - first, seq_len) if keep_losses else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     was_training = model.training
 
-    def chunk(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        run = tokens[start * seq_len : stop * seq_len + 1].to(device=device, dtype=torch.int64)
-        x = torch.stack([run[i * seq_len : (i + 1) * seq_len] for i in range(stop - start)])
-        y = torch.stack([run[i * seq_len + 1 : (i + 1) * seq_len + 1] for i in range(stop - start)])
-        return x, y
-
     for start in range(first, last, chunk_seqs):
         stop = min(start + chunk_seqs, last)
-        x, y = chunk(start, stop)
+        x, y = window_batch(tokens, list(range(start, stop)), seq_len, device)
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             losses = model(x, y, reduction="none").float()

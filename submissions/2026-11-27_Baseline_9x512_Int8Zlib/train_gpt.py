@@ -1114,6 +1114,21 @@ class Tally:
         return loss, loss / math.log(2.0) * tokens / nbytes
 
 
+def rank_windows(tokens: torch.Tensor, seq_len: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[first, last) of the whole windows of `seq_len` targets that this rank scores (contiguous ranges)."""
+    n_windows = (tokens.numel() - 1) // seq_len
+    return n_windows * rank // world_size, n_windows * (rank + 1) // world_size
+
+
+def window_batch(
+    tokens: torch.Tensor, indices: list[int], seq_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and shifted targets of the given windows, [len(indices), seq_len] each, moved in one copy."""
+    runs = torch.stack([tokens[i * seq_len : (i + 1) * seq_len + 1] for i in indices])
+    runs = runs.to(device=device, dtype=torch.int64, non_blocking=True)
+    return runs[:, :-1], runs[:, 1:]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -1129,21 +1144,14 @@ def evaluate(
     keep_losses: bool = False,
 ) -> tuple[float, float, torch.Tensor | None]:
     """(loss in nats per token, bits per byte, this rank's per-token losses in token order or None)."""
-    n_windows = (tokens.numel() - 1) // seq_len
-    first, last = n_windows * rank // world_size, n_windows * (rank + 1) // world_size
+    first, last = rank_windows(tokens, seq_len, rank, world_size)
     tally = Tally(device)
     kept = torch.zeros(last - first, seq_len) if keep_losses else None
     was_training = model.training
     model.eval()
 
-    def window(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        run = tokens[i * seq_len : (i + 1) * seq_len + 1].to(device=device, dtype=torch.int64, non_blocking=True)
-        return run[:-1], run[1:]
-
     def score(indices: list[int], states: dict | None) -> None:
-        pairs = [window(i) for i in indices]
-        x = torch.stack([p[0] for p in pairs])
-        y = torch.stack([p[1] for p in pairs])
+        x, y = window_batch(tokens, indices, seq_len, device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if states is None:
                 losses = model(x, y, reduction="none").float()
