@@ -30,6 +30,7 @@ BYTES_PER_PARAM = {
     "ternary2": (0.19, "measured: PR #1994, 11,969,746 B for 61.1 M ternary + 0.5 M int8 parameters (brotli)"),
     "ternary5": (0.20, "measured: PR #1999, 1.55 MB of its 12.04 MB artifact for 7.76 M trits (zlib)"),
 }
+UNLISTED = (4.0, "no table entry: 4 bytes assumed")  # a quantiser the table does not know
 COMPRESSOR_FACTOR = {"zlib": 1.0, "brotli": 0.97, "lzma": 0.95}
 
 
@@ -93,7 +94,7 @@ def plan_groups(spec: VariantSpec, defaults: dict[str, str], overrides: dict[str
         g = groups.setdefault(quantiser, Group(quantiser, 0, 0, 0.0))
         g.tensors += 1
         g.params += n
-        g.estimate += n * BYTES_PER_PARAM.get(quantiser, (4.0, ""))[0] * factor
+        g.estimate += n * BYTES_PER_PARAM.get(quantiser, UNLISTED)[0] * factor
     return sorted(groups.values(), key=lambda g: -g.estimate), sum(p.numel() for p in model.parameters()), hp.compressor
 
 
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'quantiser':<10} {'tensors':>7} {'parameters':>13} {'bits/param':>10} {'est. bytes':>13}  basis")
     for g in groups:
         bits = 8 * g.estimate / max(g.params, 1)
-        basis = BYTES_PER_PARAM.get(g.quantiser, (0, "no table entry: 4 bytes assumed"))[1]
+        basis = BYTES_PER_PARAM.get(g.quantiser, UNLISTED)[1]
         print(f"{g.quantiser:<10} {g.tensors:>7} {g.params:>13,} {bits:>10.2f} {g.estimate:>13,.0f}  {basis}")
     total = model_bytes + code
     margin = CAP_BYTES - total

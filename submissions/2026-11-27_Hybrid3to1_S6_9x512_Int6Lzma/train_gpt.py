@@ -279,7 +279,7 @@ def model_config_from_env() -> ModelConfig:
     default_mlp = env_str("MLP_KIND", "relu2")
     layers = parse_layer_pattern(env_str("LAYER_PATTERN", "attention"), env_int("NUM_LAYERS", 9), default_mlp)
     names = {n for spec in layers for n in spec.mixers}
-    features = tuple(f.strip() for f in env_str("INPUT_FEATURES", "").split(",") if f.strip())
+    features = env_list("INPUT_FEATURES", "")
     return ModelConfig(
         vocab_size=env_int("VOCAB_SIZE", 1024),
         dim=env_int("MODEL_DIM", 512),
