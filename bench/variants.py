@@ -10,6 +10,10 @@ score and its evaluation time, and projections to 8 GPUs (linear scaling: steps 
 Quality mode (`--seconds S`): every variant trains for the same S seconds of wall-clock on the same data and is
 scored the same way, so the val_bpb column compares them at equal time (proxy data is not FineWeb: say so).
 
+`--gpus 0,1,2,3` runs the variants side by side, one per GPU (CUDA_VISIBLE_DEVICES), each starting as soon as a
+GPU is free: on a 4-GPU machine four 5-minute quality runs cost the wall-clock of one. Each run still has a whole
+GPU of its own; the host's CPUs are shared (say so beside the figures).
+
   python bench/variants.py --data-root DATA --variants baseline,kill-mamba2 --steps 60 --timeout 240
   python bench/variants.py --data-root DATA --seconds 300 --timeout 560
 
@@ -24,10 +28,12 @@ import argparse
 import datetime
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +92,7 @@ def measure(log_text: str) -> dict:
     return out
 
 
-def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
+def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None = None) -> dict:
     spec = get_variant(name)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +108,8 @@ def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
     for pair in args.env:
         key, _, value = pair.partition("=")
         env[key] = value
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     launch = [sys.executable, "train_gpt.py"]
     if args.nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
@@ -115,8 +123,29 @@ def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
         status = "timeout"
     (folder / "log.txt").write_text(text)
     result = {"variant": name, "exit": status, "wall_s": round(time.monotonic() - started, 1)}
+    if gpu is not None:
+        result["gpu"] = gpu
     result.update(measure(text))
     return result
+
+
+def run_side_by_side(names: list[str], gpus: list[str], args: argparse.Namespace) -> list[dict]:
+    """Each variant on the next free GPU; rows come back in the order of `names`."""
+    free: queue.Queue[str] = queue.Queue()
+    for gpu in gpus:
+        free.put(gpu)
+
+    def one(name: str) -> dict:
+        gpu = free.get()
+        try:
+            row = run_variant(name, args, args.out, gpu)
+        finally:
+            free.put(gpu)
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        return list(pool.map(one, names))
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
@@ -151,14 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.0, help="quality mode: this much training each")
     parser.add_argument("--timeout", type=float, default=300.0, help="per variant, seconds")
     parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one variant per GPU, side by side")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="an override for every variant")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_variants_out")))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        rows.append(run_variant(name, args, args.out))
-        print(json.dumps(rows[-1]), flush=True)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    if gpus and args.nproc > 1:
+        raise SystemExit("--gpus runs one single-process variant per GPU; leave out --nproc")
+    if gpus:
+        rows = run_side_by_side(names, gpus, args)
+    else:
+        rows = []
+        for name in names:
+            rows.append(run_variant(name, args, args.out))
+            print(json.dumps(rows[-1]), flush=True)
     (args.out / "variants.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = markdown(rows, args)
     (args.out / "variants.md").write_text(table)

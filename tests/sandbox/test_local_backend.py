@@ -50,6 +50,9 @@ def test_clean_run_has_no_findings_and_leaves_the_submission_untouched(tmp_path,
 
 def test_environment_is_scrubbed(tmp_path, sample_paths, make_submission, monkeypatch):
     monkeypatch.setenv("SSM_GOLF_TEST_SECRET_TOKEN", "hunter2")
+    switches = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    for key, value in switches.items():  # the host's NVLink-multicast switches must reach the child
+        monkeypatch.setenv(key, value)
     extra = tmp_path / "wheels"
     extra.mkdir()
     (extra / "golf_extra_pkg.py").write_text("VALUE = 42\n")
@@ -57,12 +60,15 @@ def test_environment_is_scrubbed(tmp_path, sample_paths, make_submission, monkey
     folder = make_submission(
         setup="""
 print("secret:", os.environ.get("SSM_GOLF_TEST_SECRET_TOKEN"))
+print("switches:", [os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                 "NVSHMEM_DISABLE_NVLS")])
 import golf_extra_pkg
 print("extra:", golf_extra_pkg.VALUE, os.environ["PYTHONPATH"].split(os.pathsep)[0].endswith("hook"))
 """
     )
     result = run(folder, tmp_path, sample_paths)
     assert "secret: None" in result.text
+    assert "switches: ['0', '1', '1']" in result.text
     assert "extra: 42 True" in result.text  # the caller's PYTHONPATH still reaches its packages, after the hook
     assert audit_findings(result.audit_events, "x") == []
     assert f"{os.sep}home" in str(result.work_dir.parent / "home")

@@ -3,6 +3,7 @@ and the figures it reports are read from the run's own log."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -44,3 +45,31 @@ def test_measure_reads_a_log_that_stopped_early():
     figures = _bench().measure(log)
     assert figures["ms_per_step"] == 100.0 and figures["tokens_per_s"] == 10_000
     assert figures["bytes_model"] is None and figures["val_bpb"] is None
+
+
+def test_side_by_side_gives_each_run_its_own_gpu_and_keeps_the_order(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    bench = _bench()
+    busy: set[str] = set()
+    lock = threading.Lock()
+    clashes = []
+
+    def fake_run(name, args, out, gpu=None):
+        with lock:
+            if gpu in busy:
+                clashes.append((name, gpu))
+            busy.add(gpu)
+        time.sleep(0.05 if name != "b" else 0.2)
+        with lock:
+            busy.discard(gpu)
+        return {"variant": name, "gpu": gpu, "exit": 0}
+
+    monkeypatch.setattr(bench, "run_variant", fake_run)
+    args = argparse.Namespace(out=tmp_path)
+    rows = bench.run_side_by_side(["a", "b", "c", "d", "e"], ["0", "1"], args)
+    assert [r["variant"] for r in rows] == ["a", "b", "c", "d", "e"]
+    assert clashes == [] and {r["gpu"] for r in rows} == {"0", "1"}
+    # "b" holds its GPU the longest, so the other GPU takes the runs that start meanwhile
+    assert rows[1]["gpu"] != rows[2]["gpu"]

@@ -39,7 +39,7 @@ TOKENIZER_DIR_INSIDE = "/data/tokenizer"
 IMAGE_USER = "1000:1000"  # the image's non-root user (see Dockerfile)
 SHM_SIZE = "16g"
 PIDS_LIMIT = 8192
-KEPT_HOST_ENV_PREFIXES = ("NCCL_", "TORCH_CUDA_ARCH_LIST")
+KEPT_HOST_ENV_PREFIXES = ("NCCL_", "TORCH_CUDA_ARCH_LIST", "TORCH_SYMM_MEM_", "NVSHMEM_")  # multicast switches too
 
 
 def _user() -> str:

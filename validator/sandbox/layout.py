@@ -15,9 +15,14 @@ NETNS_SOURCE = Path(__file__).resolve().parent / "netns.py"
 # Read-only system trees a CUDA/Python process legitimately opens (drivers, libraries, /proc and /sys queries).
 SYSTEM_READ_ROOTS = ("/proc", "/sys", "/dev", "/etc", "/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/opt")
 SYSTEM_WRITE_ROOTS = ("/dev",)  # /dev/null, /dev/shm (NCCL, shared memory)
-# Environment kept from the caller: finding the tools and the GPUs, nothing that carries credentials.
+# Environment kept from the caller: finding the tools and the GPUs, nothing that carries credentials. A host's
+# switches that keep NVLink multicast off (NCCL_NVLS_ENABLE, TORCH_SYMM_MEM_DISABLE_MULTICAST, NVSHMEM_DISABLE_NVLS)
+# must reach the child too: on shared machines a program that uses it can take the host's GPUs out of service.
 KEPT_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH", "TERM")
-KEPT_ENV_PREFIXES = ("CUDA_VISIBLE_DEVICES", "NVIDIA_", "NCCL_", "TORCH_CUDA_ARCH_LIST", "TRITON_", "OMP_NUM_THREADS")
+KEPT_ENV_PREFIXES = (
+    "CUDA_VISIBLE_DEVICES", "NVIDIA_", "NCCL_", "TORCH_CUDA_ARCH_LIST", "TRITON_", "OMP_NUM_THREADS",
+    "TORCH_SYMM_MEM_", "NVSHMEM_",
+)  # fmt: skip
 
 
 class SandboxError(Exception):

@@ -1,0 +1,50 @@
+"""bench/profile_step.py without a GPU: kernels are sorted into the right kinds, and the assembled script it imports
+holds every name the profiler builds its step from."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+def _profiler():
+    path = Path(__file__).resolve().parents[2] / "bench" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("bench_profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("kernel", "kind"),
+    [
+        ("_ssd_fwd_kernel", "scan core"),
+        ("_lti_chunk_bwd", "scan core"),
+        ("flash_fwd_kernel", "attention"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", "matrix products"),
+        ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", "matrix products"),
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "other triton"),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "nccl"),
+        ("void at::native::vectorized_elementwise_kernel<4>", "rest"),
+    ],
+)
+def test_kernels_are_sorted_by_kind(kernel, kind):
+    assert _profiler().kind_of(kernel) == kind
+
+
+def test_the_assembled_script_gives_the_profiler_its_parts(tmp_path, monkeypatch):
+    profiler = _profiler()
+    monkeypatch.setattr(profiler.os, "environ", dict(profiler.os.environ))
+    script = profiler.load_script("ttsm", tmp_path, {"MODEL_DIM": "64", "NUM_LAYERS": "2"})
+    hp, cfg = script.Hyperparameters(), script.model_config_from_env()
+    model = script.LanguageModel(cfg)
+    groups = script.split_parameters(model, hp.control_patterns)
+    assert cfg.dim == 64 and len(cfg.layers) == 2 and groups["muon"] and script.Muon
+    assert (tmp_path / "train_gpt.py").is_file()
+
+
+def test_markdown_names_a_failed_variant():
+    text = _profiler().markdown([{"variant": "lru", "error": "exit 1: CUDA error"}])
+    assert "lru: failed" in text and "CUDA error" in text
