@@ -92,6 +92,17 @@ def measure(log_text: str) -> dict:
     return out
 
 
+def record_batch_on(nproc: int, defaults: dict[str, str]) -> dict[str, str]:
+    """The record's whole batch on `nproc` GPUs at the record's micro-batch per GPU.
+
+    A recipe that fixes GRAD_ACCUM_STEPS=g states its count on 8 GPUs (its micro-batch is sized for one GPU's
+    memory); the script does not scale a fixed count with the rank count, so on fewer GPUs it is scaled here:
+    g x 8 / nproc micro-steps. Recipes that leave it at 0 get the script's own 8 / nproc.
+    """
+    fixed = int(defaults.get("GRAD_ACCUM_STEPS", "0") or 0)
+    return {"GRAD_ACCUM_STEPS": str(fixed * 8 // nproc)} if fixed else {}
+
+
 def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None = None) -> dict:
     spec = get_variant(name)
     folder = out / name
@@ -105,6 +116,7 @@ def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None 
         env.update(MAX_WALLCLOCK_SECONDS=str(args.seconds), ITERATIONS="1000000")
     else:
         env.update(MAX_WALLCLOCK_SECONDS="0", ITERATIONS=str(args.steps))
+    env.update(record_batch_on(args.nproc, defaults))
     for pair in args.env:
         key, _, value = pair.partition("=")
         env[key] = value

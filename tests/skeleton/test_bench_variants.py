@@ -73,3 +73,10 @@ def test_side_by_side_gives_each_run_its_own_gpu_and_keeps_the_order(monkeypatch
     assert clashes == [] and {r["gpu"] for r in rows} == {"0", "1"}
     # "b" holds its GPU the longest, so the other GPU takes the runs that start meanwhile
     assert rows[1]["gpu"] != rows[2]["gpu"]
+
+
+def test_a_fixed_accumulation_count_keeps_the_records_micro_batch_on_fewer_gpus():
+    bench = _bench()
+    assert bench.record_batch_on(1, {"GRAD_ACCUM_STEPS": "2"}) == {"GRAD_ACCUM_STEPS": "16"}
+    assert bench.record_batch_on(4, {"GRAD_ACCUM_STEPS": "2"}) == {"GRAD_ACCUM_STEPS": "4"}
+    assert bench.record_batch_on(1, {"GRAD_ACCUM_STEPS": "0"}) == {} == bench.record_batch_on(2, {})
