@@ -38,7 +38,7 @@ GPTQ_QMAX = {"int6": 31, "int8": 127}
 def gptq_row_scales(w: Tensor, qmax: Tensor, percentiles: tuple[float, ...] = GPTQ_PERCENTILES) -> Tensor:
     """Per-row scale (fp16-representable, as float32): the clip percentile whose round-to-nearest error is least."""
     a = w.abs().float()
-    q = qmax.float().view(-1, 1)
+    q = qmax.float().view(-1, 1).to(w.device)
     best, best_err = None, None
     for p in percentiles:
         clip = a.max(dim=1, keepdim=True).values if p >= 1.0 else torch.quantile(a, p, dim=1, keepdim=True)
@@ -269,7 +269,7 @@ def gptq_hessian_loss(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
 
 def gptq_plain_round(w: Tensor, qmax: Tensor, scale: Tensor) -> Tensor:
     """Round-to-nearest on the same grid (what GPTQ is compared against)."""
-    q = qmax.float().view(-1, 1)
+    q = qmax.float().view(-1, 1).to(w.device)
     return torch.clamp(torch.round(w / scale.view(-1, 1)), -q, q) * scale.view(-1, 1)
 
 

@@ -177,3 +177,14 @@ def test_export_stage_runs_gptq_and_prunes_to_the_target(monkeypatch):
     assert container["tensors"]["blocks.0.mixers.0.in_proj.weight"]["quantiser"] == "rows_int"
     assert any(line.startswith("gptq:") for line in lines) and any("selective_prune" in line for line in lines)
     assert compressed_size(container, "lzma") <= plain - 300 - len(b"SSMG1 lzma\n")
+
+
+def test_gptq_keeps_every_operand_on_the_weights_device():
+    """The row ranges are made on the host; on a GPU they must follow the weights. The meta device stands in for
+    CUDA here: a host tensor mixed into its arithmetic fails as it does on the GPU."""
+    w, h = torch.randn(8, 16, device="meta"), torch.eye(16, device="meta")
+    qmax = torch.tensor([31] * 6 + [127] * 2, dtype=torch.int32)  # the host tensor gptq_row_ranges makes
+    assert gptq_row_scales(w, qmax).device.type == "meta"
+    codes, scale = gptq_quantize(w, h, qmax, 8, 0.01)
+    assert codes.shape == (8, 16) and codes.device.type == scale.device.type == "meta"
+    assert gptq_plain_round(w, qmax, torch.ones(8, device="meta")).device.type == "meta"
