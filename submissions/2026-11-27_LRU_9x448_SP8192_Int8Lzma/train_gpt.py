@@ -2011,6 +2011,7 @@ def gather_token_losses(local: torch.Tensor, world_size: int, device: torch.devi
 
 def main() -> None:
     hp = Hyperparameters()
+    started_at = time.perf_counter()  # start-up, compilation and export times are logged against this
     cfg = model_config_from_env()
     code = Path(__file__).read_bytes()
 
@@ -2147,7 +2148,7 @@ def main() -> None:
             for i in range(1, hp.warmup_steps + 1):
                 step_once(warm_loader, 1.0, hp.muon_momentum_warmup_start)
                 if i % 10 == 0 or i == hp.warmup_steps:
-                    log(f"warmup_step:{i}/{hp.warmup_steps}")
+                    log(f"warmup_step:{i}/{hp.warmup_steps} since_start:{time.perf_counter() - started_at:.0f}s")
             base.load_state_dict(saved[0])
             for opt, state in zip(optimizers, saved[1]):
                 opt.load_state_dict(state)
@@ -2235,7 +2236,8 @@ def main() -> None:
             log(f"Total submission size: {raw_bytes + len(code)} bytes")
             log(
                 f"Serialized model {label}: {file_bytes} bytes "
-                f"(payload:{payload} raw_torch:{torch_bytes} payload_ratio:{raw_bytes / max(payload, 1):.2f}x)"
+                f"(payload:{payload} raw_torch:{torch_bytes} payload_ratio:{raw_bytes / max(payload, 1):.2f}x "
+                f"since_start:{time.perf_counter() - started_at:.0f}s)"
             )
             log(f"Total submission size {label}: {file_bytes + len(code)} bytes")
         if distributed:

@@ -2470,7 +2470,7 @@ GPTQ_QMAX = {"int6": 31, "int8": 127}
 def gptq_row_scales(w: Tensor, qmax: Tensor, percentiles: tuple[float, ...] = GPTQ_PERCENTILES) -> Tensor:
     """Per-row scale (fp16-representable, as float32): the clip percentile whose round-to-nearest error is least."""
     a = w.abs().float()
-    q = qmax.float().view(-1, 1)
+    q = qmax.float().view(-1, 1).to(w.device)
     best, best_err = None, None
     for p in percentiles:
         clip = a.max(dim=1, keepdim=True).values if p >= 1.0 else torch.quantile(a, p, dim=1, keepdim=True)
@@ -2701,7 +2701,7 @@ def gptq_hessian_loss(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
 
 def gptq_plain_round(w: Tensor, qmax: Tensor, scale: Tensor) -> Tensor:
     """Round-to-nearest on the same grid (what GPTQ is compared against)."""
-    q = qmax.float().view(-1, 1)
+    q = qmax.float().view(-1, 1).to(w.device)
     return torch.clamp(torch.round(w / scale.view(-1, 1)), -q, q) * scale.view(-1, 1)
 
 
@@ -2975,6 +2975,7 @@ def ttt_stage(model: nn.Module, tokens: torch.Tensor, tables: tuple, seq_len: in
 
 def main() -> None:
     hp = Hyperparameters()
+    started_at = time.perf_counter()  # start-up, compilation and export times are logged against this
     cfg = model_config_from_env()
     code = Path(__file__).read_bytes()
 
@@ -3111,7 +3112,7 @@ def main() -> None:
             for i in range(1, hp.warmup_steps + 1):
                 step_once(warm_loader, 1.0, hp.muon_momentum_warmup_start)
                 if i % 10 == 0 or i == hp.warmup_steps:
-                    log(f"warmup_step:{i}/{hp.warmup_steps}")
+                    log(f"warmup_step:{i}/{hp.warmup_steps} since_start:{time.perf_counter() - started_at:.0f}s")
             base.load_state_dict(saved[0])
             for opt, state in zip(optimizers, saved[1]):
                 opt.load_state_dict(state)
@@ -3199,7 +3200,8 @@ def main() -> None:
             log(f"Total submission size: {raw_bytes + len(code)} bytes")
             log(
                 f"Serialized model {label}: {file_bytes} bytes "
-                f"(payload:{payload} raw_torch:{torch_bytes} payload_ratio:{raw_bytes / max(payload, 1):.2f}x)"
+                f"(payload:{payload} raw_torch:{torch_bytes} payload_ratio:{raw_bytes / max(payload, 1):.2f}x "
+                f"since_start:{time.perf_counter() - started_at:.0f}s)"
             )
             log(f"Total submission size {label}: {file_bytes + len(code)} bytes")
         if distributed:

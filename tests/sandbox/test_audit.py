@@ -14,6 +14,7 @@ from validator.sandbox.audit import ALLOWED_PROGRAMS, audit_findings, spawn_is_a
         (["clang-18", "x.c"], True),
         (["/opt/venv/lib/python3.12/site-packages/triton/backends/nvidia/bin/ptxas", "--version"], True),
         (["/sbin/ldconfig", "-p"], True),
+        (["file", "-b", "/usr/bin/python3.12"], True),  # platform.architecture()
         (["/usr/bin/python3.12", "-u", "train_gpt.py"], True),  # torchrun's workers load the hook
         (["/usr/bin/python3", "-I", "-c", "import socket"], False),  # isolated mode skips sitecustomize
         (["/usr/bin/python3", "-S", "x.py"], False),

@@ -26,7 +26,7 @@ CONTRACT = [
     r"^stopping_early: wallclock_cap train_time:\d+ms step:\d+/100000$",
     r"^Serialized model: \d+ bytes$",
     r"^Code size: \d+ bytes$",
-    r"^Serialized model int8\+zlib: \d+ bytes \(payload:\d+ raw_torch:\d+ payload_ratio:[0-9.]+x\)$",
+    r"^Serialized model int8\+zlib: \d+ bytes \(payload:\d+ raw_torch:\d+ payload_ratio:[0-9.]+x since_start:\d+s\)$",
     r"^Total submission size int8\+zlib: \d+ bytes$",
     r"^final_int8_zlib_roundtrip val_loss:[0-9.]+ val_bpb:[0-9.]+ eval_time:\d+ms$",
     r"^final_int8_zlib_roundtrip_exact val_loss:\d\.\d{8} val_bpb:\d\.\d{8}$",

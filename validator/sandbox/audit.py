@@ -10,7 +10,9 @@ from pathlib import Path
 from validator.findings import Finding, error, warning
 
 # Programs a training script and its libraries legitimately start: the interpreter itself (torchrun's workers,
-# compile pools), C/CUDA compilers and tools Triton and Inductor call, and GPU or library queries.
+# compile pools), C/CUDA compilers and tools Triton and Inductor call, and GPU or library queries. `file` is what
+# Python's platform.architecture() runs on the interpreter (seen in a 2-GPU compiled run on the H200 machine); it
+# only reads.
 ALLOWED_PROGRAMS = frozenset(
     {
         "cc",
@@ -31,6 +33,7 @@ ALLOWED_PROGRAMS = frozenset(
         "ldconfig",
         "nvidia-smi",
         "uname",
+        "file",
     }
 )
 # Versioned or target-prefixed compiler drivers (x86_64-linux-gnu-gcc-13, clang-18) as Triton and Inductor find them.
