@@ -1317,10 +1317,38 @@ class CausalSelfAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Depthwise causal convolution over time for (batch, time, channels) tensors, with an optional carried tail.
+#
+# y_t = bias + sum_k w[:, k] * x_{t - (K - 1) + k}: the last tap sees the current step. Written as K shifted
+# multiply-adds, so it needs no transposes and fuses under torch.compile. The tail (the last K - 1 inputs of the
+# previous call) lets a stateful caller continue a sequence exactly where the previous window stopped.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tail: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, T, C); weight (C, 1, K) as nn.Conv1d(groups=C) stores it; bias (C,); tail (B, K - 1, C) or None
+    (zeros). Returns (y (B, T, C) in x's dtype, the new tail (B, K - 1, C))."""
+    taps = weight.shape[-1]
+    steps = x.shape[1]
+    if tail is None:
+        tail = x.new_zeros(x.shape[0], taps - 1, x.shape[2])
+    padded = torch.cat((tail.to(x.dtype), x), dim=1)
+    w = weight.view(weight.shape[0], taps).to(x.dtype)
+    y = padded[:, 0:steps] * w[:, 0]
+    for k in range(1, taps):
+        y = y + padded[:, k : k + steps] * w[:, k]
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y, padded[:, padded.shape[1] - (taps - 1) :]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # S6, the Mamba-1 selective state-space mixer, on the scan core's `selective_scan`.
 #
 #     x, z = in_proj(h)                                          (d_inner = expand * dim each)
-#     x = silu(causal depthwise conv_k(x) + conv_bias)
+#     x = silu(causal depthwise conv_k(x) + conv_bias)           (causal_conv: shifted multiply-adds that fuse)
 #     dt = softplus(dt_proj(r) + dt_bias),  B, C from x_proj(x)  (r: the first dt_rank outputs of x_proj, or x itself
 #                                                                when dt is full-rank, S6_DT_RANK=0)
 #     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t,  A = -exp(A_log)  (d_inner x d_state, A_log = log(1..d_state))
@@ -1369,20 +1397,11 @@ class S6Mixer(nn.Module):
         self.D_skip = nn.Parameter(torch.ones(d_inner))
         self.out_proj = linear(d_inner, dim, zero_init=True)
 
-    def _conv(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise convolution over time of x [b, d, t], continuing from the previous window's tail."""
-        if tail is None:
-            padded = F.pad(x, (self.conv - 1, 0))
-        else:
-            padded = torch.cat((tail.to(x.dtype), x), dim=-1)
-        y = F.conv1d(padded, self.conv_weight.to(x.dtype), self.conv_bias.to(x.dtype), groups=self.d_inner)
-        return y, padded[..., padded.size(-1) - (self.conv - 1) :]
-
     def _run(self, h: torch.Tensor, state: tuple | None, keep_state: bool):
         x, z = self.in_proj(h).chunk(2, dim=-1)
         tail, h0 = state if state is not None else (None, None)
-        xc, new_tail = self._conv(x.transpose(1, 2), tail)
-        x = F.silu(xc).transpose(1, 2)
+        xc, new_tail = causal_conv(x, self.conv_weight, self.conv_bias, tail)
+        x = F.silu(xc)
         r, b, c = torch.split(self.x_proj(x), (self.dt_rank, self.d_state, self.d_state), dim=-1)
         delta = self.dt_proj(r if self.dt_rank else x)
         out = selective_scan(
@@ -1397,7 +1416,7 @@ class S6Mixer(nn.Module):
         return self._run(h, None, False)[0]
 
     def forward_stateful(self, h: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
-        """The window's output and (conv tail [b, d_inner, conv-1], scan state [b, d_inner, d_state])."""
+        """The window's output and (conv tail [b, conv-1, d_inner], scan state [b, d_inner, d_state])."""
         return self._run(h, state, True)
 
 

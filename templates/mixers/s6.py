@@ -1,7 +1,7 @@
 """S6, the Mamba-1 selective state-space mixer, on the scan core's `selective_scan`.
 
     x, z = in_proj(h)                                          (d_inner = expand * dim each)
-    x = silu(causal depthwise conv_k(x) + conv_bias)
+    x = silu(causal depthwise conv_k(x) + conv_bias)           (causal_conv: shifted multiply-adds that fuse)
     dt = softplus(dt_proj(r) + dt_bias),  B, C from x_proj(x)  (r: the first dt_rank outputs of x_proj, or x itself
                                                                when dt is full-rank, S6_DT_RANK=0)
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t,  A = -exp(A_log)  (d_inner x d_state, A_log = log(1..d_state))
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from templates.layers import LinearMaker
+from templates.mixers.causal_conv import causal_conv
 from templates.registry import register_mixer
 from templates.scan.selective import selective_scan
 
@@ -60,20 +61,11 @@ class S6Mixer(nn.Module):
         self.D_skip = nn.Parameter(torch.ones(d_inner))
         self.out_proj = linear(d_inner, dim, zero_init=True)
 
-    def _conv(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise convolution over time of x [b, d, t], continuing from the previous window's tail."""
-        if tail is None:
-            padded = F.pad(x, (self.conv - 1, 0))
-        else:
-            padded = torch.cat((tail.to(x.dtype), x), dim=-1)
-        y = F.conv1d(padded, self.conv_weight.to(x.dtype), self.conv_bias.to(x.dtype), groups=self.d_inner)
-        return y, padded[..., padded.size(-1) - (self.conv - 1) :]
-
     def _run(self, h: torch.Tensor, state: tuple | None, keep_state: bool):
         x, z = self.in_proj(h).chunk(2, dim=-1)
         tail, h0 = state if state is not None else (None, None)
-        xc, new_tail = self._conv(x.transpose(1, 2), tail)
-        x = F.silu(xc).transpose(1, 2)
+        xc, new_tail = causal_conv(x, self.conv_weight, self.conv_bias, tail)
+        x = F.silu(xc)
         r, b, c = torch.split(self.x_proj(x), (self.dt_rank, self.d_state, self.d_state), dim=-1)
         delta = self.dt_proj(r if self.dt_rank else x)
         out = selective_scan(
@@ -88,5 +80,5 @@ class S6Mixer(nn.Module):
         return self._run(h, None, False)[0]
 
     def forward_stateful(self, h: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
-        """The window's output and (conv tail [b, d_inner, conv-1], scan state [b, d_inner, d_state])."""
+        """The window's output and (conv tail [b, conv-1, d_inner], scan state [b, d_inner, d_state])."""
         return self._run(h, state, True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from templates.layers import LinearMaker
+from templates.mixers.causal_conv import causal_conv
 from templates.mixers.s6 import S6Mixer
 
 from .conftest import meta_parameter_count, stateful_matches_whole, train_export_score, use_recipe  # noqa: TID252
@@ -58,3 +60,16 @@ def test_state_carried_across_windows_equals_one_pass():
     mixer = S6Mixer(16, LinearMaker(), dt_rank=4, d_state=4)
     torch.nn.init.normal_(mixer.out_proj.weight)
     assert stateful_matches_whole(mixer, 16) < 1e-4
+
+
+def test_s6_convolution_is_the_depthwise_causal_conv1d():
+    """The S6 mixer's shifted multiply-adds (causal_conv) against torch's grouped conv1d on the left-padded input."""
+    torch.manual_seed(0)
+    m = S6Mixer(16, LinearMaker("float"), d_state=4, expand=2.0, conv=4)
+    with torch.no_grad():
+        m.conv_bias.normal_()
+    x = torch.randn(2, 11, m.d_inner)
+    ours, tail = causal_conv(x, m.conv_weight, m.conv_bias)
+    ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), m.conv_weight, m.conv_bias, groups=m.d_inner).transpose(1, 2)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(tail, x[:, -3:])
