@@ -82,7 +82,12 @@ def profile_variant(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     base = script.LanguageModel(cfg).to(device)
-    model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph) if hp.compile else base
+    model = base  # compiled as the script compiles it (COMPILE, COMPILE_SCOPE)
+    if hp.compile and hp.compile_scope == "blocks":
+        for block in base.blocks:
+            block.compile(dynamic=False, fullgraph=hp.compile_fullgraph)
+    elif hp.compile:
+        model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph)
     groups = script.split_parameters(base, hp.control_patterns)
     muon = script.Muon(
         groups["muon"], hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_weight_decay, hp.muon_row_norm
@@ -165,7 +170,8 @@ def markdown(rows: list[dict]) -> str:
             f"{r['micro_batch'][0]} x {r['micro_batch'][1]})",
             "",
             f"step {r['step_ms']:.1f} ms ({r['tokens_per_s']:,} tokens/s), kernels {r['kernel_ms']:.1f} ms "
-            f"({share:.0f}% of the step), peak {r['peak_alloc_mib']:,} MiB",
+            f"({share:.0f}% of the step), peak {r['peak_alloc_mib']:,} MiB, compile and 3 warm-up steps "
+            f"{r['warmup_s']:.0f} s",
             "",
             "| kind | ms per step | share of kernel time |",
             "|---|---:|---:|",

@@ -8,10 +8,11 @@ import os
 VARIANT_DEFAULTS: dict[str, str] = {}
 
 
-def env_str(name: str, default: str) -> str:
-    if name in os.environ:
-        return os.environ[name]
-    return VARIANT_DEFAULTS.get(name, default)
+def env_str(name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+    value = os.environ[name] if name in os.environ else VARIANT_DEFAULTS.get(name, default)
+    if choices and value not in choices:
+        raise SystemExit(f"{name}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def env_int(name: str, default: int) -> int:
@@ -91,6 +92,7 @@ class Hyperparameters:
         # execution
         self.compile = env_flag("COMPILE", True)  # only where CUDA is present
         self.compile_fullgraph = env_flag("COMPILE_FULLGRAPH", True)
+        self.compile_scope = env_str("COMPILE_SCOPE", "model", ("model", "blocks"))  # blocks: one graph reused
         self.eval_only = env_flag("EVAL_ONLY", False)
         self.artifact = env_str("ARTIFACT", "")
         self.token_losses = env_str("TOKEN_LOSSES", "")

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -78,9 +77,7 @@ def main() -> None:
             with log_file.open("a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
-    def wait_for_device() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    wait_for_device = torch.cuda.synchronize if cuda else lambda: None
 
     log(f"Running Python {sys.version} PyTorch {torch.__version__}", console=False)
     if cuda:
@@ -91,9 +88,7 @@ def main() -> None:
     log(f"model: {cfg}")
     log(f"seed:{hp.seed}")
     log(f"world_size:{world_size} grad_accum_steps:{accum_steps}")
-    random.seed(hp.seed)
-    np.random.seed(hp.seed)
-    torch.manual_seed(hp.seed)
+    torch.manual_seed(hp.seed)  # the only generator the run draws from
 
     # ----- data: every shard checked before anything else -----
     try:
@@ -122,7 +117,11 @@ def main() -> None:
     # ----- model -----
     base = LanguageModel(cfg).to(device)
     log(f"model_params:{sum(p.numel() for p in base.parameters())}")
-    model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph) if compiled else base
+    if compiled and hp.compile_scope == "blocks":  # one block graph reused by every block: deep stacks compile fast
+        for block in base.blocks:
+            block.compile(dynamic=False, fullgraph=hp.compile_fullgraph)
+    whole = compiled and hp.compile_scope == "model"
+    model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph) if whole else base
 
     steps, train_ms, pre_quant_bpb = 0, 0.0, None
     artifact = Path(hp.artifact if hp.eval_only else hp.artifact_name)

@@ -15,7 +15,6 @@ import json
 import lzma
 import math
 import os
-import random
 import sys
 import time
 import types
@@ -68,10 +67,11 @@ VARIANT_DEFAULTS: dict[str, str] = {
 }
 
 
-def env_str(name: str, default: str) -> str:
-    if name in os.environ:
-        return os.environ[name]
-    return VARIANT_DEFAULTS.get(name, default)
+def env_str(name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+    value = os.environ[name] if name in os.environ else VARIANT_DEFAULTS.get(name, default)
+    if choices and value not in choices:
+        raise SystemExit(f"{name}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def env_int(name: str, default: int) -> int:
@@ -151,6 +151,7 @@ class Hyperparameters:
         # execution
         self.compile = env_flag("COMPILE", True)  # only where CUDA is present
         self.compile_fullgraph = env_flag("COMPILE_FULLGRAPH", True)
+        self.compile_scope = env_str("COMPILE_SCOPE", "model", ("model", "blocks"))  # blocks: one graph reused
         self.eval_only = env_flag("EVAL_ONLY", False)
         self.artifact = env_str("ARTIFACT", "")
         self.token_losses = env_str("TOKEN_LOSSES", "")
@@ -2046,9 +2047,7 @@ def main() -> None:
             with log_file.open("a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
-    def wait_for_device() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    wait_for_device = torch.cuda.synchronize if cuda else lambda: None
 
     log(f"Running Python {sys.version} PyTorch {torch.__version__}", console=False)
     if cuda:
@@ -2059,9 +2058,7 @@ def main() -> None:
     log(f"model: {cfg}")
     log(f"seed:{hp.seed}")
     log(f"world_size:{world_size} grad_accum_steps:{accum_steps}")
-    random.seed(hp.seed)
-    np.random.seed(hp.seed)
-    torch.manual_seed(hp.seed)
+    torch.manual_seed(hp.seed)  # the only generator the run draws from
 
     # ----- data: every shard checked before anything else -----
     try:
@@ -2090,7 +2087,11 @@ def main() -> None:
     # ----- model -----
     base = LanguageModel(cfg).to(device)
     log(f"model_params:{sum(p.numel() for p in base.parameters())}")
-    model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph) if compiled else base
+    if compiled and hp.compile_scope == "blocks":  # one block graph reused by every block: deep stacks compile fast
+        for block in base.blocks:
+            block.compile(dynamic=False, fullgraph=hp.compile_fullgraph)
+    whole = compiled and hp.compile_scope == "model"
+    model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph) if whole else base
 
     steps, train_ms, pre_quant_bpb = 0, 0.0, None
     artifact = Path(hp.artifact if hp.eval_only else hp.artifact_name)

@@ -126,3 +126,43 @@ def test_stateful_scoring_carries_recurrent_state(monkeypatch):
     assert loss_stateful != pytest.approx(loss_windows, rel=1e-6)
     assert kept.numel() == 32 and bpb_windows == pytest.approx(loss_windows / math.log(2))
     assert "test_ema" in MIXERS
+
+
+def test_blocks_compile_once_and_match_eager(monkeypatch):
+    """COMPILE_SCOPE=blocks: every block runs one compiled graph (compiled once for the first block, once more for
+    the aliasing of x and x0 there), and the model computes what it computes eagerly, stateful scoring included."""
+    import templates.mixers.lti_mamba2  # noqa: F401
+
+    env = {**TINY, "LAYER_PATTERN": "attention|lti_mamba2", "NUM_LAYERS": 3, "NUM_LOOPS": 2, "SSM_HEAD_DIM": 8}
+    for k, v in {**env, "SSM_STATE": 4}.items():
+        monkeypatch.setenv(k, str(v))
+    torch.manual_seed(0)
+    model = LanguageModel(model_config_from_env()).eval()
+    ids = torch.randint(0, 64, (2, 24))
+    with torch.no_grad():
+        eager = model(ids, ids, reduction="none")
+        state: dict = {}
+        eager_windows = [model.logits(ids[:, :12], state), model.logits(ids[:, 12:], state)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for block in model.blocks:
+        block.compile(dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        compiled = model(ids, ids, reduction="none")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 2  # six block calls (3 blocks x 2 loops), at most two graphs
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        state = {}
+        windows = [model.logits(ids[:, :12], state), model.logits(ids[:, 12:], state)]
+    for got, want in zip(windows, eager_windows):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_a_knob_outside_its_choices_is_one_clear_error(monkeypatch):
+    from templates.hparams import Hyperparameters
+
+    monkeypatch.setenv("COMPILE_SCOPE", "block")
+    with pytest.raises(SystemExit, match=r"COMPILE_SCOPE='block': choose one of model, blocks"):
+        Hyperparameters()
