@@ -78,11 +78,10 @@ class LRUMixer(nn.Module):
         drive = u.unsqueeze(-1) * gamma  # [b, t, d, n]
         b_re = (drive * self.B_re.float()).flatten(2)
         b_im = (drive * self.B_im.float()).flatten(2)
-        shape = (batch, seq_len, dim * self.d_state)
+        # the poles are constant in time: the scan reads one per channel and sums their gradient itself
         out = first_order_scan_complex(
-            a_re.flatten().expand(shape), a_im.flatten().expand(shape), b_re, b_im, h0=state,
-            return_final_state=keep_state,
-        )  # fmt: skip
+            a_re.flatten(), a_im.flatten(), b_re, b_im, h0=state, return_final_state=keep_state
+        )
         h_re, h_im = out[0].view(batch, seq_len, dim, -1), out[1].view(batch, seq_len, dim, -1)
         y = (h_re * self.C_re.float() - h_im * self.C_im.float()).sum(-1) + self.D_skip.float() * u
         g = torch.sigmoid(self.gate_proj(x))

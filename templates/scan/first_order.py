@@ -147,10 +147,13 @@ def _fo_cscan_kernel(
     STORE_FIN: tl.constexpr,
     HAS_DA: tl.constexpr,
     HAS_H0: tl.constexpr,
+    CONST_A: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """Complex version of `_fo_scan_kernel`; the reverse pass uses conj(a_{t+1}) and da = lambda * conj(h_{t-1})."""
+    """Complex version of `_fo_scan_kernel`; the reverse pass uses conj(a_{t+1}) and da = lambda * conj(h_{t-1}).
+    CONST_A: one decay per channel (a (D,)), read once; da is then summed over the sequence in registers and stored
+    per (sequence, channel)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     rows = tl.arange(0, BT)
@@ -168,6 +171,12 @@ def _fo_cscan_kernel(
         if HAS_H0:
             h0r = tl.load(h0r_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
             h0i = tl.load(h0i_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    if CONST_A:
+        car = tl.load(ar_ptr + cols, mask=mask_d, other=1.0).to(tl.float32)
+        cai = tl.load(ai_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_DA:
+            sum_dr = tl.zeros([BD], dtype=tl.float32)
+            sum_di = tl.zeros([BD], dtype=tl.float32)
     n_tiles = tl.cdiv(T, BT)
     for k in range(0, n_tiles):
         if REVERSE:
@@ -181,9 +190,13 @@ def _fo_cscan_kernel(
         ma = (mask_t & (ta < T))[:, None] & mask_d[None, :]
         m2 = mask_t[:, None] & mask_d[None, :]
         off = base + t.to(tl.int64)[:, None] * D + cols2
-        off_a = base + ta.to(tl.int64)[:, None] * D + cols2
-        ar = tl.load(ar_ptr + off_a, mask=ma, other=1.0).to(tl.float32)
-        ai = tl.load(ai_ptr + off_a, mask=ma, other=0.0).to(tl.float32)
+        if CONST_A:
+            ar = tl.where(ma, car[None, :], 1.0)
+            ai = tl.where(ma, cai[None, :], 0.0)
+        else:
+            off_a = base + ta.to(tl.int64)[:, None] * D + cols2
+            ar = tl.load(ar_ptr + off_a, mask=ma, other=1.0).to(tl.float32)
+            ai = tl.load(ai_ptr + off_a, mask=ma, other=0.0).to(tl.float32)
         if REVERSE:
             ai = -ai
         br = tl.load(br_ptr + off, mask=m2, other=0.0).to(tl.float32)
@@ -204,12 +217,22 @@ def _fo_cscan_kernel(
                 first = (t == 0)[:, None]
                 hpr += tl.where(first, h0r[None, :], 0.0)
                 hpi += tl.where(first, h0i[None, :], 0.0)
-            tl.store(dar_ptr + off, (hr * hpr + hi * hpi).to(dar_ptr.dtype.element_ty), mask=m2)
-            tl.store(dai_ptr + off, (hi * hpr - hr * hpi).to(dai_ptr.dtype.element_ty), mask=m2)
+            if CONST_A:
+                sum_dr += tl.sum(tl.where(m2, hr * hpr + hi * hpi, 0.0), axis=0)
+                sum_di += tl.sum(tl.where(m2, hi * hpr - hr * hpi, 0.0), axis=0)
+            else:
+                tl.store(dar_ptr + off, (hr * hpr + hi * hpi).to(dar_ptr.dtype.element_ty), mask=m2)
+                tl.store(dai_ptr + off, (hi * hpr - hr * hpi).to(dai_ptr.dtype.element_ty), mask=m2)
+    if CONST_A and HAS_DA:
+        tl.store(dar_ptr + pid_b * D + cols, sum_dr, mask=mask_d)
+        tl.store(dai_ptr + pid_b * D + cols, sum_di, mask=mask_d)
     if STORE_FIN:
         if REVERSE:
-            a0r = tl.load(ar_ptr + base + cols, mask=mask_d, other=0.0).to(tl.float32)
-            a0i = -tl.load(ai_ptr + base + cols, mask=mask_d, other=0.0).to(tl.float32)
+            if CONST_A:
+                a0r, a0i = car, -cai
+            else:
+                a0r = tl.load(ar_ptr + base + cols, mask=mask_d, other=0.0).to(tl.float32)
+                a0i = -tl.load(ai_ptr + base + cols, mask=mask_d, other=0.0).to(tl.float32)
             cr, ci = a0r * cr - a0i * ci, a0r * ci + a0i * cr
         tl.store(finr_ptr + pid_b * D + cols, cr, mask=mask_d)
         tl.store(fini_ptr + pid_b * D + cols, ci, mask=mask_d)
@@ -303,7 +326,8 @@ def first_order_scan_complex_ref(a_re, a_im, b_re, b_im, h0=None, return_final_s
         hr, hi = h0[0].to(cdt), h0[1].to(cdt)
     out_r, out_i = [], []
     for t in range(b_re.shape[1]):
-        pr, pi = a_re[:, t].to(cdt), a_im[:, t].to(cdt)
+        pr, pi = (a_re, a_im) if a_re.dim() == 1 else (a_re[:, t], a_im[:, t])
+        pr, pi = pr.to(cdt), pi.to(cdt)
         hr, hi = pr * hr - pi * hi + b_re[:, t].to(cdt), pr * hi + pi * hr + b_im[:, t].to(cdt)
         out_r.append(hr)
         out_i.append(hi)
@@ -419,7 +443,7 @@ def _fo_cscan_impl(ar, ai, br, bi, h0r, h0i, config):
     cfg = _fo_config(br.shape[2], scan_config_dict(config))
     ar, ai, br, bi = (x.contiguous() for x in (ar, ai, br, bi))
     B, T, D = br.shape
-    has_h0 = h0r is not None
+    has_h0, const_a = h0r is not None, ar.dim() == 1
     c0r = h0r.float().contiguous() if has_h0 else None
     c0i = h0i.float().contiguous() if has_h0 else None
     hr, hi = torch.empty_like(br), torch.empty_like(bi)
@@ -433,7 +457,7 @@ def _fo_cscan_impl(ar, ai, br, bi, h0r, h0i, config):
         hr, hi, fr, fi,
         dummy, dummy, dummy, dummy, dummy, dummy,
         T, D,
-        REVERSE=False, HAS_C0=has_h0, STORE_FIN=True, HAS_DA=False, HAS_H0=False,
+        REVERSE=False, HAS_C0=has_h0, STORE_FIN=True, HAS_DA=False, HAS_H0=False, CONST_A=const_a,
         BT=cfg["BT"], BD=cfg["BD"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return hr, hi, fr.to(fdt), fi.to(fdt)
@@ -465,14 +489,17 @@ def _fo_cscan_bwd_impl(ar, ai, br, bi, hr, hi, h0r, h0i, dhr, dhi, dfr, dfi, con
         return tuple(scan_ref_vjp(fwd, [ar, ai, br, bi, h0r, h0i], [dhr, dhi, dfr, dfi]))
     cfg = _fo_config(hr.shape[2], scan_config_dict(config))
     ar, ai = ar.contiguous(), ai.contiguous()
-    has_h0 = h0r is not None
+    has_h0, const_a = h0r is not None, ar.dim() == 1
     c0r = h0r.float().contiguous() if has_h0 else None
     c0i = h0i.float().contiguous() if has_h0 else None
     B, T, D = hr.shape
     dhr, dhi = dhr.contiguous(), dhi.contiguous()
     dfr, dfi = dfr.float().contiguous(), dfi.float().contiguous()
     dbr, dbi = torch.empty_like(hr), torch.empty_like(hi)
-    dar, dai = torch.empty_like(ar), torch.empty_like(ai)
+    if const_a:  # per (sequence, channel) sums, reduced over the sequences below
+        dar, dai = (torch.empty((B, D), device=hr.device, dtype=torch.float32) for _ in range(2))
+    else:
+        dar, dai = torch.empty_like(ar), torch.empty_like(ai)
     g0r = torch.empty((B, D), device=hr.device, dtype=torch.float32)
     g0i = torch.empty_like(g0r)
     grid = (B, triton.cdiv(D, cfg["BD"]))
@@ -484,9 +511,11 @@ def _fo_cscan_bwd_impl(ar, ai, br, bi, hr, hi, h0r, h0i, dhr, dhi, dfr, dfi, con
         hr, hi, c0r if has_h0 else dummy, c0i if has_h0 else dummy,
         dar, dai,
         T, D,
-        REVERSE=True, HAS_C0=True, STORE_FIN=has_h0, HAS_DA=True, HAS_H0=has_h0,
+        REVERSE=True, HAS_C0=True, STORE_FIN=has_h0, HAS_DA=True, HAS_H0=has_h0, CONST_A=const_a,
         BT=cfg["BT"], BD=cfg["BD"], num_warps=cfg["num_warps"],
     )  # fmt: skip
+    if const_a:
+        dar, dai = dar.sum(0).to(ar.dtype), dai.sum(0).to(ai.dtype)
     if has_h0:
         return dar, dai, dbr, dbi, g0r.to(h0r.dtype), g0i.to(h0i.dtype)
     return dar, dai, dbr, dbi, scan_none(dhr), scan_none(dhr)
@@ -543,10 +572,14 @@ def first_order_scan_complex(
     config: dict | None = None,
 ):
     """Complex h_t = a_t h_{t-1} + b_t with every complex tensor given as (re, im) real tensors of shape (B, T, D);
-    h0 is a pair (re, im) of (B, D). Returns (h_re, h_im) [and the final state as a pair of fp32 (B, D)].
-    One op (ssm_golf::fo_cscan)."""
+    the decay may also be constant, one per channel (a_re, a_im of shape (D,)): it is then read once per program,
+    never expanded, and its gradient is summed inside the kernel. h0 is a pair (re, im) of (B, D). Returns
+    (h_re, h_im) [and the final state as a pair of fp32 (B, D)]. One op (ssm_golf::fo_cscan)."""
+    if b_re.dim() != 3:
+        raise ValueError(f"first_order_scan_complex: b_re must be (B, T, D), got shape {tuple(b_re.shape)}")
+    decay_shape = (b_re.shape[2],) if a_re.dim() == 1 else b_re.shape
     for name, x in (("a_re", a_re), ("a_im", a_im), ("b_im", b_im)):
-        _fo_check(f"first_order_scan_complex: {name}", x, b_re.shape)
+        _fo_check(f"first_order_scan_complex: {name}", x, b_re.shape if name == "b_im" else decay_shape)
     if h0 is not None:
         if len(h0) != 2:
             raise ValueError("first_order_scan_complex: h0 must be a pair (h0_re, h0_im)")

@@ -88,9 +88,10 @@ def test_lti_compiles(method):
     check_compiled(fn, [x, log_a], ("fo_scan",))
 
 
-def test_complex_compiles():
+@pytest.mark.parametrize("decay", [(1, 7, 5), (5,)])
+def test_complex_compiles(decay):
     torch.manual_seed(2)
-    parts = [torch.rand(1, 7, 5) * 0.9, torch.rand(1, 7, 5) * 0.3, torch.randn(1, 7, 5), torch.randn(1, 7, 5)]
+    parts = [torch.rand(decay) * 0.9, torch.rand(decay) * 0.3, torch.randn(1, 7, 5), torch.randn(1, 7, 5)]
     h0 = [torch.randn(1, 5), torch.randn(1, 5)]
 
     def fn(ar, ai, br, bi, h0r, h0i):
@@ -202,6 +203,7 @@ def opcheck_cases() -> list:
         ("fo_scan", [*_req(torch.rand(2, 5, 3, generator=g), r(2, 5, 3), r(2, 3)), 0, ""]),
         ("fo_scan", [*_req(torch.rand(4, generator=g), r(1, 6, 4)), None, 2, "method=toeplitz"]),
         ("fo_cscan", [*_req(*(r(1, 4, 3) * 0.5 for _ in range(4))), None, None, ""]),
+        ("fo_cscan", [*_req(r(3) * 0.5, r(3) * 0.5, r(1, 4, 3), r(1, 4, 3)), None, None, ""]),  # constant decay
         ("sel_scan", [*_req(*sel), None, None, True, True, ""]),
         ("ssd_scan", [*_req(*ssd), None, None, None, *_req(r(1, 6, 1, 4), r(1, 6, 1, 4)), None, None, None]
          + [16, True, False, True, True]),

@@ -106,6 +106,35 @@ def test_complex_matches_reference(fo, T):
         assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("T", "with_h0", "dtype"), [(5, True, torch.float32), (70, False, torch.float32), (33, True, torch.bfloat16)]
+)
+def test_complex_constant_decay_is_the_expanded_one(fo, T, with_h0, dtype):
+    """a (D,) per channel (the LRU's poles) against the same decay expanded to (B, T, D): outputs, final state and
+    every gradient; the decay's gradient is the expanded one's summed over sequences and steps."""
+    torch.manual_seed(T)
+    B, D = 3, 10
+    radius, angle = torch.rand(D, device=DEV) * 0.99, torch.rand(D, device=DEV) * 6.28
+    a = [radius * torch.cos(angle), radius * torch.sin(angle)]
+    b = [torch.randn(B, T, D, device=DEV, dtype=dtype) for _ in range(2)]
+    h0 = [torch.randn(B, D, device=DEV) for _ in range(2)] if with_h0 else []
+
+    def run(expand, ar, ai, br, bi, *h):
+        if expand:
+            ar, ai = ar.expand(B, T, D), ai.expand(B, T, D)
+        yr, yi, (fr, fi) = fo.first_order_scan_complex(ar, ai, br, bi, tuple(h) or None, return_final_state=True)
+        return yr, yi, fr, fi
+
+    cots = [torch.randn(B, T, D, device=DEV) for _ in range(2)] + [torch.randn(B, D, device=DEV) for _ in range(2)]
+    inputs = a + b + h0
+    outs, g = grads_of(lambda *x: run(False, *x), inputs, cots)
+    outs_ref, g_ref = grads_of(lambda *x: run(True, *x), inputs, cots)
+    for got, want in zip(list(outs) + list(g), list(outs_ref) + list(g_ref)):
+        assert got.shape == want.shape and rel_err(got, want) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    with pytest.raises(ValueError, match="a_im: expected shape"):
+        fo.first_order_scan_complex(a[0], a[1][:-1], b[0], b[1])
+
+
 def test_complex_matches_torch_complex_arithmetic(fo):
     torch.manual_seed(1)
     B, T, D = 1, 9, 5
