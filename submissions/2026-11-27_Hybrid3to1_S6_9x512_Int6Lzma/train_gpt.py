@@ -2295,6 +2295,7 @@ def main() -> None:
     }
     log("result_json " + json.dumps(summary, sort_keys=True))
     if distributed:
+        dist.barrier()  # leave together: a rank torn down early once aborted its peer's teardown (gloo, in a rerun)
         dist.destroy_process_group()
 
 
