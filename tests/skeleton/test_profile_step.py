@@ -35,9 +35,10 @@ def test_kernels_are_sorted_by_kind(kernel, kind):
 def test_the_scan_cores_kernels_are_found_by_name():
     profiler = _profiler()
     scan = profiler.scan_kernels()
-    assert {"_ssd_fwd_kernel", "_sel_bwd_kernel", "_fo_cscan_kernel", "_m3r_fwd_kernel"} <= scan
-    assert "_sel_scan_impl" not in scan  # a Python wrapper, not a kernel
-    assert profiler.kind_of("_sel_bwd_kernel", scan) == "scan core"
+    for prefix in ("_ssd_", "_sel_", "_fo_", "_m3r_"):  # each kernel family of the scan core is found
+        assert any(name.startswith(prefix) and "kernel" in name for name in scan), prefix
+    assert "_sel_scan_impl" not in scan and "selective_scan" not in scan  # Python wrappers, not kernels
+    assert profiler.kind_of(sorted(scan)[0], scan) == "scan core"
     assert profiler.kind_of("triton_poi_fused_add_0", scan) == "other triton"
 
 
