@@ -66,10 +66,19 @@ def _ltc_kernel(
     else:
         carry = tl.zeros([BP], dtype=tl.float32)
     if HAS_DA:
-        da_acc = tl.zeros([BP], dtype=tl.float32)
+        # the elementwise products are summed over time once, at the end (no cross-row reduction per chunk)
+        da_acc = tl.zeros([BT, BP], dtype=tl.float32)
         if HAS_H0:
             h0v = tl.load(h0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
     n_chunks = tl.cdiv(T, BT)
+    if HAS_DA:
+        # h_{t-1} of the first chunk walked; each chunk loads the next one's before its own dot, so that this load
+        # (which feeds no dot, and so is not pipelined by the compiler) overlaps a chunk of work
+        t_n = (n_chunks - 1) * BT + rows
+        m_n = (t_n < T)[:, None] & mask_d[None, :]
+        hp_n = tl.load(
+            hp_ptr + base + t_n.to(tl.int64)[:, None] * D + cols[None, :] - D, mask=m_n & (t_n >= 1)[:, None], other=0.0
+        )
     for kk in range(0, n_chunks):
         if REVERSE:
             k = n_chunks - 1 - kk
@@ -80,6 +89,11 @@ def _ltc_kernel(
         mask_t = t < T
         m2 = mask_t[:, None] & mask_d[None, :]
         off = base + t.to(tl.int64)[:, None] * D + cols[None, :]
+        if HAS_DA:
+            hp = hp_n.to(tl.float32)
+            t_n = t - BT
+            m_n = (t_n >= 1)[:, None] & mask_d[None, :]
+            hp_n = tl.load(hp_ptr + off - (BT + 1) * D, mask=m_n, other=0.0)
         x_lp = tl.load(x_ptr + off, mask=m2, other=0.0)
         x = x_lp.to(tl.float32)
         if REVERSE:
@@ -97,12 +111,11 @@ def _ltc_kernel(
             pick = tl.minimum(T - t0, BT) - 1
         carry = tl.sum(tl.where(rows[:, None] == pick, h, 0.0), axis=0)
         if HAS_DA:
-            hp = tl.load(hp_ptr + off - D, mask=m2 & (t >= 1)[:, None], other=0.0).to(tl.float32)
             if HAS_H0:
                 hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
-            da_acc += tl.sum(tl.where(m2, h * hp, 0.0), axis=0)
+            da_acc += tl.where(m2, h * hp, 0.0)
     if HAS_DA:
-        tl.store(da_ptr + pid_b * D + cols, da_acc, mask=mask_d)
+        tl.store(da_ptr + pid_b * D + cols, tl.sum(da_acc, axis=0), mask=mask_d)
     if STORE_FIN:
         if REVERSE:
             carry = carry * tl.math.exp2(l2a)
