@@ -17,11 +17,15 @@ import triton.language as tl
 
 @triton.jit
 def _ltc_dot(m, x, x_lp, SPLIT: tl.constexpr):
-    if SPLIT:
+    # SPLIT 1: L as two bf16 halves (about 16 bits of it); 2: one tf32 dot (11 bits of L, bf16 x exact), one MMA
+    # chain instead of two; 0: tf32x3 (fp32 inputs, about fp32 accuracy)
+    if SPLIT == 1:
         m_hi = m.to(tl.bfloat16)
         m_lo = (m - m_hi.to(tl.float32)).to(tl.bfloat16)
         acc = tl.dot(m_hi, x_lp, out_dtype=tl.float32)
         acc = tl.dot(m_lo, x_lp, acc=acc, out_dtype=tl.float32)
+    elif SPLIT == 2:
+        acc = tl.dot(m, x, input_precision="tf32", out_dtype=tl.float32)
     else:
         acc = tl.dot(m, x, input_precision="tf32x3", out_dtype=tl.float32)
     return acc
@@ -138,7 +142,9 @@ def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
     out = torch.empty((B, T, D), device=x.device, dtype=x.dtype)
     fin = torch.empty((B, D), device=x.device, dtype=torch.float32) if want_fin else out
     da = torch.empty((B, D), device=x.device, dtype=torch.float32) if hp is not None else None
-    split = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
+    split = 0
+    if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1":
+        split = 2 if cfg.get("prec") == "tf32" else 1
     grid = (B, triton.cdiv(D, cfg["BP"]))
     _ltc_kernel[grid](
         x, a_vec, c0 if c0 is not None else x, out, fin,
