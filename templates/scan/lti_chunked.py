@@ -152,5 +152,6 @@ def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
         T, D,
         REVERSE=reverse, HAS_C0=c0 is not None, STORE_FIN=want_fin, HAS_DA=hp is not None,
         HAS_H0=h0 is not None, SPLIT=split, BT=cfg["BT"], BP=cfg["BP"], num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
     return out, (fin if want_fin else None), da
