@@ -2,9 +2,13 @@
 
 Inside a chunk of BT steps, y = L x + a^(i+1) h_prev with L[i, j] = a^(i-j) for i >= j, one BT x BT matrix shared
 by every channel of the head, so the recurrence becomes a small matrix product per chunk and only the carry h
-crosses chunks. The backward is the same with L transposed, walking the chunks in reverse; it also gives
-d a = sum_t lambda_t h_{t-1} per channel and d h_0 = a lambda_1. bf16 inputs multiply by L split into two bf16
-halves (hi + lo), keeping about 16 bits of L; fp32 inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
+crosses chunks. One program walks the chunks of (one sequence, BP channels) in order with the carry in registers,
+so each element is read and written once. The carry is held as a BT x BP tile with the same row repeated, the
+product of x with one row of L repeated on every row (a second small matrix product): the next chunk finds it on
+every row of its own tile, with no reduction across rows on the chunk-to-chunk path. The backward is the same with
+L transposed, walking the chunks in reverse; it also gives d a = sum_t lambda_t h_{t-1} per channel and
+d h_0 = a lambda_1. bf16 inputs multiply by L split into two bf16 halves (hi + lo), keeping about 16 bits of L
+(config prec=tf32: one tf32 product, 11 bits); fp32 inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
 Chosen through `lti_scan(..., config={"method": "toeplitz"})` in templates/scan/first_order.py.
 """
 
@@ -65,10 +69,20 @@ def _ltc_kernel(
     if REVERSE:
         diff = -diff
     mat = tl.where(diff >= 0, tl.math.exp2(tl.maximum(diff, 0).to(tl.float32) * l2a), 0.0)
-    if HAS_C0:
-        carry = tl.load(c0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    # the carry's chunk term, one row of `mat` (the chunk's last row forward, its first in reverse) repeated on
+    # every row: its product with x is the carry on every row of the tile, where the next chunk needs it, with no
+    # reduction across rows (nor a barrier) on the chunk-to-chunk path
+    if REVERSE:
+        wpow = rows
     else:
-        carry = tl.zeros([BP], dtype=tl.float32)
+        wpow = BT - 1 - rows
+    wmat = tl.zeros([BT, BT], dtype=tl.float32) + tl.math.exp2(wpow.to(tl.float32) * l2a)[None, :]
+    if HAS_C0:
+        c0 = tl.load(c0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        c0 = tl.zeros([BP], dtype=tl.float32)
+    carry = tl.zeros([BT, BP], dtype=tl.float32) + c0[None, :]
+    h = tl.zeros([BT, BP], dtype=tl.float32)
     if HAS_DA:
         # the elementwise products are summed over time once, at the end (no cross-row reduction per chunk)
         da_acc = tl.zeros([BT, BP], dtype=tl.float32)
@@ -103,17 +117,16 @@ def _ltc_kernel(
         if REVERSE:
             # the carry is lambda at row `end` (the later chunk's first row), or dL/dh_T entering at row T - 1
             end = tl.minimum(t0 + BT, T)
-            power = tl.maximum(end - t - tl.where(end == T, 1, 0), 0)
+            shift = tl.where(end == T, 1, 0)
+            power = tl.maximum(end - t - shift, 0)
+            step = (end - t0 - shift).to(tl.float32)
         else:
             power = rows + 1
+            step = BT * 1.0  # only full chunks pass their carry on; the last one's final state is read from h
         decay = tl.math.exp2(power.to(tl.float32) * l2a)
-        h = _ltc_dot(mat, x, x_lp, SPLIT) + decay[:, None] * carry[None, :]
+        h = _ltc_dot(mat, x, x_lp, SPLIT) + decay[:, None] * carry
         tl.store(out_ptr + off, h.to(out_ptr.dtype.element_ty), mask=m2)
-        if REVERSE:
-            pick = 0
-        else:
-            pick = tl.minimum(T - t0, BT) - 1
-        carry = tl.sum(tl.where(rows[:, None] == pick, h, 0.0), axis=0)
+        carry = _ltc_dot(wmat, x, x_lp, SPLIT) + tl.math.exp2(step * l2a) * carry
         if HAS_DA:
             if HAS_H0:
                 hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
@@ -121,9 +134,15 @@ def _ltc_kernel(
     if HAS_DA:
         tl.store(da_ptr + pid_b * D + cols, tl.sum(da_acc, axis=0), mask=mask_d)
     if STORE_FIN:
+        # one row of a tile, stored through a row mask: dL/dh_0 = a lambda_0 in reverse, h at step T - 1 forward
         if REVERSE:
-            carry = carry * tl.math.exp2(l2a)
-        tl.store(fin_ptr + pid_b * D + cols, carry, mask=mask_d)
+            fin = carry * tl.math.exp2(l2a)
+            pick = 0
+        else:
+            fin = h
+            pick = T - 1 - (n_chunks - 1) * BT
+        fmask = (rows == pick)[:, None] & mask_d[None, :]
+        tl.store(fin_ptr + pid_b * D + cols[None, :] + 0 * rows[:, None], fin, mask=fmask)
 
 
 def lti_toeplitz_block(D: int, n_heads: int) -> int:
