@@ -47,6 +47,7 @@ def _ltc_kernel(
     da_ptr,
     T,
     D,
+    W,
     REVERSE: tl.constexpr,
     HAS_C0: tl.constexpr,
     STORE_FIN: tl.constexpr,
@@ -64,7 +65,7 @@ def _ltc_kernel(
     cols = pid_d * BP + tl.arange(0, BP)
     mask_d = cols < D
     base = pid_b * T * D
-    l2a = tl.log2(tl.load(a_ptr + pid_d * BP).to(tl.float32))
+    l2a = tl.log2(tl.load(a_ptr + (pid_d * BP) // W).to(tl.float32))  # a: one decay per W channels
     diff = rows[:, None] - rows[None, :]
     if REVERSE:
         diff = -diff
@@ -168,7 +169,7 @@ def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
     _ltc_kernel[grid](
         x, a_vec, c0 if c0 is not None else x, out, fin,
         hp if hp is not None else x, h0 if h0 is not None else x, da if da is not None else x,
-        T, D,
+        T, D, D // a_vec.shape[0],
         REVERSE=reverse, HAS_C0=c0 is not None, STORE_FIN=want_fin, HAS_DA=hp is not None,
         HAS_H0=h0 is not None, SPLIT=split, BT=cfg["BT"], BP=cfg["BP"], num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3),
