@@ -66,6 +66,7 @@ TTSM_CONFIGS = [  # first = the default (8 channels per warp at N 64, segments f
     {"SEG": 16},
     {"CK": 64, "SEG": 32},
     {"BD": 16, "FWD_BD": 16},
+    {"BD": 4},
 ]
 
 
