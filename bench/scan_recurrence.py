@@ -49,9 +49,11 @@ FO_CONFIGS = [
     {"BT": 64, "BD": 32, "num_warps": 2},
 ]
 LTC_CONFIGS = [  # first = the default of the Toeplitz LTI path (per-head decays)
+    {"BT": 64, "BP": 32, "num_warps": 4},
     {"BT": 64, "BP": 32, "num_warps": 8},
-    {"BT": 32, "BP": 64, "num_warps": 4},
-    {"BT": 64, "BP": 64, "num_warps": 8},
+    {"BT": 64, "BP": 64, "num_warps": 4},
+    {"BT": 64, "BP": 32, "num_warps": 4, "prec": "tf32"},
+    {"BT": 64, "BP": 32, "num_warps": 4, "num_stages": 4},
 ]
 SEL_CONFIGS = [  # first = the default of templates/scan/selective.py (channels per program and warps of the forward
     # and of the backward, CK-step chunks between checkpoints; SEG 0 = segments chosen from the shape)

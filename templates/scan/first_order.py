@@ -327,7 +327,9 @@ def _fo_plan(D: int, heads: int, config: str) -> tuple:
     block = lti_toeplitz_block(D, heads) if heads else 0
     if cfg.get("method", "scan") == "toeplitz" and block:
         interp = os.environ.get("TRITON_INTERPRET") == "1"
-        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 8, **user}
+        # 4 warps: one warpgroup, so the products and the carry tile share one MMA layout (offline sm_90: one layout
+        # conversion per chunk, for the store; 8 warps gave two MMA layouts and five conversions)
+        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 4, **user}
         cfg["BP"] = min(cfg["BP"], block)  # a program must stay inside one head
         return True, cfg
     return False, cfg

@@ -20,18 +20,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _ltc_dot(m, x, x_lp, SPLIT: tl.constexpr):
+def _ltc_dot(m, x, x_lp, acc, SPLIT: tl.constexpr):
     # SPLIT 1: L as two bf16 halves (about 16 bits of it); 2: one tf32 dot (11 bits of L, bf16 x exact), one MMA
-    # chain instead of two; 0: tf32x3 (fp32 inputs, about fp32 accuracy)
+    # chain instead of two; 0: tf32x3 (fp32 inputs, about fp32 accuracy). acc (the carry term) enters the
+    # accumulator: a constant zero accumulator would get another MMA layout, and a conversion between the two dots
     if SPLIT == 1:
         m_hi = m.to(tl.bfloat16)
         m_lo = (m - m_hi.to(tl.float32)).to(tl.bfloat16)
-        acc = tl.dot(m_hi, x_lp, out_dtype=tl.float32)
+        acc = tl.dot(m_hi, x_lp, acc=acc, out_dtype=tl.float32)
         acc = tl.dot(m_lo, x_lp, acc=acc, out_dtype=tl.float32)
     elif SPLIT == 2:
-        acc = tl.dot(m, x, input_precision="tf32", out_dtype=tl.float32)
+        acc = tl.dot(m, x, acc=acc, input_precision="tf32", out_dtype=tl.float32)
     else:
-        acc = tl.dot(m, x, input_precision="tf32x3", out_dtype=tl.float32)
+        acc = tl.dot(m, x, acc=acc, input_precision="tf32x3", out_dtype=tl.float32)
     return acc
 
 
@@ -125,9 +126,9 @@ def _ltc_kernel(
             power = rows + 1
             step = BT * 1.0  # only full chunks pass their carry on; the last one's final state is read from h
         decay = tl.math.exp2(power.to(tl.float32) * l2a)
-        h = _ltc_dot(mat, x, x_lp, SPLIT) + decay[:, None] * carry
+        h = _ltc_dot(mat, x, x_lp, decay[:, None] * carry, SPLIT)
         tl.store(out_ptr + off, h.to(out_ptr.dtype.element_ty), mask=m2)
-        carry = _ltc_dot(wmat, x, x_lp, SPLIT) + tl.math.exp2(step * l2a) * carry
+        carry = _ltc_dot(wmat, x, x_lp, tl.math.exp2(step * l2a) * carry, SPLIT)
         if HAS_DA:
             if HAS_H0:
                 hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
