@@ -596,7 +596,8 @@ def lti_scan(
         raise ValueError(f"lti_scan: x must be (B, T, D), got shape {tuple(x.shape)}")
     if h0 is not None:
         _fo_check("lti_scan: h0", h0, (x.shape[0], x.shape[2]))
-    _fo_expand_decay(log_a, x.shape[2])  # the shape rule
+    if log_a.dim() != 1 or x.shape[2] % log_a.shape[0] != 0:
+        _fo_expand_decay(log_a, x.shape[2])  # raises with the shape rule
     a = torch.exp(log_a.to(_fo_fin_dtype(x)))  # one decay per head: the op expands it where a kernel needs it
     h, fin = _fo_scan_op(a, x, h0, log_a.shape[0], scan_config_str(config))
     return (h, fin) if return_final_state else h
