@@ -314,7 +314,7 @@ def recurrence_rows(device, configs: dict, refs: bool = True) -> list[dict]:
 
 def variant_cases(device) -> list[dict]:
     """Ops at the variants' own shapes, beside the anchor where there is one: Mamba-3 SISO as mamba3-hybrid runs
-    it (16 sequences x 4096 per GPU) and the selective scan as ttsm runs it (D 576, N 64, expand 1, 16 x 2048)."""
+    it (16 sequences x 4096 per GPU) and the selective scan as ttsm runs it (D 576, N 64, expand 1, 2 x 2048)."""
     cases = []
     m3 = m3_inputs(device, batch=16, seq=4096)
     cot = torch.randn_like(m3["x"])
@@ -350,9 +350,9 @@ def variant_cases(device) -> list[dict]:
     except Exception as exc:
         print(f"mamba3_siso_combined not usable ({type(exc).__name__}: {exc}); skipped", flush=True)
     try:
-        from bench.scan_recurrence import selective_case
+        from bench.scan_recurrence import TTSM_SHAPE, selective_case
 
-        cases.append(selective_case(device, shape=(16, 2048, 576, 64), label=" D 576 at 16 x 2048 (ttsm)"))
+        cases.append(selective_case(device, shape=TTSM_SHAPE, label=" D 576 at 2 x 2048 (ttsm)"))
     except Exception as exc:
         print(f"selective ttsm shape not usable ({type(exc).__name__}: {exc}); skipped", flush=True)
     return cases

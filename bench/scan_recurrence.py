@@ -49,18 +49,26 @@ FO_CONFIGS = [
     {"BT": 64, "BD": 32, "num_warps": 2},
 ]
 LTC_CONFIGS = [  # first = the default of the Toeplitz LTI path (per-head decays)
+    {"BT": 64, "BP": 32, "num_warps": 4},
     {"BT": 64, "BP": 32, "num_warps": 8},
-    {"BT": 32, "BP": 64, "num_warps": 4},
-    {"BT": 64, "BP": 64, "num_warps": 8},
+    {"BT": 64, "BP": 64, "num_warps": 4},
+    {"BT": 64, "BP": 32, "num_warps": 4, "prec": "tf32"},
+    {"BT": 64, "BP": 32, "num_warps": 4, "num_stages": 4},
 ]
 SEL_CONFIGS = [  # first = the default of templates/scan/selective.py (channels per program and warps of the forward
-    # and of the backward, CK-step chunks between checkpoints)
-    {"FWD_BD": 32, "FWD_WARPS": 1, "BD": 32, "num_warps": 1, "CK": 128},
-    {"FWD_BD": 32, "FWD_WARPS": 1, "BD": 32, "num_warps": 1, "CK": 64},
-    {"FWD_BD": 32, "FWD_WARPS": 1, "BD": 32, "num_warps": 1, "CK": 256},
-    {"FWD_BD": 64, "FWD_WARPS": 1, "BD": 32, "num_warps": 1, "CK": 128},
-    {"FWD_BD": 128, "FWD_WARPS": 2, "BD": 32, "num_warps": 1, "CK": 128},
-    {"FWD_BD": 32, "FWD_WARPS": 1, "BD": 64, "num_warps": 2, "CK": 128},
+    # and of the backward, CK-step chunks between checkpoints; SEG 0 = segments chosen from the shape)
+    {},
+    {"CK": 64},
+    {"FWD_BD": 64},
+]
+TTSM_SHAPE = (2, 2048, 576, 64)  # ttsm: 4,096 tokens per GPU step as batch 2 x 2048, D 576 (expand 1), N 64
+TTSM_CONFIGS = [  # first = the default (8 channels per warp at N 64, segments from the shape: 8 of 256 steps here)
+    {},
+    {"SEG": 1},
+    {"SEG": 16},
+    {"CK": 64, "SEG": 32},
+    {"BD": 16, "FWD_BD": 16},
+    {"BD": 4},
 ]
 
 
@@ -134,6 +142,35 @@ def lti_case(device, config=None) -> dict:
         "fwd_bwd": _grad_fn(lambda: lti_scan(x, log_a, config=config), [x, log_a], cot),
         "bytes_min": 2 * elems * BF16,
         "bytes_min_fwd_bwd": 5 * elems * BF16,
+    }
+
+
+def lti_kernel_case(device) -> dict:
+    """The Toeplitz LTI kernels alone (forward launch, then forward + backward launches), without the op's
+    PyTorch around them (decay exp, head expansion, autograd): what the op's overhead is."""
+    from templates.scan.first_order import _fo_plan
+    from templates.scan.lti_chunked import _ltc_launch
+
+    _, x, _ = _fo_inputs(device)
+    x = x.detach()
+    a_vec = torch.exp(-torch.rand(HEADS, device=device) * 0.5).repeat_interleave(CHANNELS // HEADS)
+    _, cfg = _fo_plan(CHANNELS, HEADS, "method=toeplitz")
+    dh = torch.randn_like(x)
+    dfin = torch.zeros(x.shape[0], CHANNELS, device=device)
+
+    def fwd():
+        return _ltc_launch(x, a_vec, None, False, cfg, True)[0]
+
+    def fwd_bwd():
+        h = fwd()
+        _ltc_launch(dh, a_vec, dfin, True, cfg, False, hp=h)
+
+    return {
+        "name": f"ours lti toeplitz kernels alone ({HEADS} head decays)",
+        "fwd": fwd,
+        "fwd_bwd": fwd_bwd,
+        "bytes_min": 2 * x.numel() * BF16,
+        "bytes_min_fwd_bwd": 5 * x.numel() * BF16,
     }
 
 
@@ -254,6 +291,16 @@ def recurrence_cases(device, configs: dict | None = None, refs: bool = True) -> 
     return [c for c in cases if _runs(c)] + (reference_cases(device) if refs else []) + anchor_cases(device)
 
 
+def variant_rows(device, config: dict | None = None) -> list[dict]:
+    """The selective scan at ttsm's shape (batch 2 x 2048, D 576, N 64), as it is chosen and as one segment (the
+    step-sequential walk without the parallel split), and the LTI kernels without the op around them."""
+    label = " D 576 at 2 x 2048 (ttsm)"
+    cases = [selective_case(device, config, shape=TTSM_SHAPE, label=label)]
+    one = selective_case(device, {**(config or {}), "SEG": 1}, shape=TTSM_SHAPE, label=label + ", one segment")
+    cases += [one, lti_kernel_case(device)]
+    return [c for c in cases if _runs(c)]
+
+
 def _runs(case: dict) -> bool:
     """Run a case's fwd+bwd once (compiling it); a case that fails is reported and left out, not fatal."""
     try:
@@ -319,15 +366,20 @@ def measure(case: dict) -> dict:
     return row
 
 
-def sweep(device) -> dict:
-    """Time every candidate config of each op (fwd+bwd) and return the fastest per op."""
+def sweep(device, ops: str = "") -> dict:
+    """Time every candidate config of each op (fwd+bwd) and return the fastest per op (ops: a comma list of names
+    to sweep, all when empty)."""
     best = {}
+    wanted = {o for o in ops.split(",") if o}
     for op, make, candidates in (
         ("first_order", first_order_case, FO_CONFIGS),
         ("lti", lti_case, FO_CONFIGS),
         ("lti_toeplitz", lti_toeplitz_case, LTC_CONFIGS),
         ("selective", selective_case, SEL_CONFIGS),
+        ("selective_ttsm", lambda d, c: selective_case(d, c, shape=TTSM_SHAPE), TTSM_CONFIGS),
     ):
+        if wanted and op not in wanted:
+            continue
         timings = []
         for cfg in candidates:
             case = make(device, cfg)
@@ -373,7 +425,7 @@ def _compare_unguarded(kernel, reference, inputs: list[torch.Tensor], cot_shapes
     return {f"t{i}": _rel(k, r) for i, (k, r) in enumerate(zip(*results))}
 
 
-def check(device, small: bool = False) -> bool:
+def check(device, small: bool = False, fo: bool = True) -> bool:
     """Kernel vs float64 reference on the GPU: odd shapes, bf16 for every config and fp32 for the first one,
     initial and final states. `small` shrinks the shapes (a CPU smoke run under TRITON_INTERPRET=1)."""
     torch.manual_seed(0)
@@ -389,7 +441,7 @@ def check(device, small: bool = False) -> bool:
     Bsz, T, D = (2, 19, 40) if small else (3, 333, 300)
     sel_shape = (2, 21, 6, 4) if small else (2, 515, 100, STATE)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        fo_configs = FO_CONFIGS if dtype == torch.bfloat16 else FO_CONFIGS[:1]
+        fo_configs = (FO_CONFIGS if dtype == torch.bfloat16 else FO_CONFIGS[:1]) if fo else []
         sel_configs = SEL_CONFIGS if dtype == torch.bfloat16 else SEL_CONFIGS[:1]
         a = (torch.rand(Bsz, T, D, device=device) * 1.1 - 0.05).to(dtype)
         b = torch.randn(Bsz, T, D, device=device).to(dtype)
@@ -432,8 +484,9 @@ def check(device, small: bool = False) -> bool:
             yr, yi, (fr, fi) = first_order_scan_complex_ref(ar, ai, br, bi, (hr, hi), True)
             return yr, yi, fr, fi
 
-        errs = _compare(cplx, cplx_ref, parts, [(Bsz, T, D), (Bsz, T, D), (Bsz, D), (Bsz, D)])
-        report(f"first_order_complex {dtype}", errs, tol)
+        if fo:
+            errs = _compare(cplx, cplx_ref, parts, [(Bsz, T, D), (Bsz, T, D), (Bsz, D), (Bsz, D)])
+            report(f"first_order_complex {dtype}", errs, tol)
 
         sb, st, sd, sn = sel_shape
         ins = _sel_inputs(device, batch=sb, seq=st, ch=sd, n=sn, dtype=dtype)
@@ -448,6 +501,20 @@ def check(device, small: bool = False) -> bool:
                 [(sb, st, sd), (sb, sd, sn)],
             )
             report(f"selective {dtype} {cfg}", errs, tol * 2)
+        # N 64 at batch 2 (ttsm's kind of shape): 8 channels per warp, the length split into segments
+        sb, st, sd, sn = (2, 21, 6, 8) if small else (2, 515, 40, 64)
+        ins = _sel_inputs(device, batch=sb, seq=st, ch=sd, n=sn, dtype=dtype)
+        ins["h0"] = torch.randn(sb, sd, sn, device=device)
+        names = list(ins)
+        vals = [v.detach() for v in ins.values()]
+        for cfg in TTSM_CONFIGS if dtype == torch.bfloat16 else TTSM_CONFIGS[:1]:
+            errs = _compare(
+                lambda *xs, cfg=cfg, nm=names: selective_scan(**dict(zip(nm, xs)), return_final_state=True, config=cfg),
+                lambda *xs, nm=names: selective_scan_ref(**dict(zip(nm, xs)), return_final_state=True),
+                vals,
+                [(sb, st, sd), (sb, sd, sn)],
+            )
+            report(f"selective N{sn} batch {sb} {dtype} {cfg}", errs, tol * 2)
     return ok
 
 
@@ -457,6 +524,10 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="time the candidate configs; the table uses the best")
     parser.add_argument("--no-table", action="store_true", help="skip the benchmark table")
     parser.add_argument("--profile", action="store_true", help="run each op's fwd+bwd twice (under ncu) and exit")
+    parser.add_argument("--sweep-ops", default="", help="comma list of the ops to sweep (all when empty)")
+    parser.add_argument("--variants", action="store_true", help="also time the selective scan at ttsm's shape")
+    parser.add_argument("--no-refs", action="store_true", help="leave out the (slow) sequential PyTorch references")
+    parser.add_argument("--no-check-fo", action="store_true", help="check only the LTI and selective scans")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan_recurrence.py needs a CUDA GPU (run it through the device); nothing measured")
@@ -474,13 +545,19 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.check:
-        result["check_ok"] = check(device)
-    best = sweep(device) if args.sweep else {}
+        result["check_ok"] = check(device, fo=not args.no_check_fo)
+    best = sweep(device, args.sweep_ops) if args.sweep else {}
     result["configs"] = best
     if cfg_file and best:
         cfg_file.write_text(json.dumps(best))
     if not args.no_table:
-        rows = [measure(c) for c in recurrence_cases(device, best) + context_cases(device)]
+        cases = recurrence_cases(device, best, refs=not args.no_refs) + context_cases(device)
+        if args.variants:
+            cases += variant_rows(device, best.get("selective_ttsm"))
+        rows = []
+        for case in cases:
+            rows.append(measure(case))
+            print(f"measured {case['name']}: {rows[-1]['fwd_ms']} / {rows[-1]['fwd_bwd_ms']} ms", flush=True)
         by_name = {r["name"]: r for r in rows}
         for r in rows:
             ours = by_name.get(r.get("ref_for") or "")

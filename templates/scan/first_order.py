@@ -351,18 +351,26 @@ def _fo_plan(D: int, heads: int, config: str) -> tuple:
     block = lti_toeplitz_block(D, heads) if heads else 0
     if cfg.get("method", "scan") == "toeplitz" and block:
         interp = os.environ.get("TRITON_INTERPRET") == "1"
-        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 8, **user}
+        # 4 warps: one warpgroup, so the products and the carry tile share one MMA layout (offline sm_90: one layout
+        # conversion per chunk, for the store; 8 warps gave two MMA layouts and five conversions)
+        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 4, **user}
         cfg["BP"] = min(cfg["BP"], block)  # a program must stay inside one head
         return True, cfg
     return False, cfg
 
 
-# ---- ssm_golf::fo_scan: real decays, time-varying (heads = 0, a (B, T, D)) or constant (a (D,), `heads` decays) ----
+# ---- ssm_golf::fo_scan: real decays, time-varying (heads = 0, a (B, T, D)) or constant (heads > 0: a (D,) per
+# channel or (H,) per head, each head owning D // H consecutive channels) ----
+
+
+def _fo_per_channel(a: torch.Tensor, D: int) -> torch.Tensor:
+    """Constant decays given per head (H,) as one per channel (D,); time-varying or per-channel ones unchanged."""
+    return a.repeat_interleave(D // a.shape[0]) if a.dim() == 1 and a.shape[0] != D else a
 
 
 def _fo_scan_impl(a, b, h0, heads, config):
     if not _fo_use_triton(b):
-        h, fin = first_order_scan_ref(a.expand(b.shape), b, h0, True)
+        h, fin = first_order_scan_ref(_fo_per_channel(a, b.shape[2]).expand(b.shape), b, h0, True)
         return h, fin.to(_fo_fin_dtype(b))
     toeplitz, cfg = _fo_plan(b.shape[2], heads, config)
     a, b = a.contiguous(), b.contiguous()
@@ -370,7 +378,7 @@ def _fo_scan_impl(a, b, h0, heads, config):
     if toeplitz:
         h, fin, _ = _ltc_launch(b, a, h0c, False, cfg, True)
     else:
-        h, fin, _ = _fo_launch(a, b, h0c, False, heads > 0, cfg, b.dtype, True)
+        h, fin, _ = _fo_launch(_fo_per_channel(a, b.shape[2]), b, h0c, False, heads > 0, cfg, b.dtype, True)
     return h, fin.to(_fo_fin_dtype(b))
 
 
@@ -403,9 +411,10 @@ def _fo_scan_bwd_impl(a, b, h, h0, dh, dfin, heads, need_a, config):
     if toeplitz:
         db, dh0, da = _ltc_launch(dh, a, dfin, True, cfg, h0 is not None, hp=hp, h0=h0c)
     else:
-        db, dh0, da = _fo_launch(a, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
+        a_ch = _fo_per_channel(a, h.shape[2])
+        db, dh0, da = _fo_launch(a_ch, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
     if da is not None and heads:
-        da = da.sum(0)
+        da = da.view(da.shape[0], a.shape[0], -1).sum((0, 2))  # per (sequence, channel) to a's decays
     da = da.to(a.dtype) if da is not None else scan_none(dh)
     return da, db, dh0.to(h0.dtype) if h0 is not None else scan_none(dh)
 
@@ -615,11 +624,13 @@ def lti_scan(
     (see `_fo_expand_decay`), h0 (B, D). Reads the decay once per program: the bytes of a copy.
     config={"method": "toeplitz"} runs per-head decays as chunked Toeplitz matrix products on tensor cores
     (templates/scan/lti_chunked.py); per-channel decays and narrow heads keep the scan. One op (ssm_golf::fo_scan
-    with constant decays); exp and the head expansion of the decay are PyTorch around it."""
+    with constant decays); the exp of the decays is PyTorch around it."""
     if x.dim() != 3:
         raise ValueError(f"lti_scan: x must be (B, T, D), got shape {tuple(x.shape)}")
     if h0 is not None:
         _fo_check("lti_scan: h0", h0, (x.shape[0], x.shape[2]))
-    a_vec = torch.exp(_fo_expand_decay(log_a, x.shape[2]).to(_fo_fin_dtype(x)))
-    h, fin = _fo_scan_op(a_vec, x, h0, log_a.shape[0], scan_config_str(config))
+    if log_a.dim() != 1 or x.shape[2] % log_a.shape[0] != 0:
+        _fo_expand_decay(log_a, x.shape[2])  # raises with the shape rule
+    a = torch.exp(log_a.to(_fo_fin_dtype(x)))  # one decay per head: the op expands it where a kernel needs it
+    h, fin = _fo_scan_op(a, x, h0, log_a.shape[0], scan_config_str(config))
     return (h, fin) if return_final_state else h

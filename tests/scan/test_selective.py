@@ -78,6 +78,11 @@ CASES = [
     (1, torch.float32, True, True, {}),
     (21, torch.bfloat16, True, False, {}),
     (21, torch.bfloat16, False, True, {"CK": 4, "BD": 2}),
+    # SEG: segments of the length scanned in parallel (0, the default, picks them from the shape: several here)
+    (37, torch.float32, True, True, {"SEG": 1}),
+    (37, torch.float32, True, True, {"SEG": 3, "CK": 4}),
+    (37, torch.float32, False, False, {"SEG": 2, "CK": 16, "BD": 8}),
+    (21, torch.bfloat16, True, True, {"SEG": 2}),
 ]
 
 
@@ -96,6 +101,15 @@ def test_matches_reference(sel, T, dtype, z, h0, config):
     for name in g:
         assert g[name].shape == inputs[name].shape, name
         assert rel_err(g[name], g_ref[name]) < tol, name
+
+
+def test_segment_rule(sel):
+    """The length is split only when (sequence, channel block) programs are few, into whole checkpoint chunks."""
+    cfg = sel._sel_config(1024, 16, {"CK": 128, "BD": 32})
+    assert sel._sel_segments(64, 1024, 1024, 32, cfg) == (1, 1024)
+    assert sel._sel_segments(2, 2048, 576, 32, cfg) == (16, 128)
+    assert sel._sel_segments(2, 300, 576, 32, cfg) == (3, 128)
+    assert sel._sel_segments(1, 37, 6, 4, {**cfg, "CK": 4, "SEG": 3}) == (3, 16)
 
 
 def test_without_skip_bias_softplus(sel):
