@@ -11,6 +11,13 @@ d theta = -dout_even * out_odd + dout_odd * out_even.
 
 Both directions are one custom op each (ssm_golf::m3_rotary and its backward); off CUDA without the interpreter
 they run `m3_rotary_heads_ref`, the same map in PyTorch.
+
+`m3_gates(dt, trap, angles, theta0)` gives the scan's per-position weights and the cumulative angles in one pass
+over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an eager cumsum over (B,T,H,R):
+    lambda_t = sigmoid(trap_t), b'_t = (1 - lambda_t) dt_t, w_t = lambda_t dt_t + b'_{t+1} (b'_{T+1} = 0),
+    e_t = -b'_{t+1}, theta_t = theta0 + sum_{s<=t} angles_s dt_s.
+Its backward is the same walk in reverse: d theta summed from the end (a reverse cumsum carried across blocks) gives
+d angles_t = dt_t S_t and dt's angle term <angles_t, S_t>; d b'_t = dw_{t-1} - de_{t-1}; d theta0 = S_1.
 """
 
 import os
@@ -22,6 +29,7 @@ import triton.language as tl
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 M3R_BLOCK_T = 32
+M3G_BLOCK_T = 64
 
 
 @triton.jit
@@ -204,3 +212,196 @@ def m3_rotary_heads(
 ) -> torch.Tensor:
     """(B,T,G,N) -> (B,T,H,N): group row per head, plus bias (H,N), pairs r < R rotated by theta (B,T,H,R)."""
     return _m3r_op(v, bias, theta, nheads, out_dtype)
+
+
+# ---- ssm_golf::m3_gates: trapezoid weights and cumulative angles, one walk over time per (batch, head) ----
+
+
+@triton.jit
+def _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt, s_tr):
+    """dt_t and lambda_t = sigmoid(trap_t) at the given steps (0 where masked)."""
+    dt = tl.load(DT + base_dt + offs_t * s_dt, mask=mask_t, other=0.0).to(tl.float32)
+    lam = tl.sigmoid(tl.load(TRAP + base_tr + offs_t * s_tr, mask=mask_t, other=0.0).to(tl.float32))
+    return dt, lam
+
+
+@triton.jit
+def _m3g_fwd_kernel(
+    DT, TRAP, ANG, TH0, W, E, TH, T, H, R,
+    s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_r = tl.arange(0, BR)
+    mask_r = offs_r < R
+    base_dt = b64 * s_dt_b + h * s_dt_h
+    base_tr = b64 * s_tr_b + h * s_tr_h
+    base_an = b64 * s_an_b + h * s_an_h
+    out_g = b64 * T * H + h  # (B,T,H) outputs, contiguous
+    out_th = (b64 * T * H + h) * R  # theta (B,T,H,R) contiguous: row (b T + t) H + h
+    if HAS_TH0:
+        carry = tl.load(TH0 + bh * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BR,), dtype=tl.float32)
+    for tb in range(tl.cdiv(T, BT)):
+        offs_t = tb * BT + tl.arange(0, BT)
+        mask_t = offs_t < T
+        dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
+        dt_n, lam_n = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t + 1, offs_t + 1 < T, s_dt_t, s_tr_t)
+        b_next = (1.0 - lam_n) * dt_n
+        tl.store(W + out_g + offs_t * H, lam * dt + b_next, mask=mask_t)
+        tl.store(E + out_g + offs_t * H, -b_next, mask=mask_t)
+        m2 = mask_t[:, None] & mask_r[None, :]
+        ang = tl.load(ANG + base_an + offs_t[:, None] * s_an_t + offs_r[None, :], mask=m2, other=0.0).to(tl.float32)
+        theta = tl.cumsum(ang * dt[:, None], axis=0) + carry[None, :]
+        tl.store(TH + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], theta, mask=m2)
+        carry = tl.sum(tl.where((offs_t == tb * BT + BT - 1)[:, None], theta, 0.0), axis=0)
+        # the last block may be partial: its carry is never used
+
+
+@triton.jit
+def _m3g_bwd_kernel(
+    DT, TRAP, ANG, DW, DE, DTH, DDT, DTRAP, DANG, DTH0, T, H, R,
+    s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr,
+):  # fmt: skip
+    """Reverse walk: S_t = sum_{s>=t} d theta_s carried across blocks; dt, trap and angle gradients per step."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_r = tl.arange(0, BR)
+    mask_r = offs_r < R
+    base_dt = b64 * s_dt_b + h * s_dt_h
+    base_tr = b64 * s_tr_b + h * s_tr_h
+    base_an = b64 * s_an_b + h * s_an_h
+    out_g = b64 * T * H + h
+    out_th = (b64 * T * H + h) * R
+    carry = tl.zeros((BR,), dtype=tl.float32)
+    nb = tl.cdiv(T, BT)
+    for tbb in range(nb):
+        tb = nb - 1 - tbb
+        offs_t = tb * BT + tl.arange(0, BT)
+        mask_t = offs_t < T
+        m2 = mask_t[:, None] & mask_r[None, :]
+        dth = tl.load(DTH + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], mask=m2, other=0.0)
+        suffix = tl.cumsum(dth, axis=0, reverse=True) + carry[None, :]
+        carry = tl.sum(tl.where((offs_t == tb * BT)[:, None], suffix, 0.0), axis=0)
+        ang = tl.load(ANG + base_an + offs_t[:, None] * s_an_t + offs_r[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
+        tl.store(DANG + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], suffix * dt[:, None], mask=m2)
+        d_gamma = tl.load(DW + out_g + offs_t * H, mask=mask_t, other=0.0)
+        prev = mask_t & (offs_t >= 1)
+        d_bp = tl.load(DW + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
+        d_bp -= tl.load(DE + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
+        ddt = d_gamma * lam + d_bp * (1.0 - lam) + tl.sum(suffix * ang, axis=1)
+        tl.store(DDT + out_g + offs_t * H, ddt, mask=mask_t)
+        tl.store(DTRAP + out_g + offs_t * H, (d_gamma - d_bp) * dt * lam * (1.0 - lam), mask=mask_t)
+    if HAS_TH0:
+        tl.store(DTH0 + bh * R + offs_r, carry, mask=mask_r)
+
+
+def m3_gates_ref(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0: torch.Tensor | None) -> tuple:
+    """PyTorch reference of `m3_gates`: (w, e, theta), fp32 (fp64 when dt is fp64)."""
+    cd = torch.float64 if dt.dtype == torch.float64 else torch.float32
+    dtf = dt.to(cd)
+    lam = torch.sigmoid(trap.to(cd))
+    b_next = torch.nn.functional.pad(((1.0 - lam) * dtf)[:, 1:], (0, 0, 0, 1))
+    theta = torch.cumsum(angles.to(cd) * dtf[..., None], dim=1)
+    if theta0 is not None:
+        theta = theta + theta0.to(cd)[:, None]
+    return lam * dtf + b_next, -b_next, theta
+
+
+def _m3g_strides(t: torch.Tensor) -> tuple:
+    return tuple(t.stride()[:3])
+
+
+def _m3g_inputs(dt, trap, angles):
+    """Strided (B,T,H[,R]) views are read in place; angles need a unit stride along R."""
+    return dt, trap, angles if angles.stride(-1) == 1 else angles.contiguous()
+
+
+def _m3g_impl(dt, trap, angles, theta0):
+    if not _m3r_use_triton(dt):
+        return m3_gates_ref(dt, trap, angles, theta0)
+    bsz, seqlen, nheads, rdim = angles.shape
+    dt, trap, angles = _m3g_inputs(dt, trap, angles)
+    f32 = {"device": dt.device, "dtype": torch.float32}
+    w, e = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
+    theta = torch.empty(bsz, seqlen, nheads, rdim, **f32)
+    th0 = theta0.float().contiguous() if theta0 is not None else None
+    _m3g_fwd_kernel[(bsz * nheads,)](
+        dt, trap, angles, th0 if th0 is not None else theta, w, e, theta, seqlen, nheads, rdim,
+        *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
+        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=th0 is not None,
+    )  # fmt: skip
+    return w, e, theta
+
+
+def _m3g_fake(dt, trap, angles, theta0):
+    cd = torch.float64 if dt.dtype == torch.float64 and not _m3r_use_triton(dt) else torch.float32
+    return dt.new_empty(dt.shape, dtype=cd), dt.new_empty(dt.shape, dtype=cd), angles.new_empty(angles.shape, dtype=cd)
+
+
+def _m3g_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _m3g_backward(ctx, dw, de, dtheta):
+    dt, trap, angles, theta0 = ctx.saved_tensors
+    dw = dw if dw is not None else torch.zeros(dt.shape, device=dt.device)
+    de = de if de is not None else torch.zeros(dt.shape, device=dt.device)
+    dtheta = dtheta if dtheta is not None else torch.zeros(angles.shape, device=dt.device)
+    ddt, dtrap, dang, dth0 = _m3g_bwd_op(dt, trap, angles, theta0, dw, de, dtheta)
+    return ddt, dtrap, dang, scan_opt(dth0)
+
+
+def _m3g_bwd_impl(dt, trap, angles, theta0, dw, de, dtheta):
+    if not _m3r_use_triton(dt):
+        return tuple(scan_ref_vjp(m3_gates_ref, [dt, trap, angles, theta0], [dw, de, dtheta]))
+    bsz, seqlen, nheads, rdim = angles.shape
+    dt, trap, angles = _m3g_inputs(dt, trap, angles)
+    f32 = {"device": dt.device, "dtype": torch.float32}
+    ddt, dtrap = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
+    dang = torch.empty(bsz, seqlen, nheads, rdim, **f32)
+    dth0 = torch.empty(bsz, nheads, rdim, **f32) if theta0 is not None else None
+    _m3g_bwd_kernel[(bsz * nheads,)](
+        dt, trap, angles, dw.float().contiguous(), de.float().contiguous(), dtheta.float().contiguous(),
+        ddt, dtrap, dang, dth0 if dth0 is not None else dang, seqlen, nheads, rdim,
+        *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
+        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=theta0 is not None,
+    )  # fmt: skip
+    return (
+        ddt.to(dt.dtype), dtrap.to(trap.dtype), dang.to(angles.dtype),
+        dth0.to(theta0.dtype) if dth0 is not None else scan_none(ddt),
+    )  # fmt: skip
+
+
+def _m3g_bwd_fake(dt, trap, angles, theta0, dw, de, dtheta):
+    dth0 = theta0.new_empty(theta0.shape) if theta0 is not None else scan_none(dt)
+    return dt.new_empty(dt.shape), trap.new_empty(trap.shape), angles.new_empty(angles.shape), dth0
+
+
+_m3g_bwd_op = scan_op(
+    "m3_gates_bwd",
+    "(Tensor dt, Tensor trap, Tensor angles, Tensor? theta0, Tensor dw, Tensor de, Tensor dtheta)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    _m3g_bwd_impl,
+    _m3g_bwd_fake,
+)
+_m3g_op = scan_op(
+    "m3_gates",
+    "(Tensor dt, Tensor trap, Tensor angles, Tensor? theta0) -> (Tensor, Tensor, Tensor)",
+    _m3g_impl,
+    _m3g_fake,
+    _m3g_backward,
+    _m3g_setup,
+)
+
+
+def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0: torch.Tensor | None) -> tuple:
+    """Mamba-3's scan weights and cumulative angles (w, e, theta): dt, trap (B,T,H), angles (B,T,H,R), theta0 (B,H,R)
+    or None. Math in the module docstring."""
+    return _m3g_op(dt, trap, angles, theta0)

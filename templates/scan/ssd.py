@@ -107,7 +107,7 @@ def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
     if ATOMIC:
         tl.atomic_add(ptr, val, mask=mask)
     else:
-        tl.store(ptr, val, mask=mask)
+        tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -586,8 +586,9 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     f32 = {"device": x.device, "dtype": torch.float32}
     heads = _ssd_bwd_heads(nheads, ngroups)
     atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-    dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
-    dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
+    # stored in B's and C's dtype straight from the registers unless atomics sum them (G = H: 2 x (B,T,H,N))
+    dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, device=x.device, dtype=B.dtype)
+    dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, device=x.device, dtype=C.dtype)
     dx = torch.empty_like(x_c)
     dz = torch.empty_like(z_c) if z is not None else None
     dh0 = torch.empty_like(h0c) if h0c is not None else None

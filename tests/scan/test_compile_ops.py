@@ -208,6 +208,9 @@ def opcheck_cases() -> list:
         ("m3_rotary", [*_req(r(1, 3, 1, 4), r(2, 4), r(1, 3, 2, 2)), 2, torch.float32]),
         ("fo_scan_bwd", [torch.rand(2, 5, 3), r(2, 5, 3), None, None, r(2, 5, 3), r(2, 3), 0, True, ""]),
         ("m3_rotary_bwd", [r(1, 3, 1, 4), None, r(1, 3, 2, 2), r(1, 3, 2, 4), 2]),
+        ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3), r(1, 2, 3))]),
+        ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3)), None]),
+        ("m3_gates_bwd", [torch.rand(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3), None, r(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3)]),
     ]  # fmt: skip
 
 
