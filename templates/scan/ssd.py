@@ -188,6 +188,112 @@ def _ssd_fwd_kernel(
 
 
 @triton.jit
+def _ssd_fwd_state_kernel(
+    X, DT, A, DTB, LA, W, BM, H0, CKPT, HT,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Forward, part 1: the state at every chunk start, one program per (batch, head, block of BPS columns of P)
+    walking the chunks in order with its [BN, BPS] fp32 state in registers: one dot per chunk,
+    h_end = exp(G_last) h_start + B^T (x exp(G_last - G) w)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.program_id(1) * BPS + tl.arange(0, BPS)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    sn = offs_n[:, None] * P + offs_p[None, :]
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    if HAS_H0:
+        state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BN, BPS), dtype=tl.float32)
+    for c in range(NC):
+        row = b64 * T + c * Q
+        mask_t = c * Q + offs_q < T
+        x = tl.load(X + row * H * P + h * P + loc_xp, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        kb = tl.load(BM + row * G * N + g * N + loc_bn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        la, w, e, dtv, raw = _ssd_load_chunk_gates(
+            DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
+        )
+        tl.store(CKPT + (bh64 * NC + c) * N * P + sn, state.to(CKPT.dtype.element_ty), mask=sn_mask)
+        gc = tl.cumsum(la, axis=0)
+        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+        xw = (x.to(tl.float32) * (tl.exp(g_last - gc) * w)[:, None]).to(DOT)
+        state = state * tl.exp(g_last) + tl.dot(tl.trans(kb.to(DOT)), xw, input_precision=PREC)
+    if STORE_FINAL:
+        tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
+
+
+@triton.jit
+def _ssd_fwd_out_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Forward, part 2: one program per (batch, chunk, head), all in parallel. The intra-chunk quadratic form (C B^T
+    masked by exp(G_i - G_j) and the weights), the carried state's term exp(G) C h_start, D x, and the gate."""
+    b = tl.program_id(0) // NC
+    c = tl.program_id(0) % NC
+    h = tl.program_id(1)
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = b64 * H + h
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    row = b64 * T + c * Q
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    bn_mask = mask_t[:, None] & mask_n[None, :]
+    x_base = row * H * P + h * P
+    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    bc_base = row * G * N + g * N
+    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    la, w, e, dtv, raw = _ssd_load_chunk_gates(
+        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+    )
+    gc = tl.cumsum(la, axis=0)
+    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
+    st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :],
+                 mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(DOT)  # fmt: skip
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+    mmat = tl.where(causal, scores * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)) * wmat, 0.0)
+    y = tl.dot(qc, st, input_precision=PREC) * tl.exp(gc)[:, None]
+    y = tl.dot(mmat.to(DOT), x, acc=y, input_precision=PREC)
+    if HAS_D:
+        y += tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :] * x.to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+        y = y * zz * tl.sigmoid(zz)
+    tl.store(Y + x_base + xp, y.to(Y.dtype.element_ty), mask=xp_mask)
+
+
+@triton.jit
 def _ssd_bwd_carry_kernel(
     CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0, CKPT, CARRY,
     T, H, G, P, N, NC,
@@ -385,32 +491,34 @@ def _ssd_bwd_dbc_kernel(
             DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
         )
         gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
+        x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
         dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
         if HAS_Z:
             zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
             dy = dy * zz * tl.sigmoid(zz)
-        dy = dy.to(DOT)
+        # the row scalings go on the dot operands, so that each dot accumulates in place (no [Q, N] temporaries)
         st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+        dq_acc = tl.dot((dy * e_g[:, None]).to(DOT), tl.trans(st), acc=dq_acc, input_precision=PREC)
         dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-        dq_acc += e_g[:, None] * tl.dot(dy, tl.trans(st), input_precision=PREC)
-        dk_acc += (dec * w)[:, None] * tl.dot(x, tl.trans(dst), input_precision=PREC)
-        dmx = tl.dot(dy, tl.trans(x), input_precision=PREC)
-        seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
-        dwm = dmx * seg
+        xs = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
+        dk_acc = tl.dot(xs, tl.trans(dst), acc=dk_acc, input_precision=PREC)
+        dwm = tl.dot(dy.to(DOT), tl.trans(x.to(DOT)), input_precision=PREC)
+        dwm = tl.where(causal, dwm * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
         dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
-        dq_acc += tl.dot(dsc, kb, input_precision=PREC)
-        dk_acc += tl.dot(tl.trans(dsc), qc, input_precision=PREC)
+        dq_acc = tl.dot(dsc, kb, acc=dq_acc, input_precision=PREC)
+        dk_acc = tl.dot(tl.trans(dsc), qc, acc=dk_acc, input_precision=PREC)
         dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        # d la_t over the pairs j < t <= i: a reverse cumsum down the columns of the strict pair matrix
-        span = tl.cumsum(tl.where(strict, dwm * w[None, :], 0.0), axis=0, reverse=True)
-        dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
         dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
+        if HAS_E:
+            tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
+        # d la_t over the pairs j < t <= i: the column sums from row t down (a dot with the triangular ones matrix
+        # U[t, i] = [i >= t]) of the strict pair matrix, then the part of row t left of t
+        upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0)
+        span = tl.dot(upper, tl.where(strict, dwm * w[None, :], 0.0), input_precision=PREC)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
         if GENERIC:
             tl.store(DLA + g_ptr, dla, mask=mask_t)
             tl.store(DW + g_ptr, dw, mask=mask_t)
-            if HAS_E:
-                tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
         else:
             dgate = dw + dla * a_h
             if DT_SOFTPLUS:
@@ -451,6 +559,12 @@ def _ssd_launch(kind: str, q: int, dot) -> dict:
     opts = {"num_warps": 8 if q >= 64 and kind == "fwd" else 4, "num_stages": 1 if wide else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
     return opts | ({} if wide else tuned)
+
+
+def _ssd_fwd_state_cols(bp: int) -> int:
+    """Columns of P per program of the forward's state kernel (SSD_TUNING["fstate"]["bp"]; default 32: twice the
+    programs of whole states, each with half the registers)."""
+    return max(16, min(bp, int(SSD_TUNING.get("fstate", {}).get("bp", 32))))
 
 
 def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
@@ -517,19 +631,37 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
     any_t = x
-    _ssd_fwd_kernel[(bsz * nheads,)](
-        x, dt if dt is not None else any_t, A if A is not None else any_t,
-        dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
-        w if w is not None else any_t, e if e is not None else any_t, B, C,
-        d_mat if d_mat is not None else any_t, z if z is not None else any_t,
-        h0c if h0c is not None else any_t, y, ckpt if ckpt is not None else any_t,
-        final if final is not None else any_t,
-        seqlen, nheads, ngroups, hdim, dstate, nchunks,
-        Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
-        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
-        STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
-        **_ssd_launch("fwd", chunk_size, dot),
+
+    def _or(t):
+        return t if t is not None else any_t
+
+    gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
+    flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
+    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+    if SSD_TUNING.get("fwd", {}).get("form") == "seq":
+        _ssd_fwd_kernel[(bsz * nheads,)](
+            x, *gates, _or(e), B, C, _or(d_mat), _or(z), _or(h0c), y, _or(ckpt), _or(final), *dims,
+            Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None,
+            HAS_H0=h0c is not None, STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, **flags,
+            **_ssd_launch("fwd", chunk_size, dot),
+        )  # fmt: skip
+        final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
+        return y, final, ckpt if ckpt is not None else scan_none(x)
+    # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
+    if ckpt is None:
+        ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+    bps = _ssd_fwd_state_cols(bp)
+    _ssd_fwd_state_kernel[(bsz * nheads, triton.cdiv(hdim, bps))](
+        x, *gates, B, _or(h0c), ckpt, _or(final), *dims, Q=chunk_size, BPS=bps, BN=bn, HAS_H0=h0c is not None,
+        STORE_FINAL=final is not None, **flags, **_ssd_launch("fstate", chunk_size, dot),
     )  # fmt: skip
+    _ssd_fwd_out_kernel[(bsz * nchunks, nheads)](
+        x, *gates, _or(e), B, C, _or(d_mat), _or(z), ckpt, y, *dims, Q=chunk_size, BP=bp, BN=bn,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, **flags,
+        **_ssd_launch("fout", chunk_size, dot),
+    )  # fmt: skip
+    if not grad:
+        ckpt = None
     final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
     return y, final, ckpt if ckpt is not None else scan_none(x)
 
