@@ -1,16 +1,17 @@
-"""Mamba-3's per-head q/k preparation as one Triton kernel each way: head expansion, per-head bias, rotation.
+"""Mamba-3's per-head preparation kernels: q/k head expansion, bias and rotation; the trapezoid weights and angles.
 
-`m3_rotary_heads(v, bias, theta, nheads, out_dtype)` maps v (B,T,G,N) to (B,T,H,N): each head h takes its group's
-row, adds bias[h] (H,N), and rotates the adjacent pairs (2r, 2r+1), r < R, by theta[b,t,h,r] (B,T,H,R):
+`m3_rotary_heads(q, k, q_bias, k_bias, theta, nheads, out_dtype)` maps q and k (B,T,G,N) to (B,T,H,N) each: each
+head h takes its group's row, adds its bias row (H,N), and rotates the adjacent pairs (2r, 2r+1), r < R, by
+theta[b,t,h,r] (B,T,H,R):
     (e, o) -> (e cos - o sin, e sin + o cos).
-One read of v and theta, one write of the result, instead of a chain of eager fp32 tensors. Rows move as whole
+One kernel for both, so theta and its cos/sin are read and computed once per (time block, head). Rows move as whole
 contiguous tiles, split into even and odd elements in registers (stride-2 loads and stores of the pairs cost 12x
-the bytes' time on the H100). The backward rotates the gradient back (by -theta), sums it over the heads of a
-group in registers (one program per time block, batch and group), reduces the bias gradient per program, and gives
-d theta = -dout_even * out_odd + dout_odd * out_even.
+the bytes' time on the H100). The backward rotates the gradients back (by -theta), sums them over the heads of a
+group in registers (one program per time block, batch and group), reduces the bias gradients per program, and
+writes one d theta per head, q's and k's shares summed: d theta = -dout_even * out_odd + dout_odd * out_even.
 
-Both directions are one custom op each (ssm_golf::m3_rotary and its backward); off CUDA without the interpreter
-they run `m3_rotary_heads_ref`, the same map in PyTorch.
+Both directions are one custom op each (ssm_golf::m3_rotary_qk and its backward); off CUDA without the interpreter
+they run `m3_rotary_heads_ref` on each side, the same map in PyTorch.
 
 `m3_gates(dt, trap, angles, theta0)` gives the scan's per-position weights and the cumulative angles in one pass
 over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an eager cumsum over (B,T,H,R):
@@ -41,18 +42,6 @@ def _m3r_pairs(ptr, rows, offs_n, mask_t, N, BT: tl.constexpr, BR: tl.constexpr)
 
 
 @triton.jit
-def _m3r_head(even, odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Head h's side of the rotation: its group's pairs plus its bias row, and cos/sin of its angles [BT, BR]."""
-    if HAS_BIAS:
-        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
-        even += b_even[None, :]
-        odd += b_odd[None, :]
-    theta = tl.load(TH + (row * H + h)[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
-    return even, odd, tl.cos(theta), tl.sin(theta)
-
-
-@triton.jit
 def _m3r_store_pairs(ptr, rows, offs_n, mask_t, N, even, odd, BT: tl.constexpr, BR: tl.constexpr):
     """Interleave even and odd back into whole rows and write them with one contiguous store."""
     mask = mask_t[:, None] & (offs_n < N)[None, :]
@@ -61,9 +50,22 @@ def _m3r_store_pairs(ptr, rows, offs_n, mask_t, N, even, odd, BT: tl.constexpr, 
 
 
 @triton.jit
+def _m3r_bias(even, odd, BIAS, h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Head h's bias row added to its group's pairs."""
+    if HAS_BIAS:
+        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
+        even += b_even[None, :]
+        odd += b_odd[None, :]
+    return even, odd
+
+
+@triton.jit
 def _m3r_fwd_kernel(
-    V, BIAS, TH, OUT, T, H, G, N, R, BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr
+    QV, KV, QB, KB, TH, QOUT, KOUT, T, H, G, N, R,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
 ):  # fmt: skip
+    """One program per (time block, batch, head): q and k rotated by one read of the head's angles."""
     bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
     h = bh % H
@@ -73,18 +75,37 @@ def _m3r_fwd_kernel(
     offs_n = tl.arange(0, 2 * BR)
     mask_t = offs_t < T
     row = b64 * T + offs_t.to(tl.int64)
-    even, odd = _m3r_pairs(V, row * G + g, offs_n, mask_t, N, BT, BR)
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-    even, odd, cos, sin = _m3r_head(even, odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR, HAS_BIAS)
-    _m3r_store_pairs(OUT, row * H + h, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+    theta = tl.load(TH + (row * H + h)[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
+    cos, sin = tl.cos(theta), tl.sin(theta)
+    even, odd = _m3r_bias(*_m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR), QB, h, offs_n, N, BR, HAS_QB)
+    _m3r_store_pairs(QOUT, row * H + h, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+    even, odd = _m3r_bias(*_m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR), KB, h, offs_n, N, BR, HAS_KB)
+    _m3r_store_pairs(KOUT, row * H + h, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+
+
+@triton.jit
+def _m3r_bwd_head(v_even, v_odd, BIAS, DOUT, DBIAS_PART, h, row, part, cos, sin, offs_n, mask_t, N,
+                  BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """One head's side of one of q, k: its d theta share, and d v in the unrotated frame (bias partials stored)."""
+    even, odd = _m3r_bias(v_even, v_odd, BIAS, h, offs_n, N, BR, HAS_BIAS)
+    d_even_r, d_odd_r = _m3r_pairs(DOUT, row, offs_n, mask_t, N, BT, BR)
+    d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
+    d_even = d_even_r * cos + d_odd_r * sin
+    d_odd = d_odd_r * cos - d_even_r * sin
+    if HAS_BIAS:
+        pair_sums = tl.reshape(tl.join(tl.sum(d_even, axis=0), tl.sum(d_odd, axis=0)), (2 * BR,))
+        tl.store(DBIAS_PART + part * N + offs_n, pair_sums, mask=offs_n < N)
+    return d_theta, d_even, d_odd
 
 
 @triton.jit
 def _m3r_bwd_kernel(
-    V, BIAS, TH, DOUT, DV, DTH, DBIAS_PART, T, H, G, N, R,
-    BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QV, KV, QB, KB, TH, DQO, DKO, DQ, DK, DTH, DQB_PART, DKB_PART, T, H, G, N, R,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
 ):  # fmt: skip
-    """One program per (time block, batch, group) loops over the group's heads and sums their dv in registers."""
+    """One program per (time block, batch, group) loops over the group's heads: d q and d k summed over them in
+    registers, one d theta per head (q's and k's shares together), bias partials per (head, time block)."""
     bg = tl.program_id(1)
     b64 = (bg // G).to(tl.int64)
     g = bg % G
@@ -94,24 +115,31 @@ def _m3r_bwd_kernel(
     offs_n = tl.arange(0, 2 * BR)
     mask_t = offs_t < T
     row = b64 * T + offs_t.to(tl.int64)
-    v_even, v_odd = _m3r_pairs(V, row * G + g, offs_n, mask_t, N, BT, BR)
-    dv_even = tl.zeros((BT, BR), dtype=tl.float32)
-    dv_odd = tl.zeros((BT, BR), dtype=tl.float32)
+    q_even, q_odd = _m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR)
+    k_even, k_odd = _m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR)
+    dq_even = tl.zeros((BT, BR), dtype=tl.float32)
+    dq_odd = tl.zeros((BT, BR), dtype=tl.float32)
+    dk_even = tl.zeros((BT, BR), dtype=tl.float32)
+    dk_odd = tl.zeros((BT, BR), dtype=tl.float32)
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
     for h in range(g * hpg, (g + 1) * hpg):
-        even, odd, cos, sin = _m3r_head(v_even, v_odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR, HAS_BIAS)
-        d_even_r, d_odd_r = _m3r_pairs(DOUT, row * H + h, offs_n, mask_t, N, BT, BR)
-        d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
-        tl.store(DTH + (row * H + h)[:, None] * R + offs_r[None, :], d_theta, mask=th_mask)
-        d_even = d_even_r * cos + d_odd_r * sin
-        d_odd = d_odd_r * cos - d_even_r * sin
-        dv_even += d_even
-        dv_odd += d_odd
-        if HAS_BIAS:
-            part = DBIAS_PART + ((b64 * H + h) * tl.num_programs(0) + tl.program_id(0)) * N
-            pair_sums = tl.reshape(tl.join(tl.sum(d_even, axis=0), tl.sum(d_odd, axis=0)), (2 * BR,))
-            tl.store(part + offs_n, pair_sums, mask=offs_n < N)
-    _m3r_store_pairs(DV, row * G + g, offs_n, mask_t, N, dv_even, dv_odd, BT, BR)
+        th_ptr = TH + (row * H + h)[:, None] * R + offs_r[None, :]
+        theta = tl.load(th_ptr, mask=th_mask, other=0.0).to(tl.float32)
+        cos, sin = tl.cos(theta), tl.sin(theta)
+        part = (b64 * H + h) * tl.num_programs(0) + tl.program_id(0)
+        d_theta, d_even, d_odd = _m3r_bwd_head(
+            q_even, q_odd, QB, DQO, DQB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_QB
+        )
+        dq_even += d_even
+        dq_odd += d_odd
+        dk_theta, d_even, d_odd = _m3r_bwd_head(
+            k_even, k_odd, KB, DKO, DKB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_KB
+        )
+        dk_even += d_even
+        dk_odd += d_odd
+        tl.store(DTH + (row * H + h)[:, None] * R + offs_r[None, :], d_theta + dk_theta, mask=th_mask)
+    _m3r_store_pairs(DQ, row * G + g, offs_n, mask_t, N, dq_even, dq_odd, BT, BR)
+    _m3r_store_pairs(DK, row * G + g, offs_n, mask_t, N, dk_even, dk_odd, BT, BR)
 
 
 def _m3r_use_triton(x: torch.Tensor) -> bool:
@@ -121,7 +149,7 @@ def _m3r_use_triton(x: torch.Tensor) -> bool:
 def m3_rotary_heads_ref(
     v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """PyTorch reference of `m3_rotary_heads` (fp32 math, fp64 when v is fp64)."""
+    """PyTorch reference of one side of `m3_rotary_heads` (fp32 math, fp64 when v is fp64)."""
     cd = torch.float64 if v.dtype == torch.float64 else torch.float32
     heads = v.to(cd).repeat_interleave(nheads // v.shape[2], dim=2)
     if bias is not None:
@@ -134,72 +162,95 @@ def m3_rotary_heads_ref(
     return torch.cat((turned, heads[..., 2 * rdim :]), dim=-1).to(out_dtype)
 
 
-def _m3r_impl(v, bias, theta, nheads, out_dtype):
-    if not _m3r_use_triton(v):
-        return m3_rotary_heads_ref(v, bias, theta, nheads, out_dtype)
-    bsz, seqlen, ngroups, dstate = v.shape
-    v, theta = v.contiguous(), theta.float().contiguous()
-    bias_c = bias.float().contiguous() if bias is not None else None
-    out = torch.empty(bsz, seqlen, nheads, dstate, device=v.device, dtype=out_dtype)
+def _m3r_ref_pair(q, k, q_bias, k_bias, theta, nheads, out_dtype):
+    return (
+        m3_rotary_heads_ref(q, q_bias, theta, nheads, out_dtype),
+        m3_rotary_heads_ref(k, k_bias, theta, nheads, out_dtype),
+    )
+
+
+def _m3r_opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous() if t is not None else like
+
+
+def _m3r_impl(q, k, q_bias, k_bias, theta, nheads, out_dtype):
+    if not _m3r_use_triton(q):
+        return _m3r_ref_pair(q, k, q_bias, k_bias, theta, nheads, out_dtype)
+    bsz, seqlen, ngroups, dstate = q.shape
+    q, k, theta = q.contiguous(), k.contiguous(), theta.float().contiguous()
+    q_out = torch.empty(bsz, seqlen, nheads, dstate, device=q.device, dtype=out_dtype)
+    k_out = torch.empty_like(q_out)
     grid = (triton.cdiv(seqlen, M3R_BLOCK_T), bsz * nheads)
     _m3r_fwd_kernel[grid](
-        v, bias_c if bias_c is not None else v, theta, out, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
+        q, k, _m3r_opt(q_bias, theta), _m3r_opt(k_bias, theta), theta, q_out, k_out, seqlen, nheads, ngroups,
+        dstate, theta.shape[-1], BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)),
+        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
     )  # fmt: skip
-    return out
+    return q_out, k_out
 
 
-def _m3r_fake(v, bias, theta, nheads, out_dtype):
-    return v.new_empty((v.shape[0], v.shape[1], nheads, v.shape[3]), dtype=out_dtype)
+def _m3r_fake(q, k, q_bias, k_bias, theta, nheads, out_dtype):
+    shape = (q.shape[0], q.shape[1], nheads, q.shape[3])
+    return q.new_empty(shape, dtype=out_dtype), k.new_empty(shape, dtype=out_dtype)
 
 
 def _m3r_setup(ctx, inputs, output):
-    v, bias, theta, nheads, _ = inputs
+    q, k, q_bias, k_bias, theta, nheads, _ = inputs
     ctx.nheads = nheads
-    ctx.save_for_backward(v, bias, theta)
+    ctx.save_for_backward(q, k, q_bias, k_bias, theta)
 
 
-def _m3r_backward(ctx, dout):
-    v, bias, theta = ctx.saved_tensors
-    dv, dbias, dth = _m3r_bwd_op(v, bias, theta, dout, ctx.nheads)
-    return dv, scan_opt(dbias), dth, None, None
+def _m3r_backward(ctx, dq_out, dk_out):
+    q, k, q_bias, k_bias, theta = ctx.saved_tensors
+    dq_out = dq_out if dq_out is not None else q.new_zeros((*q.shape[:2], ctx.nheads, q.shape[3]))
+    dk_out = dk_out if dk_out is not None else k.new_zeros((*k.shape[:2], ctx.nheads, k.shape[3]))
+    dq, dk, dqb, dkb, dth = _m3r_bwd_op(q, k, q_bias, k_bias, theta, dq_out, dk_out, ctx.nheads)
+    return dq, dk, scan_opt(dqb), scan_opt(dkb), dth, None, None
 
 
-def _m3r_bwd_impl(v, bias, theta, dout, nheads):
-    if not _m3r_use_triton(v):
-        fwd = lambda v, b, t: (m3_rotary_heads_ref(v, b, t, nheads, dout.dtype),)  # noqa: E731
-        return tuple(scan_ref_vjp(fwd, [v, bias, theta], [dout]))
-    bsz, seqlen, ngroups, dstate = v.shape
-    v_c, theta_c = v.contiguous(), theta.float().contiguous()
-    bias_c = bias.float().contiguous() if bias is not None else None
-    f32 = {"device": v.device, "dtype": torch.float32}
-    dv = torch.empty(v.shape, **f32)
+def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
+    if not _m3r_use_triton(q):
+        fwd = lambda *xs: _m3r_ref_pair(*xs, nheads, dq_out.dtype)  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, [q, k, q_bias, k_bias, theta], [dq_out, dk_out]))
+    bsz, seqlen, ngroups, dstate = q.shape
+    q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
+    f32 = {"device": q.device, "dtype": torch.float32}
+    dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
     dth = torch.empty(theta.shape, **f32)
     n_tb = triton.cdiv(seqlen, M3R_BLOCK_T)
-    dbias_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if bias_c is not None else None
+    dqb_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if q_bias is not None else None
+    dkb_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if k_bias is not None else None
     _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
-        v_c, bias_c if bias_c is not None else v_c, theta_c, dout.contiguous(), dv, dth,
-        dbias_part if dbias_part is not None else dv, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
+        q_c, k_c, _m3r_opt(q_bias, dth), _m3r_opt(k_bias, dth), theta_c, dq_out.contiguous(), dk_out.contiguous(),
+        dq, dk, dth, dqb_part if dqb_part is not None else dth, dkb_part if dkb_part is not None else dth,
+        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T,
+        BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
     )  # fmt: skip
-    dbias = dbias_part.sum((0, 2)).to(bias.dtype) if dbias_part is not None else scan_none(dv)
-    return dv.to(v.dtype), dbias, dth.to(theta.dtype)
+
+    def bias_grad(part, bias):
+        return part.sum((0, 2)).to(bias.dtype) if part is not None else scan_none(dq)
+
+    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth.to(theta.dtype)
 
 
-def _m3r_bwd_fake(v, bias, theta, dout, nheads):
-    dbias = bias.new_empty(bias.shape) if bias is not None else scan_none(v)
-    return v.new_empty(v.shape), dbias, theta.new_empty(theta.shape)
+def _m3r_bwd_fake(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else scan_none(q)
+
+    return like(q), like(k), like(q_bias), like(k_bias), like(theta)
 
 
 _m3r_bwd_op = scan_op(
-    "m3_rotary_bwd",
-    "(Tensor v, Tensor? bias, Tensor theta, Tensor dout, int nheads) -> (Tensor, Tensor, Tensor)",
+    "m3_rotary_qk_bwd",
+    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor theta, Tensor dq_out, Tensor dk_out, int nheads)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _m3r_bwd_impl,
     _m3r_bwd_fake,
 )
 _m3r_op = scan_op(
-    "m3_rotary",
-    "(Tensor v, Tensor? bias, Tensor theta, int nheads, ScalarType out_dtype) -> Tensor",
+    "m3_rotary_qk",
+    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor theta, int nheads, ScalarType out_dtype)"
+    " -> (Tensor, Tensor)",
     _m3r_impl,
     _m3r_fake,
     _m3r_backward,
@@ -208,10 +259,17 @@ _m3r_op = scan_op(
 
 
 def m3_rotary_heads(
-    v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """(B,T,G,N) -> (B,T,H,N): group row per head, plus bias (H,N), pairs r < R rotated by theta (B,T,H,R)."""
-    return _m3r_op(v, bias, theta, nheads, out_dtype)
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    theta: torch.Tensor,
+    nheads: int,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,T,G,N) q and k -> (B,T,H,N) each: group row per head, plus its bias (H,N), pairs r < R rotated by theta
+    (B,T,H,R), one read of theta for both."""
+    return _m3r_op(q, k, q_bias, k_bias, theta, nheads, out_dtype)
 
 
 # ---- ssm_golf::m3_gates: trapezoid weights and cumulative angles, one walk over time per (batch, head) ----

@@ -99,8 +99,7 @@ def mamba3_siso_scan(
     nheads = x.shape[2]
     theta0, s0, k0, v0 = initial_state if initial_state is not None else (None, None, None, None)
     w, e, theta = m3_gates(dt, trap, angles, theta0)
-    q_rot = m3_rotary_heads(q, q_bias, theta, nheads, x.dtype)
-    k_rot = m3_rotary_heads(k, k_bias, theta, nheads, x.dtype)
+    q_rot, k_rot = m3_rotary_heads(q, k, q_bias, k_bias, theta, nheads, x.dtype)
     h0 = None
     if initial_state is not None:
         k0_rot = _m3_rotate(k0.to(cd), theta0.to(cd))

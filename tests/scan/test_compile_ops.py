@@ -144,12 +144,12 @@ def test_ssd_generic_compiles():
 
 def test_m3_rotary_compiles():
     torch.manual_seed(6)
-    v, bias, theta = torch.randn(2, 5, 2, 8), torch.randn(4, 8), torch.randn(2, 5, 4, 3)
+    q, k, qb, theta = torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8), torch.randn(4, 8), torch.randn(2, 5, 4, 3)
 
-    def fn(v, bias, theta):
-        return (m3_rotary_heads(v, bias, theta, 4, torch.float32),)
+    def fn(q, k, qb, theta):
+        return m3_rotary_heads(q, k, qb, None, theta, 4, torch.float32)
 
-    check_compiled(fn, [v, bias, theta], ("m3_rotary",))
+    check_compiled(fn, [q, k, qb, theta], ("m3_rotary_qk",))
 
 
 def test_mamba3_compiles():
@@ -205,9 +205,10 @@ def opcheck_cases() -> list:
         ("sel_scan", [*_req(*sel), None, None, True, True, ""]),
         ("ssd_scan", [*_req(*ssd), None, None, None, *_req(r(1, 6, 1, 4), r(1, 6, 1, 4)), None, None, None]
          + [16, True, False, True, True]),
-        ("m3_rotary", [*_req(r(1, 3, 1, 4), r(2, 4), r(1, 3, 2, 2)), 2, torch.float32]),
+        ("m3_rotary_qk", [*_req(r(1, 3, 1, 4), r(1, 3, 1, 4), r(2, 4), None, r(1, 3, 2, 2)), 2, torch.float32]),
         ("fo_scan_bwd", [torch.rand(2, 5, 3), r(2, 5, 3), None, None, r(2, 5, 3), r(2, 3), 0, True, ""]),
-        ("m3_rotary_bwd", [r(1, 3, 1, 4), None, r(1, 3, 2, 2), r(1, 3, 2, 4), 2]),
+        ("m3_rotary_qk_bwd", [r(1, 3, 1, 4), r(1, 3, 1, 4), None, r(2, 4), r(1, 3, 2, 2), r(1, 3, 2, 4),
+                              r(1, 3, 2, 4), 2]),
         ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3), r(1, 2, 3))]),
         ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3)), None]),
         ("m3_gates_bwd", [torch.rand(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3), None, r(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3)]),
