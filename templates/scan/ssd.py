@@ -297,12 +297,13 @@ def _ssd_fwd_out_kernel(
 def _ssd_bwd_carry_kernel(
     CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0, CKPT, CARRY,
     T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end and
-    the decay gradient's carry term exp(G_last) <h_start, dh_end> (fp32 state gradient in registers)."""
+    """Reverse pass of the state gradient only, one program per (batch, head, block of BPS columns of P): stores, per
+    chunk, the gradient of the state at the chunk's end and the block's share of the decay gradient's carry term
+    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -310,7 +311,7 @@ def _ssd_bwd_carry_kernel(
     b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
     offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
+    offs_p = tl.program_id(1) * BPS + tl.arange(0, BPS)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
@@ -324,7 +325,7 @@ def _ssd_bwd_carry_kernel(
         dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
         dst = dst.to(tl.float32)
     else:
-        dst = tl.zeros((BN, BP), dtype=tl.float32)
+        dst = tl.zeros((BN, BPS), dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
         sn = (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
@@ -342,7 +343,8 @@ def _ssd_bwd_carry_kernel(
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
-        tl.store(CARRY + (b64 * NC + c) * H + h, tl.exp(tl.sum(la, axis=0)) * st_dot)
+        part = ((b64 * NC + c) * H + h) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(CARRY + part, tl.exp(tl.sum(la, axis=0)) * st_dot)
         dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
@@ -561,10 +563,10 @@ def _ssd_launch(kind: str, q: int, dot) -> dict:
     return opts | ({} if wide else tuned)
 
 
-def _ssd_fwd_state_cols(bp: int) -> int:
-    """Columns of P per program of the forward's state kernel (SSD_TUNING["fstate"]["bp"]; default 32: twice the
-    programs of whole states, each with half the registers)."""
-    return max(16, min(bp, int(SSD_TUNING.get("fstate", {}).get("bp", 32))))
+def _ssd_cols(kind: str, bp: int) -> int:
+    """Columns of P per program of the sequential state kernels ("fstate" forward, "carry" backward;
+    SSD_TUNING[kind]["bp"]; default 32: twice the programs of whole states, each with half the registers)."""
+    return max(16, min(bp, int(SSD_TUNING.get(kind, {}).get("bp", 32))))
 
 
 def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
@@ -650,7 +652,7 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
     if ckpt is None:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
-    bps = _ssd_fwd_state_cols(bp)
+    bps = _ssd_cols("fstate", bp)
     _ssd_fwd_state_kernel[(bsz * nheads, triton.cdiv(hdim, bps))](
         x, *gates, B, _or(h0c), ckpt, _or(final), *dims, Q=chunk_size, BPS=bps, BN=bn, HAS_H0=h0c is not None,
         STORE_FINAL=final is not None, **flags, **_ssd_launch("fstate", chunk_size, dot),
@@ -744,12 +746,15 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
     # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
     dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
-    carry = torch.empty(bsz, nchunks, nheads, **f32)
-    _ssd_bwd_carry_kernel[(bsz * nheads,)](
+    bps = _ssd_cols("carry", bp)
+    carry = torch.empty(bsz, nchunks, nheads, triton.cdiv(hdim, bps), **f32)
+    _ssd_bwd_carry_kernel[(bsz * nheads, carry.shape[-1])](
         C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(dfin), dck, _or(dh0), ckpt,
-        carry, *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags,
+        carry, *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None,
+        **({k: v for k, v in flags.items() if k != "BP"} | {"BPS": bps}),
         **_ssd_launch("carry", chunk_size, dot),
     )  # fmt: skip
+    carry = carry.sum(-1) if carry.shape[-1] > 1 else carry
     # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
     dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
     _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
