@@ -6,21 +6,24 @@ For Mamba-2 (`ssd_scan`): dt_t = softplus(dt_raw_t + dt_bias) (or dt_raw + dt_bi
 The generic form (`ssd_generic_scan`, used by Mamba-3) takes la, w per position and one extra coefficient e_t on
 the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same kernels.
 
-Forward: one program per (batch, head) walks the chunks of Q steps in order with the state in registers; per
-chunk it does the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j) of the chunk-local cumulative
-log-decay G), the carried-state term and the state update, all as tl.dot, and writes the state at each chunk start
-(B x H x chunks x N x P, in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost
-nothing against fp32 checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error) for the backward.
+Forward, two kernels: (1) a state kernel walks the chunks of Q steps in order per (batch, head, block of columns of
+P) with its slice of the fp32 state in registers, one dot per chunk (h_end = exp(G_last) h_start + B^T (x exp(G_last
+- G) w), G the chunk-local cumulative log-decay), and writes the state at each chunk start (B x H x chunks x N x P,
+in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost nothing against fp32
+checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error); (2) an output kernel, one program per (batch, chunk,
+head), all in parallel: the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j)), the carried-state term
+from the stored chunk-start state, D x and the gate. (`SSD_TUNING["fwd"] = {"form": "seq"}` runs the previous
+single sequential kernel, kept until the H100 has timed both.)
 
 Backward, three kernels with few live tiles each: (1) a carry kernel walks the chunks in reverse per (batch,
-head) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype, like the forward's
-state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>; (2) one program per (batch,
-chunk, head) gives dx, dz, the dD share and the per-position decay terms that need the states; (3) one program per
-(batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers, atomics only when a
-group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt or dla/dw/de, dA
-shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i through a reverse
-cumsum of the masked pair matrix, state reads and writes, the carry): never a difference of large row and column
-sums, which loses tiny gradients when decays are near 0.
+head, block of columns of P) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype,
+like the forward's state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>; (2) one
+program per (batch, chunk, head) gives dx, dz, the dD share and the per-position decay terms that need the states;
+(3) one program per (batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers,
+atomics only when a group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt
+or dla/dw/de, dA shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i,
+as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes; the carry): never a
+difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
