@@ -518,7 +518,7 @@ SSD_SWEEP = {
     "fout": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
     "carry": [{"num_warps": w, "num_stages": 2, "bp": bp} for w, bp in ((4, 32), (4, 64), (8, 32))],
     "dx": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
-    "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 4)] + [{"num_warps": 8, "num_stages": 2}],
+    "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 1)] + [{"num_warps": 8, "num_stages": 2}],
 }
 # options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs),
 # the sequential forward

@@ -444,13 +444,69 @@ def _ssd_bwd_dx_kernel(
 
 
 @triton.jit
+def _ssd_dbc_head(
+    h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, Z, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE, DA_PART,
+    b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+    Q: tl.constexpr, GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One head's share of the dB/dC kernel: its terms added to the dC and dB accumulators, its gate gradients."""
+    bh64 = b64 * H + h
+    x_base = row * H * P + h * P
+    s_base = (bh64 * NC + c) * N * P
+    g_ptr = row * H + h + offs_q * H
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    la, w, e, dtv, raw = _ssd_load_chunk_gates(
+        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+    )
+    gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
+    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+        dy = dy * zz * tl.sigmoid(zz)
+    # the row scalings go on the dot operands, so that each dot accumulates in place (no [Q, N] temporaries)
+    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    dq_acc = tl.dot((dy * e_g[:, None]).to(DOT), tl.trans(st), acc=dq_acc, input_precision=PREC)
+    dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    xs = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
+    dk_acc = tl.dot(xs, tl.trans(dst), acc=dk_acc, input_precision=PREC)
+    dwm = tl.dot(dy.to(DOT), tl.trans(x.to(DOT)), input_precision=PREC)
+    dwm = tl.where(causal, dwm * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+    dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
+    dq_acc = tl.dot(dsc, kb, acc=dq_acc, input_precision=PREC)
+    dk_acc = tl.dot(tl.trans(dsc), qc, acc=dk_acc, input_precision=PREC)
+    dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
+    if HAS_E:
+        tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
+    # d la_t over the pairs j < t <= i: the column sums from row t down (a dot with the triangular ones matrix
+    # U[t, i] = [i >= t]) of the strict pair matrix, then the part of row t left of t
+    upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0)
+    span = tl.dot(upper, tl.where(strict, dwm * w[None, :], 0.0), input_precision=PREC)
+    dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
+    if GENERIC:
+        tl.store(DLA + g_ptr, dla, mask=mask_t)
+        tl.store(DW + g_ptr, dw, mask=mask_t)
+    else:
+        dgate = dw + dla * a_h
+        if DT_SOFTPLUS:
+            dgate = dgate * tl.sigmoid(raw)
+        tl.store(DDT + g_ptr, dgate, mask=mask_t)
+        tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
+    return dq_acc, dk_acc
+
+
+@triton.jit
 def _ssd_bwd_dbc_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, Z, CKPT, DY, DCK, DLA_T, DW_T,
     DDT, DLA, DW, DE, DB, DC, DA_PART,
     T, H, G, P, N, NC, HB,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Split backward, part 2: one program per (batch, chunk, block of HB heads of one group). dB and dC summed over
     the block's heads in registers (atomic only when a group spans several blocks), the pair terms of the decay
@@ -484,52 +540,19 @@ def _ssd_bwd_dbc_kernel(
     diag = offs_q[:, None] == offs_q[None, :]
     dq_acc = tl.zeros((Q, BN), dtype=tl.float32)
     dk_acc = tl.zeros((Q, BN), dtype=tl.float32)
-    for h in range(h_first, h_end):
-        bh64 = b64 * H + h
-        x_base = row * H * P + h * P
-        s_base = (bh64 * NC + c) * N * P
-        g_ptr = row * H + h + offs_q * H
-        a_h = 0.0
-        if not GENERIC:
-            a_h = tl.load(A + h).to(tl.float32)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-        )
-        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
-        dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
-        # the row scalings go on the dot operands, so that each dot accumulates in place (no [Q, N] temporaries)
-        st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-        dq_acc = tl.dot((dy * e_g[:, None]).to(DOT), tl.trans(st), acc=dq_acc, input_precision=PREC)
-        dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-        xs = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
-        dk_acc = tl.dot(xs, tl.trans(dst), acc=dk_acc, input_precision=PREC)
-        dwm = tl.dot(dy.to(DOT), tl.trans(x.to(DOT)), input_precision=PREC)
-        dwm = tl.where(causal, dwm * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
-        dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
-        dq_acc = tl.dot(dsc, kb, acc=dq_acc, input_precision=PREC)
-        dk_acc = tl.dot(tl.trans(dsc), qc, acc=dk_acc, input_precision=PREC)
-        dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
-        if HAS_E:
-            tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
-        # d la_t over the pairs j < t <= i: the column sums from row t down (a dot with the triangular ones matrix
-        # U[t, i] = [i >= t]) of the strict pair matrix, then the part of row t left of t
-        upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0)
-        span = tl.dot(upper, tl.where(strict, dwm * w[None, :], 0.0), input_precision=PREC)
-        dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
-        if GENERIC:
-            tl.store(DLA + g_ptr, dla, mask=mask_t)
-            tl.store(DW + g_ptr, dw, mask=mask_t)
-        else:
-            dgate = dw + dla * a_h
-            if DT_SOFTPLUS:
-                dgate = dgate * tl.sigmoid(raw)
-            tl.store(DDT + g_ptr, dgate, mask=mask_t)
-            tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
+    if ONE_HEAD:  # no loop: a loop over heads keeps the accumulators and hoisted tiles live (spills)
+        dq_acc, dk_acc = _ssd_dbc_head(
+            h_first, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, Z, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
+            DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+            Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, HAS_Z, DOT, PREC,
+        )  # fmt: skip
+    else:
+        for h in range(h_first, h_end):
+            dq_acc, dk_acc = _ssd_dbc_head(
+                h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, Z, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
+                DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+                Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, HAS_Z, DOT, PREC,
+            )  # fmt: skip
     _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
     _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
 
@@ -769,7 +792,7 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
         x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(z_c), ckpt, dy, dck,
         dla_t, dw_t, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
-        HAS_E=e_c is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
+        HAS_E=e_c is not None, ATOMIC_BC=atomic, ONE_HEAD=heads == 1, **flags, **_ssd_launch("dbc", chunk_size, dot),
     )  # fmt: skip
 
     def cast(g, like):
