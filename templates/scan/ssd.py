@@ -17,8 +17,10 @@ single sequential kernel, kept until the H100 has timed both.)
 
 Backward, three kernels with few live tiles each: (1) a carry kernel walks the chunks in reverse per (batch,
 head, block of columns of P) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype,
-like the forward's state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>; (2) one
-program per (batch, chunk, head) gives dx, dz, the dD share and the per-position decay terms that need the states;
+like the forward's state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>, and with a
+gate z also dz (from the output before the gate, which the forward keeps) and dy through the gate, so that the
+other two kernels read one dy and no z; (2) one program per (batch, chunk, head) gives dx, the dD share and the
+per-position decay terms that need the states;
 (3) one program per (batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers,
 atomics only when a group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt
 or dla/dw/de, dA shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i,
@@ -115,7 +117,7 @@ def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
 
 @triton.jit
 def _ssd_fwd_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, H0, Y, CKPT, HT,
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, H0, Y, YP, CKPT, HT,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
@@ -183,6 +185,8 @@ def _ssd_fwd_kernel(
             tl.trans(kb), (x.to(tl.float32) * dec_end[:, None]).to(DOT), input_precision=PREC
         )
         if HAS_Z:
+            if STORE_CKPT:
+                tl.store(YP + x_off + loc_xp, y.to(YP.dtype.element_ty), mask=xp_mask)
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
         tl.store(Y + x_off + loc_xp, y.to(Y.dtype.element_ty), mask=xp_mask)
@@ -242,11 +246,11 @@ def _ssd_fwd_state_kernel(
 
 @triton.jit
 def _ssd_fwd_out_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y,
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y, YP,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Forward, part 2: one program per (batch, chunk, head), all in parallel. The intra-chunk quadratic form (C B^T
     masked by exp(G_i - G_j) and the weights), the carried state's term exp(G) C h_start, D x, and the gate."""
@@ -291,6 +295,8 @@ def _ssd_fwd_out_kernel(
     if HAS_D:
         y += tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :] * x.to(tl.float32)
     if HAS_Z:
+        if STORE_YP:  # the output before the gate, for the backward's dz
+            tl.store(YP + x_base + xp, y.to(YP.dtype.element_ty), mask=xp_mask)
         zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
         y = y * zz * tl.sigmoid(zz)
     tl.store(Y + x_base + xp, y.to(Y.dtype.element_ty), mask=xp_mask)
@@ -298,7 +304,7 @@ def _ssd_fwd_out_kernel(
 
 @triton.jit
 def _ssd_bwd_carry_kernel(
-    CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0, CKPT, CARRY,
+    CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
@@ -306,7 +312,7 @@ def _ssd_bwd_carry_kernel(
 ):  # fmt: skip
     """Reverse pass of the state gradient only, one program per (batch, head, block of BPS columns of P): stores, per
     chunk, the gradient of the state at the chunk's end and the block's share of the decay gradient's carry term
-    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers)."""
+    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers); with the gate, dz and dy through the gate."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -340,9 +346,14 @@ def _ssd_bwd_carry_kernel(
         xp_mask = mask_t[:, None] & mask_p[None, :]
         qc = tl.load(CM + row * G * N + g * N + loc_bn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
         dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_Z:
+        if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
+            sz = tl.sigmoid(zz)
+            yp = tl.load(YP + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+            dz = dy * yp * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
+            dy = dy * zz * sz
+            tl.store(DYE + x_off + loc_xp, dy.to(DYE.dtype.element_ty), mask=xp_mask)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
@@ -363,14 +374,14 @@ def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
 
 @triton.jit
 def _ssd_bwd_dx_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DCK, CARRY,
-    DX, DZ, DLA_T, DW_T, DD_PART,
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, CKPT, DY, DCK, CARRY,
+    DX, DLA_T, DW_T, DD_PART,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Split backward, part 1: one program per (batch, chunk, head). dx, dz, the dD share, and the terms of the
+    """Split backward, part 1: one program per (batch, chunk, head). dx, the dD share, and the terms of the
     decay and weight gradients that need the chunk's states (the carried-state read, the state write, the carry
     through the chunk), stored per position for part 2. Tiles: the masked C B^T (as a dot operand), x, dy, C h, B dh."""
     b = tl.program_id(0) // NC
@@ -406,7 +417,7 @@ def _ssd_bwd_dx_kernel(
     kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
     qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    dout = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
     scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
@@ -419,15 +430,6 @@ def _ssd_bwd_dx_kernel(
         d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     else:
         d_row = tl.zeros((BP,), dtype=tl.float32)
-    if HAS_Z:
-        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-        y = tl.dot(mmat, x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
-        sz = tl.sigmoid(zz)
-        dy = dout * zz * sz
-        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-        tl.store(DZ + x_base + xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
-    else:
-        dy = dout
     read = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
     if HAS_D:
         part = (b64 * NC + c) * H + h
@@ -445,10 +447,10 @@ def _ssd_bwd_dx_kernel(
 
 @triton.jit
 def _ssd_dbc_head(
-    h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, Z, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE, DA_PART,
+    h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE, DA_PART,
     b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
     Q: tl.constexpr, GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One head's share of the dB/dC kernel: its terms added to the dC and dB accumulators, its gate gradients."""
     bh64 = b64 * H + h
@@ -464,9 +466,6 @@ def _ssd_dbc_head(
     gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
     dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-        dy = dy * zz * tl.sigmoid(zz)
     # the row scalings go on the dot operands, so that each dot accumulates in place (no [Q, N] temporaries)
     st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
     dq_acc = tl.dot((dy * e_g[:, None]).to(DOT), tl.trans(st), acc=dq_acc, input_precision=PREC)
@@ -501,12 +500,12 @@ def _ssd_dbc_head(
 
 @triton.jit
 def _ssd_bwd_dbc_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, Z, CKPT, DY, DCK, DLA_T, DW_T,
+    X, DT, A, DTB, LA, W, E, BM, CM, CKPT, DY, DCK, DLA_T, DW_T,
     DDT, DLA, DW, DE, DB, DC, DA_PART,
     T, H, G, P, N, NC, HB,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Split backward, part 2: one program per (batch, chunk, block of HB heads of one group). dB and dC summed over
     the block's heads in registers (atomic only when a group spans several blocks), the pair terms of the decay
@@ -542,16 +541,16 @@ def _ssd_bwd_dbc_kernel(
     dk_acc = tl.zeros((Q, BN), dtype=tl.float32)
     if ONE_HEAD:  # no loop: a loop over heads keeps the accumulators and hoisted tiles live (spills)
         dq_acc, dk_acc = _ssd_dbc_head(
-            h_first, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, Z, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
+            h_first, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
             DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
-            Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, HAS_Z, DOT, PREC,
+            Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
         )  # fmt: skip
     else:
         for h in range(h_first, h_end):
             dq_acc, dk_acc = _ssd_dbc_head(
-                h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, Z, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
+                h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
                 DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
-                Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, HAS_Z, DOT, PREC,
+                Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
             )  # fmt: skip
     _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
     _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
@@ -620,8 +619,10 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
 
 
-# ---- ssm_golf::ssd_scan: (y, final state or a placeholder, chunk states or a placeholder), and its backward op ----
-# `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias); `grad` keeps the chunk states for a backward.
+# ---- ssm_golf::ssd_scan: (y, final state or a placeholder, chunk states or a placeholder, the output before the
+# gate or a placeholder), and its backward op ----
+# `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias); `grad` keeps the chunk states (and, with z, the
+# output before the gate) for a backward.
 
 
 def _ssd_fin_dtype(x: torch.Tensor) -> torch.dtype:
@@ -634,7 +635,7 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
             y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True)
         else:
             y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
-        return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x)
+        return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x), scan_none(x)
     bsz, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
@@ -646,9 +647,10 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     nchunks = triton.cdiv(seqlen, chunk_size)
     y = torch.empty_like(x)
     final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
-    ckpt = None
+    ckpt = yp = None
     if grad:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+        yp = torch.empty_like(x) if z is not None else None
     if generic:
         la, w = la.float().contiguous(), w.float().contiguous()
         e = e.float().contiguous() if e is not None else None
@@ -668,13 +670,13 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
     if SSD_TUNING.get("fwd", {}).get("form") == "seq":
         _ssd_fwd_kernel[(bsz * nheads,)](
-            x, *gates, _or(e), B, C, _or(d_mat), _or(z), _or(h0c), y, _or(ckpt), _or(final), *dims,
+            x, *gates, _or(e), B, C, _or(d_mat), _or(z), _or(h0c), y, _or(yp), _or(ckpt), _or(final), *dims,
             Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None,
             HAS_H0=h0c is not None, STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, **flags,
             **_ssd_launch("fwd", chunk_size, dot),
         )  # fmt: skip
         final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
-        return y, final, ckpt if ckpt is not None else scan_none(x)
+        return y, final, _or_none(ckpt, x), _or_none(yp, x)
     # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
     if ckpt is None:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
@@ -684,33 +686,38 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
         STORE_FINAL=final is not None, **flags, **_ssd_launch("fstate", chunk_size, dot),
     )  # fmt: skip
     _ssd_fwd_out_kernel[(bsz * nchunks, nheads)](
-        x, *gates, _or(e), B, C, _or(d_mat), _or(z), ckpt, y, *dims, Q=chunk_size, BP=bp, BN=bn,
-        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, **flags,
+        x, *gates, _or(e), B, C, _or(d_mat), _or(z), ckpt, y, _or(yp), *dims, Q=chunk_size, BP=bp, BN=bn,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, STORE_YP=yp is not None, **flags,
         **_ssd_launch("fout", chunk_size, dot),
     )  # fmt: skip
     if not grad:
         ckpt = None
     final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
-    return y, final, ckpt if ckpt is not None else scan_none(x)
+    return y, final, _or_none(ckpt, x), _or_none(yp, x)
+
+
+def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else scan_none(like)
 
 
 def _ssd_scan_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
     bsz, seqlen, nheads, hdim = x.shape
     dstate = B.shape[3]
     final = x.new_empty((bsz, nheads, hdim, dstate), dtype=_ssd_fin_dtype(x)) if want_final else scan_none(x)
-    ckpt = scan_none(x)
+    ckpt, yp = scan_none(x), scan_none(x)
     if grad and ssd_use_triton(x):
         nchunks = (seqlen + chunk_size - 1) // chunk_size
         ckpt = x.new_empty((bsz, nheads, nchunks, dstate, hdim), dtype=_ssd_state_dtype(x))
-    return x.new_empty(x.shape), final, ckpt
+        yp = x.new_empty(x.shape) if z is not None else yp
+    return x.new_empty(x.shape), final, ckpt, yp
 
 
 def _ssd_scan_setup(ctx, inputs, output):
     ctx.meta = inputs[12:16]  # chunk_size, dt_softplus, generic, want_final
-    ctx.save_for_backward(*inputs[:12], output[2])
+    ctx.save_for_backward(*inputs[:12], output[2], output[3])
 
 
-def _ssd_scan_backward(ctx, dy, dfinal, dckpt):
+def _ssd_scan_backward(ctx, dy, dfinal, dckpt, dyp):
     chunk_size, dt_softplus, generic, want_final = ctx.meta
     grads = _ssd_scan_bwd_op(*ctx.saved_tensors, dy, dfinal if want_final else None, chunk_size, dt_softplus, generic)
     return (
@@ -720,7 +727,9 @@ def _ssd_scan_backward(ctx, dy, dfinal, dckpt):
     )
 
 
-def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
+def _ssd_scan_bwd_impl(
+    x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, yp, dy, dfinal, chunk_size, dt_softplus, generic
+):
     inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0]
     if not ssd_use_triton(x):
         fwd = lambda *xs: _ssd_scan_impl(*xs, chunk_size, dt_softplus, generic, True, False)[:2]  # noqa: E731
@@ -768,29 +777,32 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
         return t if t is not None else x_c
 
     flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-             "HAS_DTB": dtb_c is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
+             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec}  # fmt: skip
     dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
     # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
     dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
     bps = _ssd_cols("carry", bp)
     carry = torch.empty(bsz, nchunks, nheads, triton.cdiv(hdim, bps), **f32)
+    # with z, the gate's gradients too: dz, and dy through the gate (dye) for the dx and dB/dC kernels
+    dye = torch.empty_like(dy) if z is not None else None
     _ssd_bwd_carry_kernel[(bsz * nheads, carry.shape[-1])](
-        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(dfin), dck, _or(dh0), ckpt,
-        carry, *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None,
-        **({k: v for k, v in flags.items() if k != "BP"} | {"BPS": bps}),
+        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(yp if z is not None else None),
+        _or(dz), _or(dye), _or(dfin), dck, _or(dh0), ckpt, carry, *dims, HAS_Z=z is not None, HAS_H0=h0c is not None,
+        HAS_DHT=dfin is not None, **({k: v for k, v in flags.items() if k != "BP"} | {"BPS": bps}),
         **_ssd_launch("carry", chunk_size, dot),
     )  # fmt: skip
     carry = carry.sum(-1) if carry.shape[-1] > 1 else carry
-    # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
+    dy = dye if dye is not None else dy
+    # 2. dx, dD and the per-position decay terms, per (batch, chunk, head)
     dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
     _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
-        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), _or(z_c), ckpt,
-        dy, dck, carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), ckpt,
+        dy, dck, carry, dx, dla_t, dw_t, _or(dd_part), *dims,
         HAS_E=e_c is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
     )  # fmt: skip
     # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
     _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
-        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(z_c), ckpt, dy, dck,
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, ckpt, dy, dck,
         dla_t, dw_t, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
         HAS_E=e_c is not None, ATOMIC_BC=atomic, ONE_HEAD=heads == 1, **flags, **_ssd_launch("dbc", chunk_size, dot),
     )  # fmt: skip
@@ -812,7 +824,9 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     )  # fmt: skip
 
 
-def _ssd_scan_bwd_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
+def _ssd_scan_bwd_fake(
+    x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, yp, dy, dfinal, chunk_size, dt_softplus, generic
+):
     inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0)
     return tuple(t.new_empty(t.shape) if t is not None else scan_none(x) for t in inputs)
 
@@ -823,7 +837,8 @@ _SSD_ARGS = (
 )
 _ssd_scan_bwd_op = scan_op(
     "ssd_scan_bwd",
-    f"({_SSD_ARGS}, Tensor ckpt, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus, bool generic)"
+    f"({_SSD_ARGS}, Tensor ckpt, Tensor yp, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus,"
+    " bool generic)"
     f" -> ({', '.join(['Tensor'] * 12)})",
     _ssd_scan_bwd_impl,
     _ssd_scan_bwd_fake,
@@ -831,7 +846,7 @@ _ssd_scan_bwd_op = scan_op(
 _ssd_scan_op = scan_op(
     "ssd_scan",
     f"({_SSD_ARGS}, int chunk_size, bool dt_softplus, bool generic, bool want_final, bool grad)"
-    " -> (Tensor, Tensor, Tensor)",
+    " -> (Tensor, Tensor, Tensor, Tensor)",
     _ssd_scan_impl,
     _ssd_scan_fake,
     _ssd_scan_backward,
@@ -863,7 +878,7 @@ def ssd_scan(
     when return_final_state is set. One op (ssm_golf::ssd_scan)."""
     _ssd_check_shapes(x, dt, B, C, chunk_size)
     grad = _ssd_needs_grad(x, dt, A, dt_bias, B, C, D, z, h0)
-    y, final, _ = _ssd_scan_op(
+    y, final, _, _ = _ssd_scan_op(
         x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, chunk_size, dt_softplus, False, return_final_state, grad
     )
     return (y, final) if return_final_state else y
@@ -889,7 +904,7 @@ def ssd_generic_scan(
     The state carried out still uses w_t for the last step. One op (ssm_golf::ssd_scan, generic form)."""
     _ssd_check_shapes(x, la, B, C, chunk_size)
     grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0)
-    y, final, _ = _ssd_scan_op(
+    y, final, _, _ = _ssd_scan_op(
         x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state, grad
     )
     return (y, final) if return_final_state else y
