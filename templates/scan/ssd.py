@@ -12,8 +12,7 @@ P) with its slice of the fp32 state in registers, one dot per chunk (h_end = exp
 in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost nothing against fp32
 checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error); (2) an output kernel, one program per (batch, chunk,
 head), all in parallel: the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j)), the carried-state term
-from the stored chunk-start state, D x and the gate. (`SSD_TUNING["fwd"] = {"form": "seq"}` runs the previous
-single sequential kernel, kept until the H100 has timed both.)
+from the stored chunk-start state, D x and the gate.
 
 Backward, three kernels with few live tiles each: (1) a carry kernel walks the chunks in reverse per (batch,
 head, block of columns of P) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype,
@@ -113,85 +112,6 @@ def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
         tl.atomic_add(ptr, val, mask=mask)
     else:
         tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _ssd_fwd_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, H0, Y, YP, CKPT, HT,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    g = h // (H // G)
-    b64 = b.to(tl.int64)
-    bh64 = pid.to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mask_p = offs_p < P
-    mask_n = offs_n < N
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    # 64-bit scalar row bases per chunk, 32-bit offsets inside a chunk (cheaper pointer tiles)
-    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    a_h = 0.0
-    if not GENERIC:
-        a_h = tl.load(A + h).to(tl.float32)
-    if HAS_D:
-        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    if HAS_H0:
-        state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
-        state = state.to(tl.float32)
-    else:
-        state = tl.zeros((BN, BP), dtype=tl.float32)
-    for c in range(NC):
-        offs_t = c * Q + offs_q
-        row = b64 * T + c * Q
-        x_off = row * H * P + h * P
-        bc_off = row * G * N + g * N
-        g_off = row * H + h
-        mask_t = offs_t < T
-        xp_mask = mask_t[:, None] & mask_p[None, :]
-        bn_mask = mask_t[:, None] & mask_n[None, :]
-        # dot operands loaded straight in the dot dtype (no fp32 copies of the tiles)
-        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(DOT)
-        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
-        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-        )
-        gc = tl.cumsum(la, axis=0)
-        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
-        wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-        mmat = tl.where(causal, scores * seg * wmat, 0.0)
-        y = tl.dot(mmat.to(DOT), x, input_precision=PREC)
-        y += tl.exp(gc)[:, None] * tl.dot(qc, state.to(DOT), input_precision=PREC)
-        if HAS_D:
-            y += d_row[None, :] * x.to(tl.float32)
-        if STORE_CKPT:
-            ck = CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
-            tl.store(ck, state.to(CKPT.dtype.element_ty), mask=sn_mask)
-        dec_end = tl.exp(g_last - gc) * w
-        state = state * tl.exp(g_last) + tl.dot(
-            tl.trans(kb), (x.to(tl.float32) * dec_end[:, None]).to(DOT), input_precision=PREC
-        )
-        if HAS_Z:
-            if STORE_CKPT:
-                tl.store(YP + x_off + loc_xp, y.to(YP.dtype.element_ty), mask=xp_mask)
-            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(Y + x_off + loc_xp, y.to(Y.dtype.element_ty), mask=xp_mask)
-    if STORE_FINAL:
-        tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
 
 
 @triton.jit
@@ -668,15 +588,6 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
     dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
-    if SSD_TUNING.get("fwd", {}).get("form") == "seq":
-        _ssd_fwd_kernel[(bsz * nheads,)](
-            x, *gates, _or(e), B, C, _or(d_mat), _or(z), _or(h0c), y, _or(yp), _or(ckpt), _or(final), *dims,
-            Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None,
-            HAS_H0=h0c is not None, STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, **flags,
-            **_ssd_launch("fwd", chunk_size, dot),
-        )  # fmt: skip
-        final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
-        return y, final, _or_none(ckpt, x), _or_none(yp, x)
     # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
     if ckpt is None:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
