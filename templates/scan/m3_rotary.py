@@ -1,17 +1,14 @@
-"""Mamba-3's per-head preparation kernels: q/k head expansion, bias and rotation; the trapezoid weights and angles.
+"""Mamba-3's per-head preparation: q/k head expansion, bias and rotation; the trapezoid weights and angles.
 
-`m3_rotary_heads(q, k, q_bias, k_bias, theta, nheads, out_dtype)` maps q and k (B,T,G,N) to (B,T,H,N) each: each
-head h takes its group's row, adds its bias row (H,N), and rotates the adjacent pairs (2r, 2r+1), r < R, by
-theta[b,t,h,r] (B,T,H,R):
-    (e, o) -> (e cos - o sin, e sin + o cos).
-One kernel for both, so theta and its cos/sin are read and computed once per (time block, head). Rows move as whole
-contiguous tiles, split into even and odd elements in registers (stride-2 loads and stores of the pairs cost 12x
-the bytes' time on the H100). The backward rotates the gradients back (by -theta), sums them over the heads of a
-group in registers (one program per time block, batch and group), reduces the bias gradients per program, and
-writes one d theta per head, q's and k's shares summed: d theta = -dout_even * out_odd + dout_odd * out_even.
-
-Both directions are one custom op each (ssm_golf::m3_rotary_qk and its backward); off CUDA without the interpreter
-they run `m3_rotary_heads_ref` on each side, the same map in PyTorch.
+Head h of Mamba-3 uses q~ = rot(theta_h)(q_g + q_bias_h), k~ = rot(theta_h)(k_g + k_bias_h), rotating the adjacent
+pairs (2r, 2r+1), r < R, by theta[b,t,h,r] (B,T,H,R): (e, o) -> (e cos - o sin, e sin + o cos)
+(`m3_rotary_heads_ref`). The forward rotation happens inside the SSD kernels (`ssd_generic_scan(..., theta=...)`
+loads the group rows and rotates them in registers), so the (B,T,H,N) rotated rows never reach memory. Their
+gradients do: the SSD backward's dB/dC kernel writes them per head in the rotated frame, and `m3_rotary_bwd`
+rotates them back (by -theta), sums them over the heads of a group in registers (one program per time block,
+batch and group), reduces the bias gradients per program, and writes one d theta per head with q's and k's shares
+summed: d theta = -dout_even * out_odd + dout_odd * out_even. Rows move as whole contiguous tiles, split into even
+and odd elements in registers (stride-2 loads and stores of the pairs cost 12x the bytes' time on the H100).
 
 `m3_gates(dt, trap, angles, theta0)` gives the scan's per-position weights and the cumulative angles in one pass
 over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an eager cumsum over (B,T,H,R):
@@ -58,30 +55,6 @@ def _m3r_bias(even, odd, BIAS, h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.cons
         even += b_even[None, :]
         odd += b_odd[None, :]
     return even, odd
-
-
-@triton.jit
-def _m3r_fwd_kernel(
-    QV, KV, QB, KB, TH, QOUT, KOUT, T, H, G, N, R,
-    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
-):  # fmt: skip
-    """One program per (time block, batch, head): q and k rotated by one read of the head's angles."""
-    bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h = bh % H
-    g = h // (H // G)
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    offs_r = tl.arange(0, BR)
-    offs_n = tl.arange(0, 2 * BR)
-    mask_t = offs_t < T
-    row = b64 * T + offs_t.to(tl.int64)
-    th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-    theta = tl.load(TH + (row * H + h)[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
-    cos, sin = tl.cos(theta), tl.sin(theta)
-    even, odd = _m3r_bias(*_m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR), QB, h, offs_n, N, BR, HAS_QB)
-    _m3r_store_pairs(QOUT, row * H + h, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
-    even, odd = _m3r_bias(*_m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR), KB, h, offs_n, N, BR, HAS_KB)
-    _m3r_store_pairs(KOUT, row * H + h, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
 
 
 @triton.jit
@@ -162,56 +135,14 @@ def m3_rotary_heads_ref(
     return torch.cat((turned, heads[..., 2 * rdim :]), dim=-1).to(out_dtype)
 
 
-def _m3r_ref_pair(q, k, q_bias, k_bias, theta, nheads, out_dtype):
-    return (
-        m3_rotary_heads_ref(q, q_bias, theta, nheads, out_dtype),
-        m3_rotary_heads_ref(k, k_bias, theta, nheads, out_dtype),
-    )
-
-
 def _m3r_opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous() if t is not None else like
 
 
-def _m3r_impl(q, k, q_bias, k_bias, theta, nheads, out_dtype):
-    if not _m3r_use_triton(q):
-        return _m3r_ref_pair(q, k, q_bias, k_bias, theta, nheads, out_dtype)
-    bsz, seqlen, ngroups, dstate = q.shape
-    q, k, theta = q.contiguous(), k.contiguous(), theta.float().contiguous()
-    q_out = torch.empty(bsz, seqlen, nheads, dstate, device=q.device, dtype=out_dtype)
-    k_out = torch.empty_like(q_out)
-    grid = (triton.cdiv(seqlen, M3R_BLOCK_T), bsz * nheads)
-    _m3r_fwd_kernel[grid](
-        q, k, _m3r_opt(q_bias, theta), _m3r_opt(k_bias, theta), theta, q_out, k_out, seqlen, nheads, ngroups,
-        dstate, theta.shape[-1], BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)),
-        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
-    )  # fmt: skip
-    return q_out, k_out
-
-
-def _m3r_fake(q, k, q_bias, k_bias, theta, nheads, out_dtype):
-    shape = (q.shape[0], q.shape[1], nheads, q.shape[3])
-    return q.new_empty(shape, dtype=out_dtype), k.new_empty(shape, dtype=out_dtype)
-
-
-def _m3r_setup(ctx, inputs, output):
-    q, k, q_bias, k_bias, theta, nheads, _ = inputs
-    ctx.nheads = nheads
-    ctx.save_for_backward(q, k, q_bias, k_bias, theta)
-
-
-def _m3r_backward(ctx, dq_out, dk_out):
-    q, k, q_bias, k_bias, theta = ctx.saved_tensors
-    dq_out = dq_out if dq_out is not None else q.new_zeros((*q.shape[:2], ctx.nheads, q.shape[3]))
-    dk_out = dk_out if dk_out is not None else k.new_zeros((*k.shape[:2], ctx.nheads, k.shape[3]))
-    dq, dk, dqb, dkb, dth = _m3r_bwd_op(q, k, q_bias, k_bias, theta, dq_out, dk_out, ctx.nheads)
-    return dq, dk, scan_opt(dqb), scan_opt(dkb), dth, None, None
-
-
-def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
-    if not _m3r_use_triton(q):
-        fwd = lambda *xs: _m3r_ref_pair(*xs, nheads, dq_out.dtype)  # noqa: E731
-        return tuple(scan_ref_vjp(fwd, [q, k, q_bias, k_bias, theta], [dq_out, dk_out]))
+def m3_rotary_bwd(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads: int) -> tuple:
+    """Gradients of (q_rot, k_rot) = rotated per-head rows of q, k (B,T,G,N) through (dq_out, dk_out) (B,T,H,N):
+    (dq, dk, dq_bias, dk_bias, dtheta), None for an absent bias. Runs inside the SSD scan's backward op, which
+    rotates q and k in its kernels (Triton on CUDA or under the interpreter only)."""
     bsz, seqlen, ngroups, dstate = q.shape
     q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
     f32 = {"device": q.device, "dtype": torch.float32}
@@ -228,48 +159,9 @@ def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
     )  # fmt: skip
 
     def bias_grad(part, bias):
-        return part.sum((0, 2)).to(bias.dtype) if part is not None else scan_none(dq)
+        return part.sum((0, 2)).to(bias.dtype) if part is not None else None
 
-    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth.to(theta.dtype)
-
-
-def _m3r_bwd_fake(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
-    def like(t):
-        return t.new_empty(t.shape) if t is not None else scan_none(q)
-
-    return like(q), like(k), like(q_bias), like(k_bias), like(theta)
-
-
-_m3r_bwd_op = scan_op(
-    "m3_rotary_qk_bwd",
-    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor theta, Tensor dq_out, Tensor dk_out, int nheads)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _m3r_bwd_impl,
-    _m3r_bwd_fake,
-)
-_m3r_op = scan_op(
-    "m3_rotary_qk",
-    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor theta, int nheads, ScalarType out_dtype)"
-    " -> (Tensor, Tensor)",
-    _m3r_impl,
-    _m3r_fake,
-    _m3r_backward,
-    _m3r_setup,
-)
-
-
-def m3_rotary_heads(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_bias: torch.Tensor | None,
-    k_bias: torch.Tensor | None,
-    theta: torch.Tensor,
-    nheads: int,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,T,G,N) q and k -> (B,T,H,N) each: group row per head, plus its bias (H,N), pairs r < R rotated by theta
-    (B,T,H,R), one read of theta for both."""
-    return _m3r_op(q, k, q_bias, k_bias, theta, nheads, out_dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth
 
 
 # ---- ssm_golf::m3_gates: trapezoid weights and cumulative angles, one walk over time per (batch, head) ----

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from templates.scan.m3_rotary import m3_rotary_bwd, m3_rotary_heads_ref
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 SSD_INTERPRET_ENV = "TRITON_INTERPRET"
@@ -106,6 +107,44 @@ def _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
+def _ssd_rot_cs(TH, th_row, mask_t, R, Q: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, ROT: tl.constexpr):
+    """cos and sin of a chunk's angles theta[t, h, r] (rows th_row of the (B T H, R) angles) as [Q, BN / 2] tiles
+    (angle 0 for r >= R), computed once per chunk for both B and C, and only on the [Q, RB] tile of the first RB
+    pairs (RB = R rounded up to a power of two): the trigonometry is the costly part. Placeholders without ROT."""
+    if ROT:
+        offs_r = tl.arange(0, RB)
+        th_mask = mask_t[:, None] & (offs_r < R)[None, :]
+        theta = tl.load(TH + th_row[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
+        first = (tl.arange(0, BN // 2 // RB) == 0)[None, :, None]
+        cos = tl.reshape(tl.where(first, tl.cos(theta)[:, None, :], 1.0), (Q, BN // 2))
+        sin = tl.reshape(tl.where(first, tl.sin(theta)[:, None, :], 0.0), (Q, BN // 2))
+    else:
+        cos = tl.arange(0, RB)
+        sin = cos
+    return cos, sin
+
+
+@triton.jit
+def _ssd_load_bc(
+    PTR, base, loc, mask_t, offs_n, N, BIAS, cos, sin, h,
+    Q: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """A chunk's [Q, BN] rows of B or C in the dot dtype. With ROT (Mamba-3: B, C are the group rows before the
+    per-head bias and rotation), head h's bias row is added and the pairs (2r, 2r+1) are rotated by the angles
+    whose cos and sin are given: the rotated tile is never written to memory."""
+    mask = mask_t[:, None] & (offs_n < N)[None, :]
+    t = tl.load(PTR + base + loc, mask=mask, other=0.0)
+    if ROT:
+        t = t.to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            t = tl.where(mask, t + bias[None, :], 0.0)
+        even, odd = tl.split(tl.reshape(t, (Q, BN // 2, 2)))
+        t = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (Q, BN))
+    return t.to(DOT)
+
+
+@triton.jit
 def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
     """Store, or add atomically where several programs (heads of a group, blocks of P) share the output."""
     if ATOMIC:
@@ -117,8 +156,9 @@ def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
 @triton.jit
 def _ssd_fwd_state_kernel(
     X, DT, A, DTB, LA, W, BM, H0, CKPT, HT,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -151,7 +191,8 @@ def _ssd_fwd_state_kernel(
         row = b64 * T + c * Q
         mask_t = c * Q + offs_q < T
         x = tl.load(X + row * H * P + h * P + loc_xp, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-        kb = tl.load(BM + row * G * N + g * N + loc_bn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT)
+        kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
@@ -167,8 +208,9 @@ def _ssd_fwd_state_kernel(
 @triton.jit
 def _ssd_fwd_out_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y, YP,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -188,7 +230,6 @@ def _ssd_fwd_out_kernel(
     row = b64 * T + c * Q
     mask_t = c * Q + offs_q < T
     xp_mask = mask_t[:, None] & mask_p[None, :]
-    bn_mask = mask_t[:, None] & mask_n[None, :]
     x_base = row * H * P + h * P
     xp = offs_q[:, None] * (H * P) + offs_p[None, :]
     bc_base = row * G * N + g * N
@@ -200,8 +241,9 @@ def _ssd_fwd_out_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc = tl.cumsum(la, axis=0)
-    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
-    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
     st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :],
                  mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(DOT)  # fmt: skip
@@ -225,8 +267,9 @@ def _ssd_fwd_out_kernel(
 @triton.jit
 def _ssd_bwd_carry_kernel(
     CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -264,7 +307,8 @@ def _ssd_bwd_carry_kernel(
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
-        qc = tl.load(CM + row * G * N + g * N + loc_bn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT)
+        qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
         dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
         if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
@@ -296,8 +340,9 @@ def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
 def _ssd_bwd_dx_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, CKPT, DY, DCK, CARRY,
     DX, DLA_T, DW_T, DD_PART,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -318,7 +363,6 @@ def _ssd_bwd_dx_kernel(
     row = b64 * T + c * Q
     mask_t = c * Q + offs_q < T
     xp_mask = mask_t[:, None] & mask_p[None, :]
-    bn_mask = mask_t[:, None] & mask_n[None, :]
     sn_mask = mask_n[:, None] & mask_p[None, :]
     # scalar 64-bit bases, 32-bit offset tiles (fewer registers than 64-bit pointer tiles)
     x_base = row * H * P + h * P
@@ -334,8 +378,9 @@ def _ssd_bwd_dx_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
-    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
@@ -422,8 +467,9 @@ def _ssd_dbc_head(
 def _ssd_bwd_dbc_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, CKPT, DY, DCK, DLA_T, DW_T,
     DDT, DLA, DW, DE, DB, DC, DA_PART,
-    T, H, G, P, N, NC, HB,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    TH, BB, CB, T, H, G, P, N, NC, R, HB,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -452,8 +498,10 @@ def _ssd_bwd_dbc_kernel(
     bn = offs_q[:, None] * (G * N) + offs_n[None, :]
     xp = offs_q[:, None] * (H * P) + offs_p[None, :]
     sn = offs_n[:, None] * P + offs_p[None, :]
-    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
-    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    # with ROT the rows are one head's (ONE_HEAD), rotated; its dB, dC are per head, in that rotated frame
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h_first, mask_t, R, Q, BN, RB, ROT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h_first, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h_first, Q, BN, ROT, HAS_CB, DOT)
     causal = offs_q[:, None] >= offs_q[None, :]
     strict = offs_q[:, None] > offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
@@ -472,8 +520,14 @@ def _ssd_bwd_dbc_kernel(
                 DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
                 Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
             )  # fmt: skip
-    _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
-    _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
+    if ROT:
+        out_base = row * H * N + h_first * N
+        out_loc = offs_q[:, None] * (H * N) + offs_n[None, :]
+    else:
+        out_base = bc_base
+        out_loc = bn
+    _ssd_put(DC + out_base + out_loc, dq_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DB + out_base + out_loc, dk_acc, bn_mask, ATOMIC_BC)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -521,7 +575,7 @@ def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
     return max(1, min(per_group, int(SSD_TUNING.get("dbc", {}).get("heads", per_group))))
 
 
-def _ssd_check_shapes(x, gates, B, C, chunk_size):
+def _ssd_check_shapes(x, gates, B, C, chunk_size, theta=None):
     if x.dim() != 4:
         raise ValueError(f"ssd scan: x must be (batch, time, heads, headdim), got shape {tuple(x.shape)}")
     bsz, seqlen, nheads, _ = x.shape
@@ -537,6 +591,8 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size):
         raise ValueError(f"ssd scan: heads ({nheads}) must be a multiple of groups ({B.shape[2]})")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
+    if theta is not None and (theta.shape[:3] != (bsz, seqlen, nheads) or 2 * theta.shape[3] > B.shape[3]):
+        raise ValueError("ssd scan: theta must be (batch, time, heads, R) with 2R <= N")
 
 
 # ---- ssm_golf::ssd_scan: (y, final state or a placeholder, chunk states or a placeholder, the output before the
@@ -549,10 +605,31 @@ def _ssd_fin_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+def _ssd_scan_impl(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    chunk_size,
+    dt_softplus,
+    generic,
+    want_final,
+    grad,
+):
     if not ssd_use_triton(x):
         if generic:
-            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True)
+            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True, theta, b_bias, c_bias)
         else:
             y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
         return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x), scan_none(x)
@@ -587,7 +664,9 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
 
     gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
-    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x)
+    flags |= rot_flags
+    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
     # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
     if ckpt is None:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
@@ -611,7 +690,40 @@ def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else scan_none(like)
 
 
-def _ssd_scan_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+def _ssd_rot_args(theta, b_bias, c_bias, like: torch.Tensor) -> tuple:
+    """Kernel arguments of the rotation (theta, B bias, C bias, R) and its flags; placeholders without theta."""
+    if theta is None:
+        return (like, like, like, 1), {"ROT": False, "RB": 2, "HAS_BB": False, "HAS_CB": False}
+    th = theta.float().contiguous()
+    bb = b_bias.float().contiguous() if b_bias is not None else th
+    cb = c_bias.float().contiguous() if c_bias is not None else th
+    rb = max(2, triton.next_power_of_2(theta.shape[-1]))
+    flags = {"ROT": True, "RB": rb, "HAS_BB": b_bias is not None, "HAS_CB": c_bias is not None}
+    return (th, bb, cb, theta.shape[-1]), flags
+
+
+def _ssd_scan_fake(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    chunk_size,
+    dt_softplus,
+    generic,
+    want_final,
+    grad,
+):
     bsz, seqlen, nheads, hdim = x.shape
     dstate = B.shape[3]
     final = x.new_empty((bsz, nheads, hdim, dstate), dtype=_ssd_fin_dtype(x)) if want_final else scan_none(x)
@@ -624,8 +736,8 @@ def _ssd_scan_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
 
 
 def _ssd_scan_setup(ctx, inputs, output):
-    ctx.meta = inputs[12:16]  # chunk_size, dt_softplus, generic, want_final
-    ctx.save_for_backward(*inputs[:12], output[2], output[3])
+    ctx.meta = inputs[15:19]  # chunk_size, dt_softplus, generic, want_final
+    ctx.save_for_backward(*inputs[:15], output[2], output[3])
 
 
 def _ssd_scan_backward(ctx, dy, dfinal, dckpt, dyp):
@@ -633,15 +745,36 @@ def _ssd_scan_backward(ctx, dy, dfinal, dckpt, dyp):
     grads = _ssd_scan_bwd_op(*ctx.saved_tensors, dy, dfinal if want_final else None, chunk_size, dt_softplus, generic)
     return (
         (grads[0], *(scan_opt(g) for g in grads[1:7]), grads[7], grads[8])
-        + tuple(scan_opt(g) for g in grads[9:])
+        + tuple(scan_opt(g) for g in grads[9:15])
         + (None,) * 5
     )
 
 
 def _ssd_scan_bwd_impl(
-    x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, yp, dy, dfinal, chunk_size, dt_softplus, generic
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    ckpt,
+    yp,
+    dy,
+    dfinal,
+    chunk_size,
+    dt_softplus,
+    generic,
 ):
-    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0]
+    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias]
     if not ssd_use_triton(x):
         fwd = lambda *xs: _ssd_scan_impl(*xs, chunk_size, dt_softplus, generic, True, False)[:2]  # noqa: E731
         return tuple(scan_ref_vjp(fwd, inputs, [dy, dfinal]))
@@ -664,11 +797,13 @@ def _ssd_scan_bwd_impl(
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
-    heads = _ssd_bwd_heads(nheads, ngroups)
-    atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-    # stored in B's and C's dtype straight from the registers unless atomics sum them (G = H: 2 x (B,T,H,N))
-    dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, device=x.device, dtype=B.dtype)
-    dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, device=x.device, dtype=C.dtype)
+    # with the rotation (theta), one head per dB/dC program, whose dB, dC are per head in the rotated frame
+    heads = 1 if theta is not None else _ssd_bwd_heads(nheads, ngroups)
+    atomic = theta is None and nheads // ngroups > heads  # several programs add into one group's dB/dC rows
+    # stored in x's dtype straight from the registers unless atomics sum them (G = H: 2 x (B,T,H,N))
+    bc_shape = (bsz, seqlen, nheads, dstate) if theta is not None else B.shape
+    dB = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=x.dtype)
+    dC = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=x.dtype)
     dx = torch.empty_like(x_c)
     dz = torch.empty_like(z_c) if z is not None else None
     dh0 = torch.empty_like(h0c) if h0c is not None else None
@@ -687,9 +822,10 @@ def _ssd_scan_bwd_impl(
     def _or(t):
         return t if t is not None else x_c
 
+    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x_c)
     flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec}  # fmt: skip
-    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec} | rot_flags  # fmt: skip
+    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
     # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
     dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
     bps = _ssd_cols("carry", bp)
@@ -729,28 +865,53 @@ def _ssd_scan_bwd_impl(
     if not generic:
         dA = da_part.sum((0, 1))
         ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
+    dth = dbb = dcb = None
+    if theta is not None:  # back from the rotated per-head frame to the group rows, biases and angles
+        dC, dB, dcb, dbb, dth = m3_rotary_bwd(C_c, B_c, c_bias, b_bias, theta, dC, dB, nheads)
     return (
         dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
-        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
+        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0), cast(dth, theta),
+        cast(dbb, b_bias), cast(dcb, c_bias),
     )  # fmt: skip
 
 
 def _ssd_scan_bwd_fake(
-    x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, yp, dy, dfinal, chunk_size, dt_softplus, generic
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    ckpt,
+    yp,
+    dy,
+    dfinal,
+    chunk_size,
+    dt_softplus,
+    generic,
 ):
-    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0)
+    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
     return tuple(t.new_empty(t.shape) if t is not None else scan_none(x) for t in inputs)
 
 
 _SSD_ARGS = (
     "Tensor x, Tensor? dt, Tensor? A, Tensor? dt_bias, Tensor? la, Tensor? w, Tensor? e, Tensor B, Tensor C,"
-    " Tensor? D, Tensor? z, Tensor? h0"
+    " Tensor? D, Tensor? z, Tensor? h0, Tensor? theta, Tensor? b_bias, Tensor? c_bias"
 )
 _ssd_scan_bwd_op = scan_op(
     "ssd_scan_bwd",
     f"({_SSD_ARGS}, Tensor ckpt, Tensor yp, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus,"
     " bool generic)"
-    f" -> ({', '.join(['Tensor'] * 12)})",
+    f" -> ({', '.join(['Tensor'] * 15)})",
     _ssd_scan_bwd_impl,
     _ssd_scan_bwd_fake,
 )
@@ -790,8 +951,9 @@ def ssd_scan(
     _ssd_check_shapes(x, dt, B, C, chunk_size)
     grad = _ssd_needs_grad(x, dt, A, dt_bias, B, C, D, z, h0)
     y, final, _, _ = _ssd_scan_op(
-        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, chunk_size, dt_softplus, False, return_final_state, grad
-    )
+        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, None, None, None, chunk_size, dt_softplus, False,
+        return_final_state, grad,
+    )  # fmt: skip
     return (y, final) if return_final_state else y
 
 
@@ -807,17 +969,24 @@ def ssd_generic_scan(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
+    theta: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
+    c_bias: torch.Tensor | None = None,
 ):
     """Generic chunked scan: h_t = exp(la_t) h_{t-1} + w_t x_t B_t^T, y_t = h_t C_t - e_t... see module docstring.
 
     la (B,T,H) log-decay (must be <= 0), w (B,T,H) input weight, e (B,T,H) extra weight of the diagonal (j == t)
     term of the output only: y_t = sum_{j<t} decay w_j (C_t.B_j) x_j + (w_t + e_t)(C_t.B_t) x_t + carried + D x_t.
-    The state carried out still uses w_t for the last step. One op (ssm_golf::ssd_scan, generic form)."""
-    _ssd_check_shapes(x, la, B, C, chunk_size)
-    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0)
+    The state carried out still uses w_t for the last step. With theta (B,T,H,R), 2R <= N (Mamba-3), head h uses
+    B_h = rot(theta_h)(B_g + b_bias_h) and C_h = rot(theta_h)(C_g + c_bias_h) (biases (H,N), optional), rotating the
+    pairs (2r, 2r+1), r < R (`m3_rotary_heads_ref`), inside the kernels: the per-head rows never reach memory.
+    One op (ssm_golf::ssd_scan, generic form)."""
+    _ssd_check_shapes(x, la, B, C, chunk_size, theta)
+    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
     y, final, _, _ = _ssd_scan_op(
-        x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state, grad
-    )
+        x, None, None, None, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias, chunk_size, False, True,
+        return_final_state, grad,
+    )  # fmt: skip
     return (y, final) if return_final_state else y
 
 
@@ -837,14 +1006,21 @@ def ssd_generic_scan_ref(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
+    theta: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
+    c_bias: torch.Tensor | None = None,
 ):
     """Sequential PyTorch reference of `ssd_generic_scan` (float64 when x is float64, else float32)."""
     cd = _ssd_ref_dtype(x)
     bsz, seqlen, nheads, hdim = x.shape
     rep = nheads // B.shape[2]
     xs = x.to(cd)
-    bs = B.to(cd).repeat_interleave(rep, dim=2)
-    cs = C.to(cd).repeat_interleave(rep, dim=2)
+    if theta is not None:
+        bs = m3_rotary_heads_ref(B, b_bias, theta, nheads, cd)
+        cs = m3_rotary_heads_ref(C, c_bias, theta, nheads, cd)
+    else:
+        bs = B.to(cd).repeat_interleave(rep, dim=2)
+        cs = C.to(cd).repeat_interleave(rep, dim=2)
     la_, w_ = la.to(cd), w.to(cd)
     e_ = e.to(cd) if e is not None else torch.zeros_like(w_)
     state = h0.to(cd) if h0 is not None else x.new_zeros(bsz, nheads, hdim, B.shape[3], dtype=cd)

@@ -19,11 +19,12 @@ def m3():
         import triton.language  # noqa: F401  (so that its helpers exist to be patched)
 
         interpret_triton_stdlib(patch)
-        ssd = importlib.reload(importlib.import_module("templates.scan.ssd"))
+        # the rotary module first: ssd imports its backward
         rotary = importlib.reload(importlib.import_module("templates.scan.m3_rotary"))
+        ssd = importlib.reload(importlib.import_module("templates.scan.ssd"))
         module = importlib.reload(importlib.import_module("templates.scan.mamba3"))
         yield module
-    for mod in (ssd, rotary, module):
+    for mod in (rotary, ssd, module):
         importlib.reload(mod)
 
 
