@@ -23,11 +23,26 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 M3R_BLOCK_T = 32
 M3G_BLOCK_T = 64
+
+
+@triton.jit
+def m3_cos_sin(theta, FAST: tl.constexpr):
+    """cos and sin of fp32 angles. FAST (on the GPU): reduced to [-pi, pi] with a two-constant 2 pi (exact to fp32
+    rounding of theta itself), then the hardware's approximate cos/sin (absolute error ~2^-20 there), instead of
+    libdevice's accurate forms; the interpreter has no hardware form, so the CPU tests run the accurate ones."""
+    if FAST:
+        k = tl.floor(theta * 0.15915494309189535 + 0.5)
+        r = tl.fma(-k, 6.2831854820251465, theta)
+        r = tl.fma(-k, -1.7484555314695172e-07, r)
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+    else:
+        return tl.cos(theta), tl.sin(theta)
 
 
 @triton.jit
@@ -75,7 +90,7 @@ def _m3r_bwd_head(v_even, v_odd, BIAS, DOUT, DBIAS_PART, h, row, part, cos, sin,
 @triton.jit
 def _m3r_bwd_kernel(
     QV, KV, QB, KB, TH, DQO, DKO, DQ, DK, DTH, DQB_PART, DKB_PART, T, H, G, N, R,
-    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """One program per (time block, batch, group) loops over the group's heads: d q and d k summed over them in
     registers, one d theta per head (q's and k's shares together), bias partials per (head, time block)."""
@@ -98,7 +113,7 @@ def _m3r_bwd_kernel(
     for h in range(g * hpg, (g + 1) * hpg):
         th_ptr = TH + (row * H + h)[:, None] * R + offs_r[None, :]
         theta = tl.load(th_ptr, mask=th_mask, other=0.0).to(tl.float32)
-        cos, sin = tl.cos(theta), tl.sin(theta)
+        cos, sin = m3_cos_sin(theta, FAST)
         part = (b64 * H + h) * tl.num_programs(0) + tl.program_id(0)
         d_theta, d_even, d_odd = _m3r_bwd_head(
             q_even, q_odd, QB, DQO, DQB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_QB
@@ -156,6 +171,7 @@ def m3_rotary_bwd(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads: int) -> t
         dq, dk, dth, dqb_part if dqb_part is not None else dth, dkb_part if dkb_part is not None else dth,
         seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T,
         BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
+        FAST=theta.is_cuda,
     )  # fmt: skip
 
     def bias_grad(part, bias):

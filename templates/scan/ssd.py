@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from templates.scan.m3_rotary import m3_rotary_bwd, m3_rotary_heads_ref
+from templates.scan.m3_rotary import m3_cos_sin, m3_rotary_bwd, m3_rotary_heads_ref
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 SSD_INTERPRET_ENV = "TRITON_INTERPRET"
@@ -107,7 +107,9 @@ def _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
-def _ssd_rot_cs(TH, th_row, mask_t, R, Q: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, ROT: tl.constexpr):
+def _ssd_rot_cs(
+    TH, th_row, mask_t, R, Q: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, ROT: tl.constexpr, FAST: tl.constexpr
+):
     """cos and sin of a chunk's angles theta[t, h, r] (rows th_row of the (B T H, R) angles) as [Q, BN / 2] tiles
     (angle 0 for r >= R), computed once per chunk for both B and C, and only on the [Q, RB] tile of the first RB
     pairs (RB = R rounded up to a power of two): the trigonometry is the costly part. Placeholders without ROT."""
@@ -116,8 +118,9 @@ def _ssd_rot_cs(TH, th_row, mask_t, R, Q: tl.constexpr, BN: tl.constexpr, RB: tl
         th_mask = mask_t[:, None] & (offs_r < R)[None, :]
         theta = tl.load(TH + th_row[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
         first = (tl.arange(0, BN // 2 // RB) == 0)[None, :, None]
-        cos = tl.reshape(tl.where(first, tl.cos(theta)[:, None, :], 1.0), (Q, BN // 2))
-        sin = tl.reshape(tl.where(first, tl.sin(theta)[:, None, :], 0.0), (Q, BN // 2))
+        c, s = m3_cos_sin(theta, FAST)
+        cos = tl.reshape(tl.where(first, c[:, None, :], 1.0), (Q, BN // 2))
+        sin = tl.reshape(tl.where(first, s[:, None, :], 0.0), (Q, BN // 2))
     else:
         cos = tl.arange(0, RB)
         sin = cos
@@ -157,7 +160,8 @@ def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
 def _ssd_fwd_state_kernel(
     X, DT, A, DTB, LA, W, BM, H0, CKPT, HT,
     TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
     HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
@@ -191,7 +195,7 @@ def _ssd_fwd_state_kernel(
         row = b64 * T + c * Q
         mask_t = c * Q + offs_q < T
         x = tl.load(X + row * H * P + h * P + loc_xp, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT)
+        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
         kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
@@ -209,7 +213,8 @@ def _ssd_fwd_state_kernel(
 def _ssd_fwd_out_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y, YP,
     TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
     HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
@@ -241,7 +246,7 @@ def _ssd_fwd_out_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc = tl.cumsum(la, axis=0)
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
     kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
     qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
@@ -268,7 +273,8 @@ def _ssd_fwd_out_kernel(
 def _ssd_bwd_carry_kernel(
     CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
     TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
     HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
@@ -307,7 +313,7 @@ def _ssd_bwd_carry_kernel(
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
-        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT)
+        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
         qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
         dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
         if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
@@ -341,7 +347,8 @@ def _ssd_bwd_dx_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, CKPT, DY, DCK, CARRY,
     DX, DLA_T, DW_T, DD_PART,
     TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
     HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
@@ -378,7 +385,7 @@ def _ssd_bwd_dx_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
     kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
     qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
@@ -468,7 +475,8 @@ def _ssd_bwd_dbc_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, CKPT, DY, DCK, DLA_T, DW_T,
     DDT, DLA, DW, DE, DB, DC, DA_PART,
     TH, BB, CB, T, H, G, P, N, NC, R, HB,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, HAS_BB: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
     HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
@@ -499,7 +507,7 @@ def _ssd_bwd_dbc_kernel(
     xp = offs_q[:, None] * (H * P) + offs_p[None, :]
     sn = offs_n[:, None] * P + offs_p[None, :]
     # with ROT the rows are one head's (ONE_HEAD), rotated; its dB, dC are per head, in that rotated frame
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h_first, mask_t, R, Q, BN, RB, ROT)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h_first, mask_t, R, Q, BN, RB, ROT, FAST)
     kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h_first, Q, BN, ROT, HAS_BB, DOT)
     qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h_first, Q, BN, ROT, HAS_CB, DOT)
     causal = offs_q[:, None] >= offs_q[None, :]
@@ -693,12 +701,12 @@ def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 def _ssd_rot_args(theta, b_bias, c_bias, like: torch.Tensor) -> tuple:
     """Kernel arguments of the rotation (theta, B bias, C bias, R) and its flags; placeholders without theta."""
     if theta is None:
-        return (like, like, like, 1), {"ROT": False, "RB": 2, "HAS_BB": False, "HAS_CB": False}
+        return (like, like, like, 1), {"ROT": False, "RB": 2, "FAST": False, "HAS_BB": False, "HAS_CB": False}
     th = theta.float().contiguous()
     bb = b_bias.float().contiguous() if b_bias is not None else th
     cb = c_bias.float().contiguous() if c_bias is not None else th
     rb = max(2, triton.next_power_of_2(theta.shape[-1]))
-    flags = {"ROT": True, "RB": rb, "HAS_BB": b_bias is not None, "HAS_CB": c_bias is not None}
+    flags = {"ROT": True, "RB": rb, "FAST": theta.is_cuda, "HAS_BB": b_bias is not None, "HAS_CB": c_bias is not None}
     return (th, bb, cb, theta.shape[-1]), flags
 
 
