@@ -137,7 +137,8 @@ def _m3r_use_triton(x: torch.Tensor) -> bool:
 def m3_rotary_heads_ref(
     v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """PyTorch reference of one side of `m3_rotary_heads` (fp32 math, fp64 when v is fp64)."""
+    """Head expansion, bias and rotation of v (B,T,G,N) -> (B,T,H,N) in PyTorch: the reference of the rotation the
+    SSD kernels do in registers (fp32 math, fp64 when v is fp64)."""
     cd = torch.float64 if v.dtype == torch.float64 else torch.float32
     heads = v.to(cd).repeat_interleave(nheads // v.shape[2], dim=2)
     if bias is not None:
