@@ -808,10 +808,11 @@ def _ssd_scan_bwd_impl(
     # with the rotation (theta), one head per dB/dC program, whose dB, dC are per head in the rotated frame
     heads = 1 if theta is not None else _ssd_bwd_heads(nheads, ngroups)
     atomic = theta is None and nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-    # stored in x's dtype straight from the registers unless atomics sum them (G = H: 2 x (B,T,H,N))
+    # stored in B's dtype (x's for the per-head rotated ones) straight from the registers unless atomics sum them
     bc_shape = (bsz, seqlen, nheads, dstate) if theta is not None else B.shape
-    dB = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=x.dtype)
-    dC = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=x.dtype)
+    bc_dtype = x.dtype if theta is not None else B.dtype
+    dB = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
+    dC = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
     dx = torch.empty_like(x_c)
     dz = torch.empty_like(z_c) if z is not None else None
     dh0 = torch.empty_like(h0c) if h0c is not None else None
