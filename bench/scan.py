@@ -513,18 +513,20 @@ def check(device, limit: int | None = None) -> bool:
 
 
 SSD_SWEEP = {
-    "fwd": [{"num_warps": w, "num_stages": 2} for w in (8, 4)],
-    "carry": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
+    "fstate": [{"bp": bp} for bp in (32, 64, 16)] + [{"bp": 32, "num_warps": 8}],
+    "fout": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
+    "carry": [{"num_warps": w, "num_stages": 2, "bp": bp} for w, bp in ((4, 32), (4, 64), (8, 32))],
     "dx": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
-    "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 4)] + [{"num_warps": 8, "num_stages": 2}],
+    "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 1)] + [{"num_warps": 8, "num_stages": 2}],
 }
 # options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs)
 CHECK_BWD_FORMS = [{"state": {"fp32": True}}]
 
 
 def sweep(device) -> dict:
-    """Time the SSD kernels' options (forward alone, then forward+backward: warps of the carry kernel and of the
-    backward's dx and dB/dC kernels, heads per dB/dC program) and keep the fastest."""
+    """Time the SSD kernels' options (forward alone: columns per state-kernel program, warps of the output kernel;
+    then forward+backward: warps and columns of the carry kernel, warps of the backward's dx and dB/dC kernels,
+    heads per dB/dC program) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -534,7 +536,8 @@ def sweep(device) -> dict:
     best = {}
     fwd_bwd = grad_run(fwd, list(ins.values()), cot)
     for kind, run in (
-        ("fwd", no_grad_run(fwd)),
+        ("fstate", no_grad_run(fwd)),
+        ("fout", no_grad_run(fwd)),
         ("carry", fwd_bwd),
         ("dx", fwd_bwd),
         ("dbc", fwd_bwd),

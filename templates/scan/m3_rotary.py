@@ -1,16 +1,21 @@
-"""Mamba-3's per-head q/k preparation as one Triton kernel each way: head expansion, per-head bias, rotation.
+"""Mamba-3's per-head preparation: q/k head expansion, bias and rotation; the trapezoid weights and angles.
 
-`m3_rotary_heads(v, bias, theta, nheads, out_dtype)` maps v (B,T,G,N) to (B,T,H,N): each head h takes its group's
-row, adds bias[h] (H,N), and rotates the adjacent pairs (2r, 2r+1), r < R, by theta[b,t,h,r] (B,T,H,R):
-    (e, o) -> (e cos - o sin, e sin + o cos).
-One read of v and theta, one write of the result, instead of a chain of eager fp32 tensors. Rows move as whole
-contiguous tiles, split into even and odd elements in registers (stride-2 loads and stores of the pairs cost 12x
-the bytes' time on the H100). The backward rotates the gradient back (by -theta), sums it over the heads of a
-group in registers (one program per time block, batch and group), reduces the bias gradient per program, and gives
-d theta = -dout_even * out_odd + dout_odd * out_even.
+Head h of Mamba-3 uses q~ = rot(theta_h)(q_g + q_bias_h), k~ = rot(theta_h)(k_g + k_bias_h), rotating the adjacent
+pairs (2r, 2r+1), r < R, by theta[b,t,h,r] (B,T,H,R): (e, o) -> (e cos - o sin, e sin + o cos)
+(`m3_rotary_heads_ref`). The forward rotation happens inside the SSD kernels (`ssd_generic_scan(..., theta=...)`
+loads the group rows and rotates them in registers), so the (B,T,H,N) rotated rows never reach memory. Their
+gradients do: the SSD backward's dB/dC kernel writes them per head in the rotated frame, and `m3_rotary_bwd`
+rotates them back (by -theta), sums them over the heads of a group in registers (one program per time block,
+batch and group), reduces the bias gradients per program, and writes one d theta per head with q's and k's shares
+summed: d theta = -dout_even * out_odd + dout_odd * out_even. Rows move as whole contiguous tiles, split into even
+and odd elements in registers (stride-2 loads and stores of the pairs cost 12x the bytes' time on the H100).
 
-Both directions are one custom op each (ssm_golf::m3_rotary and its backward); off CUDA without the interpreter
-they run `m3_rotary_heads_ref`, the same map in PyTorch.
+`m3_gates(dt, trap, angles, theta0)` gives the scan's per-position weights and the cumulative angles in one pass
+over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an eager cumsum over (B,T,H,R):
+    lambda_t = sigmoid(trap_t), b'_t = (1 - lambda_t) dt_t, w_t = lambda_t dt_t + b'_{t+1} (b'_{T+1} = 0),
+    e_t = -b'_{t+1}, theta_t = theta0 + sum_{s<=t} angles_s dt_s.
+Its backward is the same walk in reverse: d theta summed from the end (a reverse cumsum carried across blocks) gives
+d angles_t = dt_t S_t and dt's angle term <angles_t, S_t>; d b'_t = dw_{t-1} - de_{t-1}; d theta0 = S_1.
 """
 
 import os
@@ -18,10 +23,26 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 M3R_BLOCK_T = 32
+M3G_BLOCK_T = 64
+
+
+@triton.jit
+def m3_cos_sin(theta, FAST: tl.constexpr):
+    """cos and sin of fp32 angles. FAST (on the GPU): reduced to [-pi, pi] with a two-constant 2 pi (exact to fp32
+    rounding of theta itself), then the hardware's approximate cos/sin (absolute error ~2^-20 there), instead of
+    libdevice's accurate forms; the interpreter has no hardware form, so the CPU tests run the accurate ones."""
+    if FAST:
+        k = tl.floor(theta * 0.15915494309189535 + 0.5)
+        r = tl.fma(-k, 6.2831854820251465, theta)
+        r = tl.fma(-k, -1.7484555314695172e-07, r)
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+    else:
+        return tl.cos(theta), tl.sin(theta)
 
 
 @triton.jit
@@ -33,18 +54,6 @@ def _m3r_pairs(ptr, rows, offs_n, mask_t, N, BT: tl.constexpr, BR: tl.constexpr)
 
 
 @triton.jit
-def _m3r_head(even, odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Head h's side of the rotation: its group's pairs plus its bias row, and cos/sin of its angles [BT, BR]."""
-    if HAS_BIAS:
-        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
-        even += b_even[None, :]
-        odd += b_odd[None, :]
-    theta = tl.load(TH + (row * H + h)[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
-    return even, odd, tl.cos(theta), tl.sin(theta)
-
-
-@triton.jit
 def _m3r_store_pairs(ptr, rows, offs_n, mask_t, N, even, odd, BT: tl.constexpr, BR: tl.constexpr):
     """Interleave even and odd back into whole rows and write them with one contiguous store."""
     mask = mask_t[:, None] & (offs_n < N)[None, :]
@@ -53,30 +62,38 @@ def _m3r_store_pairs(ptr, rows, offs_n, mask_t, N, even, odd, BT: tl.constexpr, 
 
 
 @triton.jit
-def _m3r_fwd_kernel(
-    V, BIAS, TH, OUT, T, H, G, N, R, BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr
-):  # fmt: skip
-    bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h = bh % H
-    g = h // (H // G)
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    offs_r = tl.arange(0, BR)
-    offs_n = tl.arange(0, 2 * BR)
-    mask_t = offs_t < T
-    row = b64 * T + offs_t.to(tl.int64)
-    even, odd = _m3r_pairs(V, row * G + g, offs_n, mask_t, N, BT, BR)
-    th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-    even, odd, cos, sin = _m3r_head(even, odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR, HAS_BIAS)
-    _m3r_store_pairs(OUT, row * H + h, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+def _m3r_bias(even, odd, BIAS, h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Head h's bias row added to its group's pairs."""
+    if HAS_BIAS:
+        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
+        even += b_even[None, :]
+        odd += b_odd[None, :]
+    return even, odd
+
+
+@triton.jit
+def _m3r_bwd_head(v_even, v_odd, BIAS, DOUT, DBIAS_PART, h, row, part, cos, sin, offs_n, mask_t, N,
+                  BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """One head's side of one of q, k: its d theta share, and d v in the unrotated frame (bias partials stored)."""
+    even, odd = _m3r_bias(v_even, v_odd, BIAS, h, offs_n, N, BR, HAS_BIAS)
+    d_even_r, d_odd_r = _m3r_pairs(DOUT, row, offs_n, mask_t, N, BT, BR)
+    d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
+    d_even = d_even_r * cos + d_odd_r * sin
+    d_odd = d_odd_r * cos - d_even_r * sin
+    if HAS_BIAS:
+        pair_sums = tl.reshape(tl.join(tl.sum(d_even, axis=0), tl.sum(d_odd, axis=0)), (2 * BR,))
+        tl.store(DBIAS_PART + part * N + offs_n, pair_sums, mask=offs_n < N)
+    return d_theta, d_even, d_odd
 
 
 @triton.jit
 def _m3r_bwd_kernel(
-    V, BIAS, TH, DOUT, DV, DTH, DBIAS_PART, T, H, G, N, R,
-    BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QV, KV, QB, KB, TH, DQO, DKO, DQ, DK, DTH, DQB_PART, DKB_PART, T, H, G, N, R,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """One program per (time block, batch, group) loops over the group's heads and sums their dv in registers."""
+    """One program per (time block, batch, group) loops over the group's heads: d q and d k summed over them in
+    registers, one d theta per head (q's and k's shares together), bias partials per (head, time block)."""
     bg = tl.program_id(1)
     b64 = (bg // G).to(tl.int64)
     g = bg % G
@@ -86,24 +103,31 @@ def _m3r_bwd_kernel(
     offs_n = tl.arange(0, 2 * BR)
     mask_t = offs_t < T
     row = b64 * T + offs_t.to(tl.int64)
-    v_even, v_odd = _m3r_pairs(V, row * G + g, offs_n, mask_t, N, BT, BR)
-    dv_even = tl.zeros((BT, BR), dtype=tl.float32)
-    dv_odd = tl.zeros((BT, BR), dtype=tl.float32)
+    q_even, q_odd = _m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR)
+    k_even, k_odd = _m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR)
+    dq_even = tl.zeros((BT, BR), dtype=tl.float32)
+    dq_odd = tl.zeros((BT, BR), dtype=tl.float32)
+    dk_even = tl.zeros((BT, BR), dtype=tl.float32)
+    dk_odd = tl.zeros((BT, BR), dtype=tl.float32)
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
     for h in range(g * hpg, (g + 1) * hpg):
-        even, odd, cos, sin = _m3r_head(v_even, v_odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR, HAS_BIAS)
-        d_even_r, d_odd_r = _m3r_pairs(DOUT, row * H + h, offs_n, mask_t, N, BT, BR)
-        d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
-        tl.store(DTH + (row * H + h)[:, None] * R + offs_r[None, :], d_theta, mask=th_mask)
-        d_even = d_even_r * cos + d_odd_r * sin
-        d_odd = d_odd_r * cos - d_even_r * sin
-        dv_even += d_even
-        dv_odd += d_odd
-        if HAS_BIAS:
-            part = DBIAS_PART + ((b64 * H + h) * tl.num_programs(0) + tl.program_id(0)) * N
-            pair_sums = tl.reshape(tl.join(tl.sum(d_even, axis=0), tl.sum(d_odd, axis=0)), (2 * BR,))
-            tl.store(part + offs_n, pair_sums, mask=offs_n < N)
-    _m3r_store_pairs(DV, row * G + g, offs_n, mask_t, N, dv_even, dv_odd, BT, BR)
+        th_ptr = TH + (row * H + h)[:, None] * R + offs_r[None, :]
+        theta = tl.load(th_ptr, mask=th_mask, other=0.0).to(tl.float32)
+        cos, sin = m3_cos_sin(theta, FAST)
+        part = (b64 * H + h) * tl.num_programs(0) + tl.program_id(0)
+        d_theta, d_even, d_odd = _m3r_bwd_head(
+            q_even, q_odd, QB, DQO, DQB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_QB
+        )
+        dq_even += d_even
+        dq_odd += d_odd
+        dk_theta, d_even, d_odd = _m3r_bwd_head(
+            k_even, k_odd, KB, DKO, DKB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_KB
+        )
+        dk_even += d_even
+        dk_odd += d_odd
+        tl.store(DTH + (row * H + h)[:, None] * R + offs_r[None, :], d_theta + dk_theta, mask=th_mask)
+    _m3r_store_pairs(DQ, row * G + g, offs_n, mask_t, N, dq_even, dq_odd, BT, BR)
+    _m3r_store_pairs(DK, row * G + g, offs_n, mask_t, N, dk_even, dk_odd, BT, BR)
 
 
 def _m3r_use_triton(x: torch.Tensor) -> bool:
@@ -113,7 +137,8 @@ def _m3r_use_triton(x: torch.Tensor) -> bool:
 def m3_rotary_heads_ref(
     v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """PyTorch reference of `m3_rotary_heads` (fp32 math, fp64 when v is fp64)."""
+    """Head expansion, bias and rotation of v (B,T,G,N) -> (B,T,H,N) in PyTorch: the reference of the rotation the
+    SSD kernels do in registers (fp32 math, fp64 when v is fp64)."""
     cd = torch.float64 if v.dtype == torch.float64 else torch.float32
     heads = v.to(cd).repeat_interleave(nheads // v.shape[2], dim=2)
     if bias is not None:
@@ -126,81 +151,224 @@ def m3_rotary_heads_ref(
     return torch.cat((turned, heads[..., 2 * rdim :]), dim=-1).to(out_dtype)
 
 
-def _m3r_impl(v, bias, theta, nheads, out_dtype):
-    if not _m3r_use_triton(v):
-        return m3_rotary_heads_ref(v, bias, theta, nheads, out_dtype)
-    bsz, seqlen, ngroups, dstate = v.shape
-    v, theta = v.contiguous(), theta.float().contiguous()
-    bias_c = bias.float().contiguous() if bias is not None else None
-    out = torch.empty(bsz, seqlen, nheads, dstate, device=v.device, dtype=out_dtype)
-    grid = (triton.cdiv(seqlen, M3R_BLOCK_T), bsz * nheads)
-    _m3r_fwd_kernel[grid](
-        v, bias_c if bias_c is not None else v, theta, out, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
-    )  # fmt: skip
-    return out
+def _m3r_opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous() if t is not None else like
 
 
-def _m3r_fake(v, bias, theta, nheads, out_dtype):
-    return v.new_empty((v.shape[0], v.shape[1], nheads, v.shape[3]), dtype=out_dtype)
-
-
-def _m3r_setup(ctx, inputs, output):
-    v, bias, theta, nheads, _ = inputs
-    ctx.nheads = nheads
-    ctx.save_for_backward(v, bias, theta)
-
-
-def _m3r_backward(ctx, dout):
-    v, bias, theta = ctx.saved_tensors
-    dv, dbias, dth = _m3r_bwd_op(v, bias, theta, dout, ctx.nheads)
-    return dv, scan_opt(dbias), dth, None, None
-
-
-def _m3r_bwd_impl(v, bias, theta, dout, nheads):
-    if not _m3r_use_triton(v):
-        fwd = lambda v, b, t: (m3_rotary_heads_ref(v, b, t, nheads, dout.dtype),)  # noqa: E731
-        return tuple(scan_ref_vjp(fwd, [v, bias, theta], [dout]))
-    bsz, seqlen, ngroups, dstate = v.shape
-    v_c, theta_c = v.contiguous(), theta.float().contiguous()
-    bias_c = bias.float().contiguous() if bias is not None else None
-    f32 = {"device": v.device, "dtype": torch.float32}
-    dv = torch.empty(v.shape, **f32)
+def m3_rotary_bwd(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads: int) -> tuple:
+    """Gradients of (q_rot, k_rot) = rotated per-head rows of q, k (B,T,G,N) through (dq_out, dk_out) (B,T,H,N):
+    (dq, dk, dq_bias, dk_bias, dtheta), None for an absent bias. Runs inside the SSD scan's backward op, which
+    rotates q and k in its kernels (Triton on CUDA or under the interpreter only)."""
+    bsz, seqlen, ngroups, dstate = q.shape
+    q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
+    f32 = {"device": q.device, "dtype": torch.float32}
+    dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
     dth = torch.empty(theta.shape, **f32)
     n_tb = triton.cdiv(seqlen, M3R_BLOCK_T)
-    dbias_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if bias_c is not None else None
+    dqb_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if q_bias is not None else None
+    dkb_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if k_bias is not None else None
     _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
-        v_c, bias_c if bias_c is not None else v_c, theta_c, dout.contiguous(), dv, dth,
-        dbias_part if dbias_part is not None else dv, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
+        q_c, k_c, _m3r_opt(q_bias, dth), _m3r_opt(k_bias, dth), theta_c, dq_out.contiguous(), dk_out.contiguous(),
+        dq, dk, dth, dqb_part if dqb_part is not None else dth, dkb_part if dkb_part is not None else dth,
+        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T,
+        BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
+        FAST=theta.is_cuda,
     )  # fmt: skip
-    dbias = dbias_part.sum((0, 2)).to(bias.dtype) if dbias_part is not None else scan_none(dv)
-    return dv.to(v.dtype), dbias, dth.to(theta.dtype)
+
+    def bias_grad(part, bias):
+        return part.sum((0, 2)).to(bias.dtype) if part is not None else None
+
+    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth
 
 
-def _m3r_bwd_fake(v, bias, theta, dout, nheads):
-    dbias = bias.new_empty(bias.shape) if bias is not None else scan_none(v)
-    return v.new_empty(v.shape), dbias, theta.new_empty(theta.shape)
+# ---- ssm_golf::m3_gates: trapezoid weights and cumulative angles, one walk over time per (batch, head) ----
 
 
-_m3r_bwd_op = scan_op(
-    "m3_rotary_bwd",
-    "(Tensor v, Tensor? bias, Tensor theta, Tensor dout, int nheads) -> (Tensor, Tensor, Tensor)",
-    _m3r_bwd_impl,
-    _m3r_bwd_fake,
+@triton.jit
+def _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt, s_tr):
+    """dt_t and lambda_t = sigmoid(trap_t) at the given steps (0 where masked)."""
+    dt = tl.load(DT + base_dt + offs_t * s_dt, mask=mask_t, other=0.0).to(tl.float32)
+    lam = tl.sigmoid(tl.load(TRAP + base_tr + offs_t * s_tr, mask=mask_t, other=0.0).to(tl.float32))
+    return dt, lam
+
+
+@triton.jit
+def _m3g_fwd_kernel(
+    DT, TRAP, ANG, TH0, W, E, TH, T, H, R,
+    s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_r = tl.arange(0, BR)
+    mask_r = offs_r < R
+    base_dt = b64 * s_dt_b + h * s_dt_h
+    base_tr = b64 * s_tr_b + h * s_tr_h
+    base_an = b64 * s_an_b + h * s_an_h
+    out_g = b64 * T * H + h  # (B,T,H) outputs, contiguous
+    out_th = (b64 * T * H + h) * R  # theta (B,T,H,R) contiguous: row (b T + t) H + h
+    if HAS_TH0:
+        carry = tl.load(TH0 + bh * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BR,), dtype=tl.float32)
+    for tb in range(tl.cdiv(T, BT)):
+        offs_t = tb * BT + tl.arange(0, BT)
+        mask_t = offs_t < T
+        dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
+        dt_n, lam_n = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t + 1, offs_t + 1 < T, s_dt_t, s_tr_t)
+        b_next = (1.0 - lam_n) * dt_n
+        tl.store(W + out_g + offs_t * H, lam * dt + b_next, mask=mask_t)
+        tl.store(E + out_g + offs_t * H, -b_next, mask=mask_t)
+        m2 = mask_t[:, None] & mask_r[None, :]
+        ang = tl.load(ANG + base_an + offs_t[:, None] * s_an_t + offs_r[None, :], mask=m2, other=0.0).to(tl.float32)
+        theta = tl.cumsum(ang * dt[:, None], axis=0) + carry[None, :]
+        tl.store(TH + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], theta, mask=m2)
+        carry = tl.sum(tl.where((offs_t == tb * BT + BT - 1)[:, None], theta, 0.0), axis=0)
+        # the last block may be partial: its carry is never used
+
+
+@triton.jit
+def _m3g_bwd_kernel(
+    DT, TRAP, ANG, DW, DE, DTH, DDT, DTRAP, DANG, DTH0, T, H, R,
+    s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr,
+):  # fmt: skip
+    """Reverse walk: S_t = sum_{s>=t} d theta_s carried across blocks; dt, trap and angle gradients per step."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_r = tl.arange(0, BR)
+    mask_r = offs_r < R
+    base_dt = b64 * s_dt_b + h * s_dt_h
+    base_tr = b64 * s_tr_b + h * s_tr_h
+    base_an = b64 * s_an_b + h * s_an_h
+    out_g = b64 * T * H + h
+    out_th = (b64 * T * H + h) * R
+    carry = tl.zeros((BR,), dtype=tl.float32)
+    nb = tl.cdiv(T, BT)
+    for tbb in range(nb):
+        tb = nb - 1 - tbb
+        offs_t = tb * BT + tl.arange(0, BT)
+        mask_t = offs_t < T
+        m2 = mask_t[:, None] & mask_r[None, :]
+        dth = tl.load(DTH + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], mask=m2, other=0.0)
+        suffix = tl.cumsum(dth, axis=0, reverse=True) + carry[None, :]
+        carry = tl.sum(tl.where((offs_t == tb * BT)[:, None], suffix, 0.0), axis=0)
+        ang = tl.load(ANG + base_an + offs_t[:, None] * s_an_t + offs_r[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
+        tl.store(DANG + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], suffix * dt[:, None], mask=m2)
+        d_gamma = tl.load(DW + out_g + offs_t * H, mask=mask_t, other=0.0)
+        prev = mask_t & (offs_t >= 1)
+        d_bp = tl.load(DW + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
+        d_bp -= tl.load(DE + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
+        ddt = d_gamma * lam + d_bp * (1.0 - lam) + tl.sum(suffix * ang, axis=1)
+        tl.store(DDT + out_g + offs_t * H, ddt, mask=mask_t)
+        tl.store(DTRAP + out_g + offs_t * H, (d_gamma - d_bp) * dt * lam * (1.0 - lam), mask=mask_t)
+    if HAS_TH0:
+        tl.store(DTH0 + bh * R + offs_r, carry, mask=mask_r)
+
+
+def m3_gates_ref(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0: torch.Tensor | None) -> tuple:
+    """PyTorch reference of `m3_gates`: (w, e, theta), fp32 (fp64 when dt is fp64)."""
+    cd = torch.float64 if dt.dtype == torch.float64 else torch.float32
+    dtf = dt.to(cd)
+    lam = torch.sigmoid(trap.to(cd))
+    b_next = torch.nn.functional.pad(((1.0 - lam) * dtf)[:, 1:], (0, 0, 0, 1))
+    theta = torch.cumsum(angles.to(cd) * dtf[..., None], dim=1)
+    if theta0 is not None:
+        theta = theta + theta0.to(cd)[:, None]
+    return lam * dtf + b_next, -b_next, theta
+
+
+def _m3g_strides(t: torch.Tensor) -> tuple:
+    return tuple(t.stride()[:3])
+
+
+def _m3g_inputs(dt, trap, angles):
+    """Strided (B,T,H[,R]) views are read in place; angles need a unit stride along R."""
+    return dt, trap, angles if angles.stride(-1) == 1 else angles.contiguous()
+
+
+def _m3g_impl(dt, trap, angles, theta0):
+    if not _m3r_use_triton(dt):
+        return m3_gates_ref(dt, trap, angles, theta0)
+    bsz, seqlen, nheads, rdim = angles.shape
+    dt, trap, angles = _m3g_inputs(dt, trap, angles)
+    f32 = {"device": dt.device, "dtype": torch.float32}
+    w, e = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
+    theta = torch.empty(bsz, seqlen, nheads, rdim, **f32)
+    th0 = theta0.float().contiguous() if theta0 is not None else None
+    _m3g_fwd_kernel[(bsz * nheads,)](
+        dt, trap, angles, th0 if th0 is not None else theta, w, e, theta, seqlen, nheads, rdim,
+        *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
+        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=th0 is not None,
+    )  # fmt: skip
+    return w, e, theta
+
+
+def _m3g_fake(dt, trap, angles, theta0):
+    cd = torch.float64 if dt.dtype == torch.float64 and not _m3r_use_triton(dt) else torch.float32
+    return dt.new_empty(dt.shape, dtype=cd), dt.new_empty(dt.shape, dtype=cd), angles.new_empty(angles.shape, dtype=cd)
+
+
+def _m3g_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _m3g_backward(ctx, dw, de, dtheta):
+    dt, trap, angles, theta0 = ctx.saved_tensors
+    dw = dw if dw is not None else torch.zeros(dt.shape, device=dt.device)
+    de = de if de is not None else torch.zeros(dt.shape, device=dt.device)
+    dtheta = dtheta if dtheta is not None else torch.zeros(angles.shape, device=dt.device)
+    ddt, dtrap, dang, dth0 = _m3g_bwd_op(dt, trap, angles, theta0, dw, de, dtheta)
+    return ddt, dtrap, dang, scan_opt(dth0)
+
+
+def _m3g_bwd_impl(dt, trap, angles, theta0, dw, de, dtheta):
+    if not _m3r_use_triton(dt):
+        return tuple(scan_ref_vjp(m3_gates_ref, [dt, trap, angles, theta0], [dw, de, dtheta]))
+    bsz, seqlen, nheads, rdim = angles.shape
+    dt, trap, angles = _m3g_inputs(dt, trap, angles)
+    f32 = {"device": dt.device, "dtype": torch.float32}
+    ddt, dtrap = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
+    dang = torch.empty(bsz, seqlen, nheads, rdim, **f32)
+    dth0 = torch.empty(bsz, nheads, rdim, **f32) if theta0 is not None else None
+    _m3g_bwd_kernel[(bsz * nheads,)](
+        dt, trap, angles, dw.float().contiguous(), de.float().contiguous(), dtheta.float().contiguous(),
+        ddt, dtrap, dang, dth0 if dth0 is not None else dang, seqlen, nheads, rdim,
+        *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
+        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=theta0 is not None,
+    )  # fmt: skip
+    return (
+        ddt.to(dt.dtype), dtrap.to(trap.dtype), dang.to(angles.dtype),
+        dth0.to(theta0.dtype) if dth0 is not None else scan_none(ddt),
+    )  # fmt: skip
+
+
+def _m3g_bwd_fake(dt, trap, angles, theta0, dw, de, dtheta):
+    dth0 = theta0.new_empty(theta0.shape) if theta0 is not None else scan_none(dt)
+    return dt.new_empty(dt.shape), trap.new_empty(trap.shape), angles.new_empty(angles.shape), dth0
+
+
+_m3g_bwd_op = scan_op(
+    "m3_gates_bwd",
+    "(Tensor dt, Tensor trap, Tensor angles, Tensor? theta0, Tensor dw, Tensor de, Tensor dtheta)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    _m3g_bwd_impl,
+    _m3g_bwd_fake,
 )
-_m3r_op = scan_op(
-    "m3_rotary",
-    "(Tensor v, Tensor? bias, Tensor theta, int nheads, ScalarType out_dtype) -> Tensor",
-    _m3r_impl,
-    _m3r_fake,
-    _m3r_backward,
-    _m3r_setup,
+_m3g_op = scan_op(
+    "m3_gates",
+    "(Tensor dt, Tensor trap, Tensor angles, Tensor? theta0) -> (Tensor, Tensor, Tensor)",
+    _m3g_impl,
+    _m3g_fake,
+    _m3g_backward,
+    _m3g_setup,
 )
 
 
-def m3_rotary_heads(
-    v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """(B,T,G,N) -> (B,T,H,N): group row per head, plus bias (H,N), pairs r < R rotated by theta (B,T,H,R)."""
-    return _m3r_op(v, bias, theta, nheads, out_dtype)
+def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0: torch.Tensor | None) -> tuple:
+    """Mamba-3's scan weights and cumulative angles (w, e, theta): dt, trap (B,T,H), angles (B,T,H,R), theta0 (B,H,R)
+    or None. Math in the module docstring."""
+    return _m3g_op(dt, trap, angles, theta0)

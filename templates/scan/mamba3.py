@@ -19,8 +19,9 @@ v_T), which is exactly what initial_state takes for the next window.
 Chunked form: with b'_t = DT_t (1 - lambda_t), unrolling the trapezoid gives the SSD kernel with input weight
 w_t = gamma_t + b'_{t+1} (b'_{T+1} = 0), log-decay adt, and the diagonal term weighted by gamma_t alone
 (e_t = -b'_{t+1}); the carried-in (v, k) pair folds into the initial state as S_0 + b'_1 v_0 k~_0^T.
-The gates and cumulative angles are PyTorch (autograd, (B,T,H)-sized); head expansion, bias and rotation of q and k
-are one Triton kernel each way (`m3_rotary_heads`); the scan is `ssd_generic_scan`.
+The weights and cumulative angles are one Triton walk over time per (batch, head) each way (`m3_gates`); the scan is
+`ssd_generic_scan` with theta and the q/k biases, which expands q and k to the heads, adds the biases and rotates
+inside its kernels (the backward rotates the gradients back, `m3_rotary_bwd`).
 """
 
 import math
@@ -28,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from templates.scan.m3_rotary import m3_rotary_heads
+from templates.scan.m3_rotary import m3_gates
 from templates.scan.ssd import ssd_generic_scan, ssd_use_triton
 
 
@@ -97,17 +98,16 @@ def mamba3_siso_scan(
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     nheads = x.shape[2]
     theta0, s0, k0, v0 = initial_state if initial_state is not None else (None, None, None, None)
-    la, gamma, bprime, theta = _m3_gates(dt, adt, trap, angles, theta0, cd)
-    bnext = F.pad(bprime[:, 1:], (0, 0, 0, 1))
-    q_rot = m3_rotary_heads(q, q_bias, theta, nheads, x.dtype)
-    k_rot = m3_rotary_heads(k, k_bias, theta, nheads, x.dtype)
+    w, e, theta = m3_gates(dt, trap, angles, theta0)
     h0 = None
     if initial_state is not None:
         k0_rot = _m3_rotate(k0.to(cd), theta0.to(cd))
-        h0 = s0.to(cd) + bprime[:, 0, :, None, None] * v0.to(cd)[..., :, None] * k0_rot[..., None, :]
+        bprime0 = (1.0 - torch.sigmoid(trap[:, 0].to(cd))) * dt[:, 0].to(cd)
+        h0 = s0.to(cd) + bprime0[..., None, None] * v0.to(cd)[..., :, None] * k0_rot[..., None, :]
     y, s_last = ssd_generic_scan(
-        x, la, gamma + bnext, k_rot, q_rot, chunk_size, e=-bnext, D=D, z=z, h0=h0, return_final_state=True
-    )
+        x, adt, w, k, q, chunk_size, e=e, D=D, z=z, h0=h0, return_final_state=True,
+        theta=theta, b_bias=k_bias, c_bias=q_bias,
+    )  # fmt: skip
     if not return_final_state:
         return y
     k_last = _m3_heads(k[:, -1:], nheads, k_bias)[:, 0]

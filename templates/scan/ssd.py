@@ -6,21 +6,25 @@ For Mamba-2 (`ssd_scan`): dt_t = softplus(dt_raw_t + dt_bias) (or dt_raw + dt_bi
 The generic form (`ssd_generic_scan`, used by Mamba-3) takes la, w per position and one extra coefficient e_t on
 the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same kernels.
 
-Forward: one program per (batch, head) walks the chunks of Q steps in order with the state in registers; per
-chunk it does the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j) of the chunk-local cumulative
-log-decay G), the carried-state term and the state update, all as tl.dot, and writes the state at each chunk start
-(B x H x chunks x N x P, in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost
-nothing against fp32 checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error) for the backward.
+Forward, two kernels: (1) a state kernel walks the chunks of Q steps in order per (batch, head, block of columns of
+P) with its slice of the fp32 state in registers, one dot per chunk (h_end = exp(G_last) h_start + B^T (x exp(G_last
+- G) w), G the chunk-local cumulative log-decay), and writes the state at each chunk start (B x H x chunks x N x P,
+in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost nothing against fp32
+checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error); (2) an output kernel, one program per (batch, chunk,
+head), all in parallel: the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j)), the carried-state term
+from the stored chunk-start state, D x and the gate.
 
 Backward, three kernels with few live tiles each: (1) a carry kernel walks the chunks in reverse per (batch,
-head) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype, like the forward's
-state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>; (2) one program per (batch,
-chunk, head) gives dx, dz, the dD share and the per-position decay terms that need the states; (3) one program per
-(batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers, atomics only when a
-group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt or dla/dw/de, dA
-shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i through a reverse
-cumsum of the masked pair matrix, state reads and writes, the carry): never a difference of large row and column
-sums, which loses tiny gradients when decays are near 0.
+head, block of columns of P) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype,
+like the forward's state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>, and with a
+gate z also dz (from the output before the gate, which the forward keeps) and dy through the gate, so that the
+other two kernels read one dy and no z; (2) one program per (batch, chunk, head) gives dx, the dD share and the
+per-position decay terms that need the states;
+(3) one program per (batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers,
+atomics only when a group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt
+or dla/dw/de, dA shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i,
+as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes; the carry): never a
+difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from templates.scan.m3_rotary import m3_cos_sin, m3_rotary_bwd, m3_rotary_heads_ref
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 SSD_INTERPRET_ENV = "TRITON_INTERPRET"
@@ -102,101 +107,68 @@ def _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
+def _ssd_rot_cs(
+    TH, th_row, mask_t, R, Q: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, ROT: tl.constexpr, FAST: tl.constexpr
+):
+    """cos and sin of a chunk's angles theta[t, h, r] (rows th_row of the (B T H, R) angles) as [Q, BN / 2] tiles
+    (angle 0 for r >= R), computed once per chunk for both B and C, and only on the [Q, RB] tile of the first RB
+    pairs (RB = R rounded up to a power of two): the trigonometry is the costly part. Placeholders without ROT."""
+    if ROT:
+        offs_r = tl.arange(0, RB)
+        th_mask = mask_t[:, None] & (offs_r < R)[None, :]
+        theta = tl.load(TH + th_row[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
+        first = (tl.arange(0, BN // 2 // RB) == 0)[None, :, None]
+        c, s = m3_cos_sin(theta, FAST)
+        cos = tl.reshape(tl.where(first, c[:, None, :], 1.0), (Q, BN // 2))
+        sin = tl.reshape(tl.where(first, s[:, None, :], 0.0), (Q, BN // 2))
+    else:
+        cos = tl.arange(0, RB)
+        sin = cos
+    return cos, sin
+
+
+@triton.jit
+def _ssd_load_bc(
+    PTR, base, loc, mask_t, offs_n, N, BIAS, cos, sin, h,
+    Q: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """A chunk's [Q, BN] rows of B or C in the dot dtype. With ROT (Mamba-3: B, C are the group rows before the
+    per-head bias and rotation), head h's bias row is added and the pairs (2r, 2r+1) are rotated by the angles
+    whose cos and sin are given: the rotated tile is never written to memory."""
+    mask = mask_t[:, None] & (offs_n < N)[None, :]
+    t = tl.load(PTR + base + loc, mask=mask, other=0.0)
+    if ROT:
+        t = t.to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            t = tl.where(mask, t + bias[None, :], 0.0)
+        even, odd = tl.split(tl.reshape(t, (Q, BN // 2, 2)))
+        t = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (Q, BN))
+    return t.to(DOT)
+
+
+@triton.jit
 def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
     """Store, or add atomically where several programs (heads of a group, blocks of P) share the output."""
     if ATOMIC:
         tl.atomic_add(ptr, val, mask=mask)
     else:
-        tl.store(ptr, val, mask=mask)
+        tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _ssd_fwd_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, H0, Y, CKPT, HT,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    g = h // (H // G)
-    b64 = b.to(tl.int64)
-    bh64 = pid.to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mask_p = offs_p < P
-    mask_n = offs_n < N
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    # 64-bit scalar row bases per chunk, 32-bit offsets inside a chunk (cheaper pointer tiles)
-    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    a_h = 0.0
-    if not GENERIC:
-        a_h = tl.load(A + h).to(tl.float32)
-    if HAS_D:
-        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    if HAS_H0:
-        state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
-        state = state.to(tl.float32)
-    else:
-        state = tl.zeros((BN, BP), dtype=tl.float32)
-    for c in range(NC):
-        offs_t = c * Q + offs_q
-        row = b64 * T + c * Q
-        x_off = row * H * P + h * P
-        bc_off = row * G * N + g * N
-        g_off = row * H + h
-        mask_t = offs_t < T
-        xp_mask = mask_t[:, None] & mask_p[None, :]
-        bn_mask = mask_t[:, None] & mask_n[None, :]
-        # dot operands loaded straight in the dot dtype (no fp32 copies of the tiles)
-        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(DOT)
-        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
-        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-        )
-        gc = tl.cumsum(la, axis=0)
-        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
-        wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-        mmat = tl.where(causal, scores * seg * wmat, 0.0)
-        y = tl.dot(mmat.to(DOT), x, input_precision=PREC)
-        y += tl.exp(gc)[:, None] * tl.dot(qc, state.to(DOT), input_precision=PREC)
-        if HAS_D:
-            y += d_row[None, :] * x.to(tl.float32)
-        if STORE_CKPT:
-            ck = CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
-            tl.store(ck, state.to(CKPT.dtype.element_ty), mask=sn_mask)
-        dec_end = tl.exp(g_last - gc) * w
-        state = state * tl.exp(g_last) + tl.dot(
-            tl.trans(kb), (x.to(tl.float32) * dec_end[:, None]).to(DOT), input_precision=PREC
-        )
-        if HAS_Z:
-            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(Y + x_off + loc_xp, y.to(Y.dtype.element_ty), mask=xp_mask)
-    if STORE_FINAL:
-        tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
-
-
-@triton.jit
-def _ssd_bwd_carry_kernel(
-    CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0, CKPT, CARRY,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+def _ssd_fwd_state_kernel(
+    X, DT, A, DTB, LA, W, BM, H0, CKPT, HT,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end and
-    the decay gradient's carry term exp(G_last) <h_start, dh_end> (fp32 state gradient in registers)."""
+    """Forward, part 1: the state at every chunk start, one program per (batch, head, block of BPS columns of P)
+    walking the chunks in order with its [BN, BPS] fp32 state in registers: one dot per chunk,
+    h_end = exp(G_last) h_start + B^T (x exp(G_last - G) w)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -204,7 +176,120 @@ def _ssd_bwd_carry_kernel(
     b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
     offs_q = tl.arange(0, Q)
+    offs_p = tl.program_id(1) * BPS + tl.arange(0, BPS)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    sn = offs_n[:, None] * P + offs_p[None, :]
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    if HAS_H0:
+        state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BN, BPS), dtype=tl.float32)
+    for c in range(NC):
+        row = b64 * T + c * Q
+        mask_t = c * Q + offs_q < T
+        x = tl.load(X + row * H * P + h * P + loc_xp, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
+        kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+        la, w, e, dtv, raw = _ssd_load_chunk_gates(
+            DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
+        )
+        tl.store(CKPT + (bh64 * NC + c) * N * P + sn, state.to(CKPT.dtype.element_ty), mask=sn_mask)
+        gc = tl.cumsum(la, axis=0)
+        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+        xw = (x.to(tl.float32) * (tl.exp(g_last - gc) * w)[:, None]).to(DOT)
+        state = state * tl.exp(g_last) + tl.dot(tl.trans(kb.to(DOT)), xw, input_precision=PREC)
+    if STORE_FINAL:
+        tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
+
+
+@triton.jit
+def _ssd_fwd_out_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y, YP,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Forward, part 2: one program per (batch, chunk, head), all in parallel. The intra-chunk quadratic form (C B^T
+    masked by exp(G_i - G_j) and the weights), the carried state's term exp(G) C h_start, D x, and the gate."""
+    b = tl.program_id(0) // NC
+    c = tl.program_id(0) % NC
+    h = tl.program_id(1)
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = b64 * H + h
+    offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    row = b64 * T + c * Q
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    x_base = row * H * P + h * P
+    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    bc_base = row * G * N + g * N
+    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    la, w, e, dtv, raw = _ssd_load_chunk_gates(
+        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+    )
+    gc = tl.cumsum(la, axis=0)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
+    st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :],
+                 mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(DOT)  # fmt: skip
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+    mmat = tl.where(causal, scores * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)) * wmat, 0.0)
+    y = tl.dot(qc, st, input_precision=PREC) * tl.exp(gc)[:, None]
+    y = tl.dot(mmat.to(DOT), x, acc=y, input_precision=PREC)
+    if HAS_D:
+        y += tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :] * x.to(tl.float32)
+    if HAS_Z:
+        if STORE_YP:  # the output before the gate, for the backward's dz
+            tl.store(YP + x_base + xp, y.to(YP.dtype.element_ty), mask=xp_mask)
+        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+        y = y * zz * tl.sigmoid(zz)
+    tl.store(Y + x_base + xp, y.to(Y.dtype.element_ty), mask=xp_mask)
+
+
+@triton.jit
+def _ssd_bwd_carry_kernel(
+    CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Reverse pass of the state gradient only, one program per (batch, head, block of BPS columns of P): stores, per
+    chunk, the gradient of the state at the chunk's end and the block's share of the decay gradient's carry term
+    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers); with the gate, dz and dy through the gate."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.program_id(1) * BPS + tl.arange(0, BPS)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
@@ -218,7 +303,7 @@ def _ssd_bwd_carry_kernel(
         dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
         dst = dst.to(tl.float32)
     else:
-        dst = tl.zeros((BN, BP), dtype=tl.float32)
+        dst = tl.zeros((BN, BPS), dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
         sn = (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
@@ -228,15 +313,22 @@ def _ssd_bwd_carry_kernel(
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
-        qc = tl.load(CM + row * G * N + g * N + loc_bn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
+        qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
         dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_Z:
+        if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
+            sz = tl.sigmoid(zz)
+            yp = tl.load(YP + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+            dz = dy * yp * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
+            dy = dy * zz * sz
+            tl.store(DYE + x_off + loc_xp, dy.to(DYE.dtype.element_ty), mask=xp_mask)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
-        tl.store(CARRY + (b64 * NC + c) * H + h, tl.exp(tl.sum(la, axis=0)) * st_dot)
+        part = ((b64 * NC + c) * H + h) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(CARRY + part, tl.exp(tl.sum(la, axis=0)) * st_dot)
         dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
@@ -252,14 +344,16 @@ def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
 
 @triton.jit
 def _ssd_bwd_dx_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DCK, CARRY,
-    DX, DZ, DLA_T, DW_T, DD_PART,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, CKPT, DY, DCK, CARRY,
+    DX, DLA_T, DW_T, DD_PART,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Split backward, part 1: one program per (batch, chunk, head). dx, dz, the dD share, and the terms of the
+    """Split backward, part 1: one program per (batch, chunk, head). dx, the dD share, and the terms of the
     decay and weight gradients that need the chunk's states (the carried-state read, the state write, the carry
     through the chunk), stored per position for part 2. Tiles: the masked C B^T (as a dot operand), x, dy, C h, B dh."""
     b = tl.program_id(0) // NC
@@ -276,7 +370,6 @@ def _ssd_bwd_dx_kernel(
     row = b64 * T + c * Q
     mask_t = c * Q + offs_q < T
     xp_mask = mask_t[:, None] & mask_p[None, :]
-    bn_mask = mask_t[:, None] & mask_n[None, :]
     sn_mask = mask_n[:, None] & mask_p[None, :]
     # scalar 64-bit bases, 32-bit offset tiles (fewer registers than 64-bit pointer tiles)
     x_base = row * H * P + h * P
@@ -292,10 +385,11 @@ def _ssd_bwd_dx_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
-    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    dout = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
     scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
@@ -308,15 +402,6 @@ def _ssd_bwd_dx_kernel(
         d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     else:
         d_row = tl.zeros((BP,), dtype=tl.float32)
-    if HAS_Z:
-        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-        y = tl.dot(mmat, x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
-        sz = tl.sigmoid(zz)
-        dy = dout * zz * sz
-        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-        tl.store(DZ + x_base + xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
-    else:
-        dy = dout
     read = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
     if HAS_D:
         part = (b64 * NC + c) * H + h
@@ -333,13 +418,68 @@ def _ssd_bwd_dx_kernel(
 
 
 @triton.jit
+def _ssd_dbc_head(
+    h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE, DA_PART,
+    b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+    Q: tl.constexpr, GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One head's share of the dB/dC kernel: its terms added to the dC and dB accumulators, its gate gradients."""
+    bh64 = b64 * H + h
+    x_base = row * H * P + h * P
+    s_base = (bh64 * NC + c) * N * P
+    g_ptr = row * H + h + offs_q * H
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    la, w, e, dtv, raw = _ssd_load_chunk_gates(
+        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+    )
+    gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
+    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    # the row scalings go on the dot operands, so that each dot accumulates in place (no [Q, N] temporaries)
+    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    dq_acc = tl.dot((dy * e_g[:, None]).to(DOT), tl.trans(st), acc=dq_acc, input_precision=PREC)
+    dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    xs = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
+    dk_acc = tl.dot(xs, tl.trans(dst), acc=dk_acc, input_precision=PREC)
+    dwm = tl.dot(dy.to(DOT), tl.trans(x.to(DOT)), input_precision=PREC)
+    dwm = tl.where(causal, dwm * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+    dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
+    dq_acc = tl.dot(dsc, kb, acc=dq_acc, input_precision=PREC)
+    dk_acc = tl.dot(tl.trans(dsc), qc, acc=dk_acc, input_precision=PREC)
+    dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
+    if HAS_E:
+        tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
+    # d la_t over the pairs j < t <= i: the column sums from row t down (a dot with the triangular ones matrix
+    # U[t, i] = [i >= t]) of the strict pair matrix, then the part of row t left of t
+    upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0)
+    span = tl.dot(upper, tl.where(strict, dwm * w[None, :], 0.0), input_precision=PREC)
+    dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
+    if GENERIC:
+        tl.store(DLA + g_ptr, dla, mask=mask_t)
+        tl.store(DW + g_ptr, dw, mask=mask_t)
+    else:
+        dgate = dw + dla * a_h
+        if DT_SOFTPLUS:
+            dgate = dgate * tl.sigmoid(raw)
+        tl.store(DDT + g_ptr, dgate, mask=mask_t)
+        tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
+    return dq_acc, dk_acc
+
+
+@triton.jit
 def _ssd_bwd_dbc_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, Z, CKPT, DY, DCK, DLA_T, DW_T,
+    X, DT, A, DTB, LA, W, E, BM, CM, CKPT, DY, DCK, DLA_T, DW_T,
     DDT, DLA, DW, DE, DB, DC, DA_PART,
-    T, H, G, P, N, NC, HB,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    TH, BB, CB, T, H, G, P, N, NC, R, HB,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Split backward, part 2: one program per (batch, chunk, block of HB heads of one group). dB and dC summed over
     the block's heads in registers (atomic only when a group spans several blocks), the pair terms of the decay
@@ -366,59 +506,36 @@ def _ssd_bwd_dbc_kernel(
     bn = offs_q[:, None] * (G * N) + offs_n[None, :]
     xp = offs_q[:, None] * (H * P) + offs_p[None, :]
     sn = offs_n[:, None] * P + offs_p[None, :]
-    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
-    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    # with ROT the rows are one head's (ONE_HEAD), rotated; its dB, dC are per head, in that rotated frame
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h_first, mask_t, R, Q, BN, RB, ROT, FAST)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h_first, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h_first, Q, BN, ROT, HAS_CB, DOT)
     causal = offs_q[:, None] >= offs_q[None, :]
     strict = offs_q[:, None] > offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
     dq_acc = tl.zeros((Q, BN), dtype=tl.float32)
     dk_acc = tl.zeros((Q, BN), dtype=tl.float32)
-    for h in range(h_first, h_end):
-        bh64 = b64 * H + h
-        x_base = row * H * P + h * P
-        s_base = (bh64 * NC + c) * N * P
-        g_ptr = row * H + h + offs_q * H
-        a_h = 0.0
-        if not GENERIC:
-            a_h = tl.load(A + h).to(tl.float32)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-        )
-        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
-        dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
-        dy = dy.to(DOT)
-        st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-        dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-        dq_acc += e_g[:, None] * tl.dot(dy, tl.trans(st), input_precision=PREC)
-        dk_acc += (dec * w)[:, None] * tl.dot(x, tl.trans(dst), input_precision=PREC)
-        dmx = tl.dot(dy, tl.trans(x), input_precision=PREC)
-        seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
-        dwm = dmx * seg
-        dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
-        dq_acc += tl.dot(dsc, kb, input_precision=PREC)
-        dk_acc += tl.dot(tl.trans(dsc), qc, input_precision=PREC)
-        dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        # d la_t over the pairs j < t <= i: a reverse cumsum down the columns of the strict pair matrix
-        span = tl.cumsum(tl.where(strict, dwm * w[None, :], 0.0), axis=0, reverse=True)
-        dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
-        dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
-        if GENERIC:
-            tl.store(DLA + g_ptr, dla, mask=mask_t)
-            tl.store(DW + g_ptr, dw, mask=mask_t)
-            if HAS_E:
-                tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
-        else:
-            dgate = dw + dla * a_h
-            if DT_SOFTPLUS:
-                dgate = dgate * tl.sigmoid(raw)
-            tl.store(DDT + g_ptr, dgate, mask=mask_t)
-            tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
-    _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
-    _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
+    if ONE_HEAD:  # no loop: a loop over heads keeps the accumulators and hoisted tiles live (spills)
+        dq_acc, dk_acc = _ssd_dbc_head(
+            h_first, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
+            DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+            Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
+        )  # fmt: skip
+    else:
+        for h in range(h_first, h_end):
+            dq_acc, dk_acc = _ssd_dbc_head(
+                h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
+                DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+                Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
+            )  # fmt: skip
+    if ROT:
+        out_base = row * H * N + h_first * N
+        out_loc = offs_q[:, None] * (H * N) + offs_n[None, :]
+    else:
+        out_base = bc_base
+        out_loc = bn
+    _ssd_put(DC + out_base + out_loc, dq_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DB + out_base + out_loc, dk_acc, bn_mask, ATOMIC_BC)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -453,6 +570,12 @@ def _ssd_launch(kind: str, q: int, dot) -> dict:
     return opts | ({} if wide else tuned)
 
 
+def _ssd_cols(kind: str, bp: int) -> int:
+    """Columns of P per program of the sequential state kernels ("fstate" forward, "carry" backward;
+    SSD_TUNING[kind]["bp"]; default 32: twice the programs of whole states, each with half the registers)."""
+    return max(16, min(bp, int(SSD_TUNING.get(kind, {}).get("bp", 32))))
+
+
 def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
     """Heads per program of the dB/dC kernel (default: every head of a group, so that dB and dC need no atomics;
     SSD_TUNING["dbc"]["heads"] sets fewer, summed with atomics)."""
@@ -460,7 +583,7 @@ def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
     return max(1, min(per_group, int(SSD_TUNING.get("dbc", {}).get("heads", per_group))))
 
 
-def _ssd_check_shapes(x, gates, B, C, chunk_size):
+def _ssd_check_shapes(x, gates, B, C, chunk_size, theta=None):
     if x.dim() != 4:
         raise ValueError(f"ssd scan: x must be (batch, time, heads, headdim), got shape {tuple(x.shape)}")
     bsz, seqlen, nheads, _ = x.shape
@@ -476,23 +599,48 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size):
         raise ValueError(f"ssd scan: heads ({nheads}) must be a multiple of groups ({B.shape[2]})")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
+    if theta is not None and (theta.shape[:3] != (bsz, seqlen, nheads) or 2 * theta.shape[3] > B.shape[3]):
+        raise ValueError("ssd scan: theta must be (batch, time, heads, R) with 2R <= N")
 
 
-# ---- ssm_golf::ssd_scan: (y, final state or a placeholder, chunk states or a placeholder), and its backward op ----
-# `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias); `grad` keeps the chunk states for a backward.
+# ---- ssm_golf::ssd_scan: (y, final state or a placeholder, chunk states or a placeholder, the output before the
+# gate or a placeholder), and its backward op ----
+# `generic` selects (la, w, e) inputs instead of (dt, A, dt_bias); `grad` keeps the chunk states (and, with z, the
+# output before the gate) for a backward.
 
 
 def _ssd_fin_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+def _ssd_scan_impl(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    chunk_size,
+    dt_softplus,
+    generic,
+    want_final,
+    grad,
+):
     if not ssd_use_triton(x):
         if generic:
-            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True)
+            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True, theta, b_bias, c_bias)
         else:
             y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
-        return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x)
+        return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x), scan_none(x)
     bsz, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
@@ -504,9 +652,10 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     nchunks = triton.cdiv(seqlen, chunk_size)
     y = torch.empty_like(x)
     final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
-    ckpt = None
+    ckpt = yp = None
     if grad:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+        yp = torch.empty_like(x) if z is not None else None
     if generic:
         la, w = la.float().contiguous(), w.float().contiguous()
         e = e.float().contiguous() if e is not None else None
@@ -517,51 +666,123 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
     any_t = x
-    _ssd_fwd_kernel[(bsz * nheads,)](
-        x, dt if dt is not None else any_t, A if A is not None else any_t,
-        dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
-        w if w is not None else any_t, e if e is not None else any_t, B, C,
-        d_mat if d_mat is not None else any_t, z if z is not None else any_t,
-        h0c if h0c is not None else any_t, y, ckpt if ckpt is not None else any_t,
-        final if final is not None else any_t,
-        seqlen, nheads, ngroups, hdim, dstate, nchunks,
-        Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
-        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
-        STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
-        **_ssd_launch("fwd", chunk_size, dot),
+
+    def _or(t):
+        return t if t is not None else any_t
+
+    gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
+    flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
+    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x)
+    flags |= rot_flags
+    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
+    # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
+    if ckpt is None:
+        ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+    bps = _ssd_cols("fstate", bp)
+    _ssd_fwd_state_kernel[(bsz * nheads, triton.cdiv(hdim, bps))](
+        x, *gates, B, _or(h0c), ckpt, _or(final), *dims, Q=chunk_size, BPS=bps, BN=bn, HAS_H0=h0c is not None,
+        STORE_FINAL=final is not None, **flags, **_ssd_launch("fstate", chunk_size, dot),
     )  # fmt: skip
+    _ssd_fwd_out_kernel[(bsz * nchunks, nheads)](
+        x, *gates, _or(e), B, C, _or(d_mat), _or(z), ckpt, y, _or(yp), *dims, Q=chunk_size, BP=bp, BN=bn,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, STORE_YP=yp is not None, **flags,
+        **_ssd_launch("fout", chunk_size, dot),
+    )  # fmt: skip
+    if not grad:
+        ckpt = None
     final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
-    return y, final, ckpt if ckpt is not None else scan_none(x)
+    return y, final, _or_none(ckpt, x), _or_none(yp, x)
 
 
-def _ssd_scan_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else scan_none(like)
+
+
+def _ssd_rot_args(theta, b_bias, c_bias, like: torch.Tensor) -> tuple:
+    """Kernel arguments of the rotation (theta, B bias, C bias, R) and its flags; placeholders without theta."""
+    if theta is None:
+        return (like, like, like, 1), {"ROT": False, "RB": 2, "FAST": False, "HAS_BB": False, "HAS_CB": False}
+    th = theta.float().contiguous()
+    bb = b_bias.float().contiguous() if b_bias is not None else th
+    cb = c_bias.float().contiguous() if c_bias is not None else th
+    rb = max(2, triton.next_power_of_2(theta.shape[-1]))
+    flags = {"ROT": True, "RB": rb, "FAST": theta.is_cuda, "HAS_BB": b_bias is not None, "HAS_CB": c_bias is not None}
+    return (th, bb, cb, theta.shape[-1]), flags
+
+
+def _ssd_scan_fake(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    chunk_size,
+    dt_softplus,
+    generic,
+    want_final,
+    grad,
+):
     bsz, seqlen, nheads, hdim = x.shape
     dstate = B.shape[3]
     final = x.new_empty((bsz, nheads, hdim, dstate), dtype=_ssd_fin_dtype(x)) if want_final else scan_none(x)
-    ckpt = scan_none(x)
+    ckpt, yp = scan_none(x), scan_none(x)
     if grad and ssd_use_triton(x):
         nchunks = (seqlen + chunk_size - 1) // chunk_size
         ckpt = x.new_empty((bsz, nheads, nchunks, dstate, hdim), dtype=_ssd_state_dtype(x))
-    return x.new_empty(x.shape), final, ckpt
+        yp = x.new_empty(x.shape) if z is not None else yp
+    return x.new_empty(x.shape), final, ckpt, yp
 
 
 def _ssd_scan_setup(ctx, inputs, output):
-    ctx.meta = inputs[12:16]  # chunk_size, dt_softplus, generic, want_final
-    ctx.save_for_backward(*inputs[:12], output[2])
+    ctx.meta = inputs[15:19]  # chunk_size, dt_softplus, generic, want_final
+    ctx.save_for_backward(*inputs[:15], output[2], output[3])
 
 
-def _ssd_scan_backward(ctx, dy, dfinal, dckpt):
+def _ssd_scan_backward(ctx, dy, dfinal, dckpt, dyp):
     chunk_size, dt_softplus, generic, want_final = ctx.meta
     grads = _ssd_scan_bwd_op(*ctx.saved_tensors, dy, dfinal if want_final else None, chunk_size, dt_softplus, generic)
     return (
         (grads[0], *(scan_opt(g) for g in grads[1:7]), grads[7], grads[8])
-        + tuple(scan_opt(g) for g in grads[9:])
+        + tuple(scan_opt(g) for g in grads[9:15])
         + (None,) * 5
     )
 
 
-def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
-    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0]
+def _ssd_scan_bwd_impl(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    ckpt,
+    yp,
+    dy,
+    dfinal,
+    chunk_size,
+    dt_softplus,
+    generic,
+):
+    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias]
     if not ssd_use_triton(x):
         fwd = lambda *xs: _ssd_scan_impl(*xs, chunk_size, dt_softplus, generic, True, False)[:2]  # noqa: E731
         return tuple(scan_ref_vjp(fwd, inputs, [dy, dfinal]))
@@ -584,10 +805,14 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
-    heads = _ssd_bwd_heads(nheads, ngroups)
-    atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-    dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
-    dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
+    # with the rotation (theta), one head per dB/dC program, whose dB, dC are per head in the rotated frame
+    heads = 1 if theta is not None else _ssd_bwd_heads(nheads, ngroups)
+    atomic = theta is None and nheads // ngroups > heads  # several programs add into one group's dB/dC rows
+    # stored in B's dtype (x's for the per-head rotated ones) straight from the registers unless atomics sum them
+    bc_shape = (bsz, seqlen, nheads, dstate) if theta is not None else B.shape
+    bc_dtype = x.dtype if theta is not None else B.dtype
+    dB = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
+    dC = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
     dx = torch.empty_like(x_c)
     dz = torch.empty_like(z_c) if z is not None else None
     dh0 = torch.empty_like(h0c) if h0c is not None else None
@@ -606,29 +831,36 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     def _or(t):
         return t if t is not None else x_c
 
+    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x_c)
     flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-             "HAS_DTB": dtb_c is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
-    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec} | rot_flags  # fmt: skip
+    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
     # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
     dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
-    carry = torch.empty(bsz, nchunks, nheads, **f32)
-    _ssd_bwd_carry_kernel[(bsz * nheads,)](
-        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(dfin), dck, _or(dh0), ckpt,
-        carry, *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags,
+    bps = _ssd_cols("carry", bp)
+    carry = torch.empty(bsz, nchunks, nheads, triton.cdiv(hdim, bps), **f32)
+    # with z, the gate's gradients too: dz, and dy through the gate (dye) for the dx and dB/dC kernels
+    dye = torch.empty_like(dy) if z is not None else None
+    _ssd_bwd_carry_kernel[(bsz * nheads, carry.shape[-1])](
+        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(yp if z is not None else None),
+        _or(dz), _or(dye), _or(dfin), dck, _or(dh0), ckpt, carry, *dims, HAS_Z=z is not None, HAS_H0=h0c is not None,
+        HAS_DHT=dfin is not None, **({k: v for k, v in flags.items() if k != "BP"} | {"BPS": bps}),
         **_ssd_launch("carry", chunk_size, dot),
     )  # fmt: skip
-    # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
+    carry = carry.sum(-1) if carry.shape[-1] > 1 else carry
+    dy = dye if dye is not None else dy
+    # 2. dx, dD and the per-position decay terms, per (batch, chunk, head)
     dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
     _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
-        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), _or(z_c), ckpt,
-        dy, dck, carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), ckpt,
+        dy, dck, carry, dx, dla_t, dw_t, _or(dd_part), *dims,
         HAS_E=e_c is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
     )  # fmt: skip
     # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
     _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
-        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(z_c), ckpt, dy, dck,
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, ckpt, dy, dck,
         dla_t, dw_t, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
-        HAS_E=e_c is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
+        HAS_E=e_c is not None, ATOMIC_BC=atomic, ONE_HEAD=heads == 1, **flags, **_ssd_launch("dbc", chunk_size, dot),
     )  # fmt: skip
 
     def cast(g, like):
@@ -642,32 +874,60 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     if not generic:
         dA = da_part.sum((0, 1))
         ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
+    dth = dbb = dcb = None
+    if theta is not None:  # back from the rotated per-head frame to the group rows, biases and angles
+        dC, dB, dcb, dbb, dth = m3_rotary_bwd(C_c, B_c, c_bias, b_bias, theta, dC, dB, nheads)
     return (
         dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
-        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
+        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0), cast(dth, theta),
+        cast(dbb, b_bias), cast(dcb, c_bias),
     )  # fmt: skip
 
 
-def _ssd_scan_bwd_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
-    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0)
+def _ssd_scan_bwd_fake(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    ckpt,
+    yp,
+    dy,
+    dfinal,
+    chunk_size,
+    dt_softplus,
+    generic,
+):
+    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
     return tuple(t.new_empty(t.shape) if t is not None else scan_none(x) for t in inputs)
 
 
 _SSD_ARGS = (
     "Tensor x, Tensor? dt, Tensor? A, Tensor? dt_bias, Tensor? la, Tensor? w, Tensor? e, Tensor B, Tensor C,"
-    " Tensor? D, Tensor? z, Tensor? h0"
+    " Tensor? D, Tensor? z, Tensor? h0, Tensor? theta, Tensor? b_bias, Tensor? c_bias"
 )
 _ssd_scan_bwd_op = scan_op(
     "ssd_scan_bwd",
-    f"({_SSD_ARGS}, Tensor ckpt, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus, bool generic)"
-    f" -> ({', '.join(['Tensor'] * 12)})",
+    f"({_SSD_ARGS}, Tensor ckpt, Tensor yp, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus,"
+    " bool generic)"
+    f" -> ({', '.join(['Tensor'] * 15)})",
     _ssd_scan_bwd_impl,
     _ssd_scan_bwd_fake,
 )
 _ssd_scan_op = scan_op(
     "ssd_scan",
     f"({_SSD_ARGS}, int chunk_size, bool dt_softplus, bool generic, bool want_final, bool grad)"
-    " -> (Tensor, Tensor, Tensor)",
+    " -> (Tensor, Tensor, Tensor, Tensor)",
     _ssd_scan_impl,
     _ssd_scan_fake,
     _ssd_scan_backward,
@@ -699,9 +959,10 @@ def ssd_scan(
     when return_final_state is set. One op (ssm_golf::ssd_scan)."""
     _ssd_check_shapes(x, dt, B, C, chunk_size)
     grad = _ssd_needs_grad(x, dt, A, dt_bias, B, C, D, z, h0)
-    y, final, _ = _ssd_scan_op(
-        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, chunk_size, dt_softplus, False, return_final_state, grad
-    )
+    y, final, _, _ = _ssd_scan_op(
+        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, None, None, None, chunk_size, dt_softplus, False,
+        return_final_state, grad,
+    )  # fmt: skip
     return (y, final) if return_final_state else y
 
 
@@ -717,17 +978,24 @@ def ssd_generic_scan(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
+    theta: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
+    c_bias: torch.Tensor | None = None,
 ):
     """Generic chunked scan: h_t = exp(la_t) h_{t-1} + w_t x_t B_t^T, y_t = h_t C_t - e_t... see module docstring.
 
     la (B,T,H) log-decay (must be <= 0), w (B,T,H) input weight, e (B,T,H) extra weight of the diagonal (j == t)
     term of the output only: y_t = sum_{j<t} decay w_j (C_t.B_j) x_j + (w_t + e_t)(C_t.B_t) x_t + carried + D x_t.
-    The state carried out still uses w_t for the last step. One op (ssm_golf::ssd_scan, generic form)."""
-    _ssd_check_shapes(x, la, B, C, chunk_size)
-    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0)
-    y, final, _ = _ssd_scan_op(
-        x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state, grad
-    )
+    The state carried out still uses w_t for the last step. With theta (B,T,H,R), 2R <= N (Mamba-3), head h uses
+    B_h = rot(theta_h)(B_g + b_bias_h) and C_h = rot(theta_h)(C_g + c_bias_h) (biases (H,N), optional), rotating the
+    pairs (2r, 2r+1), r < R (`m3_rotary_heads_ref`), inside the kernels: the per-head rows never reach memory.
+    One op (ssm_golf::ssd_scan, generic form)."""
+    _ssd_check_shapes(x, la, B, C, chunk_size, theta)
+    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
+    y, final, _, _ = _ssd_scan_op(
+        x, None, None, None, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias, chunk_size, False, True,
+        return_final_state, grad,
+    )  # fmt: skip
     return (y, final) if return_final_state else y
 
 
@@ -747,14 +1015,21 @@ def ssd_generic_scan_ref(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
+    theta: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
+    c_bias: torch.Tensor | None = None,
 ):
     """Sequential PyTorch reference of `ssd_generic_scan` (float64 when x is float64, else float32)."""
     cd = _ssd_ref_dtype(x)
     bsz, seqlen, nheads, hdim = x.shape
     rep = nheads // B.shape[2]
     xs = x.to(cd)
-    bs = B.to(cd).repeat_interleave(rep, dim=2)
-    cs = C.to(cd).repeat_interleave(rep, dim=2)
+    if theta is not None:
+        bs = m3_rotary_heads_ref(B, b_bias, theta, nheads, cd)
+        cs = m3_rotary_heads_ref(C, c_bias, theta, nheads, cd)
+    else:
+        bs = B.to(cd).repeat_interleave(rep, dim=2)
+        cs = C.to(cd).repeat_interleave(rep, dim=2)
     la_, w_ = la.to(cd), w.to(cd)
     e_ = e.to(cd) if e is not None else torch.zeros_like(w_)
     state = h0.to(cd) if h0 is not None else x.new_zeros(bsz, nheads, hdim, B.shape[3], dtype=cd)

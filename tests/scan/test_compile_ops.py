@@ -13,7 +13,6 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from templates.scan.first_order import first_order_scan, first_order_scan_complex, lti_scan
-from templates.scan.m3_rotary import m3_rotary_heads
 from templates.scan.mamba3 import mamba3_siso_scan
 from templates.scan.selective import selective_scan
 from templates.scan.ssd import ssd_generic_scan, ssd_scan
@@ -143,16 +142,6 @@ def test_ssd_generic_compiles():
     check_compiled(fn, [x, la, w, B, C, e], ("ssd_scan",))
 
 
-def test_m3_rotary_compiles():
-    torch.manual_seed(6)
-    v, bias, theta = torch.randn(2, 5, 2, 8), torch.randn(4, 8), torch.randn(2, 5, 4, 3)
-
-    def fn(v, bias, theta):
-        return (m3_rotary_heads(v, bias, theta, 4, torch.float32),)
-
-    check_compiled(fn, [v, bias, theta], ("m3_rotary",))
-
-
 def test_mamba3_compiles():
     """Off CUDA mamba3_siso_scan is its PyTorch reference, traced whole; it must hold no graph break either."""
     torch.manual_seed(7)
@@ -206,10 +195,14 @@ def opcheck_cases() -> list:
         ("fo_cscan", [*_req(r(3) * 0.5, r(3) * 0.5, r(1, 4, 3), r(1, 4, 3)), None, None, ""]),  # constant decay
         ("sel_scan", [*_req(*sel), None, None, True, True, ""]),
         ("ssd_scan", [*_req(*ssd), None, None, None, *_req(r(1, 6, 1, 4), r(1, 6, 1, 4)), None, None, None]
-         + [16, True, False, True, True]),
-        ("m3_rotary", [*_req(r(1, 3, 1, 4), r(2, 4), r(1, 3, 2, 2)), 2, torch.float32]),
+         + [None, None, None, 16, True, False, True, True]),
+        ("ssd_scan", [*_req(r(1, 6, 2, 4), None, None, None, r(1, 6, 2), r(1, 6, 2), r(1, 6, 2), r(1, 6, 1, 4),
+                            r(1, 6, 1, 4)), None, None, None, *_req(r(1, 6, 2, 2), r(2, 4)), None]
+         + [16, False, True, True, True]),
         ("fo_scan_bwd", [torch.rand(2, 5, 3), r(2, 5, 3), None, None, r(2, 5, 3), r(2, 3), 0, True, ""]),
-        ("m3_rotary_bwd", [r(1, 3, 1, 4), None, r(1, 3, 2, 2), r(1, 3, 2, 4), 2]),
+        ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3), r(1, 2, 3))]),
+        ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3)), None]),
+        ("m3_gates_bwd", [torch.rand(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3), None, r(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3)]),
     ]  # fmt: skip
 
 
