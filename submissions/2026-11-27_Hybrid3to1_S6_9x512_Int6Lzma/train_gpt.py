@@ -694,13 +694,26 @@ def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
 
 
 @triton.jit
-def _sel_softplus(x):
+def _sel_softplus(x, ASM: tl.constexpr):
     # softplus(x) and its derivative sigmoid(x) from one exp; log1p(e) without libdevice as log(w) * e / (w - 1),
-    # w = 1 + e, which keeps the precision for small e
-    e = tl.exp(tl.minimum(x, 20.0))
+    # w = 1 + e, which keeps the precision for small e. On the GPU (ASM) the logarithm is the hardware's lg2 (a
+    # few ulp) and the divisions are approximate ones: the exactly rounded sequences cost about 40 instructions per
+    # channel and step. The interpreter runs no inline assembly and takes tl.math.log2.
+    e = tl.math.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
     w = 1.0 + e
-    sp = tl.where(x > 20.0, x, tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0))))
-    return sp, e / w
+    if ASM:
+        lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [w], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lg = tl.math.log2(w)
+    sp = lg * 0.6931471805599453 * tl.math.fdiv(e, w - 1.0)
+    sp = tl.where(x > 20.0, x, tl.where(w == 1.0, e, sp))
+    return sp, tl.math.fdiv(e, w)
+
+
+@triton.jit
+def _sel_sigmoid(z):
+    # with the approximate division (tl.sigmoid divides exactly rounded: about 10 more instructions per channel)
+    return tl.math.fdiv(1.0, 1.0 + tl.math.exp2(z * -1.4426950408889634))
 
 
 @triton.jit
@@ -717,21 +730,33 @@ def _sel_fwd_kernel(
     out_ptr,
     ck_ptr,
     fin_ptr,
+    hl_ptr,
+    ds_ptr,
     T,
     DM,
     N,
+    LS,
+    NSEG,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr,
     SAVE_CK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CARRY_IN: tl.constexpr,
+    ASM: tl.constexpr,
     CK: tl.constexpr,
     BD: tl.constexpr,
     BN: tl.constexpr,
 ):
+    """Program (sequence, channel block, segment of LS steps). LOCAL: the segment from a zero state, storing only
+    its end state (hl) and its sum of dt (ds). Otherwise y (and checkpoints), from h0 carried through the earlier
+    segments' summaries when CARRY_IN: h <- exp(A sum dt) h + hl, one step per earlier segment."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    seg = tl.program_id(2)
+    n_seg = NSEG  # the LOCAL pass runs the first NSEG - 1 segments only
     cols = pid_d * BD + tl.arange(0, BD)
     ns = tl.arange(0, BN)
     md = cols < DM
@@ -745,53 +770,71 @@ def _sel_fwd_kernel(
     if HAS_D:
         dskip = tl.load(D_ptr + cols, mask=md, other=0.0).to(tl.float32)
     st_off = pid_b * DM * N + s_off
-    if HAS_H0:
+    if HAS_H0 and not LOCAL:
         h = tl.load(h0_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BN, BD], dtype=tl.float32)
-    po = pid_b * T * DM + cols
-    pn = pid_b * T * N + ns
+    if CARRY_IN:
+        for j in range(0, seg):
+            sj = pid_b * n_seg + j
+            dsj = tl.load(ds_ptr + sj * DM + cols, mask=md, other=0.0)
+            h = tl.math.exp2(dsj[None, :] * A2) * h + tl.load(hl_ptr + sj * DM * N + s_off, mask=mnd, other=0.0)
+    if LOCAL:
+        dsum = tl.zeros([BD], dtype=tl.float32)
+    t_start = seg * LS
+    t_end = tl.minimum(t_start + LS, T)
+    po = pid_b * T * DM + t_start.to(tl.int64) * DM + cols
+    pn = pid_b * T * N + t_start.to(tl.int64) * N + ns
     # step t's inputs are loaded during step t - 1 (a software pipeline of depth one)
     u_n = tl.load(u_ptr + po, mask=md, other=0.0).to(tl.float32)
     dl_n = tl.load(dl_ptr + po, mask=md, other=0.0).to(tl.float32)
     b_n = tl.load(B_ptr + pn, mask=mn, other=0.0).to(tl.float32)
-    c_n = tl.load(C_ptr + pn, mask=mn, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z_n = tl.load(z_ptr + po, mask=md, other=0.0).to(tl.float32)
+    if not LOCAL:
+        c_n = tl.load(C_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z_n = tl.load(z_ptr + po, mask=md, other=0.0).to(tl.float32)
     n_ck = tl.cdiv(T, CK)
-    for t in range(0, T):
+    for t in range(t_start, t_end):
         u = u_n
         dt = dl_n
         bt = b_n
-        ct = c_n
-        if HAS_Z:
-            zt = z_n
-        nxt = tl.zeros([BD], dtype=tl.int32) + t + 1 < T  # a vector: the interpreter mis-types bool scalar & vector
-        nxn = tl.zeros([BN], dtype=tl.int32) + t + 1 < T
+        nxt = tl.zeros([BD], dtype=tl.int32) + t + 1 < t_end  # a vector: the interpreter mis-types bool scalar & vector
+        nxn = tl.zeros([BN], dtype=tl.int32) + t + 1 < t_end
         u_n = tl.load(u_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
         dl_n = tl.load(dl_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
         b_n = tl.load(B_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
-        c_n = tl.load(C_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z_n = tl.load(z_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+        if not LOCAL:
+            ct = c_n
+            c_n = tl.load(C_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zt = z_n
+                z_n = tl.load(z_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt += bias
         if SOFTPLUS:
-            dt, _sg = _sel_softplus(dt)
+            dt, _sg = _sel_softplus(dt, ASM)
         a = tl.math.exp2(dt[None, :] * A2)
         h = a * h + bt[:, None] * (dt * u)[None, :]
-        y = tl.sum(h * ct[:, None], axis=0)
-        if HAS_D:
-            y += dskip * u
-        if HAS_Z:
-            y = y * zt * tl.sigmoid(zt)
-        tl.store(out_ptr + po, y.to(out_ptr.dtype.element_ty), mask=md)
-        if SAVE_CK:
-            if t % CK == CK - 1:
-                tl.store(ck_ptr + (pid_b * n_ck + t // CK) * DM * N + s_off, h, mask=mnd)
+        if LOCAL:
+            dsum += dt
+        else:
+            y = tl.sum(h * ct[:, None], axis=0)
+            if HAS_D:
+                y += dskip * u
+            if HAS_Z:
+                y = y * zt * _sel_sigmoid(zt)
+            tl.store(out_ptr + po, y.to(out_ptr.dtype.element_ty), mask=md)
+            if SAVE_CK:
+                if t % CK == CK - 1:
+                    tl.store(ck_ptr + (pid_b * n_ck + t // CK) * DM * N + s_off, h, mask=mnd)
         po += DM
         pn += N
-    tl.store(fin_ptr + st_off, h, mask=mnd)
+    if LOCAL:
+        sl = pid_b * n_seg + seg
+        tl.store(hl_ptr + sl * DM * N + s_off, h, mask=mnd)
+        tl.store(ds_ptr + sl * DM + cols, dsum, mask=md)
+    elif seg == n_seg - 1:
+        tl.store(fin_ptr + st_off, h, mask=mnd)
 
 
 @triton.jit
@@ -818,21 +861,33 @@ def _sel_bwd_kernel(
     dD_ptr,
     dbias_ptr,
     dh0_ptr,
+    ml_ptr,
+    ds_ptr,
     T,
     DM,
     N,
+    LS,
+    NSEG,
+    SEG0,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_DFIN: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CARRY_IN: tl.constexpr,
+    ASM: tl.constexpr,
     CK: tl.constexpr,
     BD: tl.constexpr,
     BN: tl.constexpr,
 ):
+    """Program (sequence, channel block, segment SEG0 + program_id(2) of LS steps). LOCAL: the adjoint over the
+    segment from zero, storing only mu at its first step (ml) and its sum of dt (ds). Otherwise every gradient of
+    the segment, with mu entering from the later segments' summaries when CARRY_IN: mu <- exp(A sum dt) mu + ml."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    seg = tl.program_id(2) + SEG0
     cols = pid_d * BD + tl.arange(0, BD)
     ns = tl.arange(0, BN)
     md = cols < DM
@@ -849,20 +904,67 @@ def _sel_bwd_kernel(
     if HAS_H0:
         h0v = tl.load(h0_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
     # mu = a_{t+1} lambda_{t+1}, the adjoint carried into step t from the right (dfin at the end)
-    if HAS_DFIN:
+    if HAS_DFIN and not LOCAL:
         mu = tl.load(dfin_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
     else:
         mu = tl.zeros([BN, BD], dtype=tl.float32)
+    row = pid_b * T * DM + cols
+    rown = pid_b * T * N + ns
+    if LOCAL:
+        t_start = seg * LS
+        t_end = tl.minimum(t_start + LS, T)
+        dsum = tl.zeros([BD], dtype=tl.float32)
+        po = row + (t_end - 1).to(tl.int64) * DM
+        pn = rown + (t_end - 1).to(tl.int64) * N
+        dl_n = tl.load(dl_ptr + po, mask=md, other=0.0).to(tl.float32)
+        do_n = tl.load(do_ptr + po, mask=md, other=0.0).to(tl.float32)
+        c_n = tl.load(C_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z_n = tl.load(z_ptr + po, mask=md, other=0.0).to(tl.float32)
+        for i in range(0, t_end - t_start):
+            dt = dl_n
+            dout = do_n
+            ct = c_n
+            if HAS_Z:
+                zt = z_n
+            nxt = tl.zeros([BD], dtype=tl.int32) + i + 1 < t_end - t_start
+            nxn = tl.zeros([BN], dtype=tl.int32) + i + 1 < t_end - t_start
+            dl_n = tl.load(dl_ptr + po - DM, mask=md & nxt, other=0.0).to(tl.float32)
+            do_n = tl.load(do_ptr + po - DM, mask=md & nxt, other=0.0).to(tl.float32)
+            c_n = tl.load(C_ptr + pn - N, mask=mn & nxn, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z_n = tl.load(z_ptr + po - DM, mask=md & nxt, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bias
+            if SOFTPLUS:
+                dt, _sg = _sel_softplus(dt, ASM)
+            if HAS_Z:
+                dy = dout * zt * _sel_sigmoid(zt)
+            else:
+                dy = dout
+            mu = tl.math.exp2(dt[None, :] * A2) * (ct[:, None] * dy[None, :] + mu)
+            dsum += dt
+            po -= DM
+            pn -= N
+        sl = pid_b * NSEG + seg
+        tl.store(ml_ptr + sl * DM * N + s_off, mu, mask=mnd)
+        tl.store(ds_ptr + sl * DM + cols, dsum, mask=md)
+        return
+    if CARRY_IN:
+        for jj in range(0, NSEG - 1 - seg):
+            sj = pid_b * NSEG + NSEG - 1 - jj
+            dsj = tl.load(ds_ptr + sj * DM + cols, mask=md, other=0.0)
+            mu = tl.math.exp2(dsj[None, :] * A2) * mu + tl.load(ml_ptr + sj * DM * N + s_off, mask=mnd, other=0.0)
     dA_acc = tl.zeros([BN, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
     # this program's scratch row block: CK x BD fp32, written by the reverse sweep, read by the forward sweep
-    q_base = (pid_b * tl.num_programs(1) + pid_d) * CK * BD + tl.arange(0, BD)
-    row = pid_b * T * DM + cols
-    rown = pid_b * T * N + ns
+    q_base = ((pid_b * tl.num_programs(1) + pid_d) * NSEG + seg) * CK * BD + tl.arange(0, BD)
     n_ck = tl.cdiv(T, CK)
-    for kk in range(0, n_ck):
-        c = n_ck - 1 - kk
+    c_lo = seg * (LS // CK)
+    c_hi = tl.minimum(c_lo + LS // CK, n_ck)
+    for kk in range(0, c_hi - c_lo):
+        c = c_hi - 1 - kk
         t0 = c * CK
         L = tl.minimum(T - t0, CK)
         # ---- reverse sweep over the chunk: the adjoint, du, dB, and the lambda-side parts of ddt and dA ----
@@ -898,10 +1000,10 @@ def _sel_bwd_kernel(
             if HAS_BIAS:
                 dt += bias
             if SOFTPLUS:
-                dt, _sg = _sel_softplus(dt)
+                dt, _sg = _sel_softplus(dt, ASM)
             dtu = dt * u
             if HAS_Z:
-                dy = dout * zt * tl.sigmoid(zt)
+                dy = dout * zt * _sel_sigmoid(zt)
             else:
                 dy = dout
             a = tl.math.exp2(dt[None, :] * A2)
@@ -970,14 +1072,14 @@ def _sel_bwd_kernel(
             if HAS_BIAS:
                 dt += bias
             if SOFTPLUS:
-                dt, sg = _sel_softplus(dt)
+                dt, sg = _sel_softplus(dt, ASM)
             dtu = dt * u
             a = tl.math.exp2(dt[None, :] * A2)
             w = a * h
             h = w + bt[:, None] * dtu[None, :]
             cw = w * ct[:, None]
             if HAS_Z:
-                sz = tl.sigmoid(zt)
+                sz = _sel_sigmoid(zt)
                 dy = dout * zt * sz
                 y = tl.sum(cw, axis=0) + dtu * tl.sum(ct * bt, axis=0)
                 if HAS_D:
@@ -1000,13 +1102,15 @@ def _sel_bwd_kernel(
             pn += N
             pq += BD
         tl.debug_barrier()
-    tl.store(dA_ptr + st_off, dA_acc, mask=mnd)
+    sl = pid_b * NSEG + seg  # dA, dD and the bias gradient per (sequence, segment), summed afterwards
+    tl.store(dA_ptr + sl * DM * N + s_off, dA_acc, mask=mnd)
     if HAS_D:
-        tl.store(dD_ptr + pid_b * DM + cols, dD_acc, mask=md)
+        tl.store(dD_ptr + sl * DM + cols, dD_acc, mask=md)
     if HAS_BIAS:
-        tl.store(dbias_ptr + pid_b * DM + cols, dbias_acc, mask=md)
+        tl.store(dbias_ptr + sl * DM + cols, dbias_acc, mask=md)
     if HAS_H0:
-        tl.store(dh0_ptr + st_off, mu, mask=mnd)
+        if seg == 0:
+            tl.store(dh0_ptr + st_off, mu, mask=mnd)
 
 
 def _sel_use_triton(x: torch.Tensor) -> bool:
@@ -1014,13 +1118,21 @@ def _sel_use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _sel_asm() -> bool:
+    """Inline PTX (the fast logarithm) only when compiling for the GPU, not under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _sel_config(DM: int, N: int, config: dict | None) -> dict:
     """Channels per program (all N states) and warps: FWD_BD / FWD_WARPS for the forward, BD / num_warps for the
-    backward; CK steps between the forward's checkpoints (the backward's chunk). On the H100 at the reference shape
-    one warp of 32 channels (a channel's 16 states as 4 x 4 per thread) was fastest for both; 64 channels per warp
-    make the forward slower and spill in the backward, several warps add barriers."""
+    backward; CK steps between the forward's checkpoints (the backward's chunk); SEG segments of the length scanned
+    in parallel (0: chosen from the shape, see `_sel_segments`). On the H100 at the reference shape (N 16) one warp
+    of 32 channels (a channel's 16 states as 4 x 4 per thread) was fastest for both; 64 channels per warp make the
+    forward slower and spill in the backward, several warps add barriers. Wider states keep 512 state elements per
+    warp (N 64: 8 channels), which keeps the backward's tiles in registers."""
     bn = triton.next_power_of_2(N)
-    cfg = {"BD": 32, "CK": 128, "BN": bn, "num_warps": 1, "FWD_BD": 32, "FWD_WARPS": 1}
+    bd = max(8, 512 // bn)
+    cfg = {"BD": bd, "CK": 128, "BN": bn, "num_warps": 1, "FWD_BD": bd, "FWD_WARPS": 1, "SEG": 0}
     if os.environ.get("TRITON_INTERPRET") == "1":
         cfg.update(BD=4, CK=8, FWD_BD=8)
     if config:
@@ -1028,6 +1140,24 @@ def _sel_config(DM: int, N: int, config: dict | None) -> dict:
     for key in ("BD", "FWD_BD"):
         cfg[key] = min(cfg[key], max(triton.next_power_of_2(DM), 1))
     return cfg
+
+
+SEL_PROGRAMS = 1024  # below this many (sequence, channel block) programs the length is split into segments
+
+
+def _sel_segments(Bsz: int, T: int, DM: int, bd: int, cfg: dict) -> tuple[int, int]:
+    """(segments, steps per segment, a multiple of CK). A step-sequential program is latency-bound, so a small
+    batch leaves the GPU idle: split the length into segments scanned in parallel, joined by a short carry (each
+    segment's state from zero, then the true start state through the earlier segments' summaries)."""
+    ck = cfg["CK"]
+    n_ck = triton.cdiv(T, ck)
+    seg = cfg["SEG"]
+    if seg <= 0:
+        programs = Bsz * triton.cdiv(DM, bd)
+        seg = triton.cdiv(SEL_PROGRAMS, programs) if programs < SEL_PROGRAMS else 1
+    seg = max(1, min(seg, n_ck))
+    ls = triton.cdiv(n_ck, seg) * ck
+    return triton.cdiv(T, ls), ls
 
 
 def _sel_check(u, delta, A, B, C, D, z, delta_bias, h0) -> None:
@@ -1103,16 +1233,24 @@ def _sel_scan_impl(u, delta, A, B, C, D, z, delta_bias, h0, softplus, save, conf
     fin = torch.empty((Bsz, DM, N), device=u.device, dtype=torch.float32)
     n_ck = triton.cdiv(T, cfg["CK"])
     ck = torch.empty((Bsz, n_ck, DM, N), device=u.device, dtype=torch.float32) if save else fin
-    grid = (Bsz, triton.cdiv(DM, cfg["FWD_BD"]))
-    _sel_fwd_kernel[grid](
+    nblk = triton.cdiv(DM, cfg["FWD_BD"])
+    nseg, ls = _sel_segments(Bsz, T, DM, cfg["FWD_BD"], cfg)
+    hl = torch.empty((Bsz, nseg, DM, N), device=u.device, dtype=torch.float32) if nseg > 1 else fin
+    ds = torch.empty((Bsz, nseg, DM), device=u.device, dtype=torch.float32) if nseg > 1 else fin
+    args = (
         u, delta, A, B, C,
         D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-        h0c if h0c is not None else fin, out, ck, fin,
-        T, DM, N,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        HAS_H0=h0c is not None, SAVE_CK=save,
-        CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"], num_warps=cfg["FWD_WARPS"],
+        h0c if h0c is not None else fin, out, ck, fin, hl, ds,
+        T, DM, N, ls, nseg,
     )  # fmt: skip
+    flags = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0c is not None, SAVE_CK=save, ASM=_sel_asm(), CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"],
+        num_warps=cfg["FWD_WARPS"],
+    )  # fmt: skip
+    if nseg > 1:
+        _sel_fwd_kernel[(Bsz, nblk, nseg - 1)](*args, LOCAL=True, CARRY_IN=False, **flags)
+    _sel_fwd_kernel[(Bsz, nblk, nseg)](*args, LOCAL=False, CARRY_IN=nseg > 1, **flags)
     return out, fin.to(_sel_fin_dtype(u)), ck if save else scan_none(fin)
 
 
@@ -1159,25 +1297,33 @@ def _sel_scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, h0, ck, dout, dfin, 
     du, ddelta = torch.empty_like(u_c), torch.empty_like(delta_c)
     dz = torch.empty_like(z_c) if z is not None else None
     f32 = {"device": u.device, "dtype": torch.float32}
-    dA = torch.empty((Bsz, DM, N), **f32)
     dB = torch.zeros((Bsz, T, N), **f32)
     dC = torch.zeros((Bsz, T, N), **f32)
-    dD = torch.empty((Bsz, DM), **f32) if D is not None else None
-    dbias = torch.empty((Bsz, DM), **f32) if bias is not None else None
     dh0 = torch.empty((Bsz, DM, N), **f32) if h0c is not None else None
-    grid = (Bsz, triton.cdiv(DM, cfg["BD"]))
-    scratch = torch.empty(grid[0] * grid[1] * cfg["CK"] * cfg["BD"], **f32)
-    _sel_bwd_kernel[grid](
+    nblk = triton.cdiv(DM, cfg["BD"])
+    nseg, ls = _sel_segments(Bsz, T, DM, cfg["BD"], cfg)
+    dA = torch.empty((Bsz * nseg, DM, N), **f32)
+    dD = torch.empty((Bsz * nseg, DM), **f32) if D is not None else None
+    dbias = torch.empty((Bsz * nseg, DM), **f32) if bias is not None else None
+    ml = torch.empty((Bsz, nseg, DM, N), **f32) if nseg > 1 else dA
+    ds = torch.empty((Bsz, nseg, DM), **f32) if nseg > 1 else dA
+    scratch = torch.empty(Bsz * nblk * nseg * cfg["CK"] * cfg["BD"], **f32)
+    args = (
         u_c, delta_c, A_c, B_c, C_c,
         D_c if D_c is not None else A_c, z_c if z_c is not None else u_c, bias if bias is not None else A_c,
         h0c if h0c is not None else dA, ck, dout, dfin, scratch,
         du, ddelta, dz if dz is not None else du, dA, dB, dC,
-        dD if dD is not None else dA, dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
-        T, DM, N,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        HAS_H0=h0c is not None, HAS_DFIN=True,
-        CK=cfg["CK"], BD=cfg["BD"], BN=cfg["BN"], num_warps=cfg["num_warps"],
+        dD if dD is not None else dA, dbias if dbias is not None else dA, dh0 if dh0 is not None else dA, ml, ds,
+        T, DM, N, ls, nseg,
     )  # fmt: skip
+    flags = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0c is not None, HAS_DFIN=True, ASM=_sel_asm(), CK=cfg["CK"], BD=cfg["BD"], BN=cfg["BN"],
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    if nseg > 1:
+        _sel_bwd_kernel[(Bsz, nblk, nseg - 1)](*args, 1, LOCAL=True, CARRY_IN=False, **flags)
+    _sel_bwd_kernel[(Bsz, nblk, nseg)](*args, 0, LOCAL=False, CARRY_IN=nseg > 1, **flags)
     return (
         du,
         ddelta,

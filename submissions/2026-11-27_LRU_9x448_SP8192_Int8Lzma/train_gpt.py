@@ -571,22 +571,31 @@ class SwiGLUMLP(nn.Module):
 #
 # Inside a chunk of BT steps, y = L x + a^(i+1) h_prev with L[i, j] = a^(i-j) for i >= j, one BT x BT matrix shared
 # by every channel of the head, so the recurrence becomes a small matrix product per chunk and only the carry h
-# crosses chunks. The backward is the same with L transposed, walking the chunks in reverse; it also gives
-# d a = sum_t lambda_t h_{t-1} per channel and d h_0 = a lambda_1. bf16 inputs multiply by L split into two bf16
-# halves (hi + lo), keeping about 16 bits of L; fp32 inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
+# crosses chunks. One program walks the chunks of (one sequence, BP channels) in order with the carry in registers,
+# so each element is read and written once. The carry is held as a BT x BP tile with the same row repeated, the
+# product of x with one row of L repeated on every row (a second small matrix product): the next chunk finds it on
+# every row of its own tile, with no reduction across rows on the chunk-to-chunk path. The backward is the same with
+# L transposed, walking the chunks in reverse; it also gives d a = sum_t lambda_t h_{t-1} per channel and
+# d h_0 = a lambda_1. bf16 inputs multiply by L split into two bf16 halves (hi + lo), keeping about 16 bits of L
+# (config prec=tf32: one tf32 product, 11 bits); fp32 inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
 # Chosen through `lti_scan(..., config={"method": "toeplitz"})` in templates/scan/first_order.py.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _ltc_dot(m, x, x_lp, SPLIT: tl.constexpr):
-    if SPLIT:
+def _ltc_dot(m, x, x_lp, acc, SPLIT: tl.constexpr):
+    # SPLIT 1: L as two bf16 halves (about 16 bits of it); 2: one tf32 dot (11 bits of L, bf16 x exact), one MMA
+    # chain instead of two; 0: tf32x3 (fp32 inputs, about fp32 accuracy). acc (the carry term) enters the
+    # accumulator: a constant zero accumulator would get another MMA layout, and a conversion between the two dots
+    if SPLIT == 1:
         m_hi = m.to(tl.bfloat16)
         m_lo = (m - m_hi.to(tl.float32)).to(tl.bfloat16)
-        acc = tl.dot(m_hi, x_lp, out_dtype=tl.float32)
+        acc = tl.dot(m_hi, x_lp, acc=acc, out_dtype=tl.float32)
         acc = tl.dot(m_lo, x_lp, acc=acc, out_dtype=tl.float32)
+    elif SPLIT == 2:
+        acc = tl.dot(m, x, acc=acc, input_precision="tf32", out_dtype=tl.float32)
     else:
-        acc = tl.dot(m, x, input_precision="tf32x3", out_dtype=tl.float32)
+        acc = tl.dot(m, x, acc=acc, input_precision="tf32x3", out_dtype=tl.float32)
     return acc
 
 
@@ -602,6 +611,7 @@ def _ltc_kernel(
     da_ptr,
     T,
     D,
+    W,
     REVERSE: tl.constexpr,
     HAS_C0: tl.constexpr,
     STORE_FIN: tl.constexpr,
@@ -619,20 +629,39 @@ def _ltc_kernel(
     cols = pid_d * BP + tl.arange(0, BP)
     mask_d = cols < D
     base = pid_b * T * D
-    l2a = tl.log2(tl.load(a_ptr + pid_d * BP).to(tl.float32))
+    l2a = tl.log2(tl.load(a_ptr + (pid_d * BP) // W).to(tl.float32))  # a: one decay per W channels
     diff = rows[:, None] - rows[None, :]
     if REVERSE:
         diff = -diff
     mat = tl.where(diff >= 0, tl.math.exp2(tl.maximum(diff, 0).to(tl.float32) * l2a), 0.0)
-    if HAS_C0:
-        carry = tl.load(c0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    # the carry's chunk term, one row of `mat` (the chunk's last row forward, its first in reverse) repeated on
+    # every row: its product with x is the carry on every row of the tile, where the next chunk needs it, with no
+    # reduction across rows (nor a barrier) on the chunk-to-chunk path
+    if REVERSE:
+        wpow = rows
     else:
-        carry = tl.zeros([BP], dtype=tl.float32)
+        wpow = BT - 1 - rows
+    wmat = tl.zeros([BT, BT], dtype=tl.float32) + tl.math.exp2(wpow.to(tl.float32) * l2a)[None, :]
+    if HAS_C0:
+        c0 = tl.load(c0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        c0 = tl.zeros([BP], dtype=tl.float32)
+    carry = tl.zeros([BT, BP], dtype=tl.float32) + c0[None, :]
+    h = tl.zeros([BT, BP], dtype=tl.float32)
     if HAS_DA:
-        da_acc = tl.zeros([BP], dtype=tl.float32)
+        # the elementwise products are summed over time once, at the end (no cross-row reduction per chunk)
+        da_acc = tl.zeros([BT, BP], dtype=tl.float32)
         if HAS_H0:
             h0v = tl.load(h0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
     n_chunks = tl.cdiv(T, BT)
+    if HAS_DA:
+        # h_{t-1} of the first chunk walked; each chunk loads the next one's before its own dot, so that this load
+        # (which feeds no dot, and so is not pipelined by the compiler) overlaps a chunk of work
+        t_n = (n_chunks - 1) * BT + rows
+        m_n = (t_n < T)[:, None] & mask_d[None, :]
+        hp_n = tl.load(
+            hp_ptr + base + t_n.to(tl.int64)[:, None] * D + cols[None, :] - D, mask=m_n & (t_n >= 1)[:, None], other=0.0
+        )
     for kk in range(0, n_chunks):
         if REVERSE:
             k = n_chunks - 1 - kk
@@ -643,33 +672,42 @@ def _ltc_kernel(
         mask_t = t < T
         m2 = mask_t[:, None] & mask_d[None, :]
         off = base + t.to(tl.int64)[:, None] * D + cols[None, :]
+        if HAS_DA:
+            hp = hp_n.to(tl.float32)
+            t_n = t - BT
+            m_n = (t_n >= 1)[:, None] & mask_d[None, :]
+            hp_n = tl.load(hp_ptr + off - (BT + 1) * D, mask=m_n, other=0.0)
         x_lp = tl.load(x_ptr + off, mask=m2, other=0.0)
         x = x_lp.to(tl.float32)
         if REVERSE:
             # the carry is lambda at row `end` (the later chunk's first row), or dL/dh_T entering at row T - 1
             end = tl.minimum(t0 + BT, T)
-            power = tl.maximum(end - t - tl.where(end == T, 1, 0), 0)
+            shift = tl.where(end == T, 1, 0)
+            power = tl.maximum(end - t - shift, 0)
+            step = (end - t0 - shift).to(tl.float32)
         else:
             power = rows + 1
+            step = BT * 1.0  # only full chunks pass their carry on; the last one's final state is read from h
         decay = tl.math.exp2(power.to(tl.float32) * l2a)
-        h = _ltc_dot(mat, x, x_lp, SPLIT) + decay[:, None] * carry[None, :]
+        h = _ltc_dot(mat, x, x_lp, decay[:, None] * carry, SPLIT)
         tl.store(out_ptr + off, h.to(out_ptr.dtype.element_ty), mask=m2)
-        if REVERSE:
-            pick = 0
-        else:
-            pick = tl.minimum(T - t0, BT) - 1
-        carry = tl.sum(tl.where(rows[:, None] == pick, h, 0.0), axis=0)
+        carry = _ltc_dot(wmat, x, x_lp, tl.math.exp2(step * l2a) * carry, SPLIT)
         if HAS_DA:
-            hp = tl.load(hp_ptr + off - D, mask=m2 & (t >= 1)[:, None], other=0.0).to(tl.float32)
             if HAS_H0:
                 hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
-            da_acc += tl.sum(tl.where(m2, h * hp, 0.0), axis=0)
+            da_acc += tl.where(m2, h * hp, 0.0)
     if HAS_DA:
-        tl.store(da_ptr + pid_b * D + cols, da_acc, mask=mask_d)
+        tl.store(da_ptr + pid_b * D + cols, tl.sum(da_acc, axis=0), mask=mask_d)
     if STORE_FIN:
+        # one row of a tile, stored through a row mask: dL/dh_0 = a lambda_0 in reverse, h at step T - 1 forward
         if REVERSE:
-            carry = carry * tl.math.exp2(l2a)
-        tl.store(fin_ptr + pid_b * D + cols, carry, mask=mask_d)
+            fin = carry * tl.math.exp2(l2a)
+            pick = 0
+        else:
+            fin = h
+            pick = T - 1 - (n_chunks - 1) * BT
+        fmask = (rows == pick)[:, None] & mask_d[None, :]
+        tl.store(fin_ptr + pid_b * D + cols[None, :] + 0 * rows[:, None], fin, mask=fmask)
 
 
 def lti_toeplitz_block(D: int, n_heads: int) -> int:
@@ -688,14 +726,17 @@ def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
     out = torch.empty((B, T, D), device=x.device, dtype=x.dtype)
     fin = torch.empty((B, D), device=x.device, dtype=torch.float32) if want_fin else out
     da = torch.empty((B, D), device=x.device, dtype=torch.float32) if hp is not None else None
-    split = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
+    split = 0
+    if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1":
+        split = 2 if cfg.get("prec") == "tf32" else 1
     grid = (B, triton.cdiv(D, cfg["BP"]))
     _ltc_kernel[grid](
         x, a_vec, c0 if c0 is not None else x, out, fin,
         hp if hp is not None else x, h0 if h0 is not None else x, da if da is not None else x,
-        T, D,
+        T, D, D // a_vec.shape[0],
         REVERSE=reverse, HAS_C0=c0 is not None, STORE_FIN=want_fin, HAS_DA=hp is not None,
         HAS_H0=h0 is not None, SPLIT=split, BT=cfg["BT"], BP=cfg["BP"], num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
     return out, (fin if want_fin else None), da
 
@@ -1146,15 +1187,22 @@ def _fo_plan(D: int, heads: int, config: str) -> tuple:
     block = lti_toeplitz_block(D, heads) if heads else 0
     if cfg.get("method", "scan") == "toeplitz" and block:
         interp = os.environ.get("TRITON_INTERPRET") == "1"
-        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 8, **user}
+        # 4 warps: one warpgroup, so the products and the carry tile share one MMA layout (offline sm_90: one layout
+        # conversion per chunk, for the store; 8 warps gave two MMA layouts and five conversions)
+        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 4, **user}
         cfg["BP"] = min(cfg["BP"], block)  # a program must stay inside one head
         return True, cfg
     return False, cfg
 
 
+def _fo_per_channel(a: torch.Tensor, D: int) -> torch.Tensor:
+    """Constant decays given per head (H,) as one per channel (D,); time-varying or per-channel ones unchanged."""
+    return a.repeat_interleave(D // a.shape[0]) if a.dim() == 1 and a.shape[0] != D else a
+
+
 def _fo_scan_impl(a, b, h0, heads, config):
     if not _fo_use_triton(b):
-        h, fin = first_order_scan_ref(a.expand(b.shape), b, h0, True)
+        h, fin = first_order_scan_ref(_fo_per_channel(a, b.shape[2]).expand(b.shape), b, h0, True)
         return h, fin.to(_fo_fin_dtype(b))
     toeplitz, cfg = _fo_plan(b.shape[2], heads, config)
     a, b = a.contiguous(), b.contiguous()
@@ -1162,7 +1210,7 @@ def _fo_scan_impl(a, b, h0, heads, config):
     if toeplitz:
         h, fin, _ = _ltc_launch(b, a, h0c, False, cfg, True)
     else:
-        h, fin, _ = _fo_launch(a, b, h0c, False, heads > 0, cfg, b.dtype, True)
+        h, fin, _ = _fo_launch(_fo_per_channel(a, b.shape[2]), b, h0c, False, heads > 0, cfg, b.dtype, True)
     return h, fin.to(_fo_fin_dtype(b))
 
 
@@ -1195,9 +1243,10 @@ def _fo_scan_bwd_impl(a, b, h, h0, dh, dfin, heads, need_a, config):
     if toeplitz:
         db, dh0, da = _ltc_launch(dh, a, dfin, True, cfg, h0 is not None, hp=hp, h0=h0c)
     else:
-        db, dh0, da = _fo_launch(a, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
+        a_ch = _fo_per_channel(a, h.shape[2])
+        db, dh0, da = _fo_launch(a_ch, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
     if da is not None and heads:
-        da = da.sum(0)
+        da = da.view(da.shape[0], a.shape[0], -1).sum((0, 2))  # per (sequence, channel) to a's decays
     da = da.to(a.dtype) if da is not None else scan_none(dh)
     return da, db, dh0.to(h0.dtype) if h0 is not None else scan_none(dh)
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from triton.language.extra import libdevice
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters: every knob is an environment variable (upstream's names where upstream has one).
@@ -679,22 +680,42 @@ def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Mamba-3's per-head q/k preparation as one Triton kernel each way: head expansion, per-head bias, rotation.
+# Mamba-3's per-head preparation: q/k head expansion, bias and rotation; the trapezoid weights and angles.
 #
-# `m3_rotary_heads(v, bias, theta, nheads, out_dtype)` maps v (B,T,G,N) to (B,T,H,N): each head h takes its group's
-# row, adds bias[h] (H,N), and rotates the adjacent pairs (2r, 2r+1), r < R, by theta[b,t,h,r] (B,T,H,R):
-#     (e, o) -> (e cos - o sin, e sin + o cos).
-# One read of v and theta, one write of the result, instead of a chain of eager fp32 tensors. Rows move as whole
-# contiguous tiles, split into even and odd elements in registers (stride-2 loads and stores of the pairs cost 12x
-# the bytes' time on the H100). The backward rotates the gradient back (by -theta), sums it over the heads of a
-# group in registers (one program per time block, batch and group), reduces the bias gradient per program, and gives
-# d theta = -dout_even * out_odd + dout_odd * out_even.
+# Head h of Mamba-3 uses q~ = rot(theta_h)(q_g + q_bias_h), k~ = rot(theta_h)(k_g + k_bias_h), rotating the adjacent
+# pairs (2r, 2r+1), r < R, by theta[b,t,h,r] (B,T,H,R): (e, o) -> (e cos - o sin, e sin + o cos)
+# (`m3_rotary_heads_ref`). The forward rotation happens inside the SSD kernels (`ssd_generic_scan(..., theta=...)`
+# loads the group rows and rotates them in registers), so the (B,T,H,N) rotated rows never reach memory. Their
+# gradients do: the SSD backward's dB/dC kernel writes them per head in the rotated frame, and `m3_rotary_bwd`
+# rotates them back (by -theta), sums them over the heads of a group in registers (one program per time block,
+# batch and group), reduces the bias gradients per program, and writes one d theta per head with q's and k's shares
+# summed: d theta = -dout_even * out_odd + dout_odd * out_even. Rows move as whole contiguous tiles, split into even
+# and odd elements in registers (stride-2 loads and stores of the pairs cost 12x the bytes' time on the H100).
 #
-# Both directions are one custom op each (ssm_golf::m3_rotary and its backward); off CUDA without the interpreter
-# they run `m3_rotary_heads_ref`, the same map in PyTorch.
+# `m3_gates(dt, trap, angles, theta0)` gives the scan's per-position weights and the cumulative angles in one pass
+# over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an eager cumsum over (B,T,H,R):
+#     lambda_t = sigmoid(trap_t), b'_t = (1 - lambda_t) dt_t, w_t = lambda_t dt_t + b'_{t+1} (b'_{T+1} = 0),
+#     e_t = -b'_{t+1}, theta_t = theta0 + sum_{s<=t} angles_s dt_s.
+# Its backward is the same walk in reverse: d theta summed from the end (a reverse cumsum carried across blocks) gives
+# d angles_t = dt_t S_t and dt's angle term <angles_t, S_t>; d b'_t = dw_{t-1} - de_{t-1}; d theta0 = S_1.
 # ---------------------------------------------------------------------------------------------------------------------
 
 M3R_BLOCK_T = 32
+M3G_BLOCK_T = 64
+
+
+@triton.jit
+def m3_cos_sin(theta, FAST: tl.constexpr):
+    """cos and sin of fp32 angles. FAST (on the GPU): reduced to [-pi, pi] with a two-constant 2 pi (exact to fp32
+    rounding of theta itself), then the hardware's approximate cos/sin (absolute error ~2^-20 there), instead of
+    libdevice's accurate forms; the interpreter has no hardware form, so the CPU tests run the accurate ones."""
+    if FAST:
+        k = tl.floor(theta * 0.15915494309189535 + 0.5)
+        r = tl.fma(-k, 6.2831854820251465, theta)
+        r = tl.fma(-k, -1.7484555314695172e-07, r)
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+    else:
+        return tl.cos(theta), tl.sin(theta)
 
 
 @triton.jit
@@ -706,18 +727,6 @@ def _m3r_pairs(ptr, rows, offs_n, mask_t, N, BT: tl.constexpr, BR: tl.constexpr)
 
 
 @triton.jit
-def _m3r_head(even, odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Head h's side of the rotation: its group's pairs plus its bias row, and cos/sin of its angles [BT, BR]."""
-    if HAS_BIAS:
-        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
-        even += b_even[None, :]
-        odd += b_odd[None, :]
-    theta = tl.load(TH + (row * H + h)[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
-    return even, odd, tl.cos(theta), tl.sin(theta)
-
-
-@triton.jit
 def _m3r_store_pairs(ptr, rows, offs_n, mask_t, N, even, odd, BT: tl.constexpr, BR: tl.constexpr):
     """Interleave even and odd back into whole rows and write them with one contiguous store."""
     mask = mask_t[:, None] & (offs_n < N)[None, :]
@@ -726,30 +735,38 @@ def _m3r_store_pairs(ptr, rows, offs_n, mask_t, N, even, odd, BT: tl.constexpr, 
 
 
 @triton.jit
-def _m3r_fwd_kernel(
-    V, BIAS, TH, OUT, T, H, G, N, R, BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr
-):  # fmt: skip
-    bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h = bh % H
-    g = h // (H // G)
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    offs_r = tl.arange(0, BR)
-    offs_n = tl.arange(0, 2 * BR)
-    mask_t = offs_t < T
-    row = b64 * T + offs_t.to(tl.int64)
-    even, odd = _m3r_pairs(V, row * G + g, offs_n, mask_t, N, BT, BR)
-    th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-    even, odd, cos, sin = _m3r_head(even, odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR, HAS_BIAS)
-    _m3r_store_pairs(OUT, row * H + h, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+def _m3r_bias(even, odd, BIAS, h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Head h's bias row added to its group's pairs."""
+    if HAS_BIAS:
+        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
+        even += b_even[None, :]
+        odd += b_odd[None, :]
+    return even, odd
+
+
+@triton.jit
+def _m3r_bwd_head(v_even, v_odd, BIAS, DOUT, DBIAS_PART, h, row, part, cos, sin, offs_n, mask_t, N,
+                  BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """One head's side of one of q, k: its d theta share, and d v in the unrotated frame (bias partials stored)."""
+    even, odd = _m3r_bias(v_even, v_odd, BIAS, h, offs_n, N, BR, HAS_BIAS)
+    d_even_r, d_odd_r = _m3r_pairs(DOUT, row, offs_n, mask_t, N, BT, BR)
+    d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
+    d_even = d_even_r * cos + d_odd_r * sin
+    d_odd = d_odd_r * cos - d_even_r * sin
+    if HAS_BIAS:
+        pair_sums = tl.reshape(tl.join(tl.sum(d_even, axis=0), tl.sum(d_odd, axis=0)), (2 * BR,))
+        tl.store(DBIAS_PART + part * N + offs_n, pair_sums, mask=offs_n < N)
+    return d_theta, d_even, d_odd
 
 
 @triton.jit
 def _m3r_bwd_kernel(
-    V, BIAS, TH, DOUT, DV, DTH, DBIAS_PART, T, H, G, N, R,
-    BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QV, KV, QB, KB, TH, DQO, DKO, DQ, DK, DTH, DQB_PART, DKB_PART, T, H, G, N, R,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """One program per (time block, batch, group) loops over the group's heads and sums their dv in registers."""
+    """One program per (time block, batch, group) loops over the group's heads: d q and d k summed over them in
+    registers, one d theta per head (q's and k's shares together), bias partials per (head, time block)."""
     bg = tl.program_id(1)
     b64 = (bg // G).to(tl.int64)
     g = bg % G
@@ -759,24 +776,31 @@ def _m3r_bwd_kernel(
     offs_n = tl.arange(0, 2 * BR)
     mask_t = offs_t < T
     row = b64 * T + offs_t.to(tl.int64)
-    v_even, v_odd = _m3r_pairs(V, row * G + g, offs_n, mask_t, N, BT, BR)
-    dv_even = tl.zeros((BT, BR), dtype=tl.float32)
-    dv_odd = tl.zeros((BT, BR), dtype=tl.float32)
+    q_even, q_odd = _m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR)
+    k_even, k_odd = _m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR)
+    dq_even = tl.zeros((BT, BR), dtype=tl.float32)
+    dq_odd = tl.zeros((BT, BR), dtype=tl.float32)
+    dk_even = tl.zeros((BT, BR), dtype=tl.float32)
+    dk_odd = tl.zeros((BT, BR), dtype=tl.float32)
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
     for h in range(g * hpg, (g + 1) * hpg):
-        even, odd, cos, sin = _m3r_head(v_even, v_odd, BIAS, TH, row, h, offs_r, offs_n, th_mask, H, N, R, BR, HAS_BIAS)
-        d_even_r, d_odd_r = _m3r_pairs(DOUT, row * H + h, offs_n, mask_t, N, BT, BR)
-        d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
-        tl.store(DTH + (row * H + h)[:, None] * R + offs_r[None, :], d_theta, mask=th_mask)
-        d_even = d_even_r * cos + d_odd_r * sin
-        d_odd = d_odd_r * cos - d_even_r * sin
-        dv_even += d_even
-        dv_odd += d_odd
-        if HAS_BIAS:
-            part = DBIAS_PART + ((b64 * H + h) * tl.num_programs(0) + tl.program_id(0)) * N
-            pair_sums = tl.reshape(tl.join(tl.sum(d_even, axis=0), tl.sum(d_odd, axis=0)), (2 * BR,))
-            tl.store(part + offs_n, pair_sums, mask=offs_n < N)
-    _m3r_store_pairs(DV, row * G + g, offs_n, mask_t, N, dv_even, dv_odd, BT, BR)
+        th_ptr = TH + (row * H + h)[:, None] * R + offs_r[None, :]
+        theta = tl.load(th_ptr, mask=th_mask, other=0.0).to(tl.float32)
+        cos, sin = m3_cos_sin(theta, FAST)
+        part = (b64 * H + h) * tl.num_programs(0) + tl.program_id(0)
+        d_theta, d_even, d_odd = _m3r_bwd_head(
+            q_even, q_odd, QB, DQO, DQB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_QB
+        )
+        dq_even += d_even
+        dq_odd += d_odd
+        dk_theta, d_even, d_odd = _m3r_bwd_head(
+            k_even, k_odd, KB, DKO, DKB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_KB
+        )
+        dk_even += d_even
+        dk_odd += d_odd
+        tl.store(DTH + (row * H + h)[:, None] * R + offs_r[None, :], d_theta + dk_theta, mask=th_mask)
+    _m3r_store_pairs(DQ, row * G + g, offs_n, mask_t, N, dq_even, dq_odd, BT, BR)
+    _m3r_store_pairs(DK, row * G + g, offs_n, mask_t, N, dk_even, dk_odd, BT, BR)
 
 
 def _m3r_use_triton(x: torch.Tensor) -> bool:
@@ -786,7 +810,8 @@ def _m3r_use_triton(x: torch.Tensor) -> bool:
 def m3_rotary_heads_ref(
     v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """PyTorch reference of `m3_rotary_heads` (fp32 math, fp64 when v is fp64)."""
+    """Head expansion, bias and rotation of v (B,T,G,N) -> (B,T,H,N) in PyTorch: the reference of the rotation the
+    SSD kernels do in registers (fp32 math, fp64 when v is fp64)."""
     cd = torch.float64 if v.dtype == torch.float64 else torch.float32
     heads = v.to(cd).repeat_interleave(nheads // v.shape[2], dim=2)
     if bias is not None:
@@ -799,86 +824,225 @@ def m3_rotary_heads_ref(
     return torch.cat((turned, heads[..., 2 * rdim :]), dim=-1).to(out_dtype)
 
 
-def _m3r_impl(v, bias, theta, nheads, out_dtype):
-    if not _m3r_use_triton(v):
-        return m3_rotary_heads_ref(v, bias, theta, nheads, out_dtype)
-    bsz, seqlen, ngroups, dstate = v.shape
-    v, theta = v.contiguous(), theta.float().contiguous()
-    bias_c = bias.float().contiguous() if bias is not None else None
-    out = torch.empty(bsz, seqlen, nheads, dstate, device=v.device, dtype=out_dtype)
-    grid = (triton.cdiv(seqlen, M3R_BLOCK_T), bsz * nheads)
-    _m3r_fwd_kernel[grid](
-        v, bias_c if bias_c is not None else v, theta, out, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
-    )  # fmt: skip
-    return out
+def _m3r_opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous() if t is not None else like
 
 
-def _m3r_fake(v, bias, theta, nheads, out_dtype):
-    return v.new_empty((v.shape[0], v.shape[1], nheads, v.shape[3]), dtype=out_dtype)
-
-
-def _m3r_setup(ctx, inputs, output):
-    v, bias, theta, nheads, _ = inputs
-    ctx.nheads = nheads
-    ctx.save_for_backward(v, bias, theta)
-
-
-def _m3r_backward(ctx, dout):
-    v, bias, theta = ctx.saved_tensors
-    dv, dbias, dth = _m3r_bwd_op(v, bias, theta, dout, ctx.nheads)
-    return dv, scan_opt(dbias), dth, None, None
-
-
-def _m3r_bwd_impl(v, bias, theta, dout, nheads):
-    if not _m3r_use_triton(v):
-        fwd = lambda v, b, t: (m3_rotary_heads_ref(v, b, t, nheads, dout.dtype),)  # noqa: E731
-        return tuple(scan_ref_vjp(fwd, [v, bias, theta], [dout]))
-    bsz, seqlen, ngroups, dstate = v.shape
-    v_c, theta_c = v.contiguous(), theta.float().contiguous()
-    bias_c = bias.float().contiguous() if bias is not None else None
-    f32 = {"device": v.device, "dtype": torch.float32}
-    dv = torch.empty(v.shape, **f32)
+def m3_rotary_bwd(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads: int) -> tuple:
+    """Gradients of (q_rot, k_rot) = rotated per-head rows of q, k (B,T,G,N) through (dq_out, dk_out) (B,T,H,N):
+    (dq, dk, dq_bias, dk_bias, dtheta), None for an absent bias. Runs inside the SSD scan's backward op, which
+    rotates q and k in its kernels (Triton on CUDA or under the interpreter only)."""
+    bsz, seqlen, ngroups, dstate = q.shape
+    q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
+    f32 = {"device": q.device, "dtype": torch.float32}
+    dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
     dth = torch.empty(theta.shape, **f32)
     n_tb = triton.cdiv(seqlen, M3R_BLOCK_T)
-    dbias_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if bias_c is not None else None
+    dqb_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if q_bias is not None else None
+    dkb_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if k_bias is not None else None
     _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
-        v_c, bias_c if bias_c is not None else v_c, theta_c, dout.contiguous(), dv, dth,
-        dbias_part if dbias_part is not None else dv, seqlen, nheads, ngroups, dstate, theta.shape[-1],
-        BT=M3R_BLOCK_T, BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_BIAS=bias_c is not None,
+        q_c, k_c, _m3r_opt(q_bias, dth), _m3r_opt(k_bias, dth), theta_c, dq_out.contiguous(), dk_out.contiguous(),
+        dq, dk, dth, dqb_part if dqb_part is not None else dth, dkb_part if dkb_part is not None else dth,
+        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T,
+        BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
+        FAST=theta.is_cuda,
     )  # fmt: skip
-    dbias = dbias_part.sum((0, 2)).to(bias.dtype) if dbias_part is not None else scan_none(dv)
-    return dv.to(v.dtype), dbias, dth.to(theta.dtype)
+
+    def bias_grad(part, bias):
+        return part.sum((0, 2)).to(bias.dtype) if part is not None else None
+
+    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth
 
 
-def _m3r_bwd_fake(v, bias, theta, dout, nheads):
-    dbias = bias.new_empty(bias.shape) if bias is not None else scan_none(v)
-    return v.new_empty(v.shape), dbias, theta.new_empty(theta.shape)
+@triton.jit
+def _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt, s_tr):
+    """dt_t and lambda_t = sigmoid(trap_t) at the given steps (0 where masked)."""
+    dt = tl.load(DT + base_dt + offs_t * s_dt, mask=mask_t, other=0.0).to(tl.float32)
+    lam = tl.sigmoid(tl.load(TRAP + base_tr + offs_t * s_tr, mask=mask_t, other=0.0).to(tl.float32))
+    return dt, lam
 
 
-_m3r_bwd_op = scan_op(
-    "m3_rotary_bwd",
-    "(Tensor v, Tensor? bias, Tensor theta, Tensor dout, int nheads) -> (Tensor, Tensor, Tensor)",
-    _m3r_bwd_impl,
-    _m3r_bwd_fake,
+@triton.jit
+def _m3g_fwd_kernel(
+    DT, TRAP, ANG, TH0, W, E, TH, T, H, R,
+    s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_r = tl.arange(0, BR)
+    mask_r = offs_r < R
+    base_dt = b64 * s_dt_b + h * s_dt_h
+    base_tr = b64 * s_tr_b + h * s_tr_h
+    base_an = b64 * s_an_b + h * s_an_h
+    out_g = b64 * T * H + h  # (B,T,H) outputs, contiguous
+    out_th = (b64 * T * H + h) * R  # theta (B,T,H,R) contiguous: row (b T + t) H + h
+    if HAS_TH0:
+        carry = tl.load(TH0 + bh * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BR,), dtype=tl.float32)
+    for tb in range(tl.cdiv(T, BT)):
+        offs_t = tb * BT + tl.arange(0, BT)
+        mask_t = offs_t < T
+        dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
+        dt_n, lam_n = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t + 1, offs_t + 1 < T, s_dt_t, s_tr_t)
+        b_next = (1.0 - lam_n) * dt_n
+        tl.store(W + out_g + offs_t * H, lam * dt + b_next, mask=mask_t)
+        tl.store(E + out_g + offs_t * H, -b_next, mask=mask_t)
+        m2 = mask_t[:, None] & mask_r[None, :]
+        ang = tl.load(ANG + base_an + offs_t[:, None] * s_an_t + offs_r[None, :], mask=m2, other=0.0).to(tl.float32)
+        theta = tl.cumsum(ang * dt[:, None], axis=0) + carry[None, :]
+        tl.store(TH + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], theta, mask=m2)
+        carry = tl.sum(tl.where((offs_t == tb * BT + BT - 1)[:, None], theta, 0.0), axis=0)
+
+
+@triton.jit
+def _m3g_bwd_kernel(
+    DT, TRAP, ANG, DW, DE, DTH, DDT, DTRAP, DANG, DTH0, T, H, R,
+    s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr,
+):  # fmt: skip
+    """Reverse walk: S_t = sum_{s>=t} d theta_s carried across blocks; dt, trap and angle gradients per step."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_r = tl.arange(0, BR)
+    mask_r = offs_r < R
+    base_dt = b64 * s_dt_b + h * s_dt_h
+    base_tr = b64 * s_tr_b + h * s_tr_h
+    base_an = b64 * s_an_b + h * s_an_h
+    out_g = b64 * T * H + h
+    out_th = (b64 * T * H + h) * R
+    carry = tl.zeros((BR,), dtype=tl.float32)
+    nb = tl.cdiv(T, BT)
+    for tbb in range(nb):
+        tb = nb - 1 - tbb
+        offs_t = tb * BT + tl.arange(0, BT)
+        mask_t = offs_t < T
+        m2 = mask_t[:, None] & mask_r[None, :]
+        dth = tl.load(DTH + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], mask=m2, other=0.0)
+        suffix = tl.cumsum(dth, axis=0, reverse=True) + carry[None, :]
+        carry = tl.sum(tl.where((offs_t == tb * BT)[:, None], suffix, 0.0), axis=0)
+        ang = tl.load(ANG + base_an + offs_t[:, None] * s_an_t + offs_r[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
+        tl.store(DANG + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], suffix * dt[:, None], mask=m2)
+        d_gamma = tl.load(DW + out_g + offs_t * H, mask=mask_t, other=0.0)
+        prev = mask_t & (offs_t >= 1)
+        d_bp = tl.load(DW + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
+        d_bp -= tl.load(DE + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
+        ddt = d_gamma * lam + d_bp * (1.0 - lam) + tl.sum(suffix * ang, axis=1)
+        tl.store(DDT + out_g + offs_t * H, ddt, mask=mask_t)
+        tl.store(DTRAP + out_g + offs_t * H, (d_gamma - d_bp) * dt * lam * (1.0 - lam), mask=mask_t)
+    if HAS_TH0:
+        tl.store(DTH0 + bh * R + offs_r, carry, mask=mask_r)
+
+
+def m3_gates_ref(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0: torch.Tensor | None) -> tuple:
+    """PyTorch reference of `m3_gates`: (w, e, theta), fp32 (fp64 when dt is fp64)."""
+    cd = torch.float64 if dt.dtype == torch.float64 else torch.float32
+    dtf = dt.to(cd)
+    lam = torch.sigmoid(trap.to(cd))
+    b_next = torch.nn.functional.pad(((1.0 - lam) * dtf)[:, 1:], (0, 0, 0, 1))
+    theta = torch.cumsum(angles.to(cd) * dtf[..., None], dim=1)
+    if theta0 is not None:
+        theta = theta + theta0.to(cd)[:, None]
+    return lam * dtf + b_next, -b_next, theta
+
+
+def _m3g_strides(t: torch.Tensor) -> tuple:
+    return tuple(t.stride()[:3])
+
+
+def _m3g_inputs(dt, trap, angles):
+    """Strided (B,T,H[,R]) views are read in place; angles need a unit stride along R."""
+    return dt, trap, angles if angles.stride(-1) == 1 else angles.contiguous()
+
+
+def _m3g_impl(dt, trap, angles, theta0):
+    if not _m3r_use_triton(dt):
+        return m3_gates_ref(dt, trap, angles, theta0)
+    bsz, seqlen, nheads, rdim = angles.shape
+    dt, trap, angles = _m3g_inputs(dt, trap, angles)
+    f32 = {"device": dt.device, "dtype": torch.float32}
+    w, e = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
+    theta = torch.empty(bsz, seqlen, nheads, rdim, **f32)
+    th0 = theta0.float().contiguous() if theta0 is not None else None
+    _m3g_fwd_kernel[(bsz * nheads,)](
+        dt, trap, angles, th0 if th0 is not None else theta, w, e, theta, seqlen, nheads, rdim,
+        *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
+        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=th0 is not None,
+    )  # fmt: skip
+    return w, e, theta
+
+
+def _m3g_fake(dt, trap, angles, theta0):
+    cd = torch.float64 if dt.dtype == torch.float64 and not _m3r_use_triton(dt) else torch.float32
+    return dt.new_empty(dt.shape, dtype=cd), dt.new_empty(dt.shape, dtype=cd), angles.new_empty(angles.shape, dtype=cd)
+
+
+def _m3g_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _m3g_backward(ctx, dw, de, dtheta):
+    dt, trap, angles, theta0 = ctx.saved_tensors
+    dw = dw if dw is not None else torch.zeros(dt.shape, device=dt.device)
+    de = de if de is not None else torch.zeros(dt.shape, device=dt.device)
+    dtheta = dtheta if dtheta is not None else torch.zeros(angles.shape, device=dt.device)
+    ddt, dtrap, dang, dth0 = _m3g_bwd_op(dt, trap, angles, theta0, dw, de, dtheta)
+    return ddt, dtrap, dang, scan_opt(dth0)
+
+
+def _m3g_bwd_impl(dt, trap, angles, theta0, dw, de, dtheta):
+    if not _m3r_use_triton(dt):
+        return tuple(scan_ref_vjp(m3_gates_ref, [dt, trap, angles, theta0], [dw, de, dtheta]))
+    bsz, seqlen, nheads, rdim = angles.shape
+    dt, trap, angles = _m3g_inputs(dt, trap, angles)
+    f32 = {"device": dt.device, "dtype": torch.float32}
+    ddt, dtrap = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
+    dang = torch.empty(bsz, seqlen, nheads, rdim, **f32)
+    dth0 = torch.empty(bsz, nheads, rdim, **f32) if theta0 is not None else None
+    _m3g_bwd_kernel[(bsz * nheads,)](
+        dt, trap, angles, dw.float().contiguous(), de.float().contiguous(), dtheta.float().contiguous(),
+        ddt, dtrap, dang, dth0 if dth0 is not None else dang, seqlen, nheads, rdim,
+        *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
+        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=theta0 is not None,
+    )  # fmt: skip
+    return (
+        ddt.to(dt.dtype), dtrap.to(trap.dtype), dang.to(angles.dtype),
+        dth0.to(theta0.dtype) if dth0 is not None else scan_none(ddt),
+    )  # fmt: skip
+
+
+def _m3g_bwd_fake(dt, trap, angles, theta0, dw, de, dtheta):
+    dth0 = theta0.new_empty(theta0.shape) if theta0 is not None else scan_none(dt)
+    return dt.new_empty(dt.shape), trap.new_empty(trap.shape), angles.new_empty(angles.shape), dth0
+
+
+_m3g_bwd_op = scan_op(
+    "m3_gates_bwd",
+    "(Tensor dt, Tensor trap, Tensor angles, Tensor? theta0, Tensor dw, Tensor de, Tensor dtheta)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    _m3g_bwd_impl,
+    _m3g_bwd_fake,
 )
 
 
-_m3r_op = scan_op(
-    "m3_rotary",
-    "(Tensor v, Tensor? bias, Tensor theta, int nheads, ScalarType out_dtype) -> Tensor",
-    _m3r_impl,
-    _m3r_fake,
-    _m3r_backward,
-    _m3r_setup,
+_m3g_op = scan_op(
+    "m3_gates",
+    "(Tensor dt, Tensor trap, Tensor angles, Tensor? theta0) -> (Tensor, Tensor, Tensor)",
+    _m3g_impl,
+    _m3g_fake,
+    _m3g_backward,
+    _m3g_setup,
 )
 
 
-def m3_rotary_heads(
-    v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """(B,T,G,N) -> (B,T,H,N): group row per head, plus bias (H,N), pairs r < R rotated by theta (B,T,H,R)."""
-    return _m3r_op(v, bias, theta, nheads, out_dtype)
+def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0: torch.Tensor | None) -> tuple:
+    """Mamba-3's scan weights and cumulative angles (w, e, theta): dt, trap (B,T,H), angles (B,T,H,R), theta0 (B,H,R)
+    or None. Math in the module docstring."""
+    return _m3g_op(dt, trap, angles, theta0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -890,21 +1054,25 @@ def m3_rotary_heads(
 # The generic form (`ssd_generic_scan`, used by Mamba-3) takes la, w per position and one extra coefficient e_t on
 # the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same kernels.
 #
-# Forward: one program per (batch, head) walks the chunks of Q steps in order with the state in registers; per
-# chunk it does the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j) of the chunk-local cumulative
-# log-decay G), the carried-state term and the state update, all as tl.dot, and writes the state at each chunk start
-# (B x H x chunks x N x P, in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost
-# nothing against fp32 checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error) for the backward.
+# Forward, two kernels: (1) a state kernel walks the chunks of Q steps in order per (batch, head, block of columns of
+# P) with its slice of the fp32 state in registers, one dot per chunk (h_end = exp(G_last) h_start + B^T (x exp(G_last
+# - G) w), G the chunk-local cumulative log-decay), and writes the state at each chunk start (B x H x chunks x N x P,
+# in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost nothing against fp32
+# checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error); (2) an output kernel, one program per (batch, chunk,
+# head), all in parallel: the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j)), the carried-state term
+# from the stored chunk-start state, D x and the gate.
 #
 # Backward, three kernels with few live tiles each: (1) a carry kernel walks the chunks in reverse per (batch,
-# head) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype, like the forward's
-# state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>; (2) one program per (batch,
-# chunk, head) gives dx, dz, the dD share and the per-position decay terms that need the states; (3) one program per
-# (batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers, atomics only when a
-# group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt or dla/dw/de, dA
-# shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i through a reverse
-# cumsum of the masked pair matrix, state reads and writes, the carry): never a difference of large row and column
-# sums, which loses tiny gradients when decays are near 0.
+# head, block of columns of P) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype,
+# like the forward's state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>, and with a
+# gate z also dz (from the output before the gate, which the forward keeps) and dy through the gate, so that the
+# other two kernels read one dy and no z; (2) one program per (batch, chunk, head) gives dx, the dD share and the
+# per-position decay terms that need the states;
+# (3) one program per (batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers,
+# atomics only when a group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt
+# or dla/dw/de, dA shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i,
+# as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes; the carry): never a
+# difference of large row and column sums, which loses tiny gradients when decays are near 0.
 #
 # Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -977,101 +1145,68 @@ def _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
+def _ssd_rot_cs(
+    TH, th_row, mask_t, R, Q: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, ROT: tl.constexpr, FAST: tl.constexpr
+):
+    """cos and sin of a chunk's angles theta[t, h, r] (rows th_row of the (B T H, R) angles) as [Q, BN / 2] tiles
+    (angle 0 for r >= R), computed once per chunk for both B and C, and only on the [Q, RB] tile of the first RB
+    pairs (RB = R rounded up to a power of two): the trigonometry is the costly part. Placeholders without ROT."""
+    if ROT:
+        offs_r = tl.arange(0, RB)
+        th_mask = mask_t[:, None] & (offs_r < R)[None, :]
+        theta = tl.load(TH + th_row[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
+        first = (tl.arange(0, BN // 2 // RB) == 0)[None, :, None]
+        c, s = m3_cos_sin(theta, FAST)
+        cos = tl.reshape(tl.where(first, c[:, None, :], 1.0), (Q, BN // 2))
+        sin = tl.reshape(tl.where(first, s[:, None, :], 0.0), (Q, BN // 2))
+    else:
+        cos = tl.arange(0, RB)
+        sin = cos
+    return cos, sin
+
+
+@triton.jit
+def _ssd_load_bc(
+    PTR, base, loc, mask_t, offs_n, N, BIAS, cos, sin, h,
+    Q: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """A chunk's [Q, BN] rows of B or C in the dot dtype. With ROT (Mamba-3: B, C are the group rows before the
+    per-head bias and rotation), head h's bias row is added and the pairs (2r, 2r+1) are rotated by the angles
+    whose cos and sin are given: the rotated tile is never written to memory."""
+    mask = mask_t[:, None] & (offs_n < N)[None, :]
+    t = tl.load(PTR + base + loc, mask=mask, other=0.0)
+    if ROT:
+        t = t.to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            t = tl.where(mask, t + bias[None, :], 0.0)
+        even, odd = tl.split(tl.reshape(t, (Q, BN // 2, 2)))
+        t = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (Q, BN))
+    return t.to(DOT)
+
+
+@triton.jit
 def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
     """Store, or add atomically where several programs (heads of a group, blocks of P) share the output."""
     if ATOMIC:
         tl.atomic_add(ptr, val, mask=mask)
     else:
-        tl.store(ptr, val, mask=mask)
+        tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _ssd_fwd_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, H0, Y, CKPT, HT,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    g = h // (H // G)
-    b64 = b.to(tl.int64)
-    bh64 = pid.to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mask_p = offs_p < P
-    mask_n = offs_n < N
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    # 64-bit scalar row bases per chunk, 32-bit offsets inside a chunk (cheaper pointer tiles)
-    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    a_h = 0.0
-    if not GENERIC:
-        a_h = tl.load(A + h).to(tl.float32)
-    if HAS_D:
-        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    if HAS_H0:
-        state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
-        state = state.to(tl.float32)
-    else:
-        state = tl.zeros((BN, BP), dtype=tl.float32)
-    for c in range(NC):
-        offs_t = c * Q + offs_q
-        row = b64 * T + c * Q
-        x_off = row * H * P + h * P
-        bc_off = row * G * N + g * N
-        g_off = row * H + h
-        mask_t = offs_t < T
-        xp_mask = mask_t[:, None] & mask_p[None, :]
-        bn_mask = mask_t[:, None] & mask_n[None, :]
-        # dot operands loaded straight in the dot dtype (no fp32 copies of the tiles)
-        x = tl.load(X + x_off + loc_xp, mask=xp_mask, other=0.0).to(DOT)
-        kb = tl.load(BM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
-        qc = tl.load(CM + bc_off + loc_bn, mask=bn_mask, other=0.0).to(DOT)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, g_off, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-        )
-        gc = tl.cumsum(la, axis=0)
-        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
-        wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-        mmat = tl.where(causal, scores * seg * wmat, 0.0)
-        y = tl.dot(mmat.to(DOT), x, input_precision=PREC)
-        y += tl.exp(gc)[:, None] * tl.dot(qc, state.to(DOT), input_precision=PREC)
-        if HAS_D:
-            y += d_row[None, :] * x.to(tl.float32)
-        if STORE_CKPT:
-            ck = CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
-            tl.store(ck, state.to(CKPT.dtype.element_ty), mask=sn_mask)
-        dec_end = tl.exp(g_last - gc) * w
-        state = state * tl.exp(g_last) + tl.dot(
-            tl.trans(kb), (x.to(tl.float32) * dec_end[:, None]).to(DOT), input_precision=PREC
-        )
-        if HAS_Z:
-            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(Y + x_off + loc_xp, y.to(Y.dtype.element_ty), mask=xp_mask)
-    if STORE_FINAL:
-        tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
-
-
-@triton.jit
-def _ssd_bwd_carry_kernel(
-    CM, DT, A, DTB, LA, W, DY, Z, DHT, DCK, DH0, CKPT, CARRY,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+def _ssd_fwd_state_kernel(
+    X, DT, A, DTB, LA, W, BM, H0, CKPT, HT,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Reverse pass of the state gradient only: stores, per chunk, the gradient of the state at the chunk's end and
-    the decay gradient's carry term exp(G_last) <h_start, dh_end> (fp32 state gradient in registers)."""
+    """Forward, part 1: the state at every chunk start, one program per (batch, head, block of BPS columns of P)
+    walking the chunks in order with its [BN, BPS] fp32 state in registers: one dot per chunk,
+    h_end = exp(G_last) h_start + B^T (x exp(G_last - G) w)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -1079,7 +1214,120 @@ def _ssd_bwd_carry_kernel(
     b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
     offs_q = tl.arange(0, Q)
+    offs_p = tl.program_id(1) * BPS + tl.arange(0, BPS)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    sn = offs_n[:, None] * P + offs_p[None, :]
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    if HAS_H0:
+        state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BN, BPS), dtype=tl.float32)
+    for c in range(NC):
+        row = b64 * T + c * Q
+        mask_t = c * Q + offs_q < T
+        x = tl.load(X + row * H * P + h * P + loc_xp, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
+        kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+        la, w, e, dtv, raw = _ssd_load_chunk_gates(
+            DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
+        )
+        tl.store(CKPT + (bh64 * NC + c) * N * P + sn, state.to(CKPT.dtype.element_ty), mask=sn_mask)
+        gc = tl.cumsum(la, axis=0)
+        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
+        xw = (x.to(tl.float32) * (tl.exp(g_last - gc) * w)[:, None]).to(DOT)
+        state = state * tl.exp(g_last) + tl.dot(tl.trans(kb.to(DOT)), xw, input_precision=PREC)
+    if STORE_FINAL:
+        tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
+
+
+@triton.jit
+def _ssd_fwd_out_kernel(
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y, YP,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Forward, part 2: one program per (batch, chunk, head), all in parallel. The intra-chunk quadratic form (C B^T
+    masked by exp(G_i - G_j) and the weights), the carried state's term exp(G) C h_start, D x, and the gate."""
+    b = tl.program_id(0) // NC
+    c = tl.program_id(0) % NC
+    h = tl.program_id(1)
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = b64 * H + h
+    offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    row = b64 * T + c * Q
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    x_base = row * H * P + h * P
+    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
+    bc_base = row * G * N + g * N
+    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    la, w, e, dtv, raw = _ssd_load_chunk_gates(
+        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+    )
+    gc = tl.cumsum(la, axis=0)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
+    st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :],
+                 mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(DOT)  # fmt: skip
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+    mmat = tl.where(causal, scores * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)) * wmat, 0.0)
+    y = tl.dot(qc, st, input_precision=PREC) * tl.exp(gc)[:, None]
+    y = tl.dot(mmat.to(DOT), x, acc=y, input_precision=PREC)
+    if HAS_D:
+        y += tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :] * x.to(tl.float32)
+    if HAS_Z:
+        if STORE_YP:  # the output before the gate, for the backward's dz
+            tl.store(YP + x_base + xp, y.to(YP.dtype.element_ty), mask=xp_mask)
+        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+        y = y * zz * tl.sigmoid(zz)
+    tl.store(Y + x_base + xp, y.to(Y.dtype.element_ty), mask=xp_mask)
+
+
+@triton.jit
+def _ssd_bwd_carry_kernel(
+    CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Reverse pass of the state gradient only, one program per (batch, head, block of BPS columns of P): stores, per
+    chunk, the gradient of the state at the chunk's end and the block's share of the decay gradient's carry term
+    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers); with the gate, dz and dy through the gate."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.program_id(1) * BPS + tl.arange(0, BPS)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
     mask_n = offs_n < N
@@ -1093,7 +1341,7 @@ def _ssd_bwd_carry_kernel(
         dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
         dst = dst.to(tl.float32)
     else:
-        dst = tl.zeros((BN, BP), dtype=tl.float32)
+        dst = tl.zeros((BN, BPS), dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
         sn = (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
@@ -1103,15 +1351,22 @@ def _ssd_bwd_carry_kernel(
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
-        qc = tl.load(CM + row * G * N + g * N + loc_bn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
+        qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
         dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_Z:
+        if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
+            sz = tl.sigmoid(zz)
+            yp = tl.load(YP + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
+            dz = dy * yp * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
+            dy = dy * zz * sz
+            tl.store(DYE + x_off + loc_xp, dy.to(DYE.dtype.element_ty), mask=xp_mask)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
-        tl.store(CARRY + (b64 * NC + c) * H + h, tl.exp(tl.sum(la, axis=0)) * st_dot)
+        part = ((b64 * NC + c) * H + h) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(CARRY + part, tl.exp(tl.sum(la, axis=0)) * st_dot)
         dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
@@ -1127,14 +1382,16 @@ def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
 
 @triton.jit
 def _ssd_bwd_dx_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, DY, DCK, CARRY,
-    DX, DZ, DLA_T, DW_T, DD_PART,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    X, DT, A, DTB, LA, W, E, BM, CM, DS, CKPT, DY, DCK, CARRY,
+    DX, DLA_T, DW_T, DD_PART,
+    TH, BB, CB, T, H, G, P, N, NC, R,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Split backward, part 1: one program per (batch, chunk, head). dx, dz, the dD share, and the terms of the
+    """Split backward, part 1: one program per (batch, chunk, head). dx, the dD share, and the terms of the
     decay and weight gradients that need the chunk's states (the carried-state read, the state write, the carry
     through the chunk), stored per position for part 2. Tiles: the masked C B^T (as a dot operand), x, dy, C h, B dh."""
     b = tl.program_id(0) // NC
@@ -1151,7 +1408,6 @@ def _ssd_bwd_dx_kernel(
     row = b64 * T + c * Q
     mask_t = c * Q + offs_q < T
     xp_mask = mask_t[:, None] & mask_p[None, :]
-    bn_mask = mask_t[:, None] & mask_n[None, :]
     sn_mask = mask_n[:, None] & mask_p[None, :]
     # scalar 64-bit bases, 32-bit offset tiles (fewer registers than 64-bit pointer tiles)
     x_base = row * H * P + h * P
@@ -1167,10 +1423,11 @@ def _ssd_bwd_dx_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
-    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    dout = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
     scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
@@ -1183,15 +1440,6 @@ def _ssd_bwd_dx_kernel(
         d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     else:
         d_row = tl.zeros((BP,), dtype=tl.float32)
-    if HAS_Z:
-        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-        y = tl.dot(mmat, x.to(DOT), input_precision=PREC) + y_off + d_row[None, :] * x
-        sz = tl.sigmoid(zz)
-        dy = dout * zz * sz
-        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-        tl.store(DZ + x_base + xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
-    else:
-        dy = dout
     read = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
     if HAS_D:
         part = (b64 * NC + c) * H + h
@@ -1208,13 +1456,68 @@ def _ssd_bwd_dx_kernel(
 
 
 @triton.jit
+def _ssd_dbc_head(
+    h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE, DA_PART,
+    b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+    Q: tl.constexpr, GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One head's share of the dB/dC kernel: its terms added to the dC and dB accumulators, its gate gradients."""
+    bh64 = b64 * H + h
+    x_base = row * H * P + h * P
+    s_base = (bh64 * NC + c) * N * P
+    g_ptr = row * H + h + offs_q * H
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    la, w, e, dtv, raw = _ssd_load_chunk_gates(
+        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+    )
+    gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
+    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
+    # the row scalings go on the dot operands, so that each dot accumulates in place (no [Q, N] temporaries)
+    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    dq_acc = tl.dot((dy * e_g[:, None]).to(DOT), tl.trans(st), acc=dq_acc, input_precision=PREC)
+    dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    xs = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
+    dk_acc = tl.dot(xs, tl.trans(dst), acc=dk_acc, input_precision=PREC)
+    dwm = tl.dot(dy.to(DOT), tl.trans(x.to(DOT)), input_precision=PREC)
+    dwm = tl.where(causal, dwm * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+    dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
+    dq_acc = tl.dot(dsc, kb, acc=dq_acc, input_precision=PREC)
+    dk_acc = tl.dot(tl.trans(dsc), qc, acc=dk_acc, input_precision=PREC)
+    dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
+    dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
+    if HAS_E:
+        tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
+    # d la_t over the pairs j < t <= i: the column sums from row t down (a dot with the triangular ones matrix
+    # U[t, i] = [i >= t]) of the strict pair matrix, then the part of row t left of t
+    upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0)
+    span = tl.dot(upper, tl.where(strict, dwm * w[None, :], 0.0), input_precision=PREC)
+    dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
+    if GENERIC:
+        tl.store(DLA + g_ptr, dla, mask=mask_t)
+        tl.store(DW + g_ptr, dw, mask=mask_t)
+    else:
+        dgate = dw + dla * a_h
+        if DT_SOFTPLUS:
+            dgate = dgate * tl.sigmoid(raw)
+        tl.store(DDT + g_ptr, dgate, mask=mask_t)
+        tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
+    return dq_acc, dk_acc
+
+
+@triton.jit
 def _ssd_bwd_dbc_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, Z, CKPT, DY, DCK, DLA_T, DW_T,
+    X, DT, A, DTB, LA, W, E, BM, CM, CKPT, DY, DCK, DLA_T, DW_T,
     DDT, DLA, DW, DE, DB, DC, DA_PART,
-    T, H, G, P, N, NC, HB,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    TH, BB, CB, T, H, G, P, N, NC, R, HB,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    HAS_CB: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_Z: tl.constexpr, ATOMIC_BC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Split backward, part 2: one program per (batch, chunk, block of HB heads of one group). dB and dC summed over
     the block's heads in registers (atomic only when a group spans several blocks), the pair terms of the decay
@@ -1241,59 +1544,36 @@ def _ssd_bwd_dbc_kernel(
     bn = offs_q[:, None] * (G * N) + offs_n[None, :]
     xp = offs_q[:, None] * (H * P) + offs_p[None, :]
     sn = offs_n[:, None] * P + offs_p[None, :]
-    kb = tl.load(BM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
-    qc = tl.load(CM + bc_base + bn, mask=bn_mask, other=0.0).to(DOT)
+    # with ROT the rows are one head's (ONE_HEAD), rotated; its dB, dC are per head, in that rotated frame
+    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h_first, mask_t, R, Q, BN, RB, ROT, FAST)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h_first, Q, BN, ROT, HAS_BB, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h_first, Q, BN, ROT, HAS_CB, DOT)
     causal = offs_q[:, None] >= offs_q[None, :]
     strict = offs_q[:, None] > offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
     dq_acc = tl.zeros((Q, BN), dtype=tl.float32)
     dk_acc = tl.zeros((Q, BN), dtype=tl.float32)
-    for h in range(h_first, h_end):
-        bh64 = b64 * H + h
-        x_base = row * H * P + h * P
-        s_base = (bh64 * NC + c) * N * P
-        g_ptr = row * H + h + offs_q * H
-        a_h = 0.0
-        if not GENERIC:
-            a_h = tl.load(A + h).to(tl.float32)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-        )
-        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
-        dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
-        dy = dy.to(DOT)
-        st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-        dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-        dq_acc += e_g[:, None] * tl.dot(dy, tl.trans(st), input_precision=PREC)
-        dk_acc += (dec * w)[:, None] * tl.dot(x, tl.trans(dst), input_precision=PREC)
-        dmx = tl.dot(dy, tl.trans(x), input_precision=PREC)
-        seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
-        dwm = dmx * seg
-        dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
-        dq_acc += tl.dot(dsc, kb, input_precision=PREC)
-        dk_acc += tl.dot(tl.trans(dsc), qc, input_precision=PREC)
-        dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        # d la_t over the pairs j < t <= i: a reverse cumsum down the columns of the strict pair matrix
-        span = tl.cumsum(tl.where(strict, dwm * w[None, :], 0.0), axis=0, reverse=True)
-        dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
-        dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
-        if GENERIC:
-            tl.store(DLA + g_ptr, dla, mask=mask_t)
-            tl.store(DW + g_ptr, dw, mask=mask_t)
-            if HAS_E:
-                tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
-        else:
-            dgate = dw + dla * a_h
-            if DT_SOFTPLUS:
-                dgate = dgate * tl.sigmoid(raw)
-            tl.store(DDT + g_ptr, dgate, mask=mask_t)
-            tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
-    _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
-    _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
+    if ONE_HEAD:  # no loop: a loop over heads keeps the accumulators and hoisted tiles live (spills)
+        dq_acc, dk_acc = _ssd_dbc_head(
+            h_first, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
+            DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+            Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
+        )  # fmt: skip
+    else:
+        for h in range(h_first, h_end):
+            dq_acc, dk_acc = _ssd_dbc_head(
+                h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
+                DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
+                Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
+            )  # fmt: skip
+    if ROT:
+        out_base = row * H * N + h_first * N
+        out_loc = offs_q[:, None] * (H * N) + offs_n[None, :]
+    else:
+        out_base = bc_base
+        out_loc = bn
+    _ssd_put(DC + out_base + out_loc, dq_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DB + out_base + out_loc, dk_acc, bn_mask, ATOMIC_BC)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -1328,6 +1608,12 @@ def _ssd_launch(kind: str, q: int, dot) -> dict:
     return opts | ({} if wide else tuned)
 
 
+def _ssd_cols(kind: str, bp: int) -> int:
+    """Columns of P per program of the sequential state kernels ("fstate" forward, "carry" backward;
+    SSD_TUNING[kind]["bp"]; default 32: twice the programs of whole states, each with half the registers)."""
+    return max(16, min(bp, int(SSD_TUNING.get(kind, {}).get("bp", 32))))
+
+
 def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
     """Heads per program of the dB/dC kernel (default: every head of a group, so that dB and dC need no atomics;
     SSD_TUNING["dbc"]["heads"] sets fewer, summed with atomics)."""
@@ -1335,7 +1621,7 @@ def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
     return max(1, min(per_group, int(SSD_TUNING.get("dbc", {}).get("heads", per_group))))
 
 
-def _ssd_check_shapes(x, gates, B, C, chunk_size):
+def _ssd_check_shapes(x, gates, B, C, chunk_size, theta=None):
     if x.dim() != 4:
         raise ValueError(f"ssd scan: x must be (batch, time, heads, headdim), got shape {tuple(x.shape)}")
     bsz, seqlen, nheads, _ = x.shape
@@ -1351,19 +1637,42 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size):
         raise ValueError(f"ssd scan: heads ({nheads}) must be a multiple of groups ({B.shape[2]})")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
+    if theta is not None and (theta.shape[:3] != (bsz, seqlen, nheads) or 2 * theta.shape[3] > B.shape[3]):
+        raise ValueError("ssd scan: theta must be (batch, time, heads, R) with 2R <= N")
 
 
 def _ssd_fin_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+def _ssd_scan_impl(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    chunk_size,
+    dt_softplus,
+    generic,
+    want_final,
+    grad,
+):
     if not ssd_use_triton(x):
         if generic:
-            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True)
+            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True, theta, b_bias, c_bias)
         else:
             y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
-        return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x)
+        return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x), scan_none(x)
     bsz, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
@@ -1375,9 +1684,10 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     nchunks = triton.cdiv(seqlen, chunk_size)
     y = torch.empty_like(x)
     final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
-    ckpt = None
+    ckpt = yp = None
     if grad:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+        yp = torch.empty_like(x) if z is not None else None
     if generic:
         la, w = la.float().contiguous(), w.float().contiguous()
         e = e.float().contiguous() if e is not None else None
@@ -1388,51 +1698,123 @@ def _ssd_scan_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_s
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
     any_t = x
-    _ssd_fwd_kernel[(bsz * nheads,)](
-        x, dt if dt is not None else any_t, A if A is not None else any_t,
-        dt_bias if dt_bias is not None else any_t, la if la is not None else any_t,
-        w if w is not None else any_t, e if e is not None else any_t, B, C,
-        d_mat if d_mat is not None else any_t, z if z is not None else any_t,
-        h0c if h0c is not None else any_t, y, ckpt if ckpt is not None else any_t,
-        final if final is not None else any_t,
-        seqlen, nheads, ngroups, hdim, dstate, nchunks,
-        Q=chunk_size, BP=bp, BN=bn, GENERIC=generic, DT_SOFTPLUS=dt_softplus, HAS_DTB=dt_bias is not None,
-        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, HAS_H0=h0c is not None,
-        STORE_CKPT=ckpt is not None, STORE_FINAL=final is not None, DOT=dot, PREC=prec,
-        **_ssd_launch("fwd", chunk_size, dot),
+
+    def _or(t):
+        return t if t is not None else any_t
+
+    gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
+    flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
+    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x)
+    flags |= rot_flags
+    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
+    # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
+    if ckpt is None:
+        ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
+    bps = _ssd_cols("fstate", bp)
+    _ssd_fwd_state_kernel[(bsz * nheads, triton.cdiv(hdim, bps))](
+        x, *gates, B, _or(h0c), ckpt, _or(final), *dims, Q=chunk_size, BPS=bps, BN=bn, HAS_H0=h0c is not None,
+        STORE_FINAL=final is not None, **flags, **_ssd_launch("fstate", chunk_size, dot),
     )  # fmt: skip
+    _ssd_fwd_out_kernel[(bsz * nchunks, nheads)](
+        x, *gates, _or(e), B, C, _or(d_mat), _or(z), ckpt, y, _or(yp), *dims, Q=chunk_size, BP=bp, BN=bn,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, STORE_YP=yp is not None, **flags,
+        **_ssd_launch("fout", chunk_size, dot),
+    )  # fmt: skip
+    if not grad:
+        ckpt = None
     final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
-    return y, final, ckpt if ckpt is not None else scan_none(x)
+    return y, final, _or_none(ckpt, x), _or_none(yp, x)
 
 
-def _ssd_scan_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, chunk_size, dt_softplus, generic, want_final, grad):
+def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else scan_none(like)
+
+
+def _ssd_rot_args(theta, b_bias, c_bias, like: torch.Tensor) -> tuple:
+    """Kernel arguments of the rotation (theta, B bias, C bias, R) and its flags; placeholders without theta."""
+    if theta is None:
+        return (like, like, like, 1), {"ROT": False, "RB": 2, "FAST": False, "HAS_BB": False, "HAS_CB": False}
+    th = theta.float().contiguous()
+    bb = b_bias.float().contiguous() if b_bias is not None else th
+    cb = c_bias.float().contiguous() if c_bias is not None else th
+    rb = max(2, triton.next_power_of_2(theta.shape[-1]))
+    flags = {"ROT": True, "RB": rb, "FAST": theta.is_cuda, "HAS_BB": b_bias is not None, "HAS_CB": c_bias is not None}
+    return (th, bb, cb, theta.shape[-1]), flags
+
+
+def _ssd_scan_fake(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    chunk_size,
+    dt_softplus,
+    generic,
+    want_final,
+    grad,
+):
     bsz, seqlen, nheads, hdim = x.shape
     dstate = B.shape[3]
     final = x.new_empty((bsz, nheads, hdim, dstate), dtype=_ssd_fin_dtype(x)) if want_final else scan_none(x)
-    ckpt = scan_none(x)
+    ckpt, yp = scan_none(x), scan_none(x)
     if grad and ssd_use_triton(x):
         nchunks = (seqlen + chunk_size - 1) // chunk_size
         ckpt = x.new_empty((bsz, nheads, nchunks, dstate, hdim), dtype=_ssd_state_dtype(x))
-    return x.new_empty(x.shape), final, ckpt
+        yp = x.new_empty(x.shape) if z is not None else yp
+    return x.new_empty(x.shape), final, ckpt, yp
 
 
 def _ssd_scan_setup(ctx, inputs, output):
-    ctx.meta = inputs[12:16]  # chunk_size, dt_softplus, generic, want_final
-    ctx.save_for_backward(*inputs[:12], output[2])
+    ctx.meta = inputs[15:19]  # chunk_size, dt_softplus, generic, want_final
+    ctx.save_for_backward(*inputs[:15], output[2], output[3])
 
 
-def _ssd_scan_backward(ctx, dy, dfinal, dckpt):
+def _ssd_scan_backward(ctx, dy, dfinal, dckpt, dyp):
     chunk_size, dt_softplus, generic, want_final = ctx.meta
     grads = _ssd_scan_bwd_op(*ctx.saved_tensors, dy, dfinal if want_final else None, chunk_size, dt_softplus, generic)
     return (
         (grads[0], *(scan_opt(g) for g in grads[1:7]), grads[7], grads[8])
-        + tuple(scan_opt(g) for g in grads[9:])
+        + tuple(scan_opt(g) for g in grads[9:15])
         + (None,) * 5
     )
 
 
-def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
-    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0]
+def _ssd_scan_bwd_impl(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    ckpt,
+    yp,
+    dy,
+    dfinal,
+    chunk_size,
+    dt_softplus,
+    generic,
+):
+    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias]
     if not ssd_use_triton(x):
         fwd = lambda *xs: _ssd_scan_impl(*xs, chunk_size, dt_softplus, generic, True, False)[:2]  # noqa: E731
         return tuple(scan_ref_vjp(fwd, inputs, [dy, dfinal]))
@@ -1455,10 +1837,14 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
-    heads = _ssd_bwd_heads(nheads, ngroups)
-    atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-    dB = (torch.zeros if atomic else torch.empty)(B.shape, **f32)
-    dC = (torch.zeros if atomic else torch.empty)(C.shape, **f32)
+    # with the rotation (theta), one head per dB/dC program, whose dB, dC are per head in the rotated frame
+    heads = 1 if theta is not None else _ssd_bwd_heads(nheads, ngroups)
+    atomic = theta is None and nheads // ngroups > heads  # several programs add into one group's dB/dC rows
+    # stored in B's dtype (x's for the per-head rotated ones) straight from the registers unless atomics sum them
+    bc_shape = (bsz, seqlen, nheads, dstate) if theta is not None else B.shape
+    bc_dtype = x.dtype if theta is not None else B.dtype
+    dB = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
+    dC = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
     dx = torch.empty_like(x_c)
     dz = torch.empty_like(z_c) if z is not None else None
     dh0 = torch.empty_like(h0c) if h0c is not None else None
@@ -1477,29 +1863,36 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     def _or(t):
         return t if t is not None else x_c
 
+    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x_c)
     flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-             "HAS_DTB": dtb_c is not None, "HAS_Z": z is not None, "DOT": dot, "PREC": prec}  # fmt: skip
-    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec} | rot_flags  # fmt: skip
+    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
     # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
     dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
-    carry = torch.empty(bsz, nchunks, nheads, **f32)
-    _ssd_bwd_carry_kernel[(bsz * nheads,)](
-        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(dfin), dck, _or(dh0), ckpt,
-        carry, *dims, HAS_H0=h0c is not None, HAS_DHT=dfin is not None, **flags,
+    bps = _ssd_cols("carry", bp)
+    carry = torch.empty(bsz, nchunks, nheads, triton.cdiv(hdim, bps), **f32)
+    # with z, the gate's gradients too: dz, and dy through the gate (dye) for the dx and dB/dC kernels
+    dye = torch.empty_like(dy) if z is not None else None
+    _ssd_bwd_carry_kernel[(bsz * nheads, carry.shape[-1])](
+        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(yp if z is not None else None),
+        _or(dz), _or(dye), _or(dfin), dck, _or(dh0), ckpt, carry, *dims, HAS_Z=z is not None, HAS_H0=h0c is not None,
+        HAS_DHT=dfin is not None, **({k: v for k, v in flags.items() if k != "BP"} | {"BPS": bps}),
         **_ssd_launch("carry", chunk_size, dot),
     )  # fmt: skip
-    # 2. dx, dz, dD and the per-position decay terms, per (batch, chunk, head)
+    carry = carry.sum(-1) if carry.shape[-1] > 1 else carry
+    dy = dye if dye is not None else dy
+    # 2. dx, dD and the per-position decay terms, per (batch, chunk, head)
     dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
     _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
-        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), _or(z_c), ckpt,
-        dy, dck, carry, dx, _or(dz), dla_t, dw_t, _or(dd_part), *dims,
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), ckpt,
+        dy, dck, carry, dx, dla_t, dw_t, _or(dd_part), *dims,
         HAS_E=e_c is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
     )  # fmt: skip
     # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
     _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
-        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(z_c), ckpt, dy, dck,
+        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, ckpt, dy, dck,
         dla_t, dw_t, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
-        HAS_E=e_c is not None, ATOMIC_BC=atomic, **flags, **_ssd_launch("dbc", chunk_size, dot),
+        HAS_E=e_c is not None, ATOMIC_BC=atomic, ONE_HEAD=heads == 1, **flags, **_ssd_launch("dbc", chunk_size, dot),
     )  # fmt: skip
 
     def cast(g, like):
@@ -1513,27 +1906,55 @@ def _ssd_scan_bwd_impl(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, df
     if not generic:
         dA = da_part.sum((0, 1))
         ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
+    dth = dbb = dcb = None
+    if theta is not None:  # back from the rotated per-head frame to the group rows, biases and angles
+        dC, dB, dcb, dbb, dth = m3_rotary_bwd(C_c, B_c, c_bias, b_bias, theta, dC, dB, nheads)
     return (
         dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
-        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
+        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0), cast(dth, theta),
+        cast(dbb, b_bias), cast(dcb, c_bias),
     )  # fmt: skip
 
 
-def _ssd_scan_bwd_fake(x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, ckpt, dy, dfinal, chunk_size, dt_softplus, generic):
-    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0)
+def _ssd_scan_bwd_fake(
+    x,
+    dt,
+    A,
+    dt_bias,
+    la,
+    w,
+    e,
+    B,
+    C,
+    D,
+    z,
+    h0,
+    theta,
+    b_bias,
+    c_bias,
+    ckpt,
+    yp,
+    dy,
+    dfinal,
+    chunk_size,
+    dt_softplus,
+    generic,
+):
+    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
     return tuple(t.new_empty(t.shape) if t is not None else scan_none(x) for t in inputs)
 
 
 _SSD_ARGS = (
     "Tensor x, Tensor? dt, Tensor? A, Tensor? dt_bias, Tensor? la, Tensor? w, Tensor? e, Tensor B, Tensor C,"
-    " Tensor? D, Tensor? z, Tensor? h0"
+    " Tensor? D, Tensor? z, Tensor? h0, Tensor? theta, Tensor? b_bias, Tensor? c_bias"
 )
 
 
 _ssd_scan_bwd_op = scan_op(
     "ssd_scan_bwd",
-    f"({_SSD_ARGS}, Tensor ckpt, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus, bool generic)"
-    f" -> ({', '.join(['Tensor'] * 12)})",
+    f"({_SSD_ARGS}, Tensor ckpt, Tensor yp, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus,"
+    " bool generic)"
+    f" -> ({', '.join(['Tensor'] * 15)})",
     _ssd_scan_bwd_impl,
     _ssd_scan_bwd_fake,
 )
@@ -1542,7 +1963,7 @@ _ssd_scan_bwd_op = scan_op(
 _ssd_scan_op = scan_op(
     "ssd_scan",
     f"({_SSD_ARGS}, int chunk_size, bool dt_softplus, bool generic, bool want_final, bool grad)"
-    " -> (Tensor, Tensor, Tensor)",
+    " -> (Tensor, Tensor, Tensor, Tensor)",
     _ssd_scan_impl,
     _ssd_scan_fake,
     _ssd_scan_backward,
@@ -1567,17 +1988,24 @@ def ssd_generic_scan(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
+    theta: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
+    c_bias: torch.Tensor | None = None,
 ):
     """Generic chunked scan: h_t = exp(la_t) h_{t-1} + w_t x_t B_t^T, y_t = h_t C_t - e_t... see module docstring.
 
     la (B,T,H) log-decay (must be <= 0), w (B,T,H) input weight, e (B,T,H) extra weight of the diagonal (j == t)
     term of the output only: y_t = sum_{j<t} decay w_j (C_t.B_j) x_j + (w_t + e_t)(C_t.B_t) x_t + carried + D x_t.
-    The state carried out still uses w_t for the last step. One op (ssm_golf::ssd_scan, generic form)."""
-    _ssd_check_shapes(x, la, B, C, chunk_size)
-    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0)
-    y, final, _ = _ssd_scan_op(
-        x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True, return_final_state, grad
-    )
+    The state carried out still uses w_t for the last step. With theta (B,T,H,R), 2R <= N (Mamba-3), head h uses
+    B_h = rot(theta_h)(B_g + b_bias_h) and C_h = rot(theta_h)(C_g + c_bias_h) (biases (H,N), optional), rotating the
+    pairs (2r, 2r+1), r < R (`m3_rotary_heads_ref`), inside the kernels: the per-head rows never reach memory.
+    One op (ssm_golf::ssd_scan, generic form)."""
+    _ssd_check_shapes(x, la, B, C, chunk_size, theta)
+    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
+    y, final, _, _ = _ssd_scan_op(
+        x, None, None, None, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias, chunk_size, False, True,
+        return_final_state, grad,
+    )  # fmt: skip
     return (y, final) if return_final_state else y
 
 
@@ -1597,14 +2025,21 @@ def ssd_generic_scan_ref(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
+    theta: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
+    c_bias: torch.Tensor | None = None,
 ):
     """Sequential PyTorch reference of `ssd_generic_scan` (float64 when x is float64, else float32)."""
     cd = _ssd_ref_dtype(x)
     bsz, seqlen, nheads, hdim = x.shape
     rep = nheads // B.shape[2]
     xs = x.to(cd)
-    bs = B.to(cd).repeat_interleave(rep, dim=2)
-    cs = C.to(cd).repeat_interleave(rep, dim=2)
+    if theta is not None:
+        bs = m3_rotary_heads_ref(B, b_bias, theta, nheads, cd)
+        cs = m3_rotary_heads_ref(C, c_bias, theta, nheads, cd)
+    else:
+        bs = B.to(cd).repeat_interleave(rep, dim=2)
+        cs = C.to(cd).repeat_interleave(rep, dim=2)
     la_, w_ = la.to(cd), w.to(cd)
     e_ = e.to(cd) if e is not None else torch.zeros_like(w_)
     state = h0.to(cd) if h0 is not None else x.new_zeros(bsz, nheads, hdim, B.shape[3], dtype=cd)
@@ -1671,8 +2106,9 @@ def ssd_scan_ref(
 # Chunked form: with b'_t = DT_t (1 - lambda_t), unrolling the trapezoid gives the SSD kernel with input weight
 # w_t = gamma_t + b'_{t+1} (b'_{T+1} = 0), log-decay adt, and the diagonal term weighted by gamma_t alone
 # (e_t = -b'_{t+1}); the carried-in (v, k) pair folds into the initial state as S_0 + b'_1 v_0 k~_0^T.
-# The gates and cumulative angles are PyTorch (autograd, (B,T,H)-sized); head expansion, bias and rotation of q and k
-# are one Triton kernel each way (`m3_rotary_heads`); the scan is `ssd_generic_scan`.
+# The weights and cumulative angles are one Triton walk over time per (batch, head) each way (`m3_gates`); the scan is
+# `ssd_generic_scan` with theta and the q/k biases, which expands q and k to the heads, adds the biases and rotates
+# inside its kernels (the backward rotates the gradients back, `m3_rotary_bwd`).
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -1741,17 +2177,16 @@ def mamba3_siso_scan(
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     nheads = x.shape[2]
     theta0, s0, k0, v0 = initial_state if initial_state is not None else (None, None, None, None)
-    la, gamma, bprime, theta = _m3_gates(dt, adt, trap, angles, theta0, cd)
-    bnext = F.pad(bprime[:, 1:], (0, 0, 0, 1))
-    q_rot = m3_rotary_heads(q, q_bias, theta, nheads, x.dtype)
-    k_rot = m3_rotary_heads(k, k_bias, theta, nheads, x.dtype)
+    w, e, theta = m3_gates(dt, trap, angles, theta0)
     h0 = None
     if initial_state is not None:
         k0_rot = _m3_rotate(k0.to(cd), theta0.to(cd))
-        h0 = s0.to(cd) + bprime[:, 0, :, None, None] * v0.to(cd)[..., :, None] * k0_rot[..., None, :]
+        bprime0 = (1.0 - torch.sigmoid(trap[:, 0].to(cd))) * dt[:, 0].to(cd)
+        h0 = s0.to(cd) + bprime0[..., None, None] * v0.to(cd)[..., :, None] * k0_rot[..., None, :]
     y, s_last = ssd_generic_scan(
-        x, la, gamma + bnext, k_rot, q_rot, chunk_size, e=-bnext, D=D, z=z, h0=h0, return_final_state=True
-    )
+        x, adt, w, k, q, chunk_size, e=e, D=D, z=z, h0=h0, return_final_state=True,
+        theta=theta, b_bias=k_bias, c_bias=q_bias,
+    )  # fmt: skip
     if not return_final_state:
         return y
     k_last = _m3_heads(k[:, -1:], nheads, k_bias)[:, 0]
