@@ -2920,6 +2920,18 @@ def gptq_row_scales(w: Tensor, qmax: Tensor, percentiles: tuple[float, ...] = GP
     return best.view(-1)
 
 
+def gptq_inverse_factor(h: Tensor, damp: float, retries: int = 4) -> Tensor:
+    """The upper Cholesky factor of (H + damp mean(diag H) I)^-1. A Hessian that is not positive definite in floating
+    point (sums in low precision, few calibration tokens) gets ten times the damping, up to `retries` times."""
+    eye = torch.eye(h.size(0), device=h.device, dtype=h.dtype)
+    mean = torch.mean(torch.diag(h))
+    for attempt in range(retries + 1):
+        lower, info = torch.linalg.cholesky_ex(h + damp * 10**attempt * mean * eye)
+        if h.is_meta or int(info) == 0:  # (meta tensors have shapes only: nothing to check)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {damp * 10**retries:g}")
+
+
 def gptq_quantize(
     w: Tensor, hessian: Tensor, qmax: Tensor, block_size: int = 128, damp: float = 0.01, scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -2934,8 +2946,7 @@ def gptq_quantize(
     w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, order], h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=h.device)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    u = gptq_inverse_factor(h, damp)
     codes = torch.zeros_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -3009,8 +3020,8 @@ def collect_hessians(
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
-    def add(name: str, x: Tensor) -> None:
-        x = x.detach().float().reshape(-1, x.size(-1))
+    def add(name: str, x: Tensor) -> None:  # in float64: TF32 or float32 sums can leave H not positive definite
+        x = x.detach().double().reshape(-1, x.size(-1))
         sums[name] = sums.get(name, 0) + x.T @ x
         counts[name] = counts.get(name, 0) + x.size(0)
 
@@ -3034,7 +3045,7 @@ def collect_hessians(
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {name: s / counts[name] for name, s in sums.items()}
+    return {name: (s / counts[name]).float() for name, s in sums.items()}
 
 
 @torch.no_grad()

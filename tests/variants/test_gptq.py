@@ -3,6 +3,7 @@ rounding, the per-row ranges of Mamba-3's dynamics rows, the exact round trip th
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from templates.config import model_config_from_env
@@ -188,3 +189,23 @@ def test_gptq_keeps_every_operand_on_the_weights_device():
     codes, scale = gptq_quantize(w, h, qmax, 8, 0.01)
     assert codes.shape == (8, 16) and codes.device.type == scale.device.type == "meta"
     assert gptq_plain_round(w, qmax, torch.ones(8, device="meta")).device.type == "meta"
+
+
+def test_a_hessian_that_is_not_positive_definite_gets_more_damping():
+    """What sums in low precision (TF32 on the GPU) make of X^T X: symmetric, with negative eigenvalues larger than
+    the usual damping. The first GPU export of mamba3-hybrid failed in the Cholesky factorisation on such a matrix."""
+    torch.manual_seed(0)
+    cols = 256
+    x = torch.randn(128, cols)
+    x[:, :4] *= 100.0
+    h = x.T @ x / 128
+    noise = torch.randn(cols, cols) * 1e-3 * h.diag().max()
+    h = h + (noise + noise.T) / 2
+    assert torch.linalg.eigvalsh(h.double()).min() < -0.01 * h.diag().mean()  # beyond the first damping
+    w, qmax = torch.randn(8, cols) * 0.02, torch.full((8,), 31)
+    codes, scale = gptq_quantize(w, h, qmax)
+    assert codes.abs().max() <= 31 and torch.isfinite(scale).all()
+    recon = codes.float() * scale.view(-1, 1)
+    assert (recon - w).abs().max() <= 2 * scale.max()  # still a quantisation of w, not noise
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq_quantize(w, -torch.eye(cols), qmax)
