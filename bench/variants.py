@@ -56,6 +56,28 @@ def data_env(root: Path, vocab: int) -> dict[str, str]:
     return {"DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer)}
 
 
+def train_tokens(root: Path, vocab: int) -> int:
+    """Tokens in the train shards of DATA's sp<vocab> dataset (from the shard headers)."""
+    from templates.data import find_shards, shard_token_count
+
+    folder = root / "datasets" / f"fineweb10B_sp{vocab}"
+    return sum(shard_token_count(f) for f in find_shards(str(folder), "train"))
+
+
+def check_enough_data(root: Path, vocabs: set[int], seconds: float, tokens_per_s: float) -> None:
+    """Quality mode compares models, not memorisation: each dataset must hold what the fastest variant reads in
+    `seconds` (at `tokens_per_s`), or the run stops before it starts."""
+    need = int(seconds * tokens_per_s)
+    for vocab in sorted(vocabs):
+        have = train_tokens(root, vocab)
+        if have < need:
+            raise SystemExit(
+                f"{root}: sp{vocab} has {have:,} train tokens, and a {seconds:.0f} s run at {tokens_per_s:,.0f} "
+                f"tokens/s reads {need:,}: the fast variants would repeat the data and memorise it. Make more with "
+                f"`builder data text --input 'DIR/**/*.py' ...` (quote the globs), or lower --min-tokens-per-s"
+            )
+
+
 def measure(log_text: str) -> dict:
     """The figures of one run, from its log (None where the run did not get that far)."""
     parsed = parse_log(log_text)
@@ -193,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="per variant, seconds")
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one variant per GPU, side by side")
+    parser.add_argument(
+        "--min-tokens-per-s", type=float, default=1.6e6,
+        help="quality mode: train tokens needed per second of --seconds (the fastest variant's pace; 0: no check)",
+    )  # fmt: skip
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="an override for every variant")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_variants_out")))
     args = parser.parse_args(argv)
@@ -201,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     if gpus and args.nproc > 1:
         raise SystemExit("--gpus runs one single-process variant per GPU; leave out --nproc")
+    if args.seconds > 0 and args.min_tokens_per_s > 0:
+        vocabs = {int(get_variant(n).defaults_as_strings("record").get("VOCAB_SIZE", 1024)) for n in names}
+        check_enough_data(args.data_root, vocabs, args.seconds, args.min_tokens_per_s * args.nproc)
     if gpus:
         rows = run_side_by_side(names, gpus, args)
     else:

@@ -80,3 +80,32 @@ def test_a_fixed_accumulation_count_keeps_the_records_micro_batch_on_fewer_gpus(
     assert bench.record_batch_on(1, {"GRAD_ACCUM_STEPS": "2"}) == {"GRAD_ACCUM_STEPS": "16"}
     assert bench.record_batch_on(4, {"GRAD_ACCUM_STEPS": "2"}) == {"GRAD_ACCUM_STEPS": "4"}
     assert bench.record_batch_on(1, {"GRAD_ACCUM_STEPS": "0"}) == {} == bench.record_batch_on(2, {})
+
+
+def test_quality_mode_refuses_data_the_fast_variants_would_memorise(tmp_path, sample_data, capsys):
+    data, _ = sample_data
+    bench = _bench()
+    root = data.parent.parent
+    have = bench.train_tokens(root, 1024)
+    assert have > 0
+    args = ["--data-root", str(root), "--variants", "baseline", "--seconds", "300", "--out", str(tmp_path)]
+    try:
+        bench.main(args)
+        raise AssertionError("a 300 s quality run on the sample data must be refused")
+    except SystemExit as exc:
+        message = str(exc)
+    assert f"{have:,} train tokens" in message and "quote the globs" in message
+    assert not (tmp_path / "variants.json").exists()  # refused before anything ran
+    bench.check_enough_data(root, {1024}, 300, have / 300)  # exactly enough passes
+
+
+def test_quality_mode_trains_for_the_given_wall_clock(tmp_path, sample_data):
+    data, _ = sample_data
+    bench = _bench()
+    args = ["--data-root", str(data.parent.parent), "--variants", "baseline", "--seconds", "3", "--timeout", "240"]
+    args += ["--min-tokens-per-s", "0", "--out", str(tmp_path)] + [a for kv in TINY for a in ("--env", kv)]
+    assert bench.main(args) == 0
+    (row,) = json.loads((tmp_path / "variants.json").read_text())
+    log = (tmp_path / "baseline" / "log.txt").read_text()
+    assert row["exit"] == 0 and row["steps"] > 1 and "stopping_early: wallclock_cap" in log
+    assert 0 < row["val_bpb"] < 10
