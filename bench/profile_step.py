@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.variants import record_accum  # noqa: E402
 from builder.assemble import build_files  # noqa: E402
 from builder.variants import get_variant  # noqa: E402
 
@@ -96,9 +97,7 @@ def profile_variant(name: str, args: argparse.Namespace) -> dict:
         muon.orthogonalize = torch.compile(muon.orthogonalize)
     rest = [p for key in ("embed", "scalar", "head") for p in groups[key]]
     optimizers = [muon] + ([torch.optim.Adam(rest, lr=hp.scalar_lr, fused=True)] if rest else [])
-    # one GPU doing the record's whole step at the record's micro-batch: a fixed GRAD_ACCUM_STEPS is the count per
-    # GPU on 8 GPUs (bench/variants.py's record_batch_on), so 8 times it here
-    accum = 8 * (hp.grad_accum_steps or 1)
+    accum = record_accum(hp.grad_accum_steps, 1) or 8  # one GPU doing the record's whole step at its micro-batch
     micro_tokens = hp.train_batch_tokens // accum
     rows, seq = micro_tokens // hp.train_seq_len, hp.train_seq_len
     x = torch.randint(0, cfg.vocab_size, (rows, seq), device=device)

@@ -114,15 +114,25 @@ def measure(log_text: str) -> dict:
     return out
 
 
-def record_batch_on(nproc: int, defaults: dict[str, str]) -> dict[str, str]:
-    """The record's whole batch on `nproc` GPUs at the record's micro-batch per GPU.
+def record_accum(fixed: int, nproc: int) -> int:
+    """Micro-steps that keep the record's micro-batch per GPU on `nproc` GPUs; 0 where the recipe fixes none.
 
     A recipe that fixes GRAD_ACCUM_STEPS=g states its count on 8 GPUs (its micro-batch is sized for one GPU's
-    memory); the script does not scale a fixed count with the rank count, so on fewer GPUs it is scaled here:
-    g x 8 / nproc micro-steps. Recipes that leave it at 0 get the script's own 8 / nproc.
+    memory); the script does not scale a fixed count with the rank count, so on fewer GPUs it becomes
+    g x 8 / nproc. Recipes that leave it at 0 get the script's own 8 / nproc.
     """
-    fixed = int(defaults.get("GRAD_ACCUM_STEPS", "0") or 0)
-    return {"GRAD_ACCUM_STEPS": str(fixed * 8 // nproc)} if fixed else {}
+    return fixed * 8 // nproc if fixed else 0
+
+
+def record_batch_on(nproc: int, defaults: dict[str, str]) -> dict[str, str]:
+    """The record's whole batch on `nproc` GPUs at the record's micro-batch per GPU (see record_accum)."""
+    accum = record_accum(int(defaults.get("GRAD_ACCUM_STEPS", "0") or 0), nproc)
+    return {"GRAD_ACCUM_STEPS": str(accum)} if accum else {}
+
+
+def record_vocab(spec) -> int:
+    """The vocabulary size of a variant's record recipe (its data and tokenizer)."""
+    return int(spec.defaults_as_strings("record").get("VOCAB_SIZE", 1024))
 
 
 def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None = None) -> dict:
@@ -132,7 +142,7 @@ def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None 
     (folder / "train_gpt.py").write_text(build_files(spec, "2026-11-27", "-", "-", "record")["train_gpt.py"])
     defaults = spec.defaults_as_strings("record")
     env = dict(os.environ, PYTHONUNBUFFERED="1", RUN_ID=name)
-    env.update(data_env(args.data_root, int(defaults.get("VOCAB_SIZE", 1024))))
+    env.update(data_env(args.data_root, record_vocab(spec)))
     env.update(VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="10")
     if args.seconds > 0:
         env.update(MAX_WALLCLOCK_SECONDS=str(args.seconds), ITERATIONS="1000000")
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpus and args.nproc > 1:
         raise SystemExit("--gpus runs one single-process variant per GPU; leave out --nproc")
     if args.seconds > 0 and args.min_tokens_per_s > 0:
-        vocabs = {int(get_variant(n).defaults_as_strings("record").get("VOCAB_SIZE", 1024)) for n in names}
+        vocabs = {record_vocab(get_variant(n)) for n in names}
         check_enough_data(args.data_root, vocabs, args.seconds, args.min_tokens_per_s * args.nproc)
     if gpus:
         rows = run_side_by_side(names, gpus, args)
