@@ -104,6 +104,8 @@ def measure(log_text: str) -> dict:
         "bytes_model": parsed.bytes_model,
         "bytes_total": parsed.bytes_total,
         "val_bpb": summary.get("val_bpb", final.val_bpb if final else None),
+        "val_bpb_first": parsed.scores[0].val_bpb if len(parsed.scores) > 1 else None,
+        "train_loss_last": steps_loss[-1] if (steps_loss := [loss for _, loss, _ in parsed.steps]) else None,
         "eval_ms": summary.get("eval_time_ms", final.eval_time_ms if final else None),
         "val_tokens": parsed.val_tokens,
     }
@@ -170,6 +172,10 @@ def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None 
     if gpu is not None:
         result["gpu"] = gpu
     result.update(measure(text))
+    if args.seconds > 0 and result["tokens_per_step"]:
+        # how often the run went over its train split: above a few passes the val_bpb measures memorisation
+        have = train_tokens(args.data_root, record_vocab(spec))
+        result["train_passes"] = round(result["steps"] * result["tokens_per_step"] / have, 2) if have else None
     return result
 
 
@@ -201,16 +207,19 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"Variants, {mode}, {args.nproc} process(es); {datetime.date.today().isoformat()}",
         "",
         "| variant | exit | steps | ms/step | tokens/s | peak alloc / reserved MiB | model bytes | total bytes "
-        "| val_bpb | eval s | steps in 600 s, 8 GPUs | eval s, sp1024 split, 8 GPUs |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| val_bpb first -> final | eval s | last train loss | passes over train | steps in 600 s, 8 GPUs "
+        "| eval s, sp1024 split, 8 GPUs |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         peak = f"{fmt(r['peak_alloc_mib'], ',')} / {fmt(r['peak_reserved_mib'], ',')}"
         eval_s = None if r["eval_ms"] is None else r["eval_ms"] / 1000
         cells = [
             r["variant"], r["exit"], r["steps"], fmt(r["ms_per_step"], ".1f"), fmt(r["tokens_per_s"], ",.0f"), peak,
-            fmt(r["bytes_model"], ","), fmt(r["bytes_total"], ","), fmt(r["val_bpb"], ".4f"), fmt(eval_s, ".1f"),
-            fmt(r.get("steps_in_600s_8gpu"), ","), fmt(r.get("eval_s_8gpu_sp1024_split"), ".1f"),
+            fmt(r["bytes_model"], ","), fmt(r["bytes_total"], ","),
+            f"{fmt(r.get('val_bpb_first'), '.4f')} -> {fmt(r['val_bpb'], '.4f')}", fmt(eval_s, ".1f"),
+            fmt(r.get("train_loss_last"), ".3f"), fmt(r.get("train_passes")), fmt(r.get("steps_in_600s_8gpu"), ","),
+            fmt(r.get("eval_s_8gpu_sp1024_split"), ".1f"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -109,3 +109,8 @@ def test_quality_mode_trains_for_the_given_wall_clock(tmp_path, sample_data):
     log = (tmp_path / "baseline" / "log.txt").read_text()
     assert row["exit"] == 0 and row["steps"] > 1 and "stopping_early: wallclock_cap" in log
     assert 0 < row["val_bpb"] < 10
+    # the over-fitting diagnostics: passes over the train split, last train loss, the score before quantisation
+    have = bench.train_tokens(data.parent.parent, 1024)
+    assert row["train_passes"] == round(row["steps"] * row["tokens_per_step"] / have, 2) > 0
+    assert 0 < row["train_loss_last"] < 10 and 0 < row["val_bpb_first"] < 10
+    assert f"{row['val_bpb_first']:.4f} -> {row['val_bpb']:.4f}" in (tmp_path / "variants.md").read_text()
