@@ -104,7 +104,7 @@ def measure(log_text: str) -> dict:
         "bytes_model": parsed.bytes_model,
         "bytes_total": parsed.bytes_total,
         "val_bpb": summary.get("val_bpb", final.val_bpb if final else None),
-        "val_bpb_first": parsed.scores[0].val_bpb if len(parsed.scores) > 1 else None,
+        "pre_quant_val_bpb": summary.get("pre_quant_val_bpb"),
         "train_loss_last": steps_loss[-1] if (steps_loss := [loss for _, loss, _ in parsed.steps]) else None,
         "eval_ms": summary.get("eval_time_ms", final.eval_time_ms if final else None),
         "val_tokens": parsed.val_tokens,
@@ -207,7 +207,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"Variants, {mode}, {args.nproc} process(es); {datetime.date.today().isoformat()}",
         "",
         "| variant | exit | steps | ms/step | tokens/s | peak alloc / reserved MiB | model bytes | total bytes "
-        "| val_bpb first -> final | eval s | last train loss | passes over train | steps in 600 s, 8 GPUs "
+        "| val_bpb pre-quant -> artifact | eval s | last train loss | passes over train | steps in 600 s, 8 GPUs "
         "| eval s, sp1024 split, 8 GPUs |",
         "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -217,7 +217,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         cells = [
             r["variant"], r["exit"], r["steps"], fmt(r["ms_per_step"], ".1f"), fmt(r["tokens_per_s"], ",.0f"), peak,
             fmt(r["bytes_model"], ","), fmt(r["bytes_total"], ","),
-            f"{fmt(r.get('val_bpb_first'), '.4f')} -> {fmt(r['val_bpb'], '.4f')}", fmt(eval_s, ".1f"),
+            f"{fmt(r.get('pre_quant_val_bpb'), '.4f')} -> {fmt(r['val_bpb'], '.4f')}", fmt(eval_s, ".1f"),
             fmt(r.get("train_loss_last"), ".3f"), fmt(r.get("train_passes")), fmt(r.get("steps_in_600s_8gpu"), ","),
             fmt(r.get("eval_s_8gpu_sp1024_split"), ".1f"),
         ]  # fmt: skip

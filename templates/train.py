@@ -199,6 +199,8 @@ def main() -> None:
             if final or (hp.val_loss_every > 0 and steps > 0 and steps % hp.val_loss_every == 0):
                 wait_for_device()
                 train_ms += 1000.0 * (time.perf_counter() - started)
+                if final and average is not None:  # the final score (before quantisation) is the averaged model's
+                    log(average.copy_into_model())
                 log("phase:val begin")  # validation is not training time; the sandbox's clock pauses too
                 val_loss, pre_quant_bpb, _ = validate(model)
                 log(
@@ -243,9 +245,6 @@ def main() -> None:
                 f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
             )
-        if average is not None:
-            average.copy_into_model()
-            log(f"ema:applied decay={hp.ema_decay}")
 
         # ----- the artifact: quantise, compress, write -----
         log("phase:serialize begin")

@@ -62,18 +62,42 @@ def test_parameters_are_routed_by_the_declaration(monkeypatch):
     assert not any("q_proj" in names[id(p)] for p in groups["muon"])
 
 
-def test_weight_average_starts_as_a_copy_then_decays():
+def test_weight_average_is_a_bias_corrected_average_of_the_steps_it_saw():
     w = torch.nn.Parameter(torch.zeros(4))
     model = torch.nn.Module()
     model.w = w
     avg = WeightAverage(model, decay=0.5, start_step=2)
     with torch.no_grad():
         w.fill_(2.0)
-    avg.update(1)  # before the start step: a plain copy
-    assert avg.shadow[0].tolist() == [2.0] * 4
+    avg.update(1)  # before the start step: not averaged
+    assert avg.updates == 0 and avg.shadow[0].tolist() == [0.0] * 4
     with torch.no_grad():
         w.fill_(4.0)
     avg.update(2)
-    assert avg.shadow[0].tolist() == [3.0] * 4
+    with torch.no_grad():
+        w.fill_(8.0)
+    avg.update(3)
+    # weights 0.5 * 4 and 0.5 * 8 after one more step (0.25 * 4 + 0.5 * 8), divided by 1 - 0.5**2: the step-1
+    # weights (2.0) have no share, as they would in an average that started as their copy
+    assert avg.copy_into_model() == "ema:applied decay=0.5 updates=2"
+    assert torch.allclose(w, torch.full((4,), (0.25 * 4 + 0.5 * 8) / 0.75))
+
+
+def test_weight_average_keeps_the_weights_when_it_averaged_nothing():
+    w = torch.nn.Parameter(torch.full((3,), 5.0))
+    model = torch.nn.Module()
+    model.w = w
+    avg = WeightAverage(model, decay=0.999, start_step=30)
+    avg.update(10)
+    assert avg.copy_into_model().endswith("updates=0") and w.tolist() == [5.0] * 3
+
+
+def test_weight_average_of_constant_weights_is_those_weights_after_any_number_of_steps():
+    w = torch.nn.Parameter(torch.full((2,), 3.0))
+    model = torch.nn.Module()
+    model.w = w
+    avg = WeightAverage(model, decay=0.999, start_step=0)
+    for step in range(7):  # a 0.999 average of 7 steps: without the correction it would be 0.7% of the weights
+        avg.update(step)
     avg.copy_into_model()
-    assert w.tolist() == [3.0] * 4
+    assert torch.allclose(w, torch.full((2,), 3.0), rtol=1e-5)
