@@ -128,17 +128,24 @@ def generate_calibration(
     device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """[n_seqs, seq_len] token ids sampled from the model itself (random first token, whole prefix recomputed)."""
+    """[n_seqs, seq_len] token ids sampled from the model itself, from a random first token.
+
+    Each step runs the model over the sampled prefix padded to a power of two (at least 64 tokens, at most seq_len):
+    the model is causal, so the padding never reaches the logits read, and the forward sees a handful of shapes
+    rather than one per length. A prefix growing one token a step made the scan kernels tune and the launches
+    queue at every length: 86 s for 16 x 1024 tokens on an H200, past the 60 s kept for GPTQ."""
     device = device or next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.randint(0, model.cfg.vocab_size, (n_seqs, 1), generator=gen, device=device)
+    ids = torch.zeros((n_seqs, seq_len), dtype=torch.long, device=device)
+    ids[:, 0] = torch.randint(0, model.cfg.vocab_size, (n_seqs,), generator=gen, device=device)
     was_training = model.training
     model.eval()
-    for _ in range(seq_len - 1):
+    for t in range(seq_len - 1):
+        width = min(seq_len, max(64, 1 << t.bit_length()))  # > t: position t is inside
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model.logits(ids)[:, -1].float()
+            logits = model.logits(ids[:, :width])[:, t].float()
         probs = torch.softmax(logits / temperature, dim=-1)
-        ids = torch.cat((ids, torch.multinomial(probs, 1, generator=gen)), dim=1)
+        ids[:, t + 1] = torch.multinomial(probs, 1, generator=gen)[:, 0]
     model.train(was_training)
     return ids
 
@@ -347,14 +354,20 @@ def gptq_export(
     wide = env_int("WIDE_ROW_BITS", 8)
     plan = wide_rows_plan(model, plan, wide)
     if env_flag("USE_GPTQ", False):
-        started = time.perf_counter()
+        started, reserve = time.perf_counter(), gptq_reserve_seconds()
+        if hp.max_wallclock_seconds > 0:
+            log(f"gptq:reserving {reserve:g}s, effective={1000 * (hp.max_wallclock_seconds - reserve):.0f}ms")
         seqs, length = env_int("GPTQ_CALIB_SEQS", 32), env_int("GPTQ_CALIB_LEN", 0) or hp.train_seq_len
         calibration = generate_calibration(model, seqs, length, autocast_dtype=autocast_dtype)
-        generated = time.perf_counter() - started
+        generated = time.perf_counter()
+        log(f"gptq:generated {seqs} seqs of {length} tokens in {generated - started:.1f}s")
         hessians = collect_hessians(model, calibration, autocast_dtype=autocast_dtype)
+        log(f"gptq:collected {len(hessians)} hessians in {time.perf_counter() - generated:.1f}s")
         plan = gptq_refine_plan(model, hessians, plan, wide)
-        log(f"gptq:{len(hessians)} hessians from {seqs}x{length} self-generated tokens "
-            f"(generation {generated:.1f}s, total {time.perf_counter() - started:.1f}s)")  # fmt: skip
+        total = time.perf_counter() - started
+        log(f"gptq:quantization complete in {total:.1f}s")
+        if hp.max_wallclock_seconds > 0 and total > reserve:
+            log(f"gptq:over_reserve {total:.1f}s > {reserve:g}s: training + GPTQ passed the cap; raise the reserve")
     container = encode_state(model.state_dict(), plan)
     target = env_int("PRUNE_TARGET_BYTES", 0)
     if target > 0:

@@ -1761,24 +1761,25 @@ def momentum_at(step: int, start: float, end: float, ramp_steps: int) -> float:
 
 
 class WeightAverage:
-    """An fp32 exponential moving average of the parameters, swapped into the model before the final export."""
+    """An fp32 exponential moving average of the parameters from `start_step` on, bias-corrected like Adam's moments
+    (zero start, divided by 1 - decay**n): a short run's average is not pulled toward its first weights."""
 
     def __init__(self, model: nn.Module, decay: float, start_step: int) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.shadow = [p.detach().float().clone() for p in self.params]
-        self.decay = decay
-        self.start_step = start_step
+        self.shadow = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.decay, self.start_step, self.updates = decay, start_step, 0
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        current = [p.detach().float() for p in self.params]
-        weight = 1.0 if step < self.start_step else 1.0 - self.decay
-        torch._foreach_lerp_(self.shadow, current, weight)
+        if step >= self.start_step:
+            self.updates += 1
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
     @torch.no_grad()
-    def copy_into_model(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s.to(p.dtype))
+    def copy_into_model(self) -> str:
+        for p, s in zip(self.params, self.shadow) if self.updates else ():  # nothing averaged: the weights stay
+            p.copy_(s.div(1.0 - self.decay**self.updates).to(p.dtype))
+        return f"ema:applied decay={self.decay} updates={self.updates}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2250,6 +2251,8 @@ def main() -> None:
             if final or (hp.val_loss_every > 0 and steps > 0 and steps % hp.val_loss_every == 0):
                 wait_for_device()
                 train_ms += 1000.0 * (time.perf_counter() - started)
+                if final and average is not None:  # the final score (before quantisation) is the averaged model's
+                    log(average.copy_into_model())
                 log("phase:val begin")  # validation is not training time; the sandbox's clock pauses too
                 val_loss, pre_quant_bpb, _ = validate(model)
                 log(
@@ -2294,9 +2297,6 @@ def main() -> None:
                 f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
             )
-        if average is not None:
-            average.copy_into_model()
-            log(f"ema:applied decay={hp.ema_decay}")
 
         # ----- the artifact: quantise, compress, write -----
         log("phase:serialize begin")

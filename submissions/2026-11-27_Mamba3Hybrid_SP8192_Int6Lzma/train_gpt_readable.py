@@ -2671,24 +2671,25 @@ def momentum_at(step: int, start: float, end: float, ramp_steps: int) -> float:
 
 
 class WeightAverage:
-    """An fp32 exponential moving average of the parameters, swapped into the model before the final export."""
+    """An fp32 exponential moving average of the parameters from `start_step` on, bias-corrected like Adam's moments
+    (zero start, divided by 1 - decay**n): a short run's average is not pulled toward its first weights."""
 
     def __init__(self, model: nn.Module, decay: float, start_step: int) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.shadow = [p.detach().float().clone() for p in self.params]
-        self.decay = decay
-        self.start_step = start_step
+        self.shadow = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.decay, self.start_step, self.updates = decay, start_step, 0
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        current = [p.detach().float() for p in self.params]
-        weight = 1.0 if step < self.start_step else 1.0 - self.decay
-        torch._foreach_lerp_(self.shadow, current, weight)
+        if step >= self.start_step:
+            self.updates += 1
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
     @torch.no_grad()
-    def copy_into_model(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s.to(p.dtype))
+    def copy_into_model(self) -> str:
+        for p, s in zip(self.params, self.shadow) if self.updates else ():  # nothing averaged: the weights stay
+            p.copy_(s.div(1.0 - self.decay**self.updates).to(p.dtype))
+        return f"ema:applied decay={self.decay} updates={self.updates}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2996,17 +2997,24 @@ def generate_calibration(
     device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """[n_seqs, seq_len] token ids sampled from the model itself (random first token, whole prefix recomputed)."""
+    """[n_seqs, seq_len] token ids sampled from the model itself, from a random first token.
+
+    Each step runs the model over the sampled prefix padded to a power of two (at least 64 tokens, at most seq_len):
+    the model is causal, so the padding never reaches the logits read, and the forward sees a handful of shapes
+    rather than one per length. A prefix growing one token a step made the scan kernels tune and the launches
+    queue at every length: 86 s for 16 x 1024 tokens on an H200, past the 60 s kept for GPTQ."""
     device = device or next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.randint(0, model.cfg.vocab_size, (n_seqs, 1), generator=gen, device=device)
+    ids = torch.zeros((n_seqs, seq_len), dtype=torch.long, device=device)
+    ids[:, 0] = torch.randint(0, model.cfg.vocab_size, (n_seqs,), generator=gen, device=device)
     was_training = model.training
     model.eval()
-    for _ in range(seq_len - 1):
+    for t in range(seq_len - 1):
+        width = min(seq_len, max(64, 1 << t.bit_length()))  # > t: position t is inside
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model.logits(ids)[:, -1].float()
+            logits = model.logits(ids[:, :width])[:, t].float()
         probs = torch.softmax(logits / temperature, dim=-1)
-        ids = torch.cat((ids, torch.multinomial(probs, 1, generator=gen)), dim=1)
+        ids[:, t + 1] = torch.multinomial(probs, 1, generator=gen)[:, 0]
     model.train(was_training)
     return ids
 
@@ -3215,14 +3223,20 @@ def gptq_export(
     wide = env_int("WIDE_ROW_BITS", 8)
     plan = wide_rows_plan(model, plan, wide)
     if env_flag("USE_GPTQ", False):
-        started = time.perf_counter()
+        started, reserve = time.perf_counter(), gptq_reserve_seconds()
+        if hp.max_wallclock_seconds > 0:
+            log(f"gptq:reserving {reserve:g}s, effective={1000 * (hp.max_wallclock_seconds - reserve):.0f}ms")
         seqs, length = env_int("GPTQ_CALIB_SEQS", 32), env_int("GPTQ_CALIB_LEN", 0) or hp.train_seq_len
         calibration = generate_calibration(model, seqs, length, autocast_dtype=autocast_dtype)
-        generated = time.perf_counter() - started
+        generated = time.perf_counter()
+        log(f"gptq:generated {seqs} seqs of {length} tokens in {generated - started:.1f}s")
         hessians = collect_hessians(model, calibration, autocast_dtype=autocast_dtype)
+        log(f"gptq:collected {len(hessians)} hessians in {time.perf_counter() - generated:.1f}s")
         plan = gptq_refine_plan(model, hessians, plan, wide)
-        log(f"gptq:{len(hessians)} hessians from {seqs}x{length} self-generated tokens "
-            f"(generation {generated:.1f}s, total {time.perf_counter() - started:.1f}s)")  # fmt: skip
+        total = time.perf_counter() - started
+        log(f"gptq:quantization complete in {total:.1f}s")
+        if hp.max_wallclock_seconds > 0 and total > reserve:
+            log(f"gptq:over_reserve {total:.1f}s > {reserve:g}s: training + GPTQ passed the cap; raise the reserve")
     container = encode_state(model.state_dict(), plan)
     target = env_int("PRUNE_TARGET_BYTES", 0)
     if target > 0:
@@ -3579,6 +3593,8 @@ def main() -> None:
             if final or (hp.val_loss_every > 0 and steps > 0 and steps % hp.val_loss_every == 0):
                 wait_for_device()
                 train_ms += 1000.0 * (time.perf_counter() - started)
+                if final and average is not None:  # the final score (before quantisation) is the averaged model's
+                    log(average.copy_into_model())
                 log("phase:val begin")  # validation is not training time; the sandbox's clock pauses too
                 val_loss, pre_quant_bpb, _ = validate(model)
                 log(
@@ -3623,9 +3639,6 @@ def main() -> None:
                 f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
             )
-        if average is not None:
-            average.copy_into_model()
-            log(f"ema:applied decay={hp.ema_decay}")
 
         # ----- the artifact: quantise, compress, write -----
         log("phase:serialize begin")

@@ -128,6 +128,21 @@ def test_8b_gptq_inside_budget_passes(make_submission):
     assert "TRAIN_DATA_AFTER_CAP" not in codes(check(folder))
 
 
+def test_8c_gptq_past_its_own_reserve(make_submission):
+    """A run that keeps 60 s of its cap for GPTQ on self-generated tokens and then takes 90.5 s (ssm-golf's
+    mamba3-hybrid did on an H200 before its generator was mended) ran 30.5 s past the cap."""
+
+    def gptq_lines(total: float) -> list[str]:
+        return ["gptq:reserving 60s, effective=540000ms", "gptq:generated 16 seqs of 1024 tokens in 86.4s",
+                f"gptq:quantization complete in {total}s", "Code size: 60000 bytes"]  # fmt: skip
+
+    over = check(make_submission(log_kwargs={"train_ms": 540_100.0, "code_lines": gptq_lines(90.5)}))
+    assert "GPTQ_OVER_RESERVE" in codes(over, Severity.WARNING), over.to_markdown()
+    assert "30.5 s past the cap" in over.to_markdown()
+    within = check(make_submission(log_kwargs={"train_ms": 540_100.0, "code_lines": gptq_lines(12.0)}))
+    assert "GPTQ_OVER_RESERVE" not in codes(within)
+
+
 def test_9_train_overrun_with_force_stop_step(make_submission):
     hp = {"force_stop_step": "13000"}
     folder = make_submission(log_kwargs={"train_ms": 601_153.0, "stopped": False, "hparams": hp})

@@ -22,6 +22,7 @@ from templates.gptq import (
 )
 from templates.hparams import Hyperparameters
 from templates.model import LanguageModel
+from validator.logs import parse_log
 
 from .conftest import use_recipe  # noqa: TID252
 
@@ -176,8 +177,53 @@ def test_export_stage_runs_gptq_and_prunes_to_the_target(monkeypatch):
     container = STAGES["export"](model, plan, 1000, hp, None, lines.append)
     assert STAGES["reserve_s"]() == 30.0
     assert container["tensors"]["blocks.0.mixers.0.in_proj.weight"]["quantiser"] == "rows_int"
-    assert any(line.startswith("gptq:") for line in lines) and any("selective_prune" in line for line in lines)
+    assert any("selective_prune" in line for line in lines)
     assert compressed_size(container, "lzma") <= plain - 300 - len(b"SSMG1 lzma\n")
+    # the lines the validator reads: the reserve, self-generated calibration, the total; within the reserve here
+    log = parse_log("\n".join(lines))
+    assert log.gptq_reserve_s == 30.0 and log.gptq_effective_ms == 1000 * (hp.max_wallclock_seconds - 30)
+    assert log.gptq_self_generated and 0 < log.gptq_total_s < 30 and log.hessian_s is not None
+    assert not any("over_reserve" in line for line in lines)
+
+
+def test_export_stage_says_when_gptq_overran_its_reserve(monkeypatch):
+    from templates.registry import STAGES
+
+    use_recipe(monkeypatch, "mamba3-hybrid", **TINY)
+    for key, value in dict(USE_GPTQ="1", GPTQ_CALIB_SEQS="2", GPTQ_CALIB_LEN="8", GPTQ_RESERVE_SECONDS="0").items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    hp, model = Hyperparameters(), LanguageModel(model_config_from_env())
+    plan = choose_quantisers(model, hp.quant, hp.quant_ternary, hp.quant_overrides, hp.control_patterns, 256)
+    lines: list[str] = []
+    STAGES["export"](model, plan, 1000, hp, None, lines.append)
+    assert any(line.startswith("gptq:over_reserve ") and line.endswith("> 0s: training + GPTQ passed the cap; "
+               "raise the reserve") for line in lines)  # fmt: skip
+    assert parse_log("\n".join(lines)).gptq_reserve_s == 0.0
+
+
+def reference_calibration(model, n_seqs, seq_len, temperature=0.8, seed=42):
+    """Self-generated calibration as plainly as it can be written: the prefix grows one token a step."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros((n_seqs, seq_len), dtype=torch.long)
+    ids[:, 0] = torch.randint(0, model.cfg.vocab_size, (n_seqs,), generator=gen)
+    model.eval()
+    for t in range(seq_len - 1):
+        probs = torch.softmax(model.logits(ids[:, : t + 1])[:, t].float() / temperature, dim=-1)
+        ids[:, t + 1] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return ids
+
+
+@pytest.mark.parametrize("seq_len", [5, 70])
+def test_calibration_over_padded_prefixes_samples_what_the_growing_prefix_samples(monkeypatch, seq_len):
+    """The generator runs padded power-of-two prefixes (64, then 70 here); causality keeps the padding out of the
+    logits it reads, so it samples the same tokens as the one-token-a-step form from the same seed."""
+    use_recipe(monkeypatch, "mamba3-hybrid", **TINY)
+    torch.manual_seed(0)
+    model = LanguageModel(model_config_from_env())
+    got = generate_calibration(model, n_seqs=3, seq_len=seq_len, seed=5)
+    assert model.training  # its mode is given back
+    assert torch.equal(got, reference_calibration(model, 3, seq_len, seed=5))
 
 
 def test_gptq_keeps_every_operand_on_the_weights_device():

@@ -77,6 +77,15 @@ def _train(run: SeedRun, record: bool, over) -> list[Finding]:
             )
     elif not log.stopped_early:
         out.append(note("NO_WALLCLOCK_STOP", f"run ended by its iteration count at {t:,.0f} ms", rel))
+    if log.gptq_reserve_s is not None and log.gptq_total_s is not None and log.gptq_total_s > log.gptq_reserve_s:
+        out.append(
+            warning(
+                "GPTQ_OVER_RESERVE",
+                f"GPTQ took {log.gptq_total_s:g} s but the run kept {log.gptq_reserve_s:g} s of its cap for it: "
+                f"training plus GPTQ ran {log.gptq_total_s - log.gptq_reserve_s:g} s past the cap; raise the reserve",
+                rel,
+            )
+        )
     if log.hessian_s is not None and not log.gptq_self_generated:
         data_ms = t + log.hessian_s * 1000.0
         if data_ms > TRAIN_LIMIT_MS:
