@@ -83,12 +83,12 @@ def profile_variant(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     base = script.LanguageModel(cfg).to(device)
-    model = base  # compiled as the script compiles it (COMPILE, COMPILE_SCOPE)
+    model = base  # compiled as the script compiles it (COMPILE, COMPILE_SCOPE, COMPILE_MODE)
     if hp.compile and hp.compile_scope == "blocks":
         for block in base.blocks:
-            block.compile(dynamic=False, fullgraph=hp.compile_fullgraph)
+            block.compile(dynamic=False, fullgraph=hp.compile_fullgraph, mode=hp.compile_mode)
     elif hp.compile:
-        model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph)
+        model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph, mode=hp.compile_mode)
     groups = script.split_parameters(base, hp.control_patterns)
     muon = script.Muon(
         groups["muon"], hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_weight_decay, hp.muon_row_norm

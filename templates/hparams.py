@@ -93,6 +93,7 @@ class Hyperparameters:
         self.compile = env_flag("COMPILE", True)  # only where CUDA is present
         self.compile_fullgraph = env_flag("COMPILE_FULLGRAPH", True)
         self.compile_scope = env_str("COMPILE_SCOPE", "model", ("model", "blocks"))  # blocks: one graph reused
+        self.compile_mode = env_str("COMPILE_MODE", "default", ("default", "reduce-overhead"))  # CUDA graphs
         self.eval_only = env_flag("EVAL_ONLY", False)
         self.artifact = env_str("ARTIFACT", "")
         self.token_losses = env_str("TOKEN_LOSSES", "")

@@ -179,6 +179,7 @@ class Hyperparameters:
         self.compile = env_flag("COMPILE", True)  # only where CUDA is present
         self.compile_fullgraph = env_flag("COMPILE_FULLGRAPH", True)
         self.compile_scope = env_str("COMPILE_SCOPE", "model", ("model", "blocks"))  # blocks: one graph reused
+        self.compile_mode = env_str("COMPILE_MODE", "default", ("default", "reduce-overhead"))  # CUDA graphs
         self.eval_only = env_flag("EVAL_ONLY", False)
         self.artifact = env_str("ARTIFACT", "")
         self.token_losses = env_str("TOKEN_LOSSES", "")
@@ -3513,9 +3514,9 @@ def main() -> None:
     log(f"model_params:{sum(p.numel() for p in base.parameters())}")
     if compiled and hp.compile_scope == "blocks":  # one block graph reused by every block: deep stacks compile fast
         for block in base.blocks:
-            block.compile(dynamic=False, fullgraph=hp.compile_fullgraph)
+            block.compile(dynamic=False, fullgraph=hp.compile_fullgraph, mode=hp.compile_mode)
     whole = compiled and hp.compile_scope == "model"
-    model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph) if whole else base
+    model = torch.compile(base, dynamic=False, fullgraph=hp.compile_fullgraph, mode=hp.compile_mode) if whole else base
 
     steps, train_ms, pre_quant_bpb = 0, 0.0, None
     artifact = Path(hp.artifact if hp.eval_only else hp.artifact_name)
@@ -3539,8 +3540,7 @@ def main() -> None:
         for opt in optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
-        if compiled:
-            muon.orthogonalize = torch.compile(muon.orthogonalize)
+        muon.orthogonalize = torch.compile(muon.orthogonalize) if compiled else muon.orthogonalize
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None) if distributed else model
 
         def step_once(loader: BatchLoader, scale: float, momentum: float) -> torch.Tensor:

@@ -166,3 +166,16 @@ def test_a_knob_outside_its_choices_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("COMPILE_SCOPE", "block")
     with pytest.raises(SystemExit, match=r"COMPILE_SCOPE='block': choose one of model, blocks"):
         Hyperparameters()
+
+
+def test_compile_mode_is_a_knob_with_named_choices(monkeypatch):
+    """COMPILE_MODE=reduce-overhead asks torch.compile for CUDA graphs (for variants whose step waits on the host,
+    as ttsm's does); anything else but the default is refused by name."""
+    from templates.hparams import Hyperparameters
+
+    assert Hyperparameters().compile_mode == "default"
+    monkeypatch.setenv("COMPILE_MODE", "reduce-overhead")
+    assert Hyperparameters().compile_mode == "reduce-overhead"
+    monkeypatch.setenv("COMPILE_MODE", "max-autotune")
+    with pytest.raises(SystemExit, match=r"COMPILE_MODE='max-autotune': choose one of default, reduce-overhead"):
+        Hyperparameters()
