@@ -5,11 +5,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import templates.gptq  # noqa: F401 (registers the GPTQ export stage)
+from templates.config import model_config_from_env
+from templates.export import choose_quantisers, read_artifact, write_artifact
+from templates.hparams import Hyperparameters
 from templates.layers import LinearMaker
 from templates.mixers.causal_conv import causal_conv
 from templates.mixers.s6 import S6Mixer
+from templates.model import LanguageModel
+from templates.registry import STAGES
 
-from .conftest import meta_parameter_count, stateful_matches_whole, train_export_score, use_recipe  # noqa: TID252
+from .conftest import (  # noqa: TID252
+    meta_parameter_count,
+    patterned_batch,
+    stateful_matches_whole,
+    train_export_score,
+    use_recipe,
+)
 
 TINY = dict(
     VOCAB_SIZE=64, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, NUM_LAYERS=4, S6_DT_RANK=4, TRAIN_SEQ_LEN=20,
@@ -73,3 +85,45 @@ def test_s6_convolution_is_the_depthwise_causal_conv1d():
     ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), m.conv_weight, m.conv_bias, groups=m.d_inner).transpose(1, 2)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(tail, x[:, -3:])
+
+
+def test_gptq_option_exports_a_model_that_scores_like_the_trained_one(monkeypatch, tmp_path):
+    """USE_GPTQ=1 (assembled in, off in the record recipe): GPTQ on self-generated tokens keeps the int8 overrides
+    (x_proj, dt_proj) at int8 and the rest at int6, reads back strictly, and scores near the trained model."""
+    use_recipe(monkeypatch, "hybrid-3to1", **TINY, USE_GPTQ="1", GPTQ_CALIB_SEQS="2", GPTQ_CALIB_LEN="20")
+    torch.manual_seed(0)
+    hp, cfg = Hyperparameters(), model_config_from_env()
+    model = LanguageModel(cfg)
+    x, y = patterned_batch(cfg.vocab_size, 2, hp.train_seq_len)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(12):
+        opt.zero_grad()
+        model(x, y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(x, y).item()
+    plan = choose_quantisers(model, hp.quant, hp.quant_ternary, hp.quant_overrides, hp.control_patterns, 256)
+    lines: list[str] = []
+    container = STAGES["export"](model, plan, 1000, hp, None, lines.append)
+    assert any(line.startswith("gptq:quantization complete") for line in lines)
+    fields = container["tensors"]
+    s6 = "blocks.0.mixers.0"
+    # rows below 1 sit on the grid of the scale floor 1/qmax (upstream's and the origin's convention), so the row
+    # scales say which width each weight got: int6 for in_proj, the int8 override for x_proj and dt_proj
+    for name, qmax in (("in_proj", 31), ("x_proj", 127), ("dt_proj", 127)):
+        entry = fields[f"{s6}.{name}.weight"]
+        assert entry["quantiser"] == "rows_int" and entry["fields"]["q"].abs().max() <= qmax
+        torch.testing.assert_close(
+            entry["fields"]["scale"].float(),
+            torch.full_like(entry["fields"]["scale"].float(), 1 / qmax),
+            rtol=1e-3,
+            atol=0,
+        )
+    path = tmp_path / "m.ptz"
+    write_artifact(str(path), container, hp.compressor)
+    restored = LanguageModel(cfg)
+    restored.load_state_dict(read_artifact(str(path)), strict=True)
+    restored.eval()
+    with torch.no_grad():
+        assert abs(restored(x, y).item() - trained) < 0.25
