@@ -124,11 +124,25 @@ def train_model(documents: Iterable[str], vocab_size: int) -> bytes:
         if not found:
             raise
         need = int(found.group(2))
+        byte_pieces = "" if is_small_vocab(vocab_size) else " and the 256 byte pieces"
         raise VocabSizeError(
             f"--vocab {vocab_size}: the training text needs at least {need} pieces (its characters plus the special "
-            f"ones{'' if is_small_vocab(vocab_size) else ' and the 256 byte pieces'}); pass --vocab {need} or more"
+            f"ones{byte_pieces}); {fitting_vocab_hint(vocab_size, need)}"
         ) from exc
     return model.getvalue()
+
+
+def fitting_vocab_hint(vocab_size: int, need: int) -> str:
+    """What to pass when the training text needs `need` pieces: a supported size that holds them, and for upstream's
+    sizes more tokenizer text (coverage 0.999 leaves the rarest 0.1% of characters to byte fallback, so a few files
+    dense in rare characters, such as Unicode tables, stop needing pieces once enough ordinary text surrounds them)."""
+    if is_small_vocab(vocab_size):
+        if need <= SMALL_VOCAB_MAX:
+            return f"pass --vocab {need} or more"
+        return f"pass --vocab {min(UPSTREAM_VOCAB_SIZES)} or more (byte fallback covers rare characters there)"
+    more_text = "train the tokenizer on more documents (--tokenizer-docs) to push rare characters under coverage 0.999"
+    fits = [size for size in UPSTREAM_VOCAB_SIZES if size >= need]
+    return f"pass --vocab {fits[0]}, or {more_text}" if fits else more_text
 
 
 def vocab_text(processor: spm.SentencePieceProcessor) -> str:

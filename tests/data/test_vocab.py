@@ -82,3 +82,16 @@ def test_vocab_error_names_the_size_that_fits():
     with pytest.raises(tok.VocabSizeError, match=r"pass --vocab 73 or more"):
         tok.train_model(generate_documents(300, seed=0), 64)
     assert tok.train_model(generate_documents(300, seed=0), 73)
+
+
+def test_vocab_error_at_an_upstream_size_names_a_supported_size_or_more_text():
+    """Few documents dense in distinct characters (a Unicode table, as jinja2 ships) need more pieces than sp1024
+    has: the message names upstream's next size and more tokenizer text, never an unsupported size."""
+    rare = "".join(chr(0x4E00 + i) for i in range(1200))
+    docs = [" ".join(rare[i : i + 40] for i in range(0, len(rare), 40))] + ["def f(x):\n    return x\n"] * 3
+    with pytest.raises(tok.VocabSizeError) as caught:
+        tok.train_model(docs, 1024)
+    message = str(caught.value)
+    assert "pass --vocab 4096, or train the tokenizer on more documents (--tokenizer-docs)" in message
+    assert tok.fitting_vocab_hint(1024, 9000).startswith("train the tokenizer on more documents")
+    assert tok.fitting_vocab_hint(64, 2000) == "pass --vocab 1024 or more (byte fallback covers rare characters there)"
