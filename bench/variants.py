@@ -137,11 +137,9 @@ def record_vocab(spec) -> int:
     return int(spec.defaults_as_strings("record").get("VOCAB_SIZE", 1024))
 
 
-def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None = None) -> dict:
-    spec = get_variant(name)
-    folder = out / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train_gpt.py").write_text(build_files(spec, "2026-11-27", "-", "-", "record")["train_gpt.py"])
+def run_env(name: str, spec, args: argparse.Namespace, gpu: str | None = None) -> dict[str, str]:
+    """The environment of one variant's run: the data, the mode's length, the record's batch on this machine, then
+    the --env overrides (NAME:K=V ones for that variant only) and its GPU."""
     defaults = spec.defaults_as_strings("record")
     env = dict(os.environ, PYTHONUNBUFFERED="1", RUN_ID=name)
     env.update(data_env(args.data_root, record_vocab(spec)))
@@ -153,9 +151,20 @@ def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None 
     env.update(record_batch_on(args.nproc, defaults))
     for pair in args.env:
         key, _, value = pair.partition("=")
-        env[key] = value
+        only, _, key = key.rpartition(":")  # NAME:KEY=VALUE overrides for that variant only
+        if not only or only == name:
+            env[key] = value
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None = None) -> dict:
+    spec = get_variant(name)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train_gpt.py").write_text(build_files(spec, "2026-11-27", "-", "-", "record")["train_gpt.py"])
+    env = run_env(name, spec, args, gpu)
     launch = [sys.executable, "train_gpt.py"]
     if args.nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
@@ -238,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         "--min-tokens-per-s", type=float, default=1.6e6,
         help="quality mode: train tokens needed per second of --seconds (the fastest variant's pace; 0: no check)",
     )  # fmt: skip
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="an override for every variant")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="[NAME:]K=V",
+        help="an override for every variant, or with NAME: for that variant only",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_variants_out")))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -121,3 +121,20 @@ def test_quality_mode_trains_for_the_given_wall_clock(tmp_path, sample_data):
     assert row["train_passes"] == round(row["steps"] * row["tokens_per_step"] / have, 2) > 0
     assert 0 < row["train_loss_last"] < 10 and 0 < row["pre_quant_val_bpb"] < 10
     assert f"{row['pre_quant_val_bpb']:.4f} -> {row['val_bpb']:.4f}" in (tmp_path / "variants.md").read_text()
+
+
+def test_an_override_can_name_its_variant(sample_data):
+    """`--env kill-mamba2:COMPILE_SCOPE=blocks` reaches kill-mamba2's run only; a plain K=V reaches every run."""
+    from builder.variants import get_variant
+
+    data, _ = sample_data
+    bench = _bench()
+    args = argparse.Namespace(
+        data_root=data.parent.parent, seconds=0, steps=5, nproc=1,
+        env=["kill-mamba2:COMPILE_SCOPE=blocks", "EMA_DECAY=0", "baseline:VAL_TOKENS=1=2"],
+    )  # fmt: skip
+    km2 = bench.run_env("kill-mamba2", get_variant("kill-mamba2"), args, gpu="1")
+    base = bench.run_env("baseline", get_variant("baseline"), args)
+    assert km2["COMPILE_SCOPE"] == "blocks" and km2["EMA_DECAY"] == "0" and km2["CUDA_VISIBLE_DEVICES"] == "1"
+    assert base.get("COMPILE_SCOPE") != "blocks" and base["EMA_DECAY"] == "0" and base["VAL_TOKENS"] == "1=2"
+    assert km2["GRAD_ACCUM_STEPS"] == "16" and km2["ITERATIONS"] == "5"  # the record's micro-batch on one GPU
