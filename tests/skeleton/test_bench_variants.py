@@ -138,3 +138,51 @@ def test_an_override_can_name_its_variant(sample_data):
     assert km2["COMPILE_SCOPE"] == "blocks" and km2["EMA_DECAY"] == "0" and km2["CUDA_VISIBLE_DEVICES"] == "1"
     assert base.get("COMPILE_SCOPE") != "blocks" and base["EMA_DECAY"] == "0" and base["VAL_TOKENS"] == "1=2"
     assert km2["GRAD_ACCUM_STEPS"] == "16" and km2["ITERATIONS"] == "5"  # the record's micro-batch on one GPU
+
+
+# each variant's tiny shape (as in tests/variants/test_compile_fullgraph.py), on top of the shared TINY settings
+TINY_BY_VARIANT = {
+    "kill-mamba2": ["NUM_LOOPS=2", "SSM_HEAD_DIM=16", "SSM_STATE=8"],
+    "ttsm": ["NUM_LAYERS=3", "SSM_STATE=8", "BIGRAM_BUCKETS=31", "TRIGRAM_BUCKETS=64", "BIGRAM_DIM=4", "TRIGRAM_DIM=4"],
+    "lru": [],
+    "hybrid-3to1": ["NUM_LAYERS=4", "NUM_HEADS=2", "NUM_KV_HEADS=1", "S6_DT_RANK=4"],
+    "mamba3-hybrid": [
+        "NUM_LAYERS=3", "NUM_HEADS=2", "NUM_KV_HEADS=1", "MAMBA3_HEADDIM=16", "MAMBA3_D_STATE=16",
+        "MAMBA3_CHUNK_SIZE=16", "ORTHO_INIT=0", "GPTQ_CALIB_SEQS=2", "GPTQ_CALIB_LEN=64", "TTT_EPOCHS=1",
+        "EMA_START_STEP=0",
+    ],
+}  # fmt: skip
+
+
+def test_every_ssm_variant_script_trains_exports_and_scores_on_the_cpu(tmp_path):
+    """Each assembled SSM variant's own train_gpt.py (not its modules one by one) at a tiny shape: its record
+    recipe's stages run end to end (ternary export, GPTQ on self-generated tokens, stateful and TTT scoring), and
+    its log carries every figure bench/variants reads. sp1024 and sp8192 sample data, as the recipes ask."""
+    import sentencepiece as spm
+
+    from builder.data.sample import make_sample
+
+    root = tmp_path / "data"
+    for vocab in (1024, 8192):
+        make_sample(root, docs=200, val_docs=20, seed=0, vocab_size=vocab)
+    # a sample corpus holds fewer than 8,192 pieces' worth of text: the sp8192 variants take the tokenizer's size
+    pieces = spm.SentencePieceProcessor(model_file=str(root / "tokenizers" / "fineweb_8192_bpe.model")).get_piece_size()
+    sp8192 = [f"{name}:VOCAB_SIZE={pieces}" for name in ("lru", "mamba3-hybrid")]
+    bench = _bench()
+    common = ["TRAIN_SEQ_LEN=64", "TRAIN_BATCH_TOKENS=512", "EVAL_SEQ_LEN=64", "EVAL_BATCH_SEQS=4", "VAL_TOKENS=1024"]
+    overrides = [kv for kv in TINY + common if not kv.startswith(("NUM_LAYERS", "NUM_LOOPS", "NUM_HEADS"))]
+    overrides += [f"{name}:{kv}" for name, kvs in TINY_BY_VARIANT.items() for kv in kvs] + sp8192
+    args = ["--data-root", str(root), "--variants", ",".join(TINY_BY_VARIANT), "--steps", "3", "--timeout", "400"]
+    args += ["--out", str(tmp_path / "out")] + [a for kv in overrides for a in ("--env", kv)]
+    status = bench.main(args)
+    rows = json.loads((tmp_path / "out" / "variants.json").read_text())
+    failed = {
+        r["variant"]: (tmp_path / "out" / r["variant"] / "log.txt").read_text()[-1500:] for r in rows if r["exit"]
+    }
+    assert status == 0 and not failed, failed
+    for r in rows:
+        assert r["steps"] == 3 and 0 < r["bytes_model"] < r["bytes_total"] and 0 < r["val_bpb"] < 20, r
+    logs = {r["variant"]: (tmp_path / "out" / r["variant"] / "log.txt").read_text() for r in rows}
+    assert "gptq:quantization complete in" in logs["mamba3-hybrid"]
+    assert "ema:applied decay=0.997 updates=3" in logs["mamba3-hybrid"].split("step:3/3 val_loss")[0]
+    assert "final_ternary_brotli_roundtrip_exact" in logs["kill-mamba2"]
