@@ -179,10 +179,10 @@ class Hyperparameters:
         self.eval_batch_seqs = env_int("EVAL_BATCH_SEQS", 0)  # 0: VAL_BATCH_SIZE tokens per step over the ranks
         self.train_log_every = env_int("TRAIN_LOG_EVERY", 200)
         # execution
-        self.compile = env_flag("COMPILE", True)  # only where CUDA is present
-        self.compile_fullgraph = env_flag("COMPILE_FULLGRAPH", True)
+        self.compile, self.compile_fullgraph = env_flag("COMPILE", True), env_flag("COMPILE_FULLGRAPH", True)  # CUDA
         self.compile_scope = env_str("COMPILE_SCOPE", "model", ("model", "blocks"))  # blocks: one graph reused
-        self.compile_mode = env_str("COMPILE_MODE", "default", ("default", "reduce-overhead"))  # CUDA graphs
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+        self.compile_mode = env_str("COMPILE_MODE", "default", modes)
         self.eval_only = env_flag("EVAL_ONLY", False)
         self.artifact = env_str("ARTIFACT", "")
         self.token_losses = env_str("TOKEN_LOSSES", "")

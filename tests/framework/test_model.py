@@ -169,13 +169,15 @@ def test_a_knob_outside_its_choices_is_one_clear_error(monkeypatch):
 
 
 def test_compile_mode_is_a_knob_with_named_choices(monkeypatch):
-    """COMPILE_MODE=reduce-overhead asks torch.compile for CUDA graphs (for variants whose step waits on the host,
-    as ttsm's does); anything else but the default is refused by name."""
+    """COMPILE_MODE picks torch.compile's mode: reduce-overhead (CUDA graphs, for variants whose step waits on the
+    host, as ttsm's does), max-autotune(-no-cudagraphs) (Triton matrix products that can take elementwise work into
+    their epilogues, for kill-mamba2's elementwise-bound step); anything else is refused by name."""
     from templates.hparams import Hyperparameters
 
     assert Hyperparameters().compile_mode == "default"
-    monkeypatch.setenv("COMPILE_MODE", "reduce-overhead")
-    assert Hyperparameters().compile_mode == "reduce-overhead"
-    monkeypatch.setenv("COMPILE_MODE", "max-autotune")
-    with pytest.raises(SystemExit, match=r"COMPILE_MODE='max-autotune': choose one of default, reduce-overhead"):
+    for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        monkeypatch.setenv("COMPILE_MODE", mode)
+        assert Hyperparameters().compile_mode == mode
+    monkeypatch.setenv("COMPILE_MODE", "fast")
+    with pytest.raises(SystemExit, match=r"COMPILE_MODE='fast': choose one of default, reduce-overhead, max-autotune"):
         Hyperparameters()
