@@ -2157,8 +2157,9 @@ def generate_calibration(
 
     Each step runs the model over the sampled prefix padded to a power of two (at least 64 tokens, at most seq_len):
     the model is causal, so the padding never reaches the logits read, and the forward sees a handful of shapes
-    rather than one per length. A prefix growing one token a step made the scan kernels tune and the launches
-    queue at every length: 86 s for 16 x 1024 tokens on an H200, past the 60 s kept for GPTQ."""
+    rather than one per length. A prefix growing one token a step took 86 s for 16 x 1024 tokens on an H200, past
+    the 60 s kept for GPTQ: 84 ms a step for about 1 ms of arithmetic, so per-shape setup (cuDNN builds an attention
+    plan for each new length) is the likely cost; the log's generation time says whether this removed it."""
     device = device or next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.zeros((n_seqs, seq_len), dtype=torch.long, device=device)
