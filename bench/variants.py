@@ -4,8 +4,8 @@
 Throughput mode (default): ITERATIONS steps of the record recipe's batch on this machine's GPUs, then the export,
 the read-back and the scoring, each variant under its own timeout. Per variant: ms/step (from the logged
 train_time between step 10 and the last logged step), tokens/s, peak memory, artifact and total bytes, the final
-score and its evaluation time, and projections to 8 GPUs (linear scaling: steps in 600 s, evaluation of the
-62,021,632-token sp1024 validation split).
+score and its evaluation time, and projections to 8 GPUs (linear scaling: steps in 600 s, evaluation of FineWeb's
+validation split in the variant's vocabulary: 62,021,632 tokens at sp1024, 40,540,160 at sp8192).
 
 Quality mode (`--seconds S`): every variant trains for the same S seconds of wall-clock on the same data and is
 scored the same way, so the val_bpb column compares them at equal time (proxy data is not FineWeb: say so).
@@ -43,7 +43,8 @@ from builder.assemble import build_files  # noqa: E402
 from builder.variants import get_variant, load_variants  # noqa: E402
 from validator.logs import parse_log  # noqa: E402
 
-SP1024_VAL_TOKENS = 62_021_632
+# FineWeb's validation split in tokens per vocabulary, as the records' logs show it
+FINEWEB_VAL_TOKENS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
 PEAK_RE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB", re.M)
 KNOB_RE = re.compile(r"^  (train_batch_tokens|train_seq_len): (\d+)$", re.M)
 
@@ -78,7 +79,7 @@ def check_enough_data(root: Path, vocabs: set[int], seconds: float, tokens_per_s
             )
 
 
-def measure(log_text: str) -> dict:
+def measure(log_text: str, vocab: int = 1024) -> dict:
     """The figures of one run, from its log (None where the run did not get that far)."""
     parsed = parse_log(log_text)
     knobs = {k: int(v) for k, v in KNOB_RE.findall(log_text)}
@@ -112,7 +113,8 @@ def measure(log_text: str) -> dict:
     if ms_per_step:
         out["steps_in_600s_8gpu"] = int(600_000 / (ms_per_step / 8))
     if out["eval_ms"] is not None and parsed.val_tokens:
-        out["eval_s_8gpu_sp1024_split"] = out["eval_ms"] / 1000 * SP1024_VAL_TOKENS / parsed.val_tokens / 8
+        split = FINEWEB_VAL_TOKENS.get(vocab, FINEWEB_VAL_TOKENS[1024])
+        out["eval_s_8gpu_fineweb"] = out["eval_ms"] / 1000 * split / parsed.val_tokens / 8
     return out
 
 
@@ -180,7 +182,7 @@ def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None 
     result = {"variant": name, "exit": status, "wall_s": round(time.monotonic() - started, 1)}
     if gpu is not None:
         result["gpu"] = gpu
-    result.update(measure(text))
+    result.update(measure(text, record_vocab(spec)))
     if args.seconds > 0 and result["tokens_per_step"]:
         # how often the run went over its train split: above a few passes the val_bpb measures memorisation
         have = train_tokens(args.data_root, record_vocab(spec))
@@ -217,7 +219,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         "| variant | exit | steps | ms/step | tokens/s | peak alloc / reserved MiB | model bytes | total bytes "
         "| val_bpb pre-quant -> artifact | eval s | last train loss | passes over train | steps in 600 s, 8 GPUs "
-        "| eval s, sp1024 split, 8 GPUs |",
+        "| eval s, FineWeb val split, 8 GPUs |",
         "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -228,7 +230,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             fmt(r["bytes_model"], ","), fmt(r["bytes_total"], ","),
             f"{fmt(r.get('pre_quant_val_bpb'), '.4f')} -> {fmt(r['val_bpb'], '.4f')}", fmt(eval_s, ".1f"),
             fmt(r.get("train_loss_last"), ".3f"), fmt(r.get("train_passes")), fmt(r.get("steps_in_600s_8gpu"), ","),
-            fmt(r.get("eval_s_8gpu_sp1024_split"), ".1f"),
+            fmt(r.get("eval_s_8gpu_fineweb"), ".1f"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -46,6 +46,20 @@ def test_throughput_mode_on_two_variants(tmp_path, sample_data):
     assert abs(km2["val_bpb"] - km2["pre_quant_val_bpb"]) < 0.05
 
 
+def test_evaluation_is_projected_on_finewebs_split_in_the_variants_vocabulary():
+    bench = _bench()
+    log = (
+        "val_tokens: 1000000\n"
+        "final_int8_zlib_roundtrip val_loss:2.0000 val_bpb:1.2000 eval_time:8000ms\n"
+        "final_int8_zlib_roundtrip_exact val_loss:2.00000000 val_bpb:1.20000000\n"
+        'result_json {"eval_time_ms": 8000.0, "val_bpb": 1.2}\n'
+    )
+    sp1024, sp8192 = bench.measure(log, 1024), bench.measure(log, 8192)
+    assert sp1024["val_tokens"] == 1_000_000 and sp1024["eval_ms"] == 8000
+    assert sp1024["eval_s_8gpu_fineweb"] == 8.0 * 62_021_632 / 1_000_000 / 8
+    assert sp8192["eval_s_8gpu_fineweb"] == 8.0 * 40_540_160 / 1_000_000 / 8
+
+
 def test_measure_reads_a_log_that_stopped_early():
     log = "  train_batch_tokens: 1000\nstep:10/99 train_loss:3.0 train_time:500ms step_avg:50.00ms\n"
     log += "step:20/99 train_loss:2.5 train_time:1500ms step_avg:75.00ms\n"
