@@ -127,8 +127,10 @@ def generate_calibration(
     seed: int = 42,
     device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
+    deadline: float | None = None,
 ) -> Tensor:
-    """[n_seqs, seq_len] token ids sampled from the model itself, from a random first token.
+    """[n_seqs, seq_len] token ids sampled from the model itself, from a random first token; shorter sequences (at
+    least 2 tokens) when time.perf_counter() passes `deadline` first.
 
     Each step runs the model over the sampled prefix padded to a power of two (at least 64 tokens, at most seq_len):
     the model is causal, so the padding never reaches the logits read, and the forward sees a handful of shapes
@@ -141,14 +143,18 @@ def generate_calibration(
     ids[:, 0] = torch.randint(0, model.cfg.vocab_size, (n_seqs,), generator=gen, device=device)
     was_training = model.training
     model.eval()
+    length = seq_len
     for t in range(seq_len - 1):
+        if deadline is not None and t > 0 and time.perf_counter() > deadline:
+            length = t + 1
+            break
         width = min(seq_len, max(64, 1 << t.bit_length()))  # > t: position t is inside
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model.logits(ids[:, :width])[:, t].float()
         probs = torch.softmax(logits / temperature, dim=-1)
         ids[:, t + 1] = torch.multinomial(probs, 1, generator=gen)[:, 0]
     model.train(was_training)
-    return ids
+    return ids[:, :length]
 
 
 @torch.no_grad()
@@ -351,7 +357,8 @@ def gptq_export(
     log: Callable[[str], None],
 ) -> dict:
     """The export container: wide rows at WIDE_ROW_BITS, GPTQ with USE_GPTQ=1 (GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN
-    self-generated tokens), then +-1 pruning to PRUNE_TARGET_BYTES (artifact + code; 0: none)."""
+    self-generated tokens, shorter if generating them would take more than GPTQ_GENERATION_SHARE of the
+    GPTQ_RESERVE_SECONDS kept off the cap), then +-1 pruning to PRUNE_TARGET_BYTES (artifact + code; 0: none)."""
     wide = env_int("WIDE_ROW_BITS", 8)
     plan = wide_rows_plan(model, plan, wide)
     if env_flag("USE_GPTQ", False):
@@ -359,9 +366,13 @@ def gptq_export(
         if hp.max_wallclock_seconds > 0:
             log(f"gptq:reserving {reserve:g}s, effective={1000 * (hp.max_wallclock_seconds - reserve):.0f}ms")
         seqs, length = env_int("GPTQ_CALIB_SEQS", 32), env_int("GPTQ_CALIB_LEN", 0) or hp.train_seq_len
-        calibration = generate_calibration(model, seqs, length, autocast_dtype=autocast_dtype)
+        # inside the cap, generation may take GPTQ_GENERATION_SHARE of the reserve; the sequences stop where it ends
+        capped = hp.max_wallclock_seconds > 0 and reserve > 0
+        deadline = started + env_float("GPTQ_GENERATION_SHARE", 0.7) * reserve if capped else None
+        calibration = generate_calibration(model, seqs, length, autocast_dtype=autocast_dtype, deadline=deadline)
         generated = time.perf_counter()
-        log(f"gptq:generated {seqs} seqs of {length} tokens in {generated - started:.1f}s")
+        cut = f" (cut from {length} at the reserve's generation share)" if calibration.size(1) < length else ""
+        log(f"gptq:generated {seqs} seqs of {calibration.size(1)} tokens in {generated - started:.1f}s{cut}")
         hessians = collect_hessians(model, calibration, autocast_dtype=autocast_dtype)
         log(f"gptq:collected {len(hessians)} hessians in {time.perf_counter() - generated:.1f}s")
         plan = gptq_refine_plan(model, hessians, plan, wide)

@@ -202,6 +202,28 @@ def test_export_stage_says_when_gptq_overran_its_reserve(monkeypatch):
     assert parse_log("\n".join(lines)).gptq_reserve_s == 0.0
 
 
+def test_generation_stops_at_its_share_of_the_reserve(monkeypatch):
+    """With a cap, self-generation may take GPTQ_GENERATION_SHARE of GPTQ_RESERVE_SECONDS: a reserve too small for
+    the asked length gets shorter sequences (said in the log) and GPTQ still quantises, inside the reserve."""
+    from templates.registry import STAGES
+
+    use_recipe(monkeypatch, "mamba3-hybrid", **TINY)
+    knobs = dict(USE_GPTQ="1", GPTQ_CALIB_SEQS="2", GPTQ_CALIB_LEN="4000", GPTQ_RESERVE_SECONDS="3")
+    for key, value in knobs.items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    hp, model = Hyperparameters(), LanguageModel(model_config_from_env())
+    plan = choose_quantisers(model, hp.quant, hp.quant_ternary, hp.quant_overrides, hp.control_patterns, 256)
+    lines: list[str] = []
+    container = STAGES["export"](model, plan, 1000, hp, None, lines.append)
+    (generated,) = [line for line in lines if line.startswith("gptq:generated ")]
+    assert generated.endswith("(cut from 4000 at the reserve's generation share)"), generated
+    assert 2 <= int(generated.split()[4]) < 4000
+    assert container["tensors"]["blocks.0.mixers.0.in_proj.weight"]["quantiser"] == "rows_int"
+    with torch.no_grad():  # a deadline already passed still leaves two tokens a sequence
+        assert generate_calibration(model, 2, 50, deadline=0.0).shape == (2, 2)
+
+
 def reference_calibration(model, n_seqs, seq_len, temperature=0.8, seed=42):
     """Self-generated calibration as plainly as it can be written: the prefix grows one token a step."""
     gen = torch.Generator().manual_seed(seed)
