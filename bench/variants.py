@@ -79,8 +79,10 @@ def check_enough_data(root: Path, vocabs: set[int], seconds: float, tokens_per_s
             )
 
 
-def measure(log_text: str, vocab: int = 1024) -> dict:
-    """The figures of one run, from its log (None where the run did not get that far)."""
+def measure(log_text: str, vocab: int = 1024, nproc: int = 1, share: bool = False) -> dict:
+    """The figures of one run, from its log (None where the run did not get that far). The 8-GPU projections scale
+    linearly from the run's `nproc` GPUs: a run of the whole batch is 8 / nproc times slower than 8 GPUs, a run of
+    the per-GPU share (`share`) takes as long per step as 8 GPUs would."""
     parsed = parse_log(log_text)
     knobs = {k: int(v) for k, v in KNOB_RE.findall(log_text)}
     steps = [(s, t) for s, _, t in parsed.steps]
@@ -111,10 +113,10 @@ def measure(log_text: str, vocab: int = 1024) -> dict:
         "val_tokens": parsed.val_tokens,
     }
     if ms_per_step:
-        out["steps_in_600s_8gpu"] = int(600_000 / (ms_per_step / 8))
+        out["steps_in_600s_8gpu"] = int(600_000 / (ms_per_step * (1.0 if share else nproc / 8)))
     if out["eval_ms"] is not None and parsed.val_tokens:
         split = FINEWEB_VAL_TOKENS.get(vocab, FINEWEB_VAL_TOKENS[1024])
-        out["eval_s_8gpu_fineweb"] = out["eval_ms"] / 1000 * split / parsed.val_tokens / 8
+        out["eval_s_8gpu_fineweb"] = out["eval_ms"] / 1000 * split / parsed.val_tokens * nproc / 8
     return out
 
 
@@ -134,6 +136,14 @@ def record_batch_on(nproc: int, defaults: dict[str, str]) -> dict[str, str]:
     return {"GRAD_ACCUM_STEPS": str(accum)} if accum else {}
 
 
+def record_share_on(nproc: int, defaults: dict[str, str]) -> dict[str, str]:
+    """What `nproc` of the record's 8 GPUs do in one step: nproc / 8 of its batch, each at the record's per-rank
+    micro-steps (the recipe's fixed count, else one), so that the optimiser runs as often per token as in the record."""
+    batch = int(defaults.get("TRAIN_BATCH_TOKENS", "524288")) * nproc // 8
+    accum = int(defaults.get("GRAD_ACCUM_STEPS", "0") or 0) or 1
+    return {"TRAIN_BATCH_TOKENS": str(batch), "GRAD_ACCUM_STEPS": str(accum)}
+
+
 def record_vocab(spec) -> int:
     """The vocabulary size of a variant's record recipe (its data and tokenizer)."""
     return int(spec.defaults_as_strings("record").get("VOCAB_SIZE", 1024))
@@ -150,7 +160,11 @@ def run_env(name: str, spec, args: argparse.Namespace, gpu: str | None = None) -
         env.update(MAX_WALLCLOCK_SECONDS=str(args.seconds), ITERATIONS="1000000")
     else:
         env.update(MAX_WALLCLOCK_SECONDS="0", ITERATIONS=str(args.steps))
-    env.update(record_batch_on(args.nproc, defaults))
+    env.update(
+        record_share_on(args.nproc, defaults)
+        if getattr(args, "share", False)
+        else record_batch_on(args.nproc, defaults)
+    )
     for pair in args.env:
         key, _, value = pair.partition("=")
         only, _, key = key.rpartition(":")  # NAME:KEY=VALUE overrides for that variant only
@@ -182,7 +196,7 @@ def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None 
     result = {"variant": name, "exit": status, "wall_s": round(time.monotonic() - started, 1)}
     if gpu is not None:
         result["gpu"] = gpu
-    result.update(measure(text, record_vocab(spec)))
+    result.update(measure(text, record_vocab(spec), args.nproc, getattr(args, "share", False)))
     if args.seconds > 0 and result["tokens_per_step"]:
         # how often the run went over its train split: above a few passes the val_bpb measures memorisation
         have = train_tokens(args.data_root, record_vocab(spec))
@@ -244,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.0, help="quality mode: this much training each")
     parser.add_argument("--timeout", type=float, default=300.0, help="per variant, seconds")
     parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument(
+        "--share", action="store_true",
+        help="run each GPU's share of the record's step (batch x nproc / 8) instead of the whole batch",
+    )  # fmt: skip
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one variant per GPU, side by side")
     parser.add_argument(
         "--min-tokens-per-s", type=float, default=1.6e6,

@@ -60,6 +60,26 @@ def test_evaluation_is_projected_on_finewebs_split_in_the_variants_vocabulary():
     assert sp8192["eval_s_8gpu_fineweb"] == 8.0 * 40_540_160 / 1_000_000 / 8
 
 
+def test_share_mode_runs_one_gpus_part_of_the_record_step(sample_data):
+    """--share: one GPU runs what one of the record's 8 does in a step (kill-mamba2: 65,536 tokens as 2 micro-steps
+    of 32,768; the baseline: 65,536 tokens in one), and a step of it projects to one step of the 8 GPUs."""
+    from builder.variants import get_variant
+
+    data, _ = sample_data
+    bench = _bench()
+    args = argparse.Namespace(data_root=data.parent.parent, seconds=0, steps=5, nproc=1, env=[], share=True)
+    km2 = bench.run_env("kill-mamba2", get_variant("kill-mamba2"), args)
+    base = bench.run_env("baseline", get_variant("baseline"), args)
+    assert (km2["TRAIN_BATCH_TOKENS"], km2["GRAD_ACCUM_STEPS"]) == ("65536", "2")
+    assert (base["TRAIN_BATCH_TOKENS"], base["GRAD_ACCUM_STEPS"]) == ("65536", "1")
+    log = "  train_batch_tokens: 65536\n" + "".join(
+        f"step:{s}/40 train_loss:3.0 train_time:{s * 100}ms step_avg:100.00ms\n" for s in (10, 20, 30)
+    )
+    assert bench.measure(log, share=True)["steps_in_600s_8gpu"] == 6000  # 100 ms a step on each of the 8
+    assert bench.measure(log)["steps_in_600s_8gpu"] == 48000  # the whole batch on one GPU: 8 times that
+    assert bench.measure(log, nproc=2)["steps_in_600s_8gpu"] == 24000
+
+
 def test_measure_reads_a_log_that_stopped_early():
     log = "  train_batch_tokens: 1000\nstep:10/99 train_loss:3.0 train_time:500ms step_avg:50.00ms\n"
     log += "step:20/99 train_loss:2.5 train_time:1500ms step_avg:75.00ms\n"
