@@ -130,9 +130,12 @@ def patterned_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> tupl
     return run[:, :-1], run[:, 1:]
 
 
-def train_export_score(tmp_path: Path, steps: int = 12, lr: float = 3e-3) -> dict[str, float]:
-    """Build from the environment, train `steps` Adam steps on one batch, export through the artifact, read back
-    strictly and score; returns the losses at each stage and the artifact's size."""
+def train_export_score(
+    tmp_path: Path, steps: int = 12, lr: float = 3e-3, export: Callable[..., dict] | None = None
+) -> dict:
+    """Build from the environment, train `steps` Adam steps on one batch, export through the artifact (with
+    `export(model, plan, hp)`, by default the plain encoding of the plan), read back strictly and score; returns the
+    losses at each stage, the artifact's size and the exported container."""
     torch.manual_seed(0)
     cfg = model_config_from_env()
     hp = Hyperparameters()
@@ -153,13 +156,17 @@ def train_export_score(tmp_path: Path, steps: int = 12, lr: float = 3e-3) -> dic
         model, hp.quant, hp.quant_ternary, hp.quant_overrides, hp.control_patterns, hp.keep_float_max_numel
     )
     path = tmp_path / hp.artifact_name
-    file_bytes, _ = write_artifact(str(path), encode_state(model.state_dict(), plan), hp.compressor)
+    container = export(model, plan, hp) if export else encode_state(model.state_dict(), plan)
+    file_bytes, _ = write_artifact(str(path), container, hp.compressor)
     restored = LanguageModel(cfg)
     restored.load_state_dict(read_artifact(str(path)), strict=True)
     restored.eval()
     with torch.no_grad():
         scored = restored(x, y).item()
-    return {"first": losses[0], "last": losses[-1], "trained": trained, "scored": scored, "bytes": file_bytes}
+    return {
+        "first": losses[0], "last": losses[-1], "trained": trained, "scored": scored, "bytes": file_bytes,
+        "container": container,
+    }  # fmt: skip
 
 
 def stateful_matches_whole(mixer: torch.nn.Module, dim: int, seq_len: int = 24, seed: int = 0) -> float:

@@ -7,17 +7,13 @@ import torch.nn.functional as F
 
 import templates.gptq  # noqa: F401 (registers the GPTQ export stage)
 from templates.config import model_config_from_env
-from templates.export import choose_quantisers, read_artifact, write_artifact
-from templates.hparams import Hyperparameters
 from templates.layers import LinearMaker
 from templates.mixers.causal_conv import causal_conv
 from templates.mixers.s6 import S6Mixer
-from templates.model import LanguageModel
 from templates.registry import STAGES
 
 from .conftest import (  # noqa: TID252
     meta_parameter_count,
-    patterned_batch,
     stateful_matches_whole,
     train_export_score,
     use_recipe,
@@ -43,7 +39,6 @@ def test_record_shape_count_and_size_estimate(monkeypatch):
 
 def test_attention_at_depths_3_and_7(monkeypatch):
     use_recipe(monkeypatch, "hybrid-3to1")
-    from templates.config import model_config_from_env
 
     names = [spec.mixers[0] for spec in model_config_from_env().layers]
     assert [i for i, n in enumerate(names) if n == "attention"] == [3, 7] and names.count("s6") == 7
@@ -91,22 +86,12 @@ def test_gptq_option_exports_a_model_that_scores_like_the_trained_one(monkeypatc
     """USE_GPTQ=1 (assembled in, off in the record recipe): GPTQ on self-generated tokens keeps the int8 overrides
     (x_proj, dt_proj) at int8 and the rest at int6, reads back strictly, and scores near the trained model."""
     use_recipe(monkeypatch, "hybrid-3to1", **TINY, USE_GPTQ="1", GPTQ_CALIB_SEQS="2", GPTQ_CALIB_LEN="20")
-    torch.manual_seed(0)
-    hp, cfg = Hyperparameters(), model_config_from_env()
-    model = LanguageModel(cfg)
-    x, y = patterned_batch(cfg.vocab_size, 2, hp.train_seq_len)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(12):
-        opt.zero_grad()
-        model(x, y).backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        trained = model(x, y).item()
-    plan = choose_quantisers(model, hp.quant, hp.quant_ternary, hp.quant_overrides, hp.control_patterns, 256)
     lines: list[str] = []
-    container = STAGES["export"](model, plan, 1000, hp, None, lines.append)
+    r = train_export_score(
+        tmp_path, export=lambda model, plan, hp: STAGES["export"](model, plan, 1000, hp, None, lines.append)
+    )
     assert any(line.startswith("gptq:quantization complete") for line in lines)
+    container = r["container"]
     fields = container["tensors"]
     s6 = "blocks.0.mixers.0"
     # rows below 1 sit on the grid of the scale floor 1/qmax (upstream's and the origin's convention), so the row
@@ -120,10 +105,4 @@ def test_gptq_option_exports_a_model_that_scores_like_the_trained_one(monkeypatc
             rtol=1e-3,
             atol=0,
         )
-    path = tmp_path / "m.ptz"
-    write_artifact(str(path), container, hp.compressor)
-    restored = LanguageModel(cfg)
-    restored.load_state_dict(read_artifact(str(path)), strict=True)
-    restored.eval()
-    with torch.no_grad():
-        assert abs(restored(x, y).item() - trained) < 0.25
+    assert abs(r["scored"] - r["trained"]) < 0.25
