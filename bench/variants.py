@@ -108,7 +108,7 @@ def measure(log_text: str, vocab: int = 1024, nproc: int = 1, share: bool = Fals
         "bytes_total": parsed.bytes_total,
         "val_bpb": summary.get("val_bpb", final.val_bpb if final else None),
         "pre_quant_val_bpb": summary.get("pre_quant_val_bpb"),
-        "train_loss_last": steps_loss[-1] if (steps_loss := [loss for _, loss, _ in parsed.steps]) else None,
+        "train_loss_last": parsed.steps[-1][1] if parsed.steps else None,
         "eval_ms": summary.get("eval_time_ms", final.eval_time_ms if final else None),
         "val_tokens": parsed.val_tokens,
     }
@@ -160,11 +160,7 @@ def run_env(name: str, spec, args: argparse.Namespace, gpu: str | None = None) -
         env.update(MAX_WALLCLOCK_SECONDS=str(args.seconds), ITERATIONS="1000000")
     else:
         env.update(MAX_WALLCLOCK_SECONDS="0", ITERATIONS=str(args.steps))
-    env.update(
-        record_share_on(args.nproc, defaults)
-        if getattr(args, "share", False)
-        else record_batch_on(args.nproc, defaults)
-    )
+    env.update(record_share_on(args.nproc, defaults) if args.share else record_batch_on(args.nproc, defaults))
     for pair in args.env:
         key, _, value = pair.partition("=")
         only, _, key = key.rpartition(":")  # NAME:KEY=VALUE overrides for that variant only
@@ -196,10 +192,11 @@ def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None 
     result = {"variant": name, "exit": status, "wall_s": round(time.monotonic() - started, 1)}
     if gpu is not None:
         result["gpu"] = gpu
-    result.update(measure(text, record_vocab(spec), args.nproc, getattr(args, "share", False)))
+    vocab = record_vocab(spec)
+    result.update(measure(text, vocab, args.nproc, args.share))
     if args.seconds > 0 and result["tokens_per_step"]:
         # how often the run went over its train split: above a few passes the val_bpb measures memorisation
-        have = train_tokens(args.data_root, record_vocab(spec))
+        have = train_tokens(args.data_root, vocab)
         result["train_passes"] = round(result["steps"] * result["tokens_per_step"] / have, 2) if have else None
     return result
 

@@ -3232,13 +3232,13 @@ def gptq_export(
     wide = env_int("WIDE_ROW_BITS", 8)
     plan = wide_rows_plan(model, plan, wide)
     if env_flag("USE_GPTQ", False):
-        started, reserve = time.perf_counter(), gptq_reserve_seconds()
-        if hp.max_wallclock_seconds > 0:
+        started, reserve, capped = time.perf_counter(), gptq_reserve_seconds(), hp.max_wallclock_seconds > 0
+        if capped:
             log(f"gptq:reserving {reserve:g}s, effective={1000 * (hp.max_wallclock_seconds - reserve):.0f}ms")
         seqs, length = env_int("GPTQ_CALIB_SEQS", 32), env_int("GPTQ_CALIB_LEN", 0) or hp.train_seq_len
         # inside the cap, generation may take GPTQ_GENERATION_SHARE of the reserve; the sequences stop where it ends
-        capped = hp.max_wallclock_seconds > 0 and reserve > 0
-        deadline = started + env_float("GPTQ_GENERATION_SHARE", 0.7) * reserve if capped else None
+        share = env_float("GPTQ_GENERATION_SHARE", 0.7)
+        deadline = started + share * reserve if capped and reserve > 0 else None
         calibration = generate_calibration(model, seqs, length, autocast_dtype=autocast_dtype, deadline=deadline)
         generated = time.perf_counter()
         cut = f" (cut from {length} at the reserve's generation share)" if calibration.size(1) < length else ""
@@ -3248,7 +3248,7 @@ def gptq_export(
         plan = gptq_refine_plan(model, hessians, plan, wide)
         total = time.perf_counter() - started
         log(f"gptq:quantization complete in {total:.1f}s")
-        if hp.max_wallclock_seconds > 0 and total > reserve:
+        if capped and total > reserve:
             log(f"gptq:over_reserve {total:.1f}s > {reserve:g}s: training + GPTQ passed the cap; raise the reserve")
     container = encode_state(model.state_dict(), plan)
     target = env_int("PRUNE_TARGET_BYTES", 0)

@@ -164,7 +164,7 @@ def test_an_override_can_name_its_variant(sample_data):
     data, _ = sample_data
     bench = _bench()
     args = argparse.Namespace(
-        data_root=data.parent.parent, seconds=0, steps=5, nproc=1,
+        data_root=data.parent.parent, seconds=0, steps=5, nproc=1, share=False,
         env=["kill-mamba2:COMPILE_SCOPE=blocks", "EMA_DECAY=0", "baseline:VAL_TOKENS=1=2"],
     )  # fmt: skip
     km2 = bench.run_env("kill-mamba2", get_variant("kill-mamba2"), args, gpu="1")
