@@ -27,8 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.variants import record_accum  # noqa: E402
-from builder.assemble import build_files  # noqa: E402
+from bench.variants import record_accum, write_script  # noqa: E402
 from builder.variants import get_variant  # noqa: E402
 
 # Kernel names -> kind; the first pattern that matches wins. Our scan kernels are known by name (scan_kernels()).
@@ -62,9 +61,7 @@ def kind_of(kernel: str, scan: frozenset[str] = frozenset()) -> str:
 def load_script(name: str, folder: Path, env: dict[str, str]):
     """Assemble the variant, set its record environment and import the script as a module (its main not run)."""
     spec = get_variant(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "train_gpt.py"
-    path.write_text(build_files(spec, "2026-11-27", "-", "-", "record")["train_gpt.py"])
+    path = write_script(spec, folder)
     os.environ.update(spec.defaults_as_strings("record"))
     os.environ.update(env)
     module_spec = importlib.util.spec_from_file_location(f"train_gpt_{name.replace('-', '_')}", path)

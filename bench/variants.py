@@ -171,11 +171,17 @@ def run_env(name: str, spec, args: argparse.Namespace, gpu: str | None = None) -
     return env
 
 
+def write_script(spec, folder: Path) -> Path:
+    """The variant's assembled record train_gpt.py in `folder` (made if missing); its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train_gpt.py"
+    path.write_text(build_files(spec, "2026-11-27", "-", "-", "record")["train_gpt.py"])
+    return path
+
+
 def run_variant(name: str, args: argparse.Namespace, out: Path, gpu: str | None = None) -> dict:
     spec = get_variant(name)
-    folder = out / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train_gpt.py").write_text(build_files(spec, "2026-11-27", "-", "-", "record")["train_gpt.py"])
+    folder = write_script(spec, out / name).parent
     env = run_env(name, spec, args, gpu)
     launch = [sys.executable, "train_gpt.py"]
     if args.nproc > 1:
