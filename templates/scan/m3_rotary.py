@@ -257,14 +257,16 @@ def _m3g_bwd_kernel(
         carry = tl.sum(tl.where((offs_t == tb * BT)[:, None], suffix, 0.0), axis=0)
         ang = tl.load(ANG + base_an + offs_t[:, None] * s_an_t + offs_r[None, :], mask=m2, other=0.0).to(tl.float32)
         dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
-        tl.store(DANG + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], suffix * dt[:, None], mask=m2)
+        dang = (suffix * dt[:, None]).to(DANG.dtype.element_ty)
+        tl.store(DANG + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], dang, mask=m2)
         d_gamma = tl.load(DW + out_g + offs_t * H, mask=mask_t, other=0.0)
         prev = mask_t & (offs_t >= 1)
         d_bp = tl.load(DW + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
         d_bp -= tl.load(DE + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
         ddt = d_gamma * lam + d_bp * (1.0 - lam) + tl.sum(suffix * ang, axis=1)
-        tl.store(DDT + out_g + offs_t * H, ddt, mask=mask_t)
-        tl.store(DTRAP + out_g + offs_t * H, (d_gamma - d_bp) * dt * lam * (1.0 - lam), mask=mask_t)
+        tl.store(DDT + out_g + offs_t * H, ddt.to(DDT.dtype.element_ty), mask=mask_t)
+        dtrap = (d_gamma - d_bp) * dt * lam * (1.0 - lam)
+        tl.store(DTRAP + out_g + offs_t * H, dtrap.to(DTRAP.dtype.element_ty), mask=mask_t)
     if HAS_TH0:
         tl.store(DTH0 + bh * R + offs_r, carry, mask=mask_r)
 
@@ -331,8 +333,10 @@ def _m3g_bwd_impl(dt, trap, angles, theta0, dw, de, dtheta):
     bsz, seqlen, nheads, rdim = angles.shape
     dt, trap, angles = _m3g_inputs(dt, trap, angles)
     f32 = {"device": dt.device, "dtype": torch.float32}
-    ddt, dtrap = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
-    dang = torch.empty(bsz, seqlen, nheads, rdim, **f32)
+    # the gradients stored in their inputs' dtypes straight from the registers (no fp32 copies cast afterwards)
+    ddt = torch.empty(bsz, seqlen, nheads, device=dt.device, dtype=dt.dtype)
+    dtrap = torch.empty(bsz, seqlen, nheads, device=dt.device, dtype=trap.dtype)
+    dang = torch.empty(bsz, seqlen, nheads, rdim, device=dt.device, dtype=angles.dtype)
     dth0 = torch.empty(bsz, nheads, rdim, **f32) if theta0 is not None else None
     _m3g_bwd_kernel[(bsz * nheads,)](
         dt, trap, angles, dw.float().contiguous(), de.float().contiguous(), dtheta.float().contiguous(),
@@ -340,10 +344,7 @@ def _m3g_bwd_impl(dt, trap, angles, theta0, dw, de, dtheta):
         *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
         BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=theta0 is not None,
     )  # fmt: skip
-    return (
-        ddt.to(dt.dtype), dtrap.to(trap.dtype), dang.to(angles.dtype),
-        dth0.to(theta0.dtype) if dth0 is not None else scan_none(ddt),
-    )  # fmt: skip
+    return ddt, dtrap, dang, dth0.to(theta0.dtype) if dth0 is not None else scan_none(ddt)
 
 
 def _m3g_bwd_fake(dt, trap, angles, theta0, dw, de, dtheta):

@@ -388,27 +388,28 @@ def _ssd_bwd_dx_kernel(
     cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
     kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
     qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
-    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-    seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
-    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-    mmat = tl.where(causal, scores * seg * wmat, 0.0).to(DOT)
-    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-    y_off = e_g[:, None] * tl.dot(qc, st, input_precision=PREC)
+    # x and dy stay in their stored dtype (half the registers of fp32 tiles at bf16), widened where used
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
+    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0)
     if HAS_D:
         d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        part = (b64 * NC + c) * H + h
+        tl.store(DD_PART + part * P + offs_p, tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=mask_p)
     else:
         d_row = tl.zeros((BP,), dtype=tl.float32)
-    read = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
-    if HAS_D:
-        part = (b64 * NC + c) * H + h
-        tl.store(DD_PART + part * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
-    kdh = tl.dot(kb, tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT), input_precision=PREC)
-    c_state = dec * tl.sum(kdh * x, axis=1)
-    dx = tl.dot(tl.trans(mmat), dy.to(DOT), input_precision=PREC) + (dec * w)[:, None] * kdh + d_row[None, :] * dy
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+    mmat = (tl.dot(qc, tl.trans(kb), input_precision=PREC) * seg * wmat).to(DOT)
+    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    dck = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    y_off = e_g[:, None] * tl.dot(qc, st, input_precision=PREC)
+    read = tl.cumsum(tl.sum(dy.to(tl.float32) * y_off, axis=1), axis=0, reverse=True)
+    kdh = tl.dot(kb, dck, input_precision=PREC)
+    c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+    dx = tl.dot(tl.trans(mmat), dy.to(DOT), input_precision=PREC) + (dec * w)[:, None] * kdh
+    dx += d_row[None, :] * dy.to(tl.float32)
     tl.store(DX + x_base + xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
     wc = w * c_state
     g_ptr = row * H + h + offs_q * H

@@ -195,3 +195,24 @@ def test_gates_kernel_matches_reference(m3, seqlen, nangles, theta0):
     for got, ref in zip(*outs):
         assert got.shape == ref.shape
         assert _rel(got, ref) < 1e-5
+
+
+def test_gates_backward_in_input_dtypes(m3):
+    """The gate kernel's backward stores d dt, d trap and d angles in their inputs' dtypes (bf16 trap and angles here,
+    as a bf16 in_proj gives them; dt fp32), with the values of the fp32 reference's gradients rounded once."""
+    rotary = importlib.import_module("templates.scan.m3_rotary")
+    gen = torch.Generator().manual_seed(3)
+    bsz, seqlen, nheads, nangles = 2, 77, 3, 5
+    dt = F.softplus(torch.randn(bsz, seqlen, nheads, generator=gen) - 1.0)
+    trap = torch.randn(bsz, seqlen, nheads, generator=gen).bfloat16()
+    angles = torch.randn(bsz, seqlen, nheads, nangles, generator=gen).bfloat16()
+    th0 = torch.randn(bsz, nheads, nangles, generator=gen)
+    cots = [torch.randn(bsz, seqlen, nheads, generator=gen) for _ in range(2)]
+    cots.append(torch.randn(bsz, seqlen, nheads, nangles, generator=gen))
+    leaves = [t.clone().requires_grad_() for t in (dt, trap, angles, th0)]
+    got = torch.autograd.grad(rotary.m3_gates(*leaves), leaves, cots)
+    ref_leaves = [t.float().clone().requires_grad_() for t in (dt, trap, angles, th0)]
+    ref = torch.autograd.grad(rotary.m3_gates_ref(*ref_leaves), ref_leaves, cots)
+    for g, r, leaf in zip(got, ref, leaves):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        assert _rel(g, r.to(leaf.dtype)) < 1e-2
