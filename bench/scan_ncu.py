@@ -31,6 +31,8 @@ METRICS = {
     "launch__grid_size": "programs",
 }
 
+TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}  # ncu's duration units
+
 
 def our_cases(device) -> list[dict]:
     """Our ops only (no references, no anchors): bench/scan.py's table rows and its variant-shape rows."""
@@ -68,7 +70,9 @@ def summarise(text: str) -> str:
         entry = launches.setdefault(key, {"kernel": row.get("Kernel Name", "?")})
         name = row.get("Metric Name")
         if name in METRICS:
-            entry[METRICS[name]] = row.get("Metric Value", "").replace(",", "")
+            value = row.get("Metric Value", "").replace(",", "")
+            scale = TO_US.get(row.get("Metric Unit", "")) if name == "gpu__time_duration.sum" else None
+            entry[METRICS[name]] = f"{float(value) * scale:.1f}" if scale and value else value
     header = ["kernel"] + list(METRICS.values())
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for entry in launches.values():

@@ -19,8 +19,8 @@ def _tool():
     return module
 
 
-def row(launch: int, kernel: str, metric: str, value: str) -> str:
-    cells = [launch, 1, "python3", "h", kernel, 1, 7, "(128, 1, 1)", "(64, 16, 1)", 0, "9.0", "", metric, "", value]
+def row(launch: int, kernel: str, metric: str, value: str, unit: str = "") -> str:
+    cells = [launch, 1, "python3", "h", kernel, 1, 7, "(128, 1, 1)", "(64, 16, 1)", 0, "9.0", "", metric, unit, value]
     return ",".join(f'"{c}"' for c in cells)
 
 
@@ -41,3 +41,13 @@ def test_metric_list_is_what_ncu_takes(capsys):
     tool = _tool()
     assert tool.main(["--metrics"]) == 0
     assert capsys.readouterr().out.strip() == ",".join(tool.METRICS)
+
+
+def test_durations_are_microseconds_whatever_unit_ncu_chose():
+    # ncu writes the duration in the unit it picks per launch (ns for short kernels); the column is microseconds
+    tool = _tool()
+    lines = [HEADER, row(0, "_ssd_bwd_dx_kernel", "gpu__time_duration.sum", "604,768", "ns")]
+    lines += [row(1, "_sel_bwd_kernel", "gpu__time_duration.sum", "2.76", "ms")]
+    lines += [row(2, "_fo_scan_kernel", "gpu__time_duration.sum", "202.1", "us")]
+    body = tool.summarise("\n".join(lines) + "\n").splitlines()[2:]
+    assert [line.split("|")[2].strip() for line in body] == ["604.8", "2760.0", "202.1"]
