@@ -927,14 +927,16 @@ def _m3g_bwd_kernel(
         carry = tl.sum(tl.where((offs_t == tb * BT)[:, None], suffix, 0.0), axis=0)
         ang = tl.load(ANG + base_an + offs_t[:, None] * s_an_t + offs_r[None, :], mask=m2, other=0.0).to(tl.float32)
         dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
-        tl.store(DANG + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], suffix * dt[:, None], mask=m2)
+        dang = (suffix * dt[:, None]).to(DANG.dtype.element_ty)
+        tl.store(DANG + out_th + offs_t[:, None] * (H * R) + offs_r[None, :], dang, mask=m2)
         d_gamma = tl.load(DW + out_g + offs_t * H, mask=mask_t, other=0.0)
         prev = mask_t & (offs_t >= 1)
         d_bp = tl.load(DW + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
         d_bp -= tl.load(DE + out_g + (offs_t - 1) * H, mask=prev, other=0.0)
         ddt = d_gamma * lam + d_bp * (1.0 - lam) + tl.sum(suffix * ang, axis=1)
-        tl.store(DDT + out_g + offs_t * H, ddt, mask=mask_t)
-        tl.store(DTRAP + out_g + offs_t * H, (d_gamma - d_bp) * dt * lam * (1.0 - lam), mask=mask_t)
+        tl.store(DDT + out_g + offs_t * H, ddt.to(DDT.dtype.element_ty), mask=mask_t)
+        dtrap = (d_gamma - d_bp) * dt * lam * (1.0 - lam)
+        tl.store(DTRAP + out_g + offs_t * H, dtrap.to(DTRAP.dtype.element_ty), mask=mask_t)
     if HAS_TH0:
         tl.store(DTH0 + bh * R + offs_r, carry, mask=mask_r)
 
@@ -1001,8 +1003,10 @@ def _m3g_bwd_impl(dt, trap, angles, theta0, dw, de, dtheta):
     bsz, seqlen, nheads, rdim = angles.shape
     dt, trap, angles = _m3g_inputs(dt, trap, angles)
     f32 = {"device": dt.device, "dtype": torch.float32}
-    ddt, dtrap = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
-    dang = torch.empty(bsz, seqlen, nheads, rdim, **f32)
+    # the gradients stored in their inputs' dtypes straight from the registers (no fp32 copies cast afterwards)
+    ddt = torch.empty(bsz, seqlen, nheads, device=dt.device, dtype=dt.dtype)
+    dtrap = torch.empty(bsz, seqlen, nheads, device=dt.device, dtype=trap.dtype)
+    dang = torch.empty(bsz, seqlen, nheads, rdim, device=dt.device, dtype=angles.dtype)
     dth0 = torch.empty(bsz, nheads, rdim, **f32) if theta0 is not None else None
     _m3g_bwd_kernel[(bsz * nheads,)](
         dt, trap, angles, dw.float().contiguous(), de.float().contiguous(), dtheta.float().contiguous(),
@@ -1010,10 +1014,7 @@ def _m3g_bwd_impl(dt, trap, angles, theta0, dw, de, dtheta):
         *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
         BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=theta0 is not None,
     )  # fmt: skip
-    return (
-        ddt.to(dt.dtype), dtrap.to(trap.dtype), dang.to(angles.dtype),
-        dth0.to(theta0.dtype) if dth0 is not None else scan_none(ddt),
-    )  # fmt: skip
+    return ddt, dtrap, dang, dth0.to(theta0.dtype) if dth0 is not None else scan_none(ddt)
 
 
 def _m3g_bwd_fake(dt, trap, angles, theta0, dw, de, dtheta):
@@ -1427,27 +1428,28 @@ def _ssd_bwd_dx_kernel(
     cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
     kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
     qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
-    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-    seg = tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0))
-    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-    mmat = tl.where(causal, scores * seg * wmat, 0.0).to(DOT)
-    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-    y_off = e_g[:, None] * tl.dot(qc, st, input_precision=PREC)
+    # x and dy stay in their stored dtype (half the registers of fp32 tiles at bf16), widened where used
+    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
+    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0)
     if HAS_D:
         d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        part = (b64 * NC + c) * H + h
+        tl.store(DD_PART + part * P + offs_p, tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=mask_p)
     else:
         d_row = tl.zeros((BP,), dtype=tl.float32)
-    read = tl.cumsum(tl.sum(dy * y_off, axis=1), axis=0, reverse=True)
-    if HAS_D:
-        part = (b64 * NC + c) * H + h
-        tl.store(DD_PART + part * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
-    kdh = tl.dot(kb, tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT), input_precision=PREC)
-    c_state = dec * tl.sum(kdh * x, axis=1)
-    dx = tl.dot(tl.trans(mmat), dy.to(DOT), input_precision=PREC) + (dec * w)[:, None] * kdh + d_row[None, :] * dy
+    causal = offs_q[:, None] >= offs_q[None, :]
+    diag = offs_q[:, None] == offs_q[None, :]
+    seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
+    mmat = (tl.dot(qc, tl.trans(kb), input_precision=PREC) * seg * wmat).to(DOT)
+    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    dck = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
+    y_off = e_g[:, None] * tl.dot(qc, st, input_precision=PREC)
+    read = tl.cumsum(tl.sum(dy.to(tl.float32) * y_off, axis=1), axis=0, reverse=True)
+    kdh = tl.dot(kb, dck, input_precision=PREC)
+    c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+    dx = tl.dot(tl.trans(mmat), dy.to(DOT), input_precision=PREC) + (dec * w)[:, None] * kdh
+    dx += d_row[None, :] * dy.to(tl.float32)
     tl.store(DX + x_base + xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
     wc = w * c_state
     g_ptr = row * H + h + offs_q * H
@@ -2665,6 +2667,11 @@ def lr_scale(
     return ramp * min(1.0, max(left, 0.0))
 
 
+def past_cap(elapsed_ms: float, steps: int, cap_ms: float | None) -> bool:
+    """Whether one more step at the pace so far would end past the wall-clock cap: training stops before it."""
+    return cap_ms is not None and elapsed_ms + elapsed_ms / max(steps, 1) > cap_ms
+
+
 def momentum_at(step: int, start: float, end: float, ramp_steps: int) -> float:
     """Muon momentum, linear from `start` to `end` over the first `ramp_steps` steps."""
     t = min(step / ramp_steps, 1.0) if ramp_steps > 0 else 1.0
@@ -3638,7 +3645,10 @@ def main() -> None:
                     f"step:{steps}/{hp.iterations} train_loss:{train_loss.item():.4f} "
                     f"train_time:{elapsed:.0f}ms step_avg:{elapsed / steps:.2f}ms"
                 )
-            out_of_time = cap_ms is not None and elapsed >= cap_ms
+            if past_cap(elapsed + elapsed / steps, steps, cap_ms):  # within two steps of the cap: the device's clock
+                wait_for_device()
+                elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
+            out_of_time = past_cap(elapsed, steps, cap_ms)
             if distributed and cap_ms is not None:
                 flag = torch.tensor(float(out_of_time), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -3711,24 +3721,13 @@ def main() -> None:
             os.replace(tmp, target)
             log(f"token_losses: {losses.numel()} written to {target.name}")
 
-    summary = {
-        "seed": hp.seed,
-        "world_size": world_size,
-        "steps": steps,
-        "train_time_ms": round(train_ms, 1),
-        "eval_time_ms": round(eval_ms, 1),
-        "val_loss": val_loss,
-        "val_bpb": val_bpb,
-        "pre_quant_val_bpb": pre_quant_bpb,
-        "bytes_model": model_bytes,
-        "bytes_code": len(code),
-        "bytes_total": model_bytes + len(code),
-        "artifact": artifact.name,
-        "artifact_sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
-        "score_tag": f"{hp.score_tag}_exact",
-        "eval_only": hp.eval_only,
-        "torch": torch.__version__,
-    }
+    summary = dict(
+        seed=hp.seed, world_size=world_size, steps=steps, train_time_ms=round(train_ms, 1),
+        eval_time_ms=round(eval_ms, 1), val_loss=val_loss, val_bpb=val_bpb, pre_quant_val_bpb=pre_quant_bpb,
+        bytes_model=model_bytes, bytes_code=len(code), bytes_total=model_bytes + len(code), artifact=artifact.name,
+        artifact_sha256=hashlib.sha256(artifact.read_bytes()).hexdigest(), score_tag=f"{hp.score_tag}_exact",
+        eval_only=hp.eval_only, torch=torch.__version__,
+    )  # fmt: skip
     log("result_json " + json.dumps(summary, sort_keys=True))
     if distributed:
         dist.barrier()  # leave together: a rank torn down early once aborted its peer's teardown (gloo, in a rerun)

@@ -1891,6 +1891,11 @@ def lr_scale(
     return ramp * min(1.0, max(left, 0.0))
 
 
+def past_cap(elapsed_ms: float, steps: int, cap_ms: float | None) -> bool:
+    """Whether one more step at the pace so far would end past the wall-clock cap: training stops before it."""
+    return cap_ms is not None and elapsed_ms + elapsed_ms / max(steps, 1) > cap_ms
+
+
 def momentum_at(step: int, start: float, end: float, ramp_steps: int) -> float:
     """Muon momentum, linear from `start` to `end` over the first `ramp_steps` steps."""
     t = min(step / ramp_steps, 1.0) if ramp_steps > 0 else 1.0
@@ -2515,7 +2520,10 @@ def main() -> None:
                     f"step:{steps}/{hp.iterations} train_loss:{train_loss.item():.4f} "
                     f"train_time:{elapsed:.0f}ms step_avg:{elapsed / steps:.2f}ms"
                 )
-            out_of_time = cap_ms is not None and elapsed >= cap_ms
+            if past_cap(elapsed + elapsed / steps, steps, cap_ms):  # within two steps of the cap: the device's clock
+                wait_for_device()
+                elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
+            out_of_time = past_cap(elapsed, steps, cap_ms)
             if distributed and cap_ms is not None:
                 flag = torch.tensor(float(out_of_time), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -2588,24 +2596,13 @@ def main() -> None:
             os.replace(tmp, target)
             log(f"token_losses: {losses.numel()} written to {target.name}")
 
-    summary = {
-        "seed": hp.seed,
-        "world_size": world_size,
-        "steps": steps,
-        "train_time_ms": round(train_ms, 1),
-        "eval_time_ms": round(eval_ms, 1),
-        "val_loss": val_loss,
-        "val_bpb": val_bpb,
-        "pre_quant_val_bpb": pre_quant_bpb,
-        "bytes_model": model_bytes,
-        "bytes_code": len(code),
-        "bytes_total": model_bytes + len(code),
-        "artifact": artifact.name,
-        "artifact_sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
-        "score_tag": f"{hp.score_tag}_exact",
-        "eval_only": hp.eval_only,
-        "torch": torch.__version__,
-    }
+    summary = dict(
+        seed=hp.seed, world_size=world_size, steps=steps, train_time_ms=round(train_ms, 1),
+        eval_time_ms=round(eval_ms, 1), val_loss=val_loss, val_bpb=val_bpb, pre_quant_val_bpb=pre_quant_bpb,
+        bytes_model=model_bytes, bytes_code=len(code), bytes_total=model_bytes + len(code), artifact=artifact.name,
+        artifact_sha256=hashlib.sha256(artifact.read_bytes()).hexdigest(), score_tag=f"{hp.score_tag}_exact",
+        eval_only=hp.eval_only, torch=torch.__version__,
+    )  # fmt: skip
     log("result_json " + json.dumps(summary, sort_keys=True))
     if distributed:
         dist.barrier()  # leave together: a rank torn down early once aborted its peer's teardown (gloo, in a rerun)

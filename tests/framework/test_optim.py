@@ -8,7 +8,7 @@ import torch
 import templates.mixers.attention  # noqa: F401 (registers the mixer)
 from templates.config import model_config_from_env
 from templates.model import LanguageModel
-from templates.optim import Muon, WeightAverage, lr_scale, momentum_at, orthogonalize, split_parameters
+from templates.optim import Muon, WeightAverage, lr_scale, momentum_at, orthogonalize, past_cap, split_parameters
 
 
 def test_lr_scale_ramp_flat_and_warmdown():
@@ -23,6 +23,14 @@ def test_lr_scale_ramp_flat_and_warmdown():
     assert momentum_at(0, 0.85, 0.95, 500) == pytest.approx(0.85)
     assert momentum_at(250, 0.85, 0.95, 500) == pytest.approx(0.90)
     assert momentum_at(9999, 0.85, 0.95, 500) == pytest.approx(0.95)
+
+
+def test_training_stops_before_the_cap_not_after_it():
+    # 99 steps in 594 s (6 s a step): a 100th would end at 600 s, inside a 600 s cap; a 101st at 606 s would not
+    assert not past_cap(594_000.0, 99, 600_000.0)
+    assert past_cap(600_000.0, 100, 600_000.0)
+    assert past_cap(595_000.0, 99, 600_000.0)  # the pace so far (6.01 s a step) ends the next one at 601 s
+    assert not past_cap(10**9, 1, None)  # no cap: never
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
