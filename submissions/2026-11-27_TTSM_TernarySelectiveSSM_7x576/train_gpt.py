@@ -46,6 +46,7 @@ VARIANT_DEFAULTS: dict[str, str] = {
     "BIGRAM_BUCKETS": "3072",
     "BIGRAM_DIM": "16",
     "BIGRAM_SCALE_INIT": "0.05",
+    "COMPILE_MODE": "reduce-overhead",
     "COMPRESSOR": "zlib",
     "CONTROL_TENSOR_NAME_PATTERNS": "branch_scales,resid_mix,skip_weights,loop_pos,feature_scale,A_log,dt_proj",
     "EVAL_BATCH_SEQS": "32",
