@@ -131,9 +131,9 @@ def lr_scale(
     return ramp * min(1.0, max(left, 0.0))
 
 
-def past_cap(elapsed_ms: float, steps: int, cap_ms: float | None) -> bool:
-    """Whether one more step at the pace so far would end past the wall-clock cap: training stops before it."""
-    return cap_ms is not None and elapsed_ms + elapsed_ms / max(steps, 1) > cap_ms
+def past_cap(elapsed_ms: float, steps: int, cap_ms: float | None, ahead: int = 1) -> bool:
+    """Whether `ahead` more steps at the pace so far would end past the wall-clock cap: training stops before it."""
+    return cap_ms is not None and elapsed_ms + ahead * elapsed_ms / max(steps, 1) > cap_ms
 
 
 def momentum_at(step: int, start: float, end: float, ramp_steps: int) -> float:

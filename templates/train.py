@@ -231,7 +231,7 @@ def main() -> None:
                     f"step:{steps}/{hp.iterations} train_loss:{train_loss.item():.4f} "
                     f"train_time:{elapsed:.0f}ms step_avg:{elapsed / steps:.2f}ms"
                 )
-            if past_cap(elapsed + elapsed / steps, steps, cap_ms):  # within two steps of the cap: the device's clock
+            if past_cap(elapsed, steps, cap_ms, ahead=2):  # within two steps of the cap: the device's clock
                 wait_for_device()
                 elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
             out_of_time = past_cap(elapsed, steps, cap_ms)

@@ -1892,9 +1892,9 @@ def lr_scale(
     return ramp * min(1.0, max(left, 0.0))
 
 
-def past_cap(elapsed_ms: float, steps: int, cap_ms: float | None) -> bool:
-    """Whether one more step at the pace so far would end past the wall-clock cap: training stops before it."""
-    return cap_ms is not None and elapsed_ms + elapsed_ms / max(steps, 1) > cap_ms
+def past_cap(elapsed_ms: float, steps: int, cap_ms: float | None, ahead: int = 1) -> bool:
+    """Whether `ahead` more steps at the pace so far would end past the wall-clock cap: training stops before it."""
+    return cap_ms is not None and elapsed_ms + ahead * elapsed_ms / max(steps, 1) > cap_ms
 
 
 def momentum_at(step: int, start: float, end: float, ramp_steps: int) -> float:
@@ -2521,7 +2521,7 @@ def main() -> None:
                     f"step:{steps}/{hp.iterations} train_loss:{train_loss.item():.4f} "
                     f"train_time:{elapsed:.0f}ms step_avg:{elapsed / steps:.2f}ms"
                 )
-            if past_cap(elapsed + elapsed / steps, steps, cap_ms):  # within two steps of the cap: the device's clock
+            if past_cap(elapsed, steps, cap_ms, ahead=2):  # within two steps of the cap: the device's clock
                 wait_for_device()
                 elapsed = train_ms + 1000.0 * (time.perf_counter() - started)
             out_of_time = past_cap(elapsed, steps, cap_ms)

@@ -31,6 +31,7 @@ def test_training_stops_before_the_cap_not_after_it():
     assert past_cap(600_000.0, 100, 600_000.0)
     assert past_cap(595_000.0, 99, 600_000.0)  # the pace so far (6.01 s a step) ends the next one at 601 s
     assert not past_cap(10**9, 1, None)  # no cap: never
+    assert past_cap(588_001.0, 98, 600_000.0, ahead=2) and not past_cap(588_000.0, 98, 600_000.0, ahead=2)
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
