@@ -6,9 +6,11 @@ crosses chunks. One program walks the chunks of (one sequence, BP channels) in o
 so each element is read and written once. The carry is held as a BT x BP tile with the same row repeated, the
 product of x with one row of L repeated on every row (a second small matrix product): the next chunk finds it on
 every row of its own tile, with no reduction across rows on the chunk-to-chunk path. The backward is the same with
-L transposed, walking the chunks in reverse; it also gives d a = sum_t lambda_t h_{t-1} per channel and
-d h_0 = a lambda_1. bf16 inputs multiply by L split into two bf16 halves (hi + lo), keeping about 16 bits of L
-(config prec=tf32: one tf32 product, 11 bits); fp32 inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
+L transposed, walking the chunks in reverse; it also gives d h_0 = a lambda_1 and d log_a = a sum lambda_t h_{t-1}
+as one partial sum per program (a small [heads, programs] buffer summed after it, in a fixed order: deterministic).
+The kernels read the decays as log_a per head, so nothing but that sum runs around them. bf16 inputs multiply by L
+split into two bf16 halves (hi + lo), keeping about 16 bits of L (config prec=tf32: one tf32 product, 11 bits); fp32
+inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
 Chosen through `lti_scan(..., config={"method": "toeplitz"})` in templates/scan/first_order.py.
 """
 
