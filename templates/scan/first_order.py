@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from templates.scan.lti_chunked import _ltc_launch, lti_toeplitz_block
+from templates.scan.lti_chunked import _ltc_launch, lti_toeplitz_block, lti_toeplitz_config
 from templates.scan.ops import scan_config_dict, scan_config_str, scan_none, scan_op, scan_opt, scan_ref_vjp
 
 
@@ -343,22 +343,6 @@ def _fo_fin_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _fo_plan(D: int, heads: int, config: str) -> tuple:
-    """(Toeplitz form?, launch config) of one real scan: heads = 0 for time-varying decays, else the number of
-    constant decays (LTI); the Toeplitz form when the config asks for it and the heads are wide enough."""
-    user = scan_config_dict(config)
-    cfg = _fo_config(D, user)
-    block = lti_toeplitz_block(D, heads) if heads else 0
-    if cfg.get("method", "scan") == "toeplitz" and block:
-        interp = os.environ.get("TRITON_INTERPRET") == "1"
-        # 4 warps: one warpgroup, so the products and the carry tile share one MMA layout (offline sm_90: one layout
-        # conversion per chunk, for the store; 8 warps gave two MMA layouts and five conversions)
-        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 4, **user}
-        cfg["BP"] = min(cfg["BP"], block)  # a program must stay inside one head
-        return True, cfg
-    return False, cfg
-
-
 # ---- ssm_golf::fo_scan: real decays, time-varying (heads = 0, a (B, T, D)) or constant (heads > 0: a (D,) per
 # channel or (H,) per head, each head owning D // H consecutive channels) ----
 
@@ -372,13 +356,10 @@ def _fo_scan_impl(a, b, h0, heads, config):
     if not _fo_use_triton(b):
         h, fin = first_order_scan_ref(_fo_per_channel(a, b.shape[2]).expand(b.shape), b, h0, True)
         return h, fin.to(_fo_fin_dtype(b))
-    toeplitz, cfg = _fo_plan(b.shape[2], heads, config)
+    cfg = _fo_config(b.shape[2], scan_config_dict(config))
     a, b = a.contiguous(), b.contiguous()
     h0c = h0.float().contiguous() if h0 is not None else None
-    if toeplitz:
-        h, fin, _ = _ltc_launch(b, a, h0c, False, cfg, True)
-    else:
-        h, fin, _ = _fo_launch(_fo_per_channel(a, b.shape[2]), b, h0c, False, heads > 0, cfg, b.dtype, True)
+    h, fin, _ = _fo_launch(_fo_per_channel(a, b.shape[2]), b, h0c, False, heads > 0, cfg, b.dtype, True)
     return h, fin.to(_fo_fin_dtype(b))
 
 
@@ -404,15 +385,12 @@ def _fo_scan_backward(ctx, dh, dfin):
 def _fo_scan_bwd_impl(a, b, h, h0, dh, dfin, heads, need_a, config):
     if b is not None:
         return tuple(scan_ref_vjp(lambda a, b, h0: _fo_scan_impl(a, b, h0, heads, config), [a, b, h0], [dh, dfin]))
-    toeplitz, cfg = _fo_plan(h.shape[2], heads, config)
+    cfg = _fo_config(h.shape[2], scan_config_dict(config))
     a, dh, dfin = a.contiguous(), dh.contiguous(), dfin.float().contiguous()
     h0c = h0.float().contiguous() if h0 is not None and need_a else None
     hp = h if need_a else None
-    if toeplitz:
-        db, dh0, da = _ltc_launch(dh, a, dfin, True, cfg, h0 is not None, hp=hp, h0=h0c)
-    else:
-        a_ch = _fo_per_channel(a, h.shape[2])
-        db, dh0, da = _fo_launch(a_ch, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
+    a_ch = _fo_per_channel(a, h.shape[2])
+    db, dh0, da = _fo_launch(a_ch, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
     if da is not None and heads:
         da = da.view(da.shape[0], a.shape[0], -1).sum((0, 2))  # per (sequence, channel) to a's decays
     da = da.to(a.dtype) if da is not None else scan_none(dh)
@@ -553,6 +531,80 @@ _fo_cscan_op = scan_op(
 )
 
 
+# ---- ssm_golf::lti_toeplitz: constant per-head decays given as log_a (H,), as chunked Toeplitz products
+# (templates/scan/lti_chunked.py). The kernels take log_a itself and return d log_a as per-program partial sums, so
+# the op runs, besides its two kernels, one small sum of those partials (no exp of the decays, no zero-filled
+# gradient of an unused final state, no reduction over (sequence, channel) nor product by a in autograd) ----
+
+
+def _lti_tp_impl(x, log_a, h0, config):
+    if not _fo_use_triton(x):
+        h, fin = lti_scan_ref(x, log_a, h0, True)
+        return h, fin.to(_fo_fin_dtype(x))
+    cfg = lti_toeplitz_config(x.shape[2], log_a.shape[0], scan_config_dict(config))
+    h0c = h0.contiguous() if h0 is not None else None  # read in its own dtype: no fp32 copy
+    h, fin, _ = _ltc_launch(x.contiguous(), log_a.contiguous(), h0c, False, cfg, _fo_fin_dtype(x))
+    return h, fin
+
+
+def _lti_tp_fake(x, log_a, h0, config):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[2]), dtype=_fo_fin_dtype(x))
+
+
+def _lti_tp_setup(ctx, inputs, output):
+    x, log_a, h0, config = inputs
+    ref = not _fo_use_triton(x)
+    ctx.config = config
+    # an unused final state then comes to the backward as None, not as a zero-filled (B, D) launch
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(log_a, x if ref else None, None if ref else output[0], h0)
+
+
+def _lti_tp_backward(ctx, dh, dfin):
+    log_a, x, h, h0 = ctx.saved_tensors
+    if dh is None:  # only the final state was used: the kernel reads dL/dh everywhere
+        dh = torch.zeros_like(h if h is not None else x)
+    need_a = ctx.needs_input_grad[1]
+    dla, dx, dh0 = _lti_tp_bwd_op(log_a, x, h, h0, dh, dfin, need_a, ctx.config)
+    return dx, (dla if need_a else None), scan_opt(dh0), None
+
+
+def _lti_tp_bwd_impl(log_a, x, h, h0, dh, dfin, need_a, config):
+    if x is not None:
+        fwd = lambda log_a, x, h0: _lti_tp_impl(x, log_a, h0, config)  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, [log_a, x, h0], [dh, dfin]))
+    cfg = lti_toeplitz_config(h.shape[2], log_a.shape[0], scan_config_dict(config))
+    h0c = h0.contiguous() if h0 is not None and need_a else None
+    dfin = dfin.contiguous() if dfin is not None else None
+    fin_dtype = h0.dtype if h0 is not None else None
+    hp = h if need_a else None
+    dx, dh0, part = _ltc_launch(dh.contiguous(), log_a.contiguous(), dfin, True, cfg, fin_dtype, hp=hp, h0=h0c)
+    dla = part.sum(1).to(log_a.dtype) if need_a else scan_none(dh)
+    return dla, dx, dh0 if h0 is not None else scan_none(dh)
+
+
+def _lti_tp_bwd_fake(log_a, x, h, h0, dh, dfin, need_a, config):
+    dla = log_a.new_empty(log_a.shape) if need_a or x is not None else scan_none(dh)
+    return dla, dh.new_empty(dh.shape), h0.new_empty(h0.shape) if h0 is not None else scan_none(dh)
+
+
+_lti_tp_bwd_op = scan_op(
+    "lti_toeplitz_bwd",
+    "(Tensor log_a, Tensor? x, Tensor? h, Tensor? h0, Tensor dh, Tensor? dfin, bool need_a, str config)"
+    " -> (Tensor, Tensor, Tensor)",
+    _lti_tp_bwd_impl,
+    _lti_tp_bwd_fake,
+)
+_lti_tp_op = scan_op(
+    "lti_toeplitz",
+    "(Tensor x, Tensor log_a, Tensor? h0, str config) -> (Tensor, Tensor)",
+    _lti_tp_impl,
+    _lti_tp_fake,
+    _lti_tp_backward,
+    _lti_tp_setup,
+)
+
+
 def first_order_scan(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -623,14 +675,18 @@ def lti_scan(
     """Linear time-invariant scan h_t = exp(log_a) * h_{t-1} + x_t; x (B, T, D), log_a (D,) or (H,) per head
     (see `_fo_expand_decay`), h0 (B, D). Reads the decay once per program: the bytes of a copy.
     config={"method": "toeplitz"} runs per-head decays as chunked Toeplitz matrix products on tensor cores
-    (templates/scan/lti_chunked.py); per-channel decays and narrow heads keep the scan. One op (ssm_golf::fo_scan
-    with constant decays); the exp of the decays is PyTorch around it."""
+    (templates/scan/lti_chunked.py), one op (ssm_golf::lti_toeplitz) that reads log_a itself; per-channel decays
+    and narrow heads keep the scan, one op (ssm_golf::fo_scan with constant decays) with the exp of the decays as
+    PyTorch around it."""
     if x.dim() != 3:
         raise ValueError(f"lti_scan: x must be (B, T, D), got shape {tuple(x.shape)}")
     if h0 is not None:
         _fo_check("lti_scan: h0", h0, (x.shape[0], x.shape[2]))
     if log_a.dim() != 1 or x.shape[2] % log_a.shape[0] != 0:
         _fo_expand_decay(log_a, x.shape[2])  # raises with the shape rule
-    a = torch.exp(log_a.to(_fo_fin_dtype(x)))  # one decay per head: the op expands it where a kernel needs it
-    h, fin = _fo_scan_op(a, x, h0, log_a.shape[0], scan_config_str(config))
+    if config and config.get("method") == "toeplitz" and lti_toeplitz_block(x.shape[2], log_a.shape[0]):
+        h, fin = _lti_tp_op(x, log_a, h0, scan_config_str(config))
+    else:
+        a = torch.exp(log_a.to(_fo_fin_dtype(x)))  # one decay per head: the op expands it where a kernel needs it
+        h, fin = _fo_scan_op(a, x, h0, log_a.shape[0], scan_config_str(config))
     return (h, fin) if return_final_state else h

@@ -6,9 +6,11 @@ crosses chunks. One program walks the chunks of (one sequence, BP channels) in o
 so each element is read and written once. The carry is held as a BT x BP tile with the same row repeated, the
 product of x with one row of L repeated on every row (a second small matrix product): the next chunk finds it on
 every row of its own tile, with no reduction across rows on the chunk-to-chunk path. The backward is the same with
-L transposed, walking the chunks in reverse; it also gives d a = sum_t lambda_t h_{t-1} per channel and
-d h_0 = a lambda_1. bf16 inputs multiply by L split into two bf16 halves (hi + lo), keeping about 16 bits of L
-(config prec=tf32: one tf32 product, 11 bits); fp32 inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
+L transposed, walking the chunks in reverse; it also gives d h_0 = a lambda_1 and d log_a = a sum lambda_t h_{t-1}
+as one partial sum per program (a small [heads, programs] buffer summed after it, in a fixed order: deterministic).
+The kernels read the decays as log_a per head, so nothing but that sum runs around them. bf16 inputs multiply by L
+split into two bf16 halves (hi + lo), keeping about 16 bits of L (config prec=tf32: one tf32 product, 11 bits); fp32
+inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
 Chosen through `lti_scan(..., config={"method": "toeplitz"})` in templates/scan/first_order.py.
 """
 
@@ -39,7 +41,7 @@ def _ltc_dot(m, x, x_lp, acc, SPLIT: tl.constexpr):
 @triton.jit
 def _ltc_kernel(
     x_ptr,
-    a_ptr,
+    la_ptr,
     c0_ptr,
     out_ptr,
     fin_ptr,
@@ -59,14 +61,18 @@ def _ltc_kernel(
     BP: tl.constexpr,
 ):
     """Forward: out = h, fin = h_T. REVERSE: x = dL/dh, c0 = dL/dh_T, out = lambda, fin = dL/dh_0, and with
-    HAS_DA, da[b, d] = sum_t lambda_t h_{t-1} (hp = forward h, h0 = forward h_0)."""
+    HAS_DA, da = this program's share of dL/dlog_a of its head, a * sum_{t, its channels} lambda_t h_{t-1}
+    (hp = forward h, h0 = forward h_0), stored at [head, sequence, program within the head]."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     rows = tl.arange(0, BT)
     cols = pid_d * BP + tl.arange(0, BP)
     mask_d = cols < D
     base = pid_b * T * D
-    l2a = tl.log2(tl.load(a_ptr + (pid_d * BP) // W).to(tl.float32))  # a: one decay per W channels
+    # la: the log decay of each head of W channels, read as it is (no exp launch before the kernel): powers of a
+    # are exp2 of multiples of log2(a) = log(a) * log2(e)
+    head = (pid_d * BP) // W
+    l2a = tl.load(la_ptr + head).to(tl.float32) * 1.4426950408889634
     diff = rows[:, None] - rows[None, :]
     if REVERSE:
         diff = -diff
@@ -134,7 +140,11 @@ def _ltc_kernel(
                 hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
             da_acc += tl.where(m2, h * hp, 0.0)
     if HAS_DA:
-        tl.store(da_ptr + pid_b * D + cols, tl.sum(da_acc, axis=0), mask=mask_d)
+        # one deterministic partial per program, already times a (d log_a = a d a): a launch summing the [H, rest]
+        # partials over their contiguous last axis is all that is left after the kernel, in a fixed order
+        per_head = W // BP
+        slot = (head * tl.num_programs(0) + pid_b) * per_head + pid_d % per_head
+        tl.store(da_ptr + slot, tl.sum(tl.sum(da_acc, axis=1), axis=0) * tl.math.exp2(l2a))
     if STORE_FIN:
         # one row of a tile, stored through a row mask: dL/dh_0 = a lambda_0 in reverse, h at step T - 1 forward
         if REVERSE:
@@ -144,7 +154,7 @@ def _ltc_kernel(
             fin = h
             pick = T - 1 - (n_chunks - 1) * BT
         fmask = (rows == pick)[:, None] & mask_d[None, :]
-        tl.store(fin_ptr + pid_b * D + cols[None, :] + 0 * rows[:, None], fin, mask=fmask)
+        tl.store(fin_ptr + pid_b * D + cols[None, :] + 0 * rows[:, None], fin.to(fin_ptr.dtype.element_ty), mask=fmask)
 
 
 def lti_toeplitz_block(D: int, n_heads: int) -> int:
@@ -158,21 +168,46 @@ def lti_toeplitz_block(D: int, n_heads: int) -> int:
     return block if block >= min_block and n_heads < D else 0
 
 
-def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
+def lti_toeplitz_config(D: int, n_heads: int, user: dict) -> dict:
+    """Launch config of the Toeplitz kernels: BT steps per chunk, BP channels per program (inside one head)."""
+    # 4 warps: one warpgroup, so the products and the carry tile share one MMA layout (offline sm_90: one layout
+    # conversion per chunk, for the store; 8 warps gave two MMA layouts and five conversions)
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 4, **user}
+    cfg["BP"] = min(cfg["BP"], lti_toeplitz_block(D, n_heads))  # a program must stay inside one head
+    return cfg
+
+
+def _ltc_launch(
+    x: torch.Tensor,
+    log_a: torch.Tensor,
+    c0: torch.Tensor | None,
+    reverse: bool,
+    cfg: dict,
+    fin_dtype: torch.dtype | None,
+    hp: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+) -> tuple:
+    """One `_ltc_kernel` launch over contiguous x (B, T, D) with log decays (H,); returns (out, fin or None,
+    partials of d log_a or None). fin (B, D) comes in fin_dtype (None: not stored); the partials (H, B * W / BP),
+    fp32, sum over their last axis to d log_a. Every output element is written by the kernel: no zero-fill."""
     B, T, D = x.shape
     out = torch.empty((B, T, D), device=x.device, dtype=x.dtype)
-    fin = torch.empty((B, D), device=x.device, dtype=torch.float32) if want_fin else out
-    da = torch.empty((B, D), device=x.device, dtype=torch.float32) if hp is not None else None
+    fin = torch.empty((B, D), device=x.device, dtype=fin_dtype) if fin_dtype is not None else None
+    width = D // log_a.shape[0]
+    da = None
+    if hp is not None:
+        da = torch.empty((log_a.shape[0], B * (width // cfg["BP"])), device=x.device, dtype=torch.float32)
     split = 0
     if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1":
         split = 2 if cfg.get("prec") == "tf32" else 1
     grid = (B, triton.cdiv(D, cfg["BP"]))
     _ltc_kernel[grid](
-        x, a_vec, c0 if c0 is not None else x, out, fin,
+        x, log_a, c0 if c0 is not None else x, out, fin if fin is not None else out,
         hp if hp is not None else x, h0 if h0 is not None else x, da if da is not None else x,
-        T, D, D // a_vec.shape[0],
-        REVERSE=reverse, HAS_C0=c0 is not None, STORE_FIN=want_fin, HAS_DA=hp is not None,
+        T, D, width,
+        REVERSE=reverse, HAS_C0=c0 is not None, STORE_FIN=fin is not None, HAS_DA=hp is not None,
         HAS_H0=h0 is not None, SPLIT=split, BT=cfg["BT"], BP=cfg["BP"], num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
-    return out, (fin if want_fin else None), da
+    return out, fin, da

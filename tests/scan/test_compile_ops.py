@@ -87,6 +87,20 @@ def test_lti_compiles(method):
     check_compiled(fn, [x, log_a], ("fo_scan",))
 
 
+@pytest.mark.parametrize("use_fin", [True, False])
+def test_lti_toeplitz_compiles(use_fin):
+    """Heads wide enough for the Toeplitz form: its own op, which reads log_a (no exp around it); an unused final
+    state's gradient comes to the backward as None."""
+    torch.manual_seed(11)
+    x, log_a, h0 = torch.randn(2, 11, 32), -torch.rand(2), torch.randn(2, 32)
+
+    def fn(x, log_a, h0):
+        h, fin = lti_scan(x * 1.5, log_a, h0, True, config={"method": "toeplitz"})
+        return (h.square(), fin * 2.0) if use_fin else (h.square(),)
+
+    check_compiled(fn, [x, log_a, h0], ("lti_toeplitz",))
+
+
 @pytest.mark.parametrize("decay", [(1, 7, 5), (5,)])
 def test_complex_compiles(decay):
     torch.manual_seed(2)
@@ -191,6 +205,8 @@ def opcheck_cases() -> list:
     return [
         ("fo_scan", [*_req(torch.rand(2, 5, 3, generator=g), r(2, 5, 3), r(2, 3)), 0, ""]),
         ("fo_scan", [*_req(torch.rand(4, generator=g), r(1, 6, 4)), None, 2, "method=toeplitz"]),
+        ("lti_toeplitz", [*_req(r(1, 6, 32), -torch.rand(2, generator=g), r(1, 32)), "method=toeplitz"]),
+        ("lti_toeplitz", [*_req(r(1, 6, 32), -torch.rand(2, generator=g)), None, ""]),
         ("fo_cscan", [*_req(*(r(1, 4, 3) * 0.5 for _ in range(4))), None, None, ""]),
         ("fo_cscan", [*_req(r(3) * 0.5, r(3) * 0.5, r(1, 4, 3), r(1, 4, 3)), None, None, ""]),  # constant decay
         ("sel_scan", [*_req(*sel), None, None, True, True, ""]),
@@ -200,6 +216,7 @@ def opcheck_cases() -> list:
                             r(1, 6, 1, 4)), None, None, None, *_req(r(1, 6, 2, 2), r(2, 4)), None]
          + [16, False, True, True, True]),
         ("fo_scan_bwd", [torch.rand(2, 5, 3), r(2, 5, 3), None, None, r(2, 5, 3), r(2, 3), 0, True, ""]),
+        ("lti_toeplitz_bwd", [-torch.rand(2), r(1, 5, 32), None, r(1, 32), r(1, 5, 32), None, True, ""]),
         ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3), r(1, 2, 3))]),
         ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3)), None]),
         ("m3_gates_bwd", [torch.rand(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3), None, r(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3)]),

@@ -196,6 +196,46 @@ def test_lti_toeplitz_matches_reference(fo, T, dtype):
         assert rel_err(got, want) < tol
 
 
+@pytest.mark.parametrize("use", ["both", "h", "fin"])
+@pytest.mark.parametrize("T, with_h0", [(37, True), (16, False), (5, True)])
+def test_lti_toeplitz_decay_gradient_partials(fo, T, with_h0, use):
+    """d log_a from the backward kernel's per-program partials: several heads, several programs per head and
+    sequence (BP 4 of a 16-channel head), odd lengths, with and without h0, and with the final state or the
+    output unused (a gradient that comes as None, not zero-filled)."""
+    torch.manual_seed(100 + T)
+    B, D, H = 3, 64, 4
+    log_a = -torch.rand(H, device=DEV) * 1.5
+    x = torch.randn(B, T, D, device=DEV)
+    h0 = torch.randn(B, D, device=DEV) if with_h0 else None
+    inputs = [x, log_a] + ([h0] if with_h0 else [])
+    pick = {"both": slice(0, 2), "h": slice(0, 1), "fin": slice(1, 2)}[use]
+
+    def kern(x, log_a, h0=None):
+        return fo.lti_scan(x, log_a, h0, True, config={"method": "toeplitz", "BP": 4})[pick]
+
+    def ref(x, log_a, h0=None):
+        return fo.lti_scan_ref(x.double(), log_a.double(), None if h0 is None else h0.double(), True)[pick]
+
+    cots = [torch.randn(B, T, D, device=DEV, dtype=torch.float64), torch.randn(B, D, device=DEV, dtype=torch.float64)]
+    outs, g = grads_of(kern, inputs, cots[pick])
+    outs_ref, g_ref = grads_of(ref, inputs, cots[pick])
+    assert g[1].shape == (H,)
+    for got, want in zip(list(outs) + list(g), list(outs_ref) + list(g_ref)):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_lti_toeplitz_without_decay_gradient(fo):
+    """log_a without requires_grad: the backward kernel skips the decay gradient; x and h0 still match."""
+    torch.manual_seed(5)
+    x, h0 = torch.randn(2, 23, 32, device=DEV, requires_grad=True), torch.randn(2, 32, device=DEV)
+    log_a = -torch.rand(2, device=DEV)
+    h = fo.lti_scan(x, log_a, h0, config={"method": "toeplitz"})
+    xr = x.detach().double().requires_grad_()
+    hr = fo.lti_scan_ref(xr, log_a.double(), h0.double())
+    cot = torch.randn_like(hr)
+    assert rel_err(torch.autograd.grad(h, x, cot.float())[0], torch.autograd.grad(hr, xr, cot)[0]) < 1e-5
+
+
 def test_lti_toeplitz_block_rule(fo):
     """Per-channel decays and heads narrower than a tensor-core tile fall back to the scan (block 0)."""
     assert fo.lti_toeplitz_block(1024, 1024) == 0

@@ -28,7 +28,7 @@ TINY = {
     ),
 }  # fmt: skip
 # the op each variant's graphs must hold (off CUDA the Mamba-3 scan is its PyTorch reference, traced whole)
-SCAN_OP = {"kill-mamba2": "fo_scan", "ttsm": "sel_scan", "lru": "fo_cscan", "hybrid-3to1": "sel_scan"}
+SCAN_OP = {"kill-mamba2": "lti_toeplitz", "ttsm": "sel_scan", "lru": "fo_cscan", "hybrid-3to1": "sel_scan"}
 
 
 @pytest.mark.parametrize("variant", list(TINY))
