@@ -576,9 +576,11 @@ class SwiGLUMLP(nn.Module):
 # so each element is read and written once. The carry is held as a BT x BP tile with the same row repeated, the
 # product of x with one row of L repeated on every row (a second small matrix product): the next chunk finds it on
 # every row of its own tile, with no reduction across rows on the chunk-to-chunk path. The backward is the same with
-# L transposed, walking the chunks in reverse; it also gives d a = sum_t lambda_t h_{t-1} per channel and
-# d h_0 = a lambda_1. bf16 inputs multiply by L split into two bf16 halves (hi + lo), keeping about 16 bits of L
-# (config prec=tf32: one tf32 product, 11 bits); fp32 inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
+# L transposed, walking the chunks in reverse; it also gives d h_0 = a lambda_1 and d log_a = a sum lambda_t h_{t-1}
+# as one partial sum per program (a small [heads, programs] buffer summed after it, in a fixed order: deterministic).
+# The kernels read the decays as log_a per head, so nothing but that sum runs around them. bf16 inputs multiply by L
+# split into two bf16 halves (hi + lo), keeping about 16 bits of L (config prec=tf32: one tf32 product, 11 bits); fp32
+# inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
 # Chosen through `lti_scan(..., config={"method": "toeplitz"})` in templates/scan/first_order.py.
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -603,7 +605,7 @@ def _ltc_dot(m, x, x_lp, acc, SPLIT: tl.constexpr):
 @triton.jit
 def _ltc_kernel(
     x_ptr,
-    a_ptr,
+    la_ptr,
     c0_ptr,
     out_ptr,
     fin_ptr,
@@ -623,14 +625,18 @@ def _ltc_kernel(
     BP: tl.constexpr,
 ):
     """Forward: out = h, fin = h_T. REVERSE: x = dL/dh, c0 = dL/dh_T, out = lambda, fin = dL/dh_0, and with
-    HAS_DA, da[b, d] = sum_t lambda_t h_{t-1} (hp = forward h, h0 = forward h_0)."""
+    HAS_DA, da = this program's share of dL/dlog_a of its head, a * sum_{t, its channels} lambda_t h_{t-1}
+    (hp = forward h, h0 = forward h_0), stored at [head, sequence, program within the head]."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     rows = tl.arange(0, BT)
     cols = pid_d * BP + tl.arange(0, BP)
     mask_d = cols < D
     base = pid_b * T * D
-    l2a = tl.log2(tl.load(a_ptr + (pid_d * BP) // W).to(tl.float32))  # a: one decay per W channels
+    # la: the log decay of each head of W channels, read as it is (no exp launch before the kernel): powers of a
+    # are exp2 of multiples of log2(a) = log(a) * log2(e)
+    head = (pid_d * BP) // W
+    l2a = tl.load(la_ptr + head).to(tl.float32) * 1.4426950408889634
     diff = rows[:, None] - rows[None, :]
     if REVERSE:
         diff = -diff
@@ -698,7 +704,11 @@ def _ltc_kernel(
                 hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
             da_acc += tl.where(m2, h * hp, 0.0)
     if HAS_DA:
-        tl.store(da_ptr + pid_b * D + cols, tl.sum(da_acc, axis=0), mask=mask_d)
+        # one deterministic partial per program, already times a (d log_a = a d a): a launch summing the [H, rest]
+        # partials over their contiguous last axis is all that is left after the kernel, in a fixed order
+        per_head = W // BP
+        slot = (head * tl.num_programs(0) + pid_b) * per_head + pid_d % per_head
+        tl.store(da_ptr + slot, tl.sum(tl.sum(da_acc, axis=1), axis=0) * tl.math.exp2(l2a))
     if STORE_FIN:
         # one row of a tile, stored through a row mask: dL/dh_0 = a lambda_0 in reverse, h at step T - 1 forward
         if REVERSE:
@@ -708,7 +718,7 @@ def _ltc_kernel(
             fin = h
             pick = T - 1 - (n_chunks - 1) * BT
         fmask = (rows == pick)[:, None] & mask_d[None, :]
-        tl.store(fin_ptr + pid_b * D + cols[None, :] + 0 * rows[:, None], fin, mask=fmask)
+        tl.store(fin_ptr + pid_b * D + cols[None, :] + 0 * rows[:, None], fin.to(fin_ptr.dtype.element_ty), mask=fmask)
 
 
 def lti_toeplitz_block(D: int, n_heads: int) -> int:
@@ -722,24 +732,49 @@ def lti_toeplitz_block(D: int, n_heads: int) -> int:
     return block if block >= min_block and n_heads < D else 0
 
 
-def _ltc_launch(x, a_vec, c0, reverse, cfg, want_fin, hp=None, h0=None):
+def lti_toeplitz_config(D: int, n_heads: int, user: dict) -> dict:
+    """Launch config of the Toeplitz kernels: BT steps per chunk, BP channels per program (inside one head)."""
+    # 4 warps: one warpgroup, so the products and the carry tile share one MMA layout (offline sm_90: one layout
+    # conversion per chunk, for the store; 8 warps gave two MMA layouts and five conversions)
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 4, **user}
+    cfg["BP"] = min(cfg["BP"], lti_toeplitz_block(D, n_heads))  # a program must stay inside one head
+    return cfg
+
+
+def _ltc_launch(
+    x: torch.Tensor,
+    log_a: torch.Tensor,
+    c0: torch.Tensor | None,
+    reverse: bool,
+    cfg: dict,
+    fin_dtype: torch.dtype | None,
+    hp: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+) -> tuple:
+    """One `_ltc_kernel` launch over contiguous x (B, T, D) with log decays (H,); returns (out, fin or None,
+    partials of d log_a or None). fin (B, D) comes in fin_dtype (None: not stored); the partials (H, B * W / BP),
+    fp32, sum over their last axis to d log_a. Every output element is written by the kernel: no zero-fill."""
     B, T, D = x.shape
     out = torch.empty((B, T, D), device=x.device, dtype=x.dtype)
-    fin = torch.empty((B, D), device=x.device, dtype=torch.float32) if want_fin else out
-    da = torch.empty((B, D), device=x.device, dtype=torch.float32) if hp is not None else None
+    fin = torch.empty((B, D), device=x.device, dtype=fin_dtype) if fin_dtype is not None else None
+    width = D // log_a.shape[0]
+    da = None
+    if hp is not None:
+        da = torch.empty((log_a.shape[0], B * (width // cfg["BP"])), device=x.device, dtype=torch.float32)
     split = 0
     if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1":
         split = 2 if cfg.get("prec") == "tf32" else 1
     grid = (B, triton.cdiv(D, cfg["BP"]))
     _ltc_kernel[grid](
-        x, a_vec, c0 if c0 is not None else x, out, fin,
+        x, log_a, c0 if c0 is not None else x, out, fin if fin is not None else out,
         hp if hp is not None else x, h0 if h0 is not None else x, da if da is not None else x,
-        T, D, D // a_vec.shape[0],
-        REVERSE=reverse, HAS_C0=c0 is not None, STORE_FIN=want_fin, HAS_DA=hp is not None,
+        T, D, width,
+        REVERSE=reverse, HAS_C0=c0 is not None, STORE_FIN=fin is not None, HAS_DA=hp is not None,
         HAS_H0=h0 is not None, SPLIT=split, BT=cfg["BT"], BP=cfg["BP"], num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
-    return out, (fin if want_fin else None), da
+    return out, fin, da
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1180,22 +1215,6 @@ def _fo_fin_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _fo_plan(D: int, heads: int, config: str) -> tuple:
-    """(Toeplitz form?, launch config) of one real scan: heads = 0 for time-varying decays, else the number of
-    constant decays (LTI); the Toeplitz form when the config asks for it and the heads are wide enough."""
-    user = scan_config_dict(config)
-    cfg = _fo_config(D, user)
-    block = lti_toeplitz_block(D, heads) if heads else 0
-    if cfg.get("method", "scan") == "toeplitz" and block:
-        interp = os.environ.get("TRITON_INTERPRET") == "1"
-        # 4 warps: one warpgroup, so the products and the carry tile share one MMA layout (offline sm_90: one layout
-        # conversion per chunk, for the store; 8 warps gave two MMA layouts and five conversions)
-        cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 4, **user}
-        cfg["BP"] = min(cfg["BP"], block)  # a program must stay inside one head
-        return True, cfg
-    return False, cfg
-
-
 def _fo_per_channel(a: torch.Tensor, D: int) -> torch.Tensor:
     """Constant decays given per head (H,) as one per channel (D,); time-varying or per-channel ones unchanged."""
     return a.repeat_interleave(D // a.shape[0]) if a.dim() == 1 and a.shape[0] != D else a
@@ -1205,13 +1224,10 @@ def _fo_scan_impl(a, b, h0, heads, config):
     if not _fo_use_triton(b):
         h, fin = first_order_scan_ref(_fo_per_channel(a, b.shape[2]).expand(b.shape), b, h0, True)
         return h, fin.to(_fo_fin_dtype(b))
-    toeplitz, cfg = _fo_plan(b.shape[2], heads, config)
+    cfg = _fo_config(b.shape[2], scan_config_dict(config))
     a, b = a.contiguous(), b.contiguous()
     h0c = h0.float().contiguous() if h0 is not None else None
-    if toeplitz:
-        h, fin, _ = _ltc_launch(b, a, h0c, False, cfg, True)
-    else:
-        h, fin, _ = _fo_launch(_fo_per_channel(a, b.shape[2]), b, h0c, False, heads > 0, cfg, b.dtype, True)
+    h, fin, _ = _fo_launch(_fo_per_channel(a, b.shape[2]), b, h0c, False, heads > 0, cfg, b.dtype, True)
     return h, fin.to(_fo_fin_dtype(b))
 
 
@@ -1237,15 +1253,12 @@ def _fo_scan_backward(ctx, dh, dfin):
 def _fo_scan_bwd_impl(a, b, h, h0, dh, dfin, heads, need_a, config):
     if b is not None:
         return tuple(scan_ref_vjp(lambda a, b, h0: _fo_scan_impl(a, b, h0, heads, config), [a, b, h0], [dh, dfin]))
-    toeplitz, cfg = _fo_plan(h.shape[2], heads, config)
+    cfg = _fo_config(h.shape[2], scan_config_dict(config))
     a, dh, dfin = a.contiguous(), dh.contiguous(), dfin.float().contiguous()
     h0c = h0.float().contiguous() if h0 is not None and need_a else None
     hp = h if need_a else None
-    if toeplitz:
-        db, dh0, da = _ltc_launch(dh, a, dfin, True, cfg, h0 is not None, hp=hp, h0=h0c)
-    else:
-        a_ch = _fo_per_channel(a, h.shape[2])
-        db, dh0, da = _fo_launch(a_ch, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
+    a_ch = _fo_per_channel(a, h.shape[2])
+    db, dh0, da = _fo_launch(a_ch, dh, dfin, True, heads > 0, cfg, h.dtype, h0 is not None, hp=hp, h0=h0c)
     if da is not None and heads:
         da = da.view(da.shape[0], a.shape[0], -1).sum((0, 2))  # per (sequence, channel) to a's decays
     da = da.to(a.dtype) if da is not None else scan_none(dh)
@@ -1387,6 +1400,76 @@ _fo_cscan_op = scan_op(
 )
 
 
+def _lti_tp_impl(x, log_a, h0, config):
+    if not _fo_use_triton(x):
+        h, fin = lti_scan_ref(x, log_a, h0, True)
+        return h, fin.to(_fo_fin_dtype(x))
+    cfg = lti_toeplitz_config(x.shape[2], log_a.shape[0], scan_config_dict(config))
+    h0c = h0.contiguous() if h0 is not None else None  # read in its own dtype: no fp32 copy
+    h, fin, _ = _ltc_launch(x.contiguous(), log_a.contiguous(), h0c, False, cfg, _fo_fin_dtype(x))
+    return h, fin
+
+
+def _lti_tp_fake(x, log_a, h0, config):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[2]), dtype=_fo_fin_dtype(x))
+
+
+def _lti_tp_setup(ctx, inputs, output):
+    x, log_a, h0, config = inputs
+    ref = not _fo_use_triton(x)
+    ctx.config = config
+    # an unused final state then comes to the backward as None, not as a zero-filled (B, D) launch
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(log_a, x if ref else None, None if ref else output[0], h0)
+
+
+def _lti_tp_backward(ctx, dh, dfin):
+    log_a, x, h, h0 = ctx.saved_tensors
+    if dh is None:  # only the final state was used: the kernel reads dL/dh everywhere
+        dh = torch.zeros_like(h if h is not None else x)
+    need_a = ctx.needs_input_grad[1]
+    dla, dx, dh0 = _lti_tp_bwd_op(log_a, x, h, h0, dh, dfin, need_a, ctx.config)
+    return dx, (dla if need_a else None), scan_opt(dh0), None
+
+
+def _lti_tp_bwd_impl(log_a, x, h, h0, dh, dfin, need_a, config):
+    if x is not None:
+        fwd = lambda log_a, x, h0: _lti_tp_impl(x, log_a, h0, config)  # noqa: E731
+        return tuple(scan_ref_vjp(fwd, [log_a, x, h0], [dh, dfin]))
+    cfg = lti_toeplitz_config(h.shape[2], log_a.shape[0], scan_config_dict(config))
+    h0c = h0.contiguous() if h0 is not None and need_a else None
+    dfin = dfin.contiguous() if dfin is not None else None
+    fin_dtype = h0.dtype if h0 is not None else None
+    hp = h if need_a else None
+    dx, dh0, part = _ltc_launch(dh.contiguous(), log_a.contiguous(), dfin, True, cfg, fin_dtype, hp=hp, h0=h0c)
+    dla = part.sum(1).to(log_a.dtype) if need_a else scan_none(dh)
+    return dla, dx, dh0 if h0 is not None else scan_none(dh)
+
+
+def _lti_tp_bwd_fake(log_a, x, h, h0, dh, dfin, need_a, config):
+    dla = log_a.new_empty(log_a.shape) if need_a or x is not None else scan_none(dh)
+    return dla, dh.new_empty(dh.shape), h0.new_empty(h0.shape) if h0 is not None else scan_none(dh)
+
+
+_lti_tp_bwd_op = scan_op(
+    "lti_toeplitz_bwd",
+    "(Tensor log_a, Tensor? x, Tensor? h, Tensor? h0, Tensor dh, Tensor? dfin, bool need_a, str config)"
+    " -> (Tensor, Tensor, Tensor)",
+    _lti_tp_bwd_impl,
+    _lti_tp_bwd_fake,
+)
+
+
+_lti_tp_op = scan_op(
+    "lti_toeplitz",
+    "(Tensor x, Tensor log_a, Tensor? h0, str config) -> (Tensor, Tensor)",
+    _lti_tp_impl,
+    _lti_tp_fake,
+    _lti_tp_backward,
+    _lti_tp_setup,
+)
+
+
 def first_order_scan_complex(
     a_re: torch.Tensor,
     a_im: torch.Tensor,
@@ -1413,6 +1496,20 @@ def first_order_scan_complex(
     h0r, h0i = (h0[0], h0[1]) if h0 is not None else (None, None)
     hr, hi, fr, fi = _fo_cscan_op(a_re, a_im, b_re, b_im, h0r, h0i, scan_config_str(config))
     return (hr, hi, (fr, fi)) if return_final_state else (hr, hi)
+
+
+def _fo_expand_decay(log_a: torch.Tensor, D: int) -> torch.Tensor:
+    """LTI shape rule: log_a is (D,) per channel, or (H,) per head with D % H == 0, head h owning channels
+    [h * D // H, (h + 1) * D // H)."""
+    if log_a.dim() != 1 or D % log_a.shape[0] != 0:
+        raise ValueError(f"lti_scan: log_a must be (D,) or (H,) with D % H == 0; got {tuple(log_a.shape)} for D={D}")
+    return log_a.float().repeat_interleave(D // log_a.shape[0])
+
+
+def lti_scan_ref(x: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None, return_final_state=False):
+    """Sequential reference of the LTI scan h_t = exp(log_a) * h_{t-1} + x_t."""
+    a = torch.exp(_fo_expand_decay(log_a, x.shape[2]).to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+    return first_order_scan_ref(a.expand(x.shape), x, h0, return_final_state)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

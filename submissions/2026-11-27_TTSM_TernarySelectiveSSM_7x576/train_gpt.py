@@ -710,7 +710,11 @@ def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
 #
 # Both kernels walk time one step at a time. A program owns one sequence and BD channels with all N states, and keeps
 # the state as an fp32 [N, BD] register tile; each step loads the step's [BD] rows of u, delta, z (and dout) and the
-# [N] rows of B and C, issued one step ahead so that their latency overlaps the previous step's arithmetic. The time
+# [N] rows of B and C, issued one step ahead so that their latency overlaps the previous step's arithmetic. The
+# forward reads through int32 offsets from the sequence's base pointers with clamped indices and no masks (padded
+# states get B = 0, which keeps them out of every sum; only stores are masked). The backward keeps 64-bit offsets and
+# masked prefetches: the branch that gave it the forward's addressing (h-sel3) was 12% slower on an H100 at ttsm's
+# segmented shape although its offline figures were better everywhere, and the cause is not known yet. The time
 # dependence is a single multiply-add per state per step, so there is no scan tree and no layout shuffling of tiles;
 # the parallelism is batch x channel blocks (32 channels per one-warp program by default).
 #
@@ -737,26 +741,38 @@ def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
 
 
 @triton.jit
+def _sel_rcp(x, ASM: tl.constexpr):
+    # 1 / x as the hardware's approximate reciprocal (one instruction; the rounded division is about eight). Used
+    # only where x >= 1 (never a denormal, so flushing them changes nothing). The interpreter divides.
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 1.0 / x
+
+
+@triton.jit
 def _sel_softplus(x, ASM: tl.constexpr):
-    # softplus(x) and its derivative sigmoid(x) from one exp; log1p(e) without libdevice as log(w) * e / (w - 1),
-    # w = 1 + e, which keeps the precision for small e. On the GPU (ASM) the logarithm is the hardware's lg2 (a
-    # few ulp) and the divisions are approximate ones: the exactly rounded sequences cost about 40 instructions per
-    # channel and step. The interpreter runs no inline assembly and takes tl.math.log2.
+    # softplus(x) and its derivative sigmoid(x) from one exp and one reciprocal: with e = exp(x), w = 1 + e rounded
+    # and d = (w - 1) - e its rounding error, log1p(e) = log(w) - d / w to first order in d (exact to the last bit
+    # of fp32; for e below 2^-24, w = 1 and the result is e). On the GPU (ASM) the logarithm is the hardware's lg2
+    # (a few ulp) and 1 / w the approximate reciprocal. The interpreter runs no inline assembly: tl.math.log2 and a
+    # division.
     e = tl.math.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
     w = 1.0 + e
+    r = _sel_rcp(w, ASM)
     if ASM:
         lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [w], dtype=tl.float32, is_pure=True, pack=1)
     else:
         lg = tl.math.log2(w)
-    sp = lg * 0.6931471805599453 * tl.math.fdiv(e, w - 1.0)
-    sp = tl.where(x > 20.0, x, tl.where(w == 1.0, e, sp))
-    return sp, tl.math.fdiv(e, w)
+    sp = lg * 0.6931471805599453 - ((w - 1.0) - e) * r
+    return tl.where(x > 20.0, x, sp), e * r
 
 
 @triton.jit
-def _sel_sigmoid(z):
-    # with the approximate division (tl.sigmoid divides exactly rounded: about 10 more instructions per channel)
-    return tl.math.fdiv(1.0, 1.0 + tl.math.exp2(z * -1.4426950408889634))
+def _sel_sigmoid(z, ASM: tl.constexpr):
+    return _sel_rcp(1.0 + tl.math.exp2(z * -1.4426950408889634), ASM)
 
 
 @triton.jit
@@ -788,6 +804,8 @@ def _sel_fwd_kernel(
     SAVE_CK: tl.constexpr,
     LOCAL: tl.constexpr,
     CARRY_IN: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr,
     ASM: tl.constexpr,
     CK: tl.constexpr,
     BD: tl.constexpr,
@@ -795,7 +813,10 @@ def _sel_fwd_kernel(
 ):
     """Program (sequence, channel block, segment of LS steps). LOCAL: the segment from a zero state, storing only
     its end state (hl) and its sum of dt (ds). Otherwise y (and checkpoints), from h0 carried through the earlier
-    segments' summaries when CARRY_IN: h <- exp(A sum dt) h + hl, one step per earlier segment."""
+    segments' summaries when CARRY_IN: h <- exp(A sum dt) h + hl, one step per earlier segment.
+    The step loop reads through int32 offsets from the sequence's base pointers with clamped channel and state
+    indices and a clamped next step, so its loads need no masks; padded states get B = 0 (EVEN_N false), which
+    keeps their h at 0, and padded channels are only stored through masks."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -805,13 +826,16 @@ def _sel_fwd_kernel(
     md = cols < DM
     mn = ns < N
     mnd = mn[:, None] & md[None, :]
-    # the state is held transposed, [N, BD]: a channel's states sit in one thread, so sums over N stay in-thread
+    # clamped indices for the loads (a clamp would cost the B and C rows their vector loads)
+    colc = cols if EVEN_D else tl.minimum(cols, DM - 1)
+    nsc = ns if EVEN_N else tl.minimum(ns, N - 1)
+    # the state is held transposed, [N, BD], N contiguous as A, h0 and the checkpoints are stored
     s_off = ns[:, None] + cols[None, :] * N
     A2 = tl.load(A_ptr + s_off, mask=mnd, other=0.0).to(tl.float32) * 1.4426950408889634
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=md, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + colc).to(tl.float32)
     if HAS_D:
-        dskip = tl.load(D_ptr + cols, mask=md, other=0.0).to(tl.float32)
+        dskip = tl.load(D_ptr + colc).to(tl.float32)
     st_off = pid_b * DM * N + s_off
     if HAS_H0 and not LOCAL:
         h = tl.load(h0_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
@@ -824,34 +848,43 @@ def _sel_fwd_kernel(
             h = tl.math.exp2(dsj[None, :] * A2) * h + tl.load(hl_ptr + sj * DM * N + s_off, mask=mnd, other=0.0)
     if LOCAL:
         dsum = tl.zeros([BD], dtype=tl.float32)
+    # the sequence's rows; offsets within a sequence are int32
+    u_ptr += pid_b * T * DM
+    dl_ptr += pid_b * T * DM
+    z_ptr += pid_b * T * DM
+    out_ptr += pid_b * T * DM
+    B_ptr += pid_b * T * N
+    C_ptr += pid_b * T * N
     t_start = seg * LS
     t_end = tl.minimum(t_start + LS, T)
-    po = pid_b * T * DM + t_start.to(tl.int64) * DM + cols
-    pn = pid_b * T * N + t_start.to(tl.int64) * N + ns
-    # step t's inputs are loaded during step t - 1 (a software pipeline of depth one)
-    u_n = tl.load(u_ptr + po, mask=md, other=0.0).to(tl.float32)
-    dl_n = tl.load(dl_ptr + po, mask=md, other=0.0).to(tl.float32)
-    b_n = tl.load(B_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+    po = t_start * DM + colc
+    pn = t_start * N + nsc
+    # step t's inputs are loaded during step t - 1 (a software pipeline of depth one); the last step reloads itself
+    u_n = tl.load(u_ptr + po).to(tl.float32)
+    dl_n = tl.load(dl_ptr + po).to(tl.float32)
+    b_n = tl.load(B_ptr + pn).to(tl.float32)
     if not LOCAL:
-        c_n = tl.load(C_ptr + pn, mask=mn, other=0.0).to(tl.float32)
+        c_n = tl.load(C_ptr + pn).to(tl.float32)
         if HAS_Z:
-            z_n = tl.load(z_ptr + po, mask=md, other=0.0).to(tl.float32)
+            z_n = tl.load(z_ptr + po).to(tl.float32)
     n_ck = tl.cdiv(T, CK)
     for t in range(t_start, t_end):
         u = u_n
         dt = dl_n
         bt = b_n
-        nxt = tl.zeros([BD], dtype=tl.int32) + t + 1 < t_end  # a vector: the interpreter mis-types bool scalar & vector
-        nxn = tl.zeros([BN], dtype=tl.int32) + t + 1 < t_end
-        u_n = tl.load(u_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
-        dl_n = tl.load(dl_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
-        b_n = tl.load(B_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
+        nd = tl.where(t + 1 < t_end, DM, 0)
+        nn = tl.where(t + 1 < t_end, N, 0)
+        u_n = tl.load(u_ptr + (po + nd)).to(tl.float32)
+        dl_n = tl.load(dl_ptr + (po + nd)).to(tl.float32)
+        b_n = tl.load(B_ptr + (pn + nn)).to(tl.float32)
         if not LOCAL:
             ct = c_n
-            c_n = tl.load(C_ptr + pn + N, mask=mn & nxn, other=0.0).to(tl.float32)
+            c_n = tl.load(C_ptr + (pn + nn)).to(tl.float32)
             if HAS_Z:
                 zt = z_n
-                z_n = tl.load(z_ptr + po + DM, mask=md & nxt, other=0.0).to(tl.float32)
+                z_n = tl.load(z_ptr + (po + nd)).to(tl.float32)
+        if not EVEN_N:
+            bt = tl.where(mn, bt, 0.0)
         if HAS_BIAS:
             dt += bias
         if SOFTPLUS:
@@ -865,7 +898,7 @@ def _sel_fwd_kernel(
             if HAS_D:
                 y += dskip * u
             if HAS_Z:
-                y = y * zt * _sel_sigmoid(zt)
+                y = y * zt * _sel_sigmoid(zt, ASM)
             tl.store(out_ptr + po, y.to(out_ptr.dtype.element_ty), mask=md)
             if SAVE_CK:
                 if t % CK == CK - 1:
@@ -937,8 +970,8 @@ def _sel_bwd_kernel(
     mn = ns < N
     mnd = mn[:, None] & md[None, :]
     s_off = ns[:, None] + cols[None, :] * N
+    # one [N, BD] tile of A: the exponents scale the per-channel dt by log2(e) instead of keeping a second A tile
     A_nat = tl.load(A_ptr + s_off, mask=mnd, other=0.0).to(tl.float32)
-    A2 = A_nat * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=md, other=0.0).to(tl.float32)
     if HAS_D:
@@ -982,10 +1015,10 @@ def _sel_bwd_kernel(
             if SOFTPLUS:
                 dt, _sg = _sel_softplus(dt, ASM)
             if HAS_Z:
-                dy = dout * zt * _sel_sigmoid(zt)
+                dy = dout * zt * _sel_sigmoid(zt, ASM)
             else:
                 dy = dout
-            mu = tl.math.exp2(dt[None, :] * A2) * (ct[:, None] * dy[None, :] + mu)
+            mu = tl.math.exp2((dt * 1.4426950408889634)[None, :] * A_nat) * (ct[:, None] * dy[None, :] + mu)
             dsum += dt
             po -= DM
             pn -= N
@@ -997,7 +1030,9 @@ def _sel_bwd_kernel(
         for jj in range(0, NSEG - 1 - seg):
             sj = pid_b * NSEG + NSEG - 1 - jj
             dsj = tl.load(ds_ptr + sj * DM + cols, mask=md, other=0.0)
-            mu = tl.math.exp2(dsj[None, :] * A2) * mu + tl.load(ml_ptr + sj * DM * N + s_off, mask=mnd, other=0.0)
+            mu = tl.math.exp2((dsj * 1.4426950408889634)[None, :] * A_nat) * mu + tl.load(
+                ml_ptr + sj * DM * N + s_off, mask=mnd, other=0.0
+            )
     dA_acc = tl.zeros([BN, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
@@ -1046,10 +1081,10 @@ def _sel_bwd_kernel(
                 dt, _sg = _sel_softplus(dt, ASM)
             dtu = dt * u
             if HAS_Z:
-                dy = dout * zt * _sel_sigmoid(zt)
+                dy = dout * zt * _sel_sigmoid(zt, ASM)
             else:
                 dy = dout
-            a = tl.math.exp2(dt[None, :] * A2)
+            a = tl.math.exp2((dt * 1.4426950408889634)[None, :] * A_nat)
             # lambda = C dy + mu; the sums over N take the mu part per state and the C dy part through sum_n C B
             mB = mu * bt[:, None]
             lb = tl.sum(mB, axis=0) + dy * tl.sum(ct * bt, axis=0)
@@ -1117,12 +1152,12 @@ def _sel_bwd_kernel(
             if SOFTPLUS:
                 dt, sg = _sel_softplus(dt, ASM)
             dtu = dt * u
-            a = tl.math.exp2(dt[None, :] * A2)
+            a = tl.math.exp2((dt * 1.4426950408889634)[None, :] * A_nat)
             w = a * h
             h = w + bt[:, None] * dtu[None, :]
             cw = w * ct[:, None]
             if HAS_Z:
-                sz = _sel_sigmoid(zt)
+                sz = _sel_sigmoid(zt, ASM)
                 dy = dout * zt * sz
                 y = tl.sum(cw, axis=0) + dtu * tl.sum(ct * bt, axis=0)
                 if HAS_D:
@@ -1203,6 +1238,12 @@ def _sel_segments(Bsz: int, T: int, DM: int, bd: int, cfg: dict) -> tuple[int, i
     return triton.cdiv(T, ls), ls
 
 
+def _sel_offsets_fit(T: int, DM: int, N: int) -> None:
+    """The forward addresses a sequence's rows with int32 offsets."""
+    if (T + 1) * max(DM, N) >= 2**31:
+        raise ValueError(f"selective_scan: T * max(Dm, N) must stay below 2^31, got T {T}, Dm {DM}, N {N}")
+
+
 def _sel_check(u, delta, A, B, C, D, z, delta_bias, h0) -> None:
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (B, T, Dm), got shape {tuple(u.shape)}")
@@ -1265,6 +1306,7 @@ def _sel_scan_impl(u, delta, A, B, C, D, z, delta_bias, h0, softplus, save, conf
         return y, fin.to(_sel_fin_dtype(u)), scan_none(fin)
     Bsz, T, DM = u.shape
     N = A.shape[1]
+    _sel_offsets_fit(T, DM, N)
     cfg = _sel_config(DM, N, scan_config_dict(config))
     u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
     A = A.float().contiguous()
@@ -1288,8 +1330,8 @@ def _sel_scan_impl(u, delta, A, B, C, D, z, delta_bias, h0, softplus, save, conf
     )  # fmt: skip
     flags = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        HAS_H0=h0c is not None, SAVE_CK=save, ASM=_sel_asm(), CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"],
-        num_warps=cfg["FWD_WARPS"],
+        HAS_H0=h0c is not None, SAVE_CK=save, EVEN_D=DM % cfg["FWD_BD"] == 0, EVEN_N=N == cfg["BN"],
+        ASM=_sel_asm(), CK=cfg["CK"], BD=cfg["FWD_BD"], BN=cfg["BN"], num_warps=cfg["FWD_WARPS"],
     )  # fmt: skip
     if nseg > 1:
         _sel_fwd_kernel[(Bsz, nblk, nseg - 1)](*args, LOCAL=True, CARRY_IN=False, **flags)
