@@ -85,7 +85,7 @@ VARIANT_DEFAULTS: dict[str, str] = {
     "TRAIN_SEQ_LEN": "1024",
     "UNET_SKIPS": "0",
     "VAL_LOSS_EVERY": "0",
-    "WARMDOWN_ITERS": "550",
+    "WARMDOWN_ITERS": "890",
     "WARMUP_STEPS": "20",
 }
 
