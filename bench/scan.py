@@ -11,6 +11,7 @@ reference, goal met or not.
   python bench/scan.py              # the table (JSON and Markdown to $OUT when OUT is set)
   python bench/scan.py --check      # kernels vs float64 references on the GPU (outputs and gradients), then table
   python bench/scan.py --sweep      # also time launch options of the SSD kernels and use the fastest
+  python bench/scan.py --graphs     # also time each op replayed from a CUDA graph (device time only)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.timing import eager_ms, measure  # noqa: E402
 from templates.scan import ssd as ssd_mod  # noqa: E402
 from templates.scan.mamba3 import mamba3_siso_scan, mamba3_siso_scan_ref  # noqa: E402
 from templates.scan.ssd import ssd_scan, ssd_scan_ref  # noqa: E402
@@ -42,13 +44,6 @@ M3_NAME = f"ours mamba3_siso_scan (H{HEADS} N{DSTATE}, {ANGLES} angles, D, z)"
 SDPA_NAME = "sdpa causal attention (GQA 8q/4kv x 64)"
 # fwd+bwd goals in ms, by a substring of the case name (issue 4); every "ours" row must also beat SDPA
 GOALS = {"ssd_scan": 1.0, "mamba3_siso_scan": 1.4, "selective_scan": 1.0, "first_order_scan": 0.6, "lti_scan": 0.3}
-
-
-def time_ms(fn, rep_ms: int = int(os.environ.get("BENCH_REP_MS", "200"))) -> float:
-    """Median ms of fn (CUDA events, after warm-up)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
 def grad_run(forward, inputs: list[torch.Tensor], cot: torch.Tensor):
@@ -358,69 +353,53 @@ def variant_cases(device) -> list[dict]:
     return cases
 
 
-def measure(case: dict) -> dict:
-    row = {"name": case["name"], "anchor": bool(case.get("anchor")), "ref_for": case.get("ref_for")}
-    scale = case.get("scale", 1)
-    for key in ("fwd", "fwd_bwd"):
-        fn = case.get(key)
-        row[key + "_ms"] = None
-        if fn is None:
-            continue
-        try:
-            if case.get("slow"):
-                fn()
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                torch.cuda.synchronize()
-                ms = (time.perf_counter() - start) * 1e3
-            else:
-                ms = time_ms(fn)
-            row[key + "_ms"] = ms * scale
-        except Exception as exc:  # one failing case must not hide the others
-            print(f"{case['name']} {key}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-    if case.get("bytes_min") and row["fwd_ms"]:
-        row["fwd_GBps"] = case["bytes_min"] / row["fwd_ms"] / 1e6
-    if case.get("bytes_min_fwd_bwd") and row["fwd_bwd_ms"]:
-        row["fwd_bwd_GBps"] = case["bytes_min_fwd_bwd"] / row["fwd_bwd_ms"] / 1e6
-    return row
-
-
 def judge(rows: list[dict]) -> None:
-    """Speedup over each op's reference and the goals (fwd+bwd ms, and below one SDPA attention layer)."""
+    """Speedup over each op's reference and the goals (fwd+bwd ms, and below one SDPA attention layer), eager and,
+    where the rows have them, graphed (each against the SDPA row timed the same way)."""
     by_name = {r["name"]: r for r in rows}
-    sdpa = by_name.get(SDPA_NAME, {}).get("fwd_bwd_ms")
     for r in rows:
         ours = by_name.get(r.get("ref_for") or "")
         if ours and r["fwd_bwd_ms"] and ours["fwd_bwd_ms"]:
             ours["speedup_vs_ref"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
     for r in rows:
-        if not r["name"].startswith("ours"):
-            continue
         goal = next((ms for key, ms in GOALS.items() if key in r["name"]), None)
-        ms = r["fwd_bwd_ms"]
-        if goal is None or ms is None:
+        if not r["name"].startswith("ours") or goal is None:
             continue
-        r["goal_ms"] = goal
-        r["goal_met"] = ms <= goal and (sdpa is None or ms < sdpa)
+        for suffix in ("", "_graph"):
+            ms = r.get(f"fwd_bwd{suffix}_ms")
+            if ms is None:
+                continue
+            sdpa = by_name.get(SDPA_NAME, {}).get(f"fwd_bwd{suffix}_ms")
+            r["goal_ms"] = goal
+            r[f"goal_met{suffix}"] = ms <= goal and (sdpa is None or ms < sdpa)
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], graphs: bool = False) -> str:
+    """The table; with graphs, the graphed fwd / fwd+bwd and whether they meet the goal, beside the eager ones."""
+
     def cell(r, key, spec):
         return format(r[key], spec) if r.get(key) is not None else "-"
 
+    def met(r, key):
+        return "-" if key not in r else ("yes" if r[key] else "**no**")
+
+    extra_head, extra_rule = (" graphed fwd / fwd+bwd ms | met, graphed |", "---:|---|") if graphs else ("", "")
     lines = [
-        "| case | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | speedup vs ref | goal (fwd+bwd) | met |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| case | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | speedup vs ref | goal (fwd+bwd) | met |" + extra_head,
+        "|---|---:|---:|---:|---:|---:|---:|---|" + extra_rule,
     ]
     for r in rows:
-        met = "-" if "goal_met" not in r else ("yes" if r["goal_met"] else "**no**")
         goal = f"<= {r['goal_ms']} ms" if r.get("goal_ms") else "-"
         speed = f"{r['speedup_vs_ref']:.0f}x" if r.get("speedup_vs_ref") else "-"
-        lines.append(
+        line = (
             f"| {r['name']} | {cell(r, 'fwd_ms', '.3f')} | {cell(r, 'fwd_bwd_ms', '.3f')} | "
-            f"{cell(r, 'fwd_GBps', '.0f')} | {cell(r, 'fwd_bwd_GBps', '.0f')} | {speed} | {goal} | {met} |"
+            f"{cell(r, 'fwd_GBps', '.0f')} | {cell(r, 'fwd_bwd_GBps', '.0f')} | {speed} | {goal} | "
+            f"{met(r, 'goal_met')} |"
         )
+        if graphs:
+            graphed = f"{cell(r, 'fwd_graph_ms', '.3f')} / {cell(r, 'fwd_bwd_graph_ms', '.3f')}"
+            line += f" {graphed} | {met(r, 'goal_met_graph')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -546,7 +525,7 @@ def sweep(device) -> dict:
         for opts in SSD_SWEEP[kind]:
             ssd_mod.SSD_TUNING[kind] = opts
             try:
-                timings.append((time_ms(run, rep_ms=100), opts))
+                timings.append((eager_ms(run, rep_ms=100), opts))
             except Exception as exc:
                 print(f"sweep {kind} {opts}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         for ms, opts in timings:
@@ -569,6 +548,7 @@ def main() -> int:
     parser.add_argument("--no-refs", action="store_true", help="leave out the (slow) sequential PyTorch references")
     parser.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile'd Mamba-3 caller")
     parser.add_argument("--variants", action="store_true", help="also time the ops at the variants' own shapes")
+    parser.add_argument("--graphs", action="store_true", help="also time each op replayed from a CUDA graph")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan.py needs a CUDA GPU (run it through the device); nothing measured", file=sys.stderr)
@@ -608,12 +588,13 @@ def main() -> int:
                 cases += variant_cases(device)
         rows = []
         for case in cases:
-            rows.append(measure(case))
-            print(f"measured {case['name']}: {rows[-1]['fwd_ms']} / {rows[-1]['fwd_bwd_ms']} ms "
+            rows.append(measure(case, graphs=args.graphs))
+            graphed = f", graphed {rows[-1]['fwd_graph_ms']} / {rows[-1]['fwd_bwd_graph_ms']}" if args.graphs else ""
+            print(f"measured {case['name']}: {rows[-1]['fwd_ms']} / {rows[-1]['fwd_bwd_ms']} ms{graphed} "
                   f"(t={time.perf_counter() - T0:.0f}s)", flush=True)  # fmt: skip
         judge(rows)
         result["rows"] = rows
-        table = markdown(rows)
+        table = markdown(rows, graphs=args.graphs)
         print("\n" + table + "\n", flush=True)
         out = os.environ.get("OUT")
         if out:

@@ -9,6 +9,7 @@ layer and a device copy. `recurrence_cases(device)` is what bench/scan.py import
   python bench/scan_recurrence.py            # table (and JSON to $OUT/scan_recurrence.json when OUT is set)
   python bench/scan_recurrence.py --check    # kernel vs float64 reference on the GPU, for every swept config
   python bench/scan_recurrence.py --sweep    # time each candidate block config and use the fastest in the table
+  python bench/scan_recurrence.py --graphs   # also time each op replayed from a CUDA graph (device time only)
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.timing import eager_ms, measure  # noqa: E402
 from templates.scan.first_order import (  # noqa: E402
     first_order_scan,
     first_order_scan_complex,
@@ -70,13 +71,6 @@ TTSM_CONFIGS = [  # first = the default (8 channels per warp at N 64, segments f
     {"BD": 16, "FWD_BD": 16},
     {"BD": 4},
 ]
-
-
-def time_ms(fn, rep_ms: int = 100) -> float:
-    """Median ms of fn over repeated calls (CUDA events, after warm-up)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
 def _grad_fn(forward, inputs: list[torch.Tensor], cot):
@@ -337,33 +331,6 @@ def context_cases(device) -> list[dict]:
     ]
 
 
-def measure(case: dict) -> dict:
-    slow = case.get("slow", False)
-    scale = case.get("scale", 1)
-    row = {"name": case["name"]}
-    for key in ("fwd", "fwd_bwd"):
-        fn = case.get(key)
-        if fn is None:
-            row[key + "_ms"] = None
-            continue
-        if slow:
-            fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) * 1e3
-        else:
-            ms = time_ms(fn)
-        row[key + "_ms"] = ms * scale
-    if case.get("bytes_min") and row["fwd_ms"]:
-        row["fwd_GBps"] = case["bytes_min"] / row["fwd_ms"] / 1e6
-    if case.get("bytes_min_fwd_bwd") and row["fwd_bwd_ms"]:
-        row["fwd_bwd_GBps"] = case["bytes_min_fwd_bwd"] / row["fwd_bwd_ms"] / 1e6
-    row["ref_for"] = case.get("ref_for")
-    return row
-
-
 def sweep(device, ops: str = "") -> dict:
     """Time every candidate config of each op (fwd+bwd) and return the fastest per op (ops: a comma list of names
     to sweep, all when empty)."""
@@ -382,7 +349,7 @@ def sweep(device, ops: str = "") -> dict:
         for cfg in candidates:
             case = make(device, cfg)
             try:
-                fwd, fb = time_ms(case["fwd"], 50), time_ms(case["fwd_bwd"], 50)
+                fwd, fb = eager_ms(case["fwd"], 50), eager_ms(case["fwd_bwd"], 50)
             except Exception as exc:  # a config may not compile (registers, shared memory): report it
                 print(f"sweep {op} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 continue
@@ -519,6 +486,7 @@ def main() -> int:
     parser.add_argument("--variants", action="store_true", help="also time the selective scan at ttsm's shape")
     parser.add_argument("--no-refs", action="store_true", help="leave out the (slow) sequential PyTorch references")
     parser.add_argument("--no-check-fo", action="store_true", help="check only the LTI and selective scans")
+    parser.add_argument("--graphs", action="store_true", help="also time each op replayed from a CUDA graph")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan_recurrence.py needs a CUDA GPU (run it through the device); nothing measured")
@@ -547,8 +515,9 @@ def main() -> int:
             cases += variant_rows(device, best.get("selective_ttsm"))
         rows = []
         for case in cases:
-            rows.append(measure(case))
-            print(f"measured {case['name']}: {rows[-1]['fwd_ms']} / {rows[-1]['fwd_bwd_ms']} ms", flush=True)
+            rows.append(measure(case, graphs=args.graphs))
+            graphed = f", graphed {rows[-1]['fwd_graph_ms']} / {rows[-1]['fwd_bwd_graph_ms']}" if args.graphs else ""
+            print(f"measured {case['name']}: {rows[-1]['fwd_ms']} / {rows[-1]['fwd_bwd_ms']} ms{graphed}", flush=True)
         by_name = {r["name"]: r for r in rows}
         for r in rows:
             ours = by_name.get(r.get("ref_for") or "")

@@ -1,0 +1,82 @@
+"""bench/timing.py and bench/scan.py's goal table without a GPU: the timers are injected, the row logic is real."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import scan  # noqa: E402
+from bench.timing import measure  # noqa: E402
+
+
+def _case(**extra) -> dict:
+    return {"name": "ours lti_scan toeplitz (16 head decays)", "fwd": lambda: None, "fwd_bwd": lambda: None, **extra}
+
+
+def test_eager_and_graphed_times_scaled_with_bandwidth() -> None:
+    row = measure(
+        _case(scale=2, bytes_min=4e6, bytes_min_fwd_bwd=8e6),
+        graphs=True,
+        eager=lambda fn: 0.5,
+        graphed=lambda fn: 0.25,
+    )
+    assert row["fwd_ms"] == 1.0 and row["fwd_bwd_ms"] == 1.0
+    assert row["fwd_graph_ms"] == 0.5 and row["fwd_bwd_graph_ms"] == 0.5
+    assert row["fwd_GBps"] == pytest.approx(4.0) and row["fwd_bwd_GBps"] == pytest.approx(8.0)
+
+
+def test_without_graphs_no_graph_keys() -> None:
+    row = measure(_case(), eager=lambda fn: 0.5, graphed=lambda fn: pytest.fail("graphed timer called"))
+    assert "fwd_graph_ms" not in row and row["fwd_ms"] == 0.5
+
+
+def test_capture_failure_is_none_and_said(capsys: pytest.CaptureFixture) -> None:
+    def no_capture(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    row = measure(_case(), graphs=True, eager=lambda fn: 0.5, graphed=no_capture)
+    assert row["fwd_bwd_graph_ms"] is None and row["fwd_bwd_ms"] == 0.5
+    assert "no CUDA graph (RuntimeError: operation not permitted" in capsys.readouterr().out
+
+
+def test_slow_reference_timed_by_wall_clock_never_graphed() -> None:
+    row = measure(
+        _case(slow=True, scale=16),
+        graphs=True,
+        eager=lambda fn: pytest.fail("eager timer called"),
+        graphed=lambda fn: pytest.fail("graphed timer called"),
+        wall=lambda fn: 3.0,
+    )
+    assert row["fwd_ms"] == 48.0 and "fwd_graph_ms" not in row
+
+
+def test_failing_eager_leaves_none(capsys: pytest.CaptureFixture) -> None:
+    def broken(fn):
+        raise ValueError("too many registers")
+
+    row = measure(_case(bytes_min=1e6), eager=broken)
+    assert row["fwd_ms"] is None and "fwd_GBps" not in row
+    assert "FAILED ValueError: too many registers" in capsys.readouterr().out
+
+
+def test_goals_judged_eager_and_graphed_each_against_sdpa_timed_alike() -> None:
+    rows = [
+        {"name": "ours lti_scan toeplitz (16 head decays)", "fwd_bwd_ms": 0.9, "fwd_bwd_graph_ms": 0.29},
+        {"name": "ours ssd_scan (H16 P64 N64, D)", "fwd_bwd_ms": 0.9, "fwd_bwd_graph_ms": 0.8},
+        {"name": scan.SDPA_NAME, "fwd_bwd_ms": 1.0, "fwd_bwd_graph_ms": 0.85},
+    ]
+    scan.judge(rows)
+    lti, ssd = rows[0], rows[1]
+    assert lti["goal_met"] is False and lti["goal_met_graph"] is True
+    assert ssd["goal_met"] is True and ssd["goal_met_graph"] is True
+    rows[2]["fwd_bwd_graph_ms"] = 0.7  # graphed SSD now slower than graphed attention: goal missed
+    scan.judge(rows)
+    assert rows[1]["goal_met_graph"] is False
+    table = scan.markdown(rows, graphs=True).splitlines()
+    assert table[0].endswith("| graphed fwd / fwd+bwd ms | met, graphed |")
+    assert table[2].startswith("| ours lti_scan toeplitz") and table[2].endswith("| - / 0.290 | yes |")
+    assert "graphed" not in scan.markdown(rows)
