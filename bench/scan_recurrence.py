@@ -63,6 +63,8 @@ SEL_CONFIGS = [  # first = the default of templates/scan/selective.py (channels 
     {"FWD_BD": 64},
 ]
 TTSM_SHAPE = (2, 2048, 576, 64)  # ttsm: 4,096 tokens per GPU step as batch 2 x 2048, D 576 (expand 1), N 64
+LRU_SHAPE = (32, 2048, 896)  # lru: 65,536 tokens per GPU step as 32 x 2048, 448 channels x 2 complex states
+F32 = 4
 TTSM_CONFIGS = [  # first = the default (8 channels per warp at N 64, segments from the shape: 8 of 256 steps here)
     {},
     {"SEG": 1},
@@ -283,13 +285,38 @@ def recurrence_cases(device, configs: dict | None = None, refs: bool = True) -> 
     return [c for c in cases if _runs(c)] + (reference_cases(device) if refs else []) + anchor_cases(device)
 
 
+def complex_case(device, shape: tuple = LRU_SHAPE, label: str = " at 32 x 2048, 896 channels (lru)") -> dict:
+    """The complex first-order scan as lru runs it: constant poles inside the unit circle, one per channel, fp32."""
+    batch, seq, ch = shape
+    modulus = 0.9 + 0.099 * torch.rand(ch, device=device)
+    phase = torch.rand(ch, device=device) * 2 * math.pi
+    a_re = (modulus * torch.cos(phase)).requires_grad_()
+    a_im = (modulus * torch.sin(phase)).requires_grad_()
+    b_re, b_im = (torch.randn(batch, seq, ch, device=device, requires_grad=True) for _ in range(2))
+    cot = (torch.randn_like(b_re), torch.randn_like(b_im))
+    elems = b_re.numel()
+
+    def run(a_re=a_re, a_im=a_im, b_re=b_re, b_im=b_im):
+        return first_order_scan_complex(a_re, a_im, b_re, b_im)
+
+    return {
+        "name": f"ours first_order_scan_complex (constant poles){label}",
+        "fwd": lambda: run(a_re.detach(), a_im.detach(), b_re.detach(), b_im.detach()),
+        "fwd_bwd": _grad_fn(run, [a_re, a_im, b_re, b_im], cot),
+        "grad_of": (run, [a_re, a_im, b_re, b_im], cot),
+        "bytes_min": 4 * elems * F32,  # read b (re, im), write h (re, im)
+        "bytes_min_fwd_bwd": 10 * elems * F32,  # and read dh, h (for the poles' gradient), write db
+    }
+
+
 def variant_rows(device, config: dict | None = None) -> list[dict]:
     """The selective scan at ttsm's shape (batch 2 x 2048, D 576, N 64), as it is chosen and as one segment (the
-    step-sequential walk without the parallel split), and the LTI kernels without the op around them."""
+    step-sequential walk without the parallel split), the LTI kernels without the op around them, and the complex
+    first-order scan at lru's shape."""
     label = " D 576 at 2 x 2048 (ttsm)"
     cases = [selective_case(device, config, shape=TTSM_SHAPE, label=label)]
     one = selective_case(device, {**(config or {}), "SEG": 1}, shape=TTSM_SHAPE, label=label + ", one segment")
-    cases += [one, lti_kernel_case(device)]
+    cases += [one, lti_kernel_case(device), complex_case(device)]
     return [c for c in cases if _runs(c)]
 
 

@@ -80,3 +80,18 @@ def test_goals_judged_eager_and_graphed_each_against_sdpa_timed_alike() -> None:
     assert table[0].endswith("| graphed fwd / fwd+bwd ms | met, graphed |")
     assert table[2].startswith("| ours lti_scan toeplitz") and table[2].endswith("| - / 0.290 | yes |")
     assert "graphed" not in scan.markdown(rows)
+
+
+def test_lru_complex_case_runs_and_reaches_every_input() -> None:
+    import torch
+
+    from bench import scan_recurrence
+
+    case = scan_recurrence.complex_case("cpu", shape=(2, 37, 6))
+    h_re, h_im = case["fwd"]()
+    assert h_re.shape == h_im.shape == (2, 37, 6) and torch.isfinite(h_re).all()
+    case["fwd_bwd"]()  # autograd.grad raises if an input is not reached
+    run, inputs, cot = case["grad_of"]
+    grads = torch.autograd.grad(run(), inputs, cot)
+    assert [tuple(g.shape) for g in grads] == [(6,), (6,), (2, 37, 6), (2, 37, 6)]
+    assert all(g.abs().sum() > 0 for g in grads)
