@@ -857,10 +857,21 @@ def scan_opt(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None or t.numel() == 0 and t.dim() == 1 else t
 
 
+def _autograd_on() -> torch._C._ForceDispatchKeyGuard:
+    """Autograd recording back on inside an op's implementation. The dispatcher runs an implementation below the
+    autograd keys (it excludes them): there, even under enable_grad, no operation records a graph and every gradient
+    taken would be zero. This guard takes them off the excluded set for its block."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView):
+        excluded = excluded.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
+
+
 def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
     """Gradients of fn(*inputs) (a tuple of tensors) against `grads`, by autograd through fn: the backward of the
-    reference path. Returns one tensor per input, a placeholder for None or non-float inputs."""
-    with torch.enable_grad():
+    reference path, run inside a backward op's implementation (so with autograd switched back on there). Returns one
+    tensor per input, a placeholder for None or non-float inputs."""
+    with _autograd_on(), torch.enable_grad():
         leaves = [x.detach().requires_grad_() if x is not None and x.is_floating_point() else x for x in inputs]
         outs = fn(*leaves)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and g.numel() and o.requires_grad]

@@ -1,6 +1,8 @@
 """The scan core's custom ops under torch.compile(fullgraph=True) on the CPU (the reference path): each public scan
 compiles without a graph break, appears in the graphs as its own ssm_golf op forward and backward (not traced
-into), and matches eager outputs and gradients; torch.library.opcheck passes on every op; modules load twice.
+into), and matches eager outputs and gradients, which match plain autograd through the op's PyTorch reference (the
+ops' reference backward runs below the autograd keys, where autograd records nothing unless switched back on);
+torch.library.opcheck passes on every op; modules load twice.
 
 The graphs are compiled through AOTAutograd with recording no-op compilers (as backend="aot_eager" does), which
 traces forward and backward and needs no C++ compiler; one test also runs the default Inductor backend."""
@@ -12,10 +14,17 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from templates.scan.first_order import first_order_scan, first_order_scan_complex, lti_scan
+from templates.scan.first_order import (
+    first_order_scan,
+    first_order_scan_complex,
+    first_order_scan_complex_ref,
+    first_order_scan_ref,
+    lti_scan,
+    lti_scan_ref,
+)
 from templates.scan.mamba3 import mamba3_siso_scan
-from templates.scan.selective import selective_scan
-from templates.scan.ssd import ssd_generic_scan, ssd_scan
+from templates.scan.selective import selective_scan, selective_scan_ref
+from templates.scan.ssd import ssd_generic_scan, ssd_generic_scan_ref, ssd_scan, ssd_scan_ref
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +58,16 @@ def run(fn, inputs, weights_seed=0):
     return [o.detach() for o in outs], torch.autograd.grad(loss, wrt)
 
 
-def check_compiled(fn, inputs, ops: tuple[str, ...], tol: float = 1e-5) -> None:
+def check_compiled(fn, inputs, ops: tuple[str, ...], ref, tol: float = 1e-5) -> None:
+    """fn compiled against fn eager, and fn eager against `ref` (fn on the scans' references): every gradient equal
+    and none zero."""
     backend, graphs = recording_backend()
     compiled = torch.compile(fn, fullgraph=True, backend=backend)
     outs_e, grads_e = run(fn, inputs)
+    outs_r, grads_r = run(ref, inputs)
+    for got, want in zip(list(outs_e) + list(grads_e), list(outs_r) + list(grads_r), strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert all(g.abs().sum() > 0 for g in grads_e), "a gradient through the op is zero"
     outs_c, grads_c = run(compiled, inputs)
     assert len(outs_c) == len(outs_e) and len(grads_c) == len(grads_e)
     for got, want in zip(list(outs_c) + list(grads_c), list(outs_e) + list(grads_e)):
@@ -68,11 +83,11 @@ def test_first_order_compiles():
     torch.manual_seed(0)
     a, b, h0 = torch.rand(2, 9, 6), torch.randn(2, 9, 6), torch.randn(2, 6)
 
-    def fn(a, b, h0):
-        h, fin = first_order_scan(a, b, h0, return_final_state=True)
+    def fn(a, b, h0, scan=first_order_scan):
+        h, fin = scan(a, b, h0, return_final_state=True)
         return (h.tanh(), fin * 2.0)
 
-    check_compiled(fn, [a, b, h0], ("fo_scan",))
+    check_compiled(fn, [a, b, h0], ("fo_scan",), ref=lambda *xs: fn(*xs, scan=first_order_scan_ref))
 
 
 @pytest.mark.parametrize("method", ["scan", "toeplitz"])
@@ -84,7 +99,7 @@ def test_lti_compiles(method):
         h = lti_scan(x * 1.5, log_a, config={"method": method})
         return (h.square(),)
 
-    check_compiled(fn, [x, log_a], ("fo_scan",))
+    check_compiled(fn, [x, log_a], ("fo_scan",), ref=lambda x, log_a: (lti_scan_ref(x * 1.5, log_a).square(),))
 
 
 @pytest.mark.parametrize("use_fin", [True, False])
@@ -94,11 +109,14 @@ def test_lti_toeplitz_compiles(use_fin):
     torch.manual_seed(11)
     x, log_a, h0 = torch.randn(2, 11, 32), -torch.rand(2), torch.randn(2, 32)
 
-    def fn(x, log_a, h0):
-        h, fin = lti_scan(x * 1.5, log_a, h0, True, config={"method": "toeplitz"})
+    def fn(x, log_a, h0, scan=lti_scan):
+        h, fin = scan(x * 1.5, log_a, h0, True, config={"method": "toeplitz"})
         return (h.square(), fin * 2.0) if use_fin else (h.square(),)
 
-    check_compiled(fn, [x, log_a, h0], ("lti_toeplitz",))
+    def ref(x, log_a, h0, config=None):
+        return fn(x, log_a, h0, scan=lambda x, log_a, h0, fin, config: lti_scan_ref(x, log_a, h0, fin))
+
+    check_compiled(fn, [x, log_a, h0], ("lti_toeplitz",), ref=ref)
 
 
 @pytest.mark.parametrize("decay", [(1, 7, 5), (5,)])
@@ -107,11 +125,11 @@ def test_complex_compiles(decay):
     parts = [torch.rand(decay) * 0.9, torch.rand(decay) * 0.3, torch.randn(1, 7, 5), torch.randn(1, 7, 5)]
     h0 = [torch.randn(1, 5), torch.randn(1, 5)]
 
-    def fn(ar, ai, br, bi, h0r, h0i):
-        hr, hi, (fr, fi) = first_order_scan_complex(ar, ai, br, bi, (h0r, h0i), return_final_state=True)
+    def fn(ar, ai, br, bi, h0r, h0i, scan=first_order_scan_complex):
+        hr, hi, (fr, fi) = scan(ar, ai, br, bi, (h0r, h0i), return_final_state=True)
         return (hr, hi, fr + fi)
 
-    check_compiled(fn, parts + h0, ("fo_cscan",))
+    check_compiled(fn, parts + h0, ("fo_cscan",), ref=lambda *xs: fn(*xs, scan=first_order_scan_complex_ref))
 
 
 def test_selective_compiles():
@@ -122,11 +140,12 @@ def test_selective_compiles():
     B, C = torch.randn(Bsz, T, N), torch.randn(Bsz, T, N)
     D, bias, h0 = torch.randn(DM), torch.randn(DM) * 0.1, torch.randn(Bsz, DM, N)
 
-    def fn(u, delta, A, B, C, D, z, bias, h0):
-        y, fin = selective_scan(u, delta, A, B, C, D, z, bias, True, h0, return_final_state=True)
+    def fn(u, delta, A, B, C, D, z, bias, h0, scan=selective_scan):
+        y, fin = scan(u, delta, A, B, C, D, z, bias, True, h0, return_final_state=True)
         return (y, fin)
 
-    check_compiled(fn, [u, delta, A, B, C, D, z, bias, h0], ("sel_scan",))
+    inputs = [u, delta, A, B, C, D, z, bias, h0]
+    check_compiled(fn, inputs, ("sel_scan",), ref=lambda *xs: fn(*xs, scan=selective_scan_ref))
 
 
 def test_ssd_compiles():
@@ -137,11 +156,12 @@ def test_ssd_compiles():
     B, C = torch.randn(Bsz, T, G, N), torch.randn(Bsz, T, G, N)
     D, h0 = torch.randn(H), torch.randn(Bsz, H, P, N)
 
-    def fn(x, dt, A, B, C, D, z, dt_bias, h0):
-        y, fin = ssd_scan(x, dt, A, B, C, 16, D, z, dt_bias, True, h0, return_final_state=True)
+    def fn(x, dt, A, B, C, D, z, dt_bias, h0, scan=ssd_scan):
+        y, fin = scan(x, dt, A, B, C, 16, D, z, dt_bias, True, h0, return_final_state=True)
         return (y, fin)
 
-    check_compiled(fn, [x, dt, A, B, C, D, z, dt_bias, h0], ("ssd_scan",))
+    inputs = [x, dt, A, B, C, D, z, dt_bias, h0]
+    check_compiled(fn, inputs, ("ssd_scan",), ref=lambda *xs: fn(*xs, scan=ssd_scan_ref))
 
 
 def test_ssd_generic_compiles():
@@ -150,10 +170,10 @@ def test_ssd_generic_compiles():
     x, la, w, e = torch.randn(Bsz, T, H, P), -torch.rand(Bsz, T, H), torch.rand(Bsz, T, H), torch.randn(Bsz, T, H)
     B, C = torch.randn(Bsz, T, 1, N), torch.randn(Bsz, T, 1, N)
 
-    def fn(x, la, w, B, C, e):
-        return (ssd_generic_scan(x, la, w, B, C, 16, e=e),)
+    def fn(x, la, w, B, C, e, scan=ssd_generic_scan):
+        return (scan(x, la, w, B, C, 16, e=e),)
 
-    check_compiled(fn, [x, la, w, B, C, e], ("ssd_scan",))
+    check_compiled(fn, [x, la, w, B, C, e], ("ssd_scan",), ref=lambda *xs: fn(*xs, scan=ssd_generic_scan_ref))
 
 
 def test_mamba3_compiles():
