@@ -15,7 +15,7 @@ from templates.config import LayerSpec, model_config_from_env, parse_layer_patte
 from templates.evaluate import evaluate
 from templates.export import choose_quantisers, encode_state, read_artifact, write_artifact
 from templates.layers import LinearMaker
-from templates.model import LanguageModel
+from templates.model import Block, LanguageModel
 from templates.optim import Muon, split_parameters
 from templates.registry import MIXERS, register_mixer
 
@@ -87,7 +87,25 @@ def test_each_kind_of_pattern_builds_trains_and_exports(monkeypatch, tmp_path, e
     cfg = model_config_from_env()
     torch.manual_seed(0)
     model = LanguageModel(cfg)
-    assert len(model.blocks) == int(env["NUM_LAYERS"]) and model.cfg.loops == int(env.get("NUM_LOOPS", 1))
+    loops = int(env.get("NUM_LOOPS", 1))
+    assert len(model.blocks) == int(env["NUM_LAYERS"]) and model.cfg.loops == loops
+    watched = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, Block) or name.rsplit(".", 2)[-2:-1] == ["mixers"]
+    }
+    assert sum(".mixers." in name for name in watched) >= len(model.blocks)
+    calls = dict.fromkeys(watched, 0)
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, module in watched.items()
+    ]
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8)))
+    for hook in hooks:
+        hook.remove()
+    # every block and every mixer runs once per loop: parallel, serial and looped patterns alike
+    assert set(calls.values()) == {loops}, calls
     groups = split_parameters(model, ("branch_scales", "mlp_scale", "resid_mix", "q_gain", "skip_weights"))
     muon = Muon(groups["muon"], lr=0.02, momentum=0.9, steps=5)
     adam = torch.optim.Adam(groups["embed"] + groups["scalar"] + groups["head"], lr=0.01)
