@@ -57,6 +57,11 @@ def test_stream_wraps_across_shards_and_loader_splits_ranks(tmp_path):
     assert x0.dtype == torch.int64 and x0.shape == (2, 4)
     assert x0.flatten().tolist() == list(range(8)) and y0.flatten().tolist() == list(range(1, 9))
     assert x1.flatten().tolist() == list(range(9, 17)) and y1.flatten().tolist() == list(range(10, 18))
+    # with gradient accumulation each micro-step is 1/accum of the rank's share: 32 tokens, 2 ranks, 4 micro-steps
+    loader = BatchLoader(files, 0, 2, torch.device("cpu"))
+    micro = [loader.next(32, 4, 4) for _ in range(4)]
+    assert all(x.shape == (1, 4) for x, _ in micro)
+    assert [x.flatten().tolist() for x, _ in micro] == [list(range(s, s + 4)) for s in (0, 10, 20, 30)]
 
 
 def test_validation_is_cut_to_whole_sequences(tmp_path):
