@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from validator.checks import run_checks
 from validator.checks.context import CheckOptions, load_context
 from validator.findings import Severity
@@ -50,15 +52,24 @@ def test_2_virtual_wrapper_code_count(make_submission):
     assert summary.endswith("under the cap with: wrapped")
 
 
-def test_3_bpb_denominator_bug(make_submission):
-    inflated = 1.167  # "+1 leading space" byte table: 16.7 % more bytes, lower bpb
+@pytest.mark.parametrize(
+    "inflated, flagged",
+    [
+        (1.167, True),  # "+1 leading space" byte table: 16.7 % more bytes, lower bpb
+        (1.04, True),  # byte-fallback pieces counted as 3 bytes: ~4 %
+        (1.015, True),  # just past the 1 % tolerance
+        (1.005, False),  # within it: float rounding of logged figures, not a byte-table bug
+    ],
+)
+def test_3_bpb_denominator_bug(make_submission, inflated, flagged):
     kwargs = {
         s: {"loss": b * inflated * 0.6931471805599453 / (62_021_632 / 151_080_891)}
         for s, b in {42: 1.05, 1337: 1.0502, 2024: 1.0499}.items()
     }
     folder = make_submission(seeds={42: 1.05, 1337: 1.0502, 2024: 1.0499}, per_seed_kwargs=kwargs)
     report = check(folder)
-    assert "BPB_DENOMINATOR" in codes(report, Severity.ERROR)
+    assert ("BPB_DENOMINATOR" in codes(report, Severity.ERROR)) is flagged
+    assert flagged or "BPB_DENOMINATOR" not in codes(report)
 
 
 def test_4_unnormalised_ngram_cache(make_submission):
