@@ -37,6 +37,10 @@ def test_tiny_model_compiles_fullgraph_and_trains(variant, monkeypatch):
     use_recipe(monkeypatch, variant, **TINY[variant])
     torch._dynamo.reset()
     model = build_model()
+    with torch.no_grad():  # no zero-initialised projection may hide the gradients through the scan
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.abs().sum():
+                p.normal_(0.0, 0.02)
     model.train()
     x, y = fixed_batch(64, 2, 24)
     graphs: dict[str, list[str]] = {"fw": [], "bw": []}
@@ -65,6 +69,10 @@ def test_tiny_model_compiles_fullgraph_and_trains(variant, monkeypatch):
     if variant in SCAN_OP:
         assert f"ssm_golf.{SCAN_OP[variant]}.default" in graphs["fw"][0]
         assert f"ssm_golf.{SCAN_OP[variant]}_bwd.default" in graphs["bw"][0]
+    # equal is not enough (zero equals zero): the compiled backward reaches every mixer parameter through the scan
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    dead = [n for n, g in zip(names, grads_c) if ".mixers." in n and (g is None or not g.abs().sum())]
+    assert not dead, f"no gradient through the compiled scan for {dead}"
     # one optimiser step through the compiled model lowers the loss on the same batch
     opt = torch.optim.Adam(params, lr=1e-2)
     compiled(x, y).backward()
