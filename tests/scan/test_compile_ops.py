@@ -8,6 +8,7 @@ The graphs are compiled through AOTAutograd with recording no-op compilers (as b
 traces forward and backward and needs no C++ compiler; one test also runs the default Inductor backend."""
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -250,13 +251,19 @@ def test_opcheck(case):
 
 
 @pytest.mark.parametrize(
-    "module",
-    ["templates.scan.first_order", "templates.scan.selective", "templates.scan.ssd", "templates.scan.m3_rotary"],
+    "module, op, impl",
+    [
+        ("templates.scan.first_order", "fo_scan", "_fo_scan_impl"),
+        ("templates.scan.selective", "sel_scan", "_sel_scan_impl"),
+        ("templates.scan.ssd", "ssd_scan", "_ssd_scan_impl"),
+        ("templates.scan.m3_rotary", "m3_gates", "_m3g_impl"),
+    ],
 )
-def test_module_loads_twice(module):
+def test_module_loads_twice(module, op, impl):
     """A second import (reload) redefines nothing: the op stays and runs the newest module's functions."""
     mod = importlib.reload(importlib.import_module(module))
     mod = importlib.reload(mod)
+    assert sys.modules["_ssm_golf_scan_op_registry"].impls[op][0] is getattr(mod, impl)
     assert hasattr(torch.ops.ssm_golf, "fo_scan") and hasattr(torch.ops.ssm_golf, "ssd_scan")
     a, b = torch.rand(1, 4, 2), torch.randn(1, 4, 2)
     fo = importlib.import_module("templates.scan.first_order")
