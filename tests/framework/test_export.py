@@ -100,7 +100,10 @@ def test_artifact_round_trip_and_damage(monkeypatch, tmp_path, compressor):
     assert size == len(blob) and blob.startswith(f"SSMG1 {compressor}\n".encode()) and raw > 0
     back = read_artifact(str(path))
     model.load_state_dict(back, strict=True)
-    assert back.keys() == decode_state(container).keys()
+    decoded = decode_state(container)
+    assert back.keys() == decoded.keys()
+    for name, tensor in decoded.items():  # the bytes on disk decode to exactly what the container held
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ArtifactError, match="damaged or truncated") as info:
         read_artifact(str(path))
