@@ -64,3 +64,16 @@ def test_validation_inside_training_pauses_its_clock():
         phase_spans([(0.0, "phase:val begin"), (2.0, "phase:val end"), (3.0, "phase:train begin")])["train"].paused_s
         == 0.0
     )
+
+
+def test_validation_pauses_the_clock_only_up_to_the_budget():
+    limits = Limits(train_s=10, eval_s=600, setup_s=100, grace_s=1)
+    assert limits.pause_budget_s == 5.0  # half the train limit
+    assert Limits(train_s=600, eval_s=60).pause_budget_s == 60.0  # never more than one eval limit
+    lines = [(0.0, "phase:train begin"), (1.0, "phase:val begin"), (31.0, "phase:val end"), (32.0, "phase:train end")]
+    spans = phase_spans(lines, limits.pause_budget_s)
+    assert spans["train"].paused_s == 30.0 and spans["train"].seconds == 32.0 - 5.0
+    # a "validation" still running stops the clock only for the budget: training inside it is killed
+    spans = phase_spans(lines[:3], limits.pause_budget_s)
+    assert overrun(spans, 15.9, limits) is None  # 15.9 - 5 = 10.9 s of training
+    assert "train phase" in overrun(spans, 16.1, limits)

@@ -167,3 +167,14 @@ def test_static_flag_puts_static_findings_and_the_rerun_section_in_one_report(tm
     assert code == {"pass": 0, "fail": 1}[report["verdict"]]
     text = md.read_text()
     assert "### Sandboxed rerun (full)" in text and "| 5 |" in text
+
+
+def test_training_inside_validation_markers_is_not_free(tmp_path, sample_root, make_submission):
+    # 3 s of "validation" with a 1 s train limit: only half the limit may be left out, the rest is training time
+    train = 'print("phase:val begin", flush=True)\ntime.sleep(3)\nprint("phase:val end", flush=True)'
+    folder = make_submission(train=train)
+    code, report = rerun(folder, sample_root, tmp_path, "--train-limit", "1", "--grace", "0.5")
+    assert code == 1
+    assert {"RERUN_TRAIN_TIME_OVER_LIMIT", "RERUN_VALIDATION_PAUSE_OVER_BUDGET"} <= codes(report)
+    (over,) = [f for f in report["findings"] if f["code"] == "RERUN_VALIDATION_PAUSE_OVER_BUDGET"]
+    assert over["severity"] == "warning" and "VAL_LOSS_EVERY" in over["message"]

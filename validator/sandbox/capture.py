@@ -52,7 +52,8 @@ def watch(
 ) -> str | None:
     """Poll until `finished()`; return the reason to kill as soon as a limit is passed, else None."""
     while not finished():
-        reason = overrun(phase_spans(capture.snapshot()), time.monotonic() - capture.start, limits)
+        spans = phase_spans(capture.snapshot(), limits.pause_budget_s)
+        reason = overrun(spans, time.monotonic() - capture.start, limits)
         if reason:
             return reason
         if tick is not None:

@@ -170,7 +170,7 @@ def run_local(request: SandboxRequest) -> SandboxResult:
         killed=reason,
         wall_s=wall,
         lines=lines,
-        phases=phase_spans(lines),
+        phases=phase_spans(lines, request.limits.pause_budget_s),
         audit_events=read_events(dirs.audit_log),
         work_dir=dirs.work,
         network_isolation=isolation,

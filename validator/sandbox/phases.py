@@ -1,7 +1,9 @@
 """Phase timing from the arrival times of the child's output lines (`phase:<name> begin|end` markers).
 
 A `phase:val` span inside another phase pauses that phase's clock: upstream's training time leaves out the
-validation passes made during training, and so does the limit here (the whole-run limit still counts everything).
+validation passes made during training, and so does the limit here (the whole-run limit still counts everything),
+but only up to the pause budget (Limits.pause_budget_s): validation beyond it counts as time of the phase, so a
+script cannot train inside "validation".
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ PAUSE_PHASE = "val"
 PHASE_RE = re.compile(r"(?:^|\s)phase:(?P<phase>[a-z_]+) (?P<edge>begin|end)\s*$")
 
 
-def phase_spans(lines: list[tuple[float, str]]) -> dict[str, PhaseSpan]:
-    """First begin and last end of every phase named in the output."""
+def phase_spans(lines: list[tuple[float, str]], pause_budget_s: float = float("inf")) -> dict[str, PhaseSpan]:
+    """First begin and last end of every phase named in the output; `pause_budget_s`: see Limits.pause_budget_s."""
     begins: dict[str, float] = {}
     ends: dict[str, float] = {}
     running: dict[str, float | None] = {}
@@ -44,7 +46,7 @@ def phase_spans(lines: list[tuple[float, str]]) -> dict[str, PhaseSpan]:
                     paused_since = b
                 else:
                     paused += min(e, stop) - b
-        out[p] = PhaseSpan(begin, end, open_since, paused, paused_since)
+        out[p] = PhaseSpan(begin, end, open_since, paused, paused_since, pause_budget_s)
     return out
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 Backend = Literal["local", "docker"]
 Launcher = Literal["auto", "torchrun", "python"]
+PAUSE_BUDGET_FRACTION = 0.5  # of the train limit: the validation a phase's clock may leave out (Limits.pause_budget_s)
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,17 @@ class Limits:
     eval_s: float = 600.0
     setup_s: float = 600.0  # everything outside the train and eval phases: imports, compile, serialisation
     grace_s: float = 30.0  # a phase may overrun its limit this long (the step in flight) before the hard kill
+
+    @property
+    def pause_budget_s(self) -> float:
+        """The most `phase:val` time a phase may leave out of its clock; validation beyond it counts as phase time.
+
+        Upstream's training clock leaves out the validation passes made while training, but an unbounded pause lets
+        a script train inside "validation". Half the train limit (300 s of a 600 s limit, and never more than one
+        eval limit) is several times what the in-training passes of an honest run take (VAL_LOSS_EVERY=1000 gives
+        one pass per 1000 steps, each no longer than the final scored eval), so it never costs an honest run.
+        """
+        return min(PAUSE_BUDGET_FRACTION * self.train_s, self.eval_s)
 
     @property
     def total_s(self) -> float:
@@ -80,17 +92,22 @@ class PhaseSpan:
     open_since: float | None = None  # the last begin with no end after it: the phase is still running
     paused_s: float = 0.0  # finished `phase:val` spans inside it (validation while training is not training time)
     paused_since: float | None = None  # a `phase:val` span inside it still running
+    pause_budget_s: float = float("inf")  # the most validation left out of its clock (Limits.pause_budget_s)
 
     @property
     def seconds(self) -> float | None:
-        """Its length, less the validation inside it."""
+        """Its length, less the validation inside it (at most the pause budget)."""
         if self.begin is None or self.end is None:
             return None
-        return self.end - self.begin - self.paused_s
+        return self.end - self.begin - min(self.paused_s, self.pause_budget_s)
+
+    def paused_at(self, now: float) -> float:
+        """Validation inside it so far at `now`, whether or not past the budget."""
+        return self.paused_s + (now - self.paused_since if self.paused_since is not None else 0.0)
 
     def elapsed(self, now: float) -> float:
-        """Its length so far at `now`, less the validation inside it."""
-        pause = self.paused_s + (now - self.paused_since if self.paused_since is not None else 0.0)
+        """Its length so far at `now`, less the validation inside it (at most the pause budget)."""
+        pause = min(self.paused_at(now), self.pause_budget_s)
         return now - (self.begin if self.begin is not None else now) - pause
 
 

@@ -25,9 +25,18 @@ def run_findings(result: SandboxResult, limits: Limits, phases_expected: tuple[s
                 findings.append(warning("RERUN_NO_PHASE_MARKERS", msg, where))
             continue
         seconds = span.seconds if span.seconds is not None else span.elapsed(result.wall_s)
+        paused_s = span.paused_at(result.wall_s) if span.end is None else span.paused_s
+        left_out = min(paused_s, span.pause_budget_s)
+        if paused_s > span.pause_budget_s:
+            msg = (
+                f"{paused_s:.1f} s of `phase:val` inside the {phase} phase: more than the {span.pause_budget_s:.0f} s "
+                f"of validation its clock may leave out (half the train limit); the {paused_s - left_out:.1f} s "
+                "beyond it count as {phase} time. Validate less often while training (VAL_LOSS_EVERY)"
+            ).replace("{phase}", phase)
+            findings.append(warning("RERUN_VALIDATION_PAUSE_OVER_BUDGET", msg, where))
         if limit is None or seconds <= limit:
             continue
-        paused = f" (validation inside it left out: {span.paused_s:.1f} s)" if span.paused_s else ""
+        paused = f" (validation inside it left out: {left_out:.1f} s)" if left_out else ""
         msg = f"{phase} took {seconds:.1f} s measured outside the script{paused}; the limit is {limit:.0f} s"
         if seconds > limit + limits.grace_s or span.end is None:
             findings.append(error(code, msg, where))
