@@ -18,6 +18,12 @@ from validator.sandbox.audit import ALLOWED_PROGRAMS, audit_findings, spawn_is_a
         (["/usr/bin/python3.12", "-u", "train_gpt.py"], True),  # torchrun's workers load the hook
         (["/usr/bin/python3", "-I", "-c", "import socket"], False),  # isolated mode skips sitecustomize
         (["/usr/bin/python3", "-S", "x.py"], False),
+        (["/usr/bin/python3", "-uI", "-c", "import socket"], False),  # combined short flags
+        (["python3", "-W", "ignore", "-X", "dev", "-E", "x.py"], False),  # past options that take an argument
+        (["python3", "-Wignore", "-sE", "x.py"], False),
+        (["python3", "-u", "-c", "print(1)", "-I"], True),  # after -c: the program's own arguments
+        (["python3", "-m", "torch.distributed.run", "-S"], True),
+        (["python3", "-X", "importtime", "-Bu", "x.py"], True),
         (["sh", "-c", "curl x"], False),
         (["curl", "http://192.0.2.1"], False),
         (["gcc-ar", "x"], False),
@@ -39,3 +45,27 @@ def test_findings_are_deduplicated_and_a_silent_hook_is_reported():
     assert [f.code for f in found] == ["AUDIT_NOT_ACTIVE", "AUDIT_NETWORK", "AUDIT_READ_OUTSIDE", "AUDIT_SUBPROCESS"]
     assert [f.severity.value for f in found] == ["warning", "error", "error", "error"]
     assert audit_findings([{"kind": "start"}, *events[3:]], "x", extra_programs=("curl",)) == []
+
+
+def test_a_python_child_the_hook_marked_unhooked_is_refused_whatever_its_flags():
+    event = {"executable": "python3", "argv": ["python3", "-c", "x"], "unhooked": "its environment drops X"}
+    assert spawn_is_allowed(event, ALLOWED_PROGRAMS) is False
+    (found,) = audit_findings([{"kind": "start"}, {"kind": "spawn", **event}], "x")
+    assert found.code == "AUDIT_SUBPROCESS" and "without the audit hook" in found.message
+
+
+def test_the_hook_and_the_validator_parse_interpreter_flags_alike():
+    import runpy
+
+    from validator.sandbox.audit import hook_defeating_flags
+    from validator.sandbox.layout import HOOK_SOURCE
+
+    hook = runpy.run_path(str(HOOK_SOURCE), run_name="not_sitecustomize")  # no SSM_GOLF_AUDIT_LOG: installs nothing
+    for argv in (["p", "-uI"], ["p", "-W", "x", "-E"], ["p", "-Wx", "-S"], ["p", "-c", "-I"], ["p", "x.py", "-E"]):
+        assert hook["hook_defeating_flags"](argv) == hook_defeating_flags(argv), argv
+
+
+def test_tampering_is_an_error():
+    events = [{"kind": "start"}, {"kind": "tamper", "path": "/s/audit/events.jsonl", "op": "os.remove"}]
+    (found,) = audit_findings(events, "x")
+    assert (found.code, found.severity.value) == ("AUDIT_TAMPER", "error") and "os.remove" in found.message

@@ -12,7 +12,9 @@ from pathlib import Path
 from validator.sandbox.layout import HOOK_SOURCE
 
 
-def run_hooked(tmp_path: Path, code: str, block: bool = True) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def run_hooked(
+    tmp_path: Path, code: str, block: bool = True, **extra_env: str
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_bytes(HOOK_SOURCE.read_bytes())
@@ -26,6 +28,7 @@ def run_hooked(tmp_path: Path, code: str, block: bool = True) -> tuple[subproces
         "SSM_GOLF_AUDIT_READ_ROOTS": os.pathsep.join([str(work), str(hook_dir), "/proc", "/dev"]),
         "SSM_GOLF_AUDIT_WRITE_ROOTS": os.pathsep.join([str(work), "/dev"]),
         "SSM_GOLF_AUDIT_BLOCK_NET": "1" if block else "0",
+        **extra_env,
     }
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], cwd=work, env=env, capture_output=True, text=True, timeout=60
@@ -130,3 +133,76 @@ def test_opening_the_audit_log_is_refused_and_recorded_as_tampering(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("refused")
     assert kinds(events) == ["start", "tamper"]
+
+
+def test_removing_renaming_or_truncating_the_audit_log_is_refused_and_recorded(tmp_path):
+    log = str(tmp_path / "events.jsonl")
+    proc, events = run_hooked(
+        tmp_path,
+        f"""
+        import os, shutil
+        log = {log!r}
+        attempts = [
+            lambda: os.remove(log), lambda: os.unlink(log), lambda: os.rename(log, "x"),
+            lambda: os.replace("inside.txt", log), lambda: os.truncate(log, 0), lambda: os.link(log, "hard"),
+            lambda: shutil.rmtree(os.path.dirname(log)), lambda: os.rmdir(os.path.dirname(log)),
+        ]
+        open("inside.txt", "w").close()
+        for attempt in attempts:
+            try:
+                attempt()
+                print("done")
+            except PermissionError:
+                print("refused")
+        """,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["refused"] * 8
+    ops = [e["op"] for e in events if e["kind"] == "tamper"]
+    assert ops == ["os.remove", "os.rename", "os.rename", "os.truncate", "os.link", "shutil.rmtree", "os.rmdir"]
+    assert kinds(events)[0] == "start"  # the log is still there, whole
+
+
+def test_a_python_child_that_would_skip_the_hook_is_refused(tmp_path):
+    proc, events = run_hooked(
+        tmp_path,
+        """
+        import os, subprocess, sys
+        for argv, env in (([sys.executable, "-uI", "-c", "pass"], None), ([sys.executable, "-c", "pass"], {}),
+                          ([sys.executable, "-c", "pass"], {**os.environ, "PYTHONPATH": ""})):
+            try:
+                subprocess.run(argv, env=env)
+                print("ran")
+            except PermissionError:
+                print("refused")
+        os.environ.pop("SSM_GOLF_AUDIT_LOG")
+        try:
+            subprocess.run([sys.executable, "-c", "pass"])
+            print("ran")
+        except PermissionError:
+            print("refused")
+        """,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["refused"] * 4
+    reasons = [e["unhooked"] for e in events if e["kind"] == "spawn"]
+    assert len(reasons) == 4 and "-I" in reasons[0] and "SSM_GOLF_AUDIT_LOG" in reasons[1]
+    assert "PYTHONPATH" in reasons[2] and "SSM_GOLF_AUDIT_LOG" in reasons[3]
+    assert kinds(events).count("start") == 1  # no child ran
+
+
+def test_a_flood_of_benign_spawns_cannot_hide_a_later_one(tmp_path):
+    proc, events = run_hooked(
+        tmp_path,
+        """
+        import subprocess
+        for _ in range(205):
+            subprocess.run(["true"])
+        subprocess.run(["sh", "-c", "true"])
+        """,
+        SSM_GOLF_AUDIT_BENIGN_PROGRAMS="true",
+    )
+    assert proc.returncode == 0, proc.stderr
+    spawns = [e["argv"][0] for e in events if e["kind"] == "spawn"]
+    assert spawns.count("true") == 200 and spawns[-1] == "sh"
+    assert [e["program"] for e in events if e["kind"] == "truncated"] == ["true"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 
 import pytest
 
@@ -178,3 +179,28 @@ def test_training_inside_validation_markers_is_not_free(tmp_path, sample_root, m
     assert {"RERUN_TRAIN_TIME_OVER_LIMIT", "RERUN_VALIDATION_PAUSE_OVER_BUDGET"} <= codes(report)
     (over,) = [f for f in report["findings"] if f["code"] == "RERUN_VALIDATION_PAUSE_OVER_BUDGET"]
     assert over["severity"] == "warning" and "VAL_LOSS_EVERY" in over["message"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        ("os.unlink(os.environ['SSM_GOLF_AUDIT_LOG'])", "AUDIT_TAMPER"),
+        ("os.truncate(os.environ['SSM_GOLF_AUDIT_LOG'], 0)", "AUDIT_TAMPER"),
+        ("import shutil\nshutil.rmtree(os.path.dirname(os.environ['SSM_GOLF_AUDIT_LOG']))", "AUDIT_TAMPER"),
+        # 201 spawns of an allowed program used to fill the hook's quota and hide the forbidden one after them
+        (
+            "import subprocess\nfor _ in range(201): subprocess.run(['uname'], capture_output=True)\n"
+            "subprocess.run(['sh', '-c', 'true'])",
+            "AUDIT_SUBPROCESS",
+        ),
+        ("import subprocess\nsubprocess.run([sys.executable, '-uI', '-c', 'pass'])", "AUDIT_SUBPROCESS"),
+        ("import subprocess\nsubprocess.run([sys.executable, '-c', 'pass'], env={})", "AUDIT_SUBPROCESS"),
+    ],
+    ids=["unlink", "truncate", "rmtree", "spawn-flood", "python-uI", "python-env-scrubbed"],
+)
+def test_erasing_or_bypassing_the_audit_trail_fails_the_rerun(tmp_path, sample_root, make_submission, setup, expected):
+    # each attempt is wrapped so that a refusal does not also end the script: the finding alone must fail it
+    folder = make_submission(setup=f"try:\n{textwrap.indent(setup, '    ')}\nexcept PermissionError:\n    pass")
+    code, report = rerun(folder, sample_root, tmp_path)
+    assert code == 1 and expected in codes(report), codes(report)
+    assert "RERUN_EXIT_NONZERO" not in codes(report)

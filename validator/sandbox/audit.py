@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from validator.findings import Finding, error, warning
+from validator.findings import Finding, error, note, warning
 
 # Programs a training script and its libraries legitimately start: the interpreter itself (torchrun's workers,
 # compile pools), C/CUDA compilers and tools Triton and Inductor call, and GPU or library queries. `file` is what
@@ -39,7 +39,33 @@ ALLOWED_PROGRAMS = frozenset(
 # Versioned or target-prefixed compiler drivers (x86_64-linux-gnu-gcc-13, clang-18) as Triton and Inductor find them.
 COMPILER_RE = re.compile(r"^(?:[\w.]+-)*(?:gcc|g\+\+|cc|c\+\+|clang|clang\+\+)(?:-[\d.]+)?$")
 # Interpreter options that would start Python without the audit hook (isolated, no site, no environment).
-HOOK_DEFEATING_FLAGS = frozenset({"-I", "-S", "-E"})
+HOOK_DEFEATING_FLAGS = frozenset("ISE")
+OPTIONS_WITH_ARGUMENT = frozenset("WXcm")
+
+
+def hook_defeating_flags(argv: list[str]) -> str:
+    """The hook-defeating options among a Python command line's interpreter options (before the script, -c or -m),
+    combined short flags included (`python -uI`): e.g. "I", or "" when there are none."""
+    found = ""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg in ("-", "--"):
+            break
+        if arg.startswith("--"):
+            i += 2 if arg == "--check-hash-based-pycs" else 1
+            continue
+        for j, flag in enumerate(arg[1:], start=1):
+            if flag in HOOK_DEFEATING_FLAGS:
+                found += flag
+            if flag in OPTIONS_WITH_ARGUMENT:
+                if flag in "cm":
+                    return found
+                if j == len(arg) - 1:
+                    i += 1  # -W arg, -X arg: the argument is the next word
+                break
+        i += 1
+    return found
 
 
 def read_events(path: Path) -> list[dict]:
@@ -66,7 +92,7 @@ def spawn_is_allowed(event: dict, allowed: frozenset[str]) -> bool:
     executable = str(event.get("executable") or (argv[0] if argv else ""))
     name = os.path.basename(executable)
     if _is_python(executable):
-        return not HOOK_DEFEATING_FLAGS.intersection(argv[1:3])
+        return not event.get("unhooked") and not hook_defeating_flags(argv)
     return name in allowed or bool(COMPILER_RE.match(name))
 
 
@@ -107,15 +133,25 @@ def audit_findings(
             key = (kind, argv)
             if key not in seen:
                 seen.add(key)
-                findings.append(
-                    error(
-                        "AUDIT_SUBPROCESS",
-                        f"started a program the sandbox cannot audit: {argv[:200]} (allow it with --allow-exec NAME "
-                        "if the README justifies it)",
+                if e.get("unhooked") or _is_python(str(e.get("executable") or "")):
+                    why = e.get("unhooked") or f"interpreter option -{hook_defeating_flags(e.get('argv') or [])}"
+                    msg = (
+                        f"started a Python child without the audit hook ({why}): {argv[:200]}; keep the inherited "
+                        "environment and drop -I/-S/-E"
                     )
-                )
+                else:
+                    msg = (
+                        f"started a program the sandbox cannot audit: {argv[:200]} (allow it with --allow-exec NAME "
+                        "if the README justifies it)"
+                    )
+                findings.append(error("AUDIT_SUBPROCESS", msg))
         elif kind == "tamper":
-            findings.append(error("AUDIT_TAMPER", f"the script opened the audit log itself: {e.get('path')}"))
-        elif kind == "truncated":
-            findings.append(warning("AUDIT_TRUNCATED", str(e.get("detail"))))
+            op = e.get("op") or "open"
+            msg = f"the script tried to {op} the audit log or its folder ({e.get('target') or e.get('path')}): refused"
+            findings.append(error("AUDIT_TAMPER", msg))
+        elif kind == "truncated":  # only spawns of programs allowed whatever their arguments are capped
+            findings.append(note("AUDIT_TRUNCATED", str(e.get("detail"))))
+        elif kind == "hook_error":
+            msg = f"the audit hook could not judge a {e.get('event')} event: {e.get('detail')}"
+            findings.append(warning("AUDIT_HOOK_ERROR", msg))
     return findings

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from validator.sandbox.audit import ALLOWED_PROGRAMS, COMPILER_RE
 from validator.sandbox.request import Launch, SandboxRequest
 
 HOOK_SOURCE = Path(__file__).resolve().parent / "hook" / "sitecustomize.py"
@@ -136,6 +137,9 @@ def child_env(
             "SSM_GOLF_AUDIT_READ_ROOTS": os.pathsep.join(read_roots),
             "SSM_GOLF_AUDIT_WRITE_ROOTS": os.pathsep.join(write_roots),
             "SSM_GOLF_AUDIT_BLOCK_NET": "1" if block_network else "0",
+            # programs the policy allows whatever their arguments: the hook caps how many of their spawns it records
+            "SSM_GOLF_AUDIT_BENIGN_PROGRAMS": os.pathsep.join(sorted(ALLOWED_PROGRAMS)),
+            "SSM_GOLF_AUDIT_BENIGN_RE": COMPILER_RE.pattern,
         }
     )
     paths = [str(dirs.hook)]
