@@ -341,7 +341,13 @@ def rerun_seed(
     where = f"seed {seed}"
     expected = ("eval",) if artifact is not None else ("train", "eval")
     report.findings += run_findings(result, limits, expected, where)
-    report.findings += audit_findings(result.audit_events, where, extra_programs=tuple(args.allow_exec))
+    report.findings += audit_findings(
+        result.audit_events,
+        where,
+        extra_programs=tuple(args.allow_exec),
+        injected=True,  # both backends put the hook into every Python process of the run
+        log_problem=result.audit_log_problem,
+    )
     code_bytes = (args.folder / args.script).stat().st_size
     run_artifact = result.work_dir / EVAL_ARTIFACT_NAME if artifact is not None else None
     _measure_bytes(report, result.work_dir, code_bytes, parsed.result_json, run_artifact)

@@ -69,3 +69,37 @@ def test_tampering_is_an_error():
     events = [{"kind": "start"}, {"kind": "tamper", "path": "/s/audit/events.jsonl", "op": "os.remove"}]
     (found,) = audit_findings(events, "x")
     assert (found.code, found.severity.value) == ("AUDIT_TAMPER", "error") and "os.remove" in found.message
+
+
+def test_a_missing_empty_or_truncated_log_is_tampering_when_the_sandbox_injected_the_hook():
+    start = {"kind": "start"}
+    spawn = {"kind": "spawn", "executable": "uname", "argv": ["uname"]}
+    for events, problem, what in (
+        ([], None, "missing or empty"),
+        ([spawn], None, "does not begin"),
+        ([start, spawn], "shrank from 300 to 0 bytes during the run", "shrank"),
+    ):
+        (found,) = audit_findings(events, "seed 1", injected=True, log_problem=problem)
+        assert (found.code, found.severity.value) == ("AUDIT_TAMPER", "error") and what in found.message
+    assert audit_findings([start, spawn], "seed 1", injected=True) == []
+
+
+def test_log_watch_sees_the_log_removed_replaced_or_shrunk(tmp_path):
+    from validator.sandbox.audit import LogWatch
+
+    log = tmp_path / "events.jsonl"
+    log.write_text("x" * 10)
+    for change, what in (
+        (lambda: log.unlink(), "removed"),
+        (lambda: (log.rename(tmp_path / "old"), log.write_text("x" * 30)), "replaced"),
+        (lambda: log.write_text("x"), "shrank"),
+    ):
+        log.write_text("x" * 10)
+        watch = LogWatch(log)
+        watch.check()
+        log.write_text("x" * 20)
+        watch.check()
+        assert watch.problem is None
+        change()
+        watch.check()
+        assert what in (watch.problem or ""), what

@@ -204,3 +204,20 @@ def test_erasing_or_bypassing_the_audit_trail_fails_the_rerun(tmp_path, sample_r
     code, report = rerun(folder, sample_root, tmp_path)
     assert code == 1 and expected in codes(report), codes(report)
     assert "RERUN_EXIT_NONZERO" not in codes(report)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "ctypes.CDLL(None).unlink(os.environ['SSM_GOLF_AUDIT_LOG'].encode())",
+        "ctypes.CDLL(None).truncate(os.environ['SSM_GOLF_AUDIT_LOG'].encode(), ctypes.c_long(0))",
+    ],
+    ids=["unlink", "truncate"],
+)
+def test_an_audit_log_erased_past_the_hook_fails_the_rerun(tmp_path, sample_root, make_submission, setup):
+    # libc through ctypes raises no audit event: the validator sees the log gone or cut from outside
+    folder = make_submission(setup=f"import ctypes\n{setup}")
+    code, report = rerun(folder, sample_root, tmp_path)
+    tamper = [f for f in report["findings"] if f["code"] == "AUDIT_TAMPER"]
+    assert code == 1 and tamper and tamper[0]["severity"] == "error", codes(report)
+    assert "AUDIT_NOT_ACTIVE" not in codes(report)

@@ -83,6 +83,37 @@ def read_events(path: Path) -> list[dict]:
     return events
 
 
+class LogWatch:
+    """Watches the audit log from outside while the run goes: a log removed, replaced or shrunk mid-run was erased
+    by the run (the hook only appends), even where it got past the hook (ctypes, a non-Python program)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.identity: tuple[int, int] | None = None
+        self.peak = 0
+        self.problem: str | None = None
+
+    def check(self) -> None:
+        if self.problem is not None:
+            return
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            if self.identity is not None:
+                self.problem = "was removed during the run"
+            return
+        except OSError:
+            return
+        identity = (stat.st_dev, stat.st_ino)
+        if self.identity is None:
+            self.identity = identity
+        elif identity != self.identity:
+            self.problem = "was replaced by another file during the run"
+        if stat.st_size < self.peak:
+            self.problem = f"shrank from {self.peak:,} to {stat.st_size:,} bytes during the run"
+        self.peak = max(self.peak, stat.st_size)
+
+
 def _is_python(executable: str) -> bool:
     return os.path.basename(executable).startswith("python")
 
@@ -97,12 +128,28 @@ def spawn_is_allowed(event: dict, allowed: frozenset[str]) -> bool:
 
 
 def audit_findings(
-    events: list[dict], log_name: str, expected: bool = True, extra_programs: tuple[str, ...] = ()
+    events: list[dict],
+    log_name: str,
+    expected: bool = True,
+    extra_programs: tuple[str, ...] = (),
+    injected: bool = False,
+    log_problem: str | None = None,
 ) -> list[Finding]:
-    """Findings from a run's audit events. `expected`: the hook should have run (a Python child)."""
+    """Findings from a run's audit events. `expected`: the hook should have run (a Python child). `injected`: the
+    sandbox put the hook in (then a log that is missing, empty, or does not begin with the start record of the first
+    process was erased by the run); `log_problem`: what LogWatch saw happen to the log during the run."""
     allowed = ALLOWED_PROGRAMS | frozenset(extra_programs)
     findings: list[Finding] = []
-    if expected and not any(e["kind"] == "start" for e in events):
+    if injected and (log_problem or not events or events[0]["kind"] != "start"):
+        what = log_problem or (
+            "is missing or empty" if not events else "does not begin with the hook's start record (truncated)"
+        )
+        msg = (
+            f"the audit log of this run {what}: the sandbox injected the audit hook, so the run erased its own "
+            "audit trail; file, network and spawn activity cannot be vouched for"
+        )
+        findings.append(error("AUDIT_TAMPER", msg, log_name))
+    elif expected and not any(e["kind"] == "start" for e in events):
         findings.append(
             warning(
                 "AUDIT_NOT_ACTIVE",

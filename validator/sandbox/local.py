@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from validator.sandbox import processes
-from validator.sandbox.audit import read_events
+from validator.sandbox.audit import LogWatch, read_events
 from validator.sandbox.capture import LineCapture, watch
 from validator.sandbox.layout import (
     SYSTEM_READ_ROOTS,
@@ -133,6 +133,9 @@ def run_local(request: SandboxRequest) -> SandboxResult:
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
 
+    dirs.audit_log.touch()  # made here, so that a log removed or replaced during the run shows
+    log_watch = LogWatch(dirs.audit_log)
+    log_watch.check()
     processes.become_subreaper()
     start = time.monotonic()
     try:
@@ -152,6 +155,7 @@ def run_local(request: SandboxRequest) -> SandboxResult:
 
     def remember() -> None:
         seen.update(processes.descendants(proc.pid))
+        log_watch.check()
 
     reason = watch(capture, lambda: proc.poll() is not None, request.limits, remember)
     if reason:
@@ -164,6 +168,7 @@ def run_local(request: SandboxRequest) -> SandboxResult:
     capture.join(timeout=5.0)
     proc.stdout.close()
     lines = capture.snapshot()
+    log_watch.check()
     return SandboxResult(
         command=full_command,
         returncode=None if reason else returncode,
@@ -175,4 +180,5 @@ def run_local(request: SandboxRequest) -> SandboxResult:
         work_dir=dirs.work,
         network_isolation=isolation,
         audit_log=dirs.audit_log,
+        audit_log_problem=log_watch.problem,
     )

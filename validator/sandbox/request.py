@@ -125,6 +125,7 @@ class SandboxResult:
     work_dir: Path
     network_isolation: str  # "netns", "docker-network-none", "audit-hook", or "allowed"
     audit_log: Path | None = None
+    audit_log_problem: str | None = None  # what was seen happen to the audit log during the run (LogWatch)
 
     @property
     def text(self) -> str:
