@@ -34,6 +34,7 @@ from validator.schema import CAP_BYTES, env_name_problem
 
 DEFAULT_TOLERANCE_BPB = 0.0025  # the gap at which maintainers said "cannot reproduce" (May 2026 repro pass)
 TOKEN_LOSSES_NAME = "token_losses.npz"
+TOKEN_LOSSES_ENV = "TOKEN_LOSSES"
 EVAL_ARTIFACT_NAME = "artifact_under_review.ptz"
 SCRIPT_BPB_RTOL = 1e-6
 
@@ -174,17 +175,42 @@ def find_artifact(folder: Path, given: Path | None) -> Path:
 # ---------------------------------------------------------------------------------------------------- one seed
 
 
+def script_reads_token_losses(script: Path) -> bool:
+    """Whether the script's source reads TOKEN_LOSSES (ours do; upstream's records never write per-token losses)."""
+    try:
+        return TOKEN_LOSSES_ENV.encode() in script.read_bytes()
+    except OSError:
+        return False
+
+
 def _check_token_losses(
-    report: SeedReport, npz: Path, table: bytetable.ByteTable, stream: np.ndarray, required: bool
+    report: SeedReport,
+    npz: Path,
+    table: bytetable.ByteTable,
+    stream: np.ndarray,
+    required: bool,
+    script_name: str = "train_gpt.py",
+    reads_env: bool = False,
 ) -> None:
+    """`required`: eval-only mode; `reads_env`: the script's source reads TOKEN_LOSSES, so it must write them."""
     where = f"seed {report.seed}"
     if not npz.is_file():
         if required:
             msg = "no per-token losses were written (TOKEN_LOSSES); the score cannot be recomputed independently"
             report.findings.append(error("RERUN_TOKEN_LOSSES_MISSING", msg, where))
+        elif reads_env:
+            msg = (
+                f"{script_name} reads TOKEN_LOSSES but wrote no per-token losses to {TOKEN_LOSSES_NAME}: the run "
+                "removed its own scoring hook, so its val_bpb cannot be recomputed; restore the TOKEN_LOSSES save"
+            )
+            report.findings.append(error("RERUN_TOKEN_LOSSES_MISSING", msg, where))
         else:
-            msg = "the script wrote no per-token losses; its printed val_bpb is used as it is"
-            report.findings.append(note("RERUN_SCORE_NOT_RECOMPUTED", msg, where))
+            msg = (
+                f"{script_name} wrote no per-token losses (TOKEN_LOSSES): score not independently verified; the "
+                "reproduced val_bpb is the script's own accounting (its byte counting unchecked); add the TOKEN_LOSSES "
+                "save of the ssm-golf template to have it recomputed"
+            )
+            report.findings.append(warning("RERUN_SCORE_NOT_RECOMPUTED", msg, where))
         return
     try:
         with np.load(npz, allow_pickle=False) as z:
@@ -288,7 +314,8 @@ def rerun_seed(
     report.claimed_bpb = claims.bpb.get(seed)
     report.bytes_total_claimed = claims.bytes_total.get(seed)
     env = {**recorded_env(args.folder, seed), **parse_env(args.env)}  # --env on the command line wins
-    env.update(SEED=str(seed), RUN_ID=f"train_seed{seed}", TOKEN_LOSSES=TOKEN_LOSSES_NAME)
+    env.update(SEED=str(seed), RUN_ID=f"train_seed{seed}")
+    env[TOKEN_LOSSES_ENV] = TOKEN_LOSSES_NAME
     inputs = {}
     if artifact is not None:
         env.update(EVAL_ONLY="1", ARTIFACT=EVAL_ARTIFACT_NAME)
@@ -352,7 +379,15 @@ def rerun_seed(
     run_artifact = result.work_dir / EVAL_ARTIFACT_NAME if artifact is not None else None
     _measure_bytes(report, result.work_dir, code_bytes, parsed.result_json, run_artifact)
     if result.returncode == 0:
-        _check_token_losses(report, result.work_dir / TOKEN_LOSSES_NAME, table, stream, required=artifact is not None)
+        _check_token_losses(
+            report,
+            result.work_dir / TOKEN_LOSSES_NAME,
+            table,
+            stream,
+            required=artifact is not None,
+            script_name=args.script,
+            reads_env=script_reads_token_losses(args.folder / args.script),
+        )
     _compare_bpb(report, args.tolerance)
     return report
 
@@ -383,6 +418,7 @@ def rerun_table(reports: list[SeedReport]) -> str:
 def rerun_section(args: argparse.Namespace, mode: str, reports: list[SeedReport]) -> Section:
     """The rerun's block of a validator report: Markdown table and the per-seed data for the JSON."""
     seeds = []
+    unverified = [r.seed for r in reports if r.reproduced_bpb is not None and r.recomputed_bpb is None]
     for r in reports:
         d = asdict(r)
         d["findings"] = [f.to_dict() for f in r.findings]
@@ -396,11 +432,17 @@ def rerun_section(args: argparse.Namespace, mode: str, reports: list[SeedReport]
         "limits_s": {"train": args.train_limit, "eval": args.eval_limit, "setup": args.setup_allowance},
         "seeds": seeds,
         "passed": not any(f.severity == Severity.ERROR for r in reports for f in r.findings),
+        "score_verified": bool(reports) and not unverified,
     }
     intro = (
         f"{mode} rerun, {args.backend} backend, {args.nproc} process(es) per node; val_bpb recomputed by the "
         f"validator where per-token losses were written; tolerance {args.tolerance} bpb."
     )
+    if unverified:
+        intro += (
+            f"\n\n**Score not independently verified** (seed {', '.join(str(s) for s in unverified)}): no per-token "
+            "losses, so the reproduced val_bpb is the script's own accounting, not the validator's recomputation."
+        )
     return Section(title=f"Sandboxed rerun ({mode})", markdown=intro + "\n\n" + rerun_table(reports), data=data)
 
 

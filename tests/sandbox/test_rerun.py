@@ -221,3 +221,35 @@ def test_an_audit_log_erased_past_the_hook_fails_the_rerun(tmp_path, sample_root
     tamper = [f for f in report["findings"] if f["code"] == "AUDIT_TAMPER"]
     assert code == 1 and tamper and tamper[0]["severity"] == "error", codes(report)
     assert "AUDIT_NOT_ACTIVE" not in codes(report)
+
+
+def test_our_script_that_drops_its_per_token_losses_fails_a_full_rerun(tmp_path, sample_root, make_submission):
+    # a 20 % byte-accounting deflation, claimed as printed, and the scoring hook removed at run time
+    bpb = honest_bpb(make_submission("probe"), sample_root, tmp_path)
+    folder = make_submission(claims={5: bpb * 0.8}, eval='os.environ.pop("TOKEN_LOSSES")')
+    code, report = rerun(folder, sample_root, tmp_path, "--env", "STANDIN_BPB_FACTOR=0.8")
+    (missing,) = [f for f in report["findings"] if f["code"] == "RERUN_TOKEN_LOSSES_MISSING"]
+    assert code == 1 and missing["severity"] == "error" and "train_gpt.py reads TOKEN_LOSSES" in missing["message"]
+
+
+def test_a_foreign_script_without_per_token_losses_is_flagged_unverified(tmp_path, sample_root, make_submission):
+    bpb = honest_bpb(make_submission("probe"), sample_root, tmp_path)
+    folder = make_submission(claims={5: bpb * 0.8})
+    script = folder / "train_gpt.py"
+    text = script.read_text()
+    start = text.index('if os.environ.get("TOKEN_LOSSES")')
+    end = text.index("\n", text.index("np.savez", start))
+    script.write_text(text[:start] + "pass  # an upstream record: no per-token losses" + text[end:])
+    assert "TOKEN_LOSSES" not in script.read_text()
+    md = tmp_path / "report.md"
+    code, report = rerun(folder, sample_root, tmp_path, "--env", "STANDIN_BPB_FACTOR=0.8", "--markdown", str(md))
+    (unverified,) = [f for f in report["findings"] if f["code"] == "RERUN_SCORE_NOT_RECOMPUTED"]
+    assert unverified["severity"] == "warning" and "score not independently verified" in unverified["message"]
+    assert report["rerun"]["score_verified"] is False and report["rerun"]["seeds"][0]["recomputed_bpb"] is None
+    assert "Score not independently verified" in md.read_text()
+    assert code == 0  # an honest foreign rerun is not failed for lacking a hook it never had
+
+
+def test_a_recomputed_score_is_marked_verified(tmp_path, sample_root, make_submission):
+    code, report = rerun(make_submission(), sample_root, tmp_path)
+    assert report["rerun"]["score_verified"] is True
