@@ -253,3 +253,36 @@ def test_a_foreign_script_without_per_token_losses_is_flagged_unverified(tmp_pat
 def test_a_recomputed_score_is_marked_verified(tmp_path, sample_root, make_submission):
     code, report = rerun(make_submission(), sample_root, tmp_path)
     assert report["rerun"]["score_verified"] is True
+
+
+def test_a_run_that_exits_nonzero_fails_even_with_a_matching_score(tmp_path, sample_root, make_submission):
+    bpb = honest_bpb(make_submission("probe"), sample_root, tmp_path)
+    folder = make_submission(claims={5: bpb * 0.8})
+    (folder / "train_gpt.py").write_text((folder / "train_gpt.py").read_text() + "sys.exit(1)\n")
+    code, report = rerun(folder, sample_root, tmp_path, "--env", "STANDIN_BPB_FACTOR=0.8")
+    seed = report["rerun"]["seeds"][0]
+    assert seed["reproduced_bpb"] == pytest.approx(seed["claimed_bpb"])  # the printed score matches its claim
+    (failed,) = [f for f in report["findings"] if f["code"] == "RERUN_EXIT_NONZERO"]
+    assert code == 1 and failed["severity"] == "error" and report["verdict"] == "fail"
+
+
+def test_the_default_tolerance_is_the_maintainers_0_0025(tmp_path, sample_root, make_submission):
+    bpb = honest_bpb(make_submission("probe"), sample_root, tmp_path)
+    code, report = rerun(make_submission(claims={5: bpb - 0.003}), sample_root, tmp_path)
+    assert code == 1 and "RERUN_BPB_NOT_REPRODUCED" in codes(report)
+    assert report["rerun"]["tolerance_bpb"] == 0.0025
+
+
+def test_a_better_score_other_bytes_and_missing_markers_get_their_warnings(tmp_path, sample_root, make_submission):
+    bpb = honest_bpb(make_submission("probe"), sample_root, tmp_path)
+    folder = make_submission(claims={5: bpb + 0.01})
+    meta = json.loads((folder / "submission.json").read_text())
+    meta["seed_results"]["5"]["artifact_bytes"] = 1234
+    (folder / "submission.json").write_text(json.dumps(meta))
+    script = folder / "train_gpt.py"
+    script.write_text(script.read_text().replace('print("phase:train begin", flush=True)', "pass"))
+    code, report = rerun(folder, sample_root, tmp_path)
+    found = {f["code"]: f["severity"] for f in report["findings"]}
+    assert found["RERUN_BPB_BETTER_THAN_CLAIMED"] == "warning"
+    assert found["RERUN_BYTES_DIFFER_FROM_CLAIM"] == "warning"
+    assert found["RERUN_NO_PHASE_MARKERS"] == "warning"
