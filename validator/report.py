@@ -115,10 +115,11 @@ class Report:
         sig = self.figures.get("significance")
         if sig:
             lines.append(
-                f"Significance vs {sig['previous']}: delta {sig['delta_bpb']:+.5f} bpb over {sig['n_new']} seeds; "
+                f"Significance vs {sig['previous']}: delta {_num(sig['delta_bpb'], '+.5f')} bpb "
+                f"over {sig['n_new']} seeds; "
                 f"{sig['test']} p = {_cell(sig['p_practice'])} (practice: < 0.25 → "
                 f"{'yes' if sig['passes_practice'] else 'no'}); "
-                f"README rule (≥ {sig['margin_bpb']:.5f} bpb at p < 0.01) "
+                f"README rule (≥ {_num(sig['margin_bpb'], '.5f')} bpb at p < 0.01) "
                 f"p = {_cell(sig['p_readme'])} → {'yes' if sig['passes_readme'] else 'no'}."
             )
             lines.append("")
@@ -150,6 +151,11 @@ def _where(f: Finding) -> str:
 
 def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _num(v: float | None, spec: str) -> str:
+    """A figure in `spec`; "—" where the report's JSON cleaning turned a non-finite value into None."""
+    return "—" if v is None else format(v, spec)
 
 
 def _cell(v: object) -> str:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+
+from validator.numbers import fmean
 
 NATS_MARGIN = 0.005
 README_P = 0.01
@@ -90,7 +91,7 @@ def choose_previous(rows: list[dict], date: str | None, folder: str, wanted: str
     if not date:
         return None
     earlier = [r for r in rows if str(r["date"]) < date and r.get("folder") != folder and row_bpb(r)]
-    return min(earlier, key=lambda r: statistics.fmean(row_bpb(r))) if earlier else None
+    return min(earlier, key=lambda r: fmean(row_bpb(r))) if earlier else None
 
 
 def margin_bpb(val_loss: float | None = None, val_bpb: float | None = None, tokenizer: str | None = None) -> float:
@@ -112,14 +113,16 @@ def one_sided_p(new: list[float], previous: list[float], shift: float = 0.0) -> 
 
     def mean_var(xs: list[float]) -> tuple[float, float, int]:
         m = sum(xs) / len(xs)
-        return m, sum((x - m) ** 2 for x in xs) / (len(xs) - 1), len(xs)
+        # products, not ** 2: a float product overflows to inf (p is then None) where ** raises OverflowError
+        return m, sum((x - m) * (x - m) for x in xs) / (len(xs) - 1), len(xs)
 
     m1, v1, n1 = mean_var(new)
     with np.errstate(divide="ignore", invalid="ignore"):
         if len(previous) >= 2:
             m2, v2, n2 = mean_var([p - shift for p in previous])
             se2 = v1 / n1 + v2 / n2
-            df = se2**2 / ((v1 / n1) ** 2 / (n1 - 1) + (v2 / n2) ** 2 / (n2 - 1)) if se2 > 0 else float("nan")
+            a, b = v1 / n1, v2 / n2
+            df = se2 * se2 / (a * a / (n1 - 1) + b * b / (n2 - 1)) if se2 > 0 else float("nan")
             t = np.float64(m1 - m2) / np.sqrt(np.float64(se2))
             test = "one-sided Welch t-test"
         elif len(previous) == 1:
@@ -136,7 +139,7 @@ def assess(new: list[float], previous: dict, margin: float) -> Significance:
     prev = row_bpb(previous)
     p_practice, test = one_sided_p(new, prev)
     p_readme, _ = one_sided_p(new, prev, shift=margin)
-    mean_new, mean_prev = statistics.fmean(new), statistics.fmean(prev)
+    mean_new, mean_prev = fmean(new), fmean(prev)
     return Significance(
         previous=row_label(previous),
         n_new=len(new),

@@ -134,7 +134,7 @@ def write_submission(
     for seed, bpb in seeds.items():
         kwargs = {"code_bytes": code_bytes, **(log_kwargs or {}), **((per_seed_kwargs or {}).get(seed, {}))}
         text = make_log(seed, bpb, **kwargs)
-        totals[seed] = int(text.split("Total submission size int8+zlib: ")[1].split()[0])
+        totals[seed] = int(text.rsplit("Total submission size int8+zlib: ", 1)[1].split()[0])
         if "logs" not in skip:
             (folder / f"train_seed{seed}.log").write_text(text)
     mean = sum(seeds.values()) / len(seeds)

@@ -52,6 +52,36 @@ def test_2_virtual_wrapper_code_count(make_submission):
     assert summary.endswith("under the cap with: wrapped")
 
 
+HELPER_SCRIPT = "import os\nimport helpers\n\nprint(helpers.X, os.getpid())\n"
+HELPER_MODULE = "X = 1\n" + "# pad\n" * 20_000  # 120,006 bytes of helper code
+
+
+def test_2b_helper_modules_count_toward_the_cap(make_submission):
+    """A 56-byte script + a 120 KB local module + a 15,950,000-byte model is over the cap (#1412, #1514)."""
+    folder = make_submission(script=HELPER_SCRIPT, log_kwargs={"model_bytes": 15_950_000})
+    (folder / "helpers.py").write_text(HELPER_MODULE)
+    report = check(folder)
+    assert report.verdict == "fail", report.to_markdown()
+    over = [f for f in report.findings if f.code == "SIZE_OVER_CAP"]
+    assert over and all(f.severity == Severity.ERROR for f in over)
+    assert "CODE_BYTES_VIRTUAL_WRAPPER" not in codes(report)
+    message = over[0].message
+    assert "\n" not in message and "helpers.py" in message and "fold them into the script" in message
+    totals = report.figures["size"]["seed 42"]["totals"]
+    assert totals["with_modules"] == 15_950_000 + len(HELPER_SCRIPT) + len(HELPER_MODULE)
+    assert totals["wrapped"] > 16_000_000
+    summary = next(f.message for f in report.findings if f.code == "SIZE_CONVENTIONS")
+    assert summary.endswith("under the cap with: none")
+
+
+def test_2c_helper_modules_under_the_cap_pass(make_submission):
+    folder = make_submission(script=HELPER_SCRIPT, log_kwargs={"model_bytes": 15_800_000})
+    (folder / "helpers.py").write_text(HELPER_MODULE)
+    report = check(folder)
+    assert "SIZE_OVER_CAP" not in codes(report), report.to_markdown()
+    assert "LOCAL_MODULES" in codes(report)
+
+
 @pytest.mark.parametrize(
     "inflated, flagged",
     [

@@ -8,9 +8,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.validator.conftest import write_submission
 from validator.checks import INTERNAL_ERROR, run_checks
 from validator.checks.context import load_context
 from validator.logs import parse_log
@@ -106,6 +108,69 @@ def test_binary_junk_folder_is_checked_without_crash(log, meta, script):
         _check(folder)
 
 
+# values a log can print and the checks must take in stride: zero, negative, huge, not finite
+EXTREME_FLOATS = [0.0, -1.0, 1e-300, 0.49, 1e12 + 1, 1e15, 1e300, float("inf"), float("-inf"), float("nan")]
+EXTREME_INTS = [0, -1, 1, 15_999_999, 16_000_001, 2**31, 2**63, 10**30]
+ext_floats = st.sampled_from(EXTREME_FLOATS) | st.floats(allow_nan=True, allow_infinity=True)
+ext_ints = st.sampled_from(EXTREME_INTS) | st.integers(min_value=-(10**20), max_value=10**20)
+HPARAM_KEYS = ["max_wallclock_seconds", "val_doc_fraction", "force_stop_step", "vocab_size", "seed", "slot_enabled"]
+TEXT_FRAGMENTS = [f for f in FRAGMENTS if f != "\ud800"]  # a lone surrogate cannot be written as UTF-8
+hparam_values = (
+    st.sampled_from(TEXT_FRAGMENTS)
+    | ext_floats.map(str)
+    | ext_ints.map(str)
+    | st.lists(st.sampled_from(TEXT_FRAGMENTS), max_size=4).map("".join)
+)
+
+
+@st.composite
+def parseable_folders(draw: st.DrawFn) -> dict:
+    """write_submission's knobs: logs in the real formats (so runs are scored) with extreme or malformed values."""
+    seeds = draw(st.dictionaries(st.integers(0, 2**32), ext_floats, min_size=1, max_size=3))
+    log_kwargs = {
+        "model_bytes": draw(ext_ints),
+        "train_ms": draw(ext_floats),
+        "eval_ms": draw(ext_floats),
+        "stopped": draw(st.booleans()),
+        "hessian_s": draw(st.none() | ext_floats),
+        "val_tokens": draw(ext_ints),
+        "train_shards": draw(ext_ints),
+        "loss": draw(st.none() | ext_floats),
+        "hparams": draw(st.dictionaries(st.sampled_from(HPARAM_KEYS), hparam_values, max_size=3)),
+    }
+    if draw(st.booleans()):
+        log_kwargs["total_bytes"] = draw(ext_ints)
+    numbers = ext_floats | ext_ints
+    overrides = draw(st.dictionaries(st.sampled_from(["val_bpb", "bytes_total", "val_loss"]), numbers, max_size=2))
+    return {"seeds": seeds, "log_kwargs": log_kwargs, "json_overrides": overrides}
+
+
+@SETTINGS
+@given(knobs=parseable_folders())
+def test_scored_logs_with_extreme_values_are_findings_not_crashes(knobs):
+    """Malformed but parseable: every run is scored, so every check sees the values (a crash is INTERNAL_ERROR)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_submission(Path(tmp), **knobs)
+        report = _check(folder)
+        assert report.exit_code in (0, 1)
+
+
+@pytest.mark.parametrize(
+    "seeds, loss",
+    [
+        ({42: 0.0, 1337: 1.05, 2024: 1.05}, 1.0),  # bpb_ratio divided by a zero score
+        ({42: 5e-324, 1337: 1.05, 2024: 1.05}, 1.0),  # ... and by 1 + rel == 0 for a denormal one
+        ({42: 2.3e77, 1337: 0.0, 2024: 1.05}, 1.0),  # the t-test squared 1e77 (OverflowError)
+        ({42: float("inf"), 1337: 1.05, 2024: 1.05}, 1.0),  # the report formatted a None delta
+        ({42: 0.0, 1337: 0.0}, 8.98846567431158e307),  # fmean of the val_losses overflowed in fsum
+    ],
+)
+def test_absurd_scores_are_findings(make_submission, seeds, loss):
+    report = _check(make_submission(seeds=seeds, log_kwargs={"loss": loss}))
+    assert report.exit_code == 1
+    assert {"SCORE_NOT_FINITE", "SUSPICIOUS_LOW_BPB", "BPB_DENOMINATOR"} & {f.code for f in report.findings}
+
+
 def test_huge_log_is_read_capped(tmp_path, monkeypatch):
     import validator.folder as vf
 
@@ -144,7 +209,8 @@ def test_no_read_outside_the_folder(tmp_path, make_submission):
         report = _check(folder)
     finally:
         recording[0] = False
-    assert not [p for p in opened if str(outside) in p or "secret" in p]
+    planted = {"secret.log", "secret.json", "secret.py"}  # not just "secret": the stdlib has secrets.py
+    assert not [p for p in opened if str(outside) in p or os.path.basename(p) in planted]
     found = {f.code for f in report.findings}
     assert {"SYMLINK_OUTSIDE_FOLDER", "NAME_NOT_UTF8", "MISSING_SCRIPT"} <= found
     assert report.exit_code == 1

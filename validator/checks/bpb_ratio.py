@@ -29,10 +29,12 @@ def check(ctx: Context) -> list[Finding]:
         rel = measured / expected - 1.0
         if abs(rel) <= REL_TOL:
             continue
-        implied_bytes = canon["val_tokens"][0] / measured
+        inflation = expected / measured if measured else math.inf  # val_bpb 0: infinitely many bytes
+        implied_bytes = canon["val_tokens"][0] / measured if measured else math.inf
         msg = (
             f"{s.tag}: val_bpb/val_loss implies {implied_bytes:,.0f} scored bytes for {tok}, canonical "
-            f"{canon['val_bytes']:,} ({-rel / (1 + rel):+.1%} bytes); check the byte tables (build_sentencepiece_luts)"
+            f"{canon['val_bytes']:,} ({inflation - 1.0:+.1%} bytes); "
+            "check the byte tables (build_sentencepiece_luts)"
         )
         if rel < 0:  # more bytes than canonical: BPB deflated in the submitter's favour
             out.append(error("BPB_DENOMINATOR", msg, run.rel, s.line))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from validator.findings import Finding, Severity, error, note, warning
 from validator.folder import SubmissionFolder, open_folder
 from validator.logs import ParsedLog, parse_log
 from validator.loose import LooseSubmission, read_submission
+from validator.numbers import fmean
 
 # Every candidate log is read; these bounds only stop a folder built to exhaust the validator, and hitting one is
 # itself a finding (an error for a record claim), so padding a folder cannot push a real log out unseen.
@@ -103,9 +103,9 @@ class Context:
         """Mean score over seeds (over all scored logs when no seed is known)."""
         by_seed = self.seed_scores()
         if by_seed:
-            return statistics.fmean(by_seed.values())
+            return fmean(by_seed.values())
         scores = [r.log.score.val_bpb for r in self.scored_runs if r.log.score is not None]
-        return statistics.fmean(scores) if scores else None
+        return fmean(scores) if scores else None
 
 
 def _is_log_name(rel: str) -> bool:
@@ -299,7 +299,7 @@ def _claimed_experiment(ctx: Context) -> None:
     def fit(runs: list[SeedRun]) -> int:
         values = [r.log.score.val_bpb for r in runs if r.log.score is not None]
         hits = sum(any(_agrees(c, v) for v in values) for c in claims)
-        if sub.val_bpb is not None and values and _agrees(sub.val_bpb, statistics.fmean(values)):
+        if sub.val_bpb is not None and values and _agrees(sub.val_bpb, fmean(values)):
             hits += 1
         return hits
 

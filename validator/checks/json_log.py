@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import statistics
 
 from validator.checks.context import Context
 from validator.findings import Finding, error, note, warning
 from validator.loose import decimals
+from validator.numbers import fmean
 
 EXACT_TOL = 1e-6
 LOW_BPB = 1.0  # below this a neural stack's claim is a red flag (n-gram caches, leaks, denominator bugs)
@@ -72,7 +72,7 @@ def _score_agreement(ctx: Context) -> list[Finding]:
     claims = [c.val_bpb for c in sub.seed_results.values() if c.val_bpb is not None]
     own = bool(claims) and len(claims) == len(sub.seed_results) and set(sub.seed_results) <= set(by_seed)
     # with per-seed claims (each compared with its logs below), the headline must be their mean
-    mean = statistics.fmean(claims) if own else ctx.mean_score()
+    mean = fmean(claims) if own else ctx.mean_score()
     source = "its seed_results" if own else "the logs' score lines"
     if sub.val_bpb is not None and mean is not None:
         verdict = agreement(sub.val_bpb, mean, roundings=2)
@@ -112,12 +112,12 @@ def _score_agreement(ctx: Context) -> list[Finding]:
                 error("SEED_BPB_MISMATCH", f"seed {seed}: submission.json says {claim.val_bpb}, its log {logged}", f)
             )
     losses = [r.log.score.val_loss for r in ctx.scored_runs if r.log.score]
-    if sub.val_loss is not None and losses and math.isfinite(statistics.fmean(losses)):
-        if agreement(sub.val_loss, statistics.fmean(losses)) == "mismatch":
+    if sub.val_loss is not None and losses and math.isfinite(fmean(losses)):
+        if agreement(sub.val_loss, fmean(losses)) == "mismatch":
             out.append(
                 warning(
                     "JSON_VAL_LOSS_MISMATCH",
-                    f"val_loss {sub.val_loss} != mean of the logs' val_loss {statistics.fmean(losses):.8f}",
+                    f"val_loss {sub.val_loss} != mean of the logs' val_loss {fmean(losses):.8f}",
                     f,
                 )
             )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import statistics
+import math
 
 from validator.checks.context import Context
 from validator.checks.fingerprints import tokenizer_of
 from validator.findings import Finding, error, note, warning
+from validator.numbers import fmean
 from validator.significance import PRACTICE_P, README_P, assess, choose_previous, load_frontier, margin_bpb
 
 
@@ -16,6 +17,8 @@ def check(ctx: Context) -> list[Finding]:
     scores = ctx.seed_scores()
     if not scores:
         return []
+    if not all(math.isfinite(v) for v in scores.values()):
+        return [warning("SIGNIFICANCE_UNTESTED", "a seed's val_bpb is not finite (see SCORE_NOT_FINITE): no t-test")]
     rows = load_frontier(ctx.options.frontier_file)
     date = ctx.submission.date if ctx.submission and ctx.submission.date else ctx.folder.name[:10]
     previous = choose_previous(rows, date, ctx.folder.name, ctx.options.previous)
@@ -27,7 +30,7 @@ def check(ctx: Context) -> list[Finding]:
     losses = [r.log.score.val_loss for r in runs if r.log.score]
     bpbs = [r.log.score.val_bpb for r in runs if r.log.score]
     tok = next((t for r in runs if (t := tokenizer_of(r))), None)
-    margin = margin_bpb(statistics.fmean(losses), statistics.fmean(bpbs), tok)
+    margin = margin_bpb(fmean(losses), fmean(bpbs), tok)
     result = assess(list(scores.values()), previous, margin)
     ctx.figures["significance"] = result.to_dict()
     out: list[Finding] = []
