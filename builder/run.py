@@ -124,7 +124,9 @@ def run_seed(args: argparse.Namespace, seed: int, extra_env: dict[str, str]) -> 
     except SandboxError as exc:
         raise UserError(str(exc)) from exc
     where = f"seed {seed}"
-    findings = run_findings(result, limits, ("train", "eval"), where) + audit_findings(result.audit_events, where)
+    findings = run_findings(result, limits, ("train", "eval"), where)
+    # the sandbox puts the hook into every Python process, so a missing or cut log is the run erasing its own trail
+    findings += audit_findings(result.audit_events, where, injected=True, log_problem=result.audit_log_problem)
     _report(seed, findings)
     log = result.work_dir / "logs" / f"{run_id}.txt"
     failure = None
