@@ -21,14 +21,15 @@ seed = int(os.environ["SEED"])
 print("phase:train begin", flush=True)
 print("phase:train end", flush=True)
 print("phase:eval begin", flush=True)
-bpb = round(1.0 + int(os.environ.get("MODEL_DIM", "512")) / 1000 + seed / 1e6, 8)
+bpb = round(1.0 + int(os.environ.get("MODEL_DIM", "512")) / 1000 + seed / 1e3, 8)
 lines = [f"seed:{seed}", f"model_dim:{os.environ.get('MODEL_DIM', '-')} omp:{os.environ.get('OMP_NUM_THREADS', '-')}",
          f"final_int8_zlib_roundtrip_exact val_loss:2.00000000 val_bpb:{bpb:.8f}"]
+claimed = bpb + float(os.environ.get("STANDIN_JSON_SHIFT", "0"))  # result_json's score, off the line's when set
 if seed == 13:
     lines.append("Traceback: out of memory")
 else:
     result = dict(seed=seed, world_size=1, steps=3, train_time_ms=10.0, eval_time_ms=1.0, val_loss=2.0,
-                  val_bpb=bpb, bytes_model=1000, bytes_code=500, bytes_total=1500, torch="2.x")
+                  val_bpb=claimed, bytes_model=1000 + seed, bytes_code=500, bytes_total=1500 + seed, torch="2.x")
     lines.append("result_json " + json.dumps(result))
 Path("logs").mkdir(exist_ok=True)
 Path("logs", os.environ["RUN_ID"] + ".txt").write_text("\n".join(lines) + "\n")
@@ -62,9 +63,11 @@ def test_overrides_and_seeds_are_recorded(folder, sample_data, capsys):
     assert "not recorded in submission.json (not a hyperparameter of the script): OMP_NUM_THREADS" in out
     assert "model_dim:64 omp:1" in (folder / "train_seed1.log").read_text()  # both reached the run
     sub = submission(folder)
-    assert sub.env == {"MODEL_DIM": "64"} and sub.seeds == [1, 2] and sub.val_bpb == pytest.approx(1.0640015)
+    assert sub.env == {"MODEL_DIM": "64"} and sub.seeds == [1, 2]
+    assert sub.val_bpb == pytest.approx((1.065 + 1.066) / 2, abs=1e-12)  # the mean of the seeds' scores
+    assert sub.bytes_total == 1502  # the largest seed's total: every seed must fit
     readme = (folder / "README.md").read_text()
-    assert "| 1 | 1.06400100 |" in readme and "`MODEL_DIM=64`" in readme
+    assert "| 1 | 1.06500000 |" in readme and "`MODEL_DIM=64`" in readme
     assert "MODEL_DIM=64 RUN_ID=train_seed1 SEED=1 " in readme  # the command that runs it again
     # collect reads the same seeds again and keeps the overrides
     assert main(["collect", str(folder)]) == 0
@@ -94,7 +97,7 @@ def test_other_overrides_need_every_seed_again(folder, sample_data, capsys):
     # every seed again: the old results are set aside, each seed is recorded as it succeeds; 13 fails, 1 never runs
     assert run(folder, sample_data, "--seeds", "2", "13", "1", "--env", "MODEL_DIM=128") == 2
     sub = submission(folder)
-    assert sub.env == {"MODEL_DIM": "128"} and sub.seeds == [2] and sub.val_bpb == pytest.approx(1.128002)
+    assert sub.env == {"MODEL_DIM": "128"} and sub.seeds == [2] and sub.val_bpb == pytest.approx(1.13, abs=1e-12)
     assert not (folder / "train_seed1.log").exists()
     assert (folder.parent / "runs" / "sub" / "previous" / "train_seed1.log").is_file()
 
@@ -158,3 +161,23 @@ def test_a_node_of_rank_above_0_records_nothing(folder, sample_data, tmp_path, m
     assert run(folder, sample_data, *multi, "--env", "MODEL_DIM=64") == 0
     assert "done on node rank 1; node 0 keeps the log" in capsys.readouterr().out
     assert not list(folder.glob("train_seed*")) and submission(folder).seeds == []
+
+
+def test_collect_refuses_a_log_whose_score_line_and_result_json_disagree(folder, sample_data, capsys):
+    """The score line (the artifact's) and result_json must agree: a result_json that carries another figure (the
+    score before quantisation, say) is refused, not copied into submission.json, whether it comes from the run or
+    from a log edited afterwards."""
+    assert run(folder, sample_data, "--seeds", "1", "--env", "STANDIN_JSON_SHIFT=0.01") == 2
+    assert "disagree" in capsys.readouterr().err
+    assert run(folder, sample_data, "--seeds", "1") == 0
+    before = (folder / "submission.json").read_bytes()
+    log = folder / "train_seed1.log"
+    lines = log.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("result_json "))
+    result = json.loads(lines[at].removeprefix("result_json "))
+    lines[at] = "result_json " + json.dumps({**result, "val_bpb": result["val_bpb"] + 0.01})
+    log.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["collect", str(folder)]) == 2
+    assert "train_seed1.log" in (err := capsys.readouterr().err) and "disagree" in err
+    assert (folder / "submission.json").read_bytes() == before
