@@ -126,8 +126,11 @@ class ShardWriter:
         self.tokens_written = 0
 
     def add(self, tokens: np.ndarray) -> None:
-        """Append tokens; writes a shard each time the buffer is full."""
-        tokens = np.asarray(tokens, dtype=np.uint16)
+        """Append tokens; writes a shard each time the buffer is full. Ids outside uint16 are refused, not wrapped."""
+        tokens = np.asarray(tokens)
+        if tokens.dtype != np.uint16 and tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2**16):
+            raise ValueError("token ids must lie in [0, 65535] to be stored as uint16")
+        tokens = tokens.astype(np.uint16, copy=False)
         position = 0
         while position < tokens.size:
             take = min(self.tokens_per_shard - self.fill, tokens.size - position)

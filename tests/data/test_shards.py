@@ -98,3 +98,13 @@ def test_writer_splits_stream_into_full_shards(tmp_path):
     assert writer.tokens_written == 30
     assert shards.list_shards(tmp_path, "train") == paths
     assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("bad", [[1, 70000], [-1, 2]])
+def test_writer_refuses_ids_outside_uint16(tmp_path, bad):
+    """The writer used to cast to uint16 first: 70000 was stored as 4464 and -1 as 65535, silently."""
+    writer = shards.ShardWriter(tmp_path, "train", tokens_per_shard=7)
+    with pytest.raises(ValueError, match=r"\[0, 65535\]"):
+        writer.add(np.array(bad))
+    writer.add([1, 2, 65535])  # lists and the full range are fine
+    assert shards.read_shard(writer.close()[0]).tolist() == [1, 2, 65535]
