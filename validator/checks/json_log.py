@@ -112,12 +112,13 @@ def _score_agreement(ctx: Context) -> list[Finding]:
                 error("SEED_BPB_MISMATCH", f"seed {seed}: submission.json says {claim.val_bpb}, its log {logged}", f)
             )
     losses = [r.log.score.val_loss for r in ctx.scored_runs if r.log.score]
-    if sub.val_loss is not None and losses and math.isfinite(fmean(losses)):
-        if agreement(sub.val_loss, fmean(losses)) == "mismatch":
+    mean_loss = fmean(losses) if losses else None
+    if sub.val_loss is not None and mean_loss is not None and math.isfinite(mean_loss):
+        if agreement(sub.val_loss, mean_loss) == "mismatch":
             out.append(
                 warning(
                     "JSON_VAL_LOSS_MISMATCH",
-                    f"val_loss {sub.val_loss} != mean of the logs' val_loss {fmean(losses):.8f}",
+                    f"val_loss {sub.val_loss} != mean of the logs' val_loss {mean_loss:.8f}",
                     f,
                 )
             )

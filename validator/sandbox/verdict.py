@@ -31,8 +31,8 @@ def run_findings(result: SandboxResult, limits: Limits, phases_expected: tuple[s
             msg = (
                 f"{paused_s:.1f} s of `phase:val` inside the {phase} phase: more than the {span.pause_budget_s:.0f} s "
                 f"of validation its clock may leave out (half the train limit); the {paused_s - left_out:.1f} s "
-                "beyond it count as {phase} time. Validate less often while training (VAL_LOSS_EVERY)"
-            ).replace("{phase}", phase)
+                f"beyond it count as {phase} time. Validate less often while training (VAL_LOSS_EVERY)"
+            )
             findings.append(warning("RERUN_VALIDATION_PAUSE_OVER_BUDGET", msg, where))
         if limit is None or seconds <= limit:
             continue
