@@ -30,7 +30,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.timing import eager_ms, measure  # noqa: E402
+from bench.timing import eager_ms, measure, measured_line  # noqa: E402
 from templates.scan import ssd as ssd_mod  # noqa: E402
 from templates.scan.mamba3 import mamba3_siso_scan, mamba3_siso_scan_ref  # noqa: E402
 from templates.scan.ssd import ssd_scan, ssd_scan_ref  # noqa: E402
@@ -589,8 +589,7 @@ def main() -> int:
         rows = []
         for case in cases:
             rows.append(measure(case, graphs=args.graphs))
-            graphed = f", graphed {rows[-1]['fwd_graph_ms']} / {rows[-1]['fwd_bwd_graph_ms']}" if args.graphs else ""
-            print(f"measured {case['name']}: {rows[-1]['fwd_ms']} / {rows[-1]['fwd_bwd_ms']} ms{graphed} "
+            print(f"{measured_line(rows[-1], args.graphs)} "
                   f"(t={time.perf_counter() - T0:.0f}s)", flush=True)  # fmt: skip
         judge(rows)
         result["rows"] = rows

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.timing import eager_ms, measure  # noqa: E402
+from bench.timing import eager_ms, measure, measured_line  # noqa: E402
 from templates.scan.first_order import (  # noqa: E402
     first_order_scan,
     first_order_scan_complex,
@@ -39,7 +39,7 @@ from templates.scan.first_order import (  # noqa: E402
 from templates.scan.selective import selective_scan, selective_scan_ref  # noqa: E402
 
 BATCH, SEQ, CHANNELS, HEADS, STATE = 64, 1024, 1024, 16, 16
-BF16 = 2
+BF16, F32 = 2, 4
 SEL_REF_BATCH = 8  # the PyTorch selective reference is timed at batch 8 and scaled x8 (it is launch-bound)
 
 FO_CONFIGS = [
@@ -64,7 +64,6 @@ SEL_CONFIGS = [  # first = the default of templates/scan/selective.py (channels 
 ]
 TTSM_SHAPE = (2, 2048, 576, 64)  # ttsm: 4,096 tokens per GPU step as batch 2 x 2048, D 576 (expand 1), N 64
 LRU_SHAPE = (32, 2048, 896)  # lru: 65,536 tokens per GPU step as 32 x 2048, 448 channels x 2 complex states
-F32 = 4
 TTSM_CONFIGS = [  # first = the default (8 channels per warp at N 64, segments from the shape: 8 of 256 steps here)
     {},
     {"SEG": 1},
@@ -543,8 +542,7 @@ def main() -> int:
         rows = []
         for case in cases:
             rows.append(measure(case, graphs=args.graphs))
-            graphed = f", graphed {rows[-1]['fwd_graph_ms']} / {rows[-1]['fwd_bwd_graph_ms']}" if args.graphs else ""
-            print(f"measured {case['name']}: {rows[-1]['fwd_ms']} / {rows[-1]['fwd_bwd_ms']} ms{graphed}", flush=True)
+            print(measured_line(rows[-1], args.graphs), flush=True)
         by_name = {r["name"]: r for r in rows}
         for r in rows:
             ours = by_name.get(r.get("ref_for") or "")

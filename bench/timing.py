@@ -79,3 +79,9 @@ def measure(
         if case.get(key) and row[ms_key]:
             row[ms_key.replace("_ms", "_GBps")] = case[key] / row[ms_key] / 1e6
     return row
+
+
+def measured_line(row: dict, graphs: bool = False) -> str:
+    """The progress line both benchmarks print per case (runners grep for its "measured" prefix)."""
+    graphed = f", graphed {row.get('fwd_graph_ms')} / {row.get('fwd_bwd_graph_ms')}" if graphs else ""
+    return f"measured {row['name']}: {row['fwd_ms']} / {row['fwd_bwd_ms']} ms{graphed}"

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import scan  # noqa: E402
-from bench.timing import measure  # noqa: E402
+from bench.timing import measure, measured_line  # noqa: E402
 
 
 def _case(**extra) -> dict:
@@ -95,3 +95,10 @@ def test_lru_complex_case_runs_and_reaches_every_input() -> None:
     grads = torch.autograd.grad(run(), inputs, cot)
     assert [tuple(g.shape) for g in grads] == [(6,), (6,), (2, 37, 6), (2, 37, 6)]
     assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_measured_line_is_what_the_runners_grep() -> None:
+    row = measure(_case(), graphs=True, eager=lambda fn: 0.5, graphed=lambda fn: 0.25)
+    name = "ours lti_scan toeplitz (16 head decays)"
+    assert measured_line(row) == f"measured {name}: 0.5 / 0.5 ms"
+    assert measured_line(row, graphs=True) == f"measured {name}: 0.5 / 0.5 ms, graphed 0.25 / 0.25"
