@@ -15,10 +15,15 @@ SUBMISSIONS = Path(__file__).resolve().parents[2] / "submissions"
 FOLDERS = sorted(p for p in SUBMISSIONS.iterdir() if (p / "submission.json").is_file())
 
 
+def _track(sub: dict) -> str:
+    """The spec track a committed submission.json's challenge track stands for."""
+    return "record" if sub["track"] == "10min_16mb" else "non-record"
+
+
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
 def test_committed_script_is_what_the_templates_assemble(folder):
     sub = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
-    track = "record" if sub["track"] == "10min_16mb" else "non-record"
+    track = _track(sub)
     packed = (folder / READABLE_NAME).is_file()
     files = build_files(get_variant(sub["variant"]), sub["date"], "-", "-", track, packed)
     for name in ("train_gpt.py", READABLE_NAME) if packed else ("train_gpt.py",):
@@ -39,7 +44,7 @@ def test_committed_script_carries_every_default_of_its_spec(folder):
     folder's track, every key and value (a default the assembler dropped would otherwise be re-committed by the
     staleness test's own advice)."""
     sub = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
-    track = "record" if sub["track"] == "10min_16mb" else "non-record"
+    track = _track(sub)
     script = folder / (READABLE_NAME if (folder / READABLE_NAME).is_file() else "train_gpt.py")
     tree = ast.parse(script.read_text(encoding="utf-8"))
 

@@ -51,6 +51,15 @@ def build_model(seed: int = 0) -> LanguageModel:
     return LanguageModel(model_config_from_env())
 
 
+def wake_zero_weights(model: torch.nn.Module, std: float) -> None:
+    """Draw N(0, std) into every all-zero matrix (the zero-initialised output projections), which would otherwise
+    hide the gradients and the context behind them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.abs().sum():
+                p.normal_(0.0, std)
+
+
 def fixed_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A learnable batch: each row repeats a short random phrase."""
     g = torch.Generator().manual_seed(seed)

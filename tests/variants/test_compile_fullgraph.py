@@ -9,7 +9,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from .conftest import build_model, fixed_batch, use_recipe  # noqa: TID252
+from .conftest import build_model, fixed_batch, use_recipe, wake_zero_weights  # noqa: TID252
 
 TINY = {
     "kill-mamba2": dict(
@@ -37,10 +37,7 @@ def test_tiny_model_compiles_fullgraph_and_trains(variant, monkeypatch):
     use_recipe(monkeypatch, variant, **TINY[variant])
     torch._dynamo.reset()
     model = build_model()
-    with torch.no_grad():  # no zero-initialised projection may hide the gradients through the scan
-        for p in model.parameters():
-            if p.dim() >= 2 and not p.abs().sum():
-                p.normal_(0.0, 0.02)
+    wake_zero_weights(model, 0.02)
     model.train()
     x, y = fixed_batch(64, 2, 24)
     graphs: dict[str, list[str]] = {"fw": [], "bw": []}

@@ -6,9 +6,8 @@ of CPU runs never trained, while their losses still fell through the other param
 from __future__ import annotations
 
 import pytest
-import torch
 
-from .conftest import build_model, fixed_batch, use_recipe  # noqa: TID252
+from .conftest import build_model, fixed_batch, use_recipe, wake_zero_weights  # noqa: TID252
 
 TINY = {
     "kill-mamba2": dict(VOCAB_SIZE=64, MODEL_DIM=64, NUM_LAYERS=2, NUM_LOOPS=1, NUM_HEADS=2, NUM_KV_HEADS=1),
@@ -25,10 +24,7 @@ def test_backward_reaches_every_mixer_parameter(monkeypatch, variant):
     use_recipe(monkeypatch, variant, TRAIN_SEQ_LEN=32, **TINY[variant])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = build_model()
-    with torch.no_grad():  # no zero-initialised output projection may hide the gradients behind it
-        for p in model.parameters():
-            if p.dim() >= 2 and not p.abs().sum():
-                p.normal_(0.0, 0.02)
+    wake_zero_weights(model, 0.02)
     x, y = fixed_batch(64, 2, 32)
     model.train()
     model(x, y).backward()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from templates.evaluate import evaluate
 
-from .conftest import build_model, use_recipe  # noqa: TID252
+from .conftest import build_model, use_recipe, wake_zero_weights  # noqa: TID252
 
 TINY = dict(
     VOCAB_SIZE=64, MODEL_DIM=32, NUM_LAYERS=2, SSM_STATE=8, BIGRAM_BUCKETS=31, TRIGRAM_BUCKETS=64, BIGRAM_DIM=4,
@@ -23,10 +23,8 @@ SEQ_LEN, WINDOWS, STREAMS = 8, 10, 3  # 3 streams of 3 windows, then 1 window le
 def test_several_streams_score_contiguous_runs_with_state_and_the_leftover_cold(monkeypatch, variant):
     use_recipe(monkeypatch, variant, **TINY)
     model = build_model().eval()
-    with torch.no_grad():  # the zero-initialised projections would hide the recurrent (and n-gram) context
-        for name, p in model.named_parameters():
-            if name.endswith(".weight") and p.abs().max() == 0:
-                p.normal_(0, 0.3)
+    wake_zero_weights(model, 0.3)
+    with torch.no_grad():
         model.tok_emb.weight.normal_(0, 0.5)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 64, (WINDOWS * SEQ_LEN + 1,), generator=gen, dtype=torch.int32)
