@@ -46,11 +46,47 @@ def m3_cos_sin(theta, FAST: tl.constexpr):
 
 
 @triton.jit
+def _m3r_rows(ptr, rows, offs_n, mask_t, N):
+    """Whole rows, one contiguous [BT, 2 BR] load, as stored."""
+    mask = mask_t[:, None] & (offs_n < N)[None, :]
+    return tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _m3r_split(tile, BT: tl.constexpr, BR: tl.constexpr):
+    """A [BT, 2 BR] tile of rows split into their even and odd elements (fp32)."""
+    return tl.split(tl.reshape(tile.to(tl.float32), (BT, BR, 2)))
+
+
+@triton.jit
 def _m3r_pairs(ptr, rows, offs_n, mask_t, N, BT: tl.constexpr, BR: tl.constexpr):
     """Whole rows (contiguous [BT, 2 BR] loads), split into their even and odd elements (fp32)."""
-    mask = mask_t[:, None] & (offs_n < N)[None, :]
-    tile = tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    return tl.split(tl.reshape(tile, (BT, BR, 2)))
+    return _m3r_split(_m3r_rows(ptr, rows, offs_n, mask_t, N), BT, BR)
+
+
+@triton.jit
+def _m3r_bias_row(BIAS, h, live, offs_n, N, HAS_BIAS: tl.constexpr):
+    """Head h's bias row [2 BR] in fp32 (zeros without the bias)."""
+    if HAS_BIAS:
+        return tl.load(BIAS + h * N + offs_n, mask=(offs_n < N) & live, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(offs_n.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _m3r_head_loads(TH, DQO, DKO, QB, KB, row, h, h_end, offs_r, offs_n, mask_t, N, R, H,
+                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr):  # fmt: skip
+    """Head h's angles [BT, BR], the gradients of its rotated q and k rows [BT, 2 BR] as stored, and its bias rows
+    (nothing is read for h >= h_end). The head loop issues them one head ahead, so that a head's loads wait behind
+    the previous head's arithmetic instead of stalling the program (nothing here feeds a dot, so the compiler does
+    not pipeline them itself)."""
+    head_live = tl.full((1,), h, tl.int32) < h_end  # a tensor: h may be a plain int (the interpreter's counter)
+    live = mask_t & head_live
+    rows = row * H + h
+    theta = tl.load(TH + rows[:, None] * R + offs_r[None, :], mask=live[:, None] & (offs_r < R)[None, :], other=0.0)
+    qb = _m3r_bias_row(QB, h, head_live, offs_n, N, HAS_QB)
+    kb = _m3r_bias_row(KB, h, head_live, offs_n, N, HAS_KB)
+    return theta, _m3r_rows(DQO, rows, offs_n, live, N), _m3r_rows(DKO, rows, offs_n, live, N), qb, kb
 
 
 @triton.jit
@@ -62,10 +98,9 @@ def _m3r_store_pairs(ptr, rows, offs_n, mask_t, N, even, odd, BT: tl.constexpr, 
 
 
 @triton.jit
-def _m3r_bias(even, odd, BIAS, h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Head h's bias row added to its group's pairs."""
+def _m3r_bias(even, odd, bias, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A head's bias row [2 BR] (fp32) added to its group's pairs."""
     if HAS_BIAS:
-        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
         even += b_even[None, :]
         odd += b_odd[None, :]
@@ -73,11 +108,12 @@ def _m3r_bias(even, odd, BIAS, h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.cons
 
 
 @triton.jit
-def _m3r_bwd_head(v_even, v_odd, BIAS, DOUT, DBIAS_PART, h, row, part, cos, sin, offs_n, mask_t, N,
+def _m3r_bwd_head(v_even, v_odd, bias, dout, DBIAS_PART, part, cos, sin, offs_n, N,
                   BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-    """One head's side of one of q, k: its d theta share, and d v in the unrotated frame (bias partials stored)."""
-    even, odd = _m3r_bias(v_even, v_odd, BIAS, h, offs_n, N, BR, HAS_BIAS)
-    d_even_r, d_odd_r = _m3r_pairs(DOUT, row, offs_n, mask_t, N, BT, BR)
+    """One head's side of one of q, k: its d theta share, and d v in the unrotated frame (bias partials stored);
+    dout is the head's [BT, 2 BR] tile of the gradient of its rotated rows, bias its bias row."""
+    even, odd = _m3r_bias(v_even, v_odd, bias, BR, HAS_BIAS)
+    d_even_r, d_odd_r = _m3r_split(dout, BT, BR)
     d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
     d_even = d_even_r * cos + d_odd_r * sin
     d_odd = d_odd_r * cos - d_even_r * sin
@@ -93,7 +129,8 @@ def _m3r_bwd_kernel(
     BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """One program per (time block, batch, group) loops over the group's heads: d q and d k summed over them in
-    registers, one d theta per head (q's and k's shares together), bias partials per (head, time block)."""
+    registers, one d theta per head (q's and k's shares together), bias partials per (head, time block). Each
+    head's loads are issued during the previous head (`_m3r_head_loads`)."""
     bg = tl.program_id(1)
     b64 = (bg // G).to(tl.int64)
     g = bg % G
@@ -110,18 +147,20 @@ def _m3r_bwd_kernel(
     dk_even = tl.zeros((BT, BR), dtype=tl.float32)
     dk_odd = tl.zeros((BT, BR), dtype=tl.float32)
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-    for h in range(g * hpg, (g + 1) * hpg):
-        th_ptr = TH + (row * H + h)[:, None] * R + offs_r[None, :]
-        theta = tl.load(th_ptr, mask=th_mask, other=0.0).to(tl.float32)
+    h_end = (g + 1) * hpg
+    nxt = _m3r_head_loads(TH, DQO, DKO, QB, KB, row, g * hpg, h_end, offs_r, offs_n, mask_t, N, R, H, HAS_QB, HAS_KB)
+    for h in range(g * hpg, h_end):
+        theta, dqo, dko, qb, kb = nxt
+        nxt = _m3r_head_loads(TH, DQO, DKO, QB, KB, row, h + 1, h_end, offs_r, offs_n, mask_t, N, R, H, HAS_QB, HAS_KB)
         cos, sin = m3_cos_sin(theta, FAST)
         part = (b64 * H + h) * tl.num_programs(0) + tl.program_id(0)
         d_theta, d_even, d_odd = _m3r_bwd_head(
-            q_even, q_odd, QB, DQO, DQB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_QB
+            q_even, q_odd, qb, dqo, DQB_PART, part, cos, sin, offs_n, N, BT, BR, HAS_QB
         )
         dq_even += d_even
         dq_odd += d_odd
         dk_theta, d_even, d_odd = _m3r_bwd_head(
-            k_even, k_odd, KB, DKO, DKB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_KB
+            k_even, k_odd, kb, dko, DKB_PART, part, cos, sin, offs_n, N, BT, BR, HAS_KB
         )
         dk_even += d_even
         dk_odd += d_odd

@@ -270,6 +270,24 @@ def _ssd_fwd_out_kernel(
 
 
 @triton.jit
+def _ssd_carry_loads(
+    CKPT, YP, bh64, b64, h, c, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC,
+    Q: tl.constexpr, HAS_Z: tl.constexpr,
+):  # fmt: skip
+    """Chunk c's stored state [BN, BPS] and, with the gate, its output before the gate [Q, BPS], as stored (nothing
+    is read for c < 0). The carry kernel issues them one chunk ahead: neither feeds a dot, so the compiler's
+    pipelining leaves them where they are used, and each chunk would wait a full memory round trip for them."""
+    live = tl.full((1, 1), c, tl.int32) >= 0  # a tensor: c may be a plain int (the interpreter's loop counter)
+    st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask & live, other=0.0)
+    if HAS_Z:
+        xp_mask = (c * Q + offs_q < T)[:, None] & mask_p[None, :] & live
+        yp = tl.load(YP + (b64 * T + c * Q) * H * P + h * P + loc_xp, mask=xp_mask, other=0.0)
+    else:
+        yp = st
+    return st, yp
+
+
+@triton.jit
 def _ssd_bwd_carry_kernel(
     CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
     TH, BB, CB, T, H, G, P, N, NC, R,
@@ -281,7 +299,8 @@ def _ssd_bwd_carry_kernel(
 ):  # fmt: skip
     """Reverse pass of the state gradient only, one program per (batch, head, block of BPS columns of P): stores, per
     chunk, the gradient of the state at the chunk's end and the block's share of the decay gradient's carry term
-    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers); with the gate, dz and dy through the gate."""
+    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers); with the gate, dz and dy through the gate.
+    The stored state and the output before the gate are read one chunk ahead (`_ssd_carry_loads`)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -304,11 +323,18 @@ def _ssd_bwd_carry_kernel(
         dst = dst.to(tl.float32)
     else:
         dst = tl.zeros((BN, BPS), dtype=tl.float32)
+    sn_loc = offs_n[:, None] * P + offs_p[None, :]
+    st_next, yp_next = _ssd_carry_loads(
+        CKPT, YP, bh64, b64, h, NC - 1, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC, Q, HAS_Z
+    )
     for cc in range(NC):
         c = NC - 1 - cc
-        sn = (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
-        tl.store(DCK + sn, dst.to(DCK.dtype.element_ty), mask=sn_mask)
-        st_dot = tl.sum(tl.sum(tl.load(CKPT + sn, mask=sn_mask, other=0.0).to(tl.float32) * dst, axis=1), axis=0)
+        st_c, yp_c = st_next, yp_next
+        st_next, yp_next = _ssd_carry_loads(
+            CKPT, YP, bh64, b64, h, c - 1, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC, Q, HAS_Z
+        )
+        tl.store(DCK + (bh64 * NC + c) * N * P + sn_loc, dst.to(DCK.dtype.element_ty), mask=sn_mask)
+        st_dot = tl.sum(tl.sum(st_c.to(tl.float32) * dst, axis=1), axis=0)
         row = b64 * T + c * Q
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
@@ -319,8 +345,7 @@ def _ssd_bwd_carry_kernel(
         if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zz)
-            yp = tl.load(YP + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            dz = dy * yp * sz * (1.0 + zz * (1.0 - sz))
+            dz = dy * yp_c.to(tl.float32) * sz * (1.0 + zz * (1.0 - sz))
             tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
             dy = dy * zz * sz
             tl.store(DYE + x_off + loc_xp, dy.to(DYE.dtype.element_ty), mask=xp_mask)

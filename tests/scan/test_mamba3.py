@@ -88,6 +88,8 @@ CASES = [
     (41, 16, 4, 16, 1, 32, 8, ("q_bias", "k_bias", "D", "z", "state")),
     (64, 32, 2, 16, 2, 16, 8, ("D",)),
     (19, 16, 2, 32, 2, 16, 4, ("state",)),
+    # one partial chunk and three heads per group: the loads issued one chunk / one head ahead run off both ends
+    (13, 16, 3, 16, 1, 16, 4, ("q_bias", "k_bias", "z")),
 ]
 
 
