@@ -49,12 +49,13 @@ FO_CONFIGS = [
     {"BT": 16, "BD": 256, "num_warps": 4},
     {"BT": 64, "BD": 32, "num_warps": 2},
 ]
-LTC_CONFIGS = [  # first = the default of the Toeplitz LTI path (per-head decays)
-    {"BT": 64, "BP": 32, "num_warps": 4},
-    {"BT": 64, "BP": 32, "num_warps": 8},
-    {"BT": 64, "BP": 64, "num_warps": 4},
-    {"BT": 64, "BP": 32, "num_warps": 4, "prec": "tf32"},
-    {"BT": 64, "BP": 32, "num_warps": 4, "num_stages": 4},
+LTC_CONFIGS = [  # first = the default of the Toeplitz LTI path (per-head decays): 64 channels, 4 warps (one warpgroup)
+    {"BT": 32, "BP": 64},
+    {"BT": 16, "BP": 64},
+    {"BT": 64, "BP": 64},
+    {"BT": 32, "BP": 32},  # 2 warps, 2,048 programs (no sm_90 MMA of M 64)
+    {"BT": 32, "BP": 64, "num_stages": 2},
+    {"BT": 32, "BP": 64, "num_stages": 4},
 ]
 SEL_CONFIGS = [  # first = the default of templates/scan/selective.py (channels per program and warps of the forward
     # and of the backward, CK-step chunks between checkpoints; SEG 0 = segments chosen from the shape)

@@ -196,6 +196,40 @@ def test_lti_toeplitz_matches_reference(fo, T, dtype):
         assert rel_err(got, want) < tol
 
 
+@pytest.mark.parametrize(
+    "BT, BP, T, dtype",
+    [
+        (32, 64, 70, torch.float32),  # the GPU default: two full chunks and a partial one, one program per head
+        (32, 64, 32, torch.float32),  # exactly one chunk: the final state is the chunk's last column
+        (32, 16, 45, torch.bfloat16),  # 4 programs per head, a partial second chunk
+        (16, 64, 33, torch.float32),  # the sequence's last step alone in its chunk
+        (64, 32, 1, torch.float32),  # one step in a wide chunk
+    ],
+)
+def test_lti_toeplitz_chunk_configs(fo, BT, BP, T, dtype):
+    """Chunk lengths and channel blocks of the launch config (the GPU default included): the carry taken as one
+    column of each chunk's product, the final state from the sequence's last step inside a partial chunk, and
+    the gradients of x, log_a and h0 with the final state's gradient entering at step T - 1."""
+    torch.manual_seed(1000 + T + BT)
+    B, D, H = 2, 128, 2
+    log_a = -torch.rand(H, device=DEV) * 0.8
+    x = torch.randn(B, T, D, device=DEV).to(dtype)
+    h0 = torch.randn(B, D, device=DEV)
+
+    def kern(x, log_a, h0):
+        return fo.lti_scan(x, log_a, h0, True, config={"method": "toeplitz", "BT": BT, "BP": BP})
+
+    def ref(x, log_a, h0):
+        return fo.lti_scan_ref(x.double(), log_a.double(), h0.double(), True)
+
+    cots = [torch.randn(B, T, D, device=DEV, dtype=torch.float64), torch.randn(B, D, device=DEV, dtype=torch.float64)]
+    outs, g = grads_of(kern, [x, log_a, h0], cots)
+    outs_ref, g_ref = grads_of(ref, [x, log_a, h0], cots)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip(list(outs) + list(g), list(outs_ref) + list(g_ref)):
+        assert rel_err(got, want) < tol
+
+
 @pytest.mark.parametrize("use", ["both", "h", "fin"])
 @pytest.mark.parametrize("T, with_h0", [(37, True), (16, False), (5, True)])
 def test_lti_toeplitz_decay_gradient_partials(fo, T, with_h0, use):
