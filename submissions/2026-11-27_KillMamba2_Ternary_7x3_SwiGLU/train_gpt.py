@@ -593,35 +593,34 @@ class SwiGLUMLP(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # LTI scan h_t = a * h_{t-1} + x_t with one constant decay per head, on tensor cores: the Toeplitz form.
 #
-# Inside a chunk of BT steps, y = L x + a^(i+1) h_prev with L[i, j] = a^(i-j) for i >= j, one BT x BT matrix shared
+# Inside a chunk of BT steps, h = x L + a^(i+1) h_prev with L[j, i] = a^(i-j) for i >= j, one BT x BT matrix shared
 # by every channel of the head, so the recurrence becomes a small matrix product per chunk and only the carry h
 # crosses chunks. One program walks the chunks of (one sequence, BP channels) in order with the carry in registers,
-# so each element is read and written once. The carry is held as a BT x BP tile with the same row repeated, the
-# product of x with one row of L repeated on every row (a second small matrix product): the next chunk finds it on
-# every row of its own tile, with no reduction across rows on the chunk-to-chunk path. The backward is the same with
-# L transposed, walking the chunks in reverse; it also gives d h_0 = a lambda_1 and d log_a = a sum lambda_t h_{t-1}
-# as one partial sum per program (a small [heads, programs] buffer summed after it, in a fixed order: deterministic).
-# The kernels read the decays as log_a per head, so nothing but that sum runs around them. bf16 inputs multiply by L
-# split into two bf16 halves (hi + lo), keeping about 16 bits of L (config prec=tf32: one tf32 product, 11 bits); fp32
+# so each element is read and written once. Tiles are (channels x steps): the channels are the product's rows (M 64:
+# one sm_90 MMA of one warpgroup), the steps its columns, and L, loop-invariant, is the product's second operand, kept
+# in shared memory. A row of the product lies within one warp, so the next carry, one column of h (the chunk's last),
+# is a sum across a few lanes of a warp: no second product, no shared memory and no barrier on the chunk-to-chunk
+# path. The backward is the same with L transposed, walking the chunks in reverse; it also gives d h_0 = a lambda_1
+# and d log_a = a sum lambda_t h_{t-1} as one partial sum per program (a small [heads, programs] buffer summed after
+# it, in a fixed order: deterministic). The kernels read the decays as log_a per head, so nothing but that sum runs
+# around them. bf16 inputs multiply by L split into two bf16 halves (hi + lo), keeping about 16 bits of L; fp32
 # inputs use tf32x3 dots; the interpreter uses plain fp32 dots.
 # Chosen through `lti_scan(..., config={"method": "toeplitz"})` in templates/scan/first_order.py.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _ltc_dot(m, x, x_lp, acc, SPLIT: tl.constexpr):
-    # SPLIT 1: L as two bf16 halves (about 16 bits of it); 2: one tf32 dot (11 bits of L, bf16 x exact), one MMA
-    # chain instead of two; 0: tf32x3 (fp32 inputs, about fp32 accuracy). acc (the carry term) enters the
+def _ltc_dot(x, x_lp, m, acc, SPLIT: tl.constexpr):
+    # x (channels x steps) times m (steps x steps), added to acc. SPLIT: m as two bf16 halves (about 16 bits of
+    # it; bf16 x exact); else tf32x3 (fp32 inputs, about fp32 accuracy). acc (the carry term) enters the
     # accumulator: a constant zero accumulator would get another MMA layout, and a conversion between the two dots
-    if SPLIT == 1:
+    if SPLIT:
         m_hi = m.to(tl.bfloat16)
         m_lo = (m - m_hi.to(tl.float32)).to(tl.bfloat16)
-        acc = tl.dot(m_hi, x_lp, acc=acc, out_dtype=tl.float32)
-        acc = tl.dot(m_lo, x_lp, acc=acc, out_dtype=tl.float32)
-    elif SPLIT == 2:
-        acc = tl.dot(m, x, acc=acc, input_precision="tf32", out_dtype=tl.float32)
+        acc = tl.dot(x_lp, m_hi, acc=acc, out_dtype=tl.float32)
+        acc = tl.dot(x_lp, m_lo, acc=acc, out_dtype=tl.float32)
     else:
-        acc = tl.dot(m, x, acc=acc, input_precision="tf32x3", out_dtype=tl.float32)
+        acc = tl.dot(x, m, acc=acc, input_precision="tf32x3", out_dtype=tl.float32)
     return acc
 
 
@@ -649,99 +648,85 @@ def _ltc_kernel(
 ):
     """Forward: out = h, fin = h_T. REVERSE: x = dL/dh, c0 = dL/dh_T, out = lambda, fin = dL/dh_0, and with
     HAS_DA, da = this program's share of dL/dlog_a of its head, a * sum_{t, its channels} lambda_t h_{t-1}
-    (hp = forward h, h0 = forward h_0), stored at [head, sequence, program within the head]."""
+    (hp = forward h, h0 = forward h_0), stored at [head, sequence, program within the head]. Every tile is
+    (BP channels) x (BT steps): channels on the rows (the products' M), steps on the columns."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    rows = tl.arange(0, BT)
+    # BP divides the head width W and W divides D: the channels need no mask
     cols = pid_d * BP + tl.arange(0, BP)
-    mask_d = cols < D
-    base = pid_b * T * D
+    steps = tl.arange(0, BT)
+    tile = cols[:, None] + steps[None, :] * D  # a chunk's offsets from its first step, (BP, BT), int32
     # la: the log decay of each head of W channels, read as it is (no exp launch before the kernel): powers of a
     # are exp2 of multiples of log2(a) = log(a) * log2(e)
     head = (pid_d * BP) // W
     l2a = tl.load(la_ptr + head).to(tl.float32) * 1.4426950408889634
-    diff = rows[:, None] - rows[None, :]
+    # mat[j, i]: the weight of step j's input in step i's output, a^(i - j) for i >= j (a^(j - i), j >= i, reverse)
+    diff = steps[None, :] - steps[:, None]
     if REVERSE:
         diff = -diff
     mat = tl.where(diff >= 0, tl.math.exp2(tl.maximum(diff, 0).to(tl.float32) * l2a), 0.0)
-    # the carry's chunk term, one row of `mat` (the chunk's last row forward, its first in reverse) repeated on
-    # every row: its product with x is the carry on every row of the tile, where the next chunk needs it, with no
-    # reduction across rows (nor a barrier) on the chunk-to-chunk path
-    if REVERSE:
-        wpow = rows
-    else:
-        wpow = BT - 1 - rows
-    wmat = tl.zeros([BT, BT], dtype=tl.float32) + tl.math.exp2(wpow.to(tl.float32) * l2a)[None, :]
     if HAS_C0:
-        c0 = tl.load(c0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        carry = tl.load(c0_ptr + pid_b * D + cols).to(tl.float32)
     else:
-        c0 = tl.zeros([BP], dtype=tl.float32)
-    carry = tl.zeros([BT, BP], dtype=tl.float32) + c0[None, :]
-    h = tl.zeros([BT, BP], dtype=tl.float32)
-    if HAS_DA:
-        # the elementwise products are summed over time once, at the end (no cross-row reduction per chunk)
-        da_acc = tl.zeros([BT, BP], dtype=tl.float32)
-        if HAS_H0:
-            h0v = tl.load(h0_ptr + pid_b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        carry = tl.zeros([BP], dtype=tl.float32)
     n_chunks = tl.cdiv(T, BT)
     if HAS_DA:
-        # h_{t-1} of the first chunk walked; each chunk loads the next one's before its own dot, so that this load
-        # (which feeds no dot, and so is not pipelined by the compiler) overlaps a chunk of work
-        t_n = (n_chunks - 1) * BT + rows
-        m_n = (t_n < T)[:, None] & mask_d[None, :]
-        hp_n = tl.load(
-            hp_ptr + base + t_n.to(tl.int64)[:, None] * D + cols[None, :] - D, mask=m_n & (t_n >= 1)[:, None], other=0.0
-        )
+        # per channel, summed over each chunk's steps (within a warp, like the carry), over channels at the end
+        da_acc = tl.zeros([BP], dtype=tl.float32)
+        # h_{t-1} of the first chunk walked (the last); each chunk loads the next one's before its own dot, so that
+        # this load (which feeds no dot, and so is not pipelined by the compiler) overlaps a chunk of work. Steps
+        # past T and step 0 (h_0: its term is added at the end) read zeros
+        t_n = (n_chunks - 1) * BT + steps
+        m_n = ((t_n < T) & (t_n >= 1))[None, :]
+        hp_n = tl.load(hp_ptr + (pid_b * T + (n_chunks - 1) * BT - 1) * D + tile, mask=m_n, other=0.0)
     for kk in range(0, n_chunks):
         if REVERSE:
             k = n_chunks - 1 - kk
         else:
             k = kk
         t0 = k * BT
-        t = t0 + rows
-        mask_t = t < T
-        m2 = mask_t[:, None] & mask_d[None, :]
-        off = base + t.to(tl.int64)[:, None] * D + cols[None, :]
+        t = t0 + steps
+        m2 = (t < T)[None, :]
+        start = (pid_b * T + t0) * D
         if HAS_DA:
             hp = hp_n.to(tl.float32)
-            t_n = t - BT
-            m_n = (t_n >= 1)[:, None] & mask_d[None, :]
-            hp_n = tl.load(hp_ptr + off - (BT + 1) * D, mask=m_n, other=0.0)
-        x_lp = tl.load(x_ptr + off, mask=m2, other=0.0)
+            hp_n = tl.load(hp_ptr + (start - (BT + 1) * D) + tile, mask=(t >= BT + 1)[None, :], other=0.0)
+        x_lp = tl.load(x_ptr + start + tile, mask=m2, other=0.0)
         x = x_lp.to(tl.float32)
         if REVERSE:
-            # the carry is lambda at row `end` (the later chunk's first row), or dL/dh_T entering at row T - 1
+            # the carry is lambda at step `end` (the later chunk's first step), or dL/dh_T entering at step T - 1
             end = tl.minimum(t0 + BT, T)
             shift = tl.where(end == T, 1, 0)
             power = tl.maximum(end - t - shift, 0)
-            step = (end - t0 - shift).to(tl.float32)
         else:
-            power = rows + 1
-            step = BT * 1.0  # only full chunks pass their carry on; the last one's final state is read from h
+            power = steps + 1
         decay = tl.math.exp2(power.to(tl.float32) * l2a)
-        h = _ltc_dot(mat, x, x_lp, decay[:, None] * carry, SPLIT)
-        tl.store(out_ptr + off, h.to(out_ptr.dtype.element_ty), mask=m2)
-        carry = _ltc_dot(wmat, x, x_lp, tl.math.exp2(step * l2a) * carry, SPLIT)
+        h = _ltc_dot(x, x_lp, mat, carry[:, None] * decay[None, :], SPLIT)
+        tl.store(out_ptr + start + tile, h.to(out_ptr.dtype.element_ty), mask=m2)
+        # the next carry is one column of h, the chunk's first step in reverse, its last forward (the sequence's
+        # last in a partial chunk: the final state). Each row of the product lies within one warp, so this is a
+        # sum across a few lanes: no shared memory and no barrier on the chunk-to-chunk path
+        if REVERSE:
+            pick = 0
+        else:
+            pick = tl.minimum(T - 1 - t0, BT - 1)
+        carry = tl.sum(tl.where(steps[None, :] == pick, h, 0.0), axis=1)
         if HAS_DA:
-            if HAS_H0:
-                hp += tl.where((t == 0)[:, None], h0v[None, :], 0.0)
-            da_acc += tl.where(m2, h * hp, 0.0)
+            da_acc += tl.sum(h * hp, axis=1)
     if HAS_DA:
+        if HAS_H0:
+            # step 0's term: lambda_0 (the last carry) times h_0
+            da_acc += carry * tl.load(h0_ptr + pid_b * D + cols).to(tl.float32)
         # one deterministic partial per program, already times a (d log_a = a d a): a launch summing the [H, rest]
         # partials over their contiguous last axis is all that is left after the kernel, in a fixed order
         per_head = W // BP
         slot = (head * tl.num_programs(0) + pid_b) * per_head + pid_d % per_head
-        tl.store(da_ptr + slot, tl.sum(tl.sum(da_acc, axis=1), axis=0) * tl.math.exp2(l2a))
+        tl.store(da_ptr + slot, tl.sum(da_acc, axis=0) * tl.math.exp2(l2a))
     if STORE_FIN:
-        # one row of a tile, stored through a row mask: dL/dh_0 = a lambda_0 in reverse, h at step T - 1 forward
+        # dL/dh_0 = a lambda_0 in reverse, h at step T - 1 forward
         if REVERSE:
-            fin = carry * tl.math.exp2(l2a)
-            pick = 0
-        else:
-            fin = h
-            pick = T - 1 - (n_chunks - 1) * BT
-        fmask = (rows == pick)[:, None] & mask_d[None, :]
-        tl.store(fin_ptr + pid_b * D + cols[None, :] + 0 * rows[:, None], fin.to(fin_ptr.dtype.element_ty), mask=fmask)
+            carry = carry * tl.math.exp2(l2a)
+        tl.store(fin_ptr + pid_b * D + cols, carry.to(fin_ptr.dtype.element_ty))
 
 
 def lti_toeplitz_block(D: int, n_heads: int) -> int:
@@ -757,11 +742,13 @@ def lti_toeplitz_block(D: int, n_heads: int) -> int:
 
 def lti_toeplitz_config(D: int, n_heads: int, user: dict) -> dict:
     """Launch config of the Toeplitz kernels: BT steps per chunk, BP channels per program (inside one head)."""
-    # 4 warps: one warpgroup, so the products and the carry tile share one MMA layout (offline sm_90: one layout
-    # conversion per chunk, for the store; 8 warps gave two MMA layouts and five conversions)
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    cfg = {"BT": 16 if interp else 64, "BP": 32, "num_warps": 4, **user}
+    cfg = {"BT": 16 if interp else 32, "BP": 64, **user}
     cfg["BP"] = min(cfg["BP"], lti_toeplitz_block(D, n_heads))  # a program must stay inside one head
+    # one warp per 16 channels, at most one warpgroup: the warps split the channels (the products' M) only, so
+    # that a row of a product, whose one column is the next carry, lies within one warp (64 channels: one
+    # warpgroup, one sm_90 MMA of M 64)
+    cfg.setdefault("num_warps", max(1, min(4, cfg["BP"] // 16)))
     return cfg
 
 
@@ -785,9 +772,7 @@ def _ltc_launch(
     da = None
     if hp is not None:
         da = torch.empty((log_a.shape[0], B * (width // cfg["BP"])), device=x.device, dtype=torch.float32)
-    split = 0
-    if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1":
-        split = 2 if cfg.get("prec") == "tf32" else 1
+    split = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
     grid = (B, triton.cdiv(D, cfg["BP"]))
     _ltc_kernel[grid](
         x, log_a, c0 if c0 is not None else x, out, fin if fin is not None else out,
@@ -2426,8 +2411,7 @@ def gather_token_losses(local: torch.Tensor, world_size: int, device: torch.devi
 #
 #   torchrun --standalone --nproc_per_node=8 train_gpt.py     CUDA; the rank count must divide 8
 #   python train_gpt.py                                       one process (CPU works, with tiny settings)
-#   EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz python train_gpt.py
-#                                                             score an existing artifact, no training
+#   EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz python train_gpt.py     score an artifact, no training
 #   TOKEN_LOSSES=losses.npz                                   also save the scored tokens and each one's loss
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -2539,6 +2523,7 @@ def main() -> None:
                 group["initial_lr"] = group["lr"]
         muon.orthogonalize = torch.compile(muon.orthogonalize) if compiled else muon.orthogonalize
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None) if distributed else model
+        graph_grads = compiled and accum_steps > 1 and hp.compile_mode in ("reduce-overhead", "max-autotune")
 
         def step_once(loader: BatchLoader, scale: float, momentum: float) -> torch.Tensor:
             loss_sum = torch.zeros((), device=device)
@@ -2549,6 +2534,9 @@ def main() -> None:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = ddp(x, y)
                 (loss / accum_steps).backward()
+                if micro == 0 and graph_grads:  # .grad is the backward graph's output, which the next replay overwrites
+                    for param in base.parameters():
+                        param.grad = None if param.grad is None else param.grad.clone()
                 loss_sum += loss.detach()
             for opt in optimizers:
                 for group in opt.param_groups:

@@ -731,11 +731,47 @@ def m3_cos_sin(theta, FAST: tl.constexpr):
 
 
 @triton.jit
+def _m3r_rows(ptr, rows, offs_n, mask_t, N):
+    """Whole rows, one contiguous [BT, 2 BR] load, as stored."""
+    mask = mask_t[:, None] & (offs_n < N)[None, :]
+    return tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _m3r_split(tile, BT: tl.constexpr, BR: tl.constexpr):
+    """A [BT, 2 BR] tile of rows split into their even and odd elements (fp32)."""
+    return tl.split(tl.reshape(tile.to(tl.float32), (BT, BR, 2)))
+
+
+@triton.jit
 def _m3r_pairs(ptr, rows, offs_n, mask_t, N, BT: tl.constexpr, BR: tl.constexpr):
     """Whole rows (contiguous [BT, 2 BR] loads), split into their even and odd elements (fp32)."""
-    mask = mask_t[:, None] & (offs_n < N)[None, :]
-    tile = tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    return tl.split(tl.reshape(tile, (BT, BR, 2)))
+    return _m3r_split(_m3r_rows(ptr, rows, offs_n, mask_t, N), BT, BR)
+
+
+@triton.jit
+def _m3r_bias_row(BIAS, h, live, offs_n, N, HAS_BIAS: tl.constexpr):
+    """Head h's bias row [2 BR] in fp32 (zeros without the bias)."""
+    if HAS_BIAS:
+        return tl.load(BIAS + h * N + offs_n, mask=(offs_n < N) & live, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(offs_n.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _m3r_head_loads(TH, DQO, DKO, QB, KB, row, h, h_end, offs_r, offs_n, mask_t, N, R, H,
+                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr):  # fmt: skip
+    """Head h's angles [BT, BR], the gradients of its rotated q and k rows [BT, 2 BR] as stored, and its bias rows
+    (nothing is read for h >= h_end). The head loop issues them one head ahead, so that a head's loads wait behind
+    the previous head's arithmetic instead of stalling the program (nothing here feeds a dot, so the compiler does
+    not pipeline them itself)."""
+    head_live = tl.full((1,), h, tl.int32) < h_end  # a tensor: h may be a plain int (the interpreter's counter)
+    live = mask_t & head_live
+    rows = row * H + h
+    theta = tl.load(TH + rows[:, None] * R + offs_r[None, :], mask=live[:, None] & (offs_r < R)[None, :], other=0.0)
+    qb = _m3r_bias_row(QB, h, head_live, offs_n, N, HAS_QB)
+    kb = _m3r_bias_row(KB, h, head_live, offs_n, N, HAS_KB)
+    return theta, _m3r_rows(DQO, rows, offs_n, live, N), _m3r_rows(DKO, rows, offs_n, live, N), qb, kb
 
 
 @triton.jit
@@ -747,10 +783,9 @@ def _m3r_store_pairs(ptr, rows, offs_n, mask_t, N, even, odd, BT: tl.constexpr, 
 
 
 @triton.jit
-def _m3r_bias(even, odd, BIAS, h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Head h's bias row added to its group's pairs."""
+def _m3r_bias(even, odd, bias, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A head's bias row [2 BR] (fp32) added to its group's pairs."""
     if HAS_BIAS:
-        bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         b_even, b_odd = tl.split(tl.reshape(bias, (BR, 2)))
         even += b_even[None, :]
         odd += b_odd[None, :]
@@ -758,11 +793,12 @@ def _m3r_bias(even, odd, BIAS, h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.cons
 
 
 @triton.jit
-def _m3r_bwd_head(v_even, v_odd, BIAS, DOUT, DBIAS_PART, h, row, part, cos, sin, offs_n, mask_t, N,
+def _m3r_bwd_head(v_even, v_odd, bias, dout, DBIAS_PART, part, cos, sin, offs_n, N,
                   BT: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-    """One head's side of one of q, k: its d theta share, and d v in the unrotated frame (bias partials stored)."""
-    even, odd = _m3r_bias(v_even, v_odd, BIAS, h, offs_n, N, BR, HAS_BIAS)
-    d_even_r, d_odd_r = _m3r_pairs(DOUT, row, offs_n, mask_t, N, BT, BR)
+    """One head's side of one of q, k: its d theta share, and d v in the unrotated frame (bias partials stored);
+    dout is the head's [BT, 2 BR] tile of the gradient of its rotated rows, bias its bias row."""
+    even, odd = _m3r_bias(v_even, v_odd, bias, BR, HAS_BIAS)
+    d_even_r, d_odd_r = _m3r_split(dout, BT, BR)
     d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
     d_even = d_even_r * cos + d_odd_r * sin
     d_odd = d_odd_r * cos - d_even_r * sin
@@ -778,7 +814,8 @@ def _m3r_bwd_kernel(
     BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """One program per (time block, batch, group) loops over the group's heads: d q and d k summed over them in
-    registers, one d theta per head (q's and k's shares together), bias partials per (head, time block)."""
+    registers, one d theta per head (q's and k's shares together), bias partials per (head, time block). Each
+    head's loads are issued during the previous head (`_m3r_head_loads`)."""
     bg = tl.program_id(1)
     b64 = (bg // G).to(tl.int64)
     g = bg % G
@@ -795,18 +832,20 @@ def _m3r_bwd_kernel(
     dk_even = tl.zeros((BT, BR), dtype=tl.float32)
     dk_odd = tl.zeros((BT, BR), dtype=tl.float32)
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-    for h in range(g * hpg, (g + 1) * hpg):
-        th_ptr = TH + (row * H + h)[:, None] * R + offs_r[None, :]
-        theta = tl.load(th_ptr, mask=th_mask, other=0.0).to(tl.float32)
+    h_end = (g + 1) * hpg
+    nxt = _m3r_head_loads(TH, DQO, DKO, QB, KB, row, g * hpg, h_end, offs_r, offs_n, mask_t, N, R, H, HAS_QB, HAS_KB)
+    for h in range(g * hpg, h_end):
+        theta, dqo, dko, qb, kb = nxt
+        nxt = _m3r_head_loads(TH, DQO, DKO, QB, KB, row, h + 1, h_end, offs_r, offs_n, mask_t, N, R, H, HAS_QB, HAS_KB)
         cos, sin = m3_cos_sin(theta, FAST)
         part = (b64 * H + h) * tl.num_programs(0) + tl.program_id(0)
         d_theta, d_even, d_odd = _m3r_bwd_head(
-            q_even, q_odd, QB, DQO, DQB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_QB
+            q_even, q_odd, qb, dqo, DQB_PART, part, cos, sin, offs_n, N, BT, BR, HAS_QB
         )
         dq_even += d_even
         dq_odd += d_odd
         dk_theta, d_even, d_odd = _m3r_bwd_head(
-            k_even, k_odd, KB, DKO, DKB_PART, h, row * H + h, part, cos, sin, offs_n, mask_t, N, BT, BR, HAS_KB
+            k_even, k_odd, kb, dko, DKB_PART, part, cos, sin, offs_n, N, BT, BR, HAS_KB
         )
         dk_even += d_even
         dk_odd += d_odd
@@ -1321,6 +1360,24 @@ def _ssd_fwd_out_kernel(
 
 
 @triton.jit
+def _ssd_carry_loads(
+    CKPT, YP, bh64, b64, h, c, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC,
+    Q: tl.constexpr, HAS_Z: tl.constexpr,
+):  # fmt: skip
+    """Chunk c's stored state [BN, BPS] and, with the gate, its output before the gate [Q, BPS], as stored (nothing
+    is read for c < 0). The carry kernel issues them one chunk ahead: neither feeds a dot, so the compiler's
+    pipelining leaves them where they are used, and each chunk would wait a full memory round trip for them."""
+    live = tl.full((1, 1), c, tl.int32) >= 0  # a tensor: c may be a plain int (the interpreter's loop counter)
+    st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask & live, other=0.0)
+    if HAS_Z:
+        xp_mask = (c * Q + offs_q < T)[:, None] & mask_p[None, :] & live
+        yp = tl.load(YP + (b64 * T + c * Q) * H * P + h * P + loc_xp, mask=xp_mask, other=0.0)
+    else:
+        yp = st
+    return st, yp
+
+
+@triton.jit
 def _ssd_bwd_carry_kernel(
     CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
     TH, BB, CB, T, H, G, P, N, NC, R,
@@ -1332,7 +1389,8 @@ def _ssd_bwd_carry_kernel(
 ):  # fmt: skip
     """Reverse pass of the state gradient only, one program per (batch, head, block of BPS columns of P): stores, per
     chunk, the gradient of the state at the chunk's end and the block's share of the decay gradient's carry term
-    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers); with the gate, dz and dy through the gate."""
+    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers); with the gate, dz and dy through the gate.
+    The stored state and the output before the gate are read one chunk ahead (`_ssd_carry_loads`)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -1355,11 +1413,18 @@ def _ssd_bwd_carry_kernel(
         dst = dst.to(tl.float32)
     else:
         dst = tl.zeros((BN, BPS), dtype=tl.float32)
+    sn_loc = offs_n[:, None] * P + offs_p[None, :]
+    st_next, yp_next = _ssd_carry_loads(
+        CKPT, YP, bh64, b64, h, NC - 1, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC, Q, HAS_Z
+    )
     for cc in range(NC):
         c = NC - 1 - cc
-        sn = (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :]
-        tl.store(DCK + sn, dst.to(DCK.dtype.element_ty), mask=sn_mask)
-        st_dot = tl.sum(tl.sum(tl.load(CKPT + sn, mask=sn_mask, other=0.0).to(tl.float32) * dst, axis=1), axis=0)
+        st_c, yp_c = st_next, yp_next
+        st_next, yp_next = _ssd_carry_loads(
+            CKPT, YP, bh64, b64, h, c - 1, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC, Q, HAS_Z
+        )
+        tl.store(DCK + (bh64 * NC + c) * N * P + sn_loc, dst.to(DCK.dtype.element_ty), mask=sn_mask)
+        st_dot = tl.sum(tl.sum(st_c.to(tl.float32) * dst, axis=1), axis=0)
         row = b64 * T + c * Q
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
@@ -1370,8 +1435,7 @@ def _ssd_bwd_carry_kernel(
         if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zz)
-            yp = tl.load(YP + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            dz = dy * yp * sz * (1.0 + zz * (1.0 - sz))
+            dz = dy * yp_c.to(tl.float32) * sz * (1.0 + zz * (1.0 - sz))
             tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
             dy = dy * zz * sz
             tl.store(DYE + x_off + loc_xp, dy.to(DYE.dtype.element_ty), mask=xp_mask)
@@ -3459,8 +3523,7 @@ def ttt_stage(model: nn.Module, tokens: torch.Tensor, tables: tuple, seq_len: in
 #
 #   torchrun --standalone --nproc_per_node=8 train_gpt.py     CUDA; the rank count must divide 8
 #   python train_gpt.py                                       one process (CPU works, with tiny settings)
-#   EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz python train_gpt.py
-#                                                             score an existing artifact, no training
+#   EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz python train_gpt.py     score an artifact, no training
 #   TOKEN_LOSSES=losses.npz                                   also save the scored tokens and each one's loss
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -3572,6 +3635,7 @@ def main() -> None:
                 group["initial_lr"] = group["lr"]
         muon.orthogonalize = torch.compile(muon.orthogonalize) if compiled else muon.orthogonalize
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None) if distributed else model
+        graph_grads = compiled and accum_steps > 1 and hp.compile_mode in ("reduce-overhead", "max-autotune")
 
         def step_once(loader: BatchLoader, scale: float, momentum: float) -> torch.Tensor:
             loss_sum = torch.zeros((), device=device)
@@ -3582,6 +3646,9 @@ def main() -> None:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = ddp(x, y)
                 (loss / accum_steps).backward()
+                if micro == 0 and graph_grads:  # .grad is the backward graph's output, which the next replay overwrites
+                    for param in base.parameters():
+                        param.grad = None if param.grad is None else param.grad.clone()
                 loss_sum += loss.detach()
             for opt in optimizers:
                 for group in opt.param_groups:

@@ -2377,8 +2377,7 @@ def gather_token_losses(local: torch.Tensor, world_size: int, device: torch.devi
 #
 #   torchrun --standalone --nproc_per_node=8 train_gpt.py     CUDA; the rank count must divide 8
 #   python train_gpt.py                                       one process (CPU works, with tiny settings)
-#   EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz python train_gpt.py
-#                                                             score an existing artifact, no training
+#   EVAL_ONLY=1 ARTIFACT=final_model.int8.ptz python train_gpt.py     score an artifact, no training
 #   TOKEN_LOSSES=losses.npz                                   also save the scored tokens and each one's loss
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -2490,6 +2489,7 @@ def main() -> None:
                 group["initial_lr"] = group["lr"]
         muon.orthogonalize = torch.compile(muon.orthogonalize) if compiled else muon.orthogonalize
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None) if distributed else model
+        graph_grads = compiled and accum_steps > 1 and hp.compile_mode in ("reduce-overhead", "max-autotune")
 
         def step_once(loader: BatchLoader, scale: float, momentum: float) -> torch.Tensor:
             loss_sum = torch.zeros((), device=device)
@@ -2500,6 +2500,9 @@ def main() -> None:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = ddp(x, y)
                 (loss / accum_steps).backward()
+                if micro == 0 and graph_grads:  # .grad is the backward graph's output, which the next replay overwrites
+                    for param in base.parameters():
+                        param.grad = None if param.grad is None else param.grad.clone()
                 loss_sum += loss.detach()
             for opt in optimizers:
                 for group in opt.param_groups:
