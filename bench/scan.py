@@ -438,6 +438,47 @@ CHECK_CASES = [  # dtype, rms tolerance, SSD (T, groups, chunk), Mamba-3 (T, gro
 ]
 
 
+# what --tuning may set: SSD_TUNING's kernel kinds (templates/scan/ssd.py) and the options each reads
+TUNING_OPTIONS = {
+    "fstate": {"num_warps", "num_stages", "bp"},
+    "fout": {"num_warps", "num_stages"},
+    "carry": {"num_warps", "num_stages", "bp"},
+    "dx": {"num_warps", "num_stages"},
+    "dbc": {"num_warps", "num_stages", "heads"},
+    "state": {"fp32"},
+}
+
+
+def tuning_arg(text: str) -> dict:
+    """--tuning's value: a JSON object of SSD_TUNING entries, kernel kind -> options; a typo is an error, not a
+    silent timing of the defaults."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError('want {"kind": {"option": value}}, e.g. \'{"fout": {"num_warps": 8}}\'')
+    for kind, options in value.items():
+        unknown = set(options) - TUNING_OPTIONS.get(kind, set())
+        if kind not in TUNING_OPTIONS or unknown:
+            what = f"kind {kind!r}" if kind not in TUNING_OPTIONS else f"{kind} option(s) {sorted(unknown)}"
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}; known: {json.dumps({k: sorted(v) for k, v in TUNING_OPTIONS.items()})}"
+            )
+    return value
+
+
+def tuned(form: dict | None, run, *args):
+    """run(*args) with SSD_TUNING updated by `form` (None: as it is), restored afterwards even if run raises."""
+    saved = {k: dict(v) for k, v in ssd_mod.SSD_TUNING.items()}
+    ssd_mod.SSD_TUNING.update(form or {})
+    try:
+        return run(*args)
+    finally:
+        ssd_mod.SSD_TUNING.clear()
+        ssd_mod.SSD_TUNING.update(saved)
+
+
 def check(device, limit: int | None = None) -> bool:
     """Kernel vs float64 reference on the GPU over shapes, dtypes, odd lengths, groups and initial states."""
     ok = True
@@ -455,11 +496,7 @@ def check(device, limit: int | None = None) -> bool:
 
             forms = [None] + (CHECK_BWD_FORMS if (seq, groups, chunk) == ssd_shapes[0] else [])
             for form in forms:
-                saved = dict(ssd_mod.SSD_TUNING)
-                ssd_mod.SSD_TUNING.update(form or {})
-                errs = compare(lambda i: run_ssd(i, ssd_scan), lambda i: run_ssd(i, ssd_scan_ref), base)
-                ssd_mod.SSD_TUNING.clear()
-                ssd_mod.SSD_TUNING.update(saved)
+                errs = tuned(form, compare, lambda i: run_ssd(i, ssd_scan), lambda i: run_ssd(i, ssd_scan_ref), base)
                 worst = max(errs.values())
                 ok &= worst < tol
                 print(f"check ssd {str(dtype)[6:]} T={seq} G={groups} Q={chunk} {form or 'default'}: worst "
@@ -549,6 +586,8 @@ def main() -> int:
     parser.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile'd Mamba-3 caller")
     parser.add_argument("--variants", action="store_true", help="also time the ops at the variants' own shapes")
     parser.add_argument("--graphs", action="store_true", help="also time each op replayed from a CUDA graph")
+    parser.add_argument("--tuning", type=tuning_arg, default={}, help='SSD_TUNING entries (JSON) for the check and the '
+                        'timing, e.g. \'{"fout": {"num_warps": 8}}\' (kinds and options: TUNING_OPTIONS)')  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan.py needs a CUDA GPU (run it through the device); nothing measured", file=sys.stderr)
@@ -561,6 +600,10 @@ def main() -> int:
     print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     result = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.date.today().isoformat()}  # fmt: skip
+    if args.tuning:
+        ssd_mod.SSD_TUNING.update(args.tuning)
+        result["ssd_tuning"] = args.tuning
+        print(f"SSD_TUNING {ssd_mod.SSD_TUNING}", flush=True)
     ok = True
     if args.check:
         ok = check(device, limit=1 if args.check_bf16_only else None)

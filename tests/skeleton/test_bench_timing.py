@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -102,3 +103,50 @@ def test_measured_line_is_what_the_runners_grep() -> None:
     name = "ours lti_scan toeplitz (16 head decays)"
     assert measured_line(row) == f"measured {name}: 0.5 / 0.5 ms"
     assert measured_line(row, graphs=True) == f"measured {name}: 0.5 / 0.5 ms, graphed 0.25 / 0.25"
+
+
+def test_tuning_argument_takes_known_kinds_and_options_only():
+    """--tuning sets SSD_TUNING for a GPU run: a typo in a kind or an option must stop the run, not time the
+    defaults under the tuned label."""
+    import argparse
+
+    assert scan.tuning_arg('{"fout": {"num_warps": 8}, "state": {"fp32": true}}') == {
+        "fout": {"num_warps": 8},
+        "state": {"fp32": True},
+    }
+    for bad, message in [
+        ("{fout", "not JSON"),
+        ('["fout"]', "want"),
+        ('{"fout": 8}', "want"),
+        ('{"fwd": {"num_warps": 8}}', "unknown kind 'fwd'"),
+        ('{"fout": {"num_warp": 8}}', r"unknown fout option\(s\) \['num_warp'\]"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            scan.tuning_arg(bad)
+
+
+def test_tuning_options_are_what_the_kernels_read_and_the_sweep_sets():
+    """TUNING_OPTIONS lists each kind that templates/scan/ssd.py looks up; the sweep and the check's forms stay
+    inside it."""
+    source = (Path(__file__).resolve().parents[2] / "templates" / "scan" / "ssd.py").read_text()
+    for kind in scan.TUNING_OPTIONS:
+        assert f'"{kind}"' in source, kind
+    for kind, forms in scan.SSD_SWEEP.items():
+        for form in forms:
+            scan.tuning_arg(json.dumps({kind: form}))
+    for form in scan.CHECK_BWD_FORMS:
+        scan.tuning_arg(json.dumps(form))
+
+
+def test_tuned_restores_the_tuning_when_the_run_raises():
+    scan.ssd_mod.SSD_TUNING.clear()
+    scan.ssd_mod.SSD_TUNING["fout"] = {"num_warps": 4}
+
+    def boom():
+        assert scan.ssd_mod.SSD_TUNING == {"fout": {"num_warps": 8}}
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError):
+        scan.tuned({"fout": {"num_warps": 8}}, boom)
+    assert scan.ssd_mod.SSD_TUNING == {"fout": {"num_warps": 4}}
+    scan.ssd_mod.SSD_TUNING.clear()
