@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from validator.sandbox.audit import ALLOWED_PROGRAMS, audit_findings, spawn_is_allowed
+from validator.sandbox.audit import ALLOWED_PROGRAMS, audit_findings, read_events, spawn_is_allowed
 
 
 @pytest.mark.parametrize(
@@ -54,15 +54,31 @@ def test_a_python_child_the_hook_marked_unhooked_is_refused_whatever_its_flags()
     assert found.code == "AUDIT_SUBPROCESS" and "without the audit hook" in found.message
 
 
-def test_the_hook_and_the_validator_parse_interpreter_flags_alike():
-    import runpy
+def test_the_validator_reads_interpreter_flags_with_the_hooks_own_parser():
+    from validator.sandbox import audit
+    from validator.sandbox.hook import sitecustomize
 
-    from validator.sandbox.audit import hook_defeating_flags
+    assert audit.hook_defeating_flags is sitecustomize.hook_defeating_flags
+    cases = {("-uI",): "I", ("-W", "x", "-E"): "E", ("-Wx", "-S"): "S", ("-c", "-I"): "", ("x.py", "-E"): ""}
+    for args, flags in cases.items():
+        assert audit.hook_defeating_flags(["python3", *args]) == flags, args
+
+
+def test_the_hook_installs_itself_only_when_loaded_as_sitecustomize(tmp_path):
+    """The validator imports the hook module for its parser: that import must not hook the validator's own process,
+    even with SSM_GOLF_AUDIT_LOG set; loaded as `sitecustomize` (as site does in the sandbox's children) it must."""
+    import subprocess
+    import sys
+
     from validator.sandbox.layout import HOOK_SOURCE
 
-    hook = runpy.run_path(str(HOOK_SOURCE), run_name="not_sitecustomize")  # no SSM_GOLF_AUDIT_LOG: installs nothing
-    for argv in (["p", "-uI"], ["p", "-W", "x", "-E"], ["p", "-Wx", "-S"], ["p", "-c", "-I"], ["p", "x.py", "-E"]):
-        assert hook["hook_defeating_flags"](argv) == hook_defeating_flags(argv), argv
+    for run_name, installs in (("validator.sandbox.hook.sitecustomize", False), ("sitecustomize", True)):
+        log = tmp_path / f"{run_name}.jsonl"
+        code = f"import runpy; runpy.run_path({str(HOOK_SOURCE)!r}, run_name={run_name!r})"
+        env = {"PATH": "/usr/bin:/bin", "SSM_GOLF_AUDIT_LOG": str(log)}
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+        starts = [e for e in read_events(log) if e["kind"] == "start"]
+        assert bool(starts) is installs, run_name
 
 
 def test_tampering_is_an_error():

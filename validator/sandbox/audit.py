@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from validator.findings import Finding, error, note, warning
+from validator.sandbox.hook.sitecustomize import hook_defeating_flags  # the hook's own parser: one reading of argv
 
 # Programs a training script and its libraries legitimately start: the interpreter itself (torchrun's workers,
 # compile pools), C/CUDA compilers and tools Triton and Inductor call, and GPU or library queries. `file` is what
@@ -38,34 +39,6 @@ ALLOWED_PROGRAMS = frozenset(
 )
 # Versioned or target-prefixed compiler drivers (x86_64-linux-gnu-gcc-13, clang-18) as Triton and Inductor find them.
 COMPILER_RE = re.compile(r"^(?:[\w.]+-)*(?:gcc|g\+\+|cc|c\+\+|clang|clang\+\+)(?:-[\d.]+)?$")
-# Interpreter options that would start Python without the audit hook (isolated, no site, no environment).
-HOOK_DEFEATING_FLAGS = frozenset("ISE")
-OPTIONS_WITH_ARGUMENT = frozenset("WXcm")
-
-
-def hook_defeating_flags(argv: list[str]) -> str:
-    """The hook-defeating options among a Python command line's interpreter options (before the script, -c or -m),
-    combined short flags included (`python -uI`): e.g. "I", or "" when there are none."""
-    found = ""
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("-") or arg in ("-", "--"):
-            break
-        if arg.startswith("--"):
-            i += 2 if arg == "--check-hash-based-pycs" else 1
-            continue
-        for j, flag in enumerate(arg[1:], start=1):
-            if flag in HOOK_DEFEATING_FLAGS:
-                found += flag
-            if flag in OPTIONS_WITH_ARGUMENT:
-                if flag in "cm":
-                    return found
-                if j == len(arg) - 1:
-                    i += 1  # -W arg, -X arg: the argument is the next word
-                break
-        i += 1
-    return found
 
 
 def read_events(path: Path) -> list[dict]:

@@ -341,4 +341,5 @@ def _install() -> None:
     sys.addaudithook(auditor.hook)
 
 
-_install()
+if __name__ == "sitecustomize":  # as the site module loads it; the validator imports it for its parser only
+    _install()
