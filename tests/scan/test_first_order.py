@@ -149,16 +149,13 @@ def test_complex_matches_torch_complex_arithmetic(fo):
     assert rel_err(torch.stack([yr, yi], -1), torch.view_as_real(want)) < 1e-5
 
 
-@pytest.mark.parametrize("n_decays", [16, 4])
-def test_lti_per_channel_and_per_head(fo, n_decays):
-    torch.manual_seed(n_decays)
-    B, T, D = 2, 23, 16
-    log_a = -torch.rand(n_decays, device=DEV) * 2
-    x = torch.randn(B, T, D, device=DEV)
-    h0 = torch.randn(B, D, device=DEV)
+def _assert_lti_matches_reference(fo, x, log_a, h0, config: dict | None, tol: float) -> list:
+    """lti_scan (with `config`) against the float64 reference: the output, the final state and the gradients of x,
+    log_a and h0 within `tol`; the gradients, for further checks."""
+    B, T, D = x.shape
 
     def kern(x, log_a, h0):
-        return fo.lti_scan(x, log_a, h0, return_final_state=True)
+        return fo.lti_scan(x, log_a, h0, True, config=config)
 
     def ref(x, log_a, h0):
         return fo.lti_scan_ref(x.double(), log_a.double(), h0.double(), True)
@@ -167,7 +164,18 @@ def test_lti_per_channel_and_per_head(fo, n_decays):
     outs, g = grads_of(kern, [x, log_a, h0], cots)
     outs_ref, g_ref = grads_of(ref, [x, log_a, h0], cots)
     for got, want in zip(list(outs) + list(g), list(outs_ref) + list(g_ref)):
-        assert rel_err(got, want) < 1e-5
+        assert rel_err(got, want) < tol
+    return g
+
+
+@pytest.mark.parametrize("n_decays", [16, 4])
+def test_lti_per_channel_and_per_head(fo, n_decays):
+    torch.manual_seed(n_decays)
+    B, T, D = 2, 23, 16
+    log_a = -torch.rand(n_decays, device=DEV) * 2
+    x = torch.randn(B, T, D, device=DEV)
+    h0 = torch.randn(B, D, device=DEV)
+    g = _assert_lti_matches_reference(fo, x, log_a, h0, None, 1e-5)
     assert g[1].shape == (n_decays,)
 
 
@@ -181,19 +189,7 @@ def test_lti_toeplitz_matches_reference(fo, T, dtype):
     log_a = -torch.rand(H, device=DEV) * 1.5
     x = torch.randn(B, T, D, device=DEV).to(dtype)
     h0 = torch.randn(B, D, device=DEV)
-
-    def kern(x, log_a, h0):
-        return fo.lti_scan(x, log_a, h0, return_final_state=True, config={"method": "toeplitz"})
-
-    def ref(x, log_a, h0):
-        return fo.lti_scan_ref(x.double(), log_a.double(), h0.double(), True)
-
-    cots = [torch.randn(B, T, D, device=DEV, dtype=torch.float64), torch.randn(B, D, device=DEV, dtype=torch.float64)]
-    outs, g = grads_of(kern, [x, log_a, h0], cots)
-    outs_ref, g_ref = grads_of(ref, [x, log_a, h0], cots)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for got, want in zip(list(outs) + list(g), list(outs_ref) + list(g_ref)):
-        assert rel_err(got, want) < tol
+    _assert_lti_matches_reference(fo, x, log_a, h0, {"method": "toeplitz"}, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize(
@@ -215,19 +211,8 @@ def test_lti_toeplitz_chunk_configs(fo, BT, BP, T, dtype):
     log_a = -torch.rand(H, device=DEV) * 0.8
     x = torch.randn(B, T, D, device=DEV).to(dtype)
     h0 = torch.randn(B, D, device=DEV)
-
-    def kern(x, log_a, h0):
-        return fo.lti_scan(x, log_a, h0, True, config={"method": "toeplitz", "BT": BT, "BP": BP})
-
-    def ref(x, log_a, h0):
-        return fo.lti_scan_ref(x.double(), log_a.double(), h0.double(), True)
-
-    cots = [torch.randn(B, T, D, device=DEV, dtype=torch.float64), torch.randn(B, D, device=DEV, dtype=torch.float64)]
-    outs, g = grads_of(kern, [x, log_a, h0], cots)
-    outs_ref, g_ref = grads_of(ref, [x, log_a, h0], cots)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for got, want in zip(list(outs) + list(g), list(outs_ref) + list(g_ref)):
-        assert rel_err(got, want) < tol
+    config = {"method": "toeplitz", "BT": BT, "BP": BP}
+    _assert_lti_matches_reference(fo, x, log_a, h0, config, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("use", ["both", "h", "fin"])
