@@ -120,8 +120,8 @@ def one_sided_p(new: list[float], previous: list[float], shift: float = 0.0) -> 
     with np.errstate(divide="ignore", invalid="ignore"):
         if len(previous) >= 2:
             m2, v2, n2 = mean_var([p - shift for p in previous])
-            se2 = v1 / n1 + v2 / n2
             a, b = v1 / n1, v2 / n2
+            se2 = a + b
             df = se2 * se2 / (a * a / (n1 - 1) + b * b / (n2 - 1)) if se2 > 0 else float("nan")
             t = np.float64(m1 - m2) / np.sqrt(np.float64(se2))
             test = "one-sided Welch t-test"
