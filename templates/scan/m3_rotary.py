@@ -2,13 +2,15 @@
 
 Head h of Mamba-3 uses q~ = rot(theta_h)(q_g + q_bias_h), k~ = rot(theta_h)(k_g + k_bias_h), rotating the adjacent
 pairs (2r, 2r+1), r < R, by theta[b,t,h,r] (B,T,H,R): (e, o) -> (e cos - o sin, e sin + o cos)
-(`m3_rotary_heads_ref`). The forward rotation happens inside the SSD kernels (`ssd_generic_scan(..., theta=...)`
-loads the group rows and rotates them in registers), so the (B,T,H,N) rotated rows never reach memory. Their
-gradients do: the SSD backward's dB/dC kernel writes them per head in the rotated frame, and `m3_rotary_bwd`
-rotates them back (by -theta), sums them over the heads of a group in registers (one program per time block,
-batch and group), reduces the bias gradients per program, and writes one d theta per head with q's and k's shares
-summed: d theta = -dout_even * out_odd + dout_odd * out_even. Rows move as whole contiguous tiles, split into even
-and odd elements in registers (stride-2 loads and stores of the pairs cost 12x the bytes' time on the H100).
+(`m3_rotary_heads_ref`). `m3_rotate_heads` writes the rotated rows per head (B,T,H,N) once, in q's dtype, so that
+the scan runs the plain SSD kernels on them (one row per head, no trigonometry in any chunk loop; on the H100 the
+rotation inside the five SSD kernels cost 0.18 ms of the forward and 0.3 ms of the backward at 64 x 1024, against
+~0.1 ms to write and read the rows). One program per (time block, batch, group) reads the group's rows once and
+loops over its heads. The backward (ssm_golf::m3_rotate_bwd) rotates the rows' gradients back (by -theta), sums
+them over the heads of a group in registers, reduces the bias gradients per program, and writes one d theta per head
+with q's and k's shares summed: d theta = -dout_even * out_odd + dout_odd * out_even. Rows move as whole
+contiguous tiles, split into even and odd elements in registers (stride-2 loads and stores of the pairs cost 12x
+the bytes' time on the H100).
 
 `m3_gates(dt, trap, angles, theta0)` gives the scan's per-position weights and the cumulative angles in one pass
 over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an eager cumsum over (B,T,H,R):
@@ -124,6 +126,36 @@ def _m3r_bwd_head(v_even, v_odd, bias, dout, DBIAS_PART, part, cos, sin, offs_n,
 
 
 @triton.jit
+def _m3r_fwd_kernel(
+    QV, KV, QB, KB, TH, QR, KR, T, H, G, N, R,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """One program per (time block, batch, group): the group's q and k rows read once, then per head the bias added
+    and the pairs rotated, written as that head's rows (pairs r >= R get angle 0: they pass through)."""
+    bg = tl.program_id(1)
+    b64 = (bg // G).to(tl.int64)
+    g = bg % G
+    hpg = H // G
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_r = tl.arange(0, BR)
+    offs_n = tl.arange(0, 2 * BR)
+    mask_t = offs_t < T
+    row = b64 * T + offs_t.to(tl.int64)
+    q_even, q_odd = _m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR)
+    k_even, k_odd = _m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR)
+    th_mask = mask_t[:, None] & (offs_r < R)[None, :]
+    for h in range(g * hpg, (g + 1) * hpg):
+        rows = row * H + h
+        theta = tl.load(TH + rows[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0)
+        cos, sin = m3_cos_sin(theta, FAST)
+        live = tl.full((1,), 1, tl.int1)
+        even, odd = _m3r_bias(q_even, q_odd, _m3r_bias_row(QB, h, live, offs_n, N, HAS_QB), BR, HAS_QB)
+        _m3r_store_pairs(QR, rows, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+        even, odd = _m3r_bias(k_even, k_odd, _m3r_bias_row(KB, h, live, offs_n, N, HAS_KB), BR, HAS_KB)
+        _m3r_store_pairs(KR, rows, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+
+
+@triton.jit
 def _m3r_bwd_kernel(
     QV, KV, QB, KB, TH, DQO, DKO, DQ, DK, DTH, DQB_PART, DKB_PART, T, H, G, N, R,
     BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
@@ -176,8 +208,8 @@ def _m3r_use_triton(x: torch.Tensor) -> bool:
 def m3_rotary_heads_ref(
     v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """Head expansion, bias and rotation of v (B,T,G,N) -> (B,T,H,N) in PyTorch: the reference of the rotation the
-    SSD kernels do in registers (fp32 math, fp64 when v is fp64)."""
+    """Head expansion, bias and rotation of v (B,T,G,N) -> (B,T,H,N) in PyTorch: the reference of `m3_rotate_heads`
+    (fp32 math, fp64 when v is fp64)."""
     cd = torch.float64 if v.dtype == torch.float64 else torch.float32
     heads = v.to(cd).repeat_interleave(nheads // v.shape[2], dim=2)
     if bias is not None:
@@ -194,10 +226,52 @@ def _m3r_opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous() if t is not None else like
 
 
-def m3_rotary_bwd(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads: int) -> tuple:
-    """Gradients of (q_rot, k_rot) = rotated per-head rows of q, k (B,T,G,N) through (dq_out, dk_out) (B,T,H,N):
-    (dq, dk, dq_bias, dk_bias, dtheta), None for an absent bias. Runs inside the SSD scan's backward op, which
-    rotates q and k in its kernels (Triton on CUDA or under the interpreter only)."""
+# ---- ssm_golf::m3_rotate: the rotated rows per head, and its backward op ----
+
+
+def _m3r_br(dstate: int) -> int:
+    return max(16, triton.next_power_of_2(dstate // 2))
+
+
+def _m3r_impl(q, k, q_bias, k_bias, theta, nheads):
+    if not _m3r_use_triton(q):
+        return tuple(m3_rotary_heads_ref(v, b, theta, nheads, v.dtype) for v, b in ((q, q_bias), (k, k_bias)))
+    bsz, seqlen, ngroups, dstate = q.shape
+    q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
+    q_rot = torch.empty(bsz, seqlen, nheads, dstate, device=q.device, dtype=q.dtype)
+    k_rot = torch.empty(bsz, seqlen, nheads, dstate, device=k.device, dtype=k.dtype)
+    _m3r_fwd_kernel[(triton.cdiv(seqlen, M3R_BLOCK_T), bsz * ngroups)](
+        q_c, k_c, _m3r_opt(q_bias, theta_c), _m3r_opt(k_bias, theta_c), theta_c, q_rot, k_rot,
+        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T, BR=_m3r_br(dstate),
+        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, FAST=theta.is_cuda,
+    )  # fmt: skip
+    return q_rot, k_rot
+
+
+def _m3r_fake(q, k, q_bias, k_bias, theta, nheads):
+    shape = (*q.shape[:2], nheads, q.shape[3])
+    return q.new_empty(shape), k.new_empty(shape)
+
+
+def _m3r_setup(ctx, inputs, output):
+    ctx.nheads = inputs[5]
+    ctx.save_for_backward(*inputs[:5])
+
+
+def _m3r_backward(ctx, dq_rot, dk_rot):
+    q, k, q_bias, k_bias, theta = ctx.saved_tensors
+    shape = (*q.shape[:2], ctx.nheads, q.shape[3])
+    dq_rot = dq_rot if dq_rot is not None else q.new_zeros(shape)
+    dk_rot = dk_rot if dk_rot is not None else k.new_zeros(shape)
+    dq, dk, dqb, dkb, dth = _m3r_bwd_op(q, k, q_bias, k_bias, theta, dq_rot, dk_rot, ctx.nheads)
+    return dq, dk, scan_opt(dqb), scan_opt(dkb), dth, None
+
+
+def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
+    """(dq, dk, dq_bias, dk_bias, dtheta): the rotated rows' gradients (B,T,H,N) back to the group rows (B,T,G,N),
+    the biases and the angles; a placeholder for an absent bias."""
+    if not _m3r_use_triton(q):
+        return tuple(scan_ref_vjp(lambda *a: _m3r_impl(*a, nheads), [q, k, q_bias, k_bias, theta], [dq_out, dk_out]))
     bsz, seqlen, ngroups, dstate = q.shape
     q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
     f32 = {"device": q.device, "dtype": torch.float32}
@@ -209,15 +283,51 @@ def m3_rotary_bwd(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads: int) -> t
     _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
         q_c, k_c, _m3r_opt(q_bias, dth), _m3r_opt(k_bias, dth), theta_c, dq_out.contiguous(), dk_out.contiguous(),
         dq, dk, dth, dqb_part if dqb_part is not None else dth, dkb_part if dkb_part is not None else dth,
-        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T,
-        BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
-        FAST=theta.is_cuda,
+        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T, BR=_m3r_br(dstate),
+        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, FAST=theta.is_cuda,
     )  # fmt: skip
 
     def bias_grad(part, bias):
-        return part.sum((0, 2)).to(bias.dtype) if part is not None else None
+        return part.sum((0, 2)).to(bias.dtype) if part is not None else scan_none(dq)
 
-    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth
+    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth.to(theta.dtype)
+
+
+def _m3r_bwd_fake(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else scan_none(q)
+
+    return like(q), like(k), like(q_bias), like(k_bias), like(theta)
+
+
+_m3r_bwd_op = scan_op(
+    "m3_rotate_bwd",
+    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor theta, Tensor dq_out, Tensor dk_out, int nheads)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _m3r_bwd_impl,
+    _m3r_bwd_fake,
+)
+_m3r_op = scan_op(
+    "m3_rotate",
+    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor theta, int nheads) -> (Tensor, Tensor)",
+    _m3r_impl,
+    _m3r_fake,
+    _m3r_backward,
+    _m3r_setup,
+)
+
+
+def m3_rotate_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    theta: torch.Tensor,
+    nheads: int,
+) -> tuple:
+    """(q~, k~): the group rows q, k (B,T,G,N) expanded to nheads heads, each head's bias (H,N) added and its pairs
+    rotated by theta (B,T,H,R), 2R <= N; (B,T,H,N) in q's and k's dtypes. One op (ssm_golf::m3_rotate)."""
+    return _m3r_op(q, k, q_bias, k_bias, theta, nheads)
 
 
 # ---- ssm_golf::m3_gates: trapezoid weights and cumulative angles, one walk over time per (batch, head) ----

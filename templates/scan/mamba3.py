@@ -19,9 +19,9 @@ v_T), which is exactly what initial_state takes for the next window.
 Chunked form: with b'_t = DT_t (1 - lambda_t), unrolling the trapezoid gives the SSD kernel with input weight
 w_t = gamma_t + b'_{t+1} (b'_{T+1} = 0), log-decay adt, and the diagonal term weighted by gamma_t alone
 (e_t = -b'_{t+1}); the carried-in (v, k) pair folds into the initial state as S_0 + b'_1 v_0 k~_0^T.
-The weights and cumulative angles are one Triton walk over time per (batch, head) each way (`m3_gates`); the scan is
-`ssd_generic_scan` with theta and the q/k biases, which expands q and k to the heads, adds the biases and rotates
-inside its kernels (the backward rotates the gradients back, `m3_rotary_bwd`).
+The weights and cumulative angles are one Triton walk over time per (batch, head) each way (`m3_gates`); q and k
+are expanded to the heads, biased and rotated once into per-head rows (`m3_rotate_heads`, whose backward rotates the
+gradients back); the scan is `ssd_generic_scan` over those rows (one group per head).
 """
 
 import math
@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from templates.scan.m3_rotary import m3_gates
+from templates.scan.m3_rotary import m3_gates, m3_rotate_heads
 from templates.scan.ssd import ssd_generic_scan, ssd_use_triton
 
 
@@ -104,10 +104,8 @@ def mamba3_siso_scan(
         k0_rot = _m3_rotate(k0.to(cd), theta0.to(cd))
         bprime0 = (1.0 - torch.sigmoid(trap[:, 0].to(cd))) * dt[:, 0].to(cd)
         h0 = s0.to(cd) + bprime0[..., None, None] * v0.to(cd)[..., :, None] * k0_rot[..., None, :]
-    y, s_last = ssd_generic_scan(
-        x, adt, w, k, q, chunk_size, e=e, D=D, z=z, h0=h0, return_final_state=True,
-        theta=theta, b_bias=k_bias, c_bias=q_bias,
-    )  # fmt: skip
+    q_rot, k_rot = m3_rotate_heads(q, k, q_bias, k_bias, theta, nheads)
+    y, s_last = ssd_generic_scan(x, adt, w, k_rot, q_rot, chunk_size, e=e, D=D, z=z, h0=h0, return_final_state=True)
     if not return_final_state:
         return y
     k_last = _m3_heads(k[:, -1:], nheads, k_bias)[:, 0]

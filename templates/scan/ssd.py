@@ -36,7 +36,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from templates.scan.m3_rotary import m3_cos_sin, m3_rotary_bwd, m3_rotary_heads_ref
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 SSD_INTERPRET_ENV = "TRITON_INTERPRET"
@@ -107,44 +106,9 @@ def _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
-def _ssd_rot_cs(
-    TH, th_row, mask_t, R, Q: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, ROT: tl.constexpr, FAST: tl.constexpr
-):
-    """cos and sin of a chunk's angles theta[t, h, r] (rows th_row of the (B T H, R) angles) as [Q, BN / 2] tiles
-    (angle 0 for r >= R), computed once per chunk for both B and C, and only on the [Q, RB] tile of the first RB
-    pairs (RB = R rounded up to a power of two): the trigonometry is the costly part. Placeholders without ROT."""
-    if ROT:
-        offs_r = tl.arange(0, RB)
-        th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-        theta = tl.load(TH + th_row[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
-        first = (tl.arange(0, BN // 2 // RB) == 0)[None, :, None]
-        c, s = m3_cos_sin(theta, FAST)
-        cos = tl.reshape(tl.where(first, c[:, None, :], 1.0), (Q, BN // 2))
-        sin = tl.reshape(tl.where(first, s[:, None, :], 0.0), (Q, BN // 2))
-    else:
-        cos = tl.arange(0, RB)
-        sin = cos
-    return cos, sin
-
-
-@triton.jit
-def _ssd_load_bc(
-    PTR, base, loc, mask_t, offs_n, N, BIAS, cos, sin, h,
-    Q: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-):  # fmt: skip
-    """A chunk's [Q, BN] rows of B or C in the dot dtype. With ROT (Mamba-3: B, C are the group rows before the
-    per-head bias and rotation), head h's bias row is added and the pairs (2r, 2r+1) are rotated by the angles
-    whose cos and sin are given: the rotated tile is never written to memory."""
-    mask = mask_t[:, None] & (offs_n < N)[None, :]
-    t = tl.load(PTR + base + loc, mask=mask, other=0.0)
-    if ROT:
-        t = t.to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            t = tl.where(mask, t + bias[None, :], 0.0)
-        even, odd = tl.split(tl.reshape(t, (Q, BN // 2, 2)))
-        t = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (Q, BN))
-    return t.to(DOT)
+def _ssd_load_bc(PTR, base, loc, mask_t, offs_n, N, DOT: tl.constexpr):
+    """A chunk's [Q, BN] rows of B or C in the dot dtype."""
+    return tl.load(PTR + base + loc, mask=mask_t[:, None] & (offs_n < N)[None, :], other=0.0).to(DOT)
 
 
 @triton.jit
@@ -159,10 +123,8 @@ def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
 @triton.jit
 def _ssd_fwd_state_kernel(
     X, DT, A, DTB, LA, W, BM, H0, CKPT, HT,
-    TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -195,8 +157,7 @@ def _ssd_fwd_state_kernel(
         row = b64 * T + c * Q
         mask_t = c * Q + offs_q < T
         x = tl.load(X + row * H * P + h * P + loc_xp, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
-        kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+        kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, DOT)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
@@ -212,10 +173,8 @@ def _ssd_fwd_state_kernel(
 @triton.jit
 def _ssd_fwd_out_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y, YP,
-    TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -246,9 +205,8 @@ def _ssd_fwd_out_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc = tl.cumsum(la, axis=0)
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
     st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :],
                  mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(DOT)  # fmt: skip
@@ -290,10 +248,8 @@ def _ssd_carry_loads(
 @triton.jit
 def _ssd_bwd_carry_kernel(
     CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
-    TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -339,8 +295,7 @@ def _ssd_bwd_carry_kernel(
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
-        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
-        qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
+        qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, DOT)
         dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
         if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
@@ -371,10 +326,8 @@ def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
 def _ssd_bwd_dx_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, CKPT, DY, DCK, CARRY,
     DX, DLA_T, DW_T, DD_PART,
-    TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -410,9 +363,8 @@ def _ssd_bwd_dx_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
     # x and dy stay in their stored dtype (half the registers of fp32 tiles at bf16), widened where used
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
     dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0)
@@ -500,10 +452,8 @@ def _ssd_dbc_head(
 def _ssd_bwd_dbc_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, CKPT, DY, DCK, DLA_T, DW_T,
     DDT, DLA, DW, DE, DB, DC, DA_PART,
-    TH, BB, CB, T, H, G, P, N, NC, R, HB,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC, HB,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -532,10 +482,8 @@ def _ssd_bwd_dbc_kernel(
     bn = offs_q[:, None] * (G * N) + offs_n[None, :]
     xp = offs_q[:, None] * (H * P) + offs_p[None, :]
     sn = offs_n[:, None] * P + offs_p[None, :]
-    # with ROT the rows are one head's (ONE_HEAD), rotated; its dB, dC are per head, in that rotated frame
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h_first, mask_t, R, Q, BN, RB, ROT, FAST)
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h_first, Q, BN, ROT, HAS_BB, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h_first, Q, BN, ROT, HAS_CB, DOT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
     causal = offs_q[:, None] >= offs_q[None, :]
     strict = offs_q[:, None] > offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
@@ -554,14 +502,8 @@ def _ssd_bwd_dbc_kernel(
                 DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
                 Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
             )  # fmt: skip
-    if ROT:
-        out_base = row * H * N + h_first * N
-        out_loc = offs_q[:, None] * (H * N) + offs_n[None, :]
-    else:
-        out_base = bc_base
-        out_loc = bn
-    _ssd_put(DC + out_base + out_loc, dq_acc, bn_mask, ATOMIC_BC)
-    _ssd_put(DB + out_base + out_loc, dk_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -610,7 +552,7 @@ def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
     return max(1, min(per_group, int(SSD_TUNING.get("dbc", {}).get("heads", per_group))))
 
 
-def _ssd_check_shapes(x, gates, B, C, chunk_size, theta=None):
+def _ssd_check_shapes(x, gates, B, C, chunk_size):
     if x.dim() != 4:
         raise ValueError(f"ssd scan: x must be (batch, time, heads, headdim), got shape {tuple(x.shape)}")
     bsz, seqlen, nheads, _ = x.shape
@@ -626,8 +568,6 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size, theta=None):
         raise ValueError(f"ssd scan: heads ({nheads}) must be a multiple of groups ({B.shape[2]})")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
-    if theta is not None and (theta.shape[:3] != (bsz, seqlen, nheads) or 2 * theta.shape[3] > B.shape[3]):
-        raise ValueError("ssd scan: theta must be (batch, time, heads, R) with 2R <= N")
 
 
 # ---- ssm_golf::ssd_scan: (y, final state or a placeholder, chunk states or a placeholder, the output before the
@@ -653,9 +593,6 @@ def _ssd_scan_impl(
     D,
     z,
     h0,
-    theta,
-    b_bias,
-    c_bias,
     chunk_size,
     dt_softplus,
     generic,
@@ -664,7 +601,7 @@ def _ssd_scan_impl(
 ):
     if not ssd_use_triton(x):
         if generic:
-            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True, theta, b_bias, c_bias)
+            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True)
         else:
             y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
         return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x), scan_none(x)
@@ -699,9 +636,7 @@ def _ssd_scan_impl(
 
     gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
-    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x)
-    flags |= rot_flags
-    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
+    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
     # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
     if ckpt is None:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
@@ -725,18 +660,6 @@ def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else scan_none(like)
 
 
-def _ssd_rot_args(theta, b_bias, c_bias, like: torch.Tensor) -> tuple:
-    """Kernel arguments of the rotation (theta, B bias, C bias, R) and its flags; placeholders without theta."""
-    if theta is None:
-        return (like, like, like, 1), {"ROT": False, "RB": 2, "FAST": False, "HAS_BB": False, "HAS_CB": False}
-    th = theta.float().contiguous()
-    bb = b_bias.float().contiguous() if b_bias is not None else th
-    cb = c_bias.float().contiguous() if c_bias is not None else th
-    rb = max(2, triton.next_power_of_2(theta.shape[-1]))
-    flags = {"ROT": True, "RB": rb, "FAST": theta.is_cuda, "HAS_BB": b_bias is not None, "HAS_CB": c_bias is not None}
-    return (th, bb, cb, theta.shape[-1]), flags
-
-
 def _ssd_scan_fake(
     x,
     dt,
@@ -750,9 +673,6 @@ def _ssd_scan_fake(
     D,
     z,
     h0,
-    theta,
-    b_bias,
-    c_bias,
     chunk_size,
     dt_softplus,
     generic,
@@ -771,8 +691,8 @@ def _ssd_scan_fake(
 
 
 def _ssd_scan_setup(ctx, inputs, output):
-    ctx.meta = inputs[15:19]  # chunk_size, dt_softplus, generic, want_final
-    ctx.save_for_backward(*inputs[:15], output[2], output[3])
+    ctx.meta = inputs[12:16]  # chunk_size, dt_softplus, generic, want_final
+    ctx.save_for_backward(*inputs[:12], output[2], output[3])
 
 
 def _ssd_scan_backward(ctx, dy, dfinal, dckpt, dyp):
@@ -780,7 +700,7 @@ def _ssd_scan_backward(ctx, dy, dfinal, dckpt, dyp):
     grads = _ssd_scan_bwd_op(*ctx.saved_tensors, dy, dfinal if want_final else None, chunk_size, dt_softplus, generic)
     return (
         (grads[0], *(scan_opt(g) for g in grads[1:7]), grads[7], grads[8])
-        + tuple(scan_opt(g) for g in grads[9:15])
+        + tuple(scan_opt(g) for g in grads[9:12])
         + (None,) * 5
     )
 
@@ -798,9 +718,6 @@ def _ssd_scan_bwd_impl(
     D,
     z,
     h0,
-    theta,
-    b_bias,
-    c_bias,
     ckpt,
     yp,
     dy,
@@ -809,7 +726,7 @@ def _ssd_scan_bwd_impl(
     dt_softplus,
     generic,
 ):
-    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias]
+    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0]
     if not ssd_use_triton(x):
         fwd = lambda *xs: _ssd_scan_impl(*xs, chunk_size, dt_softplus, generic, True, False)[:2]  # noqa: E731
         return tuple(scan_ref_vjp(fwd, inputs, [dy, dfinal]))
@@ -832,14 +749,11 @@ def _ssd_scan_bwd_impl(
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
-    # with the rotation (theta), one head per dB/dC program, whose dB, dC are per head in the rotated frame
-    heads = 1 if theta is not None else _ssd_bwd_heads(nheads, ngroups)
-    atomic = theta is None and nheads // ngroups > heads  # several programs add into one group's dB/dC rows
+    heads = _ssd_bwd_heads(nheads, ngroups)
+    atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
     # stored in B's dtype (x's for the per-head rotated ones) straight from the registers unless atomics sum them
-    bc_shape = (bsz, seqlen, nheads, dstate) if theta is not None else B.shape
-    bc_dtype = x.dtype if theta is not None else B.dtype
-    dB = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
-    dC = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
+    dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, device=x.device, dtype=B.dtype)
+    dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, device=x.device, dtype=C.dtype)
     dx = torch.empty_like(x_c)
     dz = torch.empty_like(z_c) if z is not None else None
     dh0 = torch.empty_like(h0c) if h0c is not None else None
@@ -858,10 +772,9 @@ def _ssd_scan_bwd_impl(
     def _or(t):
         return t if t is not None else x_c
 
-    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x_c)
     flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec} | rot_flags  # fmt: skip
-    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
+             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec}  # fmt: skip
+    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
     # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
     dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
     bps = _ssd_cols("carry", bp)
@@ -901,13 +814,9 @@ def _ssd_scan_bwd_impl(
     if not generic:
         dA = da_part.sum((0, 1))
         ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
-    dth = dbb = dcb = None
-    if theta is not None:  # back from the rotated per-head frame to the group rows, biases and angles
-        dC, dB, dcb, dbb, dth = m3_rotary_bwd(C_c, B_c, c_bias, b_bias, theta, dC, dB, nheads)
     return (
         dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
-        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0), cast(dth, theta),
-        cast(dbb, b_bias), cast(dcb, c_bias),
+        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
     )  # fmt: skip
 
 
@@ -924,9 +833,6 @@ def _ssd_scan_bwd_fake(
     D,
     z,
     h0,
-    theta,
-    b_bias,
-    c_bias,
     ckpt,
     yp,
     dy,
@@ -935,19 +841,19 @@ def _ssd_scan_bwd_fake(
     dt_softplus,
     generic,
 ):
-    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
+    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0)
     return tuple(t.new_empty(t.shape) if t is not None else scan_none(x) for t in inputs)
 
 
 _SSD_ARGS = (
     "Tensor x, Tensor? dt, Tensor? A, Tensor? dt_bias, Tensor? la, Tensor? w, Tensor? e, Tensor B, Tensor C,"
-    " Tensor? D, Tensor? z, Tensor? h0, Tensor? theta, Tensor? b_bias, Tensor? c_bias"
+    " Tensor? D, Tensor? z, Tensor? h0"
 )
 _ssd_scan_bwd_op = scan_op(
     "ssd_scan_bwd",
     f"({_SSD_ARGS}, Tensor ckpt, Tensor yp, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus,"
     " bool generic)"
-    f" -> ({', '.join(['Tensor'] * 15)})",
+    f" -> ({', '.join(['Tensor'] * 12)})",
     _ssd_scan_bwd_impl,
     _ssd_scan_bwd_fake,
 )
@@ -987,7 +893,7 @@ def ssd_scan(
     _ssd_check_shapes(x, dt, B, C, chunk_size)
     grad = _ssd_needs_grad(x, dt, A, dt_bias, B, C, D, z, h0)
     y, final, _, _ = _ssd_scan_op(
-        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, None, None, None, chunk_size, dt_softplus, False,
+        x, dt, A, dt_bias, None, None, None, B, C, D, z, h0, chunk_size, dt_softplus, False,
         return_final_state, grad,
     )  # fmt: skip
     return (y, final) if return_final_state else y
@@ -1005,22 +911,17 @@ def ssd_generic_scan(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
-    theta: torch.Tensor | None = None,
-    b_bias: torch.Tensor | None = None,
-    c_bias: torch.Tensor | None = None,
 ):
     """Generic chunked scan: h_t = exp(la_t) h_{t-1} + w_t x_t B_t^T, y_t = h_t C_t - e_t... see module docstring.
 
     la (B,T,H) log-decay (must be <= 0), w (B,T,H) input weight, e (B,T,H) extra weight of the diagonal (j == t)
     term of the output only: y_t = sum_{j<t} decay w_j (C_t.B_j) x_j + (w_t + e_t)(C_t.B_t) x_t + carried + D x_t.
-    The state carried out still uses w_t for the last step. With theta (B,T,H,R), 2R <= N (Mamba-3), head h uses
-    B_h = rot(theta_h)(B_g + b_bias_h) and C_h = rot(theta_h)(C_g + c_bias_h) (biases (H,N), optional), rotating the
-    pairs (2r, 2r+1), r < R (`m3_rotary_heads_ref`), inside the kernels: the per-head rows never reach memory.
+    The state carried out still uses w_t for the last step. Mamba-3 passes its rotated rows per head (G = H).
     One op (ssm_golf::ssd_scan, generic form)."""
-    _ssd_check_shapes(x, la, B, C, chunk_size, theta)
-    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
+    _ssd_check_shapes(x, la, B, C, chunk_size)
+    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0)
     y, final, _, _ = _ssd_scan_op(
-        x, None, None, None, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias, chunk_size, False, True,
+        x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True,
         return_final_state, grad,
     )  # fmt: skip
     return (y, final) if return_final_state else y
@@ -1042,21 +943,14 @@ def ssd_generic_scan_ref(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
-    theta: torch.Tensor | None = None,
-    b_bias: torch.Tensor | None = None,
-    c_bias: torch.Tensor | None = None,
 ):
     """Sequential PyTorch reference of `ssd_generic_scan` (float64 when x is float64, else float32)."""
     cd = _ssd_ref_dtype(x)
     bsz, seqlen, nheads, hdim = x.shape
     rep = nheads // B.shape[2]
     xs = x.to(cd)
-    if theta is not None:
-        bs = m3_rotary_heads_ref(B, b_bias, theta, nheads, cd)
-        cs = m3_rotary_heads_ref(C, c_bias, theta, nheads, cd)
-    else:
-        bs = B.to(cd).repeat_interleave(rep, dim=2)
-        cs = C.to(cd).repeat_interleave(rep, dim=2)
+    bs = B.to(cd).repeat_interleave(rep, dim=2)
+    cs = C.to(cd).repeat_interleave(rep, dim=2)
     la_, w_ = la.to(cd), w.to(cd)
     e_ = e.to(cd) if e is not None else torch.zeros_like(w_)
     state = h0.to(cd) if h0 is not None else x.new_zeros(bsz, nheads, hdim, B.shape[3], dtype=cd)

@@ -232,14 +232,17 @@ def opcheck_cases() -> list:
         ("fo_cscan", [*_req(r(3) * 0.5, r(3) * 0.5, r(1, 4, 3), r(1, 4, 3)), None, None, ""]),  # constant decay
         ("sel_scan", [*_req(*sel), None, None, True, True, ""]),
         ("ssd_scan", [*_req(*ssd), None, None, None, *_req(r(1, 6, 1, 4), r(1, 6, 1, 4)), None, None, None]
-         + [None, None, None, 16, True, False, True, True]),
+         + [16, True, False, True, True]),
         ("ssd_scan", [*_req(r(1, 6, 2, 4), None, None, None, r(1, 6, 2), r(1, 6, 2), r(1, 6, 2), r(1, 6, 1, 4),
-                            r(1, 6, 1, 4)), None, None, None, *_req(r(1, 6, 2, 2), r(2, 4)), None]
+                            r(1, 6, 1, 4), r(2), r(1, 6, 2, 4)), None]
          + [16, False, True, True, True]),
         ("fo_scan_bwd", [torch.rand(2, 5, 3), r(2, 5, 3), None, None, r(2, 5, 3), r(2, 3), 0, True, ""]),
         ("lti_toeplitz_bwd", [-torch.rand(2), r(1, 5, 32), None, r(1, 32), r(1, 5, 32), None, True, ""]),
         ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3), r(1, 2, 3))]),
         ("m3_gates", [*_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 3)), None]),
+        ("m3_rotate", [*_req(r(1, 5, 1, 4), r(1, 5, 1, 4), r(2, 4)), None, *_req(r(1, 5, 2, 2)), 2]),
+        ("m3_rotate_bwd", [r(1, 5, 1, 4), r(1, 5, 1, 4), None, r(2, 4), r(1, 5, 2, 1), r(1, 5, 2, 4), r(1, 5, 2, 4)]
+         + [2]),
         ("m3_gates_bwd", [torch.rand(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3), None, r(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3)]),
     ]  # fmt: skip
 
@@ -257,6 +260,7 @@ def test_opcheck(case):
         ("templates.scan.selective", "sel_scan", "_sel_scan_impl"),
         ("templates.scan.ssd", "ssd_scan", "_ssd_scan_impl"),
         ("templates.scan.m3_rotary", "m3_gates", "_m3g_impl"),
+        ("templates.scan.m3_rotary", "m3_rotate", "_m3r_impl"),
     ],
 )
 def test_module_loads_twice(module, op, impl):

@@ -160,17 +160,34 @@ def test_bad_shapes_raise_clear_errors(m3):
         m3.mamba3_siso_scan(*args[:6], torch.zeros(1, 8, 2, 9))
 
 
-def test_backward_with_one_head_per_program(m3, monkeypatch):
-    """The generic kernel path with one head per dB/dC program (dB/dC summed with atomics), at a head dimension that
-    is not a power of two."""
-    ssd = importlib.import_module("templates.scan.ssd")
-    monkeypatch.setitem(ssd.SSD_TUNING, "dbc", {"heads": 1})
-    inp = _inputs(1, 37, 2, 48, 1, 16, 4)
-    opts = ("q_bias", "k_bias", "D", "z", "state")
-    got = _run(m3.mamba3_siso_scan, inp, opts, 16, with_final=True)
-    ref = _run(m3.mamba3_siso_scan_ref, inp, opts, 16, with_final=True)
-    for name in ref:
-        assert _rel(got[name], ref[name]) < 3e-5, name
+@pytest.mark.parametrize("ngroups,nangles,biases,dtype", [(1, 3, True, torch.float32), (2, 8, False, torch.float32),
+                                                         (1, 5, True, torch.bfloat16)])  # fmt: skip
+def test_rotation_kernel_matches_reference(m3, ngroups, nangles, biases, dtype):
+    """The per-head rotation op (group rows expanded to the heads, biased, the first R pairs rotated; 37 steps over
+    blocks of 32) and its backward to the group rows, the biases and the angles, against the float64 reference; the
+    rows come back in q's dtype."""
+    rotary = importlib.import_module("templates.scan.m3_rotary")
+    gen = torch.Generator().manual_seed(11 + ngroups)
+    bsz, seqlen, nheads, dstate = 2, 37, 4, 16
+    q, k = (torch.randn(bsz, seqlen, ngroups, dstate, generator=gen).to(dtype) for _ in range(2))
+    theta = torch.randn(bsz, seqlen, nheads, nangles, generator=gen) * 3.0
+    qb, kb = (torch.randn(nheads, dstate, generator=gen) if biases else None for _ in range(2))
+    cots = [torch.randn(bsz, seqlen, nheads, dstate, generator=gen) for _ in range(2)]
+    got_leaves = [t.clone().requires_grad_() if t is not None else None for t in (q, k, qb, kb, theta)]
+    got = rotary.m3_rotate_heads(*got_leaves, nheads)
+    ref_leaves = [t.double().requires_grad_() if t is not None else None for t in (q, k, qb, kb, theta)]
+    ref = tuple(rotary.m3_rotary_heads_ref(v, b, ref_leaves[4], nheads, torch.float64)
+                for v, b in ((ref_leaves[0], ref_leaves[2]), (ref_leaves[1], ref_leaves[3])))  # fmt: skip
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert _rel(g, r) < tol
+    wrt = [i for i, t in enumerate(got_leaves) if t is not None]
+    g_grads = torch.autograd.grad(got, [got_leaves[i] for i in wrt], cots)
+    r_grads = torch.autograd.grad(ref, [ref_leaves[i] for i in wrt], [c.double() for c in cots])
+    for i, g, r in zip(wrt, g_grads, r_grads):
+        assert g.shape == r.shape and g.dtype == got_leaves[i].dtype
+        assert _rel(g, r) < tol, i
 
 
 @pytest.mark.parametrize("seqlen,nangles,theta0", [(150, 16, True), (7, 3, False), (64, 8, True)])

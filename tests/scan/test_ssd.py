@@ -195,32 +195,3 @@ def test_backward_with_head_blocks(ssd, heads, monkeypatch):
     ref = _run(ssd.ssd_scan_ref, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
     for name in ref:
         assert _rel(got[name], ref[name]) < 2e-5, name
-
-
-@pytest.mark.parametrize("ngroups,nangles,biases", [(1, 3, True), (2, 8, False)])
-def test_generic_form_with_rotation(ssd, ngroups, nangles, biases):
-    """Mamba-3's path: B and C as group rows, expanded to the heads, biased and rotated inside the kernels (theta);
-    gradients back to the group rows, the biases and the angles."""
-    gen = torch.Generator().manual_seed(11 + ngroups)
-    bsz, seqlen, nheads, hdim, dstate = 2, 37, 4, 16, 16
-    x = torch.randn(bsz, seqlen, nheads, hdim, generator=gen)
-    la = -torch.rand(bsz, seqlen, nheads, generator=gen)
-    w = torch.rand(bsz, seqlen, nheads, generator=gen)
-    e = torch.randn(bsz, seqlen, nheads, generator=gen)
-    B, C = (torch.randn(bsz, seqlen, ngroups, dstate, generator=gen) for _ in range(2))
-    theta = torch.randn(bsz, seqlen, nheads, nangles, generator=gen) * 3.0
-    bb, cb = (torch.randn(nheads, dstate, generator=gen) if biases else None for _ in range(2))
-    z = torch.randn(bsz, seqlen, nheads, hdim, generator=gen)
-    h0 = torch.randn(bsz, nheads, hdim, dstate, generator=gen)
-    outs = []
-    for fn in (ssd.ssd_generic_scan, ssd.ssd_generic_scan_ref):
-        ins = [t.clone().requires_grad_() if t is not None else None for t in (x, la, w, e, B, C, theta, bb, cb, h0)]
-        xi, lai, wi, ei, Bi, Ci, thi, bbi, cbi, h0i = ins
-        y, fin = fn(xi, lai, wi, Bi, Ci, 16, e=ei, z=z, h0=h0i, return_final_state=True, theta=thi, b_bias=bbi,
-                    c_bias=cbi)  # fmt: skip
-        wrt = [t for t in ins if t is not None]
-        grads = torch.autograd.grad((y * torch.cos(y)).sum() + (fin * fin).sum(), wrt)
-        outs.append([y, fin, *grads])
-    for i, (got, ref) in enumerate(zip(*outs)):
-        assert got.shape == ref.shape
-        assert _rel(got, ref) < 5e-5, i  # fp32 rounding through the squared final state
