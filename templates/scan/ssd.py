@@ -564,6 +564,141 @@ def _ssd_bwd_dbc_kernel(
     _ssd_put(DB + out_base + out_loc, dk_acc, bn_mask, ATOMIC_BC)
 
 
+@triton.jit
+def _ssd_bwd_gate_kernel(
+    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
+    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
+):  # fmt: skip
+    """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
+    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x), so that
+    the one-pass loop reads one gated dy and neither z nor the output before the gate."""
+    b64 = (tl.program_id(0) // NC).to(tl.int64)
+    c = tl.program_id(0) % NC
+    h = tl.program_id(1)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    mask_p = offs_p < P
+    xp_mask = (c * Q + offs_q < T)[:, None] & mask_p[None, :]
+    loc = (b64 * T + c * Q) * H * P + h * P + offs_q[:, None] * (H * P) + offs_p[None, :]
+    dy = tl.load(DY + loc, mask=xp_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(Z + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        yp = tl.load(YP + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zz)
+        tl.store(DZ + loc, (dy * yp * sz * (1.0 + zz * (1.0 - sz))).to(DZ.dtype.element_ty), mask=xp_mask)
+        dy = (dy * zz * sz).to(DYE.dtype.element_ty)
+        tl.store(DYE + loc, dy, mask=xp_mask)
+        dy = dy.to(tl.float32)  # dD from the gated dy as the loop sees it
+    if HAS_D:
+        x = tl.load(X + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+
+
+@triton.jit
+def _ssd_bwd_onepass_kernel(
+    X, LA, W, E, BM, CM, DS, CKPT, DY, DHT,
+    DX, DB, DC, DLA, DW, DE, DH0, T, H, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
+    rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
+    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de; the gate and dD are
+    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. With st the stored chunk-start
+    state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), wm the weights (w_j; w_j + e_j on the
+    diagonal) and dws = (dy x^T) seg, per chunk:
+        dx = (S seg wm)^T dy + exp(G_last - G) w (B dh) + D dy
+        dC = (dws wm) B + exp(G) dy st^T             dB = (dws wm)^T C + exp(G_last - G) w x dh^T
+        dw, de: column sums and diagonal of dws S, plus the state write's <B dh, x> exp(G_last - G)
+        dla_t: the terms whose decay spans t (pairs j < t <= i through a ones-matrix dot, the state read from t on,
+               the state writes before t, the carry exp(G_last) <st, dh>), never a difference of large sums
+        dh <- exp(G_last) dh + (C exp(G))^T dy
+    Nine dots, every operand in the dot dtype. Opt-in: SSD_TUNING["fused"]["on"]."""
+    bh = tl.program_id(0)
+    b64 = (bh // H).to(tl.int64)
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    sn_mask = mask_n[:, None] & mask_p[None, :]
+    x_base = b64 * T * H * P + h * P
+    bc_base = b64 * T * H * N + h * N
+    g_base = b64 * T * H + h
+    s_base = bh64 * NC * N * P
+    if HAS_DHT:
+        dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
+    else:
+        dst = tl.zeros((BN, BP), dtype=tl.float32)
+    if HAS_D:
+        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        # offsets and [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
+        tq = c * Q + offs_q
+        mask_t = tq < T
+        xp_mask = mask_t[:, None] & mask_p[None, :]
+        bn_mask = mask_t[:, None] & mask_n[None, :]
+        loc_xp = tq[:, None] * (H * P) + offs_p[None, :]
+        loc_bn = tq[:, None] * (H * N) + offs_n[None, :]
+        g_ptr = g_base + tq * H
+        la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
+                                                     HAS_E)  # fmt: skip
+        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+        kb = tl.load(BM + bc_base + loc_bn, mask=bn_mask, other=0.0).to(DOT)
+        qc = tl.load(CM + bc_base + loc_bn, mask=bn_mask, other=0.0).to(DOT)
+        dy = tl.load(DY + x_base + loc_xp, mask=xp_mask, other=0.0).to(DOT)
+        x = tl.load(X + x_base + loc_xp, mask=xp_mask, other=0.0).to(DOT)
+        causal = tq[:, None] >= tq[None, :]
+        diag = tq[:, None] == tq[None, :]
+        seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+        wm = w[None, :] + tl.where(diag, e[None, :], 0.0)
+        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        mmat = (scores * seg * wm).to(DOT)
+        dws = tl.dot(dy, tl.trans(x), input_precision=PREC) * seg
+        dsc = (dws * wm).to(DOT)
+        pm = dws * scores
+        if HAS_E:
+            tl.store(DE + g_ptr, tl.sum(tl.where(diag, pm, 0.0), axis=0), mask=mask_t)
+        dw_acc = tl.sum(pm, axis=0)
+        # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms, then row t's
+        # part left of t
+        strict = tq[:, None] > tq[None, :]
+        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
+        span = tl.dot(upper, tl.where(strict, pm * w[None, :], 0.0).to(DOT), input_precision=PREC)
+        dla_acc = tl.sum(tl.where(strict, span, 0.0), axis=1)
+        # the state write through dh: dx, dw
+        dstd = dst.to(DOT)
+        kdh = tl.dot(kb, dstd, input_precision=PREC)
+        dx0 = (dec * w)[:, None] * kdh
+        if HAS_D:
+            dx0 += d_row[None, :] * dy.to(tl.float32)
+        dx = tl.dot(tl.trans(mmat), dy, acc=dx0, input_precision=PREC)
+        tl.store(DX + x_base + loc_xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
+        c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+        tl.store(DW + g_ptr, dw_acc + c_state, mask=mask_t)
+        wc = w * c_state
+        xs = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
+        db = tl.dot(xs, tl.trans(dstd), input_precision=PREC)
+        db = tl.dot(tl.trans(dsc), qc, acc=db, input_precision=PREC)
+        tl.store(DB + bc_base + loc_bn, db.to(DB.dtype.element_ty), mask=bn_mask)
+        # the carried state's read y_i += exp(G_i) C_i st: dC rows, and its decay terms <C_i, dC_i> from t on
+        st = tl.load(CKPT + s_base + c * N * P + offs_n[:, None] * P + offs_p[None, :], mask=sn_mask, other=0.0)
+        carry = tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
+        dcr = tl.dot((dy.to(tl.float32) * e_g[:, None]).to(DOT), tl.trans(st.to(DOT)), input_precision=PREC)
+        read = tl.cumsum(tl.sum(dcr * qc.to(tl.float32), axis=1), axis=0, reverse=True)
+        dc = tl.dot(dsc, kb, acc=dcr, input_precision=PREC)
+        tl.store(DC + bc_base + loc_bn, dc.to(DC.dtype.element_ty), mask=bn_mask)
+        tl.store(DLA + g_ptr, dla_acc + read + tl.cumsum(wc, axis=0) - wc + carry, mask=mask_t)
+        # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
+        qe = (qc.to(tl.float32) * e_g[:, None]).to(DOT)
+        dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
+    if HAS_H0:
+        tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
+
+
 def _ssd_pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -832,6 +967,8 @@ def _ssd_scan_bwd_impl(
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
+    if generic and theta is None and ngroups == nheads and SSD_TUNING.get("fused", {}).get("on"):
+        return _ssd_bwd_onepass(x_c, la, w, e, B_c, C_c, D, d_mat, z_c, yp, h0c, ckpt, dy, dfin, chunk_size)
     # with the rotation (theta), one head per dB/dC program, whose dB, dC are per head in the rotated frame
     heads = 1 if theta is not None else _ssd_bwd_heads(nheads, ngroups)
     atomic = theta is None and nheads // ngroups > heads  # several programs add into one group's dB/dC rows
@@ -908,6 +1045,52 @@ def _ssd_scan_bwd_impl(
         dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
         dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0), cast(dth, theta),
         cast(dbb, b_bias), cast(dcb, c_bias),
+    )  # fmt: skip
+
+
+def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
+    """The generic backward with one B and C row per head and no rotation, in one pass (opt-in,
+    SSD_TUNING["fused"]["on"]): the gate pre-pass, then `_ssd_bwd_onepass_kernel`; the 15 gradients of the op."""
+    bsz, seqlen, nheads, hdim = x.shape
+    dstate, nchunks = B.shape[3], ckpt.shape[2]
+    f32 = {"device": x.device, "dtype": torch.float32}
+    la_c, w_c = la.float().contiguous(), w.float().contiguous()
+    e_c = e.float().contiguous() if e is not None else None
+    dot, prec = _ssd_dot_dtype(x)
+    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+    dz = torch.empty_like(z) if z is not None else None
+    dye = torch.empty_like(dy) if z is not None else dy
+    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
+    if z is not None or d_mat is not None:
+        _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
+            x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
+            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, Q=chunk_size, BP=bp,
+            HAS_Z=z is not None, HAS_D=d_mat is not None, num_warps=4,
+        )  # fmt: skip
+    dx = torch.empty_like(x)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    gshape = (bsz, seqlen, nheads)
+    dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+    de = torch.empty(gshape, **f32) if e is not None else None
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    _ssd_bwd_onepass_kernel[(bsz * nheads,)](
+        x, la_c, w_c, e_c if e_c is not None else w_c, B, C, d_mat if d_mat is not None else w_c, ckpt, dye,
+        dfin if dfin is not None else w_c, dx, dB, dC, dla, dw, de if de is not None else dw,
+        dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot,
+        PREC=prec, **_ssd_launch("fused", chunk_size, dot),
+    )  # fmt: skip
+    dD = None
+    if d_mat is not None:
+        dD = dd_part.sum((0, 1))
+        dD = dD.sum(1) if D.dim() == 1 else dD
+
+    def cast(g, like):
+        return g.to(like.dtype) if g is not None else scan_none(x)
+
+    return (
+        dx, *(scan_none(x) for _ in range(3)), cast(dla, la), cast(dw, w), cast(de, e), dB, dC, cast(dD, D),
+        cast(dz, z), cast(dh0, h0), *(scan_none(x) for _ in range(3)),
     )  # fmt: skip
 
 
