@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from templates.scan.m3_rotary import m3_cos_sin, m3_rotary_bwd, m3_rotary_heads_ref
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
@@ -596,8 +597,7 @@ def _ssd_bwd_gate_kernel(
 
 @triton.jit
 def _ssd_bwd_onepass_kernel(
-    X, LA, W, E, BM, CM, DS, CKPT, DY, DHT,
-    DX, DB, DC, DLA, DW, DE, DH0, T, H, P, N, NC,
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -613,21 +613,21 @@ def _ssd_bwd_onepass_kernel(
         dla_t: the terms whose decay spans t (pairs j < t <= i through a ones-matrix dot, the state read from t on,
                the state writes before t, the carry exp(G_last) <st, dh>), never a difference of large sums
         dh <- exp(G_last) dh + (C exp(G))^T dy
-    Nine dots, every operand in the dot dtype. Opt-in: SSD_TUNING["fused"]["on"]."""
+    Nine dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
+    descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, T, H, P or N) with [1, Q, 1, BP or BN] blocks, the
+    states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
+    holds no address or mask tiles. Opt-in: SSD_TUNING["fused"]["on"]."""
     bh = tl.program_id(0)
-    b64 = (bh // H).to(tl.int64)
+    b = bh // H
     h = bh % H
+    b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
     offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
-    mask_n = offs_n < N
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    x_base = b64 * T * H * P + h * P
-    bc_base = b64 * T * H * N + h * N
+    sn_mask = (offs_n < N)[:, None] & mask_p[None, :]
     g_base = b64 * T * H + h
-    s_base = bh64 * NC * N * P
     if HAS_DHT:
         dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
     else:
@@ -636,62 +636,59 @@ def _ssd_bwd_onepass_kernel(
         d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
-        # offsets and [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
+        # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
         tq = c * Q + offs_q
         mask_t = tq < T
-        xp_mask = mask_t[:, None] & mask_p[None, :]
-        bn_mask = mask_t[:, None] & mask_n[None, :]
-        loc_xp = tq[:, None] * (H * P) + offs_p[None, :]
-        loc_bn = tq[:, None] * (H * N) + offs_n[None, :]
         g_ptr = g_base + tq * H
         la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
                                                      HAS_E)  # fmt: skip
         gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        kb = tl.load(BM + bc_base + loc_bn, mask=bn_mask, other=0.0).to(DOT)
-        qc = tl.load(CM + bc_base + loc_bn, mask=bn_mask, other=0.0).to(DOT)
-        dy = tl.load(DY + x_base + loc_xp, mask=xp_mask, other=0.0).to(DOT)
-        x = tl.load(X + x_base + loc_xp, mask=xp_mask, other=0.0).to(DOT)
+        kb = BD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
+        qc = CD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
+        dy = DYD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
+        x = XD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
+        # the state write through dh first, while few tiles are live: dx's share, dw's state term
+        dstd = dst.to(DOT)
+        kdh = tl.dot(kb, dstd, input_precision=PREC)
+        c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+        dx = (dec * w)[:, None] * kdh
+        if HAS_D:
+            dx += d_row[None, :] * dy.to(tl.float32)
+        # the pairs i >= j: exp2 of the scaled cumulative decays (the masked upper half may overflow; where drops it)
         causal = tq[:, None] >= tq[None, :]
         diag = tq[:, None] == tq[None, :]
-        seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
+        gl = gc * 1.4426950408889634
+        seg = tl.where(causal, tl.exp2(gl[:, None] - gl[None, :]), 0.0)
         wm = w[None, :] + tl.where(diag, e[None, :], 0.0)
         scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        mmat = (scores * seg * wm).to(DOT)
+        dx = tl.dot(tl.trans((scores * seg * wm).to(DOT)), dy, acc=dx, input_precision=PREC)
+        DXD.store([b, c * Q, h, 0], dx.to(DXD.dtype).reshape(1, Q, 1, BP))
         dws = tl.dot(dy, tl.trans(x), input_precision=PREC) * seg
         dsc = (dws * wm).to(DOT)
         pm = dws * scores
         if HAS_E:
             tl.store(DE + g_ptr, tl.sum(tl.where(diag, pm, 0.0), axis=0), mask=mask_t)
-        dw_acc = tl.sum(pm, axis=0)
+        tl.store(DW + g_ptr, tl.sum(pm, axis=0) + c_state, mask=mask_t)
         # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms, then row t's
         # part left of t
         strict = tq[:, None] > tq[None, :]
         upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
         span = tl.dot(upper, tl.where(strict, pm * w[None, :], 0.0).to(DOT), input_precision=PREC)
-        dla_acc = tl.sum(tl.where(strict, span, 0.0), axis=1)
-        # the state write through dh: dx, dw
-        dstd = dst.to(DOT)
-        kdh = tl.dot(kb, dstd, input_precision=PREC)
-        dx0 = (dec * w)[:, None] * kdh
-        if HAS_D:
-            dx0 += d_row[None, :] * dy.to(tl.float32)
-        dx = tl.dot(tl.trans(mmat), dy, acc=dx0, input_precision=PREC)
-        tl.store(DX + x_base + loc_xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
-        c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
-        tl.store(DW + g_ptr, dw_acc + c_state, mask=mask_t)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
         wc = w * c_state
-        xs = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
-        db = tl.dot(xs, tl.trans(dstd), input_precision=PREC)
+        dla += tl.cumsum(wc, axis=0) - wc
+        # dB: the pairs and the state write
+        db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
         db = tl.dot(tl.trans(dsc), qc, acc=db, input_precision=PREC)
-        tl.store(DB + bc_base + loc_bn, db.to(DB.dtype.element_ty), mask=bn_mask)
-        # the carried state's read y_i += exp(G_i) C_i st: dC rows, and its decay terms <C_i, dC_i> from t on
-        st = tl.load(CKPT + s_base + c * N * P + offs_n[:, None] * P + offs_p[None, :], mask=sn_mask, other=0.0)
-        carry = tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
-        dcr = tl.dot((dy.to(tl.float32) * e_g[:, None]).to(DOT), tl.trans(st.to(DOT)), input_precision=PREC)
-        read = tl.cumsum(tl.sum(dcr * qc.to(tl.float32), axis=1), axis=0, reverse=True)
-        dc = tl.dot(dsc, kb, acc=dcr, input_precision=PREC)
-        tl.store(DC + bc_base + loc_bn, dc.to(DC.dtype.element_ty), mask=bn_mask)
-        tl.store(DLA + g_ptr, dla_acc + read + tl.cumsum(wc, axis=0) - wc + carry, mask=mask_t)
+        DBD.store([b, c * Q, h, 0], db.to(DBD.dtype).reshape(1, Q, 1, BN))
+        # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry
+        st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
+        dla += tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
+        dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
+        dla += tl.cumsum(tl.sum(dc * qc.to(tl.float32), axis=1), axis=0, reverse=True)
+        tl.store(DLA + g_ptr, dla, mask=mask_t)
+        dc = tl.dot(dsc, kb, acc=dc, input_precision=PREC)
+        DCD.store([b, c * Q, h, 0], dc.to(DCD.dtype).reshape(1, Q, 1, BN))
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
         qe = (qc.to(tl.float32) * e_g[:, None]).to(DOT)
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
@@ -722,12 +719,13 @@ SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults b
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
-    """Launch options of one kernel ("fstate", "fout", "carry", "dx", "dbc"): tuned overrides first ("num_warps",
-    "num_stages"), else 4 warps (on the H100, 8 warps for both forward kernels took SSD's forward from 0.414 to
-    0.563 ms and Mamba-3's from 0.780 to 1.193), and no software pipelining where the tiles would overflow shared
-    memory (fp32 dots, chunks >= 128)."""
+    """Launch options of one kernel ("fstate", "fout", "carry", "dx", "dbc", "fused"): tuned overrides first
+    ("num_warps", "num_stages"), else 4 warps (on the H100, 8 warps for both forward kernels took SSD's forward from
+    0.414 to 0.563 ms and Mamba-3's from 0.780 to 1.193), and no software pipelining where the tiles would overflow
+    shared memory (fp32 dots, chunks >= 128) nor in the one-pass backward ("fused": offline sm_90, 2 stages held
+    the next chunk's tiles and spilled 944 B against 616 B at 1)."""
     wide = dot == tl.float32 or q >= 128
-    opts = {"num_warps": 4, "num_stages": 1 if wide else 2}
+    opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "fused" else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
     return opts | ({} if wide else tuned)
 
@@ -967,7 +965,8 @@ def _ssd_scan_bwd_impl(
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
-    if generic and theta is None and ngroups == nheads and SSD_TUNING.get("fused", {}).get("on"):
+    onepass = generic and theta is None and ngroups == nheads and SSD_TUNING.get("fused", {}).get("on")
+    if onepass and _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy):
         return _ssd_bwd_onepass(x_c, la, w, e, B_c, C_c, D, d_mat, z_c, yp, h0c, ckpt, dy, dfin, chunk_size)
     # with the rotation (theta), one head per dB/dC program, whose dB, dC are per head in the rotated frame
     heads = 1 if theta is not None else _ssd_bwd_heads(nheads, ngroups)
@@ -1048,6 +1047,16 @@ def _ssd_scan_bwd_impl(
     )  # fmt: skip
 
 
+def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
+    """A (batch, T, H, cols) tensor's descriptor with one chunk of one head, [1, q, 1, cols pow2], per block."""
+    return TensorDescriptor.from_tensor(t, [1, q, 1, cols])
+
+
+def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the one-pass backward's tensor descriptors can take these tensors: 16-byte aligned bases and rows."""
+    return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+
+
 def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
     """The generic backward with one B and C row per head and no rotation, in one pass (opt-in,
     SSD_TUNING["fused"]["on"]): the gate pre-pass, then `_ssd_bwd_onepass_kernel`; the 15 gradients of the op."""
@@ -1073,9 +1082,12 @@ def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chu
     dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
     de = torch.empty(gshape, **f32) if e is not None else None
     dh0 = torch.empty_like(h0) if h0 is not None else None
+    xd, dyd, dxd = (_ssd_desc(t, chunk_size, bp) for t in (x, dye, dx))
+    bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
+    ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
     _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        x, la_c, w_c, e_c if e_c is not None else w_c, B, C, d_mat if d_mat is not None else w_c, ckpt, dye,
-        dfin if dfin is not None else w_c, dx, dB, dC, dla, dw, de if de is not None else dw,
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e_c is not None else w_c,
+        d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
         dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
         HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot,
         PREC=prec, **_ssd_launch("fused", chunk_size, dot),
