@@ -26,6 +26,11 @@ or dla/dw/de, dA shares). The decay gradient of step t sums only the terms whose
 as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes; the carry): never a
 difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
+Opt-in one-pass backward (SSD_TUNING["fused"]["on"]) for the generic form with one B and C row per head and no
+rotation (Mamba-3 with B, C rotated before the scan): a gate pre-pass (dz, gated dy, dD shares), then one program
+per (batch, head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`).
+Any other call, or rows that tensor descriptors cannot take, keeps the split kernels.
+
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
 
