@@ -446,6 +446,8 @@ TUNING_OPTIONS = {
     "dx": {"num_warps", "num_stages"},
     "dbc": {"num_warps", "num_stages", "heads"},
     "state": {"fp32"},
+    # the opt-in one-pass backward (generic form, per-head B and C, no rotation: the pre-rotated Mamba-3 call)
+    "fused": {"on", "num_warps", "num_stages"},
 }
 
 

@@ -26,6 +26,11 @@ or dla/dw/de, dA shares). The decay gradient of step t sums only the terms whose
 as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes; the carry): never a
 difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
+Opt-in one-pass backward (SSD_TUNING["fused"]["on"]) for the generic form with one B and C row per head and no
+rotation (Mamba-3 with B, C rotated before the scan): a gate pre-pass (dz, gated dy, dD shares), then one program
+per (batch, head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`).
+Any other call, or rows that tensor descriptors cannot take, keeps the split kernels.
+
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
 
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
@@ -506,6 +512,137 @@ def _ssd_bwd_dbc_kernel(
     _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
 
 
+@triton.jit
+def _ssd_bwd_gate_kernel(
+    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
+    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
+):  # fmt: skip
+    """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
+    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x), so that
+    the one-pass loop reads one gated dy and neither z nor the output before the gate."""
+    b64 = (tl.program_id(0) // NC).to(tl.int64)
+    c = tl.program_id(0) % NC
+    h = tl.program_id(1)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    mask_p = offs_p < P
+    xp_mask = (c * Q + offs_q < T)[:, None] & mask_p[None, :]
+    loc = (b64 * T + c * Q) * H * P + h * P + offs_q[:, None] * (H * P) + offs_p[None, :]
+    dy = tl.load(DY + loc, mask=xp_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(Z + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        yp = tl.load(YP + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zz)
+        tl.store(DZ + loc, (dy * yp * sz * (1.0 + zz * (1.0 - sz))).to(DZ.dtype.element_ty), mask=xp_mask)
+        dy = (dy * zz * sz).to(DYE.dtype.element_ty)
+        tl.store(DYE + loc, dy, mask=xp_mask)
+        dy = dy.to(tl.float32)  # dD from the gated dy as the loop sees it
+    if HAS_D:
+        x = tl.load(X + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+
+
+@triton.jit
+def _ssd_bwd_onepass_kernel(
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
+    rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
+    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de; the gate and dD are
+    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. With st the stored chunk-start
+    state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), wm the weights (w_j; w_j + e_j on the
+    diagonal) and dws = (dy x^T) seg, per chunk:
+        dx = (S seg wm)^T dy + exp(G_last - G) w (B dh) + D dy
+        dC = (dws wm) B + exp(G) dy st^T             dB = (dws wm)^T C + exp(G_last - G) w x dh^T
+        dw, de: column sums and diagonal of dws S, plus the state write's <B dh, x> exp(G_last - G)
+        dla_t: the terms whose decay spans t (pairs j < t <= i through a ones-matrix dot, the state read from t on,
+               the state writes before t, the carry exp(G_last) <st, dh>), never a difference of large sums
+        dh <- exp(G_last) dh + (C exp(G))^T dy
+    Nine dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
+    descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, T, H, P or N) with [1, Q, 1, BP or BN] blocks, the
+    states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
+    holds no address or mask tiles. Opt-in: SSD_TUNING["fused"]["on"]."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    sn_mask = (offs_n < N)[:, None] & mask_p[None, :]
+    g_base = b64 * T * H + h
+    if HAS_DHT:
+        dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
+    else:
+        dst = tl.zeros((BN, BP), dtype=tl.float32)
+    if HAS_D:
+        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
+        tq = c * Q + offs_q
+        mask_t = tq < T
+        g_ptr = g_base + tq * H
+        la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
+                                                     HAS_E)  # fmt: skip
+        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+        kb = BD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
+        qc = CD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
+        dy = DYD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
+        x = XD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
+        # the state write through dh first, while few tiles are live: dx's share, dw's state term
+        dstd = dst.to(DOT)
+        kdh = tl.dot(kb, dstd, input_precision=PREC)
+        c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+        dx = (dec * w)[:, None] * kdh
+        if HAS_D:
+            dx += d_row[None, :] * dy.to(tl.float32)
+        # the pairs i >= j: exp2 of the scaled cumulative decays (the masked upper half may overflow; where drops it)
+        causal = tq[:, None] >= tq[None, :]
+        diag = tq[:, None] == tq[None, :]
+        gl = gc * 1.4426950408889634
+        seg = tl.where(causal, tl.exp2(gl[:, None] - gl[None, :]), 0.0)
+        wm = w[None, :] + tl.where(diag, e[None, :], 0.0)
+        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        dx = tl.dot(tl.trans((scores * seg * wm).to(DOT)), dy, acc=dx, input_precision=PREC)
+        DXD.store([b, c * Q, h, 0], dx.to(DXD.dtype).reshape(1, Q, 1, BP))
+        dws = tl.dot(dy, tl.trans(x), input_precision=PREC) * seg
+        dsc = (dws * wm).to(DOT)
+        pm = dws * scores
+        if HAS_E:
+            tl.store(DE + g_ptr, tl.sum(tl.where(diag, pm, 0.0), axis=0), mask=mask_t)
+        tl.store(DW + g_ptr, tl.sum(pm, axis=0) + c_state, mask=mask_t)
+        # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms, then row t's
+        # part left of t
+        strict = tq[:, None] > tq[None, :]
+        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
+        span = tl.dot(upper, tl.where(strict, pm * w[None, :], 0.0).to(DOT), input_precision=PREC)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
+        wc = w * c_state
+        dla += tl.cumsum(wc, axis=0) - wc
+        # dB: the pairs and the state write
+        db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
+        db = tl.dot(tl.trans(dsc), qc, acc=db, input_precision=PREC)
+        DBD.store([b, c * Q, h, 0], db.to(DBD.dtype).reshape(1, Q, 1, BN))
+        # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry
+        st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
+        dla += tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
+        dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
+        dla += tl.cumsum(tl.sum(dc * qc.to(tl.float32), axis=1), axis=0, reverse=True)
+        tl.store(DLA + g_ptr, dla, mask=mask_t)
+        dc = tl.dot(dsc, kb, acc=dc, input_precision=PREC)
+        DCD.store([b, c * Q, h, 0], dc.to(DCD.dtype).reshape(1, Q, 1, BN))
+        # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
+        qe = (qc.to(tl.float32) * e_g[:, None]).to(DOT)
+        dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
+    if HAS_H0:
+        tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
+
+
 def _ssd_pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -529,12 +666,13 @@ SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults b
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
-    """Launch options of one kernel ("fstate", "fout", "carry", "dx", "dbc"): tuned overrides first ("num_warps",
-    "num_stages"), else 4 warps (on the H100, 8 warps for both forward kernels took SSD's forward from 0.414 to
-    0.563 ms and Mamba-3's from 0.780 to 1.193), and no software pipelining where the tiles would overflow shared
-    memory (fp32 dots, chunks >= 128)."""
+    """Launch options of one kernel ("fstate", "fout", "carry", "dx", "dbc", "fused"): tuned overrides first
+    ("num_warps", "num_stages"), else 4 warps (on the H100, 8 warps for both forward kernels took SSD's forward from
+    0.414 to 0.563 ms and Mamba-3's from 0.780 to 1.193), and no software pipelining where the tiles would overflow
+    shared memory (fp32 dots, chunks >= 128) nor in the one-pass backward ("fused": offline sm_90, 2 stages held
+    the next chunk's tiles and spilled 944 B against 616 B at 1)."""
     wide = dot == tl.float32 or q >= 128
-    opts = {"num_warps": 4, "num_stages": 1 if wide else 2}
+    opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "fused" else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
     return opts | ({} if wide else tuned)
 
@@ -749,9 +887,12 @@ def _ssd_scan_bwd_impl(
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
+    onepass = generic and ngroups == nheads and SSD_TUNING.get("fused", {}).get("on")
+    if onepass and _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy):
+        return _ssd_bwd_onepass(x_c, la, w, e, B_c, C_c, D, d_mat, z_c, yp, h0c, ckpt, dy, dfin, chunk_size)
     heads = _ssd_bwd_heads(nheads, ngroups)
     atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-    # stored in B's dtype (x's for the per-head rotated ones) straight from the registers unless atomics sum them
+    # stored in B's dtype straight from the registers unless atomics sum them
     dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, device=x.device, dtype=B.dtype)
     dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, device=x.device, dtype=C.dtype)
     dx = torch.empty_like(x_c)
@@ -817,6 +958,65 @@ def _ssd_scan_bwd_impl(
     return (
         dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
         dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
+    )  # fmt: skip
+
+
+def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
+    """A (batch, T, H, cols) tensor's descriptor with one chunk of one head, [1, q, 1, cols pow2], per block."""
+    return TensorDescriptor.from_tensor(t, [1, q, 1, cols])
+
+
+def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the one-pass backward's tensor descriptors can take these tensors: 16-byte aligned bases and rows."""
+    return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
+    """The generic backward with one B and C row per head and no rotation, in one pass (opt-in,
+    SSD_TUNING["fused"]["on"]): the gate pre-pass, then `_ssd_bwd_onepass_kernel`; the 15 gradients of the op."""
+    bsz, seqlen, nheads, hdim = x.shape
+    dstate, nchunks = B.shape[3], ckpt.shape[2]
+    f32 = {"device": x.device, "dtype": torch.float32}
+    la_c, w_c = la.float().contiguous(), w.float().contiguous()
+    e_c = e.float().contiguous() if e is not None else None
+    dot, prec = _ssd_dot_dtype(x)
+    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+    dz = torch.empty_like(z) if z is not None else None
+    dye = torch.empty_like(dy) if z is not None else dy
+    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
+    if z is not None or d_mat is not None:
+        _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
+            x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
+            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, Q=chunk_size, BP=bp,
+            HAS_Z=z is not None, HAS_D=d_mat is not None, num_warps=4,
+        )  # fmt: skip
+    dx = torch.empty_like(x)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    gshape = (bsz, seqlen, nheads)
+    dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+    de = torch.empty(gshape, **f32) if e is not None else None
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    xd, dyd, dxd = (_ssd_desc(t, chunk_size, bp) for t in (x, dye, dx))
+    bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
+    ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
+    _ssd_bwd_onepass_kernel[(bsz * nheads,)](
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e_c is not None else w_c,
+        d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
+        dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot,
+        PREC=prec, **_ssd_launch("fused", chunk_size, dot),
+    )  # fmt: skip
+    dD = None
+    if d_mat is not None:
+        dD = dd_part.sum((0, 1))
+        dD = dD.sum(1) if D.dim() == 1 else dD
+
+    def cast(g, like):
+        return g.to(like.dtype) if g is not None else scan_none(x)
+
+    return (
+        dx, *(scan_none(x) for _ in range(3)), cast(dla, la), cast(dw, w), cast(de, e), dB, dC, cast(dD, D),
+        cast(dz, z), cast(dh0, h0),
     )  # fmt: skip
 
 

@@ -195,3 +195,117 @@ def test_backward_with_head_blocks(ssd, heads, monkeypatch):
     ref = _run(ssd.ssd_scan_ref, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
     for name in ref:
         assert _rel(got[name], ref[name]) < 2e-5, name
+
+
+def _onepass_inputs(bsz, seqlen, nheads, hdim, dstate, dtype, ngroups=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    groups = ngroups or nheads
+    return {
+        "x": rnd(bsz, seqlen, nheads, hdim),
+        "la": -torch.rand(bsz, seqlen, nheads, generator=gen, dtype=torch.float64).to(dtype),
+        "w": torch.rand(bsz, seqlen, nheads, generator=gen, dtype=torch.float64).to(dtype),
+        "e": rnd(bsz, seqlen, nheads),
+        "B": rnd(bsz, seqlen, groups, dstate),
+        "C": rnd(bsz, seqlen, groups, dstate),
+        "D": rnd(nheads).float(),
+        "Dm": rnd(nheads, hdim).float(),
+        "z": rnd(bsz, seqlen, nheads, hdim),
+        "h0": rnd(bsz, nheads, hdim, dstate).float(),
+    }
+
+
+def _run_generic(fn, inp, opts, chunk, with_final, cast=None):
+    """The generic scan with the inputs named in opts ("e", "D" or "Dm", "z", "h0"); gradients of every
+    input, with a fixed random cotangent on y and, with_final, on the final state."""
+    names = ["x", "la", "w", "B", "C"] + [k for k in ("e", "D", "Dm", "z", "h0") if k in opts]
+    leaves = {k: (inp[k].to(cast) if cast else inp[k]).clone().requires_grad_() for k in names}
+    kw = {k: leaves[k] for k in ("e", "z", "h0") if k in leaves}
+    if "D" in leaves or "Dm" in leaves:
+        kw["D"] = leaves["D" if "D" in leaves else "Dm"]
+    out = fn(leaves["x"], leaves["la"], leaves["w"], leaves["B"], leaves["C"], chunk, return_final_state=with_final,
+             **kw)  # fmt: skip
+    y, final = out if with_final else (out, None)
+    gen = torch.Generator().manual_seed(7)
+    loss = (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64)).sum()
+    if final is not None:
+        loss = loss + (final.double() * torch.randn(final.shape, generator=gen, dtype=torch.float64)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    res = {"y": y} | ({"final": final} if final is not None else {})
+    return res | {f"d{n}": g for n, g in zip(names, grads)}
+
+
+def _count_onepass(ssd, monkeypatch) -> list:
+    calls = []
+    original = ssd._ssd_bwd_onepass
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(ssd, "_ssd_bwd_onepass", counted)
+    return calls
+
+
+ONEPASS_CASES = [
+    # seqlen, chunk, heads, headdim, dstate, options, with_final
+    (37, 16, 2, 16, 16, ("e", "D", "z", "h0"), True),  # partial last chunk, every option
+    (11, 16, 3, 16, 32, (), False),  # shorter than a chunk, no option
+    (50, 16, 2, 32, 16, ("e", "Dm", "h0"), False),  # D per (head, column), no gate
+    (32, 16, 4, 16, 16, ("D", "z"), True),  # whole chunks, no e, no h0
+    (40, 32, 2, 24, 20, ("e", "z"), True),  # P, N not powers of two (descriptor blocks padded)
+]
+
+
+@pytest.mark.parametrize("case", ONEPASS_CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}N{c[4]}" for c in ONEPASS_CASES])
+def test_onepass_backward_matches_split_and_reference(ssd, case, monkeypatch):
+    """SSD_TUNING["fused"]["on"]: the one-pass backward (per-head B and C, G == H, no rotation; the pre-rotated
+    Mamba-3 call) against the split kernels and the float64 reference, gradients of every input."""
+    seqlen, chunk, nheads, hdim, dstate, opts, with_final = case
+    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, seed=seqlen)
+    split = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
+    calls = _count_onepass(ssd, monkeypatch)
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
+    got = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
+    assert calls, "the one-pass backward did not run"
+    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, chunk, with_final, cast=torch.float64)
+    assert got.keys() == ref.keys() == split.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape and got[name].dtype == split[name].dtype, name
+        assert _rel(got[name], ref[name]) < 2e-5, name
+        assert _rel(got[name], split[name]) < 2e-5, name
+
+
+def test_onepass_backward_bf16_inputs(ssd, monkeypatch):
+    inp = _onepass_inputs(2, 45, 2, 16, 16, torch.bfloat16, seed=3)
+    opts = ("e", "D", "z", "h0")
+    split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
+    calls = _count_onepass(ssd, monkeypatch)
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
+    got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
+    assert calls
+    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, 16, True, cast=torch.float64)
+    assert got["dx"].dtype == got["dB"].dtype == torch.bfloat16
+    for name in ref:
+        assert _rel(got[name], ref[name]) < 2e-2, name
+        assert _rel(got[name], split[name]) < 2e-2, name
+
+
+@pytest.mark.parametrize("why", ["groups", "unaligned"])
+def test_onepass_backward_refuses_other_calls(ssd, monkeypatch, why):
+    """Shared group rows (G < H) and rows the tensor descriptors cannot take (N x 4 bytes
+    not a multiple of 16) keep the split kernels even with SSD_TUNING["fused"]["on"]."""
+    nheads = 2
+    inp = _onepass_inputs(1, 21, nheads, 16, 18 if why == "unaligned" else 16, torch.float32,
+                          ngroups=1 if why == "groups" else None)  # fmt: skip
+    opts = ("e", "z")
+    split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, False)
+    calls = _count_onepass(ssd, monkeypatch)
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
+    got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, False)
+    assert not calls
+    for name in split:
+        assert torch.equal(got[name], split[name]), name

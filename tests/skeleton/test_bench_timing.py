@@ -114,6 +114,9 @@ def test_tuning_argument_takes_known_kinds_and_options_only():
         "fout": {"num_warps": 8},
         "state": {"fp32": True},
     }
+    assert scan.tuning_arg('{"fused": {"on": 1, "num_warps": 8, "num_stages": 2}}') == {
+        "fused": {"on": 1, "num_warps": 8, "num_stages": 2}
+    }
     for bad, message in [
         ("{fout", "not JSON"),
         ('["fout"]', "want"),
