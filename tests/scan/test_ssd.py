@@ -262,13 +262,14 @@ ONEPASS_CASES = [
 
 @pytest.mark.parametrize("case", ONEPASS_CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}N{c[4]}" for c in ONEPASS_CASES])
 def test_onepass_backward_matches_split_and_reference(ssd, case, monkeypatch):
-    """SSD_TUNING["fused"]["on"]: the one-pass backward (per-head B and C, G == H, no rotation; the pre-rotated
-    Mamba-3 call) against the split kernels and the float64 reference, gradients of every input."""
+    """The one-pass backward (per-head B and C, G == H; the pre-rotated Mamba-3 call), the default there, against
+    the split kernels (SSD_TUNING["fused"]["on"] = 0) and the float64 reference, gradients of every input."""
     seqlen, chunk, nheads, hdim, dstate, opts, with_final = case
     inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, seed=seqlen)
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
     split = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
+    monkeypatch.delitem(ssd.SSD_TUNING, "fused")  # the default
     calls = _count_onepass(ssd, monkeypatch)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
     assert calls, "the one-pass backward did not run"
     ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, chunk, with_final, cast=torch.float64)
@@ -282,9 +283,10 @@ def test_onepass_backward_matches_split_and_reference(ssd, case, monkeypatch):
 def test_onepass_backward_bf16_inputs(ssd, monkeypatch):
     inp = _onepass_inputs(2, 45, 2, 16, 16, torch.bfloat16, seed=3)
     opts = ("e", "D", "z", "h0")
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
     split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
-    calls = _count_onepass(ssd, monkeypatch)
     monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
+    calls = _count_onepass(ssd, monkeypatch)
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
     assert calls
     ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, 16, True, cast=torch.float64)
@@ -297,15 +299,33 @@ def test_onepass_backward_bf16_inputs(ssd, monkeypatch):
 @pytest.mark.parametrize("why", ["groups", "unaligned"])
 def test_onepass_backward_refuses_other_calls(ssd, monkeypatch, why):
     """Shared group rows (G < H) and rows the tensor descriptors cannot take (N x 4 bytes
-    not a multiple of 16) keep the split kernels even with SSD_TUNING["fused"]["on"]."""
+    not a multiple of 16) keep the split kernels even with SSD_TUNING["fused"]["on"] set."""
     nheads = 2
     inp = _onepass_inputs(1, 21, nheads, 16, 18 if why == "unaligned" else 16, torch.float32,
                           ngroups=1 if why == "groups" else None)  # fmt: skip
     opts = ("e", "z")
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
     split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, False)
-    calls = _count_onepass(ssd, monkeypatch)
     monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
+    calls = _count_onepass(ssd, monkeypatch)
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, False)
     assert not calls
     for name in split:
         assert torch.equal(got[name], split[name]), name
+
+
+@pytest.mark.parametrize("onepass", [0, 1])
+def test_backward_from_the_final_state_alone(ssd, monkeypatch, onepass):
+    """A loss on the final state only: the op's backward gets no output gradient (autograd does not fill zeros for
+    unused outputs) and must still give every input's gradient, split and one-pass."""
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": onepass})
+    inp = _onepass_inputs(1, 40, 2, 16, 16, torch.float32, seed=5)
+    outs = []
+    for fn in (ssd.ssd_generic_scan, ssd.ssd_generic_scan_ref):
+        leaves = [inp[k].clone().requires_grad_() for k in ("x", "la", "w", "B", "C", "e", "h0")]
+        x, la, w, B, C, e, h0 = leaves
+        _, final = fn(x, la, w, B, C, 16, e=e, h0=h0, return_final_state=True)
+        grads = torch.autograd.grad((final * final).sum(), leaves, allow_unused=True)
+        outs.append([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)])  # C: no path
+    for got, ref in zip(*outs):
+        assert torch.allclose(got.double(), ref.double(), rtol=2e-5, atol=1e-6)
