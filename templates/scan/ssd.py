@@ -594,39 +594,45 @@ def _ssd_bwd_onepass_kernel(
         qc = CD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
         dy = DYD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
         x = XD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
-        # the state write through dh first, while few tiles are live: dx's share, dw's state term
+        # B' = w B: the input weight folded into B's rows, so no [Q, Q] weight tile
+        kw = (kb.to(tl.float32) * w[:, None]).to(DOT)
+        # the state write through dh first, while few tiles are live: dx's share, dla's state-write term
         dstd = dst.to(DOT)
-        kdh = tl.dot(kb, dstd, input_precision=PREC)
-        c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
-        dx = (dec * w)[:, None] * kdh
+        kdh = tl.dot(kw, dstd, input_precision=PREC)
+        wc = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+        dx = dec[:, None] * kdh
         if HAS_D:
             dx += d_row[None, :] * dy.to(tl.float32)
+        if HAS_E:
+            # the diagonal extra as a per-position term e_t (C_t . B_t) x_t
+            cb = tl.sum(qc.to(tl.float32) * kb.to(tl.float32), axis=1)
+            dxy = tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1)
+            dx += (e * cb)[:, None] * dy.to(tl.float32)
+            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
         # the pairs i >= j: exp2 of the scaled cumulative decays (the masked upper half may overflow; where drops it)
         causal = tq[:, None] >= tq[None, :]
-        diag = tq[:, None] == tq[None, :]
         gl = gc * 1.4426950408889634
         seg = tl.where(causal, tl.exp2(gl[:, None] - gl[None, :]), 0.0)
-        wm = w[None, :] + tl.where(diag, e[None, :], 0.0)
-        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        dx = tl.dot(tl.trans((scores * seg * wm).to(DOT)), dy, acc=dx, input_precision=PREC)
+        scores = tl.dot(qc, tl.trans(kw), input_precision=PREC)
+        dx = tl.dot(tl.trans((scores * seg).to(DOT)), dy, acc=dx, input_precision=PREC)
         DXD.store([b, c * Q, h, 0], dx.to(DXD.dtype).reshape(1, Q, 1, BP))
         dws = tl.dot(dy, tl.trans(x), input_precision=PREC) * seg
-        dsc = (dws * wm).to(DOT)
-        pm = dws * scores
-        if HAS_E:
-            tl.store(DE + g_ptr, tl.sum(tl.where(diag, pm, 0.0), axis=0), mask=mask_t)
-        tl.store(DW + g_ptr, tl.sum(pm, axis=0) + c_state, mask=mask_t)
+        dsc = dws.to(DOT)
         # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms, then row t's
         # part left of t
         strict = tq[:, None] > tq[None, :]
         upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
-        span = tl.dot(upper, tl.where(strict, pm * w[None, :], 0.0).to(DOT), input_precision=PREC)
+        span = tl.dot(upper, tl.where(strict, dws * scores, 0.0).to(DOT), input_precision=PREC)
         dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
-        wc = w * c_state
         dla += tl.cumsum(wc, axis=0) - wc
-        # dB: the pairs and the state write
-        db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
-        db = tl.dot(tl.trans(dsc), qc, acc=db, input_precision=PREC)
+        # dB' (the gradient of w B): the pairs and the state write; dw = <B, dB'> per row, dB = w dB' (+ e's term)
+        dk = tl.dot(x, tl.trans(dstd), input_precision=PREC) * dec[:, None]
+        dk = tl.dot(tl.trans(dsc), qc, acc=dk, input_precision=PREC)
+        tl.store(DW + g_ptr, tl.sum(dk * kb.to(tl.float32), axis=1), mask=mask_t)
+        db = dk * w[:, None]
+        if HAS_E:
+            exy = e * dxy
+            db += exy[:, None] * qc.to(tl.float32)
         DBD.store([b, c * Q, h, 0], db.to(DBD.dtype).reshape(1, Q, 1, BN))
         # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry
         st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
@@ -634,7 +640,9 @@ def _ssd_bwd_onepass_kernel(
         dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
         dla += tl.cumsum(tl.sum(dc * qc.to(tl.float32), axis=1), axis=0, reverse=True)
         tl.store(DLA + g_ptr, dla, mask=mask_t)
-        dc = tl.dot(dsc, kb, acc=dc, input_precision=PREC)
+        dc = tl.dot(dsc, kw, acc=dc, input_precision=PREC)
+        if HAS_E:
+            dc += exy[:, None] * kb.to(tl.float32)
         DCD.store([b, c * Q, h, 0], dc.to(DCD.dtype).reshape(1, Q, 1, BN))
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
         qe = (qc.to(tl.float32) * e_g[:, None]).to(DOT)
