@@ -590,10 +590,10 @@ def _ssd_bwd_onepass_kernel(
         la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
                                                      HAS_E)  # fmt: skip
         gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        kb = BD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
-        qc = CD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
-        dy = DYD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
-        x = XD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
+        kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         # B' = w B: the input weight folded into B's rows, so no [Q, Q] weight tile
         kw = (kb.to(tl.float32) * w[:, None]).to(DOT)
         # the state write through dh first, while few tiles are live: dx's share, dla's state-write term
@@ -615,7 +615,7 @@ def _ssd_bwd_onepass_kernel(
         seg = tl.where(causal, tl.exp2(gl[:, None] - gl[None, :]), 0.0)
         scores = tl.dot(qc, tl.trans(kw), input_precision=PREC)
         dx = tl.dot(tl.trans((scores * seg).to(DOT)), dy, acc=dx, input_precision=PREC)
-        DXD.store([b, c * Q, h, 0], dx.to(DXD.dtype).reshape(1, Q, 1, BP))
+        DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
         dws = tl.dot(dy, tl.trans(x), input_precision=PREC) * seg
         dsc = dws.to(DOT)
         # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms, then row t's
@@ -633,7 +633,7 @@ def _ssd_bwd_onepass_kernel(
         if HAS_E:
             exy = e * dxy
             db += exy[:, None] * qc.to(tl.float32)
-        DBD.store([b, c * Q, h, 0], db.to(DBD.dtype).reshape(1, Q, 1, BN))
+        DBD.store([b, h, c * Q, 0], db.to(DBD.dtype).reshape(1, 1, Q, BN))
         # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry
         st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
         dla += tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
@@ -643,7 +643,7 @@ def _ssd_bwd_onepass_kernel(
         dc = tl.dot(dsc, kw, acc=dc, input_precision=PREC)
         if HAS_E:
             dc += exy[:, None] * kb.to(tl.float32)
-        DCD.store([b, c * Q, h, 0], dc.to(DCD.dtype).reshape(1, Q, 1, BN))
+        DCD.store([b, h, c * Q, 0], dc.to(DCD.dtype).reshape(1, 1, Q, BN))
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
         qe = (qc.to(tl.float32) * e_g[:, None]).to(DOT)
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
@@ -970,8 +970,10 @@ def _ssd_scan_bwd_impl(
 
 
 def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
-    """A (batch, T, H, cols) tensor's descriptor with one chunk of one head, [1, q, 1, cols pow2], per block."""
-    return TensorDescriptor.from_tensor(t, [1, q, 1, cols])
+    """A (batch, T, H, cols) tensor's descriptor as (batch, H, T, cols) (strides permuted, no copy) with one chunk of
+    one head, [1, 1, q, cols pow2], per block: unit dims only in front, so the kernel's [q, cols] view of a block
+    needs no register reshape."""
+    return TensorDescriptor.from_tensor(t.permute(0, 2, 1, 3), [1, 1, q, cols])
 
 
 def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
