@@ -594,45 +594,49 @@ def _ssd_bwd_onepass_kernel(
         qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
         dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
-        # B' = w B: the input weight folded into B's rows, so no [Q, Q] weight tile
-        kw = (kb.to(tl.float32) * w[:, None]).to(DOT)
-        # the state write through dh first, while few tiles are live: dx's share, dla's state-write term
         dstd = dst.to(DOT)
-        kdh = tl.dot(kw, dstd, input_precision=PREC)
-        wc = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
-        dx = dec[:, None] * kdh
-        if HAS_D:
-            dx += d_row[None, :] * dy.to(tl.float32)
-        if HAS_E:
-            # the diagonal extra as a per-position term e_t (C_t . B_t) x_t
-            cb = tl.sum(qc.to(tl.float32) * kb.to(tl.float32), axis=1)
-            dxy = tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1)
-            dx += (e * cb)[:, None] * dy.to(tl.float32)
-            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
         # the pairs i >= j: exp2 of the scaled cumulative decays (the masked upper half may overflow; where drops it)
         causal = tq[:, None] >= tq[None, :]
+        diag = tq[:, None] == tq[None, :]
         gl = gc * 1.4426950408889634
         seg = tl.where(causal, tl.exp2(gl[:, None] - gl[None, :]), 0.0)
-        scores = tl.dot(qc, tl.trans(kw), input_precision=PREC)
-        dx = tl.dot(tl.trans((scores * seg).to(DOT)), dy, acc=dx, input_precision=PREC)
-        DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
-        dws = tl.dot(dy, tl.trans(x), input_precision=PREC) * seg
-        dsc = dws.to(DOT)
+        # w folded into x's rows (x' = w x): dws = (dy x'^T) seg, the pair gradient of S = C B^T
+        dws = tl.dot(dy, tl.trans(x), input_precision=PREC)
+        if HAS_E:
+            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
+        dws = dws * seg * w[None, :]
+        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        if HAS_E:
+            cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
         # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms, then row t's
         # part left of t
         strict = tq[:, None] > tq[None, :]
         upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
         span = tl.dot(upper, tl.where(strict, dws * scores, 0.0).to(DOT), input_precision=PREC)
         dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
-        dla += tl.cumsum(wc, axis=0) - wc
-        # dB' (the gradient of w B): the pairs and the state write; dw = <B, dB'> per row, dB = w dB' (+ e's term)
-        dk = tl.dot(x, tl.trans(dstd), input_precision=PREC) * dec[:, None]
-        dk = tl.dot(tl.trans(dsc), qc, acc=dk, input_precision=PREC)
-        tl.store(DW + g_ptr, tl.sum(dk * kb.to(tl.float32), axis=1), mask=mask_t)
-        db = dk * w[:, None]
+        # v = (S seg)^T dy + exp(G_last - G) B dh, the gradient of x' = w x: dx = w v (+ D dy, e's term), dw = <x, v>
+        m = (scores * seg).to(DOT)
+        kdh = tl.dot(kb, dstd, input_precision=PREC)
+        cs = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+        v = tl.dot(tl.trans(m), dy, acc=dec[:, None] * kdh, input_precision=PREC)
+        tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
+        dx = w[:, None] * v
+        if HAS_D:
+            dx += d_row[None, :] * dy.to(tl.float32)
         if HAS_E:
-            exy = e * dxy
-            db += exy[:, None] * qc.to(tl.float32)
+            # the diagonal extra e_t (C_t . B_t) x_t, per position
+            dx += (e * cb)[:, None] * dy.to(tl.float32)
+            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
+        DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
+        wc = w * cs
+        dla += tl.cumsum(wc, axis=0) - wc
+        if HAS_E:
+            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
+            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
+        dsc = dws.to(DOT)
+        # dB: the pairs and the state write
+        db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
+        db = tl.dot(tl.trans(dsc), qc, acc=db, input_precision=PREC)
         DBD.store([b, h, c * Q, 0], db.to(DBD.dtype).reshape(1, 1, Q, BN))
         # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry
         st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
@@ -640,9 +644,7 @@ def _ssd_bwd_onepass_kernel(
         dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
         dla += tl.cumsum(tl.sum(dc * qc.to(tl.float32), axis=1), axis=0, reverse=True)
         tl.store(DLA + g_ptr, dla, mask=mask_t)
-        dc = tl.dot(dsc, kw, acc=dc, input_precision=PREC)
-        if HAS_E:
-            dc += exy[:, None] * kb.to(tl.float32)
+        dc = tl.dot(dsc, kb, acc=dc, input_precision=PREC)
         DCD.store([b, h, c * Q, 0], dc.to(DCD.dtype).reshape(1, 1, Q, BN))
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
         qe = (qc.to(tl.float32) * e_g[:, None]).to(DOT)
