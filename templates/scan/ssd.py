@@ -590,32 +590,37 @@ def _ssd_bwd_onepass_kernel(
         la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
                                                      HAS_E)  # fmt: skip
         gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
-        qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
-        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
-        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
-        dstd = dst.to(DOT)
         # the pairs i >= j: exp2 of the scaled cumulative decays (the masked upper half may overflow; where drops it)
         causal = tq[:, None] >= tq[None, :]
         diag = tq[:, None] == tq[None, :]
         gl = gc * 1.4426950408889634
         seg = tl.where(causal, tl.exp2(gl[:, None] - gl[None, :]), 0.0)
-        # w folded into x's rows (x' = w x): dws = (dy x'^T) seg, the pair gradient of S = C B^T
-        dws = tl.dot(dy, tl.trans(x), input_precision=PREC)
-        if HAS_E:
-            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
-        dws = dws * seg * w[None, :]
+        kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
         scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
         if HAS_E:
             cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
-        # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms, then row t's
-        # part left of t
+        m = (scores * seg).to(DOT)
+        # w folded into x's rows (x' = w x): dws = (dy x'^T) seg, the pair gradient of S = C B^T
+        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        dws = tl.dot(dy, tl.trans(x), input_precision=PREC)
+        if HAS_E:
+            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
+        dws = dws * w[None, :]
+        # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg
+        # from m), then row t's part left of t
         strict = tq[:, None] > tq[None, :]
         upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
-        span = tl.dot(upper, tl.where(strict, dws * scores, 0.0).to(DOT), input_precision=PREC)
+        span = tl.dot(upper, tl.where(strict, dws * m.to(tl.float32), 0.0).to(DOT), input_precision=PREC)
+        dws = dws * seg
         dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
+        if HAS_E:
+            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
+            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
+        dsc = dws.to(DOT)
         # v = (S seg)^T dy + exp(G_last - G) B dh, the gradient of x' = w x: dx = w v (+ D dy, e's term), dw = <x, v>
-        m = (scores * seg).to(DOT)
+        dstd = dst.to(DOT)
         kdh = tl.dot(kb, dstd, input_precision=PREC)
         cs = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
         v = tl.dot(tl.trans(m), dy, acc=dec[:, None] * kdh, input_precision=PREC)
@@ -630,24 +635,22 @@ def _ssd_bwd_onepass_kernel(
         DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
         wc = w * cs
         dla += tl.cumsum(wc, axis=0) - wc
-        if HAS_E:
-            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
-            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
-        dsc = dws.to(DOT)
         # dB: the pairs and the state write
         db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
         db = tl.dot(tl.trans(dsc), qc, acc=db, input_precision=PREC)
         DBD.store([b, h, c * Q, 0], db.to(DBD.dtype).reshape(1, 1, Q, BN))
-        # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry
+        # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry;
+        # C read again here so that its register copies start here
         st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
+        qr = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
         dla += tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
         dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
-        dla += tl.cumsum(tl.sum(dc * qc.to(tl.float32), axis=1), axis=0, reverse=True)
+        dla += tl.cumsum(tl.sum(dc * qr.to(tl.float32), axis=1), axis=0, reverse=True)
         tl.store(DLA + g_ptr, dla, mask=mask_t)
         dc = tl.dot(dsc, kb, acc=dc, input_precision=PREC)
         DCD.store([b, h, c * Q, 0], dc.to(DCD.dtype).reshape(1, 1, Q, BN))
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
-        qe = (qc.to(tl.float32) * e_g[:, None]).to(DOT)
+        qe = (qr.to(tl.float32) * e_g[:, None]).to(DOT)
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
