@@ -590,31 +590,32 @@ def _ssd_bwd_onepass_kernel(
         la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
                                                      HAS_E)  # fmt: skip
         gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        # the pairs i >= j: exp2 of the scaled cumulative decays (the masked upper half may overflow; where drops it)
-        causal = tq[:, None] >= tq[None, :]
+        # the pairs i >= j, held transposed ([j, i], so that the dots for dx and dB take them as register A operands):
+        # exp2 of the scaled cumulative decays (the masked half may overflow; where drops it)
         diag = tq[:, None] == tq[None, :]
         gl = gc * 1.4426950408889634
-        seg = tl.where(causal, tl.exp2(gl[:, None] - gl[None, :]), 0.0)
+        seg = tl.where(tq[None, :] >= tq[:, None], tl.exp2(gl[None, :] - gl[:, None]), 0.0)
         kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
         qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
-        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)  # S^T = B C^T
         if HAS_E:
             cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
         m = (scores * seg).to(DOT)
-        # w folded into x's rows (x' = w x): dws = (dy x'^T) seg, the pair gradient of S = C B^T
+        # w folded into x's rows (x' = w x): dws = (x' dy^T) seg, the pair gradient of S^T
         dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
-        dws = tl.dot(dy, tl.trans(x), input_precision=PREC)
+        dws = tl.dot(x, tl.trans(dy), input_precision=PREC)
         if HAS_E:
             dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
-        dws = dws * w[None, :]
-        # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg
-        # from m), then row t's part left of t
+        dws = dws * w[:, None]
+        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg from m), then
+        # row t's part left of t
         strict = tq[:, None] > tq[None, :]
         upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
-        span = tl.dot(upper, tl.where(strict, dws * m.to(tl.float32), 0.0).to(DOT), input_precision=PREC)
-        dws = dws * seg
+        pm = tl.where(tq[None, :] > tq[:, None], dws * m.to(tl.float32), 0.0).to(DOT)
+        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
         dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
+        dws = dws * seg
         if HAS_E:
             # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
             dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
@@ -623,7 +624,7 @@ def _ssd_bwd_onepass_kernel(
         dstd = dst.to(DOT)
         kdh = tl.dot(kb, dstd, input_precision=PREC)
         cs = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
-        v = tl.dot(tl.trans(m), dy, acc=dec[:, None] * kdh, input_precision=PREC)
+        v = tl.dot(m, dy, acc=dec[:, None] * kdh, input_precision=PREC)
         tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
         dx = w[:, None] * v
         if HAS_D:
@@ -637,7 +638,7 @@ def _ssd_bwd_onepass_kernel(
         dla += tl.cumsum(wc, axis=0) - wc
         # dB: the pairs and the state write
         db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
-        db = tl.dot(tl.trans(dsc), qc, acc=db, input_precision=PREC)
+        db = tl.dot(dsc, qc, acc=db, input_precision=PREC)
         DBD.store([b, h, c * Q, 0], db.to(DBD.dtype).reshape(1, 1, Q, BN))
         # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry;
         # C read again here so that its register copies start here
@@ -647,7 +648,7 @@ def _ssd_bwd_onepass_kernel(
         dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
         dla += tl.cumsum(tl.sum(dc * qr.to(tl.float32), axis=1), axis=0, reverse=True)
         tl.store(DLA + g_ptr, dla, mask=mask_t)
-        dc = tl.dot(dsc, kb, acc=dc, input_precision=PREC)
+        dc = tl.dot(tl.trans(dsc), kb, acc=dc, input_precision=PREC)
         DCD.store([b, h, c * Q, 0], dc.to(DCD.dtype).reshape(1, 1, Q, BN))
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
         qe = (qr.to(tl.float32) * e_g[:, None]).to(DOT)
