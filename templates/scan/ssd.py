@@ -601,25 +601,8 @@ def _ssd_bwd_onepass_kernel(
         if HAS_E:
             cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
         m = (scores * seg).to(DOT)
-        # w folded into x's rows (x' = w x): dws = (x' dy^T) seg, the pair gradient of S^T
         dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
-        dws = tl.dot(x, tl.trans(dy), input_precision=PREC)
-        if HAS_E:
-            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
-        dws = dws * w[:, None]
-        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg from m), then
-        # row t's part left of t
-        strict = tq[:, None] > tq[None, :]
-        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
-        pm = tl.where(tq[None, :] > tq[:, None], dws * m.to(tl.float32), 0.0).to(DOT)
-        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
-        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
-        dws = dws * seg
-        if HAS_E:
-            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
-            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
-        dsc = dws.to(DOT)
         # v = (S seg)^T dy + exp(G_last - G) B dh, the gradient of x' = w x: dx = w v (+ D dy, e's term), dw = <x, v>
         dstd = dst.to(DOT)
         kdh = tl.dot(kb, dstd, input_precision=PREC)
@@ -632,10 +615,27 @@ def _ssd_bwd_onepass_kernel(
         if HAS_E:
             # the diagonal extra e_t (C_t . B_t) x_t, per position
             dx += (e * cb)[:, None] * dy.to(tl.float32)
-            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
         DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
         wc = w * cs
+        # w folded into x's rows (x' = w x): dws = (x' dy^T) seg, the pair gradient of S^T
+        dws = tl.dot(x, tl.trans(dy), input_precision=PREC)
+        if HAS_E:
+            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
+            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
+        dws = dws * w[:, None]
+        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg from m), then
+        # row t's part left of t
+        strict = tq[:, None] > tq[None, :]
+        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
+        pm = tl.where(tq[None, :] > tq[:, None], dws * m.to(tl.float32), 0.0).to(DOT)
+        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
         dla += tl.cumsum(wc, axis=0) - wc
+        dws = dws * seg
+        if HAS_E:
+            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
+            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
+        dsc = dws.to(DOT)
         # dB: the pairs and the state write
         db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
         db = tl.dot(dsc, qc, acc=db, input_precision=PREC)
