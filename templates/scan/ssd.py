@@ -551,18 +551,23 @@ def _ssd_bwd_onepass_kernel(
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
     gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de; the gate and dD are
-    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. With st the stored chunk-start
-    state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), wm the weights (w_j; w_j + e_j on the
-    diagonal) and dws = (dy x^T) seg, per chunk:
-        dx = (S seg wm)^T dy + exp(G_last - G) w (B dh) + D dy
-        dC = (dws wm) B + exp(G) dy st^T             dB = (dws wm)^T C + exp(G_last - G) w x dh^T
-        dw, de: column sums and diagonal of dws S, plus the state write's <B dh, x> exp(G_last - G)
-        dla_t: the terms whose decay spans t (pairs j < t <= i through a ones-matrix dot, the state read from t on,
-               the state writes before t, the carry exp(G_last) <st, dh>), never a difference of large sums
+    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight is folded into
+    x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
+    chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
+    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t, dxy_t = dy_t . x_t (diagonals
+    of the pair tiles), per chunk:
+        v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
+        dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
+        dC = (dws + diag(e dxy)) B + exp(G) dy st^T   dB = (dws + diag(e dxy))^T C + exp(G_last - G) w x dh^T
+        dla_t: the terms whose decay spans t (pairs j < t <= i of dws S through a ones-matrix dot, the state read
+               from t on, the state writes before t, the carry exp(G_last) <st, dh>), never a difference of large sums
         dh <- exp(G_last) dh + (C exp(G))^T dy
-    Nine dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
-    descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, T, H, P or N) with [1, Q, 1, BP or BN] blocks, the
-    states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
+    Ten dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
+    descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, H, T, P or N) views with [1, 1, Q, BP or BN] blocks,
+    the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
+    holds no address or mask tiles, and the dots read B, C, x, dy straight from shared memory. Each tile is loaded
+    just before its first use (C again for the state read and step), since the register copies of a loaded tile
+    are all made where it lands and would otherwise be held across the chunk.
     holds no address or mask tiles. Opt-in: SSD_TUNING["fused"]["on"]."""
     bh = tl.program_id(0)
     b = bh // H
@@ -601,6 +606,7 @@ def _ssd_bwd_onepass_kernel(
         if HAS_E:
             cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
         m = (scores * seg).to(DOT)
+        # dy and x land after the C.B pairs, so that their register copies (made where they land) do not span them
         dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         # v = (S seg)^T dy + exp(G_last - G) B dh, the gradient of x' = w x: dx = w v (+ D dy, e's term), dw = <x, v>
