@@ -552,19 +552,24 @@ def _ssd_bwd_onepass_kernel(
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
     gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de; the gate and dD are
-    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. With st the stored chunk-start
-    state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), wm the weights (w_j; w_j + e_j on the
-    diagonal) and dws = (dy x^T) seg, per chunk:
-        dx = (S seg wm)^T dy + exp(G_last - G) w (B dh) + D dy
-        dC = (dws wm) B + exp(G) dy st^T             dB = (dws wm)^T C + exp(G_last - G) w x dh^T
-        dw, de: column sums and diagonal of dws S, plus the state write's <B dh, x> exp(G_last - G)
-        dla_t: the terms whose decay spans t (pairs j < t <= i through a ones-matrix dot, the state read from t on,
-               the state writes before t, the carry exp(G_last) <st, dh>), never a difference of large sums
+    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight is folded into
+    x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
+    chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
+    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t, dxy_t = dy_t . x_t (diagonals
+    of the pair tiles), per chunk:
+        v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
+        dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
+        dC = (dws + diag(e dxy)) B + exp(G) dy st^T   dB = (dws + diag(e dxy))^T C + exp(G_last - G) w x dh^T
+        dla_t: the terms whose decay spans t (pairs j < t <= i of dws S through a ones-matrix dot, the state read
+               from t on, the state writes before t, the carry exp(G_last) <st, dh>), never a difference of large sums
         dh <- exp(G_last) dh + (C exp(G))^T dy
-    Nine dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
-    descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, T, H, P or N) with [1, Q, 1, BP or BN] blocks, the
-    states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
-    holds no address or mask tiles. The default where it applies; SSD_TUNING["fused"]["on"] = 0 selects the split."""
+    Ten dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
+    descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, H, T, P or N) views with [1, 1, Q, BP or BN] blocks,
+    the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
+    holds no address or mask tiles, and the dots read B, C, x, dy straight from shared memory. Each tile is loaded
+    just before its first use (C again for the state read and step), since the register copies of a loaded tile
+    are all made where it lands and would otherwise be held across the chunk. The default where it applies;
+    SSD_TUNING["fused"]["on"] = 0 selects the split."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -591,54 +596,69 @@ def _ssd_bwd_onepass_kernel(
         la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
                                                      HAS_E)  # fmt: skip
         gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-        kb = BD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
-        qc = CD.load([b, c * Q, h, 0]).reshape(Q, BN).to(DOT)
-        dy = DYD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
-        x = XD.load([b, c * Q, h, 0]).reshape(Q, BP).to(DOT)
-        # the state write through dh first, while few tiles are live: dx's share, dw's state term
-        dstd = dst.to(DOT)
-        kdh = tl.dot(kb, dstd, input_precision=PREC)
-        c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
-        dx = (dec * w)[:, None] * kdh
-        if HAS_D:
-            dx += d_row[None, :] * dy.to(tl.float32)
-        # the pairs i >= j: exp2 of the scaled cumulative decays (the masked upper half may overflow; where drops it)
-        causal = tq[:, None] >= tq[None, :]
+        # the pairs i >= j, held transposed ([j, i], so that the dots for dx and dB take them as register A operands):
+        # exp2 of the scaled cumulative decays (the masked half may overflow; where drops it)
         diag = tq[:, None] == tq[None, :]
         gl = gc * 1.4426950408889634
-        seg = tl.where(causal, tl.exp2(gl[:, None] - gl[None, :]), 0.0)
-        wm = w[None, :] + tl.where(diag, e[None, :], 0.0)
-        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-        dx = tl.dot(tl.trans((scores * seg * wm).to(DOT)), dy, acc=dx, input_precision=PREC)
-        DXD.store([b, c * Q, h, 0], dx.to(DXD.dtype).reshape(1, Q, 1, BP))
-        dws = tl.dot(dy, tl.trans(x), input_precision=PREC) * seg
-        dsc = (dws * wm).to(DOT)
-        pm = dws * scores
+        seg = tl.where(tq[None, :] >= tq[:, None], tl.exp2(gl[None, :] - gl[:, None]), 0.0)
+        kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)  # S^T = B C^T
         if HAS_E:
-            tl.store(DE + g_ptr, tl.sum(tl.where(diag, pm, 0.0), axis=0), mask=mask_t)
-        tl.store(DW + g_ptr, tl.sum(pm, axis=0) + c_state, mask=mask_t)
-        # pairs j < t <= i: column sums from row t down (U[t, i] = [i >= t]) of the strict pair terms, then row t's
-        # part left of t
+            cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
+        m = (scores * seg).to(DOT)
+        # dy and x land after the C.B pairs, so that their register copies (made where they land) do not span them
+        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        # v = (S seg)^T dy + exp(G_last - G) B dh, the gradient of x' = w x: dx = w v (+ D dy, e's term), dw = <x, v>
+        dstd = dst.to(DOT)
+        kdh = tl.dot(kb, dstd, input_precision=PREC)
+        cs = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+        v = tl.dot(m, dy, acc=dec[:, None] * kdh, input_precision=PREC)
+        tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
+        dx = w[:, None] * v
+        if HAS_D:
+            dx += d_row[None, :] * dy.to(tl.float32)
+        if HAS_E:
+            # the diagonal extra e_t (C_t . B_t) x_t, per position
+            dx += (e * cb)[:, None] * dy.to(tl.float32)
+        DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
+        wc = w * cs
+        # w folded into x's rows (x' = w x): dws = (x' dy^T) seg, the pair gradient of S^T
+        dws = tl.dot(x, tl.trans(dy), input_precision=PREC)
+        if HAS_E:
+            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
+            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
+        dws = dws * w[:, None]
+        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg from m), then
+        # row t's part left of t
         strict = tq[:, None] > tq[None, :]
         upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
-        span = tl.dot(upper, tl.where(strict, pm * w[None, :], 0.0).to(DOT), input_precision=PREC)
+        pm = tl.where(tq[None, :] > tq[:, None], dws * m.to(tl.float32), 0.0).to(DOT)
+        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
         dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
-        wc = w * c_state
         dla += tl.cumsum(wc, axis=0) - wc
+        dws = dws * seg
+        if HAS_E:
+            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
+            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
+        dsc = dws.to(DOT)
         # dB: the pairs and the state write
         db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
-        db = tl.dot(tl.trans(dsc), qc, acc=db, input_precision=PREC)
-        DBD.store([b, c * Q, h, 0], db.to(DBD.dtype).reshape(1, Q, 1, BN))
-        # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry
+        db = tl.dot(dsc, qc, acc=db, input_precision=PREC)
+        DBD.store([b, h, c * Q, 0], db.to(DBD.dtype).reshape(1, 1, Q, BN))
+        # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry;
+        # C read again here so that its register copies start here
         st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
+        qr = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
         dla += tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
         dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
-        dla += tl.cumsum(tl.sum(dc * qc.to(tl.float32), axis=1), axis=0, reverse=True)
+        dla += tl.cumsum(tl.sum(dc * qr.to(tl.float32), axis=1), axis=0, reverse=True)
         tl.store(DLA + g_ptr, dla, mask=mask_t)
-        dc = tl.dot(dsc, kb, acc=dc, input_precision=PREC)
-        DCD.store([b, c * Q, h, 0], dc.to(DCD.dtype).reshape(1, Q, 1, BN))
+        dc = tl.dot(tl.trans(dsc), kb, acc=dc, input_precision=PREC)
+        DCD.store([b, h, c * Q, 0], dc.to(DCD.dtype).reshape(1, 1, Q, BN))
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
-        qe = (qc.to(tl.float32) * e_g[:, None]).to(DOT)
+        qe = (qr.to(tl.float32) * e_g[:, None]).to(DOT)
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
@@ -968,8 +988,10 @@ def _ssd_scan_bwd_impl(
 
 
 def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
-    """A (batch, T, H, cols) tensor's descriptor with one chunk of one head, [1, q, 1, cols pow2], per block."""
-    return TensorDescriptor.from_tensor(t, [1, q, 1, cols])
+    """A (batch, T, H, cols) tensor's descriptor as (batch, H, T, cols) (strides permuted, no copy) with one chunk of
+    one head, [1, 1, q, cols pow2], per block: unit dims only in front, so the kernel's [q, cols] view of a block
+    needs no register reshape."""
+    return TensorDescriptor.from_tensor(t.permute(0, 2, 1, 3), [1, 1, q, cols])
 
 
 def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
