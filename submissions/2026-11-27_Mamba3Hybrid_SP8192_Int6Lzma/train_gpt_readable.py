@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from triton.language.extra import libdevice
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters: every knob is an environment variable (upstream's names where upstream has one).
@@ -696,13 +697,15 @@ def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
 #
 # Head h of Mamba-3 uses q~ = rot(theta_h)(q_g + q_bias_h), k~ = rot(theta_h)(k_g + k_bias_h), rotating the adjacent
 # pairs (2r, 2r+1), r < R, by theta[b,t,h,r] (B,T,H,R): (e, o) -> (e cos - o sin, e sin + o cos)
-# (`m3_rotary_heads_ref`). The forward rotation happens inside the SSD kernels (`ssd_generic_scan(..., theta=...)`
-# loads the group rows and rotates them in registers), so the (B,T,H,N) rotated rows never reach memory. Their
-# gradients do: the SSD backward's dB/dC kernel writes them per head in the rotated frame, and `m3_rotary_bwd`
-# rotates them back (by -theta), sums them over the heads of a group in registers (one program per time block,
-# batch and group), reduces the bias gradients per program, and writes one d theta per head with q's and k's shares
-# summed: d theta = -dout_even * out_odd + dout_odd * out_even. Rows move as whole contiguous tiles, split into even
-# and odd elements in registers (stride-2 loads and stores of the pairs cost 12x the bytes' time on the H100).
+# (`m3_rotary_heads_ref`). `m3_rotate_heads` writes the rotated rows per head (B,T,H,N) once, in q's dtype, so that
+# the scan runs the plain SSD kernels on them (one row per head, no trigonometry in any chunk loop; on the H100 the
+# rotation inside the five SSD kernels cost 0.18 ms of the forward and 0.3 ms of the backward at 64 x 1024, against
+# ~0.1 ms to write and read the rows). One program per (time block, batch, group) reads the group's rows once and
+# loops over its heads. The backward (ssm_golf::m3_rotate_bwd) rotates the rows' gradients back (by -theta), sums
+# them over the heads of a group in registers, reduces the bias gradients per program, and writes one d theta per head
+# with q's and k's shares summed: d theta = -dout_even * out_odd + dout_odd * out_even. Rows move as whole
+# contiguous tiles, split into even and odd elements in registers (stride-2 loads and stores of the pairs cost 12x
+# the bytes' time on the H100).
 #
 # `m3_gates(dt, trap, angles, theta0)` gives the scan's per-position weights and the cumulative angles in one pass
 # over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an eager cumsum over (B,T,H,R):
@@ -809,6 +812,36 @@ def _m3r_bwd_head(v_even, v_odd, bias, dout, DBIAS_PART, part, cos, sin, offs_n,
 
 
 @triton.jit
+def _m3r_fwd_kernel(
+    QV, KV, QB, KB, TH, QR, KR, T, H, G, N, R,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """One program per (time block, batch, group): the group's q and k rows read once, then per head the bias added
+    and the pairs rotated, written as that head's rows (pairs r >= R get angle 0: they pass through)."""
+    bg = tl.program_id(1)
+    b64 = (bg // G).to(tl.int64)
+    g = bg % G
+    hpg = H // G
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_r = tl.arange(0, BR)
+    offs_n = tl.arange(0, 2 * BR)
+    mask_t = offs_t < T
+    row = b64 * T + offs_t.to(tl.int64)
+    q_even, q_odd = _m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR)
+    k_even, k_odd = _m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR)
+    th_mask = mask_t[:, None] & (offs_r < R)[None, :]
+    for h in range(g * hpg, (g + 1) * hpg):
+        rows = row * H + h
+        theta = tl.load(TH + rows[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0)
+        cos, sin = m3_cos_sin(theta, FAST)
+        live = tl.full((1,), 1, tl.int1)
+        even, odd = _m3r_bias(q_even, q_odd, _m3r_bias_row(QB, h, live, offs_n, N, HAS_QB), BR, HAS_QB)
+        _m3r_store_pairs(QR, rows, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+        even, odd = _m3r_bias(k_even, k_odd, _m3r_bias_row(KB, h, live, offs_n, N, HAS_KB), BR, HAS_KB)
+        _m3r_store_pairs(KR, rows, offs_n, mask_t, N, even * cos - odd * sin, even * sin + odd * cos, BT, BR)
+
+
+@triton.jit
 def _m3r_bwd_kernel(
     QV, KV, QB, KB, TH, DQO, DKO, DQ, DK, DTH, DQB_PART, DKB_PART, T, H, G, N, R,
     BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
@@ -861,8 +894,8 @@ def _m3r_use_triton(x: torch.Tensor) -> bool:
 def m3_rotary_heads_ref(
     v: torch.Tensor, bias: torch.Tensor | None, theta: torch.Tensor, nheads: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """Head expansion, bias and rotation of v (B,T,G,N) -> (B,T,H,N) in PyTorch: the reference of the rotation the
-    SSD kernels do in registers (fp32 math, fp64 when v is fp64)."""
+    """Head expansion, bias and rotation of v (B,T,G,N) -> (B,T,H,N) in PyTorch: the reference of `m3_rotate_heads`
+    (fp32 math, fp64 when v is fp64)."""
     cd = torch.float64 if v.dtype == torch.float64 else torch.float32
     heads = v.to(cd).repeat_interleave(nheads // v.shape[2], dim=2)
     if bias is not None:
@@ -879,10 +912,49 @@ def _m3r_opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous() if t is not None else like
 
 
-def m3_rotary_bwd(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads: int) -> tuple:
-    """Gradients of (q_rot, k_rot) = rotated per-head rows of q, k (B,T,G,N) through (dq_out, dk_out) (B,T,H,N):
-    (dq, dk, dq_bias, dk_bias, dtheta), None for an absent bias. Runs inside the SSD scan's backward op, which
-    rotates q and k in its kernels (Triton on CUDA or under the interpreter only)."""
+def _m3r_br(dstate: int) -> int:
+    return max(16, triton.next_power_of_2(dstate // 2))
+
+
+def _m3r_impl(q, k, q_bias, k_bias, theta, nheads):
+    if not _m3r_use_triton(q):
+        return tuple(m3_rotary_heads_ref(v, b, theta, nheads, v.dtype) for v, b in ((q, q_bias), (k, k_bias)))
+    bsz, seqlen, ngroups, dstate = q.shape
+    q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
+    q_rot = torch.empty(bsz, seqlen, nheads, dstate, device=q.device, dtype=q.dtype)
+    k_rot = torch.empty(bsz, seqlen, nheads, dstate, device=k.device, dtype=k.dtype)
+    _m3r_fwd_kernel[(triton.cdiv(seqlen, M3R_BLOCK_T), bsz * ngroups)](
+        q_c, k_c, _m3r_opt(q_bias, theta_c), _m3r_opt(k_bias, theta_c), theta_c, q_rot, k_rot,
+        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T, BR=_m3r_br(dstate),
+        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, FAST=theta.is_cuda,
+    )  # fmt: skip
+    return q_rot, k_rot
+
+
+def _m3r_fake(q, k, q_bias, k_bias, theta, nheads):
+    shape = (*q.shape[:2], nheads, q.shape[3])
+    return q.new_empty(shape), k.new_empty(shape)
+
+
+def _m3r_setup(ctx, inputs, output):
+    ctx.nheads = inputs[5]
+    ctx.save_for_backward(*inputs[:5])
+
+
+def _m3r_backward(ctx, dq_rot, dk_rot):
+    q, k, q_bias, k_bias, theta = ctx.saved_tensors
+    shape = (*q.shape[:2], ctx.nheads, q.shape[3])
+    dq_rot = dq_rot if dq_rot is not None else q.new_zeros(shape)
+    dk_rot = dk_rot if dk_rot is not None else k.new_zeros(shape)
+    dq, dk, dqb, dkb, dth = _m3r_bwd_op(q, k, q_bias, k_bias, theta, dq_rot, dk_rot, ctx.nheads)
+    return dq, dk, scan_opt(dqb), scan_opt(dkb), dth, None
+
+
+def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
+    """(dq, dk, dq_bias, dk_bias, dtheta): the rotated rows' gradients (B,T,H,N) back to the group rows (B,T,G,N),
+    the biases and the angles; a placeholder for an absent bias."""
+    if not _m3r_use_triton(q):
+        return tuple(scan_ref_vjp(lambda *a: _m3r_impl(*a, nheads), [q, k, q_bias, k_bias, theta], [dq_out, dk_out]))
     bsz, seqlen, ngroups, dstate = q.shape
     q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
     f32 = {"device": q.device, "dtype": torch.float32}
@@ -894,15 +966,53 @@ def m3_rotary_bwd(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads: int) -> t
     _m3r_bwd_kernel[(n_tb, bsz * ngroups)](
         q_c, k_c, _m3r_opt(q_bias, dth), _m3r_opt(k_bias, dth), theta_c, dq_out.contiguous(), dk_out.contiguous(),
         dq, dk, dth, dqb_part if dqb_part is not None else dth, dkb_part if dkb_part is not None else dth,
-        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T,
-        BR=max(16, triton.next_power_of_2(dstate // 2)), HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
-        FAST=theta.is_cuda,
+        seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T, BR=_m3r_br(dstate),
+        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, FAST=theta.is_cuda,
     )  # fmt: skip
 
     def bias_grad(part, bias):
-        return part.sum((0, 2)).to(bias.dtype) if part is not None else None
+        return part.sum((0, 2)).to(bias.dtype) if part is not None else scan_none(dq)
 
-    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth
+    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth.to(theta.dtype)
+
+
+def _m3r_bwd_fake(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else scan_none(q)
+
+    return like(q), like(k), like(q_bias), like(k_bias), like(theta)
+
+
+_m3r_bwd_op = scan_op(
+    "m3_rotate_bwd",
+    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor theta, Tensor dq_out, Tensor dk_out, int nheads)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _m3r_bwd_impl,
+    _m3r_bwd_fake,
+)
+
+
+_m3r_op = scan_op(
+    "m3_rotate",
+    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor theta, int nheads) -> (Tensor, Tensor)",
+    _m3r_impl,
+    _m3r_fake,
+    _m3r_backward,
+    _m3r_setup,
+)
+
+
+def m3_rotate_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    theta: torch.Tensor,
+    nheads: int,
+) -> tuple:
+    """(q~, k~): the group rows q, k (B,T,G,N) expanded to nheads heads, each head's bias (H,N) added and its pairs
+    rotated by theta (B,T,H,R), 2R <= N; (B,T,H,N) in q's and k's dtypes. One op (ssm_golf::m3_rotate)."""
+    return _m3r_op(q, k, q_bias, k_bias, theta, nheads)
 
 
 @triton.jit
@@ -1126,6 +1236,12 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes; the carry): never a
 # difference of large row and column sums, which loses tiny gradients when decays are near 0.
 #
+# One-pass backward for the generic form with one B and C row per head (Mamba-3, whose B and C are rotated per head
+# before the scan): a gate pre-pass (dz, gated dy, dD shares), then one program per (batch, head) walking the chunks
+# in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`). On the H100 it took Mamba-3's
+# graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group rows (G < H: Mamba-2), rows that tensor descriptors
+# cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
+#
 # Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -1197,44 +1313,9 @@ def _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q: tl.constexpr, DOT: tl.const
 
 
 @triton.jit
-def _ssd_rot_cs(
-    TH, th_row, mask_t, R, Q: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, ROT: tl.constexpr, FAST: tl.constexpr
-):
-    """cos and sin of a chunk's angles theta[t, h, r] (rows th_row of the (B T H, R) angles) as [Q, BN / 2] tiles
-    (angle 0 for r >= R), computed once per chunk for both B and C, and only on the [Q, RB] tile of the first RB
-    pairs (RB = R rounded up to a power of two): the trigonometry is the costly part. Placeholders without ROT."""
-    if ROT:
-        offs_r = tl.arange(0, RB)
-        th_mask = mask_t[:, None] & (offs_r < R)[None, :]
-        theta = tl.load(TH + th_row[:, None] * R + offs_r[None, :], mask=th_mask, other=0.0).to(tl.float32)
-        first = (tl.arange(0, BN // 2 // RB) == 0)[None, :, None]
-        c, s = m3_cos_sin(theta, FAST)
-        cos = tl.reshape(tl.where(first, c[:, None, :], 1.0), (Q, BN // 2))
-        sin = tl.reshape(tl.where(first, s[:, None, :], 0.0), (Q, BN // 2))
-    else:
-        cos = tl.arange(0, RB)
-        sin = cos
-    return cos, sin
-
-
-@triton.jit
-def _ssd_load_bc(
-    PTR, base, loc, mask_t, offs_n, N, BIAS, cos, sin, h,
-    Q: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-):  # fmt: skip
-    """A chunk's [Q, BN] rows of B or C in the dot dtype. With ROT (Mamba-3: B, C are the group rows before the
-    per-head bias and rotation), head h's bias row is added and the pairs (2r, 2r+1) are rotated by the angles
-    whose cos and sin are given: the rotated tile is never written to memory."""
-    mask = mask_t[:, None] & (offs_n < N)[None, :]
-    t = tl.load(PTR + base + loc, mask=mask, other=0.0)
-    if ROT:
-        t = t.to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(BIAS + h * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            t = tl.where(mask, t + bias[None, :], 0.0)
-        even, odd = tl.split(tl.reshape(t, (Q, BN // 2, 2)))
-        t = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (Q, BN))
-    return t.to(DOT)
+def _ssd_load_bc(PTR, base, loc, mask_t, offs_n, N, DOT: tl.constexpr):
+    """A chunk's [Q, BN] rows of B or C in the dot dtype."""
+    return tl.load(PTR + base + loc, mask=mask_t[:, None] & (offs_n < N)[None, :], other=0.0).to(DOT)
 
 
 @triton.jit
@@ -1249,10 +1330,8 @@ def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
 @triton.jit
 def _ssd_fwd_state_kernel(
     X, DT, A, DTB, LA, W, BM, H0, CKPT, HT,
-    TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -1285,8 +1364,7 @@ def _ssd_fwd_state_kernel(
         row = b64 * T + c * Q
         mask_t = c * Q + offs_q < T
         x = tl.load(X + row * H * P + h * P + loc_xp, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
-        kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
+        kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, DOT)
         la, w, e, dtv, raw = _ssd_load_chunk_gates(
             DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
         )
@@ -1302,10 +1380,8 @@ def _ssd_fwd_state_kernel(
 @triton.jit
 def _ssd_fwd_out_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y, YP,
-    TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -1336,9 +1412,8 @@ def _ssd_fwd_out_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc = tl.cumsum(la, axis=0)
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
     st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :],
                  mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(DOT)  # fmt: skip
@@ -1380,10 +1455,8 @@ def _ssd_carry_loads(
 @triton.jit
 def _ssd_bwd_carry_kernel(
     CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
-    TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -1429,8 +1502,7 @@ def _ssd_bwd_carry_kernel(
         x_off = row * H * P + h * P
         mask_t = c * Q + offs_q < T
         xp_mask = mask_t[:, None] & mask_p[None, :]
-        cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
-        qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
+        qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, DOT)
         dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
         if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
             zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
@@ -1461,10 +1533,8 @@ def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
 def _ssd_bwd_dx_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, DS, CKPT, DY, DCK, CARRY,
     DX, DLA_T, DW_T, DD_PART,
-    TH, BB, CB, T, H, G, P, N, NC, R,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -1500,9 +1570,8 @@ def _ssd_bwd_dx_kernel(
         DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
     )
     gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h, mask_t, R, Q, BN, RB, ROT, FAST)
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h, Q, BN, ROT, HAS_BB, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h, Q, BN, ROT, HAS_CB, DOT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
     # x and dy stay in their stored dtype (half the registers of fp32 tiles at bf16), widened where used
     x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
     dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0)
@@ -1590,10 +1659,8 @@ def _ssd_dbc_head(
 def _ssd_bwd_dbc_kernel(
     X, DT, A, DTB, LA, W, E, BM, CM, CKPT, DY, DCK, DLA_T, DW_T,
     DDT, DLA, DW, DE, DB, DC, DA_PART,
-    TH, BB, CB, T, H, G, P, N, NC, R, HB,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr, RB: tl.constexpr, FAST: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    HAS_CB: tl.constexpr,
+    T, H, G, P, N, NC, HB,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -1622,10 +1689,8 @@ def _ssd_bwd_dbc_kernel(
     bn = offs_q[:, None] * (G * N) + offs_n[None, :]
     xp = offs_q[:, None] * (H * P) + offs_p[None, :]
     sn = offs_n[:, None] * P + offs_p[None, :]
-    # with ROT the rows are one head's (ONE_HEAD), rotated; its dB, dC are per head, in that rotated frame
-    cos, sin = _ssd_rot_cs(TH, (row + offs_q) * H + h_first, mask_t, R, Q, BN, RB, ROT, FAST)
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, BB, cos, sin, h_first, Q, BN, ROT, HAS_BB, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, CB, cos, sin, h_first, Q, BN, ROT, HAS_CB, DOT)
+    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
+    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
     causal = offs_q[:, None] >= offs_q[None, :]
     strict = offs_q[:, None] > offs_q[None, :]
     diag = offs_q[:, None] == offs_q[None, :]
@@ -1644,14 +1709,159 @@ def _ssd_bwd_dbc_kernel(
                 DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
                 Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
             )  # fmt: skip
-    if ROT:
-        out_base = row * H * N + h_first * N
-        out_loc = offs_q[:, None] * (H * N) + offs_n[None, :]
+    _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
+    _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
+
+
+@triton.jit
+def _ssd_bwd_gate_kernel(
+    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
+    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
+):  # fmt: skip
+    """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
+    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x), so that
+    the one-pass loop reads one gated dy and neither z nor the output before the gate."""
+    b64 = (tl.program_id(0) // NC).to(tl.int64)
+    c = tl.program_id(0) % NC
+    h = tl.program_id(1)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    mask_p = offs_p < P
+    xp_mask = (c * Q + offs_q < T)[:, None] & mask_p[None, :]
+    loc = (b64 * T + c * Q) * H * P + h * P + offs_q[:, None] * (H * P) + offs_p[None, :]
+    dy = tl.load(DY + loc, mask=xp_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(Z + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        yp = tl.load(YP + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zz)
+        tl.store(DZ + loc, (dy * yp * sz * (1.0 + zz * (1.0 - sz))).to(DZ.dtype.element_ty), mask=xp_mask)
+        dy = (dy * zz * sz).to(DYE.dtype.element_ty)
+        tl.store(DYE + loc, dy, mask=xp_mask)
+        dy = dy.to(tl.float32)  # dD from the gated dy as the loop sees it
+    if HAS_D:
+        x = tl.load(X + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+
+
+@triton.jit
+def _ssd_bwd_onepass_kernel(
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
+    rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
+    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de; the gate and dD are
+    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight is folded into
+    x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
+    chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
+    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t, dxy_t = dy_t . x_t (diagonals
+    of the pair tiles), per chunk:
+        v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
+        dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
+        dC = (dws + diag(e dxy)) B + exp(G) dy st^T   dB = (dws + diag(e dxy))^T C + exp(G_last - G) w x dh^T
+        dla_t: the terms whose decay spans t (pairs j < t <= i of dws S through a ones-matrix dot, the state read
+               from t on, the state writes before t, the carry exp(G_last) <st, dh>), never a difference of large sums
+        dh <- exp(G_last) dh + (C exp(G))^T dy
+    Ten dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
+    descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, H, T, P or N) views with [1, 1, Q, BP or BN] blocks,
+    the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
+    holds no address or mask tiles, and the dots read B, C, x, dy straight from shared memory. Each tile is loaded
+    just before its first use (C again for the state read and step), since the register copies of a loaded tile
+    are all made where it lands and would otherwise be held across the chunk. The default where it applies;
+    SSD_TUNING["fused"]["on"] = 0 selects the split."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    sn_mask = (offs_n < N)[:, None] & mask_p[None, :]
+    g_base = b64 * T * H + h
+    if HAS_DHT:
+        dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
     else:
-        out_base = bc_base
-        out_loc = bn
-    _ssd_put(DC + out_base + out_loc, dq_acc, bn_mask, ATOMIC_BC)
-    _ssd_put(DB + out_base + out_loc, dk_acc, bn_mask, ATOMIC_BC)
+        dst = tl.zeros((BN, BP), dtype=tl.float32)
+    if HAS_D:
+        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
+        tq = c * Q + offs_q
+        mask_t = tq < T
+        g_ptr = g_base + tq * H
+        la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
+                                                     HAS_E)  # fmt: skip
+        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+        # the pairs i >= j, held transposed ([j, i], so that the dots for dx and dB take them as register A operands):
+        # exp2 of the scaled cumulative decays (the masked half may overflow; where drops it)
+        diag = tq[:, None] == tq[None, :]
+        gl = gc * 1.4426950408889634
+        seg = tl.where(tq[None, :] >= tq[:, None], tl.exp2(gl[None, :] - gl[:, None]), 0.0)
+        kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)  # S^T = B C^T
+        if HAS_E:
+            cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
+        m = (scores * seg).to(DOT)
+        # dy and x land after the C.B pairs, so that their register copies (made where they land) do not span them
+        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        # v = (S seg)^T dy + exp(G_last - G) B dh, the gradient of x' = w x: dx = w v (+ D dy, e's term), dw = <x, v>
+        dstd = dst.to(DOT)
+        kdh = tl.dot(kb, dstd, input_precision=PREC)
+        cs = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
+        v = tl.dot(m, dy, acc=dec[:, None] * kdh, input_precision=PREC)
+        tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
+        dx = w[:, None] * v
+        if HAS_D:
+            dx += d_row[None, :] * dy.to(tl.float32)
+        if HAS_E:
+            # the diagonal extra e_t (C_t . B_t) x_t, per position
+            dx += (e * cb)[:, None] * dy.to(tl.float32)
+        DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
+        wc = w * cs
+        # w folded into x's rows (x' = w x): dws = (x' dy^T) seg, the pair gradient of S^T
+        dws = tl.dot(x, tl.trans(dy), input_precision=PREC)
+        if HAS_E:
+            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
+            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
+        dws = dws * w[:, None]
+        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg from m), then
+        # row t's part left of t
+        strict = tq[:, None] > tq[None, :]
+        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
+        pm = tl.where(tq[None, :] > tq[:, None], dws * m.to(tl.float32), 0.0).to(DOT)
+        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
+        dla += tl.cumsum(wc, axis=0) - wc
+        dws = dws * seg
+        if HAS_E:
+            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
+            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
+        dsc = dws.to(DOT)
+        # dB: the pairs and the state write
+        db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
+        db = tl.dot(dsc, qc, acc=db, input_precision=PREC)
+        DBD.store([b, h, c * Q, 0], db.to(DBD.dtype).reshape(1, 1, Q, BN))
+        # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry;
+        # C read again here so that its register copies start here
+        st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
+        qr = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        dla += tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
+        dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
+        dla += tl.cumsum(tl.sum(dc * qr.to(tl.float32), axis=1), axis=0, reverse=True)
+        tl.store(DLA + g_ptr, dla, mask=mask_t)
+        dc = tl.dot(tl.trans(dsc), kb, acc=dc, input_precision=PREC)
+        DCD.store([b, h, c * Q, 0], dc.to(DCD.dtype).reshape(1, 1, Q, BN))
+        # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
+        qe = (qr.to(tl.float32) * e_g[:, None]).to(DOT)
+        dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
+    if HAS_H0:
+        tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -1677,12 +1887,13 @@ SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults b
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
-    """Launch options of one kernel ("fstate", "fout", "carry", "dx", "dbc"): tuned overrides first ("num_warps",
-    "num_stages"), else 4 warps (on the H100, 8 warps for both forward kernels took SSD's forward from 0.414 to
-    0.563 ms and Mamba-3's from 0.780 to 1.193), and no software pipelining where the tiles would overflow shared
-    memory (fp32 dots, chunks >= 128)."""
+    """Launch options of one kernel ("fstate", "fout", "carry", "dx", "dbc", "fused"): tuned overrides first
+    ("num_warps", "num_stages"), else 4 warps (on the H100, 8 warps for both forward kernels took SSD's forward from
+    0.414 to 0.563 ms and Mamba-3's from 0.780 to 1.193), and no software pipelining where the tiles would overflow
+    shared memory (fp32 dots, chunks >= 128) nor in the one-pass backward ("fused": offline sm_90, 2 stages held
+    the next chunk's tiles and spilled 944 B against 616 B at 1)."""
     wide = dot == tl.float32 or q >= 128
-    opts = {"num_warps": 4, "num_stages": 1 if wide else 2}
+    opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "fused" else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
     return opts | ({} if wide else tuned)
 
@@ -1700,7 +1911,7 @@ def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
     return max(1, min(per_group, int(SSD_TUNING.get("dbc", {}).get("heads", per_group))))
 
 
-def _ssd_check_shapes(x, gates, B, C, chunk_size, theta=None):
+def _ssd_check_shapes(x, gates, B, C, chunk_size):
     if x.dim() != 4:
         raise ValueError(f"ssd scan: x must be (batch, time, heads, headdim), got shape {tuple(x.shape)}")
     bsz, seqlen, nheads, _ = x.shape
@@ -1716,8 +1927,6 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size, theta=None):
         raise ValueError(f"ssd scan: heads ({nheads}) must be a multiple of groups ({B.shape[2]})")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
-    if theta is not None and (theta.shape[:3] != (bsz, seqlen, nheads) or 2 * theta.shape[3] > B.shape[3]):
-        raise ValueError("ssd scan: theta must be (batch, time, heads, R) with 2R <= N")
 
 
 def _ssd_fin_dtype(x: torch.Tensor) -> torch.dtype:
@@ -1737,9 +1946,6 @@ def _ssd_scan_impl(
     D,
     z,
     h0,
-    theta,
-    b_bias,
-    c_bias,
     chunk_size,
     dt_softplus,
     generic,
@@ -1748,7 +1954,7 @@ def _ssd_scan_impl(
 ):
     if not ssd_use_triton(x):
         if generic:
-            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True, theta, b_bias, c_bias)
+            y, final = ssd_generic_scan_ref(x, la, w, B, C, chunk_size, e, D, z, h0, True)
         else:
             y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
         return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x), scan_none(x)
@@ -1783,9 +1989,7 @@ def _ssd_scan_impl(
 
     gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
-    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x)
-    flags |= rot_flags
-    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
+    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
     # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
     if ckpt is None:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
@@ -1809,18 +2013,6 @@ def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else scan_none(like)
 
 
-def _ssd_rot_args(theta, b_bias, c_bias, like: torch.Tensor) -> tuple:
-    """Kernel arguments of the rotation (theta, B bias, C bias, R) and its flags; placeholders without theta."""
-    if theta is None:
-        return (like, like, like, 1), {"ROT": False, "RB": 2, "FAST": False, "HAS_BB": False, "HAS_CB": False}
-    th = theta.float().contiguous()
-    bb = b_bias.float().contiguous() if b_bias is not None else th
-    cb = c_bias.float().contiguous() if c_bias is not None else th
-    rb = max(2, triton.next_power_of_2(theta.shape[-1]))
-    flags = {"ROT": True, "RB": rb, "FAST": theta.is_cuda, "HAS_BB": b_bias is not None, "HAS_CB": c_bias is not None}
-    return (th, bb, cb, theta.shape[-1]), flags
-
-
 def _ssd_scan_fake(
     x,
     dt,
@@ -1834,9 +2026,6 @@ def _ssd_scan_fake(
     D,
     z,
     h0,
-    theta,
-    b_bias,
-    c_bias,
     chunk_size,
     dt_softplus,
     generic,
@@ -1855,16 +2044,21 @@ def _ssd_scan_fake(
 
 
 def _ssd_scan_setup(ctx, inputs, output):
-    ctx.meta = inputs[15:19]  # chunk_size, dt_softplus, generic, want_final
-    ctx.save_for_backward(*inputs[:15], output[2], output[3])
+    ctx.meta = inputs[12:16]  # chunk_size, dt_softplus, generic, want_final
+    ctx.save_for_backward(*inputs[:12], output[2], output[3])
+    # the chunk states and the output before the gate never get gradients: without this autograd would fill zeros
+    # of their size for the backward (0.08 ms per Mamba-3 call at 64 x 1024 on the H100)
+    ctx.set_materialize_grads(False)
 
 
 def _ssd_scan_backward(ctx, dy, dfinal, dckpt, dyp):
     chunk_size, dt_softplus, generic, want_final = ctx.meta
+    if dy is None:  # only the final state was used
+        dy = torch.zeros_like(ctx.saved_tensors[0])
     grads = _ssd_scan_bwd_op(*ctx.saved_tensors, dy, dfinal if want_final else None, chunk_size, dt_softplus, generic)
     return (
         (grads[0], *(scan_opt(g) for g in grads[1:7]), grads[7], grads[8])
-        + tuple(scan_opt(g) for g in grads[9:15])
+        + tuple(scan_opt(g) for g in grads[9:12])
         + (None,) * 5
     )
 
@@ -1882,9 +2076,6 @@ def _ssd_scan_bwd_impl(
     D,
     z,
     h0,
-    theta,
-    b_bias,
-    c_bias,
     ckpt,
     yp,
     dy,
@@ -1893,7 +2084,7 @@ def _ssd_scan_bwd_impl(
     dt_softplus,
     generic,
 ):
-    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias]
+    inputs = [x, dt, A, dt_bias, la, w, e, B, C, D, z, h0]
     if not ssd_use_triton(x):
         fwd = lambda *xs: _ssd_scan_impl(*xs, chunk_size, dt_softplus, generic, True, False)[:2]  # noqa: E731
         return tuple(scan_ref_vjp(fwd, inputs, [dy, dfinal]))
@@ -1916,14 +2107,14 @@ def _ssd_scan_bwd_impl(
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
-    # with the rotation (theta), one head per dB/dC program, whose dB, dC are per head in the rotated frame
-    heads = 1 if theta is not None else _ssd_bwd_heads(nheads, ngroups)
-    atomic = theta is None and nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-    # stored in B's dtype (x's for the per-head rotated ones) straight from the registers unless atomics sum them
-    bc_shape = (bsz, seqlen, nheads, dstate) if theta is not None else B.shape
-    bc_dtype = x.dtype if theta is not None else B.dtype
-    dB = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
-    dC = torch.zeros(bc_shape, **f32) if atomic else torch.empty(bc_shape, device=x.device, dtype=bc_dtype)
+    onepass = generic and ngroups == nheads and SSD_TUNING.get("fused", {}).get("on", 1)
+    if onepass and _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy):
+        return _ssd_bwd_onepass(x_c, la, w, e, B_c, C_c, D, d_mat, z_c, yp, h0c, ckpt, dy, dfin, chunk_size)
+    heads = _ssd_bwd_heads(nheads, ngroups)
+    atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
+    # stored in B's dtype straight from the registers unless atomics sum them
+    dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, device=x.device, dtype=B.dtype)
+    dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, device=x.device, dtype=C.dtype)
     dx = torch.empty_like(x_c)
     dz = torch.empty_like(z_c) if z is not None else None
     dh0 = torch.empty_like(h0c) if h0c is not None else None
@@ -1942,10 +2133,9 @@ def _ssd_scan_bwd_impl(
     def _or(t):
         return t if t is not None else x_c
 
-    rot, rot_flags = _ssd_rot_args(theta, b_bias, c_bias, x_c)
     flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec} | rot_flags  # fmt: skip
-    dims = (*rot[:3], seqlen, nheads, ngroups, hdim, dstate, nchunks, rot[3])
+             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec}  # fmt: skip
+    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
     # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
     dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
     bps = _ssd_cols("carry", bp)
@@ -1985,13 +2175,70 @@ def _ssd_scan_bwd_impl(
     if not generic:
         dA = da_part.sum((0, 1))
         ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
-    dth = dbb = dcb = None
-    if theta is not None:  # back from the rotated per-head frame to the group rows, biases and angles
-        dC, dB, dcb, dbb, dth = m3_rotary_bwd(C_c, B_c, c_bias, b_bias, theta, dC, dB, nheads)
     return (
         dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
-        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0), cast(dth, theta),
-        cast(dbb, b_bias), cast(dcb, c_bias),
+        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
+    )  # fmt: skip
+
+
+def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
+    """A (batch, T, H, cols) tensor's descriptor as (batch, H, T, cols) (strides permuted, no copy) with one chunk of
+    one head, [1, 1, q, cols pow2], per block: unit dims only in front, so the kernel's [q, cols] view of a block
+    needs no register reshape."""
+    return TensorDescriptor.from_tensor(t.permute(0, 2, 1, 3), [1, 1, q, cols])
+
+
+def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the one-pass backward's tensor descriptors can take these tensors: 16-byte aligned bases and rows."""
+    return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
+    """The generic backward with one B and C row per head, in one pass: the gate pre-pass, then
+    `_ssd_bwd_onepass_kernel`; the 12 gradients of the op."""
+    bsz, seqlen, nheads, hdim = x.shape
+    dstate, nchunks = B.shape[3], ckpt.shape[2]
+    f32 = {"device": x.device, "dtype": torch.float32}
+    la_c, w_c = la.float().contiguous(), w.float().contiguous()
+    e_c = e.float().contiguous() if e is not None else None
+    dot, prec = _ssd_dot_dtype(x)
+    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+    dz = torch.empty_like(z) if z is not None else None
+    dye = torch.empty_like(dy) if z is not None else dy
+    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
+    if z is not None or d_mat is not None:
+        _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
+            x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
+            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, Q=chunk_size, BP=bp,
+            HAS_Z=z is not None, HAS_D=d_mat is not None, num_warps=4,
+        )  # fmt: skip
+    dx = torch.empty_like(x)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    gshape = (bsz, seqlen, nheads)
+    dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+    de = torch.empty(gshape, **f32) if e is not None else None
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    xd, dyd, dxd = (_ssd_desc(t, chunk_size, bp) for t in (x, dye, dx))
+    bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
+    ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
+    _ssd_bwd_onepass_kernel[(bsz * nheads,)](
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e_c is not None else w_c,
+        d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
+        dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
+        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot,
+        PREC=prec, **_ssd_launch("fused", chunk_size, dot),
+    )  # fmt: skip
+    dD = None
+    if d_mat is not None:
+        dD = dd_part.sum((0, 1))
+        dD = dD.sum(1) if D.dim() == 1 else dD
+
+    def cast(g, like):
+        return g.to(like.dtype) if g is not None else scan_none(x)
+
+    return (
+        dx, *(scan_none(x) for _ in range(3)), cast(dla, la), cast(dw, w), cast(de, e), dB, dC, cast(dD, D),
+        cast(dz, z), cast(dh0, h0),
     )  # fmt: skip
 
 
@@ -2008,9 +2255,6 @@ def _ssd_scan_bwd_fake(
     D,
     z,
     h0,
-    theta,
-    b_bias,
-    c_bias,
     ckpt,
     yp,
     dy,
@@ -2019,13 +2263,13 @@ def _ssd_scan_bwd_fake(
     dt_softplus,
     generic,
 ):
-    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
+    inputs = (x, dt, A, dt_bias, la, w, e, B, C, D, z, h0)
     return tuple(t.new_empty(t.shape) if t is not None else scan_none(x) for t in inputs)
 
 
 _SSD_ARGS = (
     "Tensor x, Tensor? dt, Tensor? A, Tensor? dt_bias, Tensor? la, Tensor? w, Tensor? e, Tensor B, Tensor C,"
-    " Tensor? D, Tensor? z, Tensor? h0, Tensor? theta, Tensor? b_bias, Tensor? c_bias"
+    " Tensor? D, Tensor? z, Tensor? h0"
 )
 
 
@@ -2033,7 +2277,7 @@ _ssd_scan_bwd_op = scan_op(
     "ssd_scan_bwd",
     f"({_SSD_ARGS}, Tensor ckpt, Tensor yp, Tensor dy, Tensor? dfinal, int chunk_size, bool dt_softplus,"
     " bool generic)"
-    f" -> ({', '.join(['Tensor'] * 15)})",
+    f" -> ({', '.join(['Tensor'] * 12)})",
     _ssd_scan_bwd_impl,
     _ssd_scan_bwd_fake,
 )
@@ -2067,22 +2311,17 @@ def ssd_generic_scan(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
-    theta: torch.Tensor | None = None,
-    b_bias: torch.Tensor | None = None,
-    c_bias: torch.Tensor | None = None,
 ):
     """Generic chunked scan: h_t = exp(la_t) h_{t-1} + w_t x_t B_t^T, y_t = h_t C_t - e_t... see module docstring.
 
     la (B,T,H) log-decay (must be <= 0), w (B,T,H) input weight, e (B,T,H) extra weight of the diagonal (j == t)
     term of the output only: y_t = sum_{j<t} decay w_j (C_t.B_j) x_j + (w_t + e_t)(C_t.B_t) x_t + carried + D x_t.
-    The state carried out still uses w_t for the last step. With theta (B,T,H,R), 2R <= N (Mamba-3), head h uses
-    B_h = rot(theta_h)(B_g + b_bias_h) and C_h = rot(theta_h)(C_g + c_bias_h) (biases (H,N), optional), rotating the
-    pairs (2r, 2r+1), r < R (`m3_rotary_heads_ref`), inside the kernels: the per-head rows never reach memory.
+    The state carried out still uses w_t for the last step. Mamba-3 passes its rotated rows per head (G = H).
     One op (ssm_golf::ssd_scan, generic form)."""
-    _ssd_check_shapes(x, la, B, C, chunk_size, theta)
-    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias)
+    _ssd_check_shapes(x, la, B, C, chunk_size)
+    grad = _ssd_needs_grad(x, la, w, e, B, C, D, z, h0)
     y, final, _, _ = _ssd_scan_op(
-        x, None, None, None, la, w, e, B, C, D, z, h0, theta, b_bias, c_bias, chunk_size, False, True,
+        x, None, None, None, la, w, e, B, C, D, z, h0, chunk_size, False, True,
         return_final_state, grad,
     )  # fmt: skip
     return (y, final) if return_final_state else y
@@ -2104,21 +2343,14 @@ def ssd_generic_scan_ref(
     z: torch.Tensor | None = None,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
-    theta: torch.Tensor | None = None,
-    b_bias: torch.Tensor | None = None,
-    c_bias: torch.Tensor | None = None,
 ):
     """Sequential PyTorch reference of `ssd_generic_scan` (float64 when x is float64, else float32)."""
     cd = _ssd_ref_dtype(x)
     bsz, seqlen, nheads, hdim = x.shape
     rep = nheads // B.shape[2]
     xs = x.to(cd)
-    if theta is not None:
-        bs = m3_rotary_heads_ref(B, b_bias, theta, nheads, cd)
-        cs = m3_rotary_heads_ref(C, c_bias, theta, nheads, cd)
-    else:
-        bs = B.to(cd).repeat_interleave(rep, dim=2)
-        cs = C.to(cd).repeat_interleave(rep, dim=2)
+    bs = B.to(cd).repeat_interleave(rep, dim=2)
+    cs = C.to(cd).repeat_interleave(rep, dim=2)
     la_, w_ = la.to(cd), w.to(cd)
     e_ = e.to(cd) if e is not None else torch.zeros_like(w_)
     state = h0.to(cd) if h0 is not None else x.new_zeros(bsz, nheads, hdim, B.shape[3], dtype=cd)
@@ -2185,9 +2417,9 @@ def ssd_scan_ref(
 # Chunked form: with b'_t = DT_t (1 - lambda_t), unrolling the trapezoid gives the SSD kernel with input weight
 # w_t = gamma_t + b'_{t+1} (b'_{T+1} = 0), log-decay adt, and the diagonal term weighted by gamma_t alone
 # (e_t = -b'_{t+1}); the carried-in (v, k) pair folds into the initial state as S_0 + b'_1 v_0 k~_0^T.
-# The weights and cumulative angles are one Triton walk over time per (batch, head) each way (`m3_gates`); the scan is
-# `ssd_generic_scan` with theta and the q/k biases, which expands q and k to the heads, adds the biases and rotates
-# inside its kernels (the backward rotates the gradients back, `m3_rotary_bwd`).
+# The weights and cumulative angles are one Triton walk over time per (batch, head) each way (`m3_gates`); q and k
+# are expanded to the heads, biased and rotated once into per-head rows (`m3_rotate_heads`, whose backward rotates the
+# gradients back); the scan is `ssd_generic_scan` over those rows (one group per head).
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -2262,10 +2494,8 @@ def mamba3_siso_scan(
         k0_rot = _m3_rotate(k0.to(cd), theta0.to(cd))
         bprime0 = (1.0 - torch.sigmoid(trap[:, 0].to(cd))) * dt[:, 0].to(cd)
         h0 = s0.to(cd) + bprime0[..., None, None] * v0.to(cd)[..., :, None] * k0_rot[..., None, :]
-    y, s_last = ssd_generic_scan(
-        x, adt, w, k, q, chunk_size, e=e, D=D, z=z, h0=h0, return_final_state=True,
-        theta=theta, b_bias=k_bias, c_bias=q_bias,
-    )  # fmt: skip
+    q_rot, k_rot = m3_rotate_heads(q, k, q_bias, k_bias, theta, nheads)
+    y, s_last = ssd_generic_scan(x, adt, w, k_rot, q_rot, chunk_size, e=e, D=D, z=z, h0=h0, return_final_state=True)
     if not return_final_state:
         return y
     k_last = _m3_heads(k[:, -1:], nheads, k_bias)[:, 0]
