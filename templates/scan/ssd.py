@@ -515,20 +515,23 @@ def _ssd_bwd_dbc_kernel(
 
 @triton.jit
 def _ssd_bwd_gate_kernel(
-    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
-    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
+    X, Z, YP, DY, DZ, DYE, DD_PART, DXY, T, H, P, NC,
+    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_E: tl.constexpr,
 ):  # fmt: skip
     """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
-    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x), so that
-    the one-pass loop reads one gated dy and neither z nor the output before the gate."""
+    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x); with e,
+    dy_t . x_t per position (fp32), which e's diagonal terms need. So the one-pass loop reads one gated dy, neither z
+    nor the output before the gate, and takes no diagonal out of its dy x^T pair tile."""
     b64 = (tl.program_id(0) // NC).to(tl.int64)
     c = tl.program_id(0) % NC
     h = tl.program_id(1)
     offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
     mask_p = offs_p < P
-    xp_mask = (c * Q + offs_q < T)[:, None] & mask_p[None, :]
-    loc = (b64 * T + c * Q) * H * P + h * P + offs_q[:, None] * (H * P) + offs_p[None, :]
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    row = (b64 * T + c * Q + offs_q) * H + h
+    loc = row[:, None] * P + offs_p[None, :]
     dy = tl.load(DY + loc, mask=xp_mask, other=0.0).to(tl.float32)
     if HAS_Z:
         zz = tl.load(Z + loc, mask=xp_mask, other=0.0).to(tl.float32)
@@ -537,15 +540,18 @@ def _ssd_bwd_gate_kernel(
         tl.store(DZ + loc, (dy * yp * sz * (1.0 + zz * (1.0 - sz))).to(DZ.dtype.element_ty), mask=xp_mask)
         dy = (dy * zz * sz).to(DYE.dtype.element_ty)
         tl.store(DYE + loc, dy, mask=xp_mask)
-        dy = dy.to(tl.float32)  # dD from the gated dy as the loop sees it
-    if HAS_D:
+        dy = dy.to(tl.float32)  # dD and dy . x from the gated dy as the loop sees it
+    if HAS_D or HAS_E:
         x = tl.load(X + loc, mask=xp_mask, other=0.0).to(tl.float32)
-        tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+        if HAS_D:
+            tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+        if HAS_E:
+            tl.store(DXY + row, tl.sum(dy * x, axis=1), mask=mask_t)
 
 
 @triton.jit
 def _ssd_bwd_onepass_kernel(
-    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -626,9 +632,6 @@ def _ssd_bwd_onepass_kernel(
         wc = w * cs
         # w folded into x's rows (x' = w x): dws = (x' dy^T) seg, the pair gradient of S^T
         dws = tl.dot(x, tl.trans(dy), input_precision=PREC)
-        if HAS_E:
-            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
-            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
         dws = dws * w[:, None]
         # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg from m), then
         # row t's part left of t
@@ -640,7 +643,9 @@ def _ssd_bwd_onepass_kernel(
         dla += tl.cumsum(wc, axis=0) - wc
         dws = dws * seg
         if HAS_E:
-            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
+            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots (dy . x from the pre-pass)
+            dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)
+            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
             dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
         dsc = dws.to(DOT)
         # dB: the pairs and the state write
@@ -1012,15 +1017,16 @@ def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chu
     dz = torch.empty_like(z) if z is not None else None
     dye = torch.empty_like(dy) if z is not None else dy
     dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
-    if z is not None or d_mat is not None:
+    gshape = (bsz, seqlen, nheads)
+    dxy = torch.empty(gshape, **f32) if e is not None else None  # dy . x per position, for e's terms
+    if z is not None or d_mat is not None or e is not None:
         _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
             x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
-            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, Q=chunk_size, BP=bp,
-            HAS_Z=z is not None, HAS_D=d_mat is not None, num_warps=4,
+            dd_part if dd_part is not None else x, dxy if dxy is not None else x, seqlen, nheads, hdim, nchunks,
+            Q=chunk_size, BP=bp, HAS_Z=z is not None, HAS_D=d_mat is not None, HAS_E=e is not None, num_warps=4,
         )  # fmt: skip
     dx = torch.empty_like(x)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
-    gshape = (bsz, seqlen, nheads)
     dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
     de = torch.empty(gshape, **f32) if e is not None else None
     dh0 = torch.empty_like(h0) if h0 is not None else None
@@ -1028,7 +1034,7 @@ def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chu
     bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
     _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e_c is not None else w_c,
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, *((e_c, dxy) if e is not None else (w_c, w_c)),
         d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
         dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
         HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot,
