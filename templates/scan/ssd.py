@@ -609,13 +609,31 @@ def _ssd_bwd_onepass_kernel(
         seg = tl.where(tq[None, :] >= tq[:, None], tl.exp2(gl[None, :] - gl[:, None]), 0.0)
         kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
         qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
-        scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)  # S^T = B C^T
+        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        # both pair tiles first, so that the decays seg end here: S^T = B C^T and, w folded into x's rows (x' = w x),
+        # x' dy^T, whose product with seg is dws, the pair gradient of S^T
+        scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)
         if HAS_E:
             cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
         m = (scores * seg).to(DOT)
-        # dy and x land after the C.B pairs, so that their register copies (made where they land) do not span them
-        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
-        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        # the pair weights w_j seg[j, i], with w_j + e_j on the diagonal (seg is exactly 1 there): e's share of dB and
+        # dC, e_t (dy_t . x_t) C_t and B_t, comes through the pair dots
+        if HAS_E:
+            sw = tl.where(diag, (w + e)[:, None], seg * w[:, None])
+            dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)  # dy . x from the pre-pass
+            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
+        else:
+            sw = seg * w[:, None]
+        dws = tl.dot(x, tl.trans(dy), input_precision=PREC) * sw
+        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S, then row t's part
+        # left of t
+        strict = tq[:, None] > tq[None, :]
+        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
+        pm = tl.where(tq[None, :] > tq[:, None], dws * scores, 0.0).to(DOT)
+        dsc = dws.to(DOT)
+        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
         # v = (S seg)^T dy + exp(G_last - G) B dh, the gradient of x' = w x: dx = w v (+ D dy, e's term), dw = <x, v>
         dstd = dst.to(DOT)
         kdh = tl.dot(kb, dstd, input_precision=PREC)
@@ -630,24 +648,7 @@ def _ssd_bwd_onepass_kernel(
             dx += (e * cb)[:, None] * dy.to(tl.float32)
         DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
         wc = w * cs
-        # w folded into x's rows (x' = w x): dws = (x' dy^T) seg, the pair gradient of S^T
-        dws = tl.dot(x, tl.trans(dy), input_precision=PREC)
-        dws = dws * w[:, None]
-        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg from m), then
-        # row t's part left of t
-        strict = tq[:, None] > tq[None, :]
-        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
-        pm = tl.where(tq[None, :] > tq[:, None], dws * m.to(tl.float32), 0.0).to(DOT)
-        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
-        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
         dla += tl.cumsum(wc, axis=0) - wc
-        dws = dws * seg
-        if HAS_E:
-            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots (dy . x from the pre-pass)
-            dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)
-            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
-            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
-        dsc = dws.to(DOT)
         # dB: the pairs and the state write
         db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
         db = tl.dot(dsc, qc, acc=db, input_precision=PREC)
