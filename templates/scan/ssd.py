@@ -593,6 +593,7 @@ def _ssd_bwd_onepass_kernel(
         dst = tl.zeros((BN, BP), dtype=tl.float32)
     if HAS_D:
         d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
     for cc in range(NC):
         c = NC - 1 - cc
         # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
@@ -629,7 +630,6 @@ def _ssd_bwd_onepass_kernel(
         # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S, then row t's part
         # left of t
         strict = tq[:, None] > tq[None, :]
-        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
         pm = tl.where(tq[None, :] > tq[:, None], dws * scores, 0.0).to(DOT)
         dsc = dws.to(DOT)
         span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
