@@ -553,7 +553,7 @@ def _ssd_bwd_gate_kernel(
 def _ssd_bwd_onepass_kernel(
     XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
@@ -592,7 +592,10 @@ def _ssd_bwd_onepass_kernel(
     else:
         dst = tl.zeros((BN, BP), dtype=tl.float32)
     if HAS_D:
-        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        if D_HEAD:  # one D per head (Mamba-3): a scalar, not a row held across the loop
+            d_row = tl.load(DS + h * P).to(tl.float32)
+        else:
+            d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
     for cc in range(NC):
         c = NC - 1 - cc
@@ -641,11 +644,18 @@ def _ssd_bwd_onepass_kernel(
         v = tl.dot(m, dy, acc=dec[:, None] * kdh, input_precision=PREC)
         tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
         dx = w[:, None] * v
-        if HAS_D:
-            dx += d_row[None, :] * dy.to(tl.float32)
-        if HAS_E:
-            # the diagonal extra e_t (C_t . B_t) x_t, per position
-            dx += (e * cb)[:, None] * dy.to(tl.float32)
+        if HAS_D and D_HEAD and HAS_E:
+            # D and the diagonal extra e_t (C_t . B_t) x_t as one per-position factor
+            dx += (d_row + e * cb)[:, None] * dy.to(tl.float32)
+        else:
+            if HAS_D:
+                if D_HEAD:
+                    dx += d_row * dy.to(tl.float32)
+                else:
+                    dx += d_row[None, :] * dy.to(tl.float32)
+            if HAS_E:
+                # the diagonal extra e_t (C_t . B_t) x_t, per position
+                dx += (e * cb)[:, None] * dy.to(tl.float32)
         DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
         wc = w * cs
         dla += tl.cumsum(wc, axis=0) - wc
@@ -1038,8 +1048,8 @@ def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chu
         xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, *((e_c, dxy) if e is not None else (w_c, w_c)),
         d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
         dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
-        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot,
-        PREC=prec, **_ssd_launch("fused", chunk_size, dot),
+        HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=D is not None and D.dim() == 1, HAS_H0=h0 is not None,
+        HAS_DHT=dfin is not None, DOT=dot, PREC=prec, **_ssd_launch("fused", chunk_size, dot),
     )  # fmt: skip
     dD = None
     if d_mat is not None:
