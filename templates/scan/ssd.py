@@ -613,14 +613,15 @@ def _ssd_bwd_onepass_kernel(
         seg = tl.where(tq[None, :] >= tq[:, None], tl.exp2(gl[None, :] - gl[:, None]), 0.0)
         kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
         qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
-        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
-        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         # both pair tiles first, so that the decays seg end here: S^T = B C^T and, w folded into x's rows (x' = w x),
         # x' dy^T, whose product with seg is dws, the pair gradient of S^T
         scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)
         if HAS_E:
             cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
         m = (scores * seg).to(DOT)
+        # dy and x land after the C.B pairs, so that their register copies (made where they land) start there
+        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         # the pair weights w_j seg[j, i], with w_j + e_j on the diagonal (seg is exactly 1 there): e's share of dB and
         # dC, e_t (dy_t . x_t) C_t and B_t, comes through the pair dots
         if HAS_E:
