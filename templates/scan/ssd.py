@@ -27,10 +27,10 @@ as a dot of the masked pair matrix with a triangular ones matrix; state reads an
 difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
 One-pass backward for the generic form with one B and C row per head (Mamba-3, whose B and C are rotated per head
-before the scan): a gate pre-pass (dz, gated dy, dD shares), then one program per (batch, head) walking the chunks
-in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`). On the H100 it took Mamba-3's
-graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group rows (G < H: Mamba-2), rows that tensor descriptors
-cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
+before the scan): a gate pre-pass (dz, gated dy, dD shares, dy . x per position), then one program per (batch,
+head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`). On the
+H100 it took Mamba-3's graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group rows (G < H: Mamba-2), rows
+that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
@@ -561,8 +561,8 @@ def _ssd_bwd_onepass_kernel(
     the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight is folded into
     x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
     chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
-    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t, dxy_t = dy_t . x_t (diagonals
-    of the pair tiles), per chunk:
+    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
+    dy_t . x_t (from the pre-pass, which reads dy and x anyway), per chunk:
         v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
         dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
         dC = (dws + diag(e dxy)) B + exp(G) dy st^T   dB = (dws + diag(e dxy))^T C + exp(G_last - G) w x dh^T
@@ -574,8 +574,11 @@ def _ssd_bwd_onepass_kernel(
     the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
     holds no address or mask tiles, and the dots read B, C, x, dy straight from shared memory. Each tile is loaded
     just before its first use (C again for the state read and step), since the register copies of a loaded tile
-    are all made where it lands and would otherwise be held across the chunk. The default where it applies;
-    SSD_TUNING["fused"]["on"] = 0 selects the split."""
+    are all made where it lands and would otherwise be held across the chunk. Both pair dots come first, so the
+    decay tile seg ends with them: the pair weights w_j seg (w_j + e_j on the diagonal) scale dy x^T's result, and
+    the strict pair terms are dws S in fp32. The span dot's ones matrix is built once, before the loop, where it
+    lands in shared memory; a D with one value per head is a scalar, folded with e cb into one factor of dy. The
+    default where it applies; SSD_TUNING["fused"]["on"] = 0 selects the split."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
