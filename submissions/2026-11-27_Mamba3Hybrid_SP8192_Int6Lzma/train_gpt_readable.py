@@ -1237,10 +1237,10 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # difference of large row and column sums, which loses tiny gradients when decays are near 0.
 #
 # One-pass backward for the generic form with one B and C row per head (Mamba-3, whose B and C are rotated per head
-# before the scan): a gate pre-pass (dz, gated dy, dD shares), then one program per (batch, head) walking the chunks
-# in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`). On the H100 it took Mamba-3's
-# graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group rows (G < H: Mamba-2), rows that tensor descriptors
-# cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
+# before the scan): a gate pre-pass (dz, gated dy, dD shares, dy . x per position), then one program per (batch,
+# head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`). On the
+# H100 it took Mamba-3's graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group rows (G < H: Mamba-2), rows
+# that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
 #
 # Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1715,20 +1715,23 @@ def _ssd_bwd_dbc_kernel(
 
 @triton.jit
 def _ssd_bwd_gate_kernel(
-    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
-    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
+    X, Z, YP, DY, DZ, DYE, DD_PART, DXY, T, H, P, NC,
+    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_E: tl.constexpr,
 ):  # fmt: skip
     """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
-    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x), so that
-    the one-pass loop reads one gated dy and neither z nor the output before the gate."""
+    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x); with e,
+    dy_t . x_t per position (fp32), which e's diagonal terms need. So the one-pass loop reads one gated dy, neither z
+    nor the output before the gate, and takes no diagonal out of its dy x^T pair tile."""
     b64 = (tl.program_id(0) // NC).to(tl.int64)
     c = tl.program_id(0) % NC
     h = tl.program_id(1)
     offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
     mask_p = offs_p < P
-    xp_mask = (c * Q + offs_q < T)[:, None] & mask_p[None, :]
-    loc = (b64 * T + c * Q) * H * P + h * P + offs_q[:, None] * (H * P) + offs_p[None, :]
+    mask_t = c * Q + offs_q < T
+    xp_mask = mask_t[:, None] & mask_p[None, :]
+    row = (b64 * T + c * Q + offs_q) * H + h
+    loc = row[:, None] * P + offs_p[None, :]
     dy = tl.load(DY + loc, mask=xp_mask, other=0.0).to(tl.float32)
     if HAS_Z:
         zz = tl.load(Z + loc, mask=xp_mask, other=0.0).to(tl.float32)
@@ -1737,17 +1740,20 @@ def _ssd_bwd_gate_kernel(
         tl.store(DZ + loc, (dy * yp * sz * (1.0 + zz * (1.0 - sz))).to(DZ.dtype.element_ty), mask=xp_mask)
         dy = (dy * zz * sz).to(DYE.dtype.element_ty)
         tl.store(DYE + loc, dy, mask=xp_mask)
-        dy = dy.to(tl.float32)  # dD from the gated dy as the loop sees it
-    if HAS_D:
+        dy = dy.to(tl.float32)  # dD and dy . x from the gated dy as the loop sees it
+    if HAS_D or HAS_E:
         x = tl.load(X + loc, mask=xp_mask, other=0.0).to(tl.float32)
-        tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+        if HAS_D:
+            tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
+        if HAS_E:
+            tl.store(DXY + row, tl.sum(dy * x, axis=1), mask=mask_t)
 
 
 @triton.jit
 def _ssd_bwd_onepass_kernel(
-    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
@@ -1755,8 +1761,8 @@ def _ssd_bwd_onepass_kernel(
     the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight is folded into
     x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
     chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
-    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t, dxy_t = dy_t . x_t (diagonals
-    of the pair tiles), per chunk:
+    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
+    dy_t . x_t (from the pre-pass, which reads dy and x anyway), per chunk:
         v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
         dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
         dC = (dws + diag(e dxy)) B + exp(G) dy st^T   dB = (dws + diag(e dxy))^T C + exp(G_last - G) w x dh^T
@@ -1768,8 +1774,11 @@ def _ssd_bwd_onepass_kernel(
     the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
     holds no address or mask tiles, and the dots read B, C, x, dy straight from shared memory. Each tile is loaded
     just before its first use (C again for the state read and step), since the register copies of a loaded tile
-    are all made where it lands and would otherwise be held across the chunk. The default where it applies;
-    SSD_TUNING["fused"]["on"] = 0 selects the split."""
+    are all made where it lands and would otherwise be held across the chunk. Both pair dots come first, so the
+    decay tile seg ends with them: the pair weights w_j seg (w_j + e_j on the diagonal) scale dy x^T's result, and
+    the strict pair terms are dws S in fp32. The span dot's ones matrix is built once, before the loop, where it
+    lands in shared memory; a D with one value per head is a scalar, folded with e cb into one factor of dy. The
+    default where it applies; SSD_TUNING["fused"]["on"] = 0 selects the split."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -1786,7 +1795,11 @@ def _ssd_bwd_onepass_kernel(
     else:
         dst = tl.zeros((BN, BP), dtype=tl.float32)
     if HAS_D:
-        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        if D_HEAD:  # one D per head (Mamba-3): a scalar, not a row held across the loop
+            d_row = tl.load(DS + h * P).to(tl.float32)
+        else:
+            d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
     for cc in range(NC):
         c = NC - 1 - cc
         # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
@@ -1803,13 +1816,31 @@ def _ssd_bwd_onepass_kernel(
         seg = tl.where(tq[None, :] >= tq[:, None], tl.exp2(gl[None, :] - gl[:, None]), 0.0)
         kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
         qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
-        scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)  # S^T = B C^T
+        # both pair tiles first, so that the decays seg end here: S^T = B C^T and, w folded into x's rows (x' = w x),
+        # x' dy^T, whose product with seg is dws, the pair gradient of S^T
+        scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)
         if HAS_E:
             cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
         m = (scores * seg).to(DOT)
-        # dy and x land after the C.B pairs, so that their register copies (made where they land) do not span them
+        # dy and x land after the C.B pairs, so that their register copies (made where they land) start there
         dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        # the pair weights w_j seg[j, i], with w_j + e_j on the diagonal (seg is exactly 1 there): e's share of dB and
+        # dC, e_t (dy_t . x_t) C_t and B_t, comes through the pair dots
+        if HAS_E:
+            sw = tl.where(diag, (w + e)[:, None], seg * w[:, None])
+            dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)  # dy . x from the pre-pass
+            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
+        else:
+            sw = seg * w[:, None]
+        dws = tl.dot(x, tl.trans(dy), input_precision=PREC) * sw
+        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S, then row t's part
+        # left of t
+        strict = tq[:, None] > tq[None, :]
+        pm = tl.where(tq[None, :] > tq[:, None], dws * scores, 0.0).to(DOT)
+        dsc = dws.to(DOT)
+        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
+        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
         # v = (S seg)^T dy + exp(G_last - G) B dh, the gradient of x' = w x: dx = w v (+ D dy, e's term), dw = <x, v>
         dstd = dst.to(DOT)
         kdh = tl.dot(kb, dstd, input_precision=PREC)
@@ -1817,32 +1848,21 @@ def _ssd_bwd_onepass_kernel(
         v = tl.dot(m, dy, acc=dec[:, None] * kdh, input_precision=PREC)
         tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
         dx = w[:, None] * v
-        if HAS_D:
-            dx += d_row[None, :] * dy.to(tl.float32)
-        if HAS_E:
-            # the diagonal extra e_t (C_t . B_t) x_t, per position
-            dx += (e * cb)[:, None] * dy.to(tl.float32)
+        if HAS_D and D_HEAD and HAS_E:
+            # D and the diagonal extra e_t (C_t . B_t) x_t as one per-position factor
+            dx += (d_row + e * cb)[:, None] * dy.to(tl.float32)
+        else:
+            if HAS_D:
+                if D_HEAD:
+                    dx += d_row * dy.to(tl.float32)
+                else:
+                    dx += d_row[None, :] * dy.to(tl.float32)
+            if HAS_E:
+                # the diagonal extra e_t (C_t . B_t) x_t, per position
+                dx += (e * cb)[:, None] * dy.to(tl.float32)
         DXD.store([b, h, c * Q, 0], dx.to(DXD.dtype).reshape(1, 1, Q, BP))
         wc = w * cs
-        # w folded into x's rows (x' = w x): dws = (x' dy^T) seg, the pair gradient of S^T
-        dws = tl.dot(x, tl.trans(dy), input_precision=PREC)
-        if HAS_E:
-            dxy = tl.sum(tl.where(diag, dws, 0.0), axis=1)  # dy_t . x_t
-            tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
-        dws = dws * w[:, None]
-        # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S (S seg from m), then
-        # row t's part left of t
-        strict = tq[:, None] > tq[None, :]
-        upper = tl.where(tq[:, None] <= tq[None, :], 1.0, 0.0).to(DOT)
-        pm = tl.where(tq[None, :] > tq[:, None], dws * m.to(tl.float32), 0.0).to(DOT)
-        span = tl.dot(upper, tl.trans(pm), input_precision=PREC)
-        dla = tl.sum(tl.where(strict, span, 0.0), axis=1)
         dla += tl.cumsum(wc, axis=0) - wc
-        dws = dws * seg
-        if HAS_E:
-            # e's diagonal in dC and dB: e_t (dy_t . x_t) B_t and C_t, through the pair dots
-            dws = tl.where(diag, dws + (e * dxy)[:, None], dws)
-        dsc = dws.to(DOT)
         # dB: the pairs and the state write
         db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
         db = tl.dot(dsc, qc, acc=db, input_precision=PREC)
@@ -2206,15 +2226,16 @@ def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chu
     dz = torch.empty_like(z) if z is not None else None
     dye = torch.empty_like(dy) if z is not None else dy
     dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
-    if z is not None or d_mat is not None:
+    gshape = (bsz, seqlen, nheads)
+    dxy = torch.empty(gshape, **f32) if e is not None else None  # dy . x per position, for e's terms
+    if z is not None or d_mat is not None or e is not None:
         _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
             x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
-            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, Q=chunk_size, BP=bp,
-            HAS_Z=z is not None, HAS_D=d_mat is not None, num_warps=4,
+            dd_part if dd_part is not None else x, dxy if dxy is not None else x, seqlen, nheads, hdim, nchunks,
+            Q=chunk_size, BP=bp, HAS_Z=z is not None, HAS_D=d_mat is not None, HAS_E=e is not None, num_warps=4,
         )  # fmt: skip
     dx = torch.empty_like(x)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
-    gshape = (bsz, seqlen, nheads)
     dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
     de = torch.empty(gshape, **f32) if e is not None else None
     dh0 = torch.empty_like(h0) if h0 is not None else None
@@ -2222,11 +2243,11 @@ def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chu
     bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
     _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e_c is not None else w_c,
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, *((e_c, dxy) if e is not None else (w_c, w_c)),
         d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
         dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
-        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot,
-        PREC=prec, **_ssd_launch("fused", chunk_size, dot),
+        HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=D is not None and D.dim() == 1, HAS_H0=h0 is not None,
+        HAS_DHT=dfin is not None, DOT=dot, PREC=prec, **_ssd_launch("fused", chunk_size, dot),
     )  # fmt: skip
     dD = None
     if d_mat is not None:
