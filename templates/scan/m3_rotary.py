@@ -126,21 +126,24 @@ def _m3r_bwd_head(v_even, v_odd, bias, dout, DBIAS_PART, part, cos, sin, offs_n,
 
 
 @triton.jit
+def _m3r_block(T, H, G, BT: tl.constexpr, BR: tl.constexpr):
+    """The program's batch (int64), group, heads per group, and its block of steps: offsets over steps, pairs and row
+    elements, the step mask, and the (batch T + t) row numbers (grid: time blocks x batch groups)."""
+    bg = tl.program_id(1)
+    b64 = (bg // G).to(tl.int64)
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    row = b64 * T + offs_t.to(tl.int64)
+    return b64, bg % G, H // G, offs_t, tl.arange(0, BR), tl.arange(0, 2 * BR), offs_t < T, row
+
+
+@triton.jit
 def _m3r_fwd_kernel(
     QV, KV, QB, KB, TH, QR, KR, T, H, G, N, R,
     BT: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """One program per (time block, batch, group): the group's q and k rows read once, then per head the bias added
     and the pairs rotated, written as that head's rows (pairs r >= R get angle 0: they pass through)."""
-    bg = tl.program_id(1)
-    b64 = (bg // G).to(tl.int64)
-    g = bg % G
-    hpg = H // G
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    offs_r = tl.arange(0, BR)
-    offs_n = tl.arange(0, 2 * BR)
-    mask_t = offs_t < T
-    row = b64 * T + offs_t.to(tl.int64)
+    b64, g, hpg, offs_t, offs_r, offs_n, mask_t, row = _m3r_block(T, H, G, BT, BR)
     q_even, q_odd = _m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR)
     k_even, k_odd = _m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR)
     th_mask = mask_t[:, None] & (offs_r < R)[None, :]
@@ -163,15 +166,7 @@ def _m3r_bwd_kernel(
     """One program per (time block, batch, group) loops over the group's heads: d q and d k summed over them in
     registers, one d theta per head (q's and k's shares together), bias partials per (head, time block). Each
     head's loads are issued during the previous head (`_m3r_head_loads`)."""
-    bg = tl.program_id(1)
-    b64 = (bg // G).to(tl.int64)
-    g = bg % G
-    hpg = H // G
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    offs_r = tl.arange(0, BR)
-    offs_n = tl.arange(0, 2 * BR)
-    mask_t = offs_t < T
-    row = b64 * T + offs_t.to(tl.int64)
+    b64, g, hpg, offs_t, offs_r, offs_n, mask_t, row = _m3r_block(T, H, G, BT, BR)
     q_even, q_odd = _m3r_pairs(QV, row * G + g, offs_n, mask_t, N, BT, BR)
     k_even, k_odd = _m3r_pairs(KV, row * G + g, offs_n, mask_t, N, BT, BR)
     dq_even = tl.zeros((BT, BR), dtype=tl.float32)
