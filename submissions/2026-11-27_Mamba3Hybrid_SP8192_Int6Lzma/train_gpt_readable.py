@@ -2124,7 +2124,9 @@ def _ssd_scan_bwd_impl(
     f32 = {"device": x.device, "dtype": torch.float32}
     onepass = generic and ngroups == nheads and SSD_TUNING.get("fused", {}).get("on", 1)
     if onepass and _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy):
-        return _ssd_bwd_onepass(x_c, la, w, e, B_c, C_c, D, d_mat, z_c, yp, h0c, ckpt, dy, dfin, chunk_size)
+        return _ssd_bwd_onepass(
+            x_c, la, w, e, la_c, w_c, e_c, B_c, C_c, D, d_mat, z_c, yp, h0c, ckpt, dy, dfin, chunk_size
+        )
     heads = _ssd_bwd_heads(nheads, ngroups)
     atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
     # stored in B's dtype straight from the registers unless atomics sum them
@@ -2182,10 +2184,7 @@ def _ssd_scan_bwd_impl(
     def cast(g, like):
         return g.to(like.dtype) if g is not None else scan_none(x)
 
-    dD = None
-    if d_mat is not None:
-        dD = dd_part.sum((0, 1))
-        dD = dD.sum(1) if D.dim() == 1 else dD
+    dD = _ssd_dD(dd_part, D)
     dA = ddtb = None
     if not generic:
         dA = da_part.sum((0, 1))
@@ -2208,14 +2207,20 @@ def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
 
 
-def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
+def _ssd_dD(dd_part: torch.Tensor | None, D: torch.Tensor | None) -> torch.Tensor | None:
+    """dD from the per-(batch, chunk, head) column partials, in D's shape ((H,) or (H, P)); None without D."""
+    if dd_part is None:
+        return None
+    dD = dd_part.sum((0, 1))
+    return dD.sum(1) if D.dim() == 1 else dD
+
+
+def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
     """The generic backward with one B and C row per head, in one pass: the gate pre-pass, then
-    `_ssd_bwd_onepass_kernel`; the 12 gradients of the op."""
+    `_ssd_bwd_onepass_kernel`; the 12 gradients of the op (la_c, w_c, e_c: the caller's fp32 contiguous gates)."""
     bsz, seqlen, nheads, hdim = x.shape
     dstate, nchunks = B.shape[3], ckpt.shape[2]
     f32 = {"device": x.device, "dtype": torch.float32}
-    la_c, w_c = la.float().contiguous(), w.float().contiguous()
-    e_c = e.float().contiguous() if e is not None else None
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
     dz = torch.empty_like(z) if z is not None else None
@@ -2244,10 +2249,7 @@ def _ssd_bwd_onepass(x, la, w, e, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chu
         HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=D is not None and D.dim() == 1, HAS_H0=h0 is not None,
         HAS_DHT=dfin is not None, DOT=dot, PREC=prec, **_ssd_launch("fused", chunk_size, dot),
     )  # fmt: skip
-    dD = None
-    if d_mat is not None:
-        dD = dd_part.sum((0, 1))
-        dD = dD.sum(1) if D.dim() == 1 else dD
+    dD = _ssd_dD(dd_part, D)
 
     def cast(g, like):
         return g.to(like.dtype) if g is not None else scan_none(x)
