@@ -235,6 +235,94 @@ def _ssd_fwd_out_kernel(
 
 
 @triton.jit
+def _ssd_fwd_onepass_kernel(
+    XD, BD, CD, ZD, YD, YPD, CKD, DT, A, DTB, LA, W, E, DS, H0, HT,
+    T, H, G, P, N, NC,
+    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, D_HEAD: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr,
+    STORE_CKPT: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """One-pass forward: one program per (batch, head, block of BPS columns of P) walks the chunks in order with its
+    [BN, BPS] fp32 state h in registers and finishes each chunk's output there, so x, B and C are read once per
+    chunk and the chunk-start states are written (for the backward) but never read back. Per chunk, with G the
+    chunk-local cumulative log-decay, S = C B^T and st the chunk-start state:
+        ckpt_c = st
+        y = exp(G) C st + (S exp(G_i - G_j) (w_j, w_j + e_j on the diagonal), i >= j) x + D x,   out = y silu(z)
+        h <- exp(G_last) st + B^T (x exp(G_last - G) w)
+    Only the state step is serial; it comes first, right after st is stored, so that the output's three dots (the
+    pair tile, the state read from st's copy in the dot dtype, the pairs) hang off the chain. Tiles move through
+    tensor descriptors (x, B, C, z, y and the output before the gate as (batch, H or G, T, cols) views with
+    [1, 1, Q, BPS or BN] blocks, the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk
+    and clips its stores, no address or mask tiles are held, and the dots read B, C and x from shared memory. The
+    group's B and C rows are g = h // (H // G). A split of P (BPS < P) recomputes the cheap [Q, Q] pair tile per
+    block for more programs. SSD_TUNING["ffwd"]["on"] = 0 selects the two-kernel forward."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    bh64 = bh.to(tl.int64)
+    p0 = tl.program_id(1) * BPS
+    offs_q = tl.arange(0, Q)
+    offs_p = p0 + tl.arange(0, BPS)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    sn_mask = (offs_n < N)[:, None] & mask_p[None, :]
+    g_base = b.to(tl.int64) * T * H + h
+    a_h = 0.0
+    if not GENERIC:
+        a_h = tl.load(A + h).to(tl.float32)
+    if HAS_H0:
+        state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BN, BPS), dtype=tl.float32)
+    if HAS_D:
+        if D_HEAD:  # one D per head (Mamba-3): a scalar, not a row held across the loop
+            d_row = tl.load(DS + h * P).to(tl.float32)
+        else:
+            d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+    for c in range(NC):
+        tq = c * Q + offs_q
+        mask_t = tq < T
+        la, w, e, _dtv, _raw = _ssd_load_chunk_gates(
+            DT, LA, W, E, DTB + h, a_h, g_base, tq, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
+        )
+        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+        if STORE_CKPT:
+            CKD.store([bh * NC + c, 0, p0], state.to(CKD.dtype).reshape(1, BN, BPS))
+        st = state.to(DOT)
+        kb = BD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
+        x = XD.load([b, h, c * Q, p0]).reshape(Q, BPS).to(DOT)
+        # the serial chain first: h_end = exp(G_last) st + B^T (x exp(G_last - G) w)
+        xw = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
+        state = tl.dot(tl.trans(kb), xw, acc=state * tl.exp(g_last), input_precision=PREC)
+        # the output from st: the pairs i >= j of S = C B^T with exp(G_i - G_j) and the weights w_j (w_j + e_j on the
+        # diagonal), then the carried state's read exp(G_i) C_i st
+        qc = CD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
+        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        gl = gc * 1.4426950408889634
+        seg = tl.exp2(tl.minimum(gl[:, None] - gl[None, :], 0.0))
+        if HAS_E:
+            wmat = tl.where(tq[:, None] == tq[None, :], (w + e)[None, :], w[None, :])
+        else:
+            wmat = w[None, :]
+        m = tl.where(tq[:, None] >= tq[None, :], scores * seg * wmat, 0.0).to(DOT)
+        y = tl.dot(qc, st, input_precision=PREC) * e_g[:, None]
+        y = tl.dot(m, x, acc=y, input_precision=PREC)
+        if HAS_D:
+            y += d_row * x.to(tl.float32)
+        if HAS_Z:
+            if STORE_YP:  # the output before the gate, for the backward's dz
+                YPD.store([b, h, c * Q, p0], y.to(YPD.dtype).reshape(1, 1, Q, BPS))
+            zz = ZD.load([b, h, c * Q, p0]).reshape(Q, BPS).to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        YD.store([b, h, c * Q, p0], y.to(YD.dtype).reshape(1, 1, Q, BPS))
+    if STORE_FINAL:
+        tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
+
+
+@triton.jit
 def _ssd_carry_loads(
     CKPT, YP, bh64, b64, h, c, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC,
     Q: tl.constexpr, HAS_Z: tl.constexpr,
@@ -718,10 +806,11 @@ def _ssd_launch(kind: str, q: int, dot) -> dict:
     return opts | ({} if wide else tuned)
 
 
-def _ssd_cols(kind: str, bp: int) -> int:
+def _ssd_cols(kind: str, bp: int, default: int = 32) -> int:
     """Columns of P per program of the sequential state kernels ("fstate" forward, "carry" backward;
-    SSD_TUNING[kind]["bp"]; default 32: twice the programs of whole states, each with half the registers)."""
-    return max(16, min(bp, int(SSD_TUNING.get(kind, {}).get("bp", 32))))
+    SSD_TUNING[kind]["bp"]; default 32: twice the programs of whole states, each with half the registers) and of
+    the one-pass forward ("ffwd"; default the whole of P, so that each chunk's [Q, Q] pair tile is formed once)."""
+    return max(16, min(bp, int(SSD_TUNING.get(kind, {}).get("bp", default))))
 
 
 def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
@@ -816,6 +905,15 @@ def _ssd_scan_impl(
     gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
     dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
+    bps = _ssd_cols("ffwd", bp, bp)
+    descs = (x, B, C, y, *(t for t in (z, yp, ckpt) if t is not None))
+    if SSD_TUNING.get("ffwd", {}).get("on", 1) and max(chunk_size, bn, bps) <= 256 and _ssd_onepass_ok(*descs):
+        _ssd_fwd_onepass(
+            x, gates, e, B, C, D, d_mat, z, h0c, y, final, ckpt, yp, chunk_size, bps, bn, flags,
+            _ssd_launch("ffwd", chunk_size, dot),
+        )  # fmt: skip
+        final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
+        return y, final, _or_none(ckpt, x), _or_none(yp, x)
     # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
     if ckpt is None:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
@@ -833,6 +931,26 @@ def _ssd_scan_impl(
         ckpt = None
     final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
     return y, final, _or_none(ckpt, x), _or_none(yp, x)
+
+
+def _ssd_fwd_onepass(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chunk_size, bps, bn, flags, launch):
+    """Launch `_ssd_fwd_onepass_kernel` over (batch * heads, blocks of BPS columns of P): y (and yp, ckpt, final
+    where given) written in place. gates: (dt, A, dt_bias, la, w) with placeholders, as the two-kernel path takes."""
+    bsz, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    xd, yd = _ssd_desc(x, chunk_size, bps), _ssd_desc(y, chunk_size, bps)
+    zd = _ssd_desc(z, chunk_size, bps) if z is not None else xd
+    ypd = _ssd_desc(yp, chunk_size, bps) if yp is not None else yd
+    bd, cd = _ssd_desc(B, chunk_size, bn), _ssd_desc(C, chunk_size, bn)
+    ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bps]) if ckpt is not None else xd
+    _ssd_fwd_onepass_kernel[(bsz * nheads, triton.cdiv(hdim, bps))](
+        xd, bd, cd, zd, yd, ypd, ckd, *gates, e if e is not None else x, d_mat if d_mat is not None else x,
+        h0 if h0 is not None else x, final if final is not None else x, seqlen, nheads, ngroups, hdim, dstate, nchunks,
+        Q=chunk_size, BPS=bps, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None,
+        D_HEAD=D is not None and D.dim() == 1, HAS_Z=z is not None, STORE_YP=yp is not None,
+        STORE_CKPT=ckpt is not None, HAS_H0=h0 is not None, STORE_FINAL=final is not None, **flags, **launch,
+    )  # fmt: skip
 
 
 def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
