@@ -235,6 +235,30 @@ def _ssd_fwd_out_kernel(
 
 
 @triton.jit
+def _ssd_exp2(x, FAST: tl.constexpr):
+    """2^x; FAST (on the GPU): the hardware's ex2 with denormal results flushed to 0 (one instruction, where tl.exp2
+    adds a range test and two scalings per element for denormals). The interpreter runs no inline assembly."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _ssd_silu(z, FAST: tl.constexpr):
+    """z sigmoid(z) = z / (1 + 2^(-z log2 e)); FAST: ftz ex2 and the approximate reciprocal of 1 + 2^(...) >= 1
+    (never a denormal), where the rounded division takes about eight instructions."""
+    d = 1.0 + _ssd_exp2(z * -1.4426950408889634, FAST)
+    if FAST:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True,
+                                      pack=1)  # fmt: skip
+        return z * r
+    else:
+        return z / d
+
+
+@triton.jit
 def _ssd_fwd_onepass_kernel(
     XD, BD, CD, ZD, YD, YPD, CKD, DT, A, DTB, LA, W, E, DS, H0, HT,
     T, H, G, P, N, NC,
@@ -242,7 +266,7 @@ def _ssd_fwd_onepass_kernel(
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
     HAS_D: tl.constexpr, D_HEAD: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr,
     STORE_CKPT: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     """One-pass forward: one program per (batch, head, block of BPS columns of P) walks the chunks in order with its
     [BN, BPS] fp32 state h in registers and finishes each chunk's output there, so x, B and C are read once per
@@ -282,7 +306,8 @@ def _ssd_fwd_onepass_kernel(
             d_row = tl.load(DS + h * P).to(tl.float32)
         else:
             d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
-    for c in range(NC):
+    # the loop's own stage count (the launch's): with it Triton also prefetches z, which feeds no dot
+    for c in tl.range(0, NC, num_stages=NS):
         tq = c * Q + offs_q
         mask_t = tq < T
         la, w, e, _dtv, _raw = _ssd_load_chunk_gates(
@@ -302,21 +327,29 @@ def _ssd_fwd_onepass_kernel(
         qc = CD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
         scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
         gl = gc * 1.4426950408889634
-        seg = tl.exp2(tl.minimum(gl[:, None] - gl[None, :], 0.0))
-        if HAS_E:
-            wmat = tl.where(tq[:, None] == tq[None, :], (w + e)[None, :], w[None, :])
+        seg = _ssd_exp2(tl.minimum(gl[:, None] - gl[None, :], 0.0), FAST)
+        m = scores * seg
+        if HAS_E or (HAS_D and D_HEAD):
+            # the diagonal's weight per row (seg is 1 there): w_i + e_i, and a per-head D as D x_i = D I x
+            wd = w
+            if HAS_E:
+                wd += e
+            if HAS_D and D_HEAD:
+                m = tl.where(tq[:, None] == tq[None, :], m * wd[:, None] + d_row, m * w[None, :])
+            else:
+                m = tl.where(tq[:, None] == tq[None, :], m * wd[:, None], m * w[None, :])
         else:
-            wmat = w[None, :]
-        m = tl.where(tq[:, None] >= tq[None, :], scores * seg * wmat, 0.0).to(DOT)
+            m = m * w[None, :]
+        m = tl.where(tq[:, None] >= tq[None, :], m, 0.0).to(DOT)
         y = tl.dot(qc, st, input_precision=PREC) * e_g[:, None]
         y = tl.dot(m, x, acc=y, input_precision=PREC)
-        if HAS_D:
+        if HAS_D and not D_HEAD:
             y += d_row * x.to(tl.float32)
         if HAS_Z:
             if STORE_YP:  # the output before the gate, for the backward's dz
                 YPD.store([b, h, c * Q, p0], y.to(YPD.dtype).reshape(1, 1, Q, BPS))
             zz = ZD.load([b, h, c * Q, p0]).reshape(Q, BPS).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
+            y = y * _ssd_silu(zz, FAST)
         YD.store([b, h, c * Q, p0], y.to(YD.dtype).reshape(1, 1, Q, BPS))
     if STORE_FINAL:
         tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
@@ -802,7 +835,7 @@ def _ssd_launch(kind: str, q: int, dot) -> dict:
     the next chunk's tiles and spilled 944 B against 616 B at 1)."""
     wide = dot == tl.float32 or q >= 128
     opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "fused" else 2}
-    tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
+    tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages", "maxnreg")}
     return opts | ({} if wide else tuned)
 
 
@@ -949,7 +982,8 @@ def _ssd_fwd_onepass(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chu
         h0 if h0 is not None else x, final if final is not None else x, seqlen, nheads, ngroups, hdim, dstate, nchunks,
         Q=chunk_size, BPS=bps, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None,
         D_HEAD=D is not None and D.dim() == 1, HAS_Z=z is not None, STORE_YP=yp is not None,
-        STORE_CKPT=ckpt is not None, HAS_H0=h0 is not None, STORE_FINAL=final is not None, **flags, **launch,
+        STORE_CKPT=ckpt is not None, HAS_H0=h0 is not None, STORE_FINAL=final is not None, FAST=x.is_cuda,
+        NS=launch["num_stages"], **flags, **launch,
     )  # fmt: skip
 
 
