@@ -442,6 +442,8 @@ CHECK_CASES = [  # dtype, rms tolerance, SSD (T, groups, chunk), Mamba-3 (T, gro
 TUNING_OPTIONS = {
     "fstate": {"num_warps", "num_stages", "bp"},
     "fout": {"num_warps", "num_stages"},
+    # the one-pass forward (default where the tensor descriptors take the rows; "on": 0 = fstate + fout)
+    "ffwd": {"on", "num_warps", "num_stages", "bp", "maxnreg"},
     "carry": {"num_warps", "num_stages", "bp"},
     "dx": {"num_warps", "num_stages"},
     "dbc": {"num_warps", "num_stages", "heads"},
@@ -536,20 +538,26 @@ def check(device, limit: int | None = None) -> bool:
 SSD_SWEEP = {
     "fstate": [{"bp": bp} for bp in (32, 64, 16)] + [{"bp": 32, "num_warps": 8}],
     "fout": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
+    # the one-pass forward's options, and the two kernels as swept just before ("on": 0)
+    "ffwd": [{"on": 1, "bp": bp, "num_stages": st} for bp, st in ((64, 2), (32, 2), (32, 3), (64, 1))]
+    + [{"on": 1, "bp": 64, "num_warps": 8, "num_stages": 2}, {"on": 0}],
     "carry": [{"num_warps": w, "num_stages": 2, "bp": bp} for w, bp in ((4, 32), (4, 64), (8, 32))],
     "dx": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
     "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 1)] + [{"num_warps": 8, "num_stages": 2}],
 }
-# options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs)
-CHECK_BWD_FORMS = [{"state": {"fp32": True}}]
-# and on the first Mamba-3 shape: the split backward kernels (the one-pass backward is the default there)
-M3_CHECK_FORMS = [{"fused": {"on": 0}}]
+# options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs),
+# the two-kernel forward
+CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"ffwd": {"on": 0}}]
+# and on the first Mamba-3 shape: the split backward kernels (the one-pass backward is the default there), the
+# two-kernel forward, the one-pass forward with P in two blocks
+M3_CHECK_FORMS = [{"fused": {"on": 0}}, {"ffwd": {"on": 0}}, {"ffwd": {"bp": 32}}]
 
 
 def sweep(device) -> dict:
-    """Time the SSD kernels' options (forward alone: columns per state-kernel program, warps of the output kernel;
-    then forward+backward: warps and columns of the carry kernel, warps of the backward's dx and dB/dC kernels,
-    heads per dB/dC program) and keep the fastest."""
+    """Time the SSD kernels' options (forward alone: columns per state-kernel program, warps of the output kernel (those
+    two with the one-pass forward off), then the one-pass forward's columns, stages and warps against the two kernels;
+    then forward+backward: warps and columns of the carry kernel, warps of the backward's dx and dB/dC kernels, heads
+    per dB/dC program) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -558,9 +566,11 @@ def sweep(device) -> dict:
 
     best = {}
     fwd_bwd = grad_run(fwd, list(ins.values()), cot)
+    ssd_mod.SSD_TUNING["ffwd"] = {"on": 0}  # fstate and fout run only with the one-pass forward off
     for kind, run in (
         ("fstate", no_grad_run(fwd)),
         ("fout", no_grad_run(fwd)),
+        ("ffwd", no_grad_run(fwd)),
         ("carry", fwd_bwd),
         ("dx", fwd_bwd),
         ("dbc", fwd_bwd),

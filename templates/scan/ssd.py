@@ -6,6 +6,13 @@ For Mamba-2 (`ssd_scan`): dt_t = softplus(dt_raw_t + dt_bias) (or dt_raw + dt_bi
 The generic form (`ssd_generic_scan`, used by Mamba-3) takes la, w per position and one extra coefficient e_t on
 the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same kernels.
 
+Forward, one pass (`_ssd_fwd_onepass_kernel`, the default): one program per (batch, head, block of columns of P) walks
+the chunks in order with the fp32 state in registers; per chunk it stores the chunk-start state for the backward, steps
+the state (the one serial dot) and forms the chunk's output from the state it started with, so x, B and C are read once
+per chunk and the states are never read back (Mamba-3's two forward kernels took 0.669 of its 2.37 ms on the H100,
+moving ~1.3 GB; the one pass moves an estimated 0.94 GB there). Every tile moves through tensor descriptors; rows they
+cannot take (`_ssd_onepass_ok`) or SSD_TUNING["ffwd"]["on"] = 0 keep the two kernels below.
+
 Forward, two kernels: (1) a state kernel walks the chunks of Q steps in order per (batch, head, block of columns of
 P) with its slice of the fp32 state in registers, one dot per chunk (h_end = exp(G_last) h_start + B^T (x exp(G_last
 - G) w), G the chunk-local cumulative log-decay), and writes the state at each chunk start (B x H x chunks x N x P,
@@ -269,19 +276,23 @@ def _ssd_fwd_onepass_kernel(
     PREC: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     """One-pass forward: one program per (batch, head, block of BPS columns of P) walks the chunks in order with its
-    [BN, BPS] fp32 state h in registers and finishes each chunk's output there, so x, B and C are read once per
-    chunk and the chunk-start states are written (for the backward) but never read back. Per chunk, with G the
-    chunk-local cumulative log-decay, S = C B^T and st the chunk-start state:
-        ckpt_c = st
-        y = exp(G) C st + (S exp(G_i - G_j) (w_j, w_j + e_j on the diagonal), i >= j) x + D x,   out = y silu(z)
-        h <- exp(G_last) st + B^T (x exp(G_last - G) w)
-    Only the state step is serial; it comes first, right after st is stored, so that the output's three dots (the
-    pair tile, the state read from st's copy in the dot dtype, the pairs) hang off the chain. Tiles move through
-    tensor descriptors (x, B, C, z, y and the output before the gate as (batch, H or G, T, cols) views with
-    [1, 1, Q, BPS or BN] blocks, the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk
-    and clips its stores, no address or mask tiles are held, and the dots read B, C and x from shared memory. The
-    group's B and C rows are g = h // (H // G). A split of P (BPS < P) recomputes the cheap [Q, Q] pair tile per
-    block for more programs. SSD_TUNING["ffwd"]["on"] = 0 selects the two-kernel forward."""
+    [BN, BPS] fp32 state h in registers and finishes each chunk's output there, so x, B and C are read once per chunk
+    and the chunk-start states are written (for the backward; not without grad) but never read back. Per chunk, with G
+    the chunk-local cumulative log-decay, S = C B^T and st the chunk-start state:
+        ckpt_c = st            h <- exp(G_last) st + B^T (x exp(G_last - G) w)
+        y = exp(G) C st + (S exp(G_i - G_j) (w_j; w_i + e_i + D on the diagonal), i >= j) x,   out = y silu(z)
+    Only the state step is serial; it comes first, right after st is stored, so that the output's three dots (the pair
+    tile, the state read from st's copy in the dot dtype, the pairs) hang off the chain. A per-head D (Mamba-3) sits on
+    the pair tile's diagonal (D x = D I x, rounded with the tile to the dot dtype), so x needs no register copy in the
+    output's layout (offline sm_90: 241 -> 198 registers); a D per column adds D x in fp32. Tiles move through tensor
+    descriptors (x, B, C, z, y and the output before the gate as (batch, H or G, T, cols) views with [1, 1, Q, BPS or
+    BN] blocks, the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores,
+    no address or mask tiles are held, and the dots read B, C and x from shared memory. The group's B and C rows are g =
+    h // (H // G). The loop takes the launch's stage count as its own (NS), with which Triton prefetches z too (no dot
+    reads it, so it otherwise waits for z each chunk). FAST (on the GPU): the decay tile's exp2 and z's silu with the
+    hardware's ftz ex2 and approximate reciprocal (offline sm_90: 1494 -> 1265 loop SASS at 1 stage). A split of P (BPS
+    < P) recomputes the [Q, Q] pair tile per block for twice the programs. SSD_TUNING["ffwd"]["on"] = 0 selects the two
+    kernels."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -828,11 +839,13 @@ SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults b
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
-    """Launch options of one kernel ("fstate", "fout", "carry", "dx", "dbc", "fused"): tuned overrides first
-    ("num_warps", "num_stages"), else 4 warps (on the H100, 8 warps for both forward kernels took SSD's forward from
-    0.414 to 0.563 ms and Mamba-3's from 0.780 to 1.193), and no software pipelining where the tiles would overflow
-    shared memory (fp32 dots, chunks >= 128) nor in the one-pass backward ("fused": offline sm_90, 2 stages held
-    the next chunk's tiles and spilled 944 B against 616 B at 1)."""
+    """Launch options of one kernel ("fstate", "fout", "ffwd", "carry", "dx", "dbc", "fused"): tuned overrides first
+    ("num_warps", "num_stages", and "maxnreg" to cap registers for occupancy), else 4 warps (on the H100, 8 warps for
+    both forward kernels took SSD's forward from 0.414 to 0.563 ms and Mamba-3's from 0.780 to 1.193), and no software
+    pipelining where the tiles would overflow shared memory (fp32 dots, chunks >= 128) nor in the one-pass backward
+    ("fused": offline sm_90, 2 stages held the next chunk's tiles and spilled 944 B against 616 B at 1). The one-pass
+    forward ("ffwd") at 4 warps / 2 stages, offline sm_90 at Mamba-3's call: 199 registers and 83 KB of shared memory,
+    so two programs per SM (at 3 stages 117 KB, one)."""
     wide = dot == tl.float32 or q >= 128
     opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "fused" else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages", "maxnreg")}

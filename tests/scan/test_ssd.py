@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -329,3 +330,141 @@ def test_backward_from_the_final_state_alone(ssd, monkeypatch, onepass):
         outs.append([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)])  # C: no path
     for got, ref in zip(*outs):
         assert torch.allclose(got.double(), ref.double(), rtol=2e-5, atol=1e-6)
+
+
+def _count_ffwd(ssd, monkeypatch) -> list:
+    """Calls of the one-pass forward's launcher (so a test can assert that it ran, or that it did not)."""
+    calls = []
+    original = ssd._ssd_fwd_onepass
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(ssd, "_ssd_fwd_onepass", counted)
+    return calls
+
+
+def _check_ffwd(ssd, monkeypatch, run, tuning, tol):
+    """run(fn) with the one-pass forward (SSD_TUNING["ffwd"] = tuning, which must launch it) against the two-kernel
+    forward (SSD_TUNING["ffwd"]["on"] = 0) and the float64 reference: outputs and every input's gradient."""
+    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", {"on": 0})
+    calls = _count_ffwd(ssd, monkeypatch)
+    old = run(False)
+    assert not calls, "the two-kernel forward was asked for"
+    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", tuning)
+    got = run(False)
+    assert calls, "the one-pass forward did not run"
+    ref = run(True)
+    assert got.keys() == ref.keys() == old.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape and got[name].dtype == old[name].dtype, name
+        assert _rel(got[name], ref[name]) < tol, name
+        assert _rel(got[name], old[name]) < tol, name
+
+
+FFWD_GENERIC_CASES = [
+    # seqlen, chunk, heads, groups, headdim, dstate, options, with_final, bp, fused backward
+    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True, None, 1),  # per-head rows (Mamba-3), every option
+    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True, None, 0),  # the same, the split backward on its states
+    (50, 16, 2, 1, 32, 16, ("Dm", "h0"), True, 16, 1),  # shared rows, no e, D per column, P in two blocks
+    (29, 16, 4, 2, 24, 20, ("e", "z"), False, None, 1),  # 1 < G < H, P and N not powers of two, no final
+    (11, 32, 3, 3, 16, 32, (), True, None, 1),  # shorter than a chunk, no option
+]
+
+
+FFWD_GENERIC_IDS = [f"T{c[0]}_H{c[2]}G{c[3]}P{c[4]}N{c[5]}_bp{c[8]}_f{c[9]}" for c in FFWD_GENERIC_CASES]
+
+
+@pytest.mark.parametrize("case", FFWD_GENERIC_CASES, ids=FFWD_GENERIC_IDS)
+def test_onepass_forward_generic(ssd, case, monkeypatch):
+    """The one-pass forward of the generic form (the default) against the two-kernel forward and the float64
+    reference, with the gradients of every input (the backward, one-pass or split, reads the states it stores)."""
+    seqlen, chunk, nheads, groups, hdim, dstate, opts, with_final, bp, fused = case
+    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, ngroups=groups, seed=seqlen)
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": fused})
+
+    def run(ref):
+        if ref:
+            return _run_generic(ssd.ssd_generic_scan_ref, inp, opts, chunk, with_final, cast=torch.float64)
+        return _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
+
+    _check_ffwd(ssd, monkeypatch, run, {"on": 1} | ({"bp": bp} if bp else {}), 2e-5)
+
+
+FFWD_SSD_CASES = [
+    # seqlen, chunk, heads, groups, headdim, dstate, options, softplus, matrix D
+    (37, 16, 4, 1, 16, 16, ("D", "z", "dt_bias", "h0"), True, False),  # Mamba-2: one shared group
+    (40, 16, 4, 2, 16, 16, ("D", "h0"), False, True),  # 1 < G < H, no softplus, D per column
+    (21, 16, 2, 2, 32, 16, ("z",), True, False),  # G == H
+]
+
+
+@pytest.mark.parametrize("case", FFWD_SSD_CASES, ids=[f"T{c[0]}_H{c[2]}G{c[3]}_sp{int(c[7])}" for c in FFWD_SSD_CASES])
+def test_onepass_forward_ssd_form(ssd, case, monkeypatch):
+    """The one-pass forward of the Mamba-2 form (dt, A, dt_bias, softplus) against the two-kernel forward and the
+    float64 reference, final state and gradients included."""
+    seqlen, chunk, nheads, groups, hdim, dstate, opts, softplus, d_matrix = case
+    inp = _inputs(2, seqlen, nheads, hdim, groups, dstate, torch.float32, seed=seqlen)
+    if not softplus:
+        inp["dt"] = inp["dt"].abs() * 0.2
+    if d_matrix:
+        inp["D"] = torch.randn(nheads, hdim, generator=torch.Generator().manual_seed(1))
+
+    def run(ref):
+        data = {k: v.double() for k, v in inp.items()} if ref else inp
+        fn = ssd.ssd_scan_ref if ref else ssd.ssd_scan
+        return _run(functools.partial(fn, dt_softplus=softplus), data, opts, chunk, with_final=True)
+
+    _check_ffwd(ssd, monkeypatch, run, {"on": 1}, 2e-5)
+
+
+@pytest.mark.parametrize("form", ["generic", "ssd"])
+def test_onepass_forward_bf16(ssd, form, monkeypatch):
+    """bf16 inputs: Mamba-3's call (per-head rows, e, per-head D, z, h0) and Mamba-2's (one group, dt_bias), the
+    second with P split in two blocks."""
+    if form == "generic":
+        inp = _onepass_inputs(2, 45, 2, 32, 16, torch.bfloat16, seed=3)
+
+        def run(ref):
+            fn = ssd.ssd_generic_scan_ref if ref else ssd.ssd_generic_scan
+            return _run_generic(fn, inp, ("e", "D", "z", "h0"), 16, True, cast=torch.float64 if ref else None)
+
+        tuning = {"on": 1}
+    else:
+        inp = _inputs(2, 45, 2, 32, 1, 16, torch.bfloat16, seed=4)
+
+        def run(ref):
+            data = {k: v.double() for k, v in inp.items()} if ref else inp
+            return _run(ssd.ssd_scan_ref if ref else ssd.ssd_scan, data, ("D", "z", "dt_bias", "h0"), 16, True)
+
+        tuning = {"on": 1, "bp": 16}
+    _check_ffwd(ssd, monkeypatch, run, tuning, 2e-2)
+
+
+def test_onepass_forward_without_grad(ssd, monkeypatch):
+    """Without autograd the one-pass forward stores no chunk states and no output before the gate; same outputs."""
+    inp = _onepass_inputs(1, 40, 2, 16, 16, torch.float32, seed=9)
+    args = [inp[k] for k in ("x", "la", "w", "B", "C")]
+    kw = {"e": inp["e"], "D": inp["D"], "z": inp["z"], "h0": inp["h0"], "return_final_state": True}
+    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", {"on": 0})
+    old = ssd.ssd_generic_scan(*args, 16, **kw)
+    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", {"on": 1})
+    calls = _count_ffwd(ssd, monkeypatch)
+    with torch.no_grad():
+        got = ssd.ssd_generic_scan(*args, 16, **kw)
+    assert calls
+    for g, o in zip(got, old):
+        assert _rel(g, o) < 2e-5
+
+
+def test_onepass_forward_refuses_unaligned_rows(ssd, monkeypatch):
+    """Rows that tensor descriptors cannot take (N x 4 bytes not a multiple of 16) keep the two-kernel forward."""
+    inp = _onepass_inputs(1, 21, 2, 16, 18, torch.float32, seed=2)
+    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", {"on": 1})
+    calls = _count_ffwd(ssd, monkeypatch)
+    got = _run_generic(ssd.ssd_generic_scan, inp, ("e", "z"), 16, True)
+    assert not calls
+    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, ("e", "z"), 16, True, cast=torch.float64)
+    for name in ref:
+        assert _rel(got[name], ref[name]) < 2e-5, name
