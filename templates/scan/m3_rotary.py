@@ -34,8 +34,8 @@ M3R_BLOCK_T = 32
 M3G_BLOCK_T = 64
 # fused: 1 runs mamba3's preparation as the one-kernel-each-way m3_prepare op, 0 as m3_gates + m3_rotate_heads (A/B);
 # rows: (time, head) rows per program of the fused kernels (time block = rows // padded heads per group);
-# fwd_warps, bwd_warps: their warps
-M3_TUNING = {"fused": 1, "rows": 256, "fwd_warps": 4, "bwd_warps": 8}
+# fwd_warps, bwd_warps: their warps; bwd_ctas: persistent backward programs per SM
+M3_TUNING = {"fused": 1, "rows": 128, "fwd_warps": 4, "bwd_warps": 8, "bwd_ctas": 2}
 
 
 @triton.jit
@@ -528,46 +528,44 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 
 
 @triton.jit
-def _m3p_block(FLAGS, T, H, G, NC, NBG, BT: tl.constexpr, HP: tl.constexpr, REVERSE: tl.constexpr):
-    """The program's block from a ticket taken in start order (FLAGS[0]): block c of chain bg = (batch, group), the
-    chains' blocks handed out in chain order (c ascending; descending with REVERSE), so that every block a program
-    waits for holds an earlier ticket and is already running (the hardware gives no order among pids). Returns c,
-    the chain, the batch (int64), the group's heads [HP] and their mask, the steps [BT] and their mask."""
-    ticket = tl.atomic_add(FLAGS, 1)
+def _m3p_block(ticket, g, T, H, G, NB, NC, BT: tl.constexpr, HP: tl.constexpr, REVERSE: tl.constexpr):
+    """Block c of chain (batch b, group g) for a ticket of group g's counter. Tickets follow the chain order (c
+    ascending; descending with REVERSE), every batch's block c before any next block, so that each block a program
+    waits for holds an earlier ticket and is already running (the hardware promises no order among pids). Returns
+    c, its slot (b G + g) NC + c, the batch (int64), the group's heads [HP] and their mask, the steps [BT], mask."""
     if REVERSE:
-        c = NC - 1 - ticket // NBG
+        c = NC - 1 - ticket // NB
     else:
-        c = ticket // NBG
-    bg = ticket % NBG
-    hpg = H // G
+        c = ticket // NB
+    b = ticket % NB
     offs_h = tl.arange(0, HP)
     offs_t = c * BT + tl.arange(0, BT)
-    return c, bg, (bg // G).to(tl.int64), (bg % G) * hpg + offs_h, offs_h < hpg, offs_t, offs_t < T
+    return c, (b * G + g) * NC + c, b.to(tl.int64), g * (H // G) + offs_h, offs_h < H // G, offs_t, offs_t < T
 
 
 @triton.jit
-def _m3p_publish(FLAGS, BUF, slot, vals, offs2, flag, HP: tl.constexpr, BR: tl.constexpr):
-    """A block's [HP, BR] sums stored, then its flag raised to `flag` (1: the block's own total in AGG, 2: the sum
-    inclusive of every block before it in the chain, in INC); the barrier puts every thread's stores before the one
-    releasing atomic (the pattern of a grid barrier: bar.sync, then a gpu-scope release)."""
-    tl.store(BUF + slot * (HP * BR) + offs2, vals)
+def _m3p_publish(FLG, BUF, slot, vals, offs2, mask2, flag, SIZE: tl.constexpr):
+    """A block's [HP, RP] sums stored at its slot, then its flag raised to `flag` (1: the block's own total, in the
+    AGG buffer; 2: the sum inclusive of every block before it in its chain, in INC); the barrier puts every thread's
+    stores before the one releasing atomic (a grid barrier's pattern: bar.sync, then a gpu-scope release)."""
+    tl.store(BUF + slot * SIZE + offs2, vals, mask=mask2)
     tl.debug_barrier()
-    tl.atomic_xchg(FLAGS + 1 + slot, flag, sem="release")
+    tl.atomic_xchg(FLG + slot, flag, sem="release")
 
 
 @triton.jit
-def _m3p_lookback(FLAGS, AGG, INC, slot, head, offs2, STEP: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr):
+def _m3p_lookback(FLG, AGG, INC, slot, head, offs2, mask2, STEP: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr):
     """The sum over the blocks before this one in its chain (slots slot + STEP, slot + 2 STEP, ...): their own totals
-    until one whose inclusive sum is out (the chain's head publishes only that, so the walk stops there at the
-    latest); spins while a flag is still 0. Zero for the head itself."""
-    acc = tl.zeros((HP, BR), dtype=tl.float32)
+    until one whose inclusive sum is out (a chain's head publishes only that, so the walk stops there at the latest),
+    spinning while a flag is 0. Zero for the head itself."""
+    acc = tl.zeros((HP, RP), dtype=tl.float32)
     j = slot + STEP
     done = head
     while done == 0:
-        f = tl.atomic_add(FLAGS + 1 + j, 0, sem="acquire")
+        f = tl.atomic_add(FLG + j, 0, sem="acquire")
         if f != 0:
             src = tl.where(f == 2, INC, AGG)
-            acc += tl.load(src + j * (HP * BR) + offs2, cache_modifier=".cg")
+            acc += tl.load(src + j * (HP * RP) + offs2, mask=mask2, other=0.0, cache_modifier=".cg")
             j += STEP
             done = f == 2
     return acc
@@ -576,7 +574,7 @@ def _m3p_lookback(FLAGS, AGG, INC, slot, head, offs2, STEP: tl.constexpr, HP: tl
 @triton.jit
 def _m3p_gates_angles(DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
                       s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h):  # fmt: skip
-    """dt, lambda [BT, HP] and the angle rates [BT, HP, BR] (fp32, 0 where masked) of the block's heads."""
+    """dt, lambda [BT, HP] and the angle rates [BT, HP, RP] (fp32, 0 where masked) of the block's heads."""
     base_dt = b64 * s_dt_b + h[None, :] * s_dt_h
     base_tr = b64 * s_tr_b + h[None, :] * s_tr_h
     dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t[:, None], m_th, s_dt_t, s_tr_t)
@@ -585,57 +583,83 @@ def _m3p_gates_angles(DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
 
 
 @triton.jit
-def _m3p_heads_bias(BIAS, h, mask_h, offs_n, N, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The heads' bias rows [HP, 2 BR] split into even and odd elements (fp32)."""
-    hp: tl.constexpr = h.shape[0]
-    mask = mask_h[:, None] & (offs_n < N)[None, :]
+def _m3p_bias_pairs(BIAS, h, mask_h, offs_a, mask_a, N, HP: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The heads' biases on the rotated elements, even and odd [HP, RP] (fp32), loaded once per program (the heads
+    are the program's for good); zeros without a bias."""
     if HAS_BIAS:
-        rows = tl.load(BIAS + h[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        mask = mask_h[:, None] & mask_a[None, :]
+        bias = tl.load(BIAS + h[:, None] * N + offs_a[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
-        rows = tl.zeros((hp, 2 * BR), dtype=tl.float32)
-    return tl.split(tl.reshape(rows, (hp, BR, 2)))
+        bias = tl.zeros((HP, 2 * RP), dtype=tl.float32)
+    return tl.split(tl.reshape(bias, (HP, RP, 2)))
 
 
 @triton.jit
-def _m3p_fwd_side(V, BIAS, OUT, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_n, N,
-                  BT: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-    """One of q, k: the group's rows [BT, 2 BR] read once, each head's bias added and its pairs rotated, written
-    as the heads' rows [BT, HP, 2 BR] (one contiguous stretch of memory when one group holds all the heads)."""
-    even, odd = _m3r_pairs(V, grow, offs_n, mask_t, N, BT, BR)
-    b_even, b_odd = _m3p_heads_bias(BIAS, h, mask_h, offs_n, N, BR, HAS_BIAS)
-    even = even[:, None, :] + b_even[None, :, :]
-    odd = odd[:, None, :] + b_odd[None, :, :]
-    tile = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BT, HP, 2 * BR))
-    mask = m_th[:, :, None] & (offs_n < N)[None, None, :]
-    tl.store(OUT + rows[:, :, None] * N + offs_n[None, None, :], tile.to(OUT.dtype.element_ty), mask=mask)
+def _m3p_pairs(V, b_even, b_odd, grow, mask_t, offs_a, mask_a, N, BT: tl.constexpr, RP: tl.constexpr,
+               HAS_BIAS: tl.constexpr):  # fmt: skip
+    """The rotated part of the group's rows (elements < 2 RP), read once as a [BT, 2 RP] tile, plus each head's bias:
+    even and odd elements [BT, HP | 1, RP] (fp32; the one row broadcast when there is no bias)."""
+    v = tl.load(V + grow[:, None] * N + offs_a[None, :], mask=mask_t[:, None] & mask_a[None, :], other=0.0)
+    even, odd = tl.split(tl.reshape(v.to(tl.float32), (BT, RP, 2)))
+    even = even[:, None, :]
+    odd = odd[:, None, :]
+    if HAS_BIAS:
+        even = even + b_even[None, :, :]
+        odd = odd + b_odd[None, :, :]
+    return even, odd
+
+
+@triton.jit
+def _m3p_fwd_side(V, BIAS, OUT, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+                  BT: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_PASS: tl.constexpr):  # fmt: skip
+    """One of q, k: the heads' rows [BT, HP, N] from the group's rows read once: the first R pairs biased and rotated,
+    the rest (HAS_PASS, elements >= 2R) biased only; each a contiguous stretch of memory when G = 1."""
+    b_even, b_odd = _m3p_bias_pairs(BIAS, h, mask_h, offs_a, mask_a, N, HP, RP, HAS_BIAS)
+    even, odd = _m3p_pairs(V, b_even, b_odd, grow, mask_t, offs_a, mask_a, N, BT, RP, HAS_BIAS)
+    tile = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BT, HP, 2 * RP))
+    mask = m_th[:, :, None] & mask_a[None, None, :]
+    tl.store(OUT + rows[:, :, None] * N + offs_a[None, None, :], tile.to(OUT.dtype.element_ty), mask=mask)
+    if HAS_PASS:
+        v = tl.load(V + grow[:, None] * N + offs_p[None, :], mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        tile = tl.broadcast_to(v.to(tl.float32)[:, None, :], (BT, HP, NP))
+        if HAS_BIAS:
+            mask = mask_h[:, None] & mask_p[None, :]
+            tile += tl.load(BIAS + h[:, None] * N + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)[None, :, :]
+        mask = m_th[:, :, None] & mask_p[None, None, :]
+        tl.store(OUT + rows[:, :, None] * N + offs_p[None, None, :], tile.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _m3p_fwd_kernel(
-    QV, KV, QB, KB, DT, TRAP, ANG, TH0, QR, KR, W, E, CK, AGG, FLAGS, T, H, G, N, R, NC, NBG,
+    QV, KV, QB, KB, DT, TRAP, ANG, TH0, QR, KR, W, E, CK, AGG, FLAGS, T, H, G, N, R, NB, NC,
     s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
-    BT: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
-    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_TH0: tl.constexpr, FAST: tl.constexpr,
+    BT: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, HAS_QB: tl.constexpr,
+    HAS_KB: tl.constexpr, HAS_TH0: tl.constexpr, HAS_PASS: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """One program per (time block, batch, group), all the group's heads as one [BT, HP] tile of rows: the weights
-    w, e, the block's angle increments summed (its total published at once, before any wait), the sum over the
-    blocks before it from the chained look-back (`_m3p_lookback`) as theta's carry, then the rotated q, k rows of
-    every head. theta itself is never stored: CK keeps the inclusive sum at each block's end (the carries the
-    backward restarts from, and the final theta), 1/BT of theta's bytes. Blocks need no walk over time, so the
-    grid fills the GPU at any batch x length (a walk per (batch, head) gives 256 programs at 16 x 4096)."""
-    c, bg, b64, h, mask_h, offs_t, mask_t = _m3p_block(FLAGS, T, H, G, NC, NBG, BT, HP, False)
-    offs_r = tl.arange(0, BR)
-    offs_n = tl.arange(0, 2 * BR)
-    offs2 = tl.arange(0, HP)[:, None] * BR + offs_r[None, :]
-    slot = bg * NC + c
+    """One program per (time block, batch) of group program_id(1), all the group's heads as one [BT, HP] tile of
+    rows: w and e; the block's angle increments summed and that total published at once (before any wait); theta's
+    carry, the sum over the chain's blocks before it, from the look-back (`_m3p_lookback`); then every head's rotated
+    q, k rows. theta itself is never stored: CK keeps the inclusive sums at each block's end (the backward's
+    restarts and the final angle; 1/BT of theta's bytes). No program walks time, so the grid fills the GPU at any
+    batch x length (a walk per (batch, head) would have 256 programs at 16 x 4096)."""
+    g = tl.program_id(1)
+    ticket = tl.atomic_add(FLAGS + g, 1)
+    c, slot, b64, h, mask_h, offs_t, mask_t = _m3p_block(ticket, g, T, H, G, NB, NC, BT, HP, False)
+    FLG = FLAGS + G
+    offs_r = tl.arange(0, RP)
+    offs2 = tl.arange(0, HP)[:, None] * RP + offs_r[None, :]
+    m_hr = mask_h[:, None] & (offs_r < R)[None, :]
     m_th = mask_t[:, None] & mask_h[None, :]
     m_ang = m_th[:, :, None] & (offs_r < R)[None, None, :]
-    dt, lam, ang = _m3p_gates_angles(DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
-                                     s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h)  # fmt: skip
+    dt, lam, ang = _m3p_gates_angles(
+        DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
+        s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    )  # fmt: skip
     step = ang * dt[:, :, None]
     total = tl.sum(step, axis=0)
     if c > 0:
-        _m3p_publish(FLAGS, AGG, slot, total, offs2, 1, HP, BR)
+        _m3p_publish(FLG, AGG, slot, total, offs2, m_hr, 1, HP * RP)
     # the trapezoid weights while the blocks before publish
     nxt = (offs_t + 1 < T)[:, None] & mask_h[None, :]
     base_dt = b64 * s_dt_b + h[None, :] * s_dt_h
@@ -645,118 +669,174 @@ def _m3p_fwd_kernel(
     rows = (b64 * T + offs_t)[:, None] * H + h[None, :]
     tl.store(W + rows, lam * dt + b_next, mask=m_th)
     tl.store(E + rows, -b_next, mask=m_th)
-    carry = _m3p_lookback(FLAGS, AGG, CK, slot, c == 0, offs2, -1, HP, BR)
-    if HAS_TH0:
-        m_h0 = (mask_h[:, None] & (offs_r < R)[None, :]) & (tl.full((1, 1), c, tl.int32) == 0)
+    carry = _m3p_lookback(FLG, AGG, CK, slot, c == 0, offs2, m_hr, -1, HP, RP)
+    if HAS_TH0:  # theta0 enters through the chain's head
+        m_h0 = m_hr & (tl.full((1, 1), c, tl.int32) == 0)  # c as a tensor: a scalar in a mask breaks the interpreter
         carry += tl.load(TH0 + (b64 * H + h)[:, None] * R + offs_r[None, :], mask=m_h0, other=0.0).to(tl.float32)
-    _m3p_publish(FLAGS, CK, slot, carry + total, offs2, 2, HP, BR)
+    _m3p_publish(FLG, CK, slot, carry + total, offs2, m_hr, 2, HP * RP)
     cos, sin = m3_cos_sin(tl.cumsum(step, axis=0) + carry[None, :, :], FAST)
-    grow = (b64 * T + offs_t) * G + bg % G
-    _m3p_fwd_side(QV, QB, QR, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_n, N, BT, HP, BR, HAS_QB)
-    _m3p_fwd_side(KV, KB, KR, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_n, N, BT, HP, BR, HAS_KB)
+    grow = (b64 * T + offs_t) * G + g
+    offs_a = tl.arange(0, 2 * RP)
+    offs_p = 2 * R + tl.arange(0, NP)
+    mask_a = offs_a < 2 * R
+    mask_p = offs_p < N
+    _m3p_fwd_side(QV, QB, QR, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+                  BT, HP, RP, NP, HAS_QB, HAS_PASS)  # fmt: skip
+    _m3p_fwd_side(KV, KB, KR, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+                  BT, HP, RP, NP, HAS_KB, HAS_PASS)  # fmt: skip
 
 
 @triton.jit
-def _m3p_bwd_side(V, BIAS, DOUT, DV, DBIAS_PART, grow, rows, slot, h, mask_h, mask_t, m_th, cos, sin, offs_n, N,
-                  BT: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-    """One of q, k over the block's heads: the gradients of the rotated rows [BT, HP, 2 BR] rotated back and summed
-    over the heads into the group's row (stored in its dtype), the bias partial [HP, 2 BR] of the block, and the
-    heads' d theta share [BT, HP, BR] returned: d theta = -dout_even out_odd + dout_odd out_even."""
-    even, odd = _m3r_pairs(V, grow, offs_n, mask_t, N, BT, BR)
-    b_even, b_odd = _m3p_heads_bias(BIAS, h, mask_h, offs_n, N, BR, HAS_BIAS)
-    even = even[:, None, :] + b_even[None, :, :]
-    odd = odd[:, None, :] + b_odd[None, :, :]
-    mask = m_th[:, :, None] & (offs_n < N)[None, None, :]
-    dout = tl.load(DOUT + rows[:, :, None] * N + offs_n[None, None, :], mask=mask, other=0.0)
-    d_even_r, d_odd_r = tl.split(tl.reshape(dout.to(tl.float32), (BT, HP, BR, 2)))
+def _m3p_bwd_side(V, b_even, b_odd, DOUT, DV, grow, rows, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p,
+                  N, acc_e, acc_o, acc_p, BT: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_PASS: tl.constexpr):  # fmt: skip
+    """One of q, k over the block's heads: the rotated rows' gradients read once, rotated back and summed over the
+    heads into the group's row (stored in its dtype), added to the program's bias sums acc_e, acc_o [HP, RP]
+    (rotated part, even and odd elements) and acc_p [HP, NP] (the rest); returns the heads' d theta share
+    [BT, HP, RP] (-dout_even out_odd + dout_odd out_even) and the sums."""
+    even, odd = _m3p_pairs(V, b_even, b_odd, grow, mask_t, offs_a, mask_a, N, BT, RP, HAS_BIAS)
+    mask = m_th[:, :, None] & mask_a[None, None, :]
+    dout = tl.load(DOUT + rows[:, :, None] * N + offs_a[None, None, :], mask=mask, other=0.0)
+    d_even_r, d_odd_r = tl.split(tl.reshape(dout.to(tl.float32), (BT, HP, RP, 2)))
     d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
     d_even = d_even_r * cos + d_odd_r * sin
     d_odd = d_odd_r * cos - d_even_r * sin
-    _m3r_store_pairs(DV, grow, offs_n, mask_t, N, tl.sum(d_even, axis=1), tl.sum(d_odd, axis=1), BT, BR)
+    d_rows = tl.reshape(tl.join(tl.sum(d_even, axis=1), tl.sum(d_odd, axis=1)), (BT, 2 * RP))
+    mask = mask_t[:, None] & mask_a[None, :]
+    tl.store(DV + grow[:, None] * N + offs_a[None, :], d_rows.to(DV.dtype.element_ty), mask=mask)
     if HAS_BIAS:
-        sums = tl.reshape(tl.join(tl.sum(d_even, axis=0), tl.sum(d_odd, axis=0)), (HP, 2 * BR))
-        offs_hn = tl.arange(0, HP)[:, None] * (2 * BR) + offs_n[None, :]
-        tl.store(DBIAS_PART + slot * (HP * 2 * BR) + offs_hn, sums)
-    return d_theta
+        acc_e += tl.sum(d_even, axis=0)
+        acc_o += tl.sum(d_odd, axis=0)
+    if HAS_PASS:
+        mask = m_th[:, :, None] & mask_p[None, None, :]
+        d_pass = tl.load(DOUT + rows[:, :, None] * N + offs_p[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        mask = mask_t[:, None] & mask_p[None, :]
+        tl.store(DV + grow[:, None] * N + offs_p[None, :], tl.sum(d_pass, axis=1).to(DV.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            acc_p += tl.sum(d_pass, axis=0)
+    return d_theta, acc_e, acc_o, acc_p
+
+
+@triton.jit
+def _m3p_bias_part(PART, acc_e, acc_o, acc_p, part, offs_a, offs_p2, HP: tl.constexpr, RP: tl.constexpr,
+                   NP: tl.constexpr, HAS_PASS: tl.constexpr):  # fmt: skip
+    """A program's bias sums as its row [HP, 2 RP + NP] of the partials (the host adds the programs' rows)."""
+    width: tl.constexpr = 2 * RP + NP
+    base = PART + part * (HP * width) + tl.arange(0, HP)[:, None] * width
+    tl.store(base + offs_a[None, :], tl.reshape(tl.join(acc_e, acc_o), (HP, 2 * RP)))
+    if HAS_PASS:
+        tl.store(base + 2 * RP + offs_p2[None, :], acc_p)
 
 
 @triton.jit
 def _m3p_bwd_kernel(
     QV, KV, QB, KB, DT, TRAP, ANG, TH0, CK, DQO, DKO, DW, DE, DCK,
-    DQ, DK, DQB_PART, DKB_PART, DDT, DTRAP, DANG, DTH0, AGG, INC, FLAGS, T, H, G, N, R, NC, NBG,
+    DQ, DK, DQB_PART, DKB_PART, DDT, DTRAP, DANG, DTH0, AGG, INC, FLAGS, T, H, G, N, R, NB, NC,
     s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
-    BT: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
-    HAS_TH0: tl.constexpr, HAS_DCK: tl.constexpr, FAST: tl.constexpr,
+    BT: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, HAS_QB: tl.constexpr,
+    HAS_KB: tl.constexpr, HAS_TH0: tl.constexpr, HAS_DCK: tl.constexpr, HAS_PASS: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """The forward's block in reverse chain order: theta rebuilt from the forward's carry (CK of the block before)
-    and the block's own angle increments; per q, k the rotated rows' gradients read once (d q, d k summed over the
-    group's heads in registers, bias partials, d theta); d theta's block total published, the sum over the later
-    blocks from the look-back, and with it S_t = sum_{s>=t} d theta_s for every step held in registers: d angles =
-    dt S, dt's angle term <angles, S>, d theta0 = S_1. Neither theta nor d theta is ever stored (the two-kernel
-    form writes and reads both, 4 x 67 MB at 64 x 1024); one program per (block, batch, group) keeps the whole
-    group's sum over heads in one program without atomics or per-head partials of d q, d k."""
-    c, bg, b64, h, mask_h, offs_t, mask_t = _m3p_block(FLAGS, T, H, G, NC, NBG, BT, HP, True)
-    offs_r = tl.arange(0, BR)
-    offs_n = tl.arange(0, 2 * BR)
-    offs2 = tl.arange(0, HP)[:, None] * BR + offs_r[None, :]
-    slot = bg * NC + c
-    m_th = mask_t[:, None] & mask_h[None, :]
-    m_hr = mask_h[:, None] & (offs_r < R)[None, :]
-    m_ang = m_th[:, :, None] & (offs_r < R)[None, None, :]
-    dt, lam, ang = _m3p_gates_angles(DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
-                                     s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h)  # fmt: skip
-    c11 = tl.full((1, 1), c, tl.int32)  # the block as a tensor: a scalar in a mask breaks the interpreter
-    start = tl.load(CK + (slot - 1) * (HP * BR) + offs2, mask=m_hr & (c11 > 0), other=0.0)
-    if HAS_TH0:
-        start += tl.load(TH0 + (b64 * H + h)[:, None] * R + offs_r[None, :], mask=m_hr & (c11 == 0), other=0.0).to(
-            tl.float32
-        )
-    cos, sin = m3_cos_sin(tl.cumsum(ang * dt[:, :, None], axis=0) + start[None, :, :], FAST)
-    grow = (b64 * T + offs_t) * G + bg % G
-    rows = (b64 * T + offs_t)[:, None] * H + h[None, :]
-    d_theta = _m3p_bwd_side(QV, QB, DQO, DQ, DQB_PART, grow, rows, slot, h, mask_h, mask_t, m_th, cos, sin, offs_n,
-                            N, BT, HP, BR, HAS_QB)  # fmt: skip
-    d_theta += _m3p_bwd_side(KV, KB, DKO, DK, DKB_PART, grow, rows, slot, h, mask_h, mask_t, m_th, cos, sin, offs_n,
-                             N, BT, HP, BR, HAS_KB)  # fmt: skip
-    d_theta = tl.where(m_ang, d_theta, 0.0)
-    total = tl.sum(d_theta, axis=0)
-    suffix = tl.cumsum(d_theta, axis=0, reverse=True)
-    if HAS_DCK:  # the gradient of the carry stored at the block's end: one more term at its last step
-        dck = tl.load(DCK + slot * (HP * BR) + offs2)
-        total += dck
-        suffix += dck[None, :, :]
-    if c < NC - 1:
-        _m3p_publish(FLAGS, AGG, slot, total, offs2, 1, HP, BR)
-    carry = _m3p_lookback(FLAGS, AGG, INC, slot, c == NC - 1, offs2, 1, HP, BR)
-    _m3p_publish(FLAGS, INC, slot, carry + total, offs2, 2, HP, BR)
-    s = suffix + carry[None, :, :]
-    tl.store(DANG + rows[:, :, None] * R + offs_r[None, None, :], (s * dt[:, :, None]).to(DANG.dtype.element_ty),
-             mask=m_ang)  # fmt: skip
-    d_gamma = tl.load(DW + rows, mask=m_th, other=0.0)
-    prev = m_th & (offs_t >= 1)[:, None]
-    d_bp = tl.load(DW + rows - H, mask=prev, other=0.0) - tl.load(DE + rows - H, mask=prev, other=0.0)
-    ddt = d_gamma * lam + d_bp * (1.0 - lam) + tl.sum(s * ang, axis=2)
-    tl.store(DDT + rows, ddt.to(DDT.dtype.element_ty), mask=m_th)
-    tl.store(DTRAP + rows, ((d_gamma - d_bp) * dt * lam * (1.0 - lam)).to(DTRAP.dtype.element_ty), mask=m_th)
-    if HAS_TH0:
-        first = tl.sum(tl.where((offs_t == 0)[:, None, None], s, 0.0), axis=0)
-        tl.store(DTH0 + (b64 * H + h)[:, None] * R + offs_r[None, :], first, mask=m_hr & (c11 == 0))
+    """Persistent programs of group program_id(1) take the forward's blocks in reverse chain order (tickets). Per
+    block: theta rebuilt from the forward's carry (CK of the block before) and the block's angle increments; per q, k
+    the rotated rows' gradients read once (d q, d k summed over the group's heads in registers, d theta); d theta's
+    block total published, the sum over the later blocks from the look-back, and with it S_t = sum_{s>=t} d theta_s
+    at every step in registers: d angles = dt S, dt's angle term <angles, S>, d theta0 = S_1. Neither theta nor
+    d theta is ever stored (the two-kernel form writes and reads both: 4 x 67 MB at 64 x 1024). The whole group in
+    one program needs no atomics or per-head partials for d q, d k; persistence keeps the bias sums in registers
+    across blocks (one partial row per program: a row per block of BT = 8 steps would cost 1/4 of the rows' bytes)."""
+    g = tl.program_id(1)
+    FLG = FLAGS + G
+    offs_r = tl.arange(0, RP)
+    offs2 = tl.arange(0, HP)[:, None] * RP + offs_r[None, :]
+    offs_a = tl.arange(0, 2 * RP)
+    offs_p2 = tl.arange(0, NP)
+    offs_p = 2 * R + offs_p2
+    mask_a = offs_a < 2 * R
+    mask_p = offs_p < N
+    offs_h = tl.arange(0, HP)
+    h = g * (H // G) + offs_h
+    qb_even, qb_odd = _m3p_bias_pairs(QB, h, offs_h < H // G, offs_a, mask_a, N, HP, RP, HAS_QB)
+    kb_even, kb_odd = _m3p_bias_pairs(KB, h, offs_h < H // G, offs_a, mask_a, N, HP, RP, HAS_KB)
+    qe = tl.zeros((HP, RP), dtype=tl.float32)
+    qo = tl.zeros((HP, RP), dtype=tl.float32)
+    ke = tl.zeros((HP, RP), dtype=tl.float32)
+    ko = tl.zeros((HP, RP), dtype=tl.float32)
+    qp = tl.zeros((HP, NP), dtype=tl.float32)
+    kp = tl.zeros((HP, NP), dtype=tl.float32)
+    ticket = tl.atomic_add(FLAGS + g, 1)
+    while ticket < NB * NC:
+        c, slot, b64, h, mask_h, offs_t, mask_t = _m3p_block(ticket, g, T, H, G, NB, NC, BT, HP, True)
+        m_hr = mask_h[:, None] & (offs_r < R)[None, :]
+        m_th = mask_t[:, None] & mask_h[None, :]
+        m_ang = m_th[:, :, None] & (offs_r < R)[None, None, :]
+        c11 = tl.full((1, 1), c, tl.int32)  # c as a tensor: a scalar in a mask breaks the interpreter
+        dt, lam, ang = _m3p_gates_angles(
+            DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
+            s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+        )  # fmt: skip
+        start = tl.load(CK + (slot - 1) * (HP * RP) + offs2, mask=m_hr & (c11 > 0), other=0.0)
+        if HAS_TH0:
+            th0 = tl.load(TH0 + (b64 * H + h)[:, None] * R + offs_r[None, :], mask=m_hr & (c11 == 0), other=0.0)
+            start += th0.to(tl.float32)
+        cos, sin = m3_cos_sin(tl.cumsum(ang * dt[:, :, None], axis=0) + start[None, :, :], FAST)
+        grow = (b64 * T + offs_t) * G + g
+        rows = (b64 * T + offs_t)[:, None] * H + h[None, :]
+        d_theta, qe, qo, qp = _m3p_bwd_side(
+            QV, qb_even, qb_odd, DQO, DQ, grow, rows, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+            qe, qo, qp, BT, HP, RP, NP, HAS_QB, HAS_PASS,
+        )  # fmt: skip
+        dk_theta, ke, ko, kp = _m3p_bwd_side(
+            KV, kb_even, kb_odd, DKO, DK, grow, rows, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+            ke, ko, kp, BT, HP, RP, NP, HAS_KB, HAS_PASS,
+        )  # fmt: skip
+        d_theta = tl.where(m_ang, d_theta + dk_theta, 0.0)
+        total = tl.sum(d_theta, axis=0)
+        suffix = tl.cumsum(d_theta, axis=0, reverse=True)
+        if HAS_DCK:  # the gradient of the carry stored at the block's end: one more term at its last step
+            dck = tl.load(DCK + slot * (HP * RP) + offs2, mask=m_hr, other=0.0)
+            total += dck
+            suffix += dck[None, :, :]
+        if c < NC - 1:
+            _m3p_publish(FLG, AGG, slot, total, offs2, m_hr, 1, HP * RP)
+        carry = _m3p_lookback(FLG, AGG, INC, slot, c == NC - 1, offs2, m_hr, 1, HP, RP)
+        _m3p_publish(FLG, INC, slot, carry + total, offs2, m_hr, 2, HP * RP)
+        s = suffix + carry[None, :, :]
+        dang = (s * dt[:, :, None]).to(DANG.dtype.element_ty)
+        tl.store(DANG + rows[:, :, None] * R + offs_r[None, None, :], dang, mask=m_ang)
+        d_gamma = tl.load(DW + rows, mask=m_th, other=0.0)
+        prev = m_th & (offs_t >= 1)[:, None]
+        d_bp = tl.load(DW + rows - H, mask=prev, other=0.0) - tl.load(DE + rows - H, mask=prev, other=0.0)
+        ddt = d_gamma * lam + d_bp * (1.0 - lam) + tl.sum(s * ang, axis=2)
+        tl.store(DDT + rows, ddt.to(DDT.dtype.element_ty), mask=m_th)
+        tl.store(DTRAP + rows, ((d_gamma - d_bp) * dt * lam * (1.0 - lam)).to(DTRAP.dtype.element_ty), mask=m_th)
+        if HAS_TH0:
+            first = tl.sum(tl.where((offs_t == 0)[:, None, None], s, 0.0), axis=0)
+            tl.store(DTH0 + (b64 * H + h)[:, None] * R + offs_r[None, :], first, mask=m_hr & (c11 == 0))
+        ticket = tl.atomic_add(FLAGS + g, 1)
+    part = g * tl.num_programs(0) + tl.program_id(0)
+    if HAS_QB:
+        _m3p_bias_part(DQB_PART, qe, qo, qp, part, offs_a, offs_p2, HP, RP, NP, HAS_PASS)
+    if HAS_KB:
+        _m3p_bias_part(DKB_PART, ke, ko, kp, part, offs_a, offs_p2, HP, RP, NP, HAS_PASS)
 
 
-def _m3p_layout(seqlen: int, nheads: int, ngroups: int, dstate: int) -> tuple:
-    """(BT, HP, BR, NC): steps per block, heads per group padded to a power of 2, pairs per row, blocks."""
+def _m3p_layout(seqlen: int, nheads: int, ngroups: int, dstate: int, rdim: int) -> tuple:
+    """(BT, HP, RP, NP, NC): steps per block (rows // HP), heads per group, rotated pairs and the other elements of
+    a row, each padded to a power of 2; blocks."""
     hp = triton.next_power_of_2(nheads // ngroups)
     bt = max(2, min(int(M3_TUNING["rows"]) // hp, triton.next_power_of_2(seqlen)))
-    return bt, hp, _m3r_br(dstate), triton.cdiv(seqlen, bt)
+    rp = max(2, triton.next_power_of_2(rdim))
+    np_ = max(2, triton.next_power_of_2(max(1, dstate - 2 * rdim)))
+    return bt, hp, rp, np_, triton.cdiv(seqlen, bt)
 
 
 def _m3p_carries(theta: torch.Tensor, ngroups: int, dstate: int) -> torch.Tensor:
-    """theta (B,T,H,R) at each block's last step, laid out as the kernels' carries (B, G, NC, HP, BR), zero-padded."""
+    """theta (B,T,H,R) at each block's last step in the kernels' carry layout (B, G, NC, HP, RP), zero-padded."""
     bsz, seqlen, nheads, rdim = theta.shape
-    bt, hp, br, nc = _m3p_layout(seqlen, nheads, ngroups, dstate)
+    bt, hp, rp, _, nc = _m3p_layout(seqlen, nheads, ngroups, dstate, rdim)
     last = torch.clamp(torch.arange(1, nc + 1, device=theta.device) * bt, max=seqlen) - 1
     ends = theta[:, last].unflatten(2, (ngroups, nheads // ngroups)).transpose(1, 2)
-    return F.pad(ends, (0, br - rdim, 0, hp - nheads // ngroups))
+    return F.pad(ends, (0, rp - rdim, 0, hp - nheads // ngroups))
 
 
 def m3_prepare_ref(
@@ -770,51 +850,51 @@ def m3_prepare_ref(
     theta0: torch.Tensor | None,
     nheads: int,
 ) -> tuple:
-    """PyTorch reference of `m3_prepare`: `m3_gates_ref`, then `m3_rotary_heads_ref` of q and k, and theta at each
-    block's end in the carries' layout."""
+    """PyTorch reference of the m3_prepare op: `m3_gates_ref`, `m3_rotary_heads_ref` of q and k, and theta at each
+    block's end in the carry layout."""
     w, e, theta = m3_gates_ref(dt, trap, angles, theta0)
     q_rot = m3_rotary_heads_ref(q, q_bias, theta, nheads, q.dtype)
     k_rot = m3_rotary_heads_ref(k, k_bias, theta, nheads, k.dtype)
     return q_rot, k_rot, w, e, _m3p_carries(theta, q.shape[2], q.shape[3])
 
 
-def _m3p_flags(n: int, like: torch.Tensor) -> torch.Tensor:
-    """The ticket counter and one flag per block, zeroed (one memset)."""
-    return torch.zeros(1 + n, device=like.device, dtype=torch.int32)
+def _m3p_flags(ngroups: int, nslots: int, like: torch.Tensor) -> torch.Tensor:
+    """One ticket counter per group, then one flag per block, zeroed (one memset)."""
+    return torch.zeros(ngroups + nslots, device=like.device, dtype=torch.int32)
 
 
 def _m3p_impl(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads):
     if not _m3r_use_triton(q):
         return m3_prepare_ref(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads)
     bsz, seqlen, ngroups, dstate = q.shape
-    bt, hp, br, nc = _m3p_layout(seqlen, nheads, ngroups, dstate)
+    rdim = angles.shape[-1]
+    bt, hp, rp, np_, nc = _m3p_layout(seqlen, nheads, ngroups, dstate, rdim)
     dt, trap, angles = _m3g_inputs(dt, trap, angles)
     f32 = {"device": q.device, "dtype": torch.float32}
     q_rot = torch.empty(bsz, seqlen, nheads, dstate, device=q.device, dtype=q.dtype)
     k_rot = torch.empty(bsz, seqlen, nheads, dstate, device=k.device, dtype=k.dtype)
     w, e = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
-    ck = torch.empty(bsz, ngroups, nc, hp, br, **f32)
-    agg = torch.empty(bsz, ngroups, nc, hp, br, **f32)
+    ck = torch.empty(bsz, ngroups, nc, hp, rp, **f32)
+    agg = torch.empty(bsz, ngroups, nc, hp, rp, **f32)
     th0 = theta0.float().contiguous() if theta0 is not None else None
-    nbg = bsz * ngroups
-    _m3p_fwd_kernel[(nbg * nc,)](
+    _m3p_fwd_kernel[(bsz * nc, ngroups)](
         q.contiguous(), k.contiguous(), _m3r_opt(q_bias, w), _m3r_opt(k_bias, w), dt, trap, angles,
-        th0 if th0 is not None else w, q_rot, k_rot, w, e, ck, agg, _m3p_flags(nbg * nc, q),
-        seqlen, nheads, ngroups, dstate, angles.shape[-1], nc, nbg,
+        th0 if th0 is not None else w, q_rot, k_rot, w, e, ck, agg, _m3p_flags(ngroups, bsz * ngroups * nc, q),
+        seqlen, nheads, ngroups, dstate, rdim, bsz, nc,
         *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
-        BT=bt, HP=hp, BR=br, HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_TH0=th0 is not None,
-        FAST=q.is_cuda, num_warps=int(M3_TUNING["fwd_warps"]),
+        BT=bt, HP=hp, RP=rp, NP=np_, HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
+        HAS_TH0=th0 is not None, HAS_PASS=dstate > 2 * rdim, FAST=q.is_cuda, num_warps=int(M3_TUNING["fwd_warps"]),
     )  # fmt: skip
     return q_rot, k_rot, w, e, ck
 
 
 def _m3p_fake(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads):
     bsz, seqlen, ngroups, dstate = q.shape
-    bt, hp, br, nc = _m3p_layout(seqlen, nheads, ngroups, dstate)
+    _, hp, rp, _, nc = _m3p_layout(seqlen, nheads, ngroups, dstate, angles.shape[-1])
     cd = torch.float64 if dt.dtype == torch.float64 and not _m3r_use_triton(dt) else torch.float32
     shape = (bsz, seqlen, nheads, dstate)
     return (q.new_empty(shape), k.new_empty(shape), dt.new_empty(dt.shape, dtype=cd), dt.new_empty(dt.shape, dtype=cd),
-            dt.new_empty((bsz, ngroups, nc, hp, br), dtype=cd))  # fmt: skip
+            dt.new_empty((bsz, ngroups, nc, hp, rp), dtype=cd))  # fmt: skip
 
 
 def _m3p_setup(ctx, inputs, output):
@@ -834,6 +914,16 @@ def _m3p_backward(ctx, dq_rot, dk_rot, dw, de, dck):
     return dq, dk, scan_opt(dqb), scan_opt(dkb), ddt, dtrap, dang, scan_opt(dth0), None
 
 
+def _m3p_programs(q: torch.Tensor, nblocks: int, ngroups: int) -> int:
+    """Persistent backward programs per group: a few per SM on the GPU, 3 under the interpreter (so that its tests
+    see programs taking several blocks)."""
+    if q.is_cuda:
+        total = torch.cuda.get_device_properties(q.device).multi_processor_count * int(M3_TUNING["bwd_ctas"])
+    else:
+        total = 3 * ngroups
+    return max(1, min(nblocks, triton.cdiv(total, ngroups)))
+
+
 def _m3p_bwd_impl(q, k, q_bias, k_bias, dt, trap, angles, theta0, ck, dq_rot, dk_rot, dw, de, dck, nheads):
     """(dq, dk, dq_bias, dk_bias, ddt, dtrap, dangles, dtheta0), each in its input's dtype; a placeholder for an
     absent bias or theta0."""
@@ -841,37 +931,43 @@ def _m3p_bwd_impl(q, k, q_bias, k_bias, dt, trap, angles, theta0, ck, dq_rot, dk
     if not _m3r_use_triton(q):
         return tuple(scan_ref_vjp(lambda *a: m3_prepare_ref(*a, nheads), inputs, [dq_rot, dk_rot, dw, de, dck]))
     bsz, seqlen, ngroups, dstate = q.shape
-    bt, hp, br, nc = _m3p_layout(seqlen, nheads, ngroups, dstate)
+    rdim = angles.shape[-1]
+    bt, hp, rp, np_, nc = _m3p_layout(seqlen, nheads, ngroups, dstate, rdim)
     dt, trap, angles = _m3g_inputs(dt, trap, angles)
     dev = q.device
     f32 = {"device": dev, "dtype": torch.float32}
-    nbg = bsz * ngroups
+    nprog = _m3p_programs(q, bsz * nc, ngroups)
     dq, dk = torch.empty(q.shape, device=dev, dtype=q.dtype), torch.empty(k.shape, device=dev, dtype=k.dtype)
-    dqb_part = torch.empty(nbg * nc, hp, 2 * br, **f32) if q_bias is not None else None
-    dkb_part = torch.empty(nbg * nc, hp, 2 * br, **f32) if k_bias is not None else None
+    dqb_part = torch.empty(ngroups, nprog, hp, 2 * rp + np_, **f32) if q_bias is not None else None
+    dkb_part = torch.empty(ngroups, nprog, hp, 2 * rp + np_, **f32) if k_bias is not None else None
     ddt = torch.empty(dt.shape, device=dev, dtype=dt.dtype)
     dtrap = torch.empty(trap.shape, device=dev, dtype=trap.dtype)
     dang = torch.empty(angles.shape, device=dev, dtype=angles.dtype)
     dth0 = torch.empty(theta0.shape, **f32) if theta0 is not None else None
     agg, inc = torch.empty(ck.shape, **f32), torch.empty(ck.shape, **f32)
     th0 = theta0.float().contiguous() if theta0 is not None else None
-    _m3p_bwd_kernel[(nbg * nc,)](
+    _m3p_bwd_kernel[(nprog, ngroups)](
         q.contiguous(), k.contiguous(), _m3r_opt(q_bias, agg), _m3r_opt(k_bias, agg), dt, trap, angles,
         th0 if th0 is not None else agg, ck.contiguous(), dq_rot.contiguous(), dk_rot.contiguous(),
         dw.float().contiguous(), de.float().contiguous(), dck.float().contiguous() if dck is not None else agg,
         dq, dk, dqb_part if dqb_part is not None else agg, dkb_part if dkb_part is not None else agg,
-        ddt, dtrap, dang, dth0 if dth0 is not None else agg, agg, inc, _m3p_flags(nbg * nc, q),
-        seqlen, nheads, ngroups, dstate, angles.shape[-1], nc, nbg,
+        ddt, dtrap, dang, dth0 if dth0 is not None else agg, agg, inc, _m3p_flags(ngroups, bsz * ngroups * nc, q),
+        seqlen, nheads, ngroups, dstate, rdim, bsz, nc,
         *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
-        BT=bt, HP=hp, BR=br, HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_TH0=th0 is not None,
-        HAS_DCK=dck is not None, FAST=q.is_cuda, num_warps=int(M3_TUNING["bwd_warps"]),
+        BT=bt, HP=hp, RP=rp, NP=np_, HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
+        HAS_TH0=th0 is not None, HAS_DCK=dck is not None, HAS_PASS=dstate > 2 * rdim, FAST=q.is_cuda,
+        num_warps=int(M3_TUNING["bwd_warps"]),
     )  # fmt: skip
 
     def bias_grad(part, bias):
         if part is None:
             return scan_none(dq)
-        per_head = part.view(bsz, ngroups, nc, hp, 2 * br).sum((0, 2))[:, : nheads // ngroups, :dstate]
-        return per_head.reshape(nheads, dstate).to(bias.dtype)
+        sums = part.sum(1)[:, : nheads // ngroups]
+        return (
+            torch.cat((sums[..., : 2 * rdim], sums[..., 2 * rp : 2 * rp + dstate - 2 * rdim]), dim=-1)
+            .reshape(nheads, dstate)
+            .to(bias.dtype)
+        )
 
     dth0 = dth0.to(theta0.dtype) if dth0 is not None else scan_none(dq)
     return dq, dk, bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), ddt, dtrap, dang, dth0
@@ -914,9 +1010,8 @@ def m3_prepare(
     theta0: torch.Tensor | None,
     nheads: int,
 ) -> tuple:
-    """(q~, k~, w, e, theta_T): `m3_gates` and `m3_rotate_heads` in one op each way (ssm_golf::m3_prepare), theta
-    itself never materialised; theta_T (B,H,R) is theta at the last step (the final state's angle). Shapes and math
-    in the module docstring."""
+    """(q~, k~, w, e, theta_T): `m3_gates` and `m3_rotate_heads` as one op each way (ssm_golf::m3_prepare), theta never
+    materialised; theta_T (B,H,R) is theta at the last step (the final state's angle). Math in the module docstring."""
     q_rot, k_rot, w, e, ck = _m3p_op(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads)
     ngroups, rdim = q.shape[2], angles.shape[-1]
     theta_last = ck[:, :, -1, : nheads // ngroups, :rdim].reshape(q.shape[0], nheads, rdim)
