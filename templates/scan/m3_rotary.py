@@ -18,6 +18,22 @@ over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an 
     e_t = -b'_{t+1}, theta_t = theta0 + sum_{s<=t} angles_s dt_s.
 Its backward is the same walk in reverse: d theta summed from the end (a reverse cumsum carried across blocks) gives
 d angles_t = dt_t S_t and dt's angle term <angles_t, S_t>; d b'_t = dw_{t-1} - de_{t-1}; d theta0 = S_1.
+
+`m3_prepare` (ssm_golf::m3_prepare, what mamba3 runs while M3_TUNING["fused"] is 1) is both in one kernel each way,
+with theta never in memory: the two ops write theta (B,T,H,R) fp32 and read it back, and their backwards d theta
+likewise (67 MB each, written and read: 270 of the ~1,200 MB the four kernels move at 64 x 1024, H 16, R 16). One
+program takes one time block of BT steps of a (batch, group) for all the group's heads as a [BT, HP] tile of rows,
+so that d q, d k sum over the heads in registers (no atomics, no per-head partials) and the grid fills the GPU at
+any batch x length (a walk over time per (batch, group) has 64 programs at 64 x 1024, 16 at 16 x 4096). The carries
+across blocks (theta forward, S backward) come from a decoupled look-back along the chain of a (batch, group)'s
+blocks: a block publishes its own total at once, then adds the totals of the blocks before it until one has
+published its inclusive sum (`_m3p_lookback`); tickets taken in start order hand out the blocks in chain order, so a
+program only waits on running ones. The forward keeps theta at each block's end (CK, 1/BT of theta: the backward's
+restarts and the final angle) and writes w, e and the rotated rows; the backward rebuilds theta from CK and the
+angles it reads anyway for dt's gradient, reads the rows' gradients once and writes every gradient (d q, d k
+straight in their dtype): ~870 MB in all, the look-back's sums included. Only the first R pairs of a row rotate (the
+rest is biased and passed through; its backward is a plain sum); the backward's programs are persistent so that the
+bias sums stay in registers across their blocks.
 """
 
 import os

@@ -19,9 +19,10 @@ v_T), which is exactly what initial_state takes for the next window.
 Chunked form: with b'_t = DT_t (1 - lambda_t), unrolling the trapezoid gives the SSD kernel with input weight
 w_t = gamma_t + b'_{t+1} (b'_{T+1} = 0), log-decay adt, and the diagonal term weighted by gamma_t alone
 (e_t = -b'_{t+1}); the carried-in (v, k) pair folds into the initial state as S_0 + b'_1 v_0 k~_0^T.
-The weights and cumulative angles are one Triton walk over time per (batch, head) each way (`m3_gates`); q and k
-are expanded to the heads, biased and rotated once into per-head rows (`m3_rotate_heads`, whose backward rotates the
-gradients back); the scan is `ssd_generic_scan` over those rows (one group per head).
+The weights, the cumulative angles and q, k expanded to the heads, biased and rotated once into per-head rows are one
+Triton kernel each way (`m3_prepare`, theta never stored; M3_TUNING["fused"] = 0 in m3_rotary selects the two ops it
+fuses for A/B: the walk over time `m3_gates` and `m3_rotate_heads`); the scan is `ssd_generic_scan` over those rows
+(one group per head).
 """
 
 import math

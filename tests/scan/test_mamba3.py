@@ -240,7 +240,7 @@ def test_gates_backward_in_input_dtypes(m3):
 PREP_CASES = [
     # batch, seqlen, heads, groups, dstate, angles, biases, theta0, dtype, rows (M3_TUNING: time block = rows // HP)
     (2, 37, 4, 1, 16, 3, True, True, torch.float32, 16),  # G = 1, R < N/2, odd T over 10 blocks of 4
-    (2, 21, 4, 2, 16, 8, False, False, torch.float32, 16),  # 1 < G < H, R = N/2 (no pass-through part)
+    (2, 24, 4, 2, 16, 8, False, False, torch.float32, 16),  # 1 < G < H, R = N/2 (no pass-through), 3 whole blocks
     (1, 19, 3, 3, 8, 2, True, False, torch.float32, 8),  # G = H (one row per head), blocks of 8
     (2, 45, 3, 1, 16, 5, False, True, torch.float32, 128),  # 3 heads padded to 4, one partial block of 32
     (2, 29, 4, 1, 32, 6, True, True, torch.bfloat16, 32),  # bf16 rows
