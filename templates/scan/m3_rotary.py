@@ -18,11 +18,28 @@ over time per (batch, head), instead of eager (B,T,H)-sized gate tensors and an 
     e_t = -b'_{t+1}, theta_t = theta0 + sum_{s<=t} angles_s dt_s.
 Its backward is the same walk in reverse: d theta summed from the end (a reverse cumsum carried across blocks) gives
 d angles_t = dt_t S_t and dt's angle term <angles_t, S_t>; d b'_t = dw_{t-1} - de_{t-1}; d theta0 = S_1.
+
+`m3_prepare` (ssm_golf::m3_prepare, what mamba3 runs while M3_TUNING["fused"] is 1) is both in one kernel each way,
+with theta never in memory: the two ops write theta (B,T,H,R) fp32 and read it back, and their backwards d theta
+likewise (67 MB each, written and read: 270 of the ~1,200 MB the four kernels move at 64 x 1024, H 16, R 16). One
+program takes one time block of BT steps of a (batch, group) for all the group's heads as a [BT, HP] tile of rows,
+so that d q, d k sum over the heads in registers (no atomics, no per-head partials) and the grid fills the GPU at
+any batch x length (a walk over time per (batch, group) has 64 programs at 64 x 1024, 16 at 16 x 4096). The carries
+across blocks (theta forward, S backward) come from a decoupled look-back along the chain of a (batch, group)'s
+blocks: a block publishes its own total at once, then adds the totals of the blocks before it until one has
+published its inclusive sum (`_m3p_lookback`); tickets taken in start order hand out the blocks in chain order, so a
+program only waits on running ones. The forward keeps theta at each block's end (CK, 1/BT of theta: the backward's
+restarts and the final angle) and writes w, e and the rotated rows; the backward rebuilds theta from CK and the
+angles it reads anyway for dt's gradient, reads the rows' gradients once and writes every gradient (d q, d k
+straight in their dtype): ~870 MB in all, the look-back's sums included. Only the first R pairs of a row rotate (the
+rest is biased and passed through; its backward is a plain sum); the backward's programs are persistent so that the
+bias sums stay in registers across their blocks.
 """
 
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -31,6 +48,10 @@ from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 M3R_BLOCK_T = 32
 M3G_BLOCK_T = 64
+# fused: 1 runs mamba3's preparation as the one-kernel-each-way m3_prepare op, 0 as m3_gates + m3_rotate_heads (A/B);
+# rows: (time, head) rows per program of the fused kernels (time block = rows // padded heads per group);
+# fwd_warps, bwd_warps: their warps; bwd_ctas: persistent backward programs per SM
+M3_TUNING = {"fused": 1, "rows": 128, "fwd_warps": 4, "bwd_warps": 8, "bwd_ctas": 2}
 
 
 @triton.jit
@@ -517,3 +538,497 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
     """Mamba-3's scan weights and cumulative angles (w, e, theta): dt, trap (B,T,H), angles (B,T,H,R), theta0 (B,H,R)
     or None. Math in the module docstring."""
     return _m3g_op(dt, trap, angles, theta0)
+
+
+# ---- ssm_golf::m3_prepare: weights, angles and rotated rows in one kernel each way, over chained time blocks ----
+
+
+@triton.jit
+def _m3p_block(ticket, g, T, H, G, NB, NC, BT: tl.constexpr, HP: tl.constexpr, REVERSE: tl.constexpr):
+    """Block c of chain (batch b, group g) for a ticket of group g's counter. Tickets follow the chain order (c
+    ascending; descending with REVERSE), every batch's block c before any next block, so that each block a program
+    waits for holds an earlier ticket and is already running (the hardware promises no order among pids). Returns
+    c, its slot (b G + g) NC + c, the batch (int64), the group's heads [HP] and their mask, the steps [BT], mask."""
+    if REVERSE:
+        c = NC - 1 - ticket // NB
+    else:
+        c = ticket // NB
+    b = ticket % NB
+    offs_h = tl.arange(0, HP)
+    offs_t = c * BT + tl.arange(0, BT)
+    return c, (b * G + g) * NC + c, b.to(tl.int64), g * (H // G) + offs_h, offs_h < H // G, offs_t, offs_t < T
+
+
+@triton.jit
+def _m3p_publish(FLG, BUF, slot, vals, offs2, mask2, flag, SIZE: tl.constexpr):
+    """A block's [HP, RP] sums stored at its slot, then its flag raised to `flag` (1: the block's own total, in the
+    AGG buffer; 2: the sum inclusive of every block before it in its chain, in INC); the barrier puts every thread's
+    stores before the one releasing atomic (a grid barrier's pattern: bar.sync, then a gpu-scope release)."""
+    tl.store(BUF + slot * SIZE + offs2, vals, mask=mask2)
+    tl.debug_barrier()
+    tl.atomic_xchg(FLG + slot, flag, sem="release")
+
+
+@triton.jit
+def _m3p_lookback(FLG, AGG, INC, slot, head, offs2, mask2, STEP: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr):
+    """The sum over the blocks before this one in its chain (slots slot + STEP, slot + 2 STEP, ...): their own totals
+    until one whose inclusive sum is out (a chain's head publishes only that, so the walk stops there at the latest),
+    spinning while a flag is 0. Zero for the head itself."""
+    acc = tl.zeros((HP, RP), dtype=tl.float32)
+    j = slot + STEP
+    done = head
+    while done == 0:
+        f = tl.atomic_add(FLG + j, 0, sem="acquire")
+        if f != 0:
+            src = tl.where(f == 2, INC, AGG)
+            acc += tl.load(src + j * (HP * RP) + offs2, mask=mask2, other=0.0, cache_modifier=".cg")
+            j += STEP
+            done = f == 2
+    return acc
+
+
+@triton.jit
+def _m3p_gates_angles(DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
+                      s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h):  # fmt: skip
+    """dt, lambda [BT, HP] and the angle rates [BT, HP, RP] (fp32, 0 where masked) of the block's heads."""
+    base_dt = b64 * s_dt_b + h[None, :] * s_dt_h
+    base_tr = b64 * s_tr_b + h[None, :] * s_tr_h
+    dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t[:, None], m_th, s_dt_t, s_tr_t)
+    an = ANG + b64 * s_an_b + offs_t[:, None, None] * s_an_t + h[None, :, None] * s_an_h + offs_r[None, None, :]
+    return dt, lam, tl.load(an, mask=m_ang, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _m3p_bias_pairs(BIAS, h, mask_h, offs_a, mask_a, N, HP: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The heads' biases on the rotated elements, even and odd [HP, RP] (fp32), loaded once per program (the heads
+    are the program's for good); zeros without a bias."""
+    if HAS_BIAS:
+        mask = mask_h[:, None] & mask_a[None, :]
+        bias = tl.load(BIAS + h[:, None] * N + offs_a[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((HP, 2 * RP), dtype=tl.float32)
+    return tl.split(tl.reshape(bias, (HP, RP, 2)))
+
+
+@triton.jit
+def _m3p_pairs(V, b_even, b_odd, grow, mask_t, offs_a, mask_a, N, BT: tl.constexpr, RP: tl.constexpr,
+               HAS_BIAS: tl.constexpr):  # fmt: skip
+    """The rotated part of the group's rows (elements < 2 RP), read once as a [BT, 2 RP] tile, plus each head's bias:
+    even and odd elements [BT, HP | 1, RP] (fp32; the one row broadcast when there is no bias)."""
+    v = tl.load(V + grow[:, None] * N + offs_a[None, :], mask=mask_t[:, None] & mask_a[None, :], other=0.0)
+    even, odd = tl.split(tl.reshape(v.to(tl.float32), (BT, RP, 2)))
+    even = even[:, None, :]
+    odd = odd[:, None, :]
+    if HAS_BIAS:
+        even = even + b_even[None, :, :]
+        odd = odd + b_odd[None, :, :]
+    return even, odd
+
+
+@triton.jit
+def _m3p_fwd_side(V, BIAS, OUT, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+                  BT: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_PASS: tl.constexpr):  # fmt: skip
+    """One of q, k: the heads' rows [BT, HP, N] from the group's rows read once: the first R pairs biased and rotated,
+    the rest (HAS_PASS, elements >= 2R) biased only; each a contiguous stretch of memory when G = 1."""
+    b_even, b_odd = _m3p_bias_pairs(BIAS, h, mask_h, offs_a, mask_a, N, HP, RP, HAS_BIAS)
+    even, odd = _m3p_pairs(V, b_even, b_odd, grow, mask_t, offs_a, mask_a, N, BT, RP, HAS_BIAS)
+    tile = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BT, HP, 2 * RP))
+    mask = m_th[:, :, None] & mask_a[None, None, :]
+    tl.store(OUT + rows[:, :, None] * N + offs_a[None, None, :], tile.to(OUT.dtype.element_ty), mask=mask)
+    if HAS_PASS:
+        v = tl.load(V + grow[:, None] * N + offs_p[None, :], mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        tile = tl.broadcast_to(v.to(tl.float32)[:, None, :], (BT, HP, NP))
+        if HAS_BIAS:
+            mask = mask_h[:, None] & mask_p[None, :]
+            tile += tl.load(BIAS + h[:, None] * N + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)[None, :, :]
+        mask = m_th[:, :, None] & mask_p[None, None, :]
+        tl.store(OUT + rows[:, :, None] * N + offs_p[None, None, :], tile.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _m3p_fwd_kernel(
+    QV, KV, QB, KB, DT, TRAP, ANG, TH0, QR, KR, W, E, CK, AGG, FLAGS, T, H, G, N, R, NB, NC,
+    s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    BT: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, HAS_QB: tl.constexpr,
+    HAS_KB: tl.constexpr, HAS_TH0: tl.constexpr, HAS_PASS: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """One program per (time block, batch) of group program_id(1), all the group's heads as one [BT, HP] tile of
+    rows: w and e; the block's angle increments summed and that total published at once (before any wait); theta's
+    carry, the sum over the chain's blocks before it, from the look-back (`_m3p_lookback`); then every head's rotated
+    q, k rows. theta itself is never stored: CK keeps the inclusive sums at each block's end (the backward's
+    restarts and the final angle; 1/BT of theta's bytes). No program walks time, so the grid fills the GPU at any
+    batch x length (a walk per (batch, head) would have 256 programs at 16 x 4096)."""
+    g = tl.program_id(1)
+    ticket = tl.atomic_add(FLAGS + g, 1)
+    c, slot, b64, h, mask_h, offs_t, mask_t = _m3p_block(ticket, g, T, H, G, NB, NC, BT, HP, False)
+    FLG = FLAGS + G
+    offs_r = tl.arange(0, RP)
+    offs2 = tl.arange(0, HP)[:, None] * RP + offs_r[None, :]
+    m_hr = mask_h[:, None] & (offs_r < R)[None, :]
+    m_th = mask_t[:, None] & mask_h[None, :]
+    m_ang = m_th[:, :, None] & (offs_r < R)[None, None, :]
+    dt, lam, ang = _m3p_gates_angles(
+        DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
+        s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    )  # fmt: skip
+    step = ang * dt[:, :, None]
+    total = tl.sum(step, axis=0)
+    if c > 0:
+        _m3p_publish(FLG, AGG, slot, total, offs2, m_hr, 1, HP * RP)
+    # the trapezoid weights while the blocks before publish
+    nxt = (offs_t + 1 < T)[:, None] & mask_h[None, :]
+    base_dt = b64 * s_dt_b + h[None, :] * s_dt_h
+    base_tr = b64 * s_tr_b + h[None, :] * s_tr_h
+    dt_n, lam_n = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t[:, None] + 1, nxt, s_dt_t, s_tr_t)
+    b_next = (1.0 - lam_n) * dt_n
+    rows = (b64 * T + offs_t)[:, None] * H + h[None, :]
+    tl.store(W + rows, lam * dt + b_next, mask=m_th)
+    tl.store(E + rows, -b_next, mask=m_th)
+    carry = _m3p_lookback(FLG, AGG, CK, slot, c == 0, offs2, m_hr, -1, HP, RP)
+    if HAS_TH0:  # theta0 enters through the chain's head
+        m_h0 = m_hr & (tl.full((1, 1), c, tl.int32) == 0)  # c as a tensor: a scalar in a mask breaks the interpreter
+        carry += tl.load(TH0 + (b64 * H + h)[:, None] * R + offs_r[None, :], mask=m_h0, other=0.0).to(tl.float32)
+    _m3p_publish(FLG, CK, slot, carry + total, offs2, m_hr, 2, HP * RP)
+    cos, sin = m3_cos_sin(tl.cumsum(step, axis=0) + carry[None, :, :], FAST)
+    grow = (b64 * T + offs_t) * G + g
+    offs_a = tl.arange(0, 2 * RP)
+    offs_p = 2 * R + tl.arange(0, NP)
+    mask_a = offs_a < 2 * R
+    mask_p = offs_p < N
+    _m3p_fwd_side(QV, QB, QR, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+                  BT, HP, RP, NP, HAS_QB, HAS_PASS)  # fmt: skip
+    _m3p_fwd_side(KV, KB, KR, grow, rows, h, mask_h, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+                  BT, HP, RP, NP, HAS_KB, HAS_PASS)  # fmt: skip
+
+
+@triton.jit
+def _m3p_bwd_side(V, b_even, b_odd, DOUT, DV, grow, rows, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p,
+                  N, acc_e, acc_o, acc_p, BT: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_PASS: tl.constexpr):  # fmt: skip
+    """One of q, k over the block's heads: the rotated rows' gradients read once, rotated back and summed over the
+    heads into the group's row (stored in its dtype), added to the program's bias sums acc_e, acc_o [HP, RP]
+    (rotated part, even and odd elements) and acc_p [HP, NP] (the rest); returns the heads' d theta share
+    [BT, HP, RP] (-dout_even out_odd + dout_odd out_even) and the sums."""
+    even, odd = _m3p_pairs(V, b_even, b_odd, grow, mask_t, offs_a, mask_a, N, BT, RP, HAS_BIAS)
+    mask = m_th[:, :, None] & mask_a[None, None, :]
+    dout = tl.load(DOUT + rows[:, :, None] * N + offs_a[None, None, :], mask=mask, other=0.0)
+    d_even_r, d_odd_r = tl.split(tl.reshape(dout.to(tl.float32), (BT, HP, RP, 2)))
+    d_theta = -d_even_r * (even * sin + odd * cos) + d_odd_r * (even * cos - odd * sin)
+    d_even = d_even_r * cos + d_odd_r * sin
+    d_odd = d_odd_r * cos - d_even_r * sin
+    d_rows = tl.reshape(tl.join(tl.sum(d_even, axis=1), tl.sum(d_odd, axis=1)), (BT, 2 * RP))
+    mask = mask_t[:, None] & mask_a[None, :]
+    tl.store(DV + grow[:, None] * N + offs_a[None, :], d_rows.to(DV.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        acc_e += tl.sum(d_even, axis=0)
+        acc_o += tl.sum(d_odd, axis=0)
+    if HAS_PASS:
+        mask = m_th[:, :, None] & mask_p[None, None, :]
+        d_pass = tl.load(DOUT + rows[:, :, None] * N + offs_p[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        mask = mask_t[:, None] & mask_p[None, :]
+        tl.store(DV + grow[:, None] * N + offs_p[None, :], tl.sum(d_pass, axis=1).to(DV.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            acc_p += tl.sum(d_pass, axis=0)
+    return d_theta, acc_e, acc_o, acc_p
+
+
+@triton.jit
+def _m3p_bias_part(PART, acc_e, acc_o, acc_p, part, offs_a, offs_p2, HP: tl.constexpr, RP: tl.constexpr,
+                   NP: tl.constexpr, HAS_PASS: tl.constexpr):  # fmt: skip
+    """A program's bias sums as its row [HP, 2 RP + NP] of the partials (the host adds the programs' rows)."""
+    width: tl.constexpr = 2 * RP + NP
+    base = PART + part * (HP * width) + tl.arange(0, HP)[:, None] * width
+    tl.store(base + offs_a[None, :], tl.reshape(tl.join(acc_e, acc_o), (HP, 2 * RP)))
+    if HAS_PASS:
+        tl.store(base + 2 * RP + offs_p2[None, :], acc_p)
+
+
+@triton.jit
+def _m3p_bwd_kernel(
+    QV, KV, QB, KB, DT, TRAP, ANG, TH0, CK, DQO, DKO, DW, DE, DCK,
+    DQ, DK, DQB_PART, DKB_PART, DDT, DTRAP, DANG, DTH0, AGG, INC, FLAGS, T, H, G, N, R, NB, NC,
+    s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+    BT: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, HAS_QB: tl.constexpr,
+    HAS_KB: tl.constexpr, HAS_TH0: tl.constexpr, HAS_DCK: tl.constexpr, HAS_PASS: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """Persistent programs of group program_id(1) take the forward's blocks in reverse chain order (tickets). Per
+    block: theta rebuilt from the forward's carry (CK of the block before) and the block's angle increments; per q, k
+    the rotated rows' gradients read once (d q, d k summed over the group's heads in registers, d theta); d theta's
+    block total published, the sum over the later blocks from the look-back, and with it S_t = sum_{s>=t} d theta_s
+    at every step in registers: d angles = dt S, dt's angle term <angles, S>, d theta0 = S_1. Neither theta nor
+    d theta is ever stored (the two-kernel form writes and reads both: 4 x 67 MB at 64 x 1024). The whole group in
+    one program needs no atomics or per-head partials for d q, d k; persistence keeps the bias sums in registers
+    across blocks (one partial row per program: a row per block of BT = 8 steps would cost 1/4 of the rows' bytes)."""
+    g = tl.program_id(1)
+    FLG = FLAGS + G
+    offs_r = tl.arange(0, RP)
+    offs2 = tl.arange(0, HP)[:, None] * RP + offs_r[None, :]
+    offs_a = tl.arange(0, 2 * RP)
+    offs_p2 = tl.arange(0, NP)
+    offs_p = 2 * R + offs_p2
+    mask_a = offs_a < 2 * R
+    mask_p = offs_p < N
+    offs_h = tl.arange(0, HP)
+    h = g * (H // G) + offs_h
+    qb_even, qb_odd = _m3p_bias_pairs(QB, h, offs_h < H // G, offs_a, mask_a, N, HP, RP, HAS_QB)
+    kb_even, kb_odd = _m3p_bias_pairs(KB, h, offs_h < H // G, offs_a, mask_a, N, HP, RP, HAS_KB)
+    qe = tl.zeros((HP, RP), dtype=tl.float32)
+    qo = tl.zeros((HP, RP), dtype=tl.float32)
+    ke = tl.zeros((HP, RP), dtype=tl.float32)
+    ko = tl.zeros((HP, RP), dtype=tl.float32)
+    qp = tl.zeros((HP, NP), dtype=tl.float32)
+    kp = tl.zeros((HP, NP), dtype=tl.float32)
+    ticket = tl.atomic_add(FLAGS + g, 1)
+    while ticket < NB * NC:
+        c, slot, b64, h, mask_h, offs_t, mask_t = _m3p_block(ticket, g, T, H, G, NB, NC, BT, HP, True)
+        m_hr = mask_h[:, None] & (offs_r < R)[None, :]
+        m_th = mask_t[:, None] & mask_h[None, :]
+        m_ang = m_th[:, :, None] & (offs_r < R)[None, None, :]
+        c11 = tl.full((1, 1), c, tl.int32)  # c as a tensor: a scalar in a mask breaks the interpreter
+        dt, lam, ang = _m3p_gates_angles(
+            DT, TRAP, ANG, b64, offs_t, h, m_th, m_ang, offs_r,
+            s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
+        )  # fmt: skip
+        start = tl.load(CK + (slot - 1) * (HP * RP) + offs2, mask=m_hr & (c11 > 0), other=0.0)
+        if HAS_TH0:
+            th0 = tl.load(TH0 + (b64 * H + h)[:, None] * R + offs_r[None, :], mask=m_hr & (c11 == 0), other=0.0)
+            start += th0.to(tl.float32)
+        cos, sin = m3_cos_sin(tl.cumsum(ang * dt[:, :, None], axis=0) + start[None, :, :], FAST)
+        grow = (b64 * T + offs_t) * G + g
+        rows = (b64 * T + offs_t)[:, None] * H + h[None, :]
+        d_theta, qe, qo, qp = _m3p_bwd_side(
+            QV, qb_even, qb_odd, DQO, DQ, grow, rows, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+            qe, qo, qp, BT, HP, RP, NP, HAS_QB, HAS_PASS,
+        )  # fmt: skip
+        dk_theta, ke, ko, kp = _m3p_bwd_side(
+            KV, kb_even, kb_odd, DKO, DK, grow, rows, mask_t, m_th, cos, sin, offs_a, mask_a, offs_p, mask_p, N,
+            ke, ko, kp, BT, HP, RP, NP, HAS_KB, HAS_PASS,
+        )  # fmt: skip
+        d_theta = tl.where(m_ang, d_theta + dk_theta, 0.0)
+        total = tl.sum(d_theta, axis=0)
+        suffix = tl.cumsum(d_theta, axis=0, reverse=True)
+        if HAS_DCK:  # the gradient of the carry stored at the block's end: one more term at its last step
+            dck = tl.load(DCK + slot * (HP * RP) + offs2, mask=m_hr, other=0.0)
+            total += dck
+            suffix += dck[None, :, :]
+        if c < NC - 1:
+            _m3p_publish(FLG, AGG, slot, total, offs2, m_hr, 1, HP * RP)
+        carry = _m3p_lookback(FLG, AGG, INC, slot, c == NC - 1, offs2, m_hr, 1, HP, RP)
+        _m3p_publish(FLG, INC, slot, carry + total, offs2, m_hr, 2, HP * RP)
+        s = suffix + carry[None, :, :]
+        dang = (s * dt[:, :, None]).to(DANG.dtype.element_ty)
+        tl.store(DANG + rows[:, :, None] * R + offs_r[None, None, :], dang, mask=m_ang)
+        d_gamma = tl.load(DW + rows, mask=m_th, other=0.0)
+        prev = m_th & (offs_t >= 1)[:, None]
+        d_bp = tl.load(DW + rows - H, mask=prev, other=0.0) - tl.load(DE + rows - H, mask=prev, other=0.0)
+        ddt = d_gamma * lam + d_bp * (1.0 - lam) + tl.sum(s * ang, axis=2)
+        tl.store(DDT + rows, ddt.to(DDT.dtype.element_ty), mask=m_th)
+        tl.store(DTRAP + rows, ((d_gamma - d_bp) * dt * lam * (1.0 - lam)).to(DTRAP.dtype.element_ty), mask=m_th)
+        if HAS_TH0:
+            first = tl.sum(tl.where((offs_t == 0)[:, None, None], s, 0.0), axis=0)
+            tl.store(DTH0 + (b64 * H + h)[:, None] * R + offs_r[None, :], first, mask=m_hr & (c11 == 0))
+        ticket = tl.atomic_add(FLAGS + g, 1)
+    part = g * tl.num_programs(0) + tl.program_id(0)
+    if HAS_QB:
+        _m3p_bias_part(DQB_PART, qe, qo, qp, part, offs_a, offs_p2, HP, RP, NP, HAS_PASS)
+    if HAS_KB:
+        _m3p_bias_part(DKB_PART, ke, ko, kp, part, offs_a, offs_p2, HP, RP, NP, HAS_PASS)
+
+
+def _m3p_layout(seqlen: int, nheads: int, ngroups: int, dstate: int, rdim: int) -> tuple:
+    """(BT, HP, RP, NP, NC): steps per block (rows // HP), heads per group, rotated pairs and the other elements of
+    a row, each padded to a power of 2; blocks."""
+    hp = triton.next_power_of_2(nheads // ngroups)
+    bt = max(2, min(int(M3_TUNING["rows"]) // hp, triton.next_power_of_2(seqlen)))
+    rp = max(2, triton.next_power_of_2(rdim))
+    np_ = max(2, triton.next_power_of_2(max(1, dstate - 2 * rdim)))
+    return bt, hp, rp, np_, triton.cdiv(seqlen, bt)
+
+
+def _m3p_carries(theta: torch.Tensor, ngroups: int, dstate: int) -> torch.Tensor:
+    """theta (B,T,H,R) at each block's last step in the kernels' carry layout (B, G, NC, HP, RP), zero-padded."""
+    bsz, seqlen, nheads, rdim = theta.shape
+    bt, hp, rp, _, nc = _m3p_layout(seqlen, nheads, ngroups, dstate, rdim)
+    last = torch.clamp(torch.arange(1, nc + 1, device=theta.device) * bt, max=seqlen) - 1
+    ends = theta[:, last].unflatten(2, (ngroups, nheads // ngroups)).transpose(1, 2)
+    return F.pad(ends, (0, rp - rdim, 0, hp - nheads // ngroups))
+
+
+def m3_prepare_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    dt: torch.Tensor,
+    trap: torch.Tensor,
+    angles: torch.Tensor,
+    theta0: torch.Tensor | None,
+    nheads: int,
+) -> tuple:
+    """PyTorch reference of the m3_prepare op: `m3_gates_ref`, `m3_rotary_heads_ref` of q and k, and theta at each
+    block's end in the carry layout."""
+    w, e, theta = m3_gates_ref(dt, trap, angles, theta0)
+    q_rot = m3_rotary_heads_ref(q, q_bias, theta, nheads, q.dtype)
+    k_rot = m3_rotary_heads_ref(k, k_bias, theta, nheads, k.dtype)
+    return q_rot, k_rot, w, e, _m3p_carries(theta, q.shape[2], q.shape[3])
+
+
+def _m3p_flags(ngroups: int, nslots: int, like: torch.Tensor) -> torch.Tensor:
+    """One ticket counter per group, then one flag per block, zeroed (one memset)."""
+    return torch.zeros(ngroups + nslots, device=like.device, dtype=torch.int32)
+
+
+def _m3p_impl(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads):
+    if not _m3r_use_triton(q):
+        return m3_prepare_ref(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads)
+    bsz, seqlen, ngroups, dstate = q.shape
+    rdim = angles.shape[-1]
+    bt, hp, rp, np_, nc = _m3p_layout(seqlen, nheads, ngroups, dstate, rdim)
+    dt, trap, angles = _m3g_inputs(dt, trap, angles)
+    f32 = {"device": q.device, "dtype": torch.float32}
+    q_rot = torch.empty(bsz, seqlen, nheads, dstate, device=q.device, dtype=q.dtype)
+    k_rot = torch.empty(bsz, seqlen, nheads, dstate, device=k.device, dtype=k.dtype)
+    w, e = torch.empty(bsz, seqlen, nheads, **f32), torch.empty(bsz, seqlen, nheads, **f32)
+    ck = torch.empty(bsz, ngroups, nc, hp, rp, **f32)
+    agg = torch.empty(bsz, ngroups, nc, hp, rp, **f32)
+    th0 = theta0.float().contiguous() if theta0 is not None else None
+    _m3p_fwd_kernel[(bsz * nc, ngroups)](
+        q.contiguous(), k.contiguous(), _m3r_opt(q_bias, w), _m3r_opt(k_bias, w), dt, trap, angles,
+        th0 if th0 is not None else w, q_rot, k_rot, w, e, ck, agg, _m3p_flags(ngroups, bsz * ngroups * nc, q),
+        seqlen, nheads, ngroups, dstate, rdim, bsz, nc,
+        *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
+        BT=bt, HP=hp, RP=rp, NP=np_, HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
+        HAS_TH0=th0 is not None, HAS_PASS=dstate > 2 * rdim, FAST=q.is_cuda, num_warps=int(M3_TUNING["fwd_warps"]),
+    )  # fmt: skip
+    return q_rot, k_rot, w, e, ck
+
+
+def _m3p_fake(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads):
+    bsz, seqlen, ngroups, dstate = q.shape
+    _, hp, rp, _, nc = _m3p_layout(seqlen, nheads, ngroups, dstate, angles.shape[-1])
+    cd = torch.float64 if dt.dtype == torch.float64 and not _m3r_use_triton(dt) else torch.float32
+    shape = (bsz, seqlen, nheads, dstate)
+    return (q.new_empty(shape), k.new_empty(shape), dt.new_empty(dt.shape, dtype=cd), dt.new_empty(dt.shape, dtype=cd),
+            dt.new_empty((bsz, ngroups, nc, hp, rp), dtype=cd))  # fmt: skip
+
+
+def _m3p_setup(ctx, inputs, output):
+    ctx.nheads = inputs[8]
+    ctx.save_for_backward(*inputs[:8], output[4])
+
+
+def _m3p_backward(ctx, dq_rot, dk_rot, dw, de, dck):
+    q, k, q_bias, k_bias, dt, trap, angles, theta0, ck = ctx.saved_tensors
+    shape = (*q.shape[:2], ctx.nheads, q.shape[3])
+    dq_rot = dq_rot if dq_rot is not None else q.new_zeros(shape)
+    dk_rot = dk_rot if dk_rot is not None else k.new_zeros(shape)
+    dw = dw if dw is not None else torch.zeros(dt.shape, device=dt.device)
+    de = de if de is not None else torch.zeros(dt.shape, device=dt.device)
+    grads = _m3p_bwd_op(q, k, q_bias, k_bias, dt, trap, angles, theta0, ck, dq_rot, dk_rot, dw, de, dck, ctx.nheads)
+    dq, dk, dqb, dkb, ddt, dtrap, dang, dth0 = grads
+    return dq, dk, scan_opt(dqb), scan_opt(dkb), ddt, dtrap, dang, scan_opt(dth0), None
+
+
+def _m3p_programs(q: torch.Tensor, nblocks: int, ngroups: int) -> int:
+    """Persistent backward programs per group: a few per SM on the GPU, 3 under the interpreter (so that its tests
+    see programs taking several blocks)."""
+    if q.is_cuda:
+        total = torch.cuda.get_device_properties(q.device).multi_processor_count * int(M3_TUNING["bwd_ctas"])
+    else:
+        total = 3 * ngroups
+    return max(1, min(nblocks, triton.cdiv(total, ngroups)))
+
+
+def _m3p_bwd_impl(q, k, q_bias, k_bias, dt, trap, angles, theta0, ck, dq_rot, dk_rot, dw, de, dck, nheads):
+    """(dq, dk, dq_bias, dk_bias, ddt, dtrap, dangles, dtheta0), each in its input's dtype; a placeholder for an
+    absent bias or theta0."""
+    inputs = [q, k, q_bias, k_bias, dt, trap, angles, theta0]
+    if not _m3r_use_triton(q):
+        return tuple(scan_ref_vjp(lambda *a: m3_prepare_ref(*a, nheads), inputs, [dq_rot, dk_rot, dw, de, dck]))
+    bsz, seqlen, ngroups, dstate = q.shape
+    rdim = angles.shape[-1]
+    bt, hp, rp, np_, nc = _m3p_layout(seqlen, nheads, ngroups, dstate, rdim)
+    dt, trap, angles = _m3g_inputs(dt, trap, angles)
+    dev = q.device
+    f32 = {"device": dev, "dtype": torch.float32}
+    nprog = _m3p_programs(q, bsz * nc, ngroups)
+    dq, dk = torch.empty(q.shape, device=dev, dtype=q.dtype), torch.empty(k.shape, device=dev, dtype=k.dtype)
+    dqb_part = torch.empty(ngroups, nprog, hp, 2 * rp + np_, **f32) if q_bias is not None else None
+    dkb_part = torch.empty(ngroups, nprog, hp, 2 * rp + np_, **f32) if k_bias is not None else None
+    ddt = torch.empty(dt.shape, device=dev, dtype=dt.dtype)
+    dtrap = torch.empty(trap.shape, device=dev, dtype=trap.dtype)
+    dang = torch.empty(angles.shape, device=dev, dtype=angles.dtype)
+    dth0 = torch.empty(theta0.shape, **f32) if theta0 is not None else None
+    agg, inc = torch.empty(ck.shape, **f32), torch.empty(ck.shape, **f32)
+    th0 = theta0.float().contiguous() if theta0 is not None else None
+    _m3p_bwd_kernel[(nprog, ngroups)](
+        q.contiguous(), k.contiguous(), _m3r_opt(q_bias, agg), _m3r_opt(k_bias, agg), dt, trap, angles,
+        th0 if th0 is not None else agg, ck.contiguous(), dq_rot.contiguous(), dk_rot.contiguous(),
+        dw.float().contiguous(), de.float().contiguous(), dck.float().contiguous() if dck is not None else agg,
+        dq, dk, dqb_part if dqb_part is not None else agg, dkb_part if dkb_part is not None else agg,
+        ddt, dtrap, dang, dth0 if dth0 is not None else agg, agg, inc, _m3p_flags(ngroups, bsz * ngroups * nc, q),
+        seqlen, nheads, ngroups, dstate, rdim, bsz, nc,
+        *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
+        BT=bt, HP=hp, RP=rp, NP=np_, HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
+        HAS_TH0=th0 is not None, HAS_DCK=dck is not None, HAS_PASS=dstate > 2 * rdim, FAST=q.is_cuda,
+        num_warps=int(M3_TUNING["bwd_warps"]),
+    )  # fmt: skip
+
+    def bias_grad(part, bias):
+        if part is None:
+            return scan_none(dq)
+        sums = part.sum(1)[:, : nheads // ngroups]
+        return (
+            torch.cat((sums[..., : 2 * rdim], sums[..., 2 * rp : 2 * rp + dstate - 2 * rdim]), dim=-1)
+            .reshape(nheads, dstate)
+            .to(bias.dtype)
+        )
+
+    dth0 = dth0.to(theta0.dtype) if dth0 is not None else scan_none(dq)
+    return dq, dk, bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), ddt, dtrap, dang, dth0
+
+
+def _m3p_bwd_fake(q, k, q_bias, k_bias, dt, trap, angles, theta0, ck, dq_rot, dk_rot, dw, de, dck, nheads):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else scan_none(q)
+
+    return tuple(like(t) for t in (q, k, q_bias, k_bias, dt, trap, angles, theta0))
+
+
+_m3p_bwd_op = scan_op(
+    "m3_prepare_bwd",
+    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor dt, Tensor trap, Tensor angles, Tensor? theta0,"
+    " Tensor ck, Tensor dq_out, Tensor dk_out, Tensor dw, Tensor de, Tensor? dck, int nheads)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _m3p_bwd_impl,
+    _m3p_bwd_fake,
+)
+_m3p_op = scan_op(
+    "m3_prepare",
+    "(Tensor q, Tensor k, Tensor? q_bias, Tensor? k_bias, Tensor dt, Tensor trap, Tensor angles, Tensor? theta0,"
+    " int nheads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _m3p_impl,
+    _m3p_fake,
+    _m3p_backward,
+    _m3p_setup,
+)
+
+
+def m3_prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    dt: torch.Tensor,
+    trap: torch.Tensor,
+    angles: torch.Tensor,
+    theta0: torch.Tensor | None,
+    nheads: int,
+) -> tuple:
+    """(q~, k~, w, e, theta_T): `m3_gates` and `m3_rotate_heads` as one op each way (ssm_golf::m3_prepare), theta never
+    materialised; theta_T (B,H,R) is theta at the last step (the final state's angle). Math in the module docstring."""
+    q_rot, k_rot, w, e, ck = _m3p_op(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads)
+    ngroups, rdim = q.shape[2], angles.shape[-1]
+    theta_last = ck[:, :, -1, : nheads // ngroups, :rdim].reshape(q.shape[0], nheads, rdim)
+    return q_rot, k_rot, w, e, theta_last

@@ -235,3 +235,104 @@ def test_gates_backward_in_input_dtypes(m3):
     for g, r, leaf in zip(got, ref, leaves):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape
         assert _rel(g, r.to(leaf.dtype)) < 1e-2
+
+
+PREP_CASES = [
+    # batch, seqlen, heads, groups, dstate, angles, biases, theta0, dtype, rows (M3_TUNING: time block = rows // HP)
+    (2, 37, 4, 1, 16, 3, True, True, torch.float32, 16),  # G = 1, R < N/2, odd T over 10 blocks of 4
+    (2, 24, 4, 2, 16, 8, False, False, torch.float32, 16),  # 1 < G < H, R = N/2 (no pass-through), 3 whole blocks
+    (1, 19, 3, 3, 8, 2, True, False, torch.float32, 8),  # G = H (one row per head), blocks of 8
+    (2, 45, 3, 1, 16, 5, False, True, torch.float32, 128),  # 3 heads padded to 4, one partial block of 32
+    (2, 29, 4, 1, 32, 6, True, True, torch.bfloat16, 32),  # bf16 rows
+]
+
+
+@pytest.mark.parametrize("case", PREP_CASES, ids=[f"B{c[0]}T{c[1]}H{c[2]}G{c[3]}N{c[4]}R{c[5]}" for c in PREP_CASES])
+def test_prepare_kernel_matches_reference(m3, case):
+    """The fused preparation (ssm_golf::m3_prepare: weights, angles and rotated rows in one kernel, the backward in
+    one persistent kernel, chained over time blocks) against the float64 references of the two-op path: every output
+    (rotated rows, w, e, the last angle) and every gradient (q, k, biases, angles, dt, trap, theta0), with a strided
+    trap view and head-broadcast angles as the mixer passes them."""
+    rotary = importlib.import_module("templates.scan.m3_rotary")
+    bsz, seqlen, nheads, ngroups, dstate, nangles, biases, theta0, dtype, rows = case
+    gen = torch.Generator().manual_seed(seqlen)
+    q, k = (torch.randn(bsz, seqlen, ngroups, dstate, generator=gen).to(dtype) for _ in range(2))
+    dt = F.softplus(torch.randn(bsz, seqlen, nheads, generator=gen) - 1.0)
+    trap = torch.randn(bsz, seqlen, 2 * nheads, generator=gen)[..., nheads:]
+    angles = torch.randn(bsz, seqlen, 1, nangles, generator=gen).expand(bsz, seqlen, nheads, nangles) * 2.0
+    qb, kb = (torch.randn(nheads, dstate, generator=gen) if biases else None for _ in range(2))
+    th0 = torch.randn(bsz, nheads, nangles, generator=gen) if theta0 else None
+    inputs = (q, k, qb, kb, dt, trap, angles, th0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(rotary.M3_TUNING, "rows", rows)
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+        got = rotary.m3_prepare(*leaves, nheads)
+        ref_leaves = [t.double().requires_grad_() if t is not None else None for t in inputs]
+        w, e, theta = rotary.m3_gates_ref(*ref_leaves[4:])
+        ref = (
+            rotary.m3_rotary_heads_ref(ref_leaves[0], ref_leaves[2], theta, nheads, torch.float64),
+            rotary.m3_rotary_heads_ref(ref_leaves[1], ref_leaves[3], theta, nheads, torch.float64),
+            w,
+            e,
+            theta[:, -1],
+        )
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-6
+        for name, g, r in zip(("q_rot", "k_rot", "w", "e", "theta_T"), got, ref):
+            assert g.shape == r.shape, name
+            assert _rel(g, r) < tol, name
+        assert got[0].dtype == dtype and got[2].dtype == torch.float32
+        cots = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in ref]
+        wrt = [i for i, t in enumerate(leaves) if t is not None]
+        g_grads = torch.autograd.grad(got, [leaves[i] for i in wrt], [c.to(g.dtype) for c, g in zip(cots, got)])
+        r_grads = torch.autograd.grad(ref, [ref_leaves[i] for i in wrt], cots)
+    names = ("dq", "dk", "dq_bias", "dk_bias", "ddt", "dtrap", "dangles", "dtheta0")
+    for i, g, r in zip(wrt, g_grads, r_grads):
+        assert g.shape == r.shape and g.dtype == leaves[i].dtype, names[i]
+        assert _rel(g, r) < tol, names[i]
+
+
+class _Launches:
+    """A kernel stand-in that counts its launches and runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("fused", [1, 0])
+def test_fused_preparation_path_in_the_scan(m3, fused):
+    """mamba3_siso_scan with M3_TUNING["fused"] 1 runs the fused preparation kernels each way (and with 0 the two-op
+    path, none of them), against the trapezoid reference: output, final state and every gradient, the final angle's
+    included (its gradient reaches the fused backward through the stored carries)."""
+    rotary = importlib.import_module("templates.scan.m3_rotary")
+    inp = _inputs(2, 27, 4, 16, 1, 16, 5)
+    opts = ("q_bias", "k_bias", "D", "z", "state")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(rotary.M3_TUNING, "fused", fused)
+        patch.setitem(rotary.M3_TUNING, "rows", 16)
+        launches = {name: _Launches(getattr(rotary, name)) for name in ("_m3p_fwd_kernel", "_m3p_bwd_kernel")}
+        for name, stand_in in launches.items():
+            patch.setattr(rotary, name, stand_in)
+        got = _run_with_angle(m3.mamba3_siso_scan, inp, opts)
+    ref = _run_with_angle(m3.mamba3_siso_scan_ref, inp, opts)
+    assert [s.count for s in launches.values()] == [fused, fused]
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        assert _rel(got[name], ref[name]) < 3e-5, name
+
+
+def _run_with_angle(fn, inp, opts):
+    """`_run` with the final angle (mod 2 pi) in the loss too."""
+    leaves = {k: inp[k].clone().requires_grad_() for k in MAIN + tuple(o for o in opts if o != "state")}
+    state = [s.clone().requires_grad_() for s in inp["state"]]
+    kw = {k: leaves[k] for k in ("q_bias", "k_bias", "D", "z") if k in leaves}
+    y, final = fn(*[leaves[k] for k in MAIN], chunk_size=16, initial_state=state, return_final_state=True, **kw)
+    gen = torch.Generator().manual_seed(4)
+    loss = sum((t.double() * torch.randn(t.shape, generator=gen, dtype=torch.float64)).sum() for t in (y, *final))
+    grads = torch.autograd.grad(loss, list(leaves.values()) + state)
+    names = [f"d{k}" for k in leaves] + [f"dstate{i}" for i in range(len(state))]
+    return {"y": y} | {f"final{i}": f for i, f in enumerate(final)} | dict(zip(names, grads))
