@@ -611,18 +611,18 @@ def _ssd_bwd_onepass_kernel(
         dh <- exp(G_last) dh + (C exp(G))^T dy
     Ten dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
     descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, H, T, P or N) views with [1, 1, Q, BP or BN] blocks,
-    the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
-    holds no address or mask tiles, and the dots read B, C, x, dy straight from shared memory. Each tile is loaded
-    just before its first use (C again for the state read and step), since the register copies of a loaded tile
-    are all made where it lands and would otherwise be held across the chunk. Both pair dots come first, so the
-    decay tile seg ends with them: the pair weights w_j seg (w_j + e_j on the diagonal) scale dy x^T's result, and
-    the strict pair terms are dws S in fp32. The span dot's ones matrix is built once, before the loop, where it
-    lands in shared memory; a D with one value per head is a scalar, folded with e cb into one factor of dy. The
-    folded gate sits where dy lands, after the C.B pairs; offline sm_90 at Mamba-3's call (4 warps, 1 stage) it
-    takes the loop from 2,187 to 3,286 instructions and the stack from 48 to 184 B (loop STL/LDL 5/12 -> 10/40);
-    at the start of the chunk it spilled more (272-504 B), and dy . x as a [Q, P] product instead of the pair
-    diagonal 312 B. The default where it applies; SSD_TUNING["fused"]["on"] = 0 selects the split and
-    SSD_TUNING["fused"]["gate"] = 0 the pre-pass."""
+    the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the
+    loop holds no address or mask tiles (but the folded gate's z, built per chunk), and the dots read B, C, x, dy
+    straight from shared memory. Each tile is loaded just before its first use (C again for the state read and
+    step), since the register copies of a loaded tile are all made where it lands and would otherwise be held across
+    the chunk. Both pair dots come first, so the decay tile seg ends with them: the pair weights w_j seg (w_j + e_j
+    on the diagonal) scale dy x^T's result, and the strict pair terms are dws S in fp32. The span dot's ones matrix
+    is built once, before the loop, where it lands in shared memory; a D with one value per head is a scalar, folded
+    with e cb into one factor of dy. The folded gate sits where dy lands, after the C.B pairs; offline sm_90 at
+    Mamba-3's call (4 warps, 1 stage) it takes the loop from 2,187 to 3,286 instructions and the stack from 48 to
+    184 B (loop STL/LDL 5/12 -> 10/40); at the start of the chunk it spilled more (280 B; 400-504 B with z through a
+    descriptor), and dy . x as a [Q, P] product instead of the pair diagonal 312 B. The default where it applies;
+    SSD_TUNING["fused"]["on"] = 0 selects the split and SSD_TUNING["fused"]["gate"] = 0 the pre-pass."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
