@@ -448,9 +448,8 @@ TUNING_OPTIONS = {
     "dx": {"num_warps", "num_stages"},
     "dbc": {"num_warps", "num_stages", "heads"},
     "state": {"fp32"},
-    # the one-pass backward (generic form, per-head B and C, no rotation: the pre-rotated Mamba-3 call); "gate": 0
-    # does the gate's work in a pre-pass kernel instead of its loop
-    "fused": {"on", "gate", "num_warps", "num_stages"},
+    # the opt-in one-pass backward (generic form, per-head B and C, no rotation: the pre-rotated Mamba-3 call)
+    "fused": {"on", "num_warps", "num_stages"},
 }
 
 
@@ -550,9 +549,8 @@ SSD_SWEEP = {
 # the two-kernel forward
 CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"ffwd": {"on": 0}}]
 # and on the first Mamba-3 shape: the split backward kernels (the one-pass backward is the default there), the
-# one-pass backward with its gate pre-pass (the gate folded into its loop is the default), the two-kernel forward,
-# the one-pass forward with P in two blocks
-M3_CHECK_FORMS = [{"fused": {"on": 0}}, {"fused": {"gate": 0}}, {"ffwd": {"on": 0}}, {"ffwd": {"bp": 32}}]
+# two-kernel forward, the one-pass forward with P in two blocks
+M3_CHECK_FORMS = [{"fused": {"on": 0}}, {"ffwd": {"on": 0}}, {"ffwd": {"bp": 32}}]
 
 
 def sweep(device) -> dict:

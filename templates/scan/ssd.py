@@ -34,13 +34,10 @@ as a dot of the masked pair matrix with a triangular ones matrix; state reads an
 difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
 One-pass backward for the generic form with one B and C row per head (Mamba-3, whose B and C are rotated per head
-before the scan): one program per (batch, head) walking the chunks in reverse with the fp32 state gradient in
-registers (`_ssd_bwd_onepass_kernel`), which also does the gate's work per chunk (dz, dy through the gate, dy . x,
-dD summed per (batch, head)) where it reads dy; SSD_TUNING["fused"]["gate"] = 0 does that in a pre-pass kernel
-instead (`_ssd_bwd_gate_kernel`, the earlier form: 0.319 ms + 0.770 ms for the loop on the H100 at 64 x 1024). On
-the H100 the one-pass backward took Mamba-3's graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group
-rows (G < H: Mamba-2), rows that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split
-kernels.
+before the scan): a gate pre-pass (dz, gated dy, dD shares, dy . x per position), then one program per (batch,
+head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`). On the
+H100 it took Mamba-3's graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group rows (G < H: Mamba-2), rows
+that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
@@ -653,8 +650,7 @@ def _ssd_bwd_gate_kernel(
     X, Z, YP, DY, DZ, DYE, DD_PART, DXY, T, H, P, NC,
     Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_E: tl.constexpr,
 ):  # fmt: skip
-    """Pre-pass of the one-pass backward when its loop does not do the gate's work (SSD_TUNING["fused"]["gate"] = 0;
-    the folded form is the default), one program per (batch, chunk, head), elementwise: with the gate, dz (from
+    """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
     the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x); with e,
     dy_t . x_t per position (fp32), which e's diagonal terms need. So the one-pass loop reads one gated dy, neither z
     nor the output before the gate, and takes no diagonal out of its dy x^T pair tile."""
@@ -686,55 +682,19 @@ def _ssd_bwd_gate_kernel(
 
 
 @triton.jit
-def _ssd_onepass_gate(
-    DYD, YPD, DZD, Z, b, h, c, T, H, P,
-    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, PIN: tl.constexpr, DOT: tl.constexpr,
-):  # fmt: skip
-    """Chunk c's dy in the dot dtype for the folded one-pass loop: with the gate, dz stored (from the output before
-    it) and dy through it, rounded to dy's dtype where the pre-pass stored it, so the numbers do not move. z comes
-    through pointers, not a descriptor, and the result through an opaque identity (PIN, compiled only: the
-    interpreter runs no inline asm): the compiler otherwise computes the whole gate again in each register layout
-    that a user of dy asks for (offline sm_90: 161 MUFU per chunk instead of 97 and 664 B of stack instead of 184);
-    a pointer load is not recomputed and an opaque result is not moved to its users, so the gate runs once, lands
-    in shared memory for the dots, and only dx's term converts it to registers."""
-    dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP)
-    if HAS_Z:
-        tq = c * Q + tl.arange(0, Q)
-        offs_p = tl.arange(0, BP)
-        z_loc = (b.to(tl.int64) * T * H + h) * P + tq[:, None] * (H * P) + offs_p[None, :]
-        zz = tl.load(Z + z_loc, mask=(tq < T)[:, None] & (offs_p < P)[None, :], other=0.0).to(tl.float32)
-        yp = YPD.load([b, h, c * Q, 0]).reshape(Q, BP).to(tl.float32)
-        dyf = dy.to(tl.float32)
-        sz = tl.sigmoid(zz)
-        DZD.store([b, h, c * Q, 0], (dyf * yp * sz * (1.0 + zz * (1.0 - sz))).to(DZD.dtype).reshape(1, 1, Q, BP))
-        dy = (dyf * zz * sz).to(DYD.dtype).to(DOT)
-        if PIN:
-            if DOT == tl.float32:
-                dy = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [dy], dtype=dy.dtype, is_pure=False, pack=1)
-            else:
-                dy = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [dy], dtype=dy.dtype, is_pure=False, pack=2)
-    return dy.to(DOT)
-
-
-@triton.jit
 def _ssd_bwd_onepass_kernel(
-    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, YPD, DZD, Z, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, DD_PART,
-    T, H, P, N, NC,
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
-    D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, GATE: tl.constexpr, HAS_Z: tl.constexpr,
-    PIN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
-    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de, and with GATE (the
-    default) dz and the program's dD share (stored once, a scalar for one D per head): the gate's work is done where
-    dy lands (`_ssd_onepass_gate`), so dy below is through the gate; without GATE it is the pre-pass's
-    (`_ssd_bwd_gate_kernel`: dz, gated dy, dD and dy . x written and read back, ~0.3 GB more HBM traffic at
-    64 x 1024 and a second launch). The input weight is folded into x's rows (x' = w x) and the diagonal extra e
-    handled per position, so no [Q, Q] weight tile. With st the stored chunk-start state, S = C B^T, seg the masked
-    decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the gradient of S; the pair tiles are held transposed,
-    [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t = dy_t . x_t (the diagonal of the x dy^T dot, or the
-    pre-pass's), per chunk:
+    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de; the gate and dD are
+    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight is folded into
+    x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
+    chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
+    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
+    dy_t . x_t (from the pre-pass, which reads dy and x anyway), per chunk:
         v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
         dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
         dC = (dws + diag(e dxy)) B + exp(G) dy st^T   dB = (dws + diag(e dxy))^T C + exp(G_last - G) w x dh^T
@@ -743,18 +703,14 @@ def _ssd_bwd_onepass_kernel(
         dh <- exp(G_last) dh + (C exp(G))^T dy
     Ten dots, every operand in the dot dtype. The [Q, P] and [Q, N] tiles and the states move through tensor
     descriptors (XD ... CKD; x, dy, dx, B, C, dB, dC as (batch, H, T, P or N) views with [1, 1, Q, BP or BN] blocks,
-    the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the
-    loop holds no address or mask tiles (but the folded gate's z, built per chunk), and the dots read B, C, x, dy
-    straight from shared memory. Each tile is loaded just before its first use (C again for the state read and
-    step), since the register copies of a loaded tile are all made where it lands and would otherwise be held across
-    the chunk. Both pair dots come first, so the decay tile seg ends with them: the pair weights w_j seg (w_j + e_j
-    on the diagonal) scale dy x^T's result, and the strict pair terms are dws S in fp32. The span dot's ones matrix
-    is built once, before the loop, where it lands in shared memory; a D with one value per head is a scalar, folded
-    with e cb into one factor of dy. The folded gate sits where dy lands, after the C.B pairs; offline sm_90 at
-    Mamba-3's call (4 warps, 1 stage) it takes the loop from 2,187 to 3,286 instructions and the stack from 48 to
-    184 B (loop STL/LDL 5/12 -> 10/40); at the start of the chunk it spilled more (280 B; 400-504 B with z through a
-    descriptor), and dy . x as a [Q, P] product instead of the pair diagonal 312 B. The default where it applies;
-    SSD_TUNING["fused"]["on"] = 0 selects the split and SSD_TUNING["fused"]["gate"] = 0 the pre-pass."""
+    the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores, so the loop
+    holds no address or mask tiles, and the dots read B, C, x, dy straight from shared memory. Each tile is loaded
+    just before its first use (C again for the state read and step), since the register copies of a loaded tile
+    are all made where it lands and would otherwise be held across the chunk. Both pair dots come first, so the
+    decay tile seg ends with them: the pair weights w_j seg (w_j + e_j on the diagonal) scale dy x^T's result, and
+    the strict pair terms are dws S in fp32. The span dot's ones matrix is built once, before the loop, where it
+    lands in shared memory; a D with one value per head is a scalar, folded with e cb into one factor of dy. The
+    default where it applies; SSD_TUNING["fused"]["on"] = 0 selects the split."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -775,11 +731,6 @@ def _ssd_bwd_onepass_kernel(
             d_row = tl.load(DS + h * P).to(tl.float32)
         else:
             d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        if GATE:  # the program's dD share, summed over its chunks in registers and stored once
-            if D_HEAD:
-                dd_acc = tl.full((), 0.0, tl.float32)
-            else:
-                dd_acc = tl.zeros((BP,), dtype=tl.float32)
     upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
     for cc in range(NC):
         c = NC - 1 - cc
@@ -804,31 +755,17 @@ def _ssd_bwd_onepass_kernel(
             cb = tl.sum(tl.where(diag, scores, 0.0), axis=1)  # C_t . B_t
         m = (scores * seg).to(DOT)
         # dy and x land after the C.B pairs, so that their register copies (made where they land) start there
-        if GATE:  # the gate's work here, where the pre-pass did it (`_ssd_onepass_gate`)
-            dy = _ssd_onepass_gate(DYD, YPD, DZD, Z, b, h, c, T, H, P, Q, BP, HAS_Z, PIN, DOT)
-        else:
-            dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        dy = DYD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
-        if GATE and HAS_D and not D_HEAD:  # a D per (head, column): the dD share's columns, sum_t dy_t x_t
-            dd_acc += tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0)
-        # x' dy^T (w applied through sw below); with the gate folded in, its diagonal is dxy_t = dy_t . x_t (fp32
-        # tensor-core sums), which e's terms and a per-head dD need: from the pair tile, not a [Q, P] product whose
-        # register copies of dy and x would be held from here on
-        xdy = tl.dot(x, tl.trans(dy), input_precision=PREC)
-        if GATE and (HAS_E or (HAS_D and D_HEAD)):
-            dxy = tl.sum(tl.where(diag, xdy, 0.0), axis=1)
-            if HAS_D and D_HEAD:
-                dd_acc += tl.sum(dxy, axis=0)
         # the pair weights w_j seg[j, i], with w_j + e_j on the diagonal (seg is exactly 1 there): e's share of dB and
         # dC, e_t (dy_t . x_t) C_t and B_t, comes through the pair dots
         if HAS_E:
             sw = tl.where(diag, (w + e)[:, None], seg * w[:, None])
-            if not GATE:
-                dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)  # dy . x from the pre-pass
+            dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)  # dy . x from the pre-pass
             tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
         else:
             sw = seg * w[:, None]
-        dws = xdy * sw
+        dws = tl.dot(x, tl.trans(dy), input_precision=PREC) * sw
         # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S, then row t's part
         # left of t
         strict = tq[:, None] > tq[None, :]
@@ -877,11 +814,6 @@ def _ssd_bwd_onepass_kernel(
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
-    if GATE and HAS_D:
-        if D_HEAD:
-            tl.store(DD_PART + bh64, dd_acc)
-        else:
-            tl.store(DD_PART + bh64 * P + offs_p, dd_acc, mask=mask_p)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -1228,7 +1160,7 @@ def _ssd_scan_bwd_impl(
     def cast(g, like):
         return g.to(like.dtype) if g is not None else scan_none(x)
 
-    dD = _ssd_dD(dd_part, D, 2)
+    dD = _ssd_dD(dd_part, D)
     dA = ddtb = None
     if not generic:
         dA = da_part.sum((0, 1))
@@ -1251,65 +1183,49 @@ def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
 
 
-def _ssd_dD(dd_part: torch.Tensor | None, D: torch.Tensor | None, lead: int) -> torch.Tensor | None:
-    """dD in D's shape ((H,) or (H, P)) from partials summed over their `lead` leading dims: the split's and the
-    pre-pass's (batch, chunk, H, P) column partials (lead 2), or the folded one-pass's per-(batch, head) sums,
-    (batch, H) for one D per head or (batch, H, P) (lead 1); None without D."""
+def _ssd_dD(dd_part: torch.Tensor | None, D: torch.Tensor | None) -> torch.Tensor | None:
+    """dD from the per-(batch, chunk, head) column partials, in D's shape ((H,) or (H, P)); None without D."""
     if dd_part is None:
         return None
-    dD = dd_part.sum(tuple(range(lead)))
-    return dD.sum(1) if dD.dim() > D.dim() else dD
+    dD = dd_part.sum((0, 1))
+    return dD.sum(1) if D.dim() == 1 else dD
 
 
 def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
-    """The generic backward with one B and C row per head, in one pass: `_ssd_bwd_onepass_kernel` with the gate, dD
-    and dy . x folded into its loop (SSD_TUNING["fused"]["gate"], default 1, where descriptors can take the output
-    before the gate and dz), else after the gate pre-pass (`_ssd_bwd_gate_kernel`, the old form, kept to A/B it);
-    the 12 gradients of the op (la_c, w_c, e_c: the caller's fp32 contiguous gates; z contiguous)."""
+    """The generic backward with one B and C row per head, in one pass: the gate pre-pass, then
+    `_ssd_bwd_onepass_kernel`; the 12 gradients of the op (la_c, w_c, e_c: the caller's fp32 contiguous gates)."""
     bsz, seqlen, nheads, hdim = x.shape
     dstate, nchunks = B.shape[3], ckpt.shape[2]
     f32 = {"device": x.device, "dtype": torch.float32}
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-    d_head = D is not None and D.dim() == 1
     dz = torch.empty_like(z) if z is not None else None
-    gate = bool(SSD_TUNING.get("fused", {}).get("gate", 1)) and (z is None or _ssd_onepass_ok(yp, dz))
+    dye = torch.empty_like(dy) if z is not None else dy
+    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
     gshape = (bsz, seqlen, nheads)
-    dxy = dd_part = None
-    if gate:  # dz, dy through the gate, dD's per-(batch, head) sums and dy . x all in the one-pass loop
-        dye = dy
-        if d_mat is not None:
-            dd_part = torch.empty((bsz, nheads) if d_head else (bsz, nheads, hdim), **f32)
-    else:
-        dye = torch.empty_like(dy) if z is not None else dy
-        dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
-        dxy = torch.empty(gshape, **f32) if e is not None else None  # dy . x per position, for e's terms
-        if z is not None or d_mat is not None or e is not None:
-            _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
-                x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
-                dd_part if dd_part is not None else x, dxy if dxy is not None else x, seqlen, nheads, hdim, nchunks,
-                Q=chunk_size, BP=bp, HAS_Z=z is not None, HAS_D=d_mat is not None, HAS_E=e is not None, num_warps=4,
-            )  # fmt: skip
+    dxy = torch.empty(gshape, **f32) if e is not None else None  # dy . x per position, for e's terms
+    if z is not None or d_mat is not None or e is not None:
+        _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
+            x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
+            dd_part if dd_part is not None else x, dxy if dxy is not None else x, seqlen, nheads, hdim, nchunks,
+            Q=chunk_size, BP=bp, HAS_Z=z is not None, HAS_D=d_mat is not None, HAS_E=e is not None, num_warps=4,
+        )  # fmt: skip
     dx = torch.empty_like(x)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
     dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
     de = torch.empty(gshape, **f32) if e is not None else None
     dh0 = torch.empty_like(h0) if h0 is not None else None
     xd, dyd, dxd = (_ssd_desc(t, chunk_size, bp) for t in (x, dye, dx))
-    ypd, dzd = (_ssd_desc(t, chunk_size, bp) for t in (yp, dz)) if gate and z is not None else (xd, xd)
     bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
-    pin = os.environ.get(SSD_INTERPRET_ENV) != "1"  # compiled, not interpreted: the gate's opaque identity
     _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, ypd, dzd, z if z is not None else x, la_c, w_c,
-        *((e_c, dxy if dxy is not None else w_c) if e is not None else (w_c, w_c)),
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, *((e_c, dxy) if e is not None else (w_c, w_c)),
         d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
-        dh0 if dh0 is not None else dw, dd_part if dd_part is not None else dw, seqlen, nheads, hdim, dstate, nchunks,
-        Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=d_head,
-        HAS_H0=h0 is not None, HAS_DHT=dfin is not None, GATE=gate, HAS_Z=z is not None, PIN=pin, DOT=dot, PREC=prec,
-        **_ssd_launch("fused", chunk_size, dot),
+        dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
+        HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=D is not None and D.dim() == 1, HAS_H0=h0 is not None,
+        HAS_DHT=dfin is not None, DOT=dot, PREC=prec, **_ssd_launch("fused", chunk_size, dot),
     )  # fmt: skip
-    dD = _ssd_dD(dd_part, D, 1 if gate else 2)
+    dD = _ssd_dD(dd_part, D)
 
     def cast(g, like):
         return g.to(like.dtype) if g is not None else scan_none(x)

@@ -261,17 +261,15 @@ ONEPASS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("gate", [1, 0], ids=["folded", "prepass"])
 @pytest.mark.parametrize("case", ONEPASS_CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}N{c[4]}" for c in ONEPASS_CASES])
-def test_onepass_backward_matches_split_and_reference(ssd, case, gate, monkeypatch):
-    """The one-pass backward (per-head B and C, G == H; the pre-rotated Mamba-3 call), the default there, with the
-    gate folded into its loop (the default) or in the pre-pass, against the split kernels (SSD_TUNING["fused"]["on"]
-    = 0) and the float64 reference, gradients of every input."""
+def test_onepass_backward_matches_split_and_reference(ssd, case, monkeypatch):
+    """The one-pass backward (per-head B and C, G == H; the pre-rotated Mamba-3 call), the default there, against
+    the split kernels (SSD_TUNING["fused"]["on"] = 0) and the float64 reference, gradients of every input."""
     seqlen, chunk, nheads, hdim, dstate, opts, with_final = case
     inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, seed=seqlen)
     monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
     split = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"gate": gate})  # on by default
+    monkeypatch.delitem(ssd.SSD_TUNING, "fused")  # the default
     calls = _count_onepass(ssd, monkeypatch)
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
     assert calls, "the one-pass backward did not run"
@@ -283,13 +281,12 @@ def test_onepass_backward_matches_split_and_reference(ssd, case, gate, monkeypat
         assert _rel(got[name], split[name]) < 2e-5, name
 
 
-@pytest.mark.parametrize("gate", [1, 0], ids=["folded", "prepass"])
-def test_onepass_backward_bf16_inputs(ssd, monkeypatch, gate):
+def test_onepass_backward_bf16_inputs(ssd, monkeypatch):
     inp = _onepass_inputs(2, 45, 2, 16, 16, torch.bfloat16, seed=3)
     opts = ("e", "D", "z", "h0")
     monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
     split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1, "gate": gate})
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
     calls = _count_onepass(ssd, monkeypatch)
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
     assert calls
@@ -318,11 +315,11 @@ def test_onepass_backward_refuses_other_calls(ssd, monkeypatch, why):
         assert torch.equal(got[name], split[name]), name
 
 
-@pytest.mark.parametrize("onepass,gate", [(0, 1), (1, 1), (1, 0)], ids=["split", "folded", "prepass"])
-def test_backward_from_the_final_state_alone(ssd, monkeypatch, onepass, gate):
+@pytest.mark.parametrize("onepass", [0, 1])
+def test_backward_from_the_final_state_alone(ssd, monkeypatch, onepass):
     """A loss on the final state only: the op's backward gets no output gradient (autograd does not fill zeros for
-    unused outputs) and must still give every input's gradient, split and one-pass (gate folded or pre-pass)."""
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": onepass, "gate": gate})
+    unused outputs) and must still give every input's gradient, split and one-pass."""
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": onepass})
     inp = _onepass_inputs(1, 40, 2, 16, 16, torch.float32, seed=5)
     outs = []
     for fn in (ssd.ssd_generic_scan, ssd.ssd_generic_scan_ref):
@@ -471,92 +468,3 @@ def test_onepass_forward_refuses_unaligned_rows(ssd, monkeypatch):
     ref = _run_generic(ssd.ssd_generic_scan_ref, inp, ("e", "z"), 16, True, cast=torch.float64)
     for name in ref:
         assert _rel(got[name], ref[name]) < 2e-5, name
-
-
-def _count_gate_prepass(ssd, monkeypatch) -> list:
-    """Grids of the gate pre-pass's launches (`_ssd_bwd_gate_kernel`), counted through the module attribute."""
-    calls = []
-    kernel = ssd._ssd_bwd_gate_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(ssd, "_ssd_bwd_gate_kernel", Counted())
-    return calls
-
-
-def _run_gate_case(fn, inp, opts, chunk, loss, cast=None):
-    """Gradients of every input of the generic scan for a loss on y ("y"), on the final state ("final", so the op's
-    backward gets no output gradient) or on both; an input without a path to the loss gets zeros."""
-    names = ["x", "la", "w", "B", "C"] + [k for k in ("e", "D", "Dm", "z", "h0") if k in opts]
-    leaves = {k: (inp[k].to(cast) if cast else inp[k]).clone().requires_grad_() for k in names}
-    kw = {k: leaves[k] for k in ("e", "z", "h0") if k in leaves}
-    if "D" in leaves or "Dm" in leaves:
-        kw["D"] = leaves["D" if "D" in leaves else "Dm"]
-    y, final = fn(leaves["x"], leaves["la"], leaves["w"], leaves["B"], leaves["C"], chunk, return_final_state=True,
-                  **kw)  # fmt: skip
-    gen = torch.Generator().manual_seed(11)
-    total = 0.0
-    if loss in ("y", "both"):
-        total = total + (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64)).sum()
-    if loss in ("final", "both"):
-        total = total + (final.double() * torch.randn(final.shape, generator=gen, dtype=torch.float64)).sum()
-    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-    return {f"d{n}": g if g is not None else torch.zeros_like(leaves[n]) for n, g in zip(names, grads)}
-
-
-GATE_CASES = [
-    # seqlen, chunk, heads, headdim, dstate, options, loss, dtype
-    (37, 16, 2, 16, 16, ("e", "D", "z", "h0"), "both", torch.float32),  # odd T, every option, dh0
-    (50, 16, 2, 32, 16, ("e", "Dm", "z"), "y", torch.float32),  # D per (head, column)
-    (29, 16, 3, 16, 16, ("e", "h0"), "both", torch.float32),  # no gate, no D
-    (40, 32, 2, 24, 16, ("D", "z"), "y", torch.float32),  # no e; P not a power of two (z's columns masked)
-    (21, 16, 2, 16, 16, ("z",), "y", torch.float32),  # the gate alone
-    (40, 16, 2, 16, 16, ("e", "D", "z", "h0"), "final", torch.float32),  # a loss on the final state only
-    (45, 16, 2, 16, 16, ("e", "D", "z", "h0"), "both", torch.bfloat16),
-    (33, 16, 2, 16, 16, ("e", "Dm", "z"), "y", torch.bfloat16),
-    (51, 16, 2, 16, 16, ("D",), "both", torch.bfloat16),
-]
-
-
-@pytest.mark.parametrize(
-    "case", GATE_CASES, ids=[f"T{c[0]}_{'-'.join(c[5]) or 'none'}_{c[6]}_{str(c[7])[6:]}" for c in GATE_CASES]
-)
-def test_onepass_gate_folded_matches_prepass_and_reference(ssd, case, monkeypatch):
-    """The gate's work folded into the one-pass loop (SSD_TUNING["fused"]["gate"] = 1, the default: no pre-pass
-    launch) against the pre-pass form (gate 0, which launches it whenever there is a gate, D or e) and the float64
-    reference. The folded gated dy is rounded where the pre-pass stored it, so the two agree closely (dy . x differs
-    only in summation order: the folded form sums it on the pair tile's diagonal)."""
-    seqlen, chunk, nheads, hdim, dstate, opts, loss, dtype = case
-    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, dtype, seed=seqlen + len(opts))
-    onepass = _count_onepass(ssd, monkeypatch)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"gate": 0})
-    prepass_calls = _count_gate_prepass(ssd, monkeypatch)
-    old = _run_gate_case(ssd.ssd_generic_scan, inp, opts, chunk, loss)
-    assert len(onepass) == 1 and len(prepass_calls) == (1 if set(opts) & {"e", "D", "Dm", "z"} else 0)
-    monkeypatch.delitem(ssd.SSD_TUNING, "fused")  # the default: folded
-    got = _run_gate_case(ssd.ssd_generic_scan, inp, opts, chunk, loss)
-    assert len(onepass) == 2 and len(prepass_calls) <= 1, "the folded path launched the pre-pass"
-    ref = _run_gate_case(ssd.ssd_generic_scan_ref, inp, opts, chunk, loss, cast=torch.float64)
-    assert got.keys() == old.keys() == ref.keys()
-    half = dtype == torch.bfloat16
-    for name in ref:
-        assert got[name].shape == ref[name].shape and got[name].dtype == old[name].dtype, name
-        # the same numbers, up to de's and dD's summation order (bf16 outputs included: dy rounds where it did)
-        assert _rel(got[name], old[name]) < 1e-6, name
-        assert _rel(got[name], ref[name]) < (2e-2 if half else 2e-5), name
-
-
-def test_onepass_dD_partials(ssd):
-    """_ssd_dD reduces both partial layouts to D's shape: the split's and pre-pass's (batch, chunk, H, P) columns
-    and the folded loop's per-(batch, head) sums."""
-    gen = torch.Generator().manual_seed(2)
-    cols = torch.randn(2, 3, 4, 5, generator=gen)
-    assert torch.allclose(ssd._ssd_dD(cols, torch.zeros(4), 2), cols.sum((0, 1, 3)))
-    assert torch.allclose(ssd._ssd_dD(cols, torch.zeros(4, 5), 2), cols.sum((0, 1)))
-    per_head, per_col = torch.randn(2, 4, generator=gen), torch.randn(2, 4, 5, generator=gen)
-    assert torch.allclose(ssd._ssd_dD(per_head, torch.zeros(4), 1), per_head.sum(0))
-    assert torch.allclose(ssd._ssd_dD(per_col, torch.zeros(4, 5), 1), per_col.sum(0))
-    assert ssd._ssd_dD(None, None, 1) is None
