@@ -19,10 +19,9 @@ v_T), which is exactly what initial_state takes for the next window.
 Chunked form: with b'_t = DT_t (1 - lambda_t), unrolling the trapezoid gives the SSD kernel with input weight
 w_t = gamma_t + b'_{t+1} (b'_{T+1} = 0), log-decay adt, and the diagonal term weighted by gamma_t alone
 (e_t = -b'_{t+1}); the carried-in (v, k) pair folds into the initial state as S_0 + b'_1 v_0 k~_0^T.
-The weights, the cumulative angles and q, k expanded to the heads, biased and rotated once into per-head rows are one
-Triton kernel each way (`m3_prepare`, theta never stored; M3_TUNING["fused"] = 0 in m3_rotary selects the two ops it
-fuses for A/B: the walk over time `m3_gates` and `m3_rotate_heads`); the scan is `ssd_generic_scan` over those rows
-(one group per head).
+The weights and cumulative angles are one Triton walk over time per (batch, head) each way (`m3_gates`); q and k
+are expanded to the heads, biased and rotated once into per-head rows (`m3_rotate_heads`, whose backward rotates the
+gradients back); the scan is `ssd_generic_scan` over those rows (one group per head).
 """
 
 import math
@@ -30,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from templates.scan.m3_rotary import M3_TUNING, m3_gates, m3_prepare, m3_rotate_heads
+from templates.scan.m3_rotary import m3_gates, m3_rotate_heads
 from templates.scan.ssd import ssd_generic_scan, ssd_use_triton
 
 
@@ -99,22 +98,18 @@ def mamba3_siso_scan(
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     nheads = x.shape[2]
     theta0, s0, k0, v0 = initial_state if initial_state is not None else (None, None, None, None)
-    if M3_TUNING["fused"]:
-        q_rot, k_rot, w, e, theta_last = m3_prepare(q, k, q_bias, k_bias, dt, trap, angles, theta0, nheads)
-    else:
-        w, e, theta = m3_gates(dt, trap, angles, theta0)
-        q_rot, k_rot = m3_rotate_heads(q, k, q_bias, k_bias, theta, nheads)
-        theta_last = theta[:, -1]
+    w, e, theta = m3_gates(dt, trap, angles, theta0)
     h0 = None
     if initial_state is not None:
         k0_rot = _m3_rotate(k0.to(cd), theta0.to(cd))
         bprime0 = (1.0 - torch.sigmoid(trap[:, 0].to(cd))) * dt[:, 0].to(cd)
         h0 = s0.to(cd) + bprime0[..., None, None] * v0.to(cd)[..., :, None] * k0_rot[..., None, :]
+    q_rot, k_rot = m3_rotate_heads(q, k, q_bias, k_bias, theta, nheads)
     y, s_last = ssd_generic_scan(x, adt, w, k_rot, q_rot, chunk_size, e=e, D=D, z=z, h0=h0, return_final_state=True)
     if not return_final_state:
         return y
     k_last = _m3_heads(k[:, -1:], nheads, k_bias)[:, 0]
-    return y, (torch.remainder(theta_last, 2 * math.pi), s_last, k_last, x[:, -1])
+    return y, (torch.remainder(theta[:, -1], 2 * math.pi), s_last, k_last, x[:, -1])
 
 
 def mamba3_siso_scan_ref(

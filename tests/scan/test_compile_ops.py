@@ -244,14 +244,6 @@ def opcheck_cases() -> list:
         ("m3_rotate_bwd", [r(1, 5, 1, 4), r(1, 5, 1, 4), None, r(2, 4), r(1, 5, 2, 1), r(1, 5, 2, 4), r(1, 5, 2, 4)]
          + [2]),
         ("m3_gates_bwd", [torch.rand(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3), None, r(1, 4, 2), r(1, 4, 2), r(1, 4, 2, 3)]),
-        ("m3_prepare", [*_req(r(1, 5, 1, 4), r(1, 5, 1, 4), r(2, 4)), None,
-                        *_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 1), r(1, 2, 1)), 2]),
-        ("m3_prepare", [*_req(r(1, 5, 2, 4), r(1, 5, 2, 4)), None, None,
-                        *_req(torch.rand(1, 5, 2, generator=g), r(1, 5, 2), r(1, 5, 2, 2)), None, 2]),
-        # carries (B, G, blocks, heads per group padded, angles padded): one block of 8 steps here
-        ("m3_prepare_bwd", [r(1, 5, 1, 4), r(1, 5, 1, 4), r(2, 4), None, torch.rand(1, 5, 2), r(1, 5, 2), r(1, 5, 2, 1),
-                            r(1, 2, 1), r(1, 1, 1, 2, 2), r(1, 5, 2, 4), r(1, 5, 2, 4), r(1, 5, 2), r(1, 5, 2),
-                            r(1, 1, 1, 2, 2), 2]),
     ]  # fmt: skip
 
 
@@ -269,7 +261,6 @@ def test_opcheck(case):
         ("templates.scan.ssd", "ssd_scan", "_ssd_scan_impl"),
         ("templates.scan.m3_rotary", "m3_gates", "_m3g_impl"),
         ("templates.scan.m3_rotary", "m3_rotate", "_m3r_impl"),
-        ("templates.scan.m3_rotary", "m3_prepare", "_m3p_impl"),
     ],
 )
 def test_module_loads_twice(module, op, impl):
