@@ -30,6 +30,7 @@ from triton.language.extra import libdevice
 from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 
 M3R_BLOCK_T = 32
+M3R_BWD_WARPS = 4  # warps of the rotary backward
 M3G_BLOCK_T = 64
 
 
@@ -279,7 +280,7 @@ def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
         q_c, k_c, _m3r_opt(q_bias, dth), _m3r_opt(k_bias, dth), theta_c, dq_out.contiguous(), dk_out.contiguous(),
         dq, dk, dth, dqb_part if dqb_part is not None else dth, dkb_part if dkb_part is not None else dth,
         seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T, BR=_m3r_br(dstate),
-        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, FAST=theta.is_cuda,
+        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, FAST=theta.is_cuda, num_warps=M3R_BWD_WARPS,
     )  # fmt: skip
 
     def bias_grad(part, bias):

@@ -683,9 +683,10 @@ def _ssd_bwd_gate_kernel(
 
 @triton.jit
 def _ssd_bwd_onepass_kernel(
-    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, DDH, T, H, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
-    D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, LOOP_DXY: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
@@ -732,6 +733,7 @@ def _ssd_bwd_onepass_kernel(
         else:
             d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
+    dd_acc = tl.sum(tl.zeros((Q,), dtype=tl.float32), axis=0)  # a per-head D's gradient, summed over the chunks
     for cc in range(NC):
         c = NC - 1 - cc
         # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
@@ -759,13 +761,19 @@ def _ssd_bwd_onepass_kernel(
         x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         # the pair weights w_j seg[j, i], with w_j + e_j on the diagonal (seg is exactly 1 there): e's share of dB and
         # dC, e_t (dy_t . x_t) C_t and B_t, comes through the pair dots
+        xdy = tl.dot(x, tl.trans(dy), input_precision=PREC)
+        if LOOP_DXY:  # dy_t . x_t from the pair tile's diagonal: the pre-pass need not read x
+            dxy = tl.sum(tl.where(diag, xdy, 0.0), axis=1)
+            if HAS_D and D_HEAD:
+                dd_acc += tl.sum(dxy, axis=0)
         if HAS_E:
             sw = tl.where(diag, (w + e)[:, None], seg * w[:, None])
-            dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)  # dy . x from the pre-pass
+            if not LOOP_DXY:
+                dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)  # dy . x from the pre-pass
             tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
         else:
             sw = seg * w[:, None]
-        dws = tl.dot(x, tl.trans(dy), input_precision=PREC) * sw
+        dws = xdy * sw
         # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S, then row t's part
         # left of t
         strict = tq[:, None] > tq[None, :]
@@ -814,6 +822,8 @@ def _ssd_bwd_onepass_kernel(
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
+    if LOOP_DXY and HAS_D and D_HEAD:
+        tl.store(DDH + bh64, dd_acc)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -1201,14 +1211,21 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
     dz = torch.empty_like(z) if z is not None else None
     dye = torch.empty_like(dy) if z is not None else dy
-    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
+    # dy . x per position from the loop's pair tile (SSD_TUNING["fused"]["dxy"], default) or from the pre-pass; a
+    # per-head D's gradient is their sum, a per-column D's the pre-pass's column sums
+    loop_dxy = bool(SSD_TUNING.get("fused", {}).get("dxy", 1))
+    d_head = D is not None and D.dim() == 1
+    pre_dcol = d_mat is not None and not (loop_dxy and d_head)
+    pre_dxy = e is not None and not loop_dxy
+    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if pre_dcol else None
+    dd_head = torch.empty(bsz, nheads, **f32) if d_mat is not None and not pre_dcol else None
     gshape = (bsz, seqlen, nheads)
-    dxy = torch.empty(gshape, **f32) if e is not None else None  # dy . x per position, for e's terms
-    if z is not None or d_mat is not None or e is not None:
+    dxy = torch.empty(gshape, **f32) if pre_dxy else None
+    if z is not None or pre_dcol or pre_dxy:
         _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
             x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
             dd_part if dd_part is not None else x, dxy if dxy is not None else x, seqlen, nheads, hdim, nchunks,
-            Q=chunk_size, BP=bp, HAS_Z=z is not None, HAS_D=d_mat is not None, HAS_E=e is not None, num_warps=4,
+            Q=chunk_size, BP=bp, HAS_Z=z is not None, HAS_D=pre_dcol, HAS_E=pre_dxy, num_warps=4,
         )  # fmt: skip
     dx = torch.empty_like(x)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
@@ -1219,13 +1236,14 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
     bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
     _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, *((e_c, dxy) if e is not None else (w_c, w_c)),
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e is not None else w_c, dxy if dxy is not None else w_c,
         d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
-        dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
-        HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=D is not None and D.dim() == 1, HAS_H0=h0 is not None,
-        HAS_DHT=dfin is not None, DOT=dot, PREC=prec, **_ssd_launch("fused", chunk_size, dot),
+        dh0 if dh0 is not None else dw, dd_head if dd_head is not None else dw, seqlen, nheads, hdim, dstate,
+        nchunks, Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=d_head,
+        HAS_H0=h0 is not None, HAS_DHT=dfin is not None, LOOP_DXY=loop_dxy, DOT=dot, PREC=prec,
+        **_ssd_launch("fused", chunk_size, dot),
     )  # fmt: skip
-    dD = _ssd_dD(dd_part, D)
+    dD = _ssd_dD(dd_part, D) if dd_head is None else dd_head.sum(0)
 
     def cast(g, like):
         return g.to(like.dtype) if g is not None else scan_none(x)
