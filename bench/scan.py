@@ -449,7 +449,7 @@ TUNING_OPTIONS = {
     "dbc": {"num_warps", "num_stages", "heads"},
     "state": {"fp32"},
     # the opt-in one-pass backward (generic form, per-head B and C, no rotation: the pre-rotated Mamba-3 call)
-    "fused": {"on", "dxy", "num_warps", "num_stages"},
+    "fused": {"on", "num_warps", "num_stages"},
 }
 
 
@@ -549,8 +549,8 @@ SSD_SWEEP = {
 # the two-kernel forward
 CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"ffwd": {"on": 0}}]
 # and on the first Mamba-3 shape: the split backward kernels (the one-pass backward is the default there), the
-# two-kernel forward, the one-pass forward with P in two blocks
-M3_CHECK_FORMS = [{"fused": {"on": 0}}, {"fused": {"dxy": 0}}, {"ffwd": {"on": 0}}]
+# two-kernel forward
+M3_CHECK_FORMS = [{"fused": {"on": 0}}, {"ffwd": {"on": 0}}]
 
 
 def sweep(device) -> dict:

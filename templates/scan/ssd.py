@@ -34,9 +34,12 @@ as a dot of the masked pair matrix with a triangular ones matrix; state reads an
 difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
 One-pass backward for the generic form with one B and C row per head (Mamba-3, whose B and C are rotated per head
-before the scan): a gate pre-pass (dz, gated dy, dD shares, dy . x per position), then one program per (batch,
-head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`). On the
-H100 it took Mamba-3's graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group rows (G < H: Mamba-2), rows
+before the scan): a gate pre-pass (dz and the gated dy; a per-column D's shares), then one program per (batch,
+head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`; dy . x
+per position and a per-head D's gradient from its pair tile's diagonal). On the H100 it took Mamba-3's graphed
+fwd+bwd from 3.35 to 2.94 ms at 64 x 1024 (later rounds: 2.37 with the split forward, 1.98 with the one-pass one).
+A gate folded into the loop (dz and the gated dy there, no pre-pass) was tried and lost: 1.171 ms against 1.079
+for pre-pass and loop, its loop spilling three times as much. Shared group rows (G < H: Mamba-2), rows
 that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
@@ -647,13 +650,14 @@ def _ssd_bwd_dbc_kernel(
 
 @triton.jit
 def _ssd_bwd_gate_kernel(
-    X, Z, YP, DY, DZ, DYE, DD_PART, DXY, T, H, P, NC,
-    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_E: tl.constexpr,
+    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
+    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
 ):  # fmt: skip
     """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
-    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x); with e,
-    dy_t . x_t per position (fp32), which e's diagonal terms need. So the one-pass loop reads one gated dy, neither z
-    nor the output before the gate, and takes no diagonal out of its dy x^T pair tile."""
+    the output before it) and dy through it; with a D per column, the chunk's dD share (column sums of dy x, for
+    which it reads x). So the one-pass loop reads one gated dy and neither z nor the output before the gate. dy . x
+    per position (e's terms) and a per-head D's gradient come from the loop's pair tile instead: on the H100 that
+    took Mamba-3's graphed fwd+bwd from 2.074 to 1.983 ms at 64 x 1024, the pre-pass no longer reading x."""
     b64 = (tl.program_id(0) // NC).to(tl.int64)
     c = tl.program_id(0) % NC
     h = tl.program_id(1)
@@ -673,29 +677,26 @@ def _ssd_bwd_gate_kernel(
         dy = (dy * zz * sz).to(DYE.dtype.element_ty)
         tl.store(DYE + loc, dy, mask=xp_mask)
         dy = dy.to(tl.float32)  # dD and dy . x from the gated dy as the loop sees it
-    if HAS_D or HAS_E:
+    if HAS_D:
         x = tl.load(X + loc, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_D:
-            tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
-        if HAS_E:
-            tl.store(DXY + row, tl.sum(dy * x, axis=1), mask=mask_t)
+        tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
 
 
 @triton.jit
 def _ssd_bwd_onepass_kernel(
-    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, DDH, T, H, P, N, NC,
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, DDH, T, H, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
-    D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, LOOP_DXY: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr,
+    D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
-    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de; the gate and dD are
-    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight is folded into
+    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de and a per-head D's
+    gradient; the gate and a per-column D's gradient are the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is
+    already through the gate. The input weight is folded into
     x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
     chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
     gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
-    dy_t . x_t (from the pre-pass, which reads dy and x anyway), per chunk:
+    dy_t . x_t (the diagonal of the x dy^T pair tile; summed over the chunks, a per-head D's gradient), per chunk:
         v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
         dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
         dC = (dws + diag(e dxy)) B + exp(G) dy st^T   dB = (dws + diag(e dxy))^T C + exp(G_last - G) w x dh^T
@@ -762,14 +763,12 @@ def _ssd_bwd_onepass_kernel(
         # the pair weights w_j seg[j, i], with w_j + e_j on the diagonal (seg is exactly 1 there): e's share of dB and
         # dC, e_t (dy_t . x_t) C_t and B_t, comes through the pair dots
         xdy = tl.dot(x, tl.trans(dy), input_precision=PREC)
-        if LOOP_DXY:  # dy_t . x_t from the pair tile's diagonal: the pre-pass need not read x
+        if HAS_E or (HAS_D and D_HEAD):  # dy_t . x_t from the pair tile's diagonal
             dxy = tl.sum(tl.where(diag, xdy, 0.0), axis=1)
             if HAS_D and D_HEAD:
                 dd_acc += tl.sum(dxy, axis=0)
         if HAS_E:
             sw = tl.where(diag, (w + e)[:, None], seg * w[:, None])
-            if not LOOP_DXY:
-                dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)  # dy . x from the pre-pass
             tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
         else:
             sw = seg * w[:, None]
@@ -822,7 +821,7 @@ def _ssd_bwd_onepass_kernel(
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
-    if LOOP_DXY and HAS_D and D_HEAD:
+    if HAS_D and D_HEAD:
         tl.store(DDH + bh64, dd_acc)
 
 
@@ -1211,21 +1210,18 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
     dz = torch.empty_like(z) if z is not None else None
     dye = torch.empty_like(dy) if z is not None else dy
-    # dy . x per position from the loop's pair tile (SSD_TUNING["fused"]["dxy"], default) or from the pre-pass; a
-    # per-head D's gradient is their sum, a per-column D's the pre-pass's column sums
-    loop_dxy = bool(SSD_TUNING.get("fused", {}).get("dxy", 1))
+    # a per-head D's gradient comes from the loop (the sum of dy . x over positions), a per-column D's from the
+    # pre-pass's column sums (it then reads x)
     d_head = D is not None and D.dim() == 1
-    pre_dcol = d_mat is not None and not (loop_dxy and d_head)
-    pre_dxy = e is not None and not loop_dxy
+    pre_dcol = d_mat is not None and not d_head
     dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if pre_dcol else None
-    dd_head = torch.empty(bsz, nheads, **f32) if d_mat is not None and not pre_dcol else None
+    dd_head = torch.empty(bsz, nheads, **f32) if d_head else None
     gshape = (bsz, seqlen, nheads)
-    dxy = torch.empty(gshape, **f32) if pre_dxy else None
-    if z is not None or pre_dcol or pre_dxy:
+    if z is not None or pre_dcol:
         _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
             x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
-            dd_part if dd_part is not None else x, dxy if dxy is not None else x, seqlen, nheads, hdim, nchunks,
-            Q=chunk_size, BP=bp, HAS_Z=z is not None, HAS_D=pre_dcol, HAS_E=pre_dxy, num_warps=4,
+            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, Q=chunk_size, BP=bp,
+            HAS_Z=z is not None, HAS_D=pre_dcol, num_warps=4,
         )  # fmt: skip
     dx = torch.empty_like(x)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
@@ -1236,11 +1232,11 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
     bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
     _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e is not None else w_c, dxy if dxy is not None else w_c,
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e is not None else w_c,
         d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
         dh0 if dh0 is not None else dw, dd_head if dd_head is not None else dw, seqlen, nheads, hdim, dstate,
         nchunks, Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=d_head,
-        HAS_H0=h0 is not None, HAS_DHT=dfin is not None, LOOP_DXY=loop_dxy, DOT=dot, PREC=prec,
+        HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot, PREC=prec,
         **_ssd_launch("fused", chunk_size, dot),
     )  # fmt: skip
     dD = _ssd_dD(dd_part, D) if dd_head is None else dd_head.sum(0)

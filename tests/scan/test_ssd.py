@@ -261,17 +261,15 @@ ONEPASS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dxy", [1, 0], ids=["dxy_loop", "dxy_prepass"])
 @pytest.mark.parametrize("case", ONEPASS_CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}N{c[4]}" for c in ONEPASS_CASES])
-def test_onepass_backward_matches_split_and_reference(ssd, case, dxy, monkeypatch):
+def test_onepass_backward_matches_split_and_reference(ssd, case, monkeypatch):
     """The one-pass backward (per-head B and C, G == H; the pre-rotated Mamba-3 call), the default there, against
-    the split kernels (SSD_TUNING["fused"]["on"] = 0) and the float64 reference, gradients of every input; dy . x
-    per position (e's terms, a per-head D) from the loop's pair tile (the default) or from the pre-pass."""
+    the split kernels (SSD_TUNING["fused"]["on"] = 0) and the float64 reference, gradients of every input."""
     seqlen, chunk, nheads, hdim, dstate, opts, with_final = case
     inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, seed=seqlen)
     monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
     split = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"dxy": dxy})
+    monkeypatch.delitem(ssd.SSD_TUNING, "fused")  # the default
     calls = _count_onepass(ssd, monkeypatch)
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
     assert calls, "the one-pass backward did not run"
