@@ -683,10 +683,29 @@ def _ssd_bwd_gate_kernel(
 
 
 @triton.jit
+def _ssd_bc_out(DESC, PTR, val, b, g, c, tq, offs_n, T, G, N, Q: tl.constexpr, BN: tl.constexpr, BC_RED: tl.constexpr):
+    """One program's [Q, BN] share of a chunk's dB or dC rows of group g. BC_RED 0: the rows are this program's alone
+    (G == H), stored in the descriptor's dtype; 1: added into fp32 rows with the descriptor's atomic_add (a TMA
+    reduce-add; the group's heads each add theirs); 2: the same sum with pointer atomics, which the CPU interpreter
+    runs (triton 3.9's has no descriptor atomic_add)."""
+    if BC_RED == 0:
+        DESC.store([b, g, c * Q, 0], val.to(DESC.dtype).reshape(1, 1, Q, BN))
+    elif BC_RED == 1:
+        DESC.atomic_add([b, g, c * Q, 0], val.reshape(1, 1, Q, BN))
+    else:
+        rows = (b.to(tl.int64) * T + tq) * G + g
+        mask = (tq < T)[:, None] & (offs_n < N)[None, :]
+        tl.atomic_add(PTR + rows[:, None] * N + offs_n[None, :], val, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _ssd_bwd_onepass_kernel(
-    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, DDH, T, H, P, N, NC,
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, DDH,
+    DT, A, DTB, DDT, DA, DBP, DCP, T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
     D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, GROUPED: tl.constexpr,
+    BC_RED: tl.constexpr,
 ):  # fmt: skip
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
@@ -724,6 +743,10 @@ def _ssd_bwd_onepass_kernel(
     mask_p = offs_p < P
     sn_mask = (offs_n < N)[:, None] & mask_p[None, :]
     g_base = b64 * T * H + h
+    if GROUPED:  # the group's shared B and C rows (G < H: Mamba-2)
+        g = h // (H // G)
+    else:
+        g = h
     if HAS_DHT:
         dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
     else:
@@ -735,22 +758,29 @@ def _ssd_bwd_onepass_kernel(
             d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
     dd_acc = tl.sum(tl.zeros((Q,), dtype=tl.float32), axis=0)  # a per-head D's gradient, summed over the chunks
+    if not GENERIC:  # SSD: la = dt A, w = dt; A's gradient sum(dla dt) summed over the chunks
+        a_h = tl.load(A + h).to(tl.float32)
+        da_acc = tl.sum(tl.zeros((Q,), dtype=tl.float32), axis=0)
     for cc in range(NC):
         c = NC - 1 - cc
         # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
         tq = c * Q + offs_q
         mask_t = tq < T
         g_ptr = g_base + tq * H
-        la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
-                                                     HAS_E)  # fmt: skip
+        if GENERIC:
+            la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False,
+                                                         False, HAS_E)  # fmt: skip
+        else:  # w = dt after bias and softplus (0 past T), la = dt A; d dt/d raw = sigmoid(raw) with softplus
+            la, w, e, _dtv, raw = _ssd_load_chunk_gates(DT, LA, W, E, DTB + h, a_h, g_base, tq, mask_t, H, False,
+                                                        DT_SOFTPLUS, HAS_DTB, False)  # fmt: skip
         gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
         # the pairs i >= j, held transposed ([j, i], so that the dots for dx and dB take them as register A operands):
         # exp2 of the scaled cumulative decays (the masked half may overflow; where drops it)
         diag = tq[:, None] == tq[None, :]
         gl = gc * 1.4426950408889634
         seg = tl.where(tq[None, :] >= tq[:, None], tl.exp2(gl[None, :] - gl[:, None]), 0.0)
-        kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
-        qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        kb = BD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
+        qc = CD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
         # both pair tiles first, so that the decays seg end here: S^T = B C^T and, w folded into x's rows (x' = w x),
         # x' dy^T, whose product with seg is dws, the pair gradient of S^T
         scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)
@@ -785,7 +815,10 @@ def _ssd_bwd_onepass_kernel(
         kdh = tl.dot(kb, dstd, input_precision=PREC)
         cs = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
         v = tl.dot(m, dy, acc=dec[:, None] * kdh, input_precision=PREC)
-        tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
+        if GENERIC:
+            tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
+        else:  # held until dla is final: d dt = dla A + dw
+            dwv = tl.sum(v * x.to(tl.float32), axis=1)
         dx = w[:, None] * v
         if HAS_D and D_HEAD and HAS_E:
             # D and the diagonal extra e_t (C_t . B_t) x_t as one per-position factor
@@ -805,17 +838,24 @@ def _ssd_bwd_onepass_kernel(
         # dB: the pairs and the state write
         db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
         db = tl.dot(dsc, qc, acc=db, input_precision=PREC)
-        DBD.store([b, h, c * Q, 0], db.to(DBD.dtype).reshape(1, 1, Q, BN))
+        _ssd_bc_out(DBD, DBP, db, b, g, c, tq, offs_n, T, G, N, Q, BN, BC_RED)
         # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry;
         # C read again here so that its register copies start here
         st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
-        qr = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        qr = CD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
         dla += tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
         dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
         dla += tl.cumsum(tl.sum(dc * qr.to(tl.float32), axis=1), axis=0, reverse=True)
-        tl.store(DLA + g_ptr, dla, mask=mask_t)
+        if GENERIC:
+            tl.store(DLA + g_ptr, dla, mask=mask_t)
+        else:
+            ddt = dla * a_h + dwv
+            if DT_SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            tl.store(DDT + g_ptr, ddt, mask=mask_t)
+            da_acc += tl.sum(dla * w, axis=0)  # w = dt is 0 past T
         dc = tl.dot(tl.trans(dsc), kb, acc=dc, input_precision=PREC)
-        DCD.store([b, h, c * Q, 0], dc.to(DCD.dtype).reshape(1, 1, Q, BN))
+        _ssd_bc_out(DCD, DCP, dc, b, g, c, tq, offs_n, T, G, N, Q, BN, BC_RED)
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
         qe = (qr.to(tl.float32) * e_g[:, None]).to(DOT)
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
@@ -823,6 +863,8 @@ def _ssd_bwd_onepass_kernel(
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
     if HAS_D and D_HEAD:
         tl.store(DDH + bh64, dd_acc)
+    if not GENERIC:
+        tl.store(DA + bh64, da_acc)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -1107,11 +1149,12 @@ def _ssd_scan_bwd_impl(
     dy = dy.contiguous()
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     f32 = {"device": x.device, "dtype": torch.float32}
-    onepass = generic and ngroups == nheads and SSD_TUNING.get("fused", {}).get("on", 1)
+    onepass = SSD_TUNING.get("fused", {}).get("on", 1) and max(chunk_size, _ssd_pow2(hdim), _ssd_pow2(dstate)) <= 256
     if onepass and _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy):
         return _ssd_bwd_onepass(
-            x_c, la, w, e, la_c, w_c, e_c, B_c, C_c, D, d_mat, z_c, yp, h0c, ckpt, dy, dfin, chunk_size
-        )
+            x_c, (dt, A, dt_bias, la, w, e), (dt_c, A_c, dtb_c, la_c, w_c, e_c), B_c, C_c, D, d_mat, z_c, yp, h0c,
+            ckpt, dy, dfin, chunk_size, dt_softplus, generic,
+        )  # fmt: skip
     heads = _ssd_bwd_heads(nheads, ngroups)
     atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
     # stored in B's dtype straight from the registers unless atomics sum them
@@ -1200,11 +1243,25 @@ def _ssd_dD(dd_part: torch.Tensor | None, D: torch.Tensor | None) -> torch.Tenso
     return dD.sum(1) if D.dim() == 1 else dD
 
 
-def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
-    """The generic backward with one B and C row per head, in one pass: the gate pre-pass, then
-    `_ssd_bwd_onepass_kernel`; the 12 gradients of the op (la_c, w_c, e_c: the caller's fp32 contiguous gates)."""
+def _ssd_bc_red() -> int:
+    """How the one-pass backward sums dB and dC over a group's heads: 1, the tensor descriptor's atomic_add (a TMA
+    reduce-add) on the GPU; 2, pointer atomics under the CPU interpreter (which runs no descriptor atomic_add) or where
+    SSD_TUNING["fused"]["red"] = "ptr" asks for them (the GPU A/B of the two)."""
+    interp = os.environ.get(SSD_INTERPRET_ENV) == "1"
+    return 2 if interp or SSD_TUNING.get("fused", {}).get("red", "tma") == "ptr" else 1
+
+
+def _ssd_bwd_onepass(
+    x, gates, gates_c, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size, dt_softplus, generic
+) -> tuple:
+    """The backward in one pass, either form and any number of groups: the gate pre-pass, then
+    `_ssd_bwd_onepass_kernel`; the 12 gradients of the op. gates: the op's (dt, A, dt_bias, la, w, e); gates_c: the
+    caller's contiguous copies (fp32 except dt). With G < H the heads of a group add their dB, dC shares into fp32
+    rows (`_ssd_bc_red`), cast to B's dtype at the end; with G == H each program stores its own rows."""
+    dt, A, dt_bias, la, w, e = gates
+    dt_c, A_c, dtb_c, la_c, w_c, e_c = gates_c
     bsz, seqlen, nheads, hdim = x.shape
-    dstate, nchunks = B.shape[3], ckpt.shape[2]
+    ngroups, dstate, nchunks = B.shape[2], B.shape[3], ckpt.shape[2]
     f32 = {"device": x.device, "dtype": torch.float32}
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
@@ -1224,19 +1281,33 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
             HAS_Z=z is not None, HAS_D=pre_dcol, num_warps=4,
         )  # fmt: skip
     dx = torch.empty_like(x)
-    dB, dC = torch.empty_like(B), torch.empty_like(C)
-    dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-    de = torch.empty(gshape, **f32) if e is not None else None
+    grouped = ngroups < nheads
+    red = _ssd_bc_red() if grouped else 0
+    if grouped:  # the group's heads sum into these
+        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
+    else:
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+    dla = dw = de = ddt = da = None
+    if generic:
+        dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+        de = torch.empty(gshape, **f32) if e is not None else None
+    else:
+        ddt, da = torch.empty(gshape, **f32), torch.empty(bsz, nheads, **f32)
     dh0 = torch.empty_like(h0) if h0 is not None else None
     xd, dyd, dxd = (_ssd_desc(t, chunk_size, bp) for t in (x, dye, dx))
     bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
+    any_f = la_c if generic else A_c  # a placeholder for the other form's pointers
+
+    def _or(t):
+        return t if t is not None else any_f
+
     _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e is not None else w_c,
-        d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
-        dh0 if dh0 is not None else dw, dd_head if dd_head is not None else dw, seqlen, nheads, hdim, dstate,
-        nchunks, Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=d_head,
-        HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot, PREC=prec,
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, _or(la_c), _or(w_c), _or(e_c), _or(d_mat), _or(dfin), _or(dla), _or(dw),
+        _or(de), _or(dh0), _or(dd_head), _or(dt_c), _or(A_c), _or(dtb_c), _or(ddt), _or(da), dB, dC, seqlen, nheads,
+        ngroups, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None,
+        D_HEAD=d_head, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot, PREC=prec, GENERIC=generic,
+        DT_SOFTPLUS=dt_softplus and not generic, HAS_DTB=dtb_c is not None, GROUPED=grouped, BC_RED=red,
         **_ssd_launch("fused", chunk_size, dot),
     )  # fmt: skip
     dD = _ssd_dD(dd_part, D) if dd_head is None else dd_head.sum(0)
@@ -1244,9 +1315,13 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
     def cast(g, like):
         return g.to(like.dtype) if g is not None else scan_none(x)
 
+    dA = ddtb = None
+    if not generic:
+        dA = da.sum(0)
+        ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
     return (
-        dx, *(scan_none(x) for _ in range(3)), cast(dla, la), cast(dw, w), cast(de, e), dB, dC, cast(dD, D),
-        cast(dz, z), cast(dh0, h0),
+        dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e), dB.to(B.dtype),
+        dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
     )  # fmt: skip
 
 
