@@ -448,8 +448,9 @@ TUNING_OPTIONS = {
     "dx": {"num_warps", "num_stages"},
     "dbc": {"num_warps", "num_stages", "heads"},
     "state": {"fp32"},
-    # the opt-in one-pass backward (generic form, per-head B and C, no rotation: the pre-rotated Mamba-3 call)
-    "fused": {"on", "num_warps", "num_stages"},
+    # the one-pass backward (default where the tensor descriptors take the rows, both forms, any G; "on": 0 = carry +
+    # dx + dbc; "red": "ptr" sums a group's dB, dC with pointer atomics instead of TMA reduce-add)
+    "fused": {"on", "num_warps", "num_stages", "red"},
 }
 
 
@@ -544,10 +545,12 @@ SSD_SWEEP = {
     "carry": [{"num_warps": w, "num_stages": 2, "bp": bp} for w, bp in ((4, 32), (4, 64), (8, 32))],
     "dx": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
     "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 1)] + [{"num_warps": 8, "num_stages": 2}],
+    # the one-pass backward (its two reductions of dB, dC over G = 1's heads) against the split kernels as swept
+    "fused": [{"on": 1}, {"on": 1, "red": "ptr"}, {"on": 0}],
 }
 # options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs),
-# the two-kernel forward
-CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"ffwd": {"on": 0}}]
+# the two-kernel forward, the split backward kernels, the one-pass backward with pointer atomics for dB and dC
+CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"ffwd": {"on": 0}}, {"fused": {"on": 0}}, {"fused": {"red": "ptr"}}]
 # and on the first Mamba-3 shape: the split backward kernels (the one-pass backward is the default there), the
 # two-kernel forward
 M3_CHECK_FORMS = [{"fused": {"on": 0}}, {"ffwd": {"on": 0}}]
@@ -557,7 +560,8 @@ def sweep(device) -> dict:
     """Time the SSD kernels' options (forward alone: columns per state-kernel program, warps of the output kernel (those
     two with the one-pass forward off), then the one-pass forward's columns, stages and warps against the two kernels;
     then forward+backward: warps and columns of the carry kernel, warps of the backward's dx and dB/dC kernels, heads
-    per dB/dC program) and keep the fastest."""
+    per dB/dC program (those three with the one-pass backward off), then the one-pass backward's two dB/dC
+    reductions against the split kernels) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -567,6 +571,7 @@ def sweep(device) -> dict:
     best = {}
     fwd_bwd = grad_run(fwd, list(ins.values()), cot)
     ssd_mod.SSD_TUNING["ffwd"] = {"on": 0}  # fstate and fout run only with the one-pass forward off
+    ssd_mod.SSD_TUNING["fused"] = {"on": 0}  # and carry, dx, dbc only with the one-pass backward off
     for kind, run in (
         ("fstate", no_grad_run(fwd)),
         ("fout", no_grad_run(fwd)),
@@ -574,6 +579,7 @@ def sweep(device) -> dict:
         ("carry", fwd_bwd),
         ("dx", fwd_bwd),
         ("dbc", fwd_bwd),
+        ("fused", fwd_bwd),
     ):
         timings = []
         for opts in SSD_SWEEP[kind]:

@@ -33,14 +33,18 @@ or dla/dw/de, dA shares). The decay gradient of step t sums only the terms whose
 as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes; the carry): never a
 difference of large row and column sums, which loses tiny gradients when decays are near 0.
 
-One-pass backward for the generic form with one B and C row per head (Mamba-3, whose B and C are rotated per head
-before the scan): a gate pre-pass (dz and the gated dy; a per-column D's shares), then one program per (batch,
-head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`; dy . x
-per position and a per-head D's gradient from its pair tile's diagonal). On the H100 it took Mamba-3's graphed
-fwd+bwd from 3.35 to 2.94 ms at 64 x 1024 (later rounds: 2.37 with the split forward, 1.98 with the one-pass one).
-A gate folded into the loop (dz and the gated dy there, no pre-pass) was tried and lost: 1.171 ms against 1.079
-for pre-pass and loop, its loop spilling three times as much. Shared group rows (G < H: Mamba-2), rows
-that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
+One-pass backward, both forms and any number of groups (the default; Mamba-3 calls the generic form with one B and C
+row per head, rotated before the scan): a gate pre-pass (dz and the gated dy; a per-column D's shares), then one
+program per (batch, head) walking the chunks in reverse with the fp32 state gradient in registers
+(`_ssd_bwd_onepass_kernel`; dy . x per position and a per-head D's gradient from its pair tile's diagonal). On the
+H100 it took Mamba-3's graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024 (later rounds: 2.37 with the split forward,
+1.98 with the one-pass one). A gate folded into the loop (dz and the gated dy there, no pre-pass) was tried and
+lost: 1.171 ms against 1.079 for pre-pass and loop, its loop spilling three times as much. Mamba-2's form takes its
+dt/A gates in the loop (d dt from dla and dw per position, A's gradient summed per program) and, with G < H, the
+heads of a group add their dB and dC shares into fp32 rows by TMA reduce-add (the split backward took ~1.38 ms of
+SSD's 1.646 ms graphed fwd+bwd on the H100 at 64 x 1024, G = 1, where the one-pass loop takes Mamba-3's whole scan
+backward in 0.76). Rows that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0, keep the split
+kernels.
 
 Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 """
@@ -707,14 +711,14 @@ def _ssd_bwd_onepass_kernel(
     GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, GROUPED: tl.constexpr,
     BC_RED: tl.constexpr,
 ):  # fmt: skip
-    """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
-    rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
-    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de and a per-head D's
-    gradient; the gate and a per-column D's gradient are the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is
-    already through the gate. The input weight is folded into
-    x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
-    chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
-    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
+    """One-pass backward of either form (Mamba-3: the generic one with one row of B and C per head, G == H, rotated
+    before the scan; Mamba-2: dt, A, G groups of H // G heads sharing B and C rows). One program per (batch, head)
+    walks the chunks in reverse with the [BN, BP] fp32 state gradient dh in registers and finishes per chunk dx, the
+    head's dB and dC shares, dla, dw, de (or d dt) and a per-head D's gradient; the gate and a per-column D's
+    gradient are the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight
+    is folded into x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With
+    st the stored chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg
+    w_j (the gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
     dy_t . x_t (the diagonal of the x dy^T pair tile; summed over the chunks, a per-head D's gradient), per chunk:
         v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
         dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
@@ -730,8 +734,13 @@ def _ssd_bwd_onepass_kernel(
     are all made where it lands and would otherwise be held across the chunk. Both pair dots come first, so the
     decay tile seg ends with them: the pair weights w_j seg (w_j + e_j on the diagonal) scale dy x^T's result, and
     the strict pair terms are dws S in fp32. The span dot's ones matrix is built once, before the loop, where it
-    lands in shared memory; a D with one value per head is a scalar, folded with e cb into one factor of dy. The
-    default where it applies; SSD_TUNING["fused"]["on"] = 0 selects the split."""
+    lands in shared memory; a D with one value per head is a scalar, folded with e cb into one factor of dy.
+    Mamba-2's form (GENERIC off, constexpr flags off for Mamba-3's call so that its code is unchanged): la = dt A and
+    w = dt from `_ssd_load_chunk_gates`, dw held in registers until dla is final, then d dt = dla A + dw per position
+    (times sigmoid(dt_raw + dt_bias) through a softplus), and A's gradient sum(dla dt) summed over the chunks and
+    stored once; no e. GROUPED (G < H): B and C are the rows of group g = h // (H // G), whose heads each add their
+    [Q, N] dB and dC shares into fp32 rows (`_ssd_bc_out`: TMA reduce-add, or pointer atomics under the interpreter);
+    G == H stores them. The default where it applies; SSD_TUNING["fused"]["on"] = 0 selects the split."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H

@@ -297,13 +297,10 @@ def test_onepass_backward_bf16_inputs(ssd, monkeypatch):
         assert _rel(got[name], split[name]) < 2e-2, name
 
 
-@pytest.mark.parametrize("why", ["groups", "unaligned"])
-def test_onepass_backward_refuses_other_calls(ssd, monkeypatch, why):
-    """Shared group rows (G < H) and rows the tensor descriptors cannot take (N x 4 bytes
-    not a multiple of 16) keep the split kernels even with SSD_TUNING["fused"]["on"] set."""
-    nheads = 2
-    inp = _onepass_inputs(1, 21, nheads, 16, 18 if why == "unaligned" else 16, torch.float32,
-                          ngroups=1 if why == "groups" else None)  # fmt: skip
+def test_onepass_backward_refuses_unaligned_rows(ssd, monkeypatch):
+    """Rows the tensor descriptors cannot take (N x 4 bytes not a multiple of 16) keep the split kernels even with
+    SSD_TUNING["fused"]["on"] set (shared group rows, G < H, no longer do: see the tests below)."""
+    inp = _onepass_inputs(1, 21, 2, 16, 18, torch.float32, ngroups=1)
     opts = ("e", "z")
     monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
     split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, False)
@@ -313,6 +310,96 @@ def test_onepass_backward_refuses_other_calls(ssd, monkeypatch, why):
     assert not calls
     for name in split:
         assert torch.equal(got[name], split[name]), name
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_onepass_backward_generic_shared_rows(ssd, monkeypatch, groups):
+    """The generic form with a group's B and C rows shared by its heads (G < H; sums of dB and dC over them) through
+    the one-pass backward against the split kernels and the float64 reference."""
+    inp = _onepass_inputs(2, 37, 4, 16, 16, torch.float32, ngroups=groups, seed=11)
+    opts = ("e", "D", "z", "h0")
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
+    split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
+    monkeypatch.delitem(ssd.SSD_TUNING, "fused")
+    calls = _count_onepass(ssd, monkeypatch)
+    got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
+    assert calls, "the one-pass backward did not run"
+    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, 16, True, cast=torch.float64)
+    for name in ref:
+        assert got[name].dtype == split[name].dtype, name
+        assert _rel(got[name], ref[name]) < 2e-5, name
+        assert _rel(got[name], split[name]) < 2e-5, name
+
+
+def _check_ssd_onepass(ssd, monkeypatch, inp, opts, chunk, softplus, with_final, tol):
+    """Mamba-2's form (ssd_scan) through the one-pass backward (the default) against the split backward
+    (SSD_TUNING["fused"]["on"] = 0) and the float64 reference: outputs and the gradient of every input given."""
+    run = functools.partial(_run, functools.partial(ssd.ssd_scan, dt_softplus=softplus), inp, opts, chunk, with_final)
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
+    calls = _count_onepass(ssd, monkeypatch)
+    split = run()
+    assert not calls, "the split backward was asked for"
+    monkeypatch.delitem(ssd.SSD_TUNING, "fused")  # the default
+    got = run()
+    assert calls, "the one-pass backward did not run"
+    data = {k: v.double() for k, v in inp.items()}
+    ref = _run(functools.partial(ssd.ssd_scan_ref, dt_softplus=softplus), data, opts, chunk, with_final)
+    expected = {"y", "dx", "ddt", "dA", "dB", "dC"} | {f"d{k}" for k in opts} | ({"final"} if with_final else set())
+    assert got.keys() == ref.keys() == split.keys() == expected
+    for name in ref:
+        assert got[name].shape == ref[name].shape and got[name].dtype == split[name].dtype, name
+        assert _rel(got[name], ref[name]) < tol, name
+        assert _rel(got[name], split[name]) < tol, name
+
+
+SSD_ONEPASS_CASES = [
+    # seqlen, chunk, heads, groups, headdim, dstate, options, softplus, D: "head" / "col" / None, with_final
+    (37, 16, 4, 1, 16, 16, ("D", "z", "dt_bias", "h0"), True, "head", True),  # Mamba-2: one group, partial chunk
+    (40, 16, 4, 2, 16, 16, ("D", "dt_bias", "h0"), False, "col", True),  # 1 < G < H, no softplus, D per column
+    (21, 16, 2, 2, 32, 16, ("z",), True, None, False),  # G == H (plain dB/dC stores), no D
+    (50, 16, 4, 1, 24, 20, ("D", "z"), False, "head", True),  # P, N not powers of two, no dt_bias
+    (11, 32, 3, 1, 16, 16, ("dt_bias",), True, None, True),  # shorter than a chunk, three heads in the group
+    (64, 32, 4, 2, 16, 16, ("D", "z", "dt_bias", "h0"), True, "col", False),  # whole chunks, no final-state loss
+]
+
+
+@pytest.mark.parametrize(
+    "case", SSD_ONEPASS_CASES, ids=[f"T{c[0]}_H{c[2]}G{c[3]}_sp{int(c[7])}_D{c[8]}" for c in SSD_ONEPASS_CASES]
+)
+def test_onepass_backward_ssd_form(ssd, case, monkeypatch):
+    """Mamba-2's gates (dt after bias and softplus, A) and shared group rows in the one-pass loop, fp32."""
+    seqlen, chunk, nheads, groups, hdim, dstate, opts, softplus, d_kind, with_final = case
+    inp = _inputs(2, seqlen, nheads, hdim, groups, dstate, torch.float32, seed=seqlen)
+    if not softplus:
+        inp["dt"] = inp["dt"].abs() * 0.2
+    if d_kind == "col":
+        inp["D"] = torch.randn(nheads, hdim, generator=torch.Generator().manual_seed(1))
+    _check_ssd_onepass(ssd, monkeypatch, inp, opts, chunk, softplus, with_final, 2e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_onepass_backward_ssd_form_bf16(ssd, groups, monkeypatch):
+    """bf16 inputs: dB and dC summed over a group's heads in fp32 and returned in B's dtype."""
+    inp = _inputs(2, 45, 4, 32, groups, 16, torch.bfloat16, seed=4 + groups)
+    _check_ssd_onepass(ssd, monkeypatch, inp, ("D", "z", "dt_bias", "h0"), 16, True, True, 2e-2)
+
+
+def test_onepass_backward_ssd_softplus_passthrough(ssd, monkeypatch):
+    """dt_raw + dt_bias above 20 (softplus passes it through, d dt / d raw = 1) beside ordinary values."""
+    inp = _inputs(1, 30, 2, 16, 1, 16, torch.float32, seed=8)
+    inp["dt"][:, ::3] += 25.0
+    inp["A"] = inp["A"] * 1e-3  # decays exp(dt A) that do not vanish at dt ~ 25
+    _check_ssd_onepass(ssd, monkeypatch, inp, ("dt_bias", "D"), 16, True, True, 2e-5)
+
+
+def test_onepass_backward_bc_reduction_choice(ssd, monkeypatch):
+    """Under the interpreter the group's dB, dC sums take pointer atomics (it runs no descriptor atomic_add); on the
+    GPU a TMA reduce-add unless SSD_TUNING["fused"]["red"] = "ptr"."""
+    assert ssd._ssd_bc_red() == 2
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ssd._ssd_bc_red() == 1
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1, "red": "ptr"})
+    assert ssd._ssd_bc_red() == 2
 
 
 @pytest.mark.parametrize("onepass", [0, 1])
