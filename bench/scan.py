@@ -440,10 +440,7 @@ CHECK_CASES = [  # dtype, rms tolerance, SSD (T, groups, chunk), Mamba-3 (T, gro
 
 # what --tuning may set: SSD_TUNING's kernel kinds (templates/scan/ssd.py) and the options each reads
 TUNING_OPTIONS = {
-    "fstate": {"num_warps", "num_stages", "bp"},
-    "fout": {"num_warps", "num_stages"},
-    # the one-pass forward (default where the tensor descriptors take the rows; "on": 0 = fstate + fout)
-    "ffwd": {"on", "num_warps", "num_stages", "bp", "maxnreg"},
+    "ffwd": {"num_warps", "num_stages", "maxnreg"},  # the forward (one pass)
     "carry": {"num_warps", "num_stages", "bp"},
     "dx": {"num_warps", "num_stages"},
     "dbc": {"num_warps", "num_stages", "heads"},
@@ -462,7 +459,7 @@ def tuning_arg(text: str) -> dict:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from None
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise argparse.ArgumentTypeError('want {"kind": {"option": value}}, e.g. \'{"fout": {"num_warps": 8}}\'')
+        raise argparse.ArgumentTypeError('want {"kind": {"option": value}}, e.g. \'{"ffwd": {"num_warps": 8}}\'')
     for kind, options in value.items():
         unknown = set(options) - TUNING_OPTIONS.get(kind, set())
         if kind not in TUNING_OPTIONS or unknown:
@@ -499,12 +496,18 @@ def check(device, limit: int | None = None) -> bool:
                 return fn(ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"], chunk, D=ins["D"], z=ins["z"],
                           dt_bias=ins["dt_bias"], h0=ins["h0"], return_final_state=True)  # fmt: skip
 
-            forms = [None] + (CHECK_BWD_FORMS if (seq, groups, chunk) == ssd_shapes[0] else [])
-            for form in forms:
-                errs = tuned(form, compare, lambda i: run_ssd(i, ssd_scan), lambda i: run_ssd(i, ssd_scan_ref), base)
+            forms = [("default", None, base)]
+            if (seq, groups, chunk) == ssd_shapes[0]:
+                forms += [(str(form), form, base) for form in CHECK_BWD_FORMS]
+                # P and N two short (rows of 124 or 248 bytes): the forward on zero-padded copies (`_ssd_fwd_padded`)
+                cut = {k: base[k][..., :-2].contiguous() for k in ("x", "z", "B", "C")}
+                cut["h0"] = base["h0"][..., :-2, :-2].contiguous()
+                forms.append(("rows padded (P, N - 2)", None, base | cut))
+            for label, form, ins in forms:
+                errs = tuned(form, compare, lambda i: run_ssd(i, ssd_scan), lambda i: run_ssd(i, ssd_scan_ref), ins)
                 worst = max(errs.values())
                 ok &= worst < tol
-                print(f"check ssd {str(dtype)[6:]} T={seq} G={groups} Q={chunk} {form or 'default'}: worst "
+                print(f"check ssd {str(dtype)[6:]} T={seq} G={groups} Q={chunk} {label}: worst "
                       f"rms-rel {worst:.2e} ({max(errs, key=errs.get)}) {'ok' if worst < tol else 'FAIL'}",
                       flush=True)  # fmt: skip
         for seq, groups in m3_shapes:
@@ -537,11 +540,7 @@ def check(device, limit: int | None = None) -> bool:
 
 
 SSD_SWEEP = {
-    "fstate": [{"bp": bp} for bp in (32, 64, 16)] + [{"bp": 32, "num_warps": 8}],
-    "fout": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
-    # the one-pass forward's options, and the two kernels as swept just before ("on": 0)
-    "ffwd": [{"on": 1, "bp": bp, "num_stages": st} for bp, st in ((64, 2), (32, 2), (32, 3), (64, 1))]
-    + [{"on": 1, "bp": 64, "num_warps": 8, "num_stages": 2}, {"on": 0}],
+    "ffwd": [{"num_stages": st} for st in (2, 3, 1)] + [{"num_warps": 8, "num_stages": 2}],
     "carry": [{"num_warps": w, "num_stages": 2, "bp": bp} for w, bp in ((4, 32), (4, 64), (8, 32))],
     "dx": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
     "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 1)] + [{"num_warps": 8, "num_stages": 2}],
@@ -549,19 +548,17 @@ SSD_SWEEP = {
     "fused": [{"on": 1}, {"on": 1, "red": "ptr"}, {"on": 0}],
 }
 # options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs),
-# the two-kernel forward, the split backward kernels, the one-pass backward with pointer atomics for dB and dC
-CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"ffwd": {"on": 0}}, {"fused": {"on": 0}}, {"fused": {"red": "ptr"}}]
-# and on the first Mamba-3 shape: the split backward kernels (the one-pass backward is the default there), the
-# two-kernel forward
-M3_CHECK_FORMS = [{"fused": {"on": 0}}, {"ffwd": {"on": 0}}]
+# the split backward kernels, the one-pass backward with pointer atomics for dB and dC
+CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"fused": {"on": 0}}, {"fused": {"red": "ptr"}}]
+# and on the first Mamba-3 shape: the split backward kernels (the one-pass backward is the default there)
+M3_CHECK_FORMS = [{"fused": {"on": 0}}]
 
 
 def sweep(device) -> dict:
-    """Time the SSD kernels' options (forward alone: columns per state-kernel program, warps of the output kernel (those
-    two with the one-pass forward off), then the one-pass forward's columns, stages and warps against the two kernels;
-    then forward+backward: warps and columns of the carry kernel, warps of the backward's dx and dB/dC kernels, heads
-    per dB/dC program (those three with the one-pass backward off), then the one-pass backward's two dB/dC
-    reductions against the split kernels) and keep the fastest."""
+    """Time the SSD kernels' options (forward alone: the one-pass forward's stages and warps; then forward+backward:
+    warps and columns of the carry kernel, warps of the backward's dx and dB/dC kernels, heads per dB/dC program
+    (those three with the one-pass backward off), then the one-pass backward's two dB/dC reductions against the split
+    kernels) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -570,11 +567,8 @@ def sweep(device) -> dict:
 
     best = {}
     fwd_bwd = grad_run(fwd, list(ins.values()), cot)
-    ssd_mod.SSD_TUNING["ffwd"] = {"on": 0}  # fstate and fout run only with the one-pass forward off
-    ssd_mod.SSD_TUNING["fused"] = {"on": 0}  # and carry, dx, dbc only with the one-pass backward off
+    ssd_mod.SSD_TUNING["fused"] = {"on": 0}  # carry, dx, dbc run only with the one-pass backward off
     for kind, run in (
-        ("fstate", no_grad_run(fwd)),
-        ("fout", no_grad_run(fwd)),
         ("ffwd", no_grad_run(fwd)),
         ("carry", fwd_bwd),
         ("dx", fwd_bwd),
@@ -610,7 +604,7 @@ def main() -> int:
     parser.add_argument("--variants", action="store_true", help="also time the ops at the variants' own shapes")
     parser.add_argument("--graphs", action="store_true", help="also time each op replayed from a CUDA graph")
     parser.add_argument("--tuning", type=tuning_arg, default={}, help='SSD_TUNING entries (JSON) for the check and the '
-                        'timing, e.g. \'{"fout": {"num_warps": 8}}\' (kinds and options: TUNING_OPTIONS)')  # fmt: skip
+                        'timing, e.g. \'{"ffwd": {"num_warps": 8}}\' (kinds and options: TUNING_OPTIONS)')  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan.py needs a CUDA GPU (run it through the device); nothing measured", file=sys.stderr)

@@ -716,6 +716,7 @@ def scan_ref_vjp(fn: Callable, inputs: list, grads: list) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 M3R_BLOCK_T = 32
+M3R_BWD_WARPS = 4  # warps of the rotary backward
 M3G_BLOCK_T = 64
 
 
@@ -962,7 +963,7 @@ def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
         q_c, k_c, _m3r_opt(q_bias, dth), _m3r_opt(k_bias, dth), theta_c, dq_out.contiguous(), dk_out.contiguous(),
         dq, dk, dth, dqb_part if dqb_part is not None else dth, dkb_part if dkb_part is not None else dth,
         seqlen, nheads, ngroups, dstate, theta.shape[-1], BT=M3R_BLOCK_T, BR=_m3r_br(dstate),
-        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, FAST=theta.is_cuda,
+        HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, FAST=theta.is_cuda, num_warps=M3R_BWD_WARPS,
     )  # fmt: skip
 
     def bias_grad(part, bias):
@@ -1211,13 +1212,17 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # The generic form (`ssd_generic_scan`, used by Mamba-3) takes la, w per position and one extra coefficient e_t on
 # the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same kernels.
 #
-# Forward, two kernels: (1) a state kernel walks the chunks of Q steps in order per (batch, head, block of columns of
-# P) with its slice of the fp32 state in registers, one dot per chunk (h_end = exp(G_last) h_start + B^T (x exp(G_last
-# - G) w), G the chunk-local cumulative log-decay), and writes the state at each chunk start (B x H x chunks x N x P,
+# Forward, one pass (`_ssd_fwd_onepass_kernel`): one program per (batch, head) walks the chunks of Q steps in order
+# with the fp32 state in registers; per chunk it stores the chunk-start state for the backward (B x H x chunks x N x P,
 # in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost nothing against fp32
-# checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error); (2) an output kernel, one program per (batch, chunk,
-# head), all in parallel: the intra-chunk quadratic form (C B^T masked by exp(G_i - G_j)), the carried-state term
-# from the stored chunk-start state, D x and the gate.
+# checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error), steps the state (the one serial dot) and forms the chunk's
+# output from the state it started with (the intra-chunk quadratic form C B^T masked by exp(G_i - G_j), the carried
+# state's term, D x and the gate), so x, B and C are read once per chunk and the states are never read back. On the H100
+# at 64 x 1024 it took 0.363 ms against 0.670 for the two kernels it replaced in Mamba-3 (a sequential state kernel,
+# then an output kernel per chunk reading the states back), and SSD's graphed forward went from 0.415 to 0.269 ms.
+# Every tile moves through tensor descriptors; the rare rows they cannot take (`_ssd_onepass_ok`: unaligned bases, P or
+# N rows not a multiple of 16 bytes) run the same kernel on zero-padded copies (`_ssd_fwd_padded`). TMA blocks are at
+# most 256 long, so chunks, P and N are limited to 256 where the kernels run.
 #
 # Backward, three kernels with few live tiles each: (1) a carry kernel walks the chunks in reverse per (batch,
 # head, block of columns of P) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype,
@@ -1232,9 +1237,12 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # difference of large row and column sums, which loses tiny gradients when decays are near 0.
 #
 # One-pass backward for the generic form with one B and C row per head (Mamba-3, whose B and C are rotated per head
-# before the scan): a gate pre-pass (dz, gated dy, dD shares, dy . x per position), then one program per (batch,
-# head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`). On the
-# H100 it took Mamba-3's graphed fwd+bwd from 3.35 to 2.94 ms at 64 x 1024. Shared group rows (G < H: Mamba-2), rows
+# before the scan): a gate pre-pass (dz and the gated dy; a per-column D's shares), then one program per (batch,
+# head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`; dy . x
+# per position and a per-head D's gradient from its pair tile's diagonal). On the H100 it took Mamba-3's graphed
+# fwd+bwd from 3.35 to 2.94 ms at 64 x 1024 (later rounds: 2.37 with the split forward, 1.98 with the one-pass one).
+# A gate folded into the loop (dz and the gated dy there, no pre-pass) was tried and lost: 1.171 ms against 1.079
+# for pre-pass and loop, its loop spilling three times as much. Shared group rows (G < H: Mamba-2), rows
 # that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
 #
 # Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
@@ -1323,110 +1331,128 @@ def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _ssd_fwd_state_kernel(
-    X, DT, A, DTB, LA, W, BM, H0, CKPT, HT,
+def _ssd_exp2(x, FAST: tl.constexpr):
+    """2^x; FAST (on the GPU): the hardware's ex2 with denormal results flushed to 0 (one instruction, where tl.exp2
+    adds a range test and two scalings per element for denormals). The interpreter runs no inline assembly."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _ssd_silu(z, FAST: tl.constexpr):
+    """z sigmoid(z) = z / (1 + 2^(-z log2 e)); FAST: ftz ex2 and the approximate reciprocal of 1 + 2^(...) >= 1
+    (never a denormal), where the rounded division takes about eight instructions."""
+    d = 1.0 + _ssd_exp2(z * -1.4426950408889634, FAST)
+    if FAST:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True,
+                                      pack=1)  # fmt: skip
+        return z * r
+    else:
+        return z / d
+
+
+@triton.jit
+def _ssd_fwd_onepass_kernel(
+    XD, BD, CD, ZD, YD, YPD, CKD, DT, A, DTB, LA, W, E, DS, H0, HT,
     T, H, G, P, N, NC,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
+    HAS_D: tl.constexpr, D_HEAD: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr,
+    STORE_CKPT: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
-    """Forward, part 1: the state at every chunk start, one program per (batch, head, block of BPS columns of P)
-    walking the chunks in order with its [BN, BPS] fp32 state in registers: one dot per chunk,
-    h_end = exp(G_last) h_start + B^T (x exp(G_last - G) w)."""
+    """The forward: one program per (batch, head) walks the chunks in order with its [BN, BP] fp32 state h in
+    registers and finishes each chunk's output there, so x, B and C are read once per chunk and the chunk-start states
+    are written (for the backward; not without grad) but never read back. Per chunk, with G the chunk-local cumulative
+    log-decay, S = C B^T and st the chunk-start state:
+        ckpt_c = st            h <- exp(G_last) st + B^T (x exp(G_last - G) w)
+        y = exp(G) C st + (S exp(G_i - G_j) (w_j; w_i + e_i + D on the diagonal), i >= j) x,   out = y silu(z)
+    Only the state step is serial; it comes first, right after st is stored, so that the output's three dots (the pair
+    tile, the state read from st's copy in the dot dtype, the pairs) hang off the chain. A per-head D (Mamba-3) sits on
+    the pair tile's diagonal (D x = D I x, rounded with the tile to the dot dtype), so x needs no register copy in the
+    output's layout (offline sm_90: 241 -> 198 registers); a D per column adds D x in fp32. Tiles move through tensor
+    descriptors (x, B, C, z, y and the output before the gate as (batch, H or G, T, cols) views with [1, 1, Q, BP or
+    BN] blocks, the states as (batch heads chunks, N, P)): TMA zero-fills the partial last chunk and clips its stores,
+    no address or mask tiles are held, and the dots read B, C and x from shared memory. The group's B and C rows are g =
+    h // (H // G). The loop takes the launch's stage count as its own (NS), with which Triton prefetches z too (no dot
+    reads it, so it otherwise waits for z each chunk). FAST (on the GPU): the decay tile's exp2 and z's silu with the
+    hardware's ftz ex2 and approximate reciprocal (offline sm_90: 1494 -> 1265 loop SASS at 1 stage). The whole of P
+    per program: a split of P into two blocks forms each chunk's [Q, Q] pair tile twice, and on the H100 it took
+    Mamba-3's graphed forward from 0.447 to 0.648 ms at 64 x 1024 (without the split's column offsets, offline sm_90:
+    199 -> 196 registers)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     g = h // (H // G)
-    b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
     offs_q = tl.arange(0, Q)
-    offs_p = tl.program_id(1) * BPS + tl.arange(0, BPS)
+    offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
-    mask_n = offs_n < N
-    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    sn = offs_n[:, None] * P + offs_p[None, :]
-    sn_mask = mask_n[:, None] & mask_p[None, :]
+    sn_mask = (offs_n < N)[:, None] & mask_p[None, :]
+    g_base = b.to(tl.int64) * T * H + h
     a_h = 0.0
     if not GENERIC:
         a_h = tl.load(A + h).to(tl.float32)
     if HAS_H0:
         state = tl.load(H0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
     else:
-        state = tl.zeros((BN, BPS), dtype=tl.float32)
-    for c in range(NC):
-        row = b64 * T + c * Q
-        mask_t = c * Q + offs_q < T
-        x = tl.load(X + row * H * P + h * P + loc_xp, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-        kb = _ssd_load_bc(BM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, DOT)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
+        state = tl.zeros((BN, BP), dtype=tl.float32)
+    if HAS_D:
+        if D_HEAD:  # one D per head (Mamba-3): a scalar, not a row held across the loop
+            d_row = tl.load(DS + h * P).to(tl.float32)
+        else:
+            d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+    # the loop's own stage count (the launch's): with it Triton also prefetches z, which feeds no dot
+    for c in tl.range(0, NC, num_stages=NS):
+        tq = c * Q + offs_q
+        mask_t = tq < T
+        la, w, e, _dtv, _raw = _ssd_load_chunk_gates(
+            DT, LA, W, E, DTB + h, a_h, g_base, tq, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
         )
-        tl.store(CKPT + (bh64 * NC + c) * N * P + sn, state.to(CKPT.dtype.element_ty), mask=sn_mask)
-        gc = tl.cumsum(la, axis=0)
-        g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-        xw = (x.to(tl.float32) * (tl.exp(g_last - gc) * w)[:, None]).to(DOT)
-        state = state * tl.exp(g_last) + tl.dot(tl.trans(kb.to(DOT)), xw, input_precision=PREC)
+        gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
+        if STORE_CKPT:
+            CKD.store([bh * NC + c, 0, 0], state.to(CKD.dtype).reshape(1, BN, BP))
+        st = state.to(DOT)
+        kb = BD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
+        x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
+        # the serial chain first: h_end = exp(G_last) st + B^T (x exp(G_last - G) w)
+        xw = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
+        state = tl.dot(tl.trans(kb), xw, acc=state * tl.exp(g_last), input_precision=PREC)
+        # the output from st: the pairs i >= j of S = C B^T with exp(G_i - G_j) and the weights w_j (w_j + e_j on the
+        # diagonal), then the carried state's read exp(G_i) C_i st
+        qc = CD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
+        scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
+        gl = gc * 1.4426950408889634
+        seg = _ssd_exp2(tl.minimum(gl[:, None] - gl[None, :], 0.0), FAST)
+        m = scores * seg
+        if HAS_E or (HAS_D and D_HEAD):
+            # the diagonal's weight per row (seg is 1 there): w_i + e_i, and a per-head D as D x_i = D I x
+            wd = w
+            if HAS_E:
+                wd += e
+            if HAS_D and D_HEAD:
+                m = tl.where(tq[:, None] == tq[None, :], m * wd[:, None] + d_row, m * w[None, :])
+            else:
+                m = tl.where(tq[:, None] == tq[None, :], m * wd[:, None], m * w[None, :])
+        else:
+            m = m * w[None, :]
+        m = tl.where(tq[:, None] >= tq[None, :], m, 0.0).to(DOT)
+        y = tl.dot(qc, st, input_precision=PREC) * e_g[:, None]
+        y = tl.dot(m, x, acc=y, input_precision=PREC)
+        if HAS_D and not D_HEAD:
+            y += d_row * x.to(tl.float32)
+        if HAS_Z:
+            if STORE_YP:  # the output before the gate, for the backward's dz
+                YPD.store([b, h, c * Q, 0], y.to(YPD.dtype).reshape(1, 1, Q, BP))
+            zz = ZD.load([b, h, c * Q, 0]).reshape(Q, BP).to(tl.float32)
+            y = y * _ssd_silu(zz, FAST)
+        YD.store([b, h, c * Q, 0], y.to(YD.dtype).reshape(1, 1, Q, BP))
     if STORE_FINAL:
         tl.store(HT + _ssd_state_t(bh64, offs_p, offs_n, P, N), state, mask=sn_mask)
-
-
-@triton.jit
-def _ssd_fwd_out_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, Z, CKPT, Y, YP,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """Forward, part 2: one program per (batch, chunk, head), all in parallel. The intra-chunk quadratic form (C B^T
-    masked by exp(G_i - G_j) and the weights), the carried state's term exp(G) C h_start, D x, and the gate."""
-    b = tl.program_id(0) // NC
-    c = tl.program_id(0) % NC
-    h = tl.program_id(1)
-    g = h // (H // G)
-    b64 = b.to(tl.int64)
-    bh64 = b64 * H + h
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mask_p = offs_p < P
-    mask_n = offs_n < N
-    row = b64 * T + c * Q
-    mask_t = c * Q + offs_q < T
-    xp_mask = mask_t[:, None] & mask_p[None, :]
-    x_base = row * H * P + h * P
-    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    bc_base = row * G * N + g * N
-    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    a_h = 0.0
-    if not GENERIC:
-        a_h = tl.load(A + h).to(tl.float32)
-    la, w, e, dtv, raw = _ssd_load_chunk_gates(
-        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-    )
-    gc = tl.cumsum(la, axis=0)
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
-    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0).to(DOT)
-    st = tl.load(CKPT + (bh64 * NC + c) * N * P + offs_n[:, None] * P + offs_p[None, :],
-                 mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(DOT)  # fmt: skip
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    scores = tl.dot(qc, tl.trans(kb), input_precision=PREC)
-    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-    mmat = tl.where(causal, scores * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)) * wmat, 0.0)
-    y = tl.dot(qc, st, input_precision=PREC) * tl.exp(gc)[:, None]
-    y = tl.dot(mmat.to(DOT), x, acc=y, input_precision=PREC)
-    if HAS_D:
-        y += tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :] * x.to(tl.float32)
-    if HAS_Z:
-        if STORE_YP:  # the output before the gate, for the backward's dz
-            tl.store(YP + x_base + xp, y.to(YP.dtype.element_ty), mask=xp_mask)
-        zz = tl.load(Z + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-        y = y * zz * tl.sigmoid(zz)
-    tl.store(Y + x_base + xp, y.to(Y.dtype.element_ty), mask=xp_mask)
 
 
 @triton.jit
@@ -1710,13 +1736,14 @@ def _ssd_bwd_dbc_kernel(
 
 @triton.jit
 def _ssd_bwd_gate_kernel(
-    X, Z, YP, DY, DZ, DYE, DD_PART, DXY, T, H, P, NC,
-    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_E: tl.constexpr,
+    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
+    Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
 ):  # fmt: skip
     """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
-    the output before it) and dy through it; with D, the chunk's dD share (sum over its positions of dy x); with e,
-    dy_t . x_t per position (fp32), which e's diagonal terms need. So the one-pass loop reads one gated dy, neither z
-    nor the output before the gate, and takes no diagonal out of its dy x^T pair tile."""
+    the output before it) and dy through it; with a D per column, the chunk's dD share (column sums of dy x, for
+    which it reads x). So the one-pass loop reads one gated dy and neither z nor the output before the gate. dy . x
+    per position (e's terms) and a per-head D's gradient come from the loop's pair tile instead: on the H100 that
+    took Mamba-3's graphed fwd+bwd from 2.074 to 1.983 ms at 64 x 1024, the pre-pass no longer reading x."""
     b64 = (tl.program_id(0) // NC).to(tl.int64)
     c = tl.program_id(0) % NC
     h = tl.program_id(1)
@@ -1736,28 +1763,26 @@ def _ssd_bwd_gate_kernel(
         dy = (dy * zz * sz).to(DYE.dtype.element_ty)
         tl.store(DYE + loc, dy, mask=xp_mask)
         dy = dy.to(tl.float32)  # dD and dy . x from the gated dy as the loop sees it
-    if HAS_D or HAS_E:
+    if HAS_D:
         x = tl.load(X + loc, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_D:
-            tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
-        if HAS_E:
-            tl.store(DXY + row, tl.sum(dy * x, axis=1), mask=mask_t)
+        tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
 
 
 @triton.jit
 def _ssd_bwd_onepass_kernel(
-    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DXY, DS, DHT, DLA, DW, DE, DH0, T, H, P, N, NC,
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, DDH, T, H, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
     D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
     rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
-    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de; the gate and dD are
-    the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight is folded into
+    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de and a per-head D's
+    gradient; the gate and a per-column D's gradient are the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is
+    already through the gate. The input weight is folded into
     x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
     chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
     gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
-    dy_t . x_t (from the pre-pass, which reads dy and x anyway), per chunk:
+    dy_t . x_t (the diagonal of the x dy^T pair tile; summed over the chunks, a per-head D's gradient), per chunk:
         v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
         dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
         dC = (dws + diag(e dxy)) B + exp(G) dy st^T   dB = (dws + diag(e dxy))^T C + exp(G_last - G) w x dh^T
@@ -1795,6 +1820,7 @@ def _ssd_bwd_onepass_kernel(
         else:
             d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
+    dd_acc = tl.sum(tl.zeros((Q,), dtype=tl.float32), axis=0)  # a per-head D's gradient, summed over the chunks
     for cc in range(NC):
         c = NC - 1 - cc
         # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
@@ -1822,13 +1848,17 @@ def _ssd_bwd_onepass_kernel(
         x = XD.load([b, h, c * Q, 0]).reshape(Q, BP).to(DOT)
         # the pair weights w_j seg[j, i], with w_j + e_j on the diagonal (seg is exactly 1 there): e's share of dB and
         # dC, e_t (dy_t . x_t) C_t and B_t, comes through the pair dots
+        xdy = tl.dot(x, tl.trans(dy), input_precision=PREC)
+        if HAS_E or (HAS_D and D_HEAD):  # dy_t . x_t from the pair tile's diagonal
+            dxy = tl.sum(tl.where(diag, xdy, 0.0), axis=1)
+            if HAS_D and D_HEAD:
+                dd_acc += tl.sum(dxy, axis=0)
         if HAS_E:
             sw = tl.where(diag, (w + e)[:, None], seg * w[:, None])
-            dxy = tl.load(DXY + g_ptr, mask=mask_t, other=0.0)  # dy . x from the pre-pass
             tl.store(DE + g_ptr, dxy * cb, mask=mask_t)
         else:
             sw = seg * w[:, None]
-        dws = tl.dot(x, tl.trans(dy), input_precision=PREC) * sw
+        dws = xdy * sw
         # pairs j < t <= i: sums over i >= t (U[t, i] = [i >= t]) of the strict pair terms dws S, then row t's part
         # left of t
         strict = tq[:, None] > tq[None, :]
@@ -1877,6 +1907,8 @@ def _ssd_bwd_onepass_kernel(
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
     if HAS_H0:
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
+    if HAS_D and D_HEAD:
+        tl.store(DDH + bh64, dd_acc)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -1902,21 +1934,23 @@ SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults b
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
-    """Launch options of one kernel ("fstate", "fout", "carry", "dx", "dbc", "fused"): tuned overrides first
-    ("num_warps", "num_stages"), else 4 warps (on the H100, 8 warps for both forward kernels took SSD's forward from
-    0.414 to 0.563 ms and Mamba-3's from 0.780 to 1.193), and no software pipelining where the tiles would overflow
-    shared memory (fp32 dots, chunks >= 128) nor in the one-pass backward ("fused": offline sm_90, 2 stages held
-    the next chunk's tiles and spilled 944 B against 616 B at 1)."""
+    """Launch options of one kernel ("ffwd" the forward, "carry", "dx", "dbc", "fused"): tuned overrides first
+    ("num_warps", "num_stages", and "maxnreg" to cap registers for occupancy), else 4 warps (on the H100, 8 warps for
+    the two forward kernels the one-pass forward replaced took SSD's forward from 0.414 to 0.563 ms and Mamba-3's from
+    0.780 to 1.193), and no software pipelining where the tiles would overflow shared memory (fp32 dots, chunks >= 128)
+    nor in the one-pass backward ("fused": offline sm_90, 2 stages held the next chunk's tiles and spilled 944 B
+    against 616 B at 1). The forward ("ffwd") at 4 warps / 2 stages, offline sm_90 at Mamba-3's call: 196 registers and
+    83 KB of shared memory, so two programs per SM (at 3 stages 117 KB, one)."""
     wide = dot == tl.float32 or q >= 128
     opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "fused" else 2}
-    tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages")}
+    tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages", "maxnreg")}
     return opts | ({} if wide else tuned)
 
 
-def _ssd_cols(kind: str, bp: int) -> int:
-    """Columns of P per program of the sequential state kernels ("fstate" forward, "carry" backward;
-    SSD_TUNING[kind]["bp"]; default 32: twice the programs of whole states, each with half the registers)."""
-    return max(16, min(bp, int(SSD_TUNING.get(kind, {}).get("bp", 32))))
+def _ssd_cols(kind: str, bp: int, default: int = 32) -> int:
+    """Columns of P per program of the backward's sequential carry kernel ("carry"; SSD_TUNING[kind]["bp"]; default
+    32: twice the programs of whole states, each with half the registers)."""
+    return max(16, min(bp, int(SSD_TUNING.get(kind, {}).get("bp", default))))
 
 
 def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
@@ -1942,6 +1976,11 @@ def _ssd_check_shapes(x, gates, B, C, chunk_size):
         raise ValueError(f"ssd scan: heads ({nheads}) must be a multiple of groups ({B.shape[2]})")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"ssd scan: chunk_size must be a power of two >= 16, got {chunk_size}")
+    if ssd_use_triton(x) and max(chunk_size, x.shape[3], B.shape[3]) > 256:
+        raise ValueError(
+            "ssd scan: the kernels' tensor-descriptor blocks take chunk_size, headdim and N up to 256, got "
+            f"{chunk_size}, {x.shape[3]}, {B.shape[3]}"
+        )
 
 
 def _ssd_fin_dtype(x: torch.Tensor) -> torch.dtype:
@@ -1974,7 +2013,7 @@ def _ssd_scan_impl(
             y, final = ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, h0, True)
         return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x), scan_none(x)
     bsz, seqlen, nheads, hdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
+    dstate = B.shape[3]
     x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
     z = z.contiguous() if z is not None else None
     d_mat = None
@@ -1996,32 +2035,77 @@ def _ssd_scan_impl(
         A = A.float().contiguous()
         dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
     dot, prec = _ssd_dot_dtype(x)
-    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-    any_t = x
-
-    def _or(t):
-        return t if t is not None else any_t
-
-    gates = (_or(dt), _or(A), _or(dt_bias), _or(la), _or(w))
+    gates = tuple(t if t is not None else x for t in (dt, A, dt_bias, la, w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
-    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
-    # the states at chunk starts, sequential over chunks (one dot each), then every chunk's output in parallel
-    if ckpt is None:
-        ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
-    bps = _ssd_cols("fstate", bp)
-    _ssd_fwd_state_kernel[(bsz * nheads, triton.cdiv(hdim, bps))](
-        x, *gates, B, _or(h0c), ckpt, _or(final), *dims, Q=chunk_size, BPS=bps, BN=bn, HAS_H0=h0c is not None,
-        STORE_FINAL=final is not None, **flags, **_ssd_launch("fstate", chunk_size, dot),
-    )  # fmt: skip
-    _ssd_fwd_out_kernel[(bsz * nchunks, nheads)](
-        x, *gates, _or(e), B, C, _or(d_mat), _or(z), ckpt, y, _or(yp), *dims, Q=chunk_size, BP=bp, BN=bn,
-        HAS_E=e is not None, HAS_D=d_mat is not None, HAS_Z=z is not None, STORE_YP=yp is not None, **flags,
-        **_ssd_launch("fout", chunk_size, dot),
-    )  # fmt: skip
-    if not grad:
-        ckpt = None
+    launch = _ssd_launch("ffwd", chunk_size, dot)
+    args = (x, gates, e, B, C, D, d_mat, z, h0c, y, final, ckpt, yp, chunk_size, flags, launch)
+    if _ssd_onepass_ok(x, B, C, y, *(t for t in (z, yp, ckpt) if t is not None)):
+        _ssd_fwd_onepass(*args)
+    else:
+        _ssd_fwd_padded(*args)
     final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
     return y, final, _or_none(ckpt, x), _or_none(yp, x)
+
+
+def _ssd_fwd_onepass(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chunk_size, flags, launch):
+    """Launch `_ssd_fwd_onepass_kernel` over batch * heads: y (and yp, ckpt, final where given) written in place.
+    gates: (dt, A, dt_bias, la, w) with placeholders. The tensors given to descriptors must pass `_ssd_onepass_ok`."""
+    bsz, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
+    xd, yd = _ssd_desc(x, chunk_size, bp), _ssd_desc(y, chunk_size, bp)
+    zd = _ssd_desc(z, chunk_size, bp) if z is not None else xd
+    ypd = _ssd_desc(yp, chunk_size, bp) if yp is not None else yd
+    bd, cd = _ssd_desc(B, chunk_size, bn), _ssd_desc(C, chunk_size, bn)
+    ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp]) if ckpt is not None else xd
+    _ssd_fwd_onepass_kernel[(bsz * nheads,)](
+        xd, bd, cd, zd, yd, ypd, ckd, *gates, e if e is not None else x, d_mat if d_mat is not None else x,
+        h0 if h0 is not None else x, final if final is not None else x, seqlen, nheads, ngroups, hdim, dstate, nchunks,
+        Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None,
+        D_HEAD=D is not None and D.dim() == 1, HAS_Z=z is not None, STORE_YP=yp is not None,
+        STORE_CKPT=ckpt is not None, HAS_H0=h0 is not None, STORE_FINAL=final is not None, FAST=x.is_cuda,
+        NS=launch["num_stages"], **flags, **launch,
+    )  # fmt: skip
+
+
+def _ssd_fwd_padded(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chunk_size, flags, launch):
+    """The forward for the rare calls whose rows the tensor descriptors cannot take (`_ssd_onepass_ok`: a base not
+    16-byte aligned, or P or N times the element size not a multiple of 16): `_ssd_fwd_onepass` on fresh copies with
+    P and N zero-padded to aligned rows (zero columns of x, z, B, C, D and h0 change nothing: the padded state rows
+    stay 0 and the padded output columns are dropped), then y, yp, ckpt and final copied out in their own layouts
+    (ckpt (B, H, NC, N, P), which both backward paths read with plain pointer math). Speed does not matter here."""
+    hdim, dstate = x.shape[3], B.shape[3]
+    pc = _ssd_aligned(hdim, *(t for t in (x, z, ckpt) if t is not None))
+    nc = _ssd_aligned(dstate, B, C)
+    xs, zs, bs, cs, d_pad = (_ssd_zero_pad(t, w) for t, w in ((x, pc), (z, pc), (B, nc), (C, nc), (d_mat, pc)))
+    h0s = _ssd_zero_pad(h0, pc, nc)
+    ys, yps = torch.empty_like(xs), (torch.empty_like(xs) if yp is not None else None)
+    cks = ckpt.new_empty((*ckpt.shape[:-2], nc, pc)) if ckpt is not None else None
+    fins = final.new_empty((*final.shape[:-2], pc, nc)) if final is not None else None
+    _ssd_fwd_onepass(xs, gates, e, bs, cs, D, d_pad, zs, h0s, ys, fins, cks, yps, chunk_size, flags, launch)
+    y.copy_(ys[..., :hdim])
+    if yp is not None:
+        yp.copy_(yps[..., :hdim])
+    if ckpt is not None:
+        ckpt.copy_(cks[..., :dstate, :hdim])
+    if final is not None:
+        final.copy_(fins[..., :hdim, :dstate])
+
+
+def _ssd_zero_pad(t: torch.Tensor | None, *widths: int) -> torch.Tensor | None:
+    """A fresh contiguous copy of t with its last len(widths) dimensions widened to widths, zero beyond t."""
+    if t is None:
+        return None
+    out = t.new_zeros((*t.shape[: t.dim() - len(widths)], *widths))
+    out[tuple(slice(0, k) for k in t.shape)] = t
+    return out
+
+
+def _ssd_aligned(cols: int, *tensors: torch.Tensor) -> int:
+    """cols rounded up so that a row of cols elements of each tensor's dtype is a multiple of 16 bytes."""
+    step = 16 // min(t.element_size() for t in tensors)
+    return -(-cols // step) * step
 
 
 def _or_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -2203,7 +2287,7 @@ def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
 
 
 def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the one-pass backward's tensor descriptors can take these tensors: 16-byte aligned bases and rows."""
+    """Whether the one-pass kernels' tensor descriptors can take these tensors: 16-byte aligned bases and rows."""
     return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
 
 
@@ -2225,14 +2309,18 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
     dz = torch.empty_like(z) if z is not None else None
     dye = torch.empty_like(dy) if z is not None else dy
-    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
+    # a per-head D's gradient comes from the loop (the sum of dy . x over positions), a per-column D's from the
+    # pre-pass's column sums (it then reads x)
+    d_head = D is not None and D.dim() == 1
+    pre_dcol = d_mat is not None and not d_head
+    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if pre_dcol else None
+    dd_head = torch.empty(bsz, nheads, **f32) if d_head else None
     gshape = (bsz, seqlen, nheads)
-    dxy = torch.empty(gshape, **f32) if e is not None else None  # dy . x per position, for e's terms
-    if z is not None or d_mat is not None or e is not None:
+    if z is not None or pre_dcol:
         _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
             x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
-            dd_part if dd_part is not None else x, dxy if dxy is not None else x, seqlen, nheads, hdim, nchunks,
-            Q=chunk_size, BP=bp, HAS_Z=z is not None, HAS_D=d_mat is not None, HAS_E=e is not None, num_warps=4,
+            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, Q=chunk_size, BP=bp,
+            HAS_Z=z is not None, HAS_D=pre_dcol, num_warps=4,
         )  # fmt: skip
     dx = torch.empty_like(x)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
@@ -2243,13 +2331,14 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
     bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
     _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, *((e_c, dxy) if e is not None else (w_c, w_c)),
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e is not None else w_c,
         d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
-        dh0 if dh0 is not None else dw, seqlen, nheads, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn,
-        HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=D is not None and D.dim() == 1, HAS_H0=h0 is not None,
-        HAS_DHT=dfin is not None, DOT=dot, PREC=prec, **_ssd_launch("fused", chunk_size, dot),
+        dh0 if dh0 is not None else dw, dd_head if dd_head is not None else dw, seqlen, nheads, hdim, dstate,
+        nchunks, Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=d_head,
+        HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot, PREC=prec,
+        **_ssd_launch("fused", chunk_size, dot),
     )  # fmt: skip
-    dD = _ssd_dD(dd_part, D)
+    dD = _ssd_dD(dd_part, D) if dd_head is None else dd_head.sum(0)
 
     def cast(g, like):
         return g.to(like.dtype) if g is not None else scan_none(x)

@@ -173,6 +173,8 @@ def test_bad_shapes_raise_clear_errors(ssd):
         ssd.ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=48)
     with pytest.raises(ValueError, match="dt/la"):
         ssd.ssd_scan(inp["x"], inp["dt"][:, :4], inp["A"], inp["B"], inp["C"])
+    with pytest.raises(ValueError, match="up to 256"):  # the kernels' tensor-descriptor blocks
+        ssd.ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=512)
 
 
 def test_under_torch_compile(ssd):
@@ -219,15 +221,22 @@ def _onepass_inputs(bsz, seqlen, nheads, hdim, dstate, dtype, ngroups=None, seed
     }
 
 
-def _run_generic(fn, inp, opts, chunk, with_final, cast=None):
+def _run_generic(fn, inp, opts, chunk, with_final, cast=None, shift=()):
     """The generic scan with the inputs named in opts ("e", "D" or "Dm", "z", "h0"); gradients of every
-    input, with a fixed random cotangent on y and, with_final, on the final state."""
+    input, with a fixed random cotangent on y and, with_final, on the final state. The inputs named in shift are
+    passed as contiguous views starting one element into a larger leaf (a base off 16-byte alignment)."""
     names = ["x", "la", "w", "B", "C"] + [k for k in ("e", "D", "Dm", "z", "h0") if k in opts]
     leaves = {k: (inp[k].to(cast) if cast else inp[k]).clone().requires_grad_() for k in names}
-    kw = {k: leaves[k] for k in ("e", "z", "h0") if k in leaves}
-    if "D" in leaves or "Dm" in leaves:
-        kw["D"] = leaves["D" if "D" in leaves else "Dm"]
-    out = fn(leaves["x"], leaves["la"], leaves["w"], leaves["B"], leaves["C"], chunk, return_final_state=with_final,
+    args = dict(leaves)
+    for k in shift:
+        flat = torch.cat((leaves[k].detach().new_zeros(1), leaves[k].detach().flatten()))
+        leaves[k] = flat.requires_grad_()
+        args[k] = flat[1:].view(inp[k].shape)
+        assert args[k].is_contiguous() and args[k].data_ptr() % 16
+    kw = {k: args[k] for k in ("e", "z", "h0") if k in args}
+    if "D" in args or "Dm" in args:
+        kw["D"] = args["D" if "D" in args else "Dm"]
+    out = fn(args["x"], args["la"], args["w"], args["B"], args["C"], chunk, return_final_state=with_final,
              **kw)  # fmt: skip
     y, final = out if with_final else (out, None)
     gen = torch.Generator().manual_seed(7)
@@ -235,6 +244,7 @@ def _run_generic(fn, inp, opts, chunk, with_final, cast=None):
     if final is not None:
         loss = loss + (final.double() * torch.randn(final.shape, generator=gen, dtype=torch.float64)).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
+    grads = [g[1:].view(inp[n].shape) if n in shift else g for n, g in zip(names, grads)]
     res = {"y": y} | ({"final": final} if final is not None else {})
     return res | {f"d{n}": g for n, g in zip(names, grads)}
 
@@ -419,55 +429,53 @@ def test_backward_from_the_final_state_alone(ssd, monkeypatch, onepass):
         assert torch.allclose(got.double(), ref.double(), rtol=2e-5, atol=1e-6)
 
 
-def _count_ffwd(ssd, monkeypatch) -> list:
-    """Calls of the one-pass forward's launcher (so a test can assert that it ran, or that it did not)."""
+def _count(ssd, monkeypatch, name: str) -> list:
+    """Calls of the module function `name` (so a test can assert that it ran, or that it did not)."""
     calls = []
-    original = ssd._ssd_fwd_onepass
+    original = getattr(ssd, name)
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(ssd, "_ssd_fwd_onepass", counted)
+    monkeypatch.setattr(ssd, name, counted)
     return calls
 
 
-def _check_ffwd(ssd, monkeypatch, run, tuning, tol):
-    """run(fn) with the one-pass forward (SSD_TUNING["ffwd"] = tuning, which must launch it) against the two-kernel
-    forward (SSD_TUNING["ffwd"]["on"] = 0) and the float64 reference: outputs and every input's gradient."""
-    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", {"on": 0})
-    calls = _count_ffwd(ssd, monkeypatch)
-    old = run(False)
-    assert not calls, "the two-kernel forward was asked for"
-    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", tuning)
+def _check_fwd(ssd, monkeypatch, run, inp, tol, padded=False):
+    """run(ref) with the one-pass forward (which every Triton call takes; through the zero-padded copies exactly when
+    `padded`) against the float64 reference (ref=True): outputs and every input's gradient, in the inputs' dtypes."""
+    calls = _count(ssd, monkeypatch, "_ssd_fwd_onepass")
+    pads = _count(ssd, monkeypatch, "_ssd_fwd_padded")
     got = run(False)
     assert calls, "the one-pass forward did not run"
+    assert bool(pads) == padded, "the padded copies were " + ("skipped" if padded else "made")
     ref = run(True)
-    assert got.keys() == ref.keys() == old.keys()
+    assert got.keys() == ref.keys()
     for name in ref:
-        assert got[name].shape == ref[name].shape and got[name].dtype == old[name].dtype, name
+        want = torch.float32 if name == "final" else inp["x" if name == "y" else name[1:]].dtype
+        assert got[name].shape == ref[name].shape and got[name].dtype == want, name
         assert _rel(got[name], ref[name]) < tol, name
-        assert _rel(got[name], old[name]) < tol, name
 
 
 FFWD_GENERIC_CASES = [
-    # seqlen, chunk, heads, groups, headdim, dstate, options, with_final, bp, fused backward
-    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True, None, 1),  # per-head rows (Mamba-3), every option
-    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True, None, 0),  # the same, the split backward on its states
-    (50, 16, 2, 1, 32, 16, ("Dm", "h0"), True, 16, 1),  # shared rows, no e, D per column, P in two blocks
-    (29, 16, 4, 2, 24, 20, ("e", "z"), False, None, 1),  # 1 < G < H, P and N not powers of two, no final
-    (11, 32, 3, 3, 16, 32, (), True, None, 1),  # shorter than a chunk, no option
+    # seqlen, chunk, heads, groups, headdim, dstate, options, with_final, fused backward
+    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True, 1),  # per-head rows (Mamba-3), every option
+    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True, 0),  # the same, the split backward on its states
+    (50, 16, 2, 1, 32, 16, ("Dm", "h0"), True, 1),  # shared rows, no e, D per column
+    (29, 16, 4, 2, 24, 20, ("e", "z"), False, 1),  # 1 < G < H, P and N not powers of two, no final
+    (11, 32, 3, 3, 16, 32, (), True, 1),  # shorter than a chunk, no option
 ]
 
 
-FFWD_GENERIC_IDS = [f"T{c[0]}_H{c[2]}G{c[3]}P{c[4]}N{c[5]}_bp{c[8]}_f{c[9]}" for c in FFWD_GENERIC_CASES]
+FFWD_GENERIC_IDS = [f"T{c[0]}_H{c[2]}G{c[3]}P{c[4]}N{c[5]}_f{c[8]}" for c in FFWD_GENERIC_CASES]
 
 
 @pytest.mark.parametrize("case", FFWD_GENERIC_CASES, ids=FFWD_GENERIC_IDS)
 def test_onepass_forward_generic(ssd, case, monkeypatch):
-    """The one-pass forward of the generic form (the default) against the two-kernel forward and the float64
-    reference, with the gradients of every input (the backward, one-pass or split, reads the states it stores)."""
-    seqlen, chunk, nheads, groups, hdim, dstate, opts, with_final, bp, fused = case
+    """The one-pass forward of the generic form against the float64 reference, with the gradients of every input
+    (the backward, one-pass or split, reads the states it stores)."""
+    seqlen, chunk, nheads, groups, hdim, dstate, opts, with_final, fused = case
     inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, ngroups=groups, seed=seqlen)
     monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": fused})
 
@@ -476,7 +484,7 @@ def test_onepass_forward_generic(ssd, case, monkeypatch):
             return _run_generic(ssd.ssd_generic_scan_ref, inp, opts, chunk, with_final, cast=torch.float64)
         return _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
 
-    _check_ffwd(ssd, monkeypatch, run, {"on": 1} | ({"bp": bp} if bp else {}), 2e-5)
+    _check_fwd(ssd, monkeypatch, run, inp, 2e-5)
 
 
 FFWD_SSD_CASES = [
@@ -487,29 +495,31 @@ FFWD_SSD_CASES = [
 ]
 
 
+def _ssd_form_run(ssd, inp, opts, chunk, softplus):
+    def run(ref):
+        data = {k: v.double() for k, v in inp.items()} if ref else inp
+        fn = ssd.ssd_scan_ref if ref else ssd.ssd_scan
+        return _run(functools.partial(fn, dt_softplus=softplus), data, opts, chunk, with_final=True)
+
+    return run
+
+
 @pytest.mark.parametrize("case", FFWD_SSD_CASES, ids=[f"T{c[0]}_H{c[2]}G{c[3]}_sp{int(c[7])}" for c in FFWD_SSD_CASES])
 def test_onepass_forward_ssd_form(ssd, case, monkeypatch):
-    """The one-pass forward of the Mamba-2 form (dt, A, dt_bias, softplus) against the two-kernel forward and the
-    float64 reference, final state and gradients included."""
+    """The one-pass forward of the Mamba-2 form (dt, A, dt_bias, softplus) against the float64 reference, final
+    state and gradients included."""
     seqlen, chunk, nheads, groups, hdim, dstate, opts, softplus, d_matrix = case
     inp = _inputs(2, seqlen, nheads, hdim, groups, dstate, torch.float32, seed=seqlen)
     if not softplus:
         inp["dt"] = inp["dt"].abs() * 0.2
     if d_matrix:
         inp["D"] = torch.randn(nheads, hdim, generator=torch.Generator().manual_seed(1))
-
-    def run(ref):
-        data = {k: v.double() for k, v in inp.items()} if ref else inp
-        fn = ssd.ssd_scan_ref if ref else ssd.ssd_scan
-        return _run(functools.partial(fn, dt_softplus=softplus), data, opts, chunk, with_final=True)
-
-    _check_ffwd(ssd, monkeypatch, run, {"on": 1}, 2e-5)
+    _check_fwd(ssd, monkeypatch, _ssd_form_run(ssd, inp, opts, chunk, softplus), inp, 2e-5)
 
 
 @pytest.mark.parametrize("form", ["generic", "ssd"])
 def test_onepass_forward_bf16(ssd, form, monkeypatch):
-    """bf16 inputs: Mamba-3's call (per-head rows, e, per-head D, z, h0) and Mamba-2's (one group, dt_bias), the
-    second with P split in two blocks."""
+    """bf16 inputs: Mamba-3's call (per-head rows, e, per-head D, z, h0) and Mamba-2's (one group, dt_bias)."""
     if form == "generic":
         inp = _onepass_inputs(2, 45, 2, 32, 16, torch.bfloat16, seed=3)
 
@@ -517,41 +527,71 @@ def test_onepass_forward_bf16(ssd, form, monkeypatch):
             fn = ssd.ssd_generic_scan_ref if ref else ssd.ssd_generic_scan
             return _run_generic(fn, inp, ("e", "D", "z", "h0"), 16, True, cast=torch.float64 if ref else None)
 
-        tuning = {"on": 1}
     else:
         inp = _inputs(2, 45, 2, 32, 1, 16, torch.bfloat16, seed=4)
-
-        def run(ref):
-            data = {k: v.double() for k, v in inp.items()} if ref else inp
-            return _run(ssd.ssd_scan_ref if ref else ssd.ssd_scan, data, ("D", "z", "dt_bias", "h0"), 16, True)
-
-        tuning = {"on": 1, "bp": 16}
-    _check_ffwd(ssd, monkeypatch, run, tuning, 2e-2)
+        run = _ssd_form_run(ssd, inp, ("D", "z", "dt_bias", "h0"), 16, True)
+    _check_fwd(ssd, monkeypatch, run, inp, 2e-2)
 
 
-def test_onepass_forward_without_grad(ssd, monkeypatch):
-    """Without autograd the one-pass forward stores no chunk states and no output before the gate; same outputs."""
-    inp = _onepass_inputs(1, 40, 2, 16, 16, torch.float32, seed=9)
+def _f64(v):
+    return v.double() if torch.is_tensor(v) else v
+
+
+@pytest.mark.parametrize("dstate", [16, 18], ids=["aligned", "padded"])
+def test_onepass_forward_without_grad(ssd, monkeypatch, dstate):
+    """Without autograd the one-pass forward stores no chunk states and no output before the gate (directly, and
+    through the padded copies); the outputs still match the float64 reference."""
+    inp = _onepass_inputs(1, 40, 2, 16, dstate, torch.float32, seed=9)
     args = [inp[k] for k in ("x", "la", "w", "B", "C")]
     kw = {"e": inp["e"], "D": inp["D"], "z": inp["z"], "h0": inp["h0"], "return_final_state": True}
-    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", {"on": 0})
-    old = ssd.ssd_generic_scan(*args, 16, **kw)
-    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", {"on": 1})
-    calls = _count_ffwd(ssd, monkeypatch)
+    calls = _count(ssd, monkeypatch, "_ssd_fwd_onepass")
+    pads = _count(ssd, monkeypatch, "_ssd_fwd_padded")
     with torch.no_grad():
         got = ssd.ssd_generic_scan(*args, 16, **kw)
-    assert calls
-    for g, o in zip(got, old):
-        assert _rel(g, o) < 2e-5
+    assert calls and bool(pads) == (dstate == 18)
+    ref = ssd.ssd_generic_scan_ref(*(t.double() for t in args), 16, **{k: _f64(v) for k, v in kw.items()})
+    for g, r in zip(got, ref):
+        assert _rel(g, r) < 2e-5
 
 
-def test_onepass_forward_refuses_unaligned_rows(ssd, monkeypatch):
-    """Rows that tensor descriptors cannot take (N x 4 bytes not a multiple of 16) keep the two-kernel forward."""
-    inp = _onepass_inputs(1, 21, 2, 16, 18, torch.float32, seed=2)
-    monkeypatch.setitem(ssd.SSD_TUNING, "ffwd", {"on": 1})
-    calls = _count_ffwd(ssd, monkeypatch)
-    got = _run_generic(ssd.ssd_generic_scan, inp, ("e", "z"), 16, True)
-    assert not calls
-    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, ("e", "z"), 16, True, cast=torch.float64)
-    for name in ref:
-        assert _rel(got[name], ref[name]) < 2e-5, name
+FFWD_PADDED_CASES = [
+    # seqlen, chunk, heads, groups, headdim, dstate, dtype, options, fused backward
+    (21, 16, 2, 2, 16, 18, torch.float32, ("e", "D", "z", "h0"), 1),  # N x 4 bytes = 72: B, C rows padded to 20
+    (21, 16, 2, 1, 16, 18, torch.float32, ("Dm", "z", "h0"), 1),  # the same with one shared group, D per column
+    (33, 16, 2, 2, 32, 12, torch.bfloat16, ("e", "D", "z", "h0"), 1),  # N x 2 bytes = 24: padded to 16
+    (33, 16, 2, 2, 20, 16, torch.bfloat16, ("e", "Dm", "z", "h0"), 1),  # P x 2 bytes = 40: x, z, y rows padded to 24
+    (37, 16, 2, 2, 18, 16, torch.float32, ("e", "D", "z", "h0"), 0),  # P x 4 bytes = 72: also the states' rows
+]
+
+
+@pytest.mark.parametrize(
+    "case", FFWD_PADDED_CASES, ids=[f"P{c[4]}N{c[5]}G{c[3]}_{str(c[6])[6:]}" for c in FFWD_PADDED_CASES]
+)
+def test_onepass_forward_pads_unaligned_rows(ssd, monkeypatch, case):
+    """Rows the tensor descriptors cannot take (P or N times the element size not a multiple of 16 bytes) run the
+    one-pass forward on zero-padded copies; outputs, final state and every gradient (the backward reading the states
+    copied back out) against the float64 reference."""
+    seqlen, chunk, nheads, groups, hdim, dstate, dtype, opts, fused = case
+    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, dtype, ngroups=groups, seed=seqlen + hdim)
+    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": fused})
+
+    def run(ref):
+        fn = ssd.ssd_generic_scan_ref if ref else ssd.ssd_generic_scan
+        return _run_generic(fn, inp, opts, chunk, True, cast=torch.float64 if ref else None)
+
+    _check_fwd(ssd, monkeypatch, run, inp, 2e-5 if dtype == torch.float32 else 2e-2, padded=True)
+
+
+@pytest.mark.parametrize("shifted", [("x",), ("B", "z")])
+def test_onepass_forward_pads_unaligned_bases(ssd, monkeypatch, shifted):
+    """Contiguous inputs whose storage starts one element past a 16-byte boundary (rows aligned, base not) run
+    through the padded copies too; gradients included."""
+    inp = _onepass_inputs(2, 37, 2, 16, 16, torch.float32, seed=11)
+    opts = ("e", "D", "z", "h0")
+
+    def run(ref):
+        if ref:
+            return _run_generic(ssd.ssd_generic_scan_ref, inp, opts, 16, True, cast=torch.float64)
+        return _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True, shift=shifted)
+
+    _check_fwd(ssd, monkeypatch, run, inp, 2e-5, padded=True)

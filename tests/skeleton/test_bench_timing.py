@@ -110,19 +110,21 @@ def test_tuning_argument_takes_known_kinds_and_options_only():
     defaults under the tuned label."""
     import argparse
 
-    assert scan.tuning_arg('{"fout": {"num_warps": 8}, "state": {"fp32": true}}') == {
-        "fout": {"num_warps": 8},
+    assert scan.tuning_arg('{"ffwd": {"num_warps": 8}, "state": {"fp32": true}}') == {
+        "ffwd": {"num_warps": 8},
         "state": {"fp32": True},
     }
     assert scan.tuning_arg('{"fused": {"on": 1, "num_warps": 8, "num_stages": 2}}') == {
         "fused": {"on": 1, "num_warps": 8, "num_stages": 2}
     }
     for bad, message in [
-        ("{fout", "not JSON"),
-        ('["fout"]', "want"),
-        ('{"fout": 8}', "want"),
+        ("{ffwd", "not JSON"),
+        ('["ffwd"]', "want"),
+        ('{"ffwd": 8}', "want"),
         ('{"fwd": {"num_warps": 8}}', "unknown kind 'fwd'"),
-        ('{"fout": {"num_warp": 8}}', r"unknown fout option\(s\) \['num_warp'\]"),
+        ('{"fout": {"num_warps": 8}}', "unknown kind 'fout'"),  # the two-kernel forward is gone
+        ('{"ffwd": {"bp": 32}}', r"unknown ffwd option\(s\) \['bp'\]"),  # and the one-pass forward's split of P
+        ('{"ffwd": {"num_warp": 8}}', r"unknown ffwd option\(s\) \['num_warp'\]"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             scan.tuning_arg(bad)
@@ -137,19 +139,19 @@ def test_tuning_options_are_what_the_kernels_read_and_the_sweep_sets():
     for kind, forms in scan.SSD_SWEEP.items():
         for form in forms:
             scan.tuning_arg(json.dumps({kind: form}))
-    for form in scan.CHECK_BWD_FORMS:
+    for form in scan.CHECK_BWD_FORMS + scan.M3_CHECK_FORMS:
         scan.tuning_arg(json.dumps(form))
 
 
 def test_tuned_restores_the_tuning_when_the_run_raises():
     scan.ssd_mod.SSD_TUNING.clear()
-    scan.ssd_mod.SSD_TUNING["fout"] = {"num_warps": 4}
+    scan.ssd_mod.SSD_TUNING["ffwd"] = {"num_warps": 4}
 
     def boom():
-        assert scan.ssd_mod.SSD_TUNING == {"fout": {"num_warps": 8}}
+        assert scan.ssd_mod.SSD_TUNING == {"ffwd": {"num_warps": 8}}
         raise RuntimeError("kernel failed")
 
     with pytest.raises(RuntimeError):
-        scan.tuned({"fout": {"num_warps": 8}}, boom)
-    assert scan.ssd_mod.SSD_TUNING == {"fout": {"num_warps": 4}}
+        scan.tuned({"ffwd": {"num_warps": 8}}, boom)
+    assert scan.ssd_mod.SSD_TUNING == {"ffwd": {"num_warps": 4}}
     scan.ssd_mod.SSD_TUNING.clear()
