@@ -441,13 +441,10 @@ CHECK_CASES = [  # dtype, rms tolerance, SSD (T, groups, chunk), Mamba-3 (T, gro
 # what --tuning may set: SSD_TUNING's kernel kinds (templates/scan/ssd.py) and the options each reads
 TUNING_OPTIONS = {
     "ffwd": {"num_warps", "num_stages", "maxnreg"},  # the forward (one pass)
-    "carry": {"num_warps", "num_stages", "bp"},
-    "dx": {"num_warps", "num_stages"},
-    "dbc": {"num_warps", "num_stages", "heads"},
-    "state": {"fp32"},
-    # the one-pass backward (default where the tensor descriptors take the rows, both forms, any G; "on": 0 = carry +
-    # dx + dbc; "red": "ptr" sums a group's dB, dC with pointer atomics instead of TMA reduce-add)
-    "fused": {"on", "num_warps", "num_stages", "red"},
+    # the backward's loop (one pass, both forms, any G; "red": "ptr" sums a group's dB, dC with pointer atomics
+    # instead of TMA reduce-add)
+    "bwd": {"num_warps", "num_stages", "maxnreg", "red"},
+    "state": {"fp32"},  # fp32 chunk states instead of the dot dtype's (what bf16 costs)
 }
 
 
@@ -499,7 +496,8 @@ def check(device, limit: int | None = None) -> bool:
             forms = [("default", None, base)]
             if (seq, groups, chunk) == ssd_shapes[0]:
                 forms += [(str(form), form, base) for form in CHECK_BWD_FORMS]
-                # P and N two short (rows of 124 or 248 bytes): the forward on zero-padded copies (`_ssd_fwd_padded`)
+                # P and N two short (rows of 124 or 248 bytes): forward and backward on zero-padded copies
+                # (`_ssd_fwd_padded`, `_ssd_bwd_padded`)
                 cut = {k: base[k][..., :-2].contiguous() for k in ("x", "z", "B", "C")}
                 cut["h0"] = base["h0"][..., :-2, :-2].contiguous()
                 forms.append(("rows padded (P, N - 2)", None, base | cut))
@@ -528,37 +526,28 @@ def check(device, limit: int | None = None) -> bool:
                             initial_state=st, return_final_state=True)  # fmt: skip
                 return y, fin[1]
 
-            for form in [None] + (M3_CHECK_FORMS if (seq, groups) == m3_shapes[0] else []):
-                errs = tuned(form, compare, lambda i: run_m3(i, mamba3_siso_scan),
-                             lambda i: run_m3(i, mamba3_siso_scan_ref), base)  # fmt: skip
-                worst = max(errs.values())
-                ok &= worst < tol
-                verdict = "ok" if worst < tol else "FAIL"
-                print(f"check mamba3 {str(dtype)[6:]} T={seq} G={groups} {form or 'default'}: worst rms-rel "
-                      f"{worst:.2e} ({max(errs, key=errs.get)}) {verdict}", flush=True)  # fmt: skip
+            errs = compare(lambda i: run_m3(i, mamba3_siso_scan), lambda i: run_m3(i, mamba3_siso_scan_ref), base)
+            worst = max(errs.values())
+            ok &= worst < tol
+            verdict = "ok" if worst < tol else "FAIL"
+            print(f"check mamba3 {str(dtype)[6:]} T={seq} G={groups}: worst rms-rel {worst:.2e} "
+                  f"({max(errs, key=errs.get)}) {verdict}", flush=True)  # fmt: skip
     return ok
 
 
 SSD_SWEEP = {
     "ffwd": [{"num_stages": st} for st in (2, 3, 1)] + [{"num_warps": 8, "num_stages": 2}],
-    "carry": [{"num_warps": w, "num_stages": 2, "bp": bp} for w, bp in ((4, 32), (4, 64), (8, 32))],
-    "dx": [{"num_warps": w, "num_stages": 2} for w in (4, 8)],
-    "dbc": [{"num_warps": 4, "num_stages": 2, "heads": hb} for hb in (16, 1)] + [{"num_warps": 8, "num_stages": 2}],
-    # the one-pass backward (its two reductions of dB, dC over G = 1's heads) against the split kernels as swept
-    "fused": [{"on": 1}, {"on": 1, "red": "ptr"}, {"on": 0}],
+    # the backward's two reductions of dB, dC over G = 1's heads
+    "bwd": [{"red": "tma"}, {"red": "ptr"}],
 }
 # options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs),
-# the split backward kernels, the one-pass backward with pointer atomics for dB and dC
-CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"fused": {"on": 0}}, {"fused": {"red": "ptr"}}]
-# and on the first Mamba-3 shape: the split backward kernels (the one-pass backward is the default there)
-M3_CHECK_FORMS = [{"fused": {"on": 0}}]
+# the backward with pointer atomics for dB and dC
+CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"bwd": {"red": "ptr"}}]
 
 
 def sweep(device) -> dict:
     """Time the SSD kernels' options (forward alone: the one-pass forward's stages and warps; then forward+backward:
-    warps and columns of the carry kernel, warps of the backward's dx and dB/dC kernels, heads per dB/dC program
-    (those three with the one-pass backward off), then the one-pass backward's two dB/dC reductions against the split
-    kernels) and keep the fastest."""
+    the backward's two dB/dC reductions) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -567,14 +556,7 @@ def sweep(device) -> dict:
 
     best = {}
     fwd_bwd = grad_run(fwd, list(ins.values()), cot)
-    ssd_mod.SSD_TUNING["fused"] = {"on": 0}  # carry, dx, dbc run only with the one-pass backward off
-    for kind, run in (
-        ("ffwd", no_grad_run(fwd)),
-        ("carry", fwd_bwd),
-        ("dx", fwd_bwd),
-        ("dbc", fwd_bwd),
-        ("fused", fwd_bwd),
-    ):
+    for kind, run in (("ffwd", no_grad_run(fwd)), ("bwd", fwd_bwd)):
         timings = []
         for opts in SSD_SWEEP[kind]:
             ssd_mod.SSD_TUNING[kind] = opts
@@ -604,7 +586,8 @@ def main() -> int:
     parser.add_argument("--variants", action="store_true", help="also time the ops at the variants' own shapes")
     parser.add_argument("--graphs", action="store_true", help="also time each op replayed from a CUDA graph")
     parser.add_argument("--tuning", type=tuning_arg, default={}, help='SSD_TUNING entries (JSON) for the check and the '
-                        'timing, e.g. \'{"ffwd": {"num_warps": 8}}\' (kinds and options: TUNING_OPTIONS)')  # fmt: skip
+                        'timing, e.g. \'{"ffwd": {"num_warps": 8}}\' or \'{"bwd": {"red": "ptr"}}\' (kinds: "ffwd" '
+                        'the forward, "bwd" the backward, "state"; options: TUNING_OPTIONS)')  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan.py needs a CUDA GPU (run it through the device); nothing measured", file=sys.stderr)

@@ -188,18 +188,6 @@ def test_under_torch_compile(ssd):
     assert abs(compiled(*args).item() - layer(*args).item()) < 1e-4
 
 
-@pytest.mark.parametrize("heads", [1, 3])
-def test_backward_with_head_blocks(ssd, heads, monkeypatch):
-    """Several dB/dC programs per group (blocks of 1 or 3 of its 4 heads, the last block short): dB and dC are summed
-    across them with atomics; a head dimension that is not a power of two."""
-    monkeypatch.setitem(ssd.SSD_TUNING, "dbc", {"heads": heads})
-    inp = _inputs(2, 37, 4, 40, 1, 16, torch.float32)
-    got = _run(ssd.ssd_scan, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
-    ref = _run(ssd.ssd_scan_ref, inp, ("D", "z", "dt_bias", "h0"), 16, with_final=True)
-    for name in ref:
-        assert _rel(got[name], ref[name]) < 2e-5, name
-
-
 def _onepass_inputs(bsz, seqlen, nheads, hdim, dstate, dtype, ngroups=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
 
@@ -249,186 +237,6 @@ def _run_generic(fn, inp, opts, chunk, with_final, cast=None, shift=()):
     return res | {f"d{n}": g for n, g in zip(names, grads)}
 
 
-def _count_onepass(ssd, monkeypatch) -> list:
-    calls = []
-    original = ssd._ssd_bwd_onepass
-
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(ssd, "_ssd_bwd_onepass", counted)
-    return calls
-
-
-ONEPASS_CASES = [
-    # seqlen, chunk, heads, headdim, dstate, options, with_final
-    (37, 16, 2, 16, 16, ("e", "D", "z", "h0"), True),  # partial last chunk, every option
-    (11, 16, 3, 16, 32, (), False),  # shorter than a chunk, no option
-    (50, 16, 2, 32, 16, ("e", "Dm", "h0"), False),  # D per (head, column), no gate
-    (32, 16, 4, 16, 16, ("D", "z"), True),  # whole chunks, no e, no h0
-    (40, 32, 2, 24, 20, ("e", "z"), True),  # P, N not powers of two (descriptor blocks padded)
-]
-
-
-@pytest.mark.parametrize("case", ONEPASS_CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}N{c[4]}" for c in ONEPASS_CASES])
-def test_onepass_backward_matches_split_and_reference(ssd, case, monkeypatch):
-    """The one-pass backward (per-head B and C, G == H; the pre-rotated Mamba-3 call), the default there, against
-    the split kernels (SSD_TUNING["fused"]["on"] = 0) and the float64 reference, gradients of every input."""
-    seqlen, chunk, nheads, hdim, dstate, opts, with_final = case
-    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, seed=seqlen)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
-    split = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
-    monkeypatch.delitem(ssd.SSD_TUNING, "fused")  # the default
-    calls = _count_onepass(ssd, monkeypatch)
-    got = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
-    assert calls, "the one-pass backward did not run"
-    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, chunk, with_final, cast=torch.float64)
-    assert got.keys() == ref.keys() == split.keys()
-    for name in ref:
-        assert got[name].shape == ref[name].shape and got[name].dtype == split[name].dtype, name
-        assert _rel(got[name], ref[name]) < 2e-5, name
-        assert _rel(got[name], split[name]) < 2e-5, name
-
-
-def test_onepass_backward_bf16_inputs(ssd, monkeypatch):
-    inp = _onepass_inputs(2, 45, 2, 16, 16, torch.bfloat16, seed=3)
-    opts = ("e", "D", "z", "h0")
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
-    split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
-    calls = _count_onepass(ssd, monkeypatch)
-    got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
-    assert calls
-    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, 16, True, cast=torch.float64)
-    assert got["dx"].dtype == got["dB"].dtype == torch.bfloat16
-    for name in ref:
-        assert _rel(got[name], ref[name]) < 2e-2, name
-        assert _rel(got[name], split[name]) < 2e-2, name
-
-
-def test_onepass_backward_refuses_unaligned_rows(ssd, monkeypatch):
-    """Rows the tensor descriptors cannot take (N x 4 bytes not a multiple of 16) keep the split kernels even with
-    SSD_TUNING["fused"]["on"] set (shared group rows, G < H, no longer do: see the tests below)."""
-    inp = _onepass_inputs(1, 21, 2, 16, 18, torch.float32, ngroups=1)
-    opts = ("e", "z")
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
-    split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, False)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1})
-    calls = _count_onepass(ssd, monkeypatch)
-    got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, False)
-    assert not calls
-    for name in split:
-        assert torch.equal(got[name], split[name]), name
-
-
-@pytest.mark.parametrize("groups", [1, 2])
-def test_onepass_backward_generic_shared_rows(ssd, monkeypatch, groups):
-    """The generic form with a group's B and C rows shared by its heads (G < H; sums of dB and dC over them) through
-    the one-pass backward against the split kernels and the float64 reference."""
-    inp = _onepass_inputs(2, 37, 4, 16, 16, torch.float32, ngroups=groups, seed=11)
-    opts = ("e", "D", "z", "h0")
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
-    split = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
-    monkeypatch.delitem(ssd.SSD_TUNING, "fused")
-    calls = _count_onepass(ssd, monkeypatch)
-    got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
-    assert calls, "the one-pass backward did not run"
-    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, 16, True, cast=torch.float64)
-    for name in ref:
-        assert got[name].dtype == split[name].dtype, name
-        assert _rel(got[name], ref[name]) < 2e-5, name
-        assert _rel(got[name], split[name]) < 2e-5, name
-
-
-def _check_ssd_onepass(ssd, monkeypatch, inp, opts, chunk, softplus, with_final, tol):
-    """Mamba-2's form (ssd_scan) through the one-pass backward (the default) against the split backward
-    (SSD_TUNING["fused"]["on"] = 0) and the float64 reference: outputs and the gradient of every input given."""
-    run = functools.partial(_run, functools.partial(ssd.ssd_scan, dt_softplus=softplus), inp, opts, chunk, with_final)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 0})
-    calls = _count_onepass(ssd, monkeypatch)
-    split = run()
-    assert not calls, "the split backward was asked for"
-    monkeypatch.delitem(ssd.SSD_TUNING, "fused")  # the default
-    got = run()
-    assert calls, "the one-pass backward did not run"
-    data = {k: v.double() for k, v in inp.items()}
-    ref = _run(functools.partial(ssd.ssd_scan_ref, dt_softplus=softplus), data, opts, chunk, with_final)
-    expected = {"y", "dx", "ddt", "dA", "dB", "dC"} | {f"d{k}" for k in opts} | ({"final"} if with_final else set())
-    assert got.keys() == ref.keys() == split.keys() == expected
-    for name in ref:
-        assert got[name].shape == ref[name].shape and got[name].dtype == split[name].dtype, name
-        assert _rel(got[name], ref[name]) < tol, name
-        assert _rel(got[name], split[name]) < tol, name
-
-
-SSD_ONEPASS_CASES = [
-    # seqlen, chunk, heads, groups, headdim, dstate, options, softplus, D: "head" / "col" / None, with_final
-    (37, 16, 4, 1, 16, 16, ("D", "z", "dt_bias", "h0"), True, "head", True),  # Mamba-2: one group, partial chunk
-    (40, 16, 4, 2, 16, 16, ("D", "dt_bias", "h0"), False, "col", True),  # 1 < G < H, no softplus, D per column
-    (21, 16, 2, 2, 32, 16, ("z",), True, None, False),  # G == H (plain dB/dC stores), no D
-    (50, 16, 4, 1, 24, 20, ("D", "z"), False, "head", True),  # P, N not powers of two, no dt_bias
-    (11, 32, 3, 1, 16, 16, ("dt_bias",), True, None, True),  # shorter than a chunk, three heads in the group
-    (64, 32, 4, 2, 16, 16, ("D", "z", "dt_bias", "h0"), True, "col", False),  # whole chunks, no final-state loss
-]
-
-
-@pytest.mark.parametrize(
-    "case", SSD_ONEPASS_CASES, ids=[f"T{c[0]}_H{c[2]}G{c[3]}_sp{int(c[7])}_D{c[8]}" for c in SSD_ONEPASS_CASES]
-)
-def test_onepass_backward_ssd_form(ssd, case, monkeypatch):
-    """Mamba-2's gates (dt after bias and softplus, A) and shared group rows in the one-pass loop, fp32."""
-    seqlen, chunk, nheads, groups, hdim, dstate, opts, softplus, d_kind, with_final = case
-    inp = _inputs(2, seqlen, nheads, hdim, groups, dstate, torch.float32, seed=seqlen)
-    if not softplus:
-        inp["dt"] = inp["dt"].abs() * 0.2
-    if d_kind == "col":
-        inp["D"] = torch.randn(nheads, hdim, generator=torch.Generator().manual_seed(1))
-    _check_ssd_onepass(ssd, monkeypatch, inp, opts, chunk, softplus, with_final, 2e-5)
-
-
-@pytest.mark.parametrize("groups", [1, 2, 4])
-def test_onepass_backward_ssd_form_bf16(ssd, groups, monkeypatch):
-    """bf16 inputs: dB and dC summed over a group's heads in fp32 and returned in B's dtype."""
-    inp = _inputs(2, 45, 4, 32, groups, 16, torch.bfloat16, seed=4 + groups)
-    _check_ssd_onepass(ssd, monkeypatch, inp, ("D", "z", "dt_bias", "h0"), 16, True, True, 2e-2)
-
-
-def test_onepass_backward_ssd_softplus_passthrough(ssd, monkeypatch):
-    """dt_raw + dt_bias above 20 (softplus passes it through, d dt / d raw = 1) beside ordinary values."""
-    inp = _inputs(1, 30, 2, 16, 1, 16, torch.float32, seed=8)
-    inp["dt"][:, ::3] += 25.0
-    inp["A"] = inp["A"] * 1e-3  # decays exp(dt A) that do not vanish at dt ~ 25
-    _check_ssd_onepass(ssd, monkeypatch, inp, ("dt_bias", "D"), 16, True, True, 2e-5)
-
-
-def test_onepass_backward_bc_reduction_choice(ssd, monkeypatch):
-    """Under the interpreter the group's dB, dC sums take pointer atomics (it runs no descriptor atomic_add); on the
-    GPU a TMA reduce-add unless SSD_TUNING["fused"]["red"] = "ptr"."""
-    assert ssd._ssd_bc_red() == 2
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert ssd._ssd_bc_red() == 1
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": 1, "red": "ptr"})
-    assert ssd._ssd_bc_red() == 2
-
-
-@pytest.mark.parametrize("onepass", [0, 1])
-def test_backward_from_the_final_state_alone(ssd, monkeypatch, onepass):
-    """A loss on the final state only: the op's backward gets no output gradient (autograd does not fill zeros for
-    unused outputs) and must still give every input's gradient, split and one-pass."""
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": onepass})
-    inp = _onepass_inputs(1, 40, 2, 16, 16, torch.float32, seed=5)
-    outs = []
-    for fn in (ssd.ssd_generic_scan, ssd.ssd_generic_scan_ref):
-        leaves = [inp[k].clone().requires_grad_() for k in ("x", "la", "w", "B", "C", "e", "h0")]
-        x, la, w, B, C, e, h0 = leaves
-        _, final = fn(x, la, w, B, C, 16, e=e, h0=h0, return_final_state=True)
-        grads = torch.autograd.grad((final * final).sum(), leaves, allow_unused=True)
-        outs.append([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)])  # C: no path
-    for got, ref in zip(*outs):
-        assert torch.allclose(got.double(), ref.double(), rtol=2e-5, atol=1e-6)
-
-
 def _count(ssd, monkeypatch, name: str) -> list:
     """Calls of the module function `name` (so a test can assert that it ran, or that it did not)."""
     calls = []
@@ -442,42 +250,236 @@ def _count(ssd, monkeypatch, name: str) -> list:
     return calls
 
 
+def _dtype_of(inp: dict, name: str) -> torch.dtype:
+    """The dtype a result of `_run` / `_run_generic` must have: y its x's, the final state fp32, d<k> its input's."""
+    return torch.float32 if name == "final" else inp["x" if name == "y" else name[1:]].dtype
+
+
+def _count_bwd(ssd, monkeypatch) -> tuple:
+    """Calls of the backward (`_ssd_bwd`, which every Triton backward runs) and of its zero-padded copies."""
+    return _count(ssd, monkeypatch, "_ssd_bwd"), _count(ssd, monkeypatch, "_ssd_bwd_padded")
+
+
+BWD_GENERIC_CASES = [
+    # seqlen, chunk, heads, headdim, dstate, options, with_final
+    (37, 16, 2, 16, 16, ("e", "D", "z", "h0"), True),  # partial last chunk, every option
+    (11, 16, 3, 16, 32, (), False),  # shorter than a chunk, no option
+    (50, 16, 2, 32, 16, ("e", "Dm", "h0"), False),  # D per (head, column), no gate
+    (32, 16, 4, 16, 16, ("D", "z"), True),  # whole chunks, no e, no h0
+    (40, 32, 2, 24, 20, ("e", "z"), True),  # P, N not powers of two (descriptor blocks padded)
+]
+
+
+@pytest.mark.parametrize(
+    "case", BWD_GENERIC_CASES, ids=[f"T{c[0]}_Q{c[1]}_H{c[2]}P{c[3]}N{c[4]}" for c in BWD_GENERIC_CASES]
+)
+def test_backward_generic_matches_reference(ssd, case, monkeypatch):
+    """The backward of the generic form with per-head B and C (G == H; the pre-rotated Mamba-3 call) against the
+    float64 reference, gradients of every input in the inputs' dtypes."""
+    seqlen, chunk, nheads, hdim, dstate, opts, with_final = case
+    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, seed=seqlen)
+    calls, pads = _count_bwd(ssd, monkeypatch)
+    got = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
+    assert calls and not pads, "the backward did not run on the inputs themselves"
+    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, chunk, with_final, cast=torch.float64)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape and got[name].dtype == _dtype_of(inp, name), name
+        assert _rel(got[name], ref[name]) < 2e-5, name
+
+
+def test_backward_generic_bf16_inputs(ssd, monkeypatch):
+    inp = _onepass_inputs(2, 45, 2, 16, 16, torch.bfloat16, seed=3)
+    opts = ("e", "D", "z", "h0")
+    calls, pads = _count_bwd(ssd, monkeypatch)
+    got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
+    assert calls and not pads
+    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, 16, True, cast=torch.float64)
+    assert got["dx"].dtype == got["dB"].dtype == torch.bfloat16
+    for name in ref:
+        assert _rel(got[name], ref[name]) < 2e-2, name
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_backward_generic_shared_rows(ssd, monkeypatch, groups):
+    """The generic form with a group's B and C rows shared by its heads (G < H; sums of dB and dC over them) against
+    the float64 reference."""
+    inp = _onepass_inputs(2, 37, 4, 16, 16, torch.float32, ngroups=groups, seed=11)
+    opts = ("e", "D", "z", "h0")
+    calls, pads = _count_bwd(ssd, monkeypatch)
+    got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
+    assert calls and not pads
+    ref = _run_generic(ssd.ssd_generic_scan_ref, inp, opts, 16, True, cast=torch.float64)
+    for name in ref:
+        assert got[name].dtype == _dtype_of(inp, name), name
+        assert _rel(got[name], ref[name]) < 2e-5, name
+
+
+def _check_ssd_bwd(ssd, monkeypatch, inp, opts, chunk, softplus, with_final, tol, padded=False):
+    """Mamba-2's form (ssd_scan) against the float64 reference: outputs and the gradient of every input given, in the
+    inputs' shapes and dtypes; the backward ran through the zero-padded copies exactly when `padded`."""
+    calls, pads = _count_bwd(ssd, monkeypatch)
+    got = _run(functools.partial(ssd.ssd_scan, dt_softplus=softplus), inp, opts, chunk, with_final)
+    assert calls, "the backward did not run"
+    assert bool(pads) == padded, "the padded copies were " + ("skipped" if padded else "made")
+    data = {k: v.double() for k, v in inp.items()}
+    ref = _run(functools.partial(ssd.ssd_scan_ref, dt_softplus=softplus), data, opts, chunk, with_final)
+    expected = {"y", "dx", "ddt", "dA", "dB", "dC"} | {f"d{k}" for k in opts} | ({"final"} if with_final else set())
+    assert got.keys() == ref.keys() == expected
+    for name in ref:
+        assert got[name].shape == ref[name].shape and got[name].dtype == _dtype_of(inp, name), name
+        assert _rel(got[name], ref[name]) < tol, name
+
+
+SSD_BWD_CASES = [
+    # seqlen, chunk, heads, groups, headdim, dstate, options, softplus, D: "head" / "col" / None, with_final
+    (37, 16, 4, 1, 16, 16, ("D", "z", "dt_bias", "h0"), True, "head", True),  # Mamba-2: one group, partial chunk
+    (40, 16, 4, 2, 16, 16, ("D", "dt_bias", "h0"), False, "col", True),  # 1 < G < H, no softplus, D per column
+    (21, 16, 2, 2, 32, 16, ("z",), True, None, False),  # G == H (plain dB/dC stores), no D
+    (50, 16, 4, 1, 24, 20, ("D", "z"), False, "head", True),  # P, N not powers of two, no dt_bias
+    (11, 32, 3, 1, 16, 16, ("dt_bias",), True, None, True),  # shorter than a chunk, three heads in the group
+    (64, 32, 4, 2, 16, 16, ("D", "z", "dt_bias", "h0"), True, "col", False),  # whole chunks, no final-state loss
+]
+
+
+def _ssd_case_inputs(case, dtype=torch.float32):
+    seqlen, chunk, nheads, groups, hdim, dstate, opts, softplus, d_kind, with_final = case
+    inp = _inputs(2, seqlen, nheads, hdim, groups, dstate, dtype, seed=seqlen)
+    if not softplus:
+        inp["dt"] = inp["dt"].abs() * 0.2
+    if d_kind == "col":
+        inp["D"] = torch.randn(nheads, hdim, generator=torch.Generator().manual_seed(1))
+    return inp
+
+
+@pytest.mark.parametrize(
+    "case", SSD_BWD_CASES, ids=[f"T{c[0]}_H{c[2]}G{c[3]}_sp{int(c[7])}_D{c[8]}" for c in SSD_BWD_CASES]
+)
+def test_backward_ssd_form(ssd, case, monkeypatch):
+    """Mamba-2's gates (dt after bias and softplus, A) and shared group rows in the backward's loop, fp32."""
+    seqlen, chunk, _, _, _, _, opts, softplus, _, with_final = case
+    _check_ssd_bwd(ssd, monkeypatch, _ssd_case_inputs(case), opts, chunk, softplus, with_final, 2e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_backward_ssd_form_bf16(ssd, groups, monkeypatch):
+    """bf16 inputs: dB and dC summed over a group's heads in fp32 and returned in B's dtype."""
+    inp = _inputs(2, 45, 4, 32, groups, 16, torch.bfloat16, seed=4 + groups)
+    _check_ssd_bwd(ssd, monkeypatch, inp, ("D", "z", "dt_bias", "h0"), 16, True, True, 2e-2)
+
+
+def test_backward_ssd_softplus_passthrough(ssd, monkeypatch):
+    """dt_raw + dt_bias above 20 (softplus passes it through, d dt / d raw = 1) beside ordinary values."""
+    inp = _inputs(1, 30, 2, 16, 1, 16, torch.float32, seed=8)
+    inp["dt"][:, ::3] += 25.0
+    inp["A"] = inp["A"] * 1e-3  # decays exp(dt A) that do not vanish at dt ~ 25
+    _check_ssd_bwd(ssd, monkeypatch, inp, ("dt_bias", "D"), 16, True, True, 2e-5)
+
+
+SSD_BWD_PADDED_CASES = [
+    # as SSD_BWD_CASES, and the dtype
+    (37, 16, 4, 1, 16, 18, ("D", "z", "dt_bias", "h0"), True, "head", True, torch.float32),  # N x 4 = 72 bytes
+    (33, 16, 4, 2, 16, 12, ("D", "z", "h0"), True, "col", True, torch.bfloat16),  # N x 2 = 24 bytes, 1 < G < H
+    (29, 16, 2, 1, 20, 16, ("D", "z", "dt_bias"), False, "head", True, torch.bfloat16),  # P x 2 = 40 bytes
+    (21, 16, 2, 2, 18, 16, ("D", "h0"), True, "col", False, torch.float32),  # P x 4 = 72: also the states' rows
+]
+
+
+@pytest.mark.parametrize(
+    "case", SSD_BWD_PADDED_CASES, ids=[f"P{c[4]}N{c[5]}G{c[3]}_{str(c[10])[6:]}" for c in SSD_BWD_PADDED_CASES]
+)
+def test_backward_ssd_form_pads_unaligned_rows(ssd, case, monkeypatch):
+    """Rows the tensor descriptors cannot take: Mamba-2's backward (group sums of dB, dC included) on zero-padded
+    copies of its inputs and of the chunk states, every gradient cut back to its input's shape and dtype."""
+    seqlen, chunk, _, _, _, _, opts, softplus, _, with_final, dtype = case
+    inp = _ssd_case_inputs(case[:10], dtype)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    _check_ssd_bwd(ssd, monkeypatch, inp, opts, chunk, softplus, with_final, tol, padded=True)
+
+
+def test_backward_pads_an_unaligned_output_gradient(ssd, monkeypatch):
+    """The op's backward alone, given an output gradient whose storage starts one element past a 16-byte boundary
+    (rows aligned, base not; the forward's tensors all aligned): the padded copies run and give exactly the
+    gradients of the aligned call."""
+    inp = _inputs(2, 37, 4, 16, 1, 16, torch.float32, seed=2)
+    args = [inp["x"], inp["dt"], inp["A"], inp["dt_bias"], None, None, None, inp["B"], inp["C"], inp["D"], inp["z"],
+            inp["h0"]]  # fmt: skip
+    _, _, ckpt, yp = ssd._ssd_scan_impl(*args, 16, True, False, False, True)
+    dy = torch.randn(inp["x"].shape, generator=torch.Generator().manual_seed(3))
+    shifted = torch.cat((dy.new_zeros(1), dy.flatten()))[1:].view(dy.shape)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16
+    calls, pads = _count_bwd(ssd, monkeypatch)
+    want = ssd._ssd_scan_bwd_impl(*args, ckpt, yp, dy, None, 16, True, False)
+    assert calls and not pads
+    got = ssd._ssd_scan_bwd_impl(*args, ckpt, yp, shifted, None, 16, True, False)
+    assert pads, "the padded copies were skipped"
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_backward_bc_reduction_choice(ssd, monkeypatch):
+    """Under the interpreter the group's dB, dC sums take pointer atomics (it runs no descriptor atomic_add); on the
+    GPU a TMA reduce-add unless SSD_TUNING["bwd"]["red"] = "ptr"."""
+    assert ssd._ssd_bc_red() == 2
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ssd._ssd_bc_red() == 1
+    monkeypatch.setitem(ssd.SSD_TUNING, "bwd", {"red": "ptr"})
+    assert ssd._ssd_bc_red() == 2
+
+
+@pytest.mark.parametrize("dstate", [16, 18], ids=["aligned", "padded"])
+def test_backward_from_the_final_state_alone(ssd, monkeypatch, dstate):
+    """A loss on the final state only: the op's backward gets no output gradient (autograd does not fill zeros for
+    unused outputs) and must still give every input's gradient, directly and through the padded copies."""
+    inp = _onepass_inputs(1, 40, 2, 16, dstate, torch.float32, seed=5)
+    calls, pads = _count_bwd(ssd, monkeypatch)
+    outs = []
+    for fn in (ssd.ssd_generic_scan, ssd.ssd_generic_scan_ref):
+        leaves = [inp[k].clone().requires_grad_() for k in ("x", "la", "w", "B", "C", "e", "h0")]
+        x, la, w, B, C, e, h0 = leaves
+        _, final = fn(x, la, w, B, C, 16, e=e, h0=h0, return_final_state=True)
+        grads = torch.autograd.grad((final * final).sum(), leaves, allow_unused=True)
+        outs.append([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)])  # C: no path
+    assert calls and bool(pads) == (dstate == 18)
+    for got, ref in zip(*outs):
+        assert torch.allclose(got.double(), ref.double(), rtol=2e-5, atol=1e-6)
+
+
 def _check_fwd(ssd, monkeypatch, run, inp, tol, padded=False):
-    """run(ref) with the one-pass forward (which every Triton call takes; through the zero-padded copies exactly when
-    `padded`) against the float64 reference (ref=True): outputs and every input's gradient, in the inputs' dtypes."""
+    """run(ref) with the one-pass forward (which every Triton call takes; it and the backward through the zero-padded
+    copies exactly when `padded`) against the float64 reference (ref=True): outputs and every input's gradient, in
+    the inputs' dtypes."""
     calls = _count(ssd, monkeypatch, "_ssd_fwd_onepass")
     pads = _count(ssd, monkeypatch, "_ssd_fwd_padded")
+    bwd_calls, bwd_pads = _count_bwd(ssd, monkeypatch)
     got = run(False)
-    assert calls, "the one-pass forward did not run"
-    assert bool(pads) == padded, "the padded copies were " + ("skipped" if padded else "made")
+    assert calls and bwd_calls, "the one-pass forward or the backward did not run"
+    assert bool(pads) == bool(bwd_pads) == padded, "the padded copies were " + ("skipped" if padded else "made")
     ref = run(True)
     assert got.keys() == ref.keys()
     for name in ref:
-        want = torch.float32 if name == "final" else inp["x" if name == "y" else name[1:]].dtype
-        assert got[name].shape == ref[name].shape and got[name].dtype == want, name
+        assert got[name].shape == ref[name].shape and got[name].dtype == _dtype_of(inp, name), name
         assert _rel(got[name], ref[name]) < tol, name
 
 
 FFWD_GENERIC_CASES = [
-    # seqlen, chunk, heads, groups, headdim, dstate, options, with_final, fused backward
-    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True, 1),  # per-head rows (Mamba-3), every option
-    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True, 0),  # the same, the split backward on its states
-    (50, 16, 2, 1, 32, 16, ("Dm", "h0"), True, 1),  # shared rows, no e, D per column
-    (29, 16, 4, 2, 24, 20, ("e", "z"), False, 1),  # 1 < G < H, P and N not powers of two, no final
-    (11, 32, 3, 3, 16, 32, (), True, 1),  # shorter than a chunk, no option
+    # seqlen, chunk, heads, groups, headdim, dstate, options, with_final
+    (37, 16, 4, 4, 16, 16, ("e", "D", "z", "h0"), True),  # per-head rows (Mamba-3), every option
+    (50, 16, 2, 1, 32, 16, ("Dm", "h0"), True),  # shared rows, no e, D per column
+    (29, 16, 4, 2, 24, 20, ("e", "z"), False),  # 1 < G < H, P and N not powers of two, no final
+    (11, 32, 3, 3, 16, 32, (), True),  # shorter than a chunk, no option
 ]
 
 
-FFWD_GENERIC_IDS = [f"T{c[0]}_H{c[2]}G{c[3]}P{c[4]}N{c[5]}_f{c[8]}" for c in FFWD_GENERIC_CASES]
+FFWD_GENERIC_IDS = [f"T{c[0]}_H{c[2]}G{c[3]}P{c[4]}N{c[5]}" for c in FFWD_GENERIC_CASES]
 
 
 @pytest.mark.parametrize("case", FFWD_GENERIC_CASES, ids=FFWD_GENERIC_IDS)
 def test_onepass_forward_generic(ssd, case, monkeypatch):
     """The one-pass forward of the generic form against the float64 reference, with the gradients of every input
-    (the backward, one-pass or split, reads the states it stores)."""
-    seqlen, chunk, nheads, groups, hdim, dstate, opts, with_final, fused = case
+    (the backward reads the states it stores)."""
+    seqlen, chunk, nheads, groups, hdim, dstate, opts, with_final = case
     inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, ngroups=groups, seed=seqlen)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": fused})
 
     def run(ref):
         if ref:
@@ -555,12 +557,12 @@ def test_onepass_forward_without_grad(ssd, monkeypatch, dstate):
 
 
 FFWD_PADDED_CASES = [
-    # seqlen, chunk, heads, groups, headdim, dstate, dtype, options, fused backward
-    (21, 16, 2, 2, 16, 18, torch.float32, ("e", "D", "z", "h0"), 1),  # N x 4 bytes = 72: B, C rows padded to 20
-    (21, 16, 2, 1, 16, 18, torch.float32, ("Dm", "z", "h0"), 1),  # the same with one shared group, D per column
-    (33, 16, 2, 2, 32, 12, torch.bfloat16, ("e", "D", "z", "h0"), 1),  # N x 2 bytes = 24: padded to 16
-    (33, 16, 2, 2, 20, 16, torch.bfloat16, ("e", "Dm", "z", "h0"), 1),  # P x 2 bytes = 40: x, z, y rows padded to 24
-    (37, 16, 2, 2, 18, 16, torch.float32, ("e", "D", "z", "h0"), 0),  # P x 4 bytes = 72: also the states' rows
+    # seqlen, chunk, heads, groups, headdim, dstate, dtype, options
+    (21, 16, 2, 2, 16, 18, torch.float32, ("e", "D", "z", "h0")),  # N x 4 bytes = 72: B, C rows padded to 20
+    (21, 16, 2, 1, 16, 18, torch.float32, ("Dm", "z", "h0")),  # the same with one shared group, D per column
+    (33, 16, 2, 2, 32, 12, torch.bfloat16, ("e", "D", "z", "h0")),  # N x 2 bytes = 24: padded to 16
+    (33, 16, 2, 2, 20, 16, torch.bfloat16, ("e", "Dm", "z", "h0")),  # P x 2 bytes = 40: x, z, y rows padded to 24
+    (37, 16, 2, 2, 18, 16, torch.float32, ("e", "D", "z", "h0")),  # P x 4 bytes = 72: also the states' rows
 ]
 
 
@@ -569,11 +571,10 @@ FFWD_PADDED_CASES = [
 )
 def test_onepass_forward_pads_unaligned_rows(ssd, monkeypatch, case):
     """Rows the tensor descriptors cannot take (P or N times the element size not a multiple of 16 bytes) run the
-    one-pass forward on zero-padded copies; outputs, final state and every gradient (the backward reading the states
-    copied back out) against the float64 reference."""
-    seqlen, chunk, nheads, groups, hdim, dstate, dtype, opts, fused = case
+    one-pass forward and the backward on zero-padded copies (the backward padding the states the forward copied back
+    out); outputs, final state and every gradient against the float64 reference."""
+    seqlen, chunk, nheads, groups, hdim, dstate, dtype, opts = case
     inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, dtype, ngroups=groups, seed=seqlen + hdim)
-    monkeypatch.setitem(ssd.SSD_TUNING, "fused", {"on": fused})
 
     def run(ref):
         fn = ssd.ssd_generic_scan_ref if ref else ssd.ssd_generic_scan
@@ -585,7 +586,7 @@ def test_onepass_forward_pads_unaligned_rows(ssd, monkeypatch, case):
 @pytest.mark.parametrize("shifted", [("x",), ("B", "z")])
 def test_onepass_forward_pads_unaligned_bases(ssd, monkeypatch, shifted):
     """Contiguous inputs whose storage starts one element past a 16-byte boundary (rows aligned, base not) run
-    through the padded copies too; gradients included."""
+    through the padded copies too, forward and backward; gradients included."""
     inp = _onepass_inputs(2, 37, 2, 16, 16, torch.float32, seed=11)
     opts = ("e", "D", "z", "h0")
 

@@ -114,8 +114,8 @@ def test_tuning_argument_takes_known_kinds_and_options_only():
         "ffwd": {"num_warps": 8},
         "state": {"fp32": True},
     }
-    assert scan.tuning_arg('{"fused": {"on": 1, "num_warps": 8, "num_stages": 2}}') == {
-        "fused": {"on": 1, "num_warps": 8, "num_stages": 2}
+    assert scan.tuning_arg('{"bwd": {"red": "ptr", "num_warps": 8, "num_stages": 2}}') == {
+        "bwd": {"red": "ptr", "num_warps": 8, "num_stages": 2}
     }
     for bad, message in [
         ("{ffwd", "not JSON"),
@@ -125,6 +125,9 @@ def test_tuning_argument_takes_known_kinds_and_options_only():
         ('{"fout": {"num_warps": 8}}', "unknown kind 'fout'"),  # the two-kernel forward is gone
         ('{"ffwd": {"bp": 32}}', r"unknown ffwd option\(s\) \['bp'\]"),  # and the one-pass forward's split of P
         ('{"ffwd": {"num_warp": 8}}', r"unknown ffwd option\(s\) \['num_warp'\]"),
+        ('{"fused": {"red": "ptr"}}', "unknown kind 'fused'"),  # the backward is "bwd": one form
+        ('{"carry": {"bp": 32}}', "unknown kind 'carry'"),  # the split backward is gone
+        ('{"bwd": {"on": 0}}', r"unknown bwd option\(s\) \['on'\]"),  # and its switch
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             scan.tuning_arg(bad)
@@ -139,7 +142,7 @@ def test_tuning_options_are_what_the_kernels_read_and_the_sweep_sets():
     for kind, forms in scan.SSD_SWEEP.items():
         for form in forms:
             scan.tuning_arg(json.dumps({kind: form}))
-    for form in scan.CHECK_BWD_FORMS + scan.M3_CHECK_FORMS:
+    for form in scan.CHECK_BWD_FORMS:
         scan.tuning_arg(json.dumps(form))
 
 

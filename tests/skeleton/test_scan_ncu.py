@@ -46,7 +46,7 @@ def test_metric_list_is_what_ncu_takes(capsys):
 def test_durations_are_microseconds_whatever_unit_ncu_chose():
     # ncu writes the duration in the unit it picks per launch (ns for short kernels); the column is microseconds
     tool = _tool()
-    lines = [HEADER, row(0, "_ssd_bwd_dx_kernel", "gpu__time_duration.sum", "604,768", "ns")]
+    lines = [HEADER, row(0, "_ssd_bwd_kernel", "gpu__time_duration.sum", "604,768", "ns")]
     lines += [row(1, "_sel_bwd_kernel", "gpu__time_duration.sum", "2.76", "ms")]
     lines += [row(2, "_fo_scan_kernel", "gpu__time_duration.sum", "202.1", "us")]
     body = tool.summarise("\n".join(lines) + "\n").splitlines()[2:]
