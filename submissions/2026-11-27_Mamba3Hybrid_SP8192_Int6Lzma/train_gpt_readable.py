@@ -1224,26 +1224,21 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # N rows not a multiple of 16 bytes) run the same kernel on zero-padded copies (`_ssd_fwd_padded`). TMA blocks are at
 # most 256 long, so chunks, P and N are limited to 256 where the kernels run.
 #
-# Backward, three kernels with few live tiles each: (1) a carry kernel walks the chunks in reverse per (batch,
-# head, block of columns of P) with only the fp32 state gradient in registers, stores it per chunk (in the dot dtype,
-# like the forward's state checkpoints) and the decay gradient's carry term exp(G_last) <h_start, dh_end>, and with a
-# gate z also dz (from the output before the gate, which the forward keeps) and dy through the gate, so that the
-# other two kernels read one dy and no z; (2) one program per (batch, chunk, head) gives dx, the dD share and the
-# per-position decay terms that need the states;
-# (3) one program per (batch, chunk, block of a group's heads) gives dB and dC (summed over its heads in registers,
-# atomics only when a group spans several blocks), the pair terms of the decay gradient and the gate gradients (ddt
-# or dla/dw/de, dA shares). The decay gradient of step t sums only the terms whose decay spans t (pairs j < t <= i,
-# as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes; the carry): never a
-# difference of large row and column sums, which loses tiny gradients when decays are near 0.
-#
-# One-pass backward for the generic form with one B and C row per head (Mamba-3, whose B and C are rotated per head
-# before the scan): a gate pre-pass (dz and the gated dy; a per-column D's shares), then one program per (batch,
-# head) walking the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_onepass_kernel`; dy . x
-# per position and a per-head D's gradient from its pair tile's diagonal). On the H100 it took Mamba-3's graphed
-# fwd+bwd from 3.35 to 2.94 ms at 64 x 1024 (later rounds: 2.37 with the split forward, 1.98 with the one-pass one).
-# A gate folded into the loop (dz and the gated dy there, no pre-pass) was tried and lost: 1.171 ms against 1.079
-# for pre-pass and loop, its loop spilling three times as much. Shared group rows (G < H: Mamba-2), rows
-# that tensor descriptors cannot take, or SSD_TUNING["fused"]["on"] = 0 keep the split kernels.
+# Backward, one pass after an elementwise pre-pass, both forms and any number of groups: the pre-pass
+# (`_ssd_bwd_gate_kernel`) gives dz and the gated dy (and a per-column D's shares), then one program per (batch, head)
+# walks the chunks in reverse with the fp32 state gradient in registers (`_ssd_bwd_kernel`) and finishes per chunk dx,
+# the head's dB and dC shares, the gate gradients (dla, dw, de, or Mamba-2's d dt per position and A's sum) and a
+# per-head D's gradient (dy . x per position from its pair tile's diagonal). With G < H the heads of a group add their
+# dB and dC shares into fp32 rows by TMA reduce-add (pointer atomics under the interpreter, which lacks the descriptor
+# reduce, or where SSD_TUNING["bwd"]["red"] = "ptr"). The decay gradient of step t sums only the terms whose decay
+# spans t (pairs j < t <= i, as a dot of the masked pair matrix with a triangular ones matrix; state reads and writes;
+# the carry): never a difference of large row and column sums, which loses tiny gradients when decays are near 0. It
+# replaced a split backward of three kernels with few live tiles each (a reverse pass storing the state gradient per
+# chunk, then per-chunk dx and dB/dC kernels reading it back), measured slower on the H100 at 64 x 1024, graphed
+# fwd+bwd: SSD (G = 1) 1.643 ms against 1.103 in one pass, Mamba-3 2.96 against 1.98 (3.35 against 2.94 when the one
+# pass first took Mamba-3's call). A gate folded into the loop (dz and the gated dy there, no pre-pass) was tried and
+# lost: 1.171 ms against 1.079 for pre-pass and loop, its loop spilling three times as much. Rows that the tensor
+# descriptors cannot take run the same kernels on zero-padded copies (`_ssd_bwd_padded`, the chunk states included).
 #
 # Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1303,31 +1298,6 @@ def _ssd_load_chunk_gates(
 def _ssd_state_t(bh64, offs_p, offs_n, P, N):
     """Offsets of one (batch, head) state stored (P, N) as the [BN, BP] tile the kernels hold (h0, final, dh0)."""
     return bh64 * P * N + offs_p[None, :] * N + offs_n[:, None]
-
-
-@triton.jit
-def _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk of the reverse state-gradient pass: from the gradient at the chunk's end to the one at its start,
-    exp(G_last) dst + (C exp(G))^T dy, with G the chunk-local cumulative log-decay and dy after the gate."""
-    gc = tl.cumsum(la, axis=0)
-    g_last = tl.sum(tl.where(offs_q == Q - 1, gc, 0.0), axis=0)
-    qe = qc.to(tl.float32) * tl.exp(gc)[:, None]
-    return tl.exp(g_last) * dst + tl.dot(tl.trans(qe).to(DOT), dy.to(DOT), input_precision=PREC)
-
-
-@triton.jit
-def _ssd_load_bc(PTR, base, loc, mask_t, offs_n, N, DOT: tl.constexpr):
-    """A chunk's [Q, BN] rows of B or C in the dot dtype."""
-    return tl.load(PTR + base + loc, mask=mask_t[:, None] & (offs_n < N)[None, :], other=0.0).to(DOT)
-
-
-@triton.jit
-def _ssd_put(ptr, val, mask, ATOMIC: tl.constexpr):
-    """Store, or add atomically where several programs (heads of a group, blocks of P) share the output."""
-    if ATOMIC:
-        tl.atomic_add(ptr, val, mask=mask)
-    else:
-        tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1456,93 +1426,6 @@ def _ssd_fwd_onepass_kernel(
 
 
 @triton.jit
-def _ssd_carry_loads(
-    CKPT, YP, bh64, b64, h, c, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC,
-    Q: tl.constexpr, HAS_Z: tl.constexpr,
-):  # fmt: skip
-    """Chunk c's stored state [BN, BPS] and, with the gate, its output before the gate [Q, BPS], as stored (nothing
-    is read for c < 0). The carry kernel issues them one chunk ahead: neither feeds a dot, so the compiler's
-    pipelining leaves them where they are used, and each chunk would wait a full memory round trip for them."""
-    live = tl.full((1, 1), c, tl.int32) >= 0  # a tensor: c may be a plain int (the interpreter's loop counter)
-    st = tl.load(CKPT + (bh64 * NC + c) * N * P + sn_loc, mask=sn_mask & live, other=0.0)
-    if HAS_Z:
-        xp_mask = (c * Q + offs_q < T)[:, None] & mask_p[None, :] & live
-        yp = tl.load(YP + (b64 * T + c * Q) * H * P + h * P + loc_xp, mask=xp_mask, other=0.0)
-    else:
-        yp = st
-    return st, yp
-
-
-@triton.jit
-def _ssd_bwd_carry_kernel(
-    CM, DT, A, DTB, LA, W, DY, Z, YP, DZ, DYE, DHT, DCK, DH0, CKPT, CARRY,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """Reverse pass of the state gradient only, one program per (batch, head, block of BPS columns of P): stores, per
-    chunk, the gradient of the state at the chunk's end and the block's share of the decay gradient's carry term
-    exp(G_last) <h_start, dh_end> (fp32 state gradient in registers); with the gate, dz and dy through the gate.
-    The stored state and the output before the gate are read one chunk ahead (`_ssd_carry_loads`)."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    g = h // (H // G)
-    b64 = b.to(tl.int64)
-    bh64 = bh.to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.program_id(1) * BPS + tl.arange(0, BPS)
-    offs_n = tl.arange(0, BN)
-    mask_p = offs_p < P
-    mask_n = offs_n < N
-    loc_xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    loc_bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    a_h = 0.0
-    if not GENERIC:
-        a_h = tl.load(A + h).to(tl.float32)
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    if HAS_DHT:
-        dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0)
-        dst = dst.to(tl.float32)
-    else:
-        dst = tl.zeros((BN, BPS), dtype=tl.float32)
-    sn_loc = offs_n[:, None] * P + offs_p[None, :]
-    st_next, yp_next = _ssd_carry_loads(
-        CKPT, YP, bh64, b64, h, NC - 1, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC, Q, HAS_Z
-    )
-    for cc in range(NC):
-        c = NC - 1 - cc
-        st_c, yp_c = st_next, yp_next
-        st_next, yp_next = _ssd_carry_loads(
-            CKPT, YP, bh64, b64, h, c - 1, offs_q, loc_xp, sn_loc, sn_mask, mask_p, T, H, P, N, NC, Q, HAS_Z
-        )
-        tl.store(DCK + (bh64 * NC + c) * N * P + sn_loc, dst.to(DCK.dtype.element_ty), mask=sn_mask)
-        st_dot = tl.sum(tl.sum(st_c.to(tl.float32) * dst, axis=1), axis=0)
-        row = b64 * T + c * Q
-        x_off = row * H * P + h * P
-        mask_t = c * Q + offs_q < T
-        xp_mask = mask_t[:, None] & mask_p[None, :]
-        qc = _ssd_load_bc(CM, row * G * N + g * N, loc_bn, mask_t, offs_n, N, DOT)
-        dy = tl.load(DY + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-        if HAS_Z:  # the gate's gradients here, once: dz, and dy through the gate for the other two kernels
-            zz = tl.load(Z + x_off + loc_xp, mask=xp_mask, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(zz)
-            dz = dy * yp_c.to(tl.float32) * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(DZ + x_off + loc_xp, dz.to(DZ.dtype.element_ty), mask=xp_mask)
-            dy = dy * zz * sz
-            tl.store(DYE + x_off + loc_xp, dy.to(DYE.dtype.element_ty), mask=xp_mask)
-        la, w, e, dtv, raw = _ssd_load_chunk_gates(
-            DT, LA, W, W, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, False
-        )
-        part = ((b64 * NC + c) * H + h) * tl.num_programs(1) + tl.program_id(1)
-        tl.store(CARRY + part, tl.exp(tl.sum(la, axis=0)) * st_dot)
-        dst = _ssd_state_grad_back(dst, qc, dy, la, offs_q, Q, DOT, PREC)
-    if HAS_H0:
-        tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
-
-
-@triton.jit
 def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
     """Chunk-local cumulative log-decay G, its last value, exp(G) and exp(G_last - G)."""
     gc = tl.cumsum(la, axis=0)
@@ -1551,197 +1434,13 @@ def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
 
 
 @triton.jit
-def _ssd_bwd_dx_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, DS, CKPT, DY, DCK, CARRY,
-    DX, DLA_T, DW_T, DD_PART,
-    T, H, G, P, N, NC,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """Split backward, part 1: one program per (batch, chunk, head). dx, the dD share, and the terms of the
-    decay and weight gradients that need the chunk's states (the carried-state read, the state write, the carry
-    through the chunk), stored per position for part 2. Tiles: the masked C B^T (as a dot operand), x, dy, C h, B dh."""
-    b = tl.program_id(0) // NC
-    c = tl.program_id(0) % NC
-    h = tl.program_id(1)
-    g = h // (H // G)
-    b64 = b.to(tl.int64)
-    bh64 = b64 * H + h
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mask_p = offs_p < P
-    mask_n = offs_n < N
-    row = b64 * T + c * Q
-    mask_t = c * Q + offs_q < T
-    xp_mask = mask_t[:, None] & mask_p[None, :]
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    # scalar 64-bit bases, 32-bit offset tiles (fewer registers than 64-bit pointer tiles)
-    x_base = row * H * P + h * P
-    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    bc_base = row * G * N + g * N
-    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    s_base = (bh64 * NC + c) * N * P
-    sn = offs_n[:, None] * P + offs_p[None, :]
-    a_h = 0.0
-    if not GENERIC:
-        a_h = tl.load(A + h).to(tl.float32)
-    la, w, e, dtv, raw = _ssd_load_chunk_gates(
-        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-    )
-    gc, _g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
-    # x and dy stay in their stored dtype (half the registers of fp32 tiles at bf16), widened where used
-    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
-    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0)
-    if HAS_D:
-        d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        part = (b64 * NC + c) * H + h
-        tl.store(DD_PART + part * P + offs_p, tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=mask_p)
-    else:
-        d_row = tl.zeros((BP,), dtype=tl.float32)
-    causal = offs_q[:, None] >= offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    seg = tl.where(causal, tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
-    wmat = w[None, :] + tl.where(diag, e[None, :], 0.0)
-    mmat = (tl.dot(qc, tl.trans(kb), input_precision=PREC) * seg * wmat).to(DOT)
-    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-    dck = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-    y_off = e_g[:, None] * tl.dot(qc, st, input_precision=PREC)
-    read = tl.cumsum(tl.sum(dy.to(tl.float32) * y_off, axis=1), axis=0, reverse=True)
-    kdh = tl.dot(kb, dck, input_precision=PREC)
-    c_state = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
-    dx = tl.dot(tl.trans(mmat), dy.to(DOT), input_precision=PREC) + (dec * w)[:, None] * kdh
-    dx += d_row[None, :] * dy.to(tl.float32)
-    tl.store(DX + x_base + xp, dx.to(DX.dtype.element_ty), mask=xp_mask)
-    wc = w * c_state
-    g_ptr = row * H + h + offs_q * H
-    carry = tl.load(CARRY + (b64 * NC + c) * H + h)
-    tl.store(DLA_T + g_ptr, read + tl.cumsum(wc, axis=0) - wc + carry, mask=mask_t)
-    tl.store(DW_T + g_ptr, c_state, mask=mask_t)
-
-
-@triton.jit
-def _ssd_dbc_head(
-    h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE, DA_PART,
-    b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
-    Q: tl.constexpr, GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """One head's share of the dB/dC kernel: its terms added to the dC and dB accumulators, its gate gradients."""
-    bh64 = b64 * H + h
-    x_base = row * H * P + h * P
-    s_base = (bh64 * NC + c) * N * P
-    g_ptr = row * H + h + offs_q * H
-    a_h = 0.0
-    if not GENERIC:
-        a_h = tl.load(A + h).to(tl.float32)
-    la, w, e, dtv, raw = _ssd_load_chunk_gates(
-        DT, LA, W, E, DTB + h, a_h, row * H + h, offs_q, mask_t, H, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E
-    )
-    gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
-    x = tl.load(X + x_base + xp, mask=xp_mask, other=0.0)
-    dy = tl.load(DY + x_base + xp, mask=xp_mask, other=0.0).to(tl.float32)
-    # the row scalings go on the dot operands, so that each dot accumulates in place (no [Q, N] temporaries)
-    st = tl.load(CKPT + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-    dq_acc = tl.dot((dy * e_g[:, None]).to(DOT), tl.trans(st), acc=dq_acc, input_precision=PREC)
-    dst = tl.load(DCK + s_base + sn, mask=sn_mask, other=0.0).to(DOT)
-    xs = (x.to(tl.float32) * (dec * w)[:, None]).to(DOT)
-    dk_acc = tl.dot(xs, tl.trans(dst), acc=dk_acc, input_precision=PREC)
-    dwm = tl.dot(dy.to(DOT), tl.trans(x.to(DOT)), input_precision=PREC)
-    dwm = tl.where(causal, dwm * tl.exp(tl.minimum(gc[:, None] - gc[None, :], 0.0)), 0.0)
-    dsc = (dwm * (w[None, :] + tl.where(diag, e[None, :], 0.0))).to(DOT)
-    dq_acc = tl.dot(dsc, kb, acc=dq_acc, input_precision=PREC)
-    dk_acc = tl.dot(tl.trans(dsc), qc, acc=dk_acc, input_precision=PREC)
-    dwm = dwm * tl.dot(qc, tl.trans(kb), input_precision=PREC)
-    dw = tl.sum(dwm, axis=0) + tl.load(DW_T + g_ptr, mask=mask_t, other=0.0)
-    if HAS_E:
-        tl.store(DE + g_ptr, tl.sum(tl.where(diag, dwm, 0.0), axis=0), mask=mask_t)
-    # d la_t over the pairs j < t <= i: the column sums from row t down (a dot with the triangular ones matrix
-    # U[t, i] = [i >= t]) of the strict pair matrix, then the part of row t left of t
-    upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0)
-    span = tl.dot(upper, tl.where(strict, dwm * w[None, :], 0.0), input_precision=PREC)
-    dla = tl.sum(tl.where(strict, span, 0.0), axis=1) + tl.load(DLA_T + g_ptr, mask=mask_t, other=0.0)
-    if GENERIC:
-        tl.store(DLA + g_ptr, dla, mask=mask_t)
-        tl.store(DW + g_ptr, dw, mask=mask_t)
-    else:
-        dgate = dw + dla * a_h
-        if DT_SOFTPLUS:
-            dgate = dgate * tl.sigmoid(raw)
-        tl.store(DDT + g_ptr, dgate, mask=mask_t)
-        tl.store(DA_PART + (b64 * NC + c) * H + h, tl.sum(tl.where(mask_t, dla * dtv, 0.0), axis=0))
-    return dq_acc, dk_acc
-
-
-@triton.jit
-def _ssd_bwd_dbc_kernel(
-    X, DT, A, DTB, LA, W, E, BM, CM, CKPT, DY, DCK, DLA_T, DW_T,
-    DDT, DLA, DW, DE, DB, DC, DA_PART,
-    T, H, G, P, N, NC, HB,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, HAS_E: tl.constexpr,
-    ATOMIC_BC: tl.constexpr, ONE_HEAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """Split backward, part 2: one program per (batch, chunk, block of HB heads of one group). dB and dC summed over
-    the block's heads in registers (atomic only when a group spans several blocks), the pair terms of the decay
-    gradient and the weight gradient's pair sum, and the gate gradients finished from part 1's per-position terms."""
-    b = tl.program_id(0) // NC
-    c = tl.program_id(0) % NC
-    hpg = H // G
-    n_hb = tl.cdiv(hpg, HB)
-    g = tl.program_id(1) // n_hb
-    h_first = g * hpg + (tl.program_id(1) % n_hb) * HB
-    h_end = tl.minimum(h_first + HB, (g + 1) * hpg)
-    b64 = b.to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mask_p = offs_p < P
-    mask_n = offs_n < N
-    row = b64 * T + c * Q
-    mask_t = c * Q + offs_q < T
-    xp_mask = mask_t[:, None] & mask_p[None, :]
-    bn_mask = mask_t[:, None] & mask_n[None, :]
-    sn_mask = mask_n[:, None] & mask_p[None, :]
-    bc_base = row * G * N + g * N
-    bn = offs_q[:, None] * (G * N) + offs_n[None, :]
-    xp = offs_q[:, None] * (H * P) + offs_p[None, :]
-    sn = offs_n[:, None] * P + offs_p[None, :]
-    kb = _ssd_load_bc(BM, bc_base, bn, mask_t, offs_n, N, DOT)
-    qc = _ssd_load_bc(CM, bc_base, bn, mask_t, offs_n, N, DOT)
-    causal = offs_q[:, None] >= offs_q[None, :]
-    strict = offs_q[:, None] > offs_q[None, :]
-    diag = offs_q[:, None] == offs_q[None, :]
-    dq_acc = tl.zeros((Q, BN), dtype=tl.float32)
-    dk_acc = tl.zeros((Q, BN), dtype=tl.float32)
-    if ONE_HEAD:  # no loop: a loop over heads keeps the accumulators and hoisted tiles live (spills)
-        dq_acc, dk_acc = _ssd_dbc_head(
-            h_first, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
-            DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
-            Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
-        )  # fmt: skip
-    else:
-        for h in range(h_first, h_end):
-            dq_acc, dk_acc = _ssd_dbc_head(
-                h, dq_acc, dk_acc, kb, qc, X, DT, A, DTB, LA, W, E, CKPT, DY, DCK, DLA_T, DW_T, DDT, DLA, DW, DE,
-                DA_PART, b64, c, row, H, P, N, NC, offs_q, xp, sn, xp_mask, sn_mask, mask_t, causal, strict, diag,
-                Q, GENERIC, DT_SOFTPLUS, HAS_DTB, HAS_E, DOT, PREC,
-            )  # fmt: skip
-    _ssd_put(DC + bc_base + bn, dq_acc, bn_mask, ATOMIC_BC)
-    _ssd_put(DB + bc_base + bn, dk_acc, bn_mask, ATOMIC_BC)
-
-
-@triton.jit
 def _ssd_bwd_gate_kernel(
     X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
     Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
 ):  # fmt: skip
-    """Pre-pass of the one-pass backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from
-    the output before it) and dy through it; with a D per column, the chunk's dD share (column sums of dy x, for
-    which it reads x). So the one-pass loop reads one gated dy and neither z nor the output before the gate. dy . x
+    """Pre-pass of the backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from the
+    output before it) and dy through it; with a D per column, the chunk's dD share (column sums of dy x, for which it
+    reads x). So the backward's loop reads one gated dy and neither z nor the output before the gate. dy . x
     per position (e's terms) and a per-head D's gradient come from the loop's pair tile instead: on the H100 that
     took Mamba-3's graphed fwd+bwd from 2.074 to 1.983 ms at 64 x 1024, the pre-pass no longer reading x."""
     b64 = (tl.program_id(0) // NC).to(tl.int64)
@@ -1769,19 +1468,38 @@ def _ssd_bwd_gate_kernel(
 
 
 @triton.jit
-def _ssd_bwd_onepass_kernel(
-    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, DDH, T, H, P, N, NC,
+def _ssd_bc_out(DESC, PTR, val, b, g, c, tq, offs_n, T, G, N, Q: tl.constexpr, BN: tl.constexpr, BC_RED: tl.constexpr):
+    """One program's [Q, BN] share of a chunk's dB or dC rows of group g. BC_RED 0: the rows are this program's alone
+    (G == H), stored in the descriptor's dtype; 1: added into fp32 rows with the descriptor's atomic_add (a TMA
+    reduce-add; the group's heads each add theirs); 2: the same sum with pointer atomics, which the CPU interpreter
+    runs (triton 3.9's has no descriptor atomic_add)."""
+    if BC_RED == 0:
+        DESC.store([b, g, c * Q, 0], val.to(DESC.dtype).reshape(1, 1, Q, BN))
+    elif BC_RED == 1:
+        DESC.atomic_add([b, g, c * Q, 0], val.reshape(1, 1, Q, BN))
+    else:
+        rows = (b.to(tl.int64) * T + tq) * G + g
+        mask = (tq < T)[:, None] & (offs_n < N)[None, :]
+        tl.atomic_add(PTR + rows[:, None] * N + offs_n[None, :], val, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _ssd_bwd_kernel(
+    XD, DYD, DXD, BD, CD, DBD, DCD, CKD, LA, W, E, DS, DHT, DLA, DW, DE, DH0, DDH,
+    DT, A, DTB, DDT, DA, DBP, DCP, T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr,
     D_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    GENERIC: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DTB: tl.constexpr, GROUPED: tl.constexpr,
+    BC_RED: tl.constexpr,
 ):  # fmt: skip
-    """One-pass backward of the generic scan with one row of B and C per head (G == H, no rotation: Mamba-3 with B, C
-    rotated before the scan). One program per (batch, head) walks the chunks in reverse with the [BN, BP] fp32 state
-    gradient dh in registers and finishes per chunk dx, the head's dB and dC rows, dla, dw, de and a per-head D's
-    gradient; the gate and a per-column D's gradient are the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is
-    already through the gate. The input weight is folded into
-    x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With st the stored
-    chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg w_j (the
-    gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
+    """The backward of either form, in one pass (Mamba-3: the generic one with one row of B and C per head, G == H,
+    rotated before the scan; Mamba-2: dt, A, G groups of H // G heads sharing B and C rows). One program per (batch,
+    head) walks the chunks in reverse with the [BN, BP] fp32 state gradient dh in registers and finishes per chunk dx,
+    the head's dB and dC shares, dla, dw, de (or d dt) and a per-head D's gradient; the gate and a per-column D's
+    gradient are the pre-pass's (`_ssd_bwd_gate_kernel`), so dy here is already through the gate. The input weight
+    is folded into x's rows (x' = w x) and the diagonal extra e handled per position, so no [Q, Q] weight tile. With
+    st the stored chunk-start state, S = C B^T, seg the masked decays exp(G_i - G_j) (i >= j), dws = (dy x^T) seg
+    w_j (the gradient of S; the pair tiles are held transposed, [j, i]) and cb_t = C_t . B_t (S's diagonal), dxy_t =
     dy_t . x_t (the diagonal of the x dy^T pair tile; summed over the chunks, a per-head D's gradient), per chunk:
         v = (S seg)^T dy + exp(G_last - G) B dh     (the gradient of x')
         dx = w v + D dy + e cb dy                   dw = <x, v> per row        de = dxy cb
@@ -1797,8 +1515,13 @@ def _ssd_bwd_onepass_kernel(
     are all made where it lands and would otherwise be held across the chunk. Both pair dots come first, so the
     decay tile seg ends with them: the pair weights w_j seg (w_j + e_j on the diagonal) scale dy x^T's result, and
     the strict pair terms are dws S in fp32. The span dot's ones matrix is built once, before the loop, where it
-    lands in shared memory; a D with one value per head is a scalar, folded with e cb into one factor of dy. The
-    default where it applies; SSD_TUNING["fused"]["on"] = 0 selects the split."""
+    lands in shared memory; a D with one value per head is a scalar, folded with e cb into one factor of dy.
+    Mamba-2's form (GENERIC off, constexpr flags off for Mamba-3's call so that its code is unchanged): la = dt A and
+    w = dt from `_ssd_load_chunk_gates`, dw held in registers until dla is final, then d dt = dla A + dw per position
+    (times sigmoid(dt_raw + dt_bias) through a softplus), and A's gradient sum(dla dt) summed over the chunks and
+    stored once; no e. GROUPED (G < H): B and C are the rows of group g = h // (H // G), whose heads each add their
+    [Q, N] dB and dC shares into fp32 rows (`_ssd_bc_out`: TMA reduce-add, or pointer atomics under the interpreter);
+    G == H stores them. One pass rather than the split kernels it replaced: see the module docstring."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -1810,6 +1533,10 @@ def _ssd_bwd_onepass_kernel(
     mask_p = offs_p < P
     sn_mask = (offs_n < N)[:, None] & mask_p[None, :]
     g_base = b64 * T * H + h
+    if GROUPED:  # the group's shared B and C rows (G < H: Mamba-2)
+        g = h // (H // G)
+    else:
+        g = h
     if HAS_DHT:
         dst = tl.load(DHT + _ssd_state_t(bh64, offs_p, offs_n, P, N), mask=sn_mask, other=0.0).to(tl.float32)
     else:
@@ -1821,22 +1548,29 @@ def _ssd_bwd_onepass_kernel(
             d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
     dd_acc = tl.sum(tl.zeros((Q,), dtype=tl.float32), axis=0)  # a per-head D's gradient, summed over the chunks
+    if not GENERIC:  # SSD: la = dt A, w = dt; A's gradient sum(dla dt) summed over the chunks
+        a_h = tl.load(A + h).to(tl.float32)
+        da_acc = tl.sum(tl.zeros((Q,), dtype=tl.float32), axis=0)
     for cc in range(NC):
         c = NC - 1 - cc
         # [Q, Q] masks from the chunk's time steps, so that none is hoisted out of the loop and held
         tq = c * Q + offs_q
         mask_t = tq < T
         g_ptr = g_base + tq * H
-        la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False, False,
-                                                     HAS_E)  # fmt: skip
+        if GENERIC:
+            la, w, e, _dtv, _raw = _ssd_load_chunk_gates(LA, LA, W, E, LA, 0.0, g_base, tq, mask_t, H, True, False,
+                                                         False, HAS_E)  # fmt: skip
+        else:  # w = dt after bias and softplus (0 past T), la = dt A; d dt/d raw = sigmoid(raw) with softplus
+            la, w, e, _dtv, raw = _ssd_load_chunk_gates(DT, LA, W, E, DTB + h, a_h, g_base, tq, mask_t, H, False,
+                                                        DT_SOFTPLUS, HAS_DTB, False)  # fmt: skip
         gc, g_last, e_g, dec = _ssd_chunk_consts(la, offs_q, Q)
         # the pairs i >= j, held transposed ([j, i], so that the dots for dx and dB take them as register A operands):
         # exp2 of the scaled cumulative decays (the masked half may overflow; where drops it)
         diag = tq[:, None] == tq[None, :]
         gl = gc * 1.4426950408889634
         seg = tl.where(tq[None, :] >= tq[:, None], tl.exp2(gl[None, :] - gl[:, None]), 0.0)
-        kb = BD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
-        qc = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        kb = BD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
+        qc = CD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
         # both pair tiles first, so that the decays seg end here: S^T = B C^T and, w folded into x's rows (x' = w x),
         # x' dy^T, whose product with seg is dws, the pair gradient of S^T
         scores = tl.dot(kb, tl.trans(qc), input_precision=PREC)
@@ -1871,7 +1605,10 @@ def _ssd_bwd_onepass_kernel(
         kdh = tl.dot(kb, dstd, input_precision=PREC)
         cs = dec * tl.sum(kdh * x.to(tl.float32), axis=1)
         v = tl.dot(m, dy, acc=dec[:, None] * kdh, input_precision=PREC)
-        tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
+        if GENERIC:
+            tl.store(DW + g_ptr, tl.sum(v * x.to(tl.float32), axis=1), mask=mask_t)
+        else:  # held until dla is final: d dt = dla A + dw
+            dwv = tl.sum(v * x.to(tl.float32), axis=1)
         dx = w[:, None] * v
         if HAS_D and D_HEAD and HAS_E:
             # D and the diagonal extra e_t (C_t . B_t) x_t as one per-position factor
@@ -1891,17 +1628,24 @@ def _ssd_bwd_onepass_kernel(
         # dB: the pairs and the state write
         db = tl.dot(x, tl.trans(dstd), input_precision=PREC) * (dec * w)[:, None]
         db = tl.dot(dsc, qc, acc=db, input_precision=PREC)
-        DBD.store([b, h, c * Q, 0], db.to(DBD.dtype).reshape(1, 1, Q, BN))
+        _ssd_bc_out(DBD, DBP, db, b, g, c, tq, offs_n, T, G, N, Q, BN, BC_RED)
         # the carried state's read y_i += exp(G_i) C_i st: dC rows, its decay terms <C_i, dC_i> from t on, the carry;
         # C read again here so that its register copies start here
         st = CKD.load([bh * NC + c, 0, 0]).reshape(BN, BP)
-        qr = CD.load([b, h, c * Q, 0]).reshape(Q, BN).to(DOT)
+        qr = CD.load([b, g, c * Q, 0]).reshape(Q, BN).to(DOT)
         dla += tl.exp(g_last) * tl.sum(tl.sum(st.to(tl.float32) * dst, axis=1), axis=0)
         dc = tl.dot(dy, tl.trans(st.to(DOT)), input_precision=PREC) * e_g[:, None]
         dla += tl.cumsum(tl.sum(dc * qr.to(tl.float32), axis=1), axis=0, reverse=True)
-        tl.store(DLA + g_ptr, dla, mask=mask_t)
+        if GENERIC:
+            tl.store(DLA + g_ptr, dla, mask=mask_t)
+        else:
+            ddt = dla * a_h + dwv
+            if DT_SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            tl.store(DDT + g_ptr, ddt, mask=mask_t)
+            da_acc += tl.sum(dla * w, axis=0)  # w = dt is 0 past T
         dc = tl.dot(tl.trans(dsc), kb, acc=dc, input_precision=PREC)
-        DCD.store([b, h, c * Q, 0], dc.to(DCD.dtype).reshape(1, 1, Q, BN))
+        _ssd_bc_out(DCD, DCP, dc, b, g, c, tq, offs_n, T, G, N, Q, BN, BC_RED)
         # back over the chunk: dh_start = exp(G_last) dh_end + (C exp(G))^T dy
         qe = (qr.to(tl.float32) * e_g[:, None]).to(DOT)
         dst = tl.dot(tl.trans(qe), dy, acc=dst * tl.exp(g_last), input_precision=PREC)
@@ -1909,6 +1653,8 @@ def _ssd_bwd_onepass_kernel(
         tl.store(DH0 + _ssd_state_t(bh64, offs_p, offs_n, P, N), dst, mask=sn_mask)
     if HAS_D and D_HEAD:
         tl.store(DDH + bh64, dd_acc)
+    if not GENERIC:
+        tl.store(DA + bh64, da_acc)
 
 
 def _ssd_pow2(n: int) -> int:
@@ -1916,8 +1662,8 @@ def _ssd_pow2(n: int) -> int:
 
 
 def _ssd_state_dtype(x: torch.Tensor) -> torch.dtype:
-    """Dtype of the stored chunk states and state gradients: the dot operand dtype (the backward feeds them to the
-    tensor cores in that dtype anyway; only the carry's scalar product sees the rounding), fp32 elsewhere or when
+    """Dtype of the stored chunk states: the dot operand dtype (the backward feeds them to the tensor cores in that
+    dtype anyway; only the carry's scalar product sees the rounding), fp32 elsewhere or when
     SSD_TUNING["state"]["fp32"] is set (to measure what the rounding costs)."""
     half = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     return x.dtype if half and not SSD_TUNING.get("state", {}).get("fp32") else torch.float32
@@ -1934,30 +1680,17 @@ SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults b
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
-    """Launch options of one kernel ("ffwd" the forward, "carry", "dx", "dbc", "fused"): tuned overrides first
+    """Launch options of one kernel ("ffwd" the forward, "bwd" the backward's loop): tuned overrides first
     ("num_warps", "num_stages", and "maxnreg" to cap registers for occupancy), else 4 warps (on the H100, 8 warps for
     the two forward kernels the one-pass forward replaced took SSD's forward from 0.414 to 0.563 ms and Mamba-3's from
     0.780 to 1.193), and no software pipelining where the tiles would overflow shared memory (fp32 dots, chunks >= 128)
-    nor in the one-pass backward ("fused": offline sm_90, 2 stages held the next chunk's tiles and spilled 944 B
-    against 616 B at 1). The forward ("ffwd") at 4 warps / 2 stages, offline sm_90 at Mamba-3's call: 196 registers and
-    83 KB of shared memory, so two programs per SM (at 3 stages 117 KB, one)."""
+    nor in the backward ("bwd": offline sm_90, 2 stages held the next chunk's tiles and spilled 944 B against 616 B at
+    1). The forward ("ffwd") at 4 warps / 2 stages, offline sm_90 at Mamba-3's call: 196 registers and 83 KB of shared
+    memory, so two programs per SM (at 3 stages 117 KB, one)."""
     wide = dot == tl.float32 or q >= 128
-    opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "fused" else 2}
+    opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "bwd" else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages", "maxnreg")}
     return opts | ({} if wide else tuned)
-
-
-def _ssd_cols(kind: str, bp: int, default: int = 32) -> int:
-    """Columns of P per program of the backward's sequential carry kernel ("carry"; SSD_TUNING[kind]["bp"]; default
-    32: twice the programs of whole states, each with half the registers)."""
-    return max(16, min(bp, int(SSD_TUNING.get(kind, {}).get("bp", default))))
-
-
-def _ssd_bwd_heads(nheads: int, ngroups: int) -> int:
-    """Heads per program of the dB/dC kernel (default: every head of a group, so that dB and dC need no atomics;
-    SSD_TUNING["dbc"]["heads"] sets fewer, summed with atomics)."""
-    per_group = nheads // ngroups
-    return max(1, min(per_group, int(SSD_TUNING.get("dbc", {}).get("heads", per_group))))
 
 
 def _ssd_check_shapes(x, gates, B, C, chunk_size):
@@ -2074,7 +1807,8 @@ def _ssd_fwd_padded(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chun
     16-byte aligned, or P or N times the element size not a multiple of 16): `_ssd_fwd_onepass` on fresh copies with
     P and N zero-padded to aligned rows (zero columns of x, z, B, C, D and h0 change nothing: the padded state rows
     stay 0 and the padded output columns are dropped), then y, yp, ckpt and final copied out in their own layouts
-    (ckpt (B, H, NC, N, P), which both backward paths read with plain pointer math). Speed does not matter here."""
+    (ckpt (B, H, NC, N, P), unpadded: the backward pads its own copy where it must, `_ssd_bwd_padded`). Speed does
+    not matter here."""
     hdim, dstate = x.shape[3], B.shape[3]
     pc = _ssd_aligned(hdim, *(t for t in (x, z, ckpt) if t is not None))
     nc = _ssd_aligned(dstate, B, C)
@@ -2084,13 +1818,13 @@ def _ssd_fwd_padded(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chun
     cks = ckpt.new_empty((*ckpt.shape[:-2], nc, pc)) if ckpt is not None else None
     fins = final.new_empty((*final.shape[:-2], pc, nc)) if final is not None else None
     _ssd_fwd_onepass(xs, gates, e, bs, cs, D, d_pad, zs, h0s, ys, fins, cks, yps, chunk_size, flags, launch)
-    y.copy_(ys[..., :hdim])
+    y.copy_(_ssd_cut(ys, hdim))
     if yp is not None:
-        yp.copy_(yps[..., :hdim])
+        yp.copy_(_ssd_cut(yps, hdim))
     if ckpt is not None:
-        ckpt.copy_(cks[..., :dstate, :hdim])
+        ckpt.copy_(_ssd_cut(cks, dstate, hdim))
     if final is not None:
-        final.copy_(fins[..., :hdim, :dstate])
+        final.copy_(_ssd_cut(fins, hdim, dstate))
 
 
 def _ssd_zero_pad(t: torch.Tensor | None, *widths: int) -> torch.Tensor | None:
@@ -2100,6 +1834,11 @@ def _ssd_zero_pad(t: torch.Tensor | None, *widths: int) -> torch.Tensor | None:
     out = t.new_zeros((*t.shape[: t.dim() - len(widths)], *widths))
     out[tuple(slice(0, k) for k in t.shape)] = t
     return out
+
+
+def _ssd_cut(t: torch.Tensor, *widths: int) -> torch.Tensor:
+    """The view of t's first widths elements along its last len(widths) dimensions (undoes `_ssd_zero_pad`)."""
+    return t[(..., *(slice(0, k) for k in widths))]
 
 
 def _ssd_aligned(cols: int, *tensors: torch.Tensor) -> int:
@@ -2189,94 +1928,24 @@ def _ssd_scan_bwd_impl(
         return tuple(scan_ref_vjp(fwd, inputs, [dy, dfinal]))
     if ckpt.numel() == 0:
         raise RuntimeError("ssd scan: backward needs the chunk states; run the forward with grad enabled")
-    bsz, seqlen, nheads, hdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    nchunks = ckpt.shape[2]
-    x_c, B_c, C_c = x.contiguous(), B.contiguous(), C.contiguous()
+    nheads, hdim = x.shape[2], x.shape[3]
+    x_c, B_c, C_c, dy = x.contiguous(), B.contiguous(), C.contiguous(), dy.contiguous()
     z_c = z.contiguous() if z is not None else None
     d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous() if D is not None else None
     h0c = h0.float().contiguous() if h0 is not None else None
-    la_c = w_c = e_c = dt_c = A_c = dtb_c = None
     if generic:
-        la_c, w_c = la.float().contiguous(), w.float().contiguous()
-        e_c = e.float().contiguous() if e is not None else None
+        gates = (None, None, None, la.float().contiguous(), w.float().contiguous(),
+                 e.float().contiguous() if e is not None else None)  # fmt: skip
     else:
-        dt_c, A_c = dt.contiguous(), A.float().contiguous()
-        dtb_c = dt_bias.float().contiguous() if dt_bias is not None else None
-    dy = dy.contiguous()
+        gates = (dt.contiguous(), A.float().contiguous(), dt_bias.float().contiguous() if dt_bias is not None else None,
+                 None, None, None)  # fmt: skip
     dfin = dfinal.float().contiguous() if dfinal is not None else None
-    f32 = {"device": x.device, "dtype": torch.float32}
-    onepass = generic and ngroups == nheads and SSD_TUNING.get("fused", {}).get("on", 1)
-    if onepass and _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy):
-        return _ssd_bwd_onepass(
-            x_c, la, w, e, la_c, w_c, e_c, B_c, C_c, D, d_mat, z_c, yp, h0c, ckpt, dy, dfin, chunk_size
-        )
-    heads = _ssd_bwd_heads(nheads, ngroups)
-    atomic = nheads // ngroups > heads  # several programs add into one group's dB/dC rows
-    # stored in B's dtype straight from the registers unless atomics sum them
-    dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, device=x.device, dtype=B.dtype)
-    dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, device=x.device, dtype=C.dtype)
-    dx = torch.empty_like(x_c)
-    dz = torch.empty_like(z_c) if z is not None else None
-    dh0 = torch.empty_like(h0c) if h0c is not None else None
-    gshape = (bsz, seqlen, nheads)
-    ddt = dla = dw = de = da_part = None
-    if generic:
-        dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-        de = torch.empty(gshape, **f32) if e is not None else None
-    else:
-        ddt = torch.empty(gshape, **f32)
-        da_part = torch.empty(bsz, nchunks, nheads, **f32)
-    dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if d_mat is not None else None
-    dot, prec = _ssd_dot_dtype(x)
-    bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-
-    def _or(t):
-        return t if t is not None else x_c
-
-    flags = {"Q": chunk_size, "BP": bp, "BN": bn, "GENERIC": generic, "DT_SOFTPLUS": dt_softplus,
-             "HAS_DTB": dtb_c is not None, "DOT": dot, "PREC": prec}  # fmt: skip
-    dims = (seqlen, nheads, ngroups, hdim, dstate, nchunks)
-    # 1. the state gradient at each chunk end, and the decay gradient's carry term, walking chunks in reverse
-    dck = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=ckpt.dtype)
-    bps = _ssd_cols("carry", bp)
-    carry = torch.empty(bsz, nchunks, nheads, triton.cdiv(hdim, bps), **f32)
-    # with z, the gate's gradients too: dz, and dy through the gate (dye) for the dx and dB/dC kernels
-    dye = torch.empty_like(dy) if z is not None else None
-    _ssd_bwd_carry_kernel[(bsz * nheads, carry.shape[-1])](
-        C_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), dy, _or(z_c), _or(yp if z is not None else None),
-        _or(dz), _or(dye), _or(dfin), dck, _or(dh0), ckpt, carry, *dims, HAS_Z=z is not None, HAS_H0=h0c is not None,
-        HAS_DHT=dfin is not None, **({k: v for k, v in flags.items() if k != "BP"} | {"BPS": bps}),
-        **_ssd_launch("carry", chunk_size, dot),
+    run = _ssd_bwd if _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy) else _ssd_bwd_padded
+    grads = run(
+        x_c, gates, B_c, C_c, d_mat, D is not None and D.dim() == 1, z_c, yp if z is not None else None, h0c, ckpt,
+        dy, dfin, chunk_size, dt_softplus, generic,
     )  # fmt: skip
-    carry = carry.sum(-1) if carry.shape[-1] > 1 else carry
-    dy = dye if dye is not None else dy
-    # 2. dx, dD and the per-position decay terms, per (batch, chunk, head)
-    dla_t, dw_t = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-    _ssd_bwd_dx_kernel[(bsz * nchunks, nheads)](
-        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, _or(d_mat), ckpt,
-        dy, dck, carry, dx, dla_t, dw_t, _or(dd_part), *dims,
-        HAS_E=e_c is not None, HAS_D=d_mat is not None, **flags, **_ssd_launch("dx", chunk_size, dot),
-    )  # fmt: skip
-    # 3. dB, dC and the gate gradients, per (batch, chunk, block of a group's heads)
-    _ssd_bwd_dbc_kernel[(bsz * nchunks, ngroups * triton.cdiv(nheads // ngroups, heads))](
-        x_c, _or(dt_c), _or(A_c), _or(dtb_c), _or(la_c), _or(w_c), _or(e_c), B_c, C_c, ckpt, dy, dck,
-        dla_t, dw_t, _or(ddt), _or(dla), _or(dw), _or(de), dB, dC, _or(da_part), *dims, heads,
-        HAS_E=e_c is not None, ATOMIC_BC=atomic, ONE_HEAD=heads == 1, **flags, **_ssd_launch("dbc", chunk_size, dot),
-    )  # fmt: skip
-
-    def cast(g, like):
-        return g.to(like.dtype) if g is not None else scan_none(x)
-
-    dD = _ssd_dD(dd_part, D)
-    dA = ddtb = None
-    if not generic:
-        dA = da_part.sum((0, 1))
-        ddtb = ddt.sum((0, 1)) if dt_bias is not None else None
-    return (
-        dx, cast(ddt, dt), cast(dA, A), cast(ddtb, dt_bias), cast(dla, la), cast(dw, w), cast(de, e),
-        dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), cast(dz, z), cast(dh0, h0),
-    )  # fmt: skip
+    return tuple(g.to(t.dtype) if g is not None else scan_none(x) for g, t in zip(grads, inputs))
 
 
 def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
@@ -2287,23 +1956,27 @@ def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
 
 
 def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the one-pass kernels' tensor descriptors can take these tensors: 16-byte aligned bases and rows."""
+    """Whether the kernels' tensor descriptors can take these tensors: 16-byte aligned bases and rows."""
     return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
 
 
-def _ssd_dD(dd_part: torch.Tensor | None, D: torch.Tensor | None) -> torch.Tensor | None:
-    """dD from the per-(batch, chunk, head) column partials, in D's shape ((H,) or (H, P)); None without D."""
-    if dd_part is None:
-        return None
-    dD = dd_part.sum((0, 1))
-    return dD.sum(1) if D.dim() == 1 else dD
+def _ssd_bc_red() -> int:
+    """How the backward sums dB and dC over a group's heads: 1, the tensor descriptor's atomic_add (a TMA reduce-add)
+    on the GPU; 2, pointer atomics under the CPU interpreter (which runs no descriptor atomic_add) or where
+    SSD_TUNING["bwd"]["red"] = "ptr" asks for them (the GPU A/B of the two)."""
+    interp = os.environ.get(SSD_INTERPRET_ENV) == "1"
+    return 2 if interp or SSD_TUNING.get("bwd", {}).get("red", "tma") == "ptr" else 1
 
 
-def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckpt, dy, dfin, chunk_size):
-    """The generic backward with one B and C row per head, in one pass: the gate pre-pass, then
-    `_ssd_bwd_onepass_kernel`; the 12 gradients of the op (la_c, w_c, e_c: the caller's fp32 contiguous gates)."""
+def _ssd_bwd(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_size, dt_softplus, generic) -> list:
+    """The backward, either form and any number of groups: the gate pre-pass, then `_ssd_bwd_kernel` over batch *
+    heads; the op's 12 gradients in its input order (None for absent inputs), for the caller to cast to the inputs'
+    dtypes. gates: contiguous (dt, A, dt_bias, la, w, e) of the form, fp32 except dt; d_mat: D as (H, P) fp32,
+    d_head: D was one value per head. The tensors given to descriptors must pass `_ssd_onepass_ok`. With G < H the
+    heads of a group add their dB, dC shares into fp32 rows (`_ssd_bc_red`); with G == H each program stores its own."""
+    dt, A, dtb, la, w, e = gates
     bsz, seqlen, nheads, hdim = x.shape
-    dstate, nchunks = B.shape[3], ckpt.shape[2]
+    ngroups, dstate, nchunks = B.shape[2], B.shape[3], ckpt.shape[2]
     f32 = {"device": x.device, "dtype": torch.float32}
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
@@ -2311,7 +1984,6 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
     dye = torch.empty_like(dy) if z is not None else dy
     # a per-head D's gradient comes from the loop (the sum of dy . x over positions), a per-column D's from the
     # pre-pass's column sums (it then reads x)
-    d_head = D is not None and D.dim() == 1
     pre_dcol = d_mat is not None and not d_head
     dd_part = torch.empty(bsz, nchunks, nheads, hdim, **f32) if pre_dcol else None
     dd_head = torch.empty(bsz, nheads, **f32) if d_head else None
@@ -2323,30 +1995,65 @@ def _ssd_bwd_onepass(x, la, w, e, la_c, w_c, e_c, B, C, D, d_mat, z, yp, h0, ckp
             HAS_Z=z is not None, HAS_D=pre_dcol, num_warps=4,
         )  # fmt: skip
     dx = torch.empty_like(x)
-    dB, dC = torch.empty_like(B), torch.empty_like(C)
-    dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-    de = torch.empty(gshape, **f32) if e is not None else None
+    grouped = ngroups < nheads
+    red = _ssd_bc_red() if grouped else 0
+    if grouped:  # the group's heads sum into these
+        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
+    else:
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+    dla = dw = de = ddt = da = None
+    if generic:
+        dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+        de = torch.empty(gshape, **f32) if e is not None else None
+    else:
+        ddt, da = torch.empty(gshape, **f32), torch.empty(bsz, nheads, **f32)
     dh0 = torch.empty_like(h0) if h0 is not None else None
     xd, dyd, dxd = (_ssd_desc(t, chunk_size, bp) for t in (x, dye, dx))
     bd, cd, dbd, dcd = (_ssd_desc(t, chunk_size, bn) for t in (B, C, dB, dC))
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp])
-    _ssd_bwd_onepass_kernel[(bsz * nheads,)](
-        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, la_c, w_c, e_c if e is not None else w_c,
-        d_mat if d_mat is not None else w_c, dfin if dfin is not None else w_c, dla, dw, de if de is not None else dw,
-        dh0 if dh0 is not None else dw, dd_head if dd_head is not None else dw, seqlen, nheads, hdim, dstate,
-        nchunks, Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None, D_HEAD=d_head,
-        HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot, PREC=prec,
-        **_ssd_launch("fused", chunk_size, dot),
-    )  # fmt: skip
-    dD = _ssd_dD(dd_part, D) if dd_head is None else dd_head.sum(0)
+    any_f = la if generic else A  # a placeholder for the other form's pointers
 
-    def cast(g, like):
-        return g.to(like.dtype) if g is not None else scan_none(x)
+    def _or(t):
+        return t if t is not None else any_f
 
-    return (
-        dx, *(scan_none(x) for _ in range(3)), cast(dla, la), cast(dw, w), cast(de, e), dB, dC, cast(dD, D),
-        cast(dz, z), cast(dh0, h0),
+    _ssd_bwd_kernel[(bsz * nheads,)](
+        xd, dyd, dxd, bd, cd, dbd, dcd, ckd, _or(la), _or(w), _or(e), _or(d_mat), _or(dfin), _or(dla), _or(dw),
+        _or(de), _or(dh0), _or(dd_head), _or(dt), _or(A), _or(dtb), _or(ddt), _or(da), dB, dC, seqlen, nheads,
+        ngroups, hdim, dstate, nchunks, Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None,
+        D_HEAD=d_head, HAS_H0=h0 is not None, HAS_DHT=dfin is not None, DOT=dot, PREC=prec, GENERIC=generic,
+        DT_SOFTPLUS=dt_softplus and not generic, HAS_DTB=dtb is not None, GROUPED=grouped, BC_RED=red,
+        **_ssd_launch("bwd", chunk_size, dot),
     )  # fmt: skip
+    dD = dd_head.sum(0) if d_head else (dd_part.sum((0, 1)) if pre_dcol else None)
+    dA = da.sum(0) if not generic else None
+    ddtb = ddt.sum((0, 1)) if dtb is not None else None
+    return [dx, ddt, dA, ddtb, dla, dw, de, dB, dC, dD, dz, dh0]
+
+
+def _ssd_bwd_padded(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_size, dt_softplus, generic):
+    """The backward for the rare calls whose rows the tensor descriptors cannot take (`_ssd_onepass_ok`), as the
+    forward does them (`_ssd_fwd_padded`): `_ssd_bwd` on fresh copies with P and N zero-padded to aligned rows (x,
+    dy, z, the output before the gate, B, C, D, h0, the final state's gradient, and the chunk states, which the
+    forward stores (B, H, NC, N, P) unpadded), then the gradients cut back to the op's shapes. The zero columns
+    change nothing: the padded rows of the state gradient stay 0, and what lands in padded columns is dropped. Speed
+    does not matter here."""
+    hdim, dstate = x.shape[3], B.shape[3]
+    pc = _ssd_aligned(hdim, *(t for t in (x, dy, z, yp, ckpt) if t is not None))
+    nc = _ssd_aligned(dstate, B, C)
+    xs, dys, zs, yps, d_pad = (_ssd_zero_pad(t, pc) for t in (x, dy, z, yp, d_mat))
+    bs, cs = _ssd_zero_pad(B, nc), _ssd_zero_pad(C, nc)
+    h0s, dfs = _ssd_zero_pad(h0, pc, nc), _ssd_zero_pad(dfin, pc, nc)
+    cks = _ssd_zero_pad(ckpt, nc, pc)
+    dx, ddt, dA, ddtb, dla, dw, de, dB, dC, dD, dz, dh0 = _ssd_bwd(
+        xs, gates, bs, cs, d_pad, d_head, zs, yps, h0s, cks, dys, dfs, chunk_size, dt_softplus, generic
+    )
+
+    def cut(t, *widths):  # contiguous, as the op's fake results are
+        return _ssd_cut(t, *widths).contiguous() if t is not None else None
+
+    dD = dD if d_head else cut(dD, hdim)
+    return [cut(dx, hdim), ddt, dA, ddtb, dla, dw, de, cut(dB, dstate), cut(dC, dstate), dD, cut(dz, hdim),
+            cut(dh0, hdim, dstate)]  # fmt: skip
 
 
 def _ssd_scan_bwd_fake(
