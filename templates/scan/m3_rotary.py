@@ -32,6 +32,7 @@ from templates.scan.ops import scan_none, scan_op, scan_opt, scan_ref_vjp
 M3R_BLOCK_T = 32
 M3R_BWD_WARPS = 4  # warps of the rotary backward
 M3G_BLOCK_T = 64
+M3G_STAGES = 1  # software-pipeline depth of the gates walks' loops over time blocks (their loads prefetched)
 
 
 @triton.jit
@@ -271,7 +272,7 @@ def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
     bsz, seqlen, ngroups, dstate = q.shape
     q_c, k_c, theta_c = q.contiguous(), k.contiguous(), theta.float().contiguous()
     f32 = {"device": q.device, "dtype": torch.float32}
-    dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
+    dq, dk = torch.empty_like(q_c), torch.empty_like(k_c)  # in q's dtype straight from the fp32 registers
     dth = torch.empty(theta.shape, **f32)
     n_tb = triton.cdiv(seqlen, M3R_BLOCK_T)
     dqb_part = torch.empty(bsz, nheads, n_tb, dstate, **f32) if q_bias is not None else None
@@ -286,7 +287,7 @@ def _m3r_bwd_impl(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
     def bias_grad(part, bias):
         return part.sum((0, 2)).to(bias.dtype) if part is not None else scan_none(dq)
 
-    return dq.to(q.dtype), dk.to(k.dtype), bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth.to(theta.dtype)
+    return dq, dk, bias_grad(dqb_part, q_bias), bias_grad(dkb_part, k_bias), dth.to(theta.dtype)
 
 
 def _m3r_bwd_fake(q, k, q_bias, k_bias, theta, dq_out, dk_out, nheads):
@@ -341,7 +342,7 @@ def _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt, s_tr):
 def _m3g_fwd_kernel(
     DT, TRAP, ANG, TH0, W, E, TH, T, H, R,
     s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
-    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b64 = (bh // H).to(tl.int64)
@@ -357,7 +358,7 @@ def _m3g_fwd_kernel(
         carry = tl.load(TH0 + bh * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BR,), dtype=tl.float32)
-    for tb in range(tl.cdiv(T, BT)):
+    for tb in tl.range(0, tl.cdiv(T, BT), num_stages=NS):
         offs_t = tb * BT + tl.arange(0, BT)
         mask_t = offs_t < T
         dt, lam = _m3g_gate(DT, TRAP, base_dt, base_tr, offs_t, mask_t, s_dt_t, s_tr_t)
@@ -377,7 +378,7 @@ def _m3g_fwd_kernel(
 def _m3g_bwd_kernel(
     DT, TRAP, ANG, DW, DE, DTH, DDT, DTRAP, DANG, DTH0, T, H, R,
     s_dt_b, s_dt_t, s_dt_h, s_tr_b, s_tr_t, s_tr_h, s_an_b, s_an_t, s_an_h,
-    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr,
+    BT: tl.constexpr, BR: tl.constexpr, HAS_TH0: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     """Reverse walk: S_t = sum_{s>=t} d theta_s carried across blocks; dt, trap and angle gradients per step."""
     bh = tl.program_id(0)
@@ -392,7 +393,7 @@ def _m3g_bwd_kernel(
     out_th = (b64 * T * H + h) * R
     carry = tl.zeros((BR,), dtype=tl.float32)
     nb = tl.cdiv(T, BT)
-    for tbb in range(nb):
+    for tbb in tl.range(0, nb, num_stages=NS):
         tb = nb - 1 - tbb
         offs_t = tb * BT + tl.arange(0, BT)
         mask_t = offs_t < T
@@ -449,7 +450,7 @@ def _m3g_impl(dt, trap, angles, theta0):
     _m3g_fwd_kernel[(bsz * nheads,)](
         dt, trap, angles, th0 if th0 is not None else theta, w, e, theta, seqlen, nheads, rdim,
         *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
-        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=th0 is not None,
+        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=th0 is not None, NS=M3G_STAGES,
     )  # fmt: skip
     return w, e, theta
 
@@ -487,7 +488,7 @@ def _m3g_bwd_impl(dt, trap, angles, theta0, dw, de, dtheta):
         dt, trap, angles, dw.float().contiguous(), de.float().contiguous(), dtheta.float().contiguous(),
         ddt, dtrap, dang, dth0 if dth0 is not None else dang, seqlen, nheads, rdim,
         *_m3g_strides(dt), *_m3g_strides(trap), *_m3g_strides(angles),
-        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=theta0 is not None,
+        BT=M3G_BLOCK_T, BR=max(16, triton.next_power_of_2(rdim)), HAS_TH0=theta0 is not None, NS=M3G_STAGES,
     )  # fmt: skip
     return ddt, dtrap, dang, dth0.to(theta0.dtype) if dth0 is not None else scan_none(ddt)
 
