@@ -1763,10 +1763,7 @@ def _ssd_scan_impl(
     dstate = B.shape[3]
     x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
     z = z.contiguous() if z is not None else None
-    d_mat = None
-    if D is not None:
-        d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous()
-    h0c = h0.float().contiguous() if h0 is not None else None
+    d_mat, h0c, (dt, A, dt_bias, la, w, e) = _ssd_kernel_inputs(D, h0, dt, A, dt_bias, la, w, e, nheads, hdim, generic)
     nchunks = triton.cdiv(seqlen, chunk_size)
     y = torch.empty_like(x)
     final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
@@ -1774,13 +1771,6 @@ def _ssd_scan_impl(
     if grad:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
         yp = torch.empty_like(x) if z is not None else None
-    if generic:
-        la, w = la.float().contiguous(), w.float().contiguous()
-        e = e.float().contiguous() if e is not None else None
-    else:
-        dt = dt.contiguous()
-        A = A.float().contiguous()
-        dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
     dot, prec = _ssd_dot_dtype(x)
     gates = tuple(t if t is not None else x for t in (dt, A, dt_bias, la, w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
@@ -1792,6 +1782,21 @@ def _ssd_scan_impl(
         _ssd_fwd_padded(*args)
     final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
     return y, final, _or_none(ckpt, x), _or_none(yp, x)
+
+
+def _ssd_kernel_inputs(D, h0, dt, A, dt_bias, la, w, e, nheads: int, hdim: int, generic: bool) -> tuple:
+    """What the forward and the backward kernels both read besides the rows: D as an (H, P) fp32 matrix, h0 in fp32,
+    and the form's gates (dt, A, dt_bias, la, w, e), contiguous and fp32 except dt (None where absent or of the
+    other form)."""
+    d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous() if D is not None else None
+    h0c = h0.float().contiguous() if h0 is not None else None
+
+    def f32(t):
+        return t.float().contiguous() if t is not None else None
+
+    if generic:
+        return d_mat, h0c, (None, None, None, f32(la), f32(w), f32(e))
+    return d_mat, h0c, (dt.contiguous(), f32(A), f32(dt_bias), None, None, None)
 
 
 def _ssd_fwd_onepass(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chunk_size, flags, launch):
@@ -1945,14 +1950,7 @@ def _ssd_scan_bwd_impl(
     nheads, hdim = x.shape[2], x.shape[3]
     x_c, B_c, C_c, dy = x.contiguous(), B.contiguous(), C.contiguous(), dy.contiguous()
     z_c = z.contiguous() if z is not None else None
-    d_mat = (D[:, None] if D.dim() == 1 else D).expand(nheads, hdim).float().contiguous() if D is not None else None
-    h0c = h0.float().contiguous() if h0 is not None else None
-    if generic:
-        gates = (None, None, None, la.float().contiguous(), w.float().contiguous(),
-                 e.float().contiguous() if e is not None else None)  # fmt: skip
-    else:
-        gates = (dt.contiguous(), A.float().contiguous(), dt_bias.float().contiguous() if dt_bias is not None else None,
-                 None, None, None)  # fmt: skip
+    d_mat, h0c, gates = _ssd_kernel_inputs(D, h0, dt, A, dt_bias, la, w, e, nheads, hdim, generic)
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     run = _ssd_bwd if _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy) else _ssd_bwd_padded
     grads = run(
