@@ -440,7 +440,7 @@ CHECK_CASES = [  # dtype, rms tolerance, SSD (T, groups, chunk), Mamba-3 (T, gro
 
 # what --tuning may set: SSD_TUNING's kernel kinds (templates/scan/ssd.py) and the options each reads
 TUNING_OPTIONS = {
-    "ffwd": {"num_warps", "num_stages", "maxnreg"},  # the forward (one pass)
+    "fwd": {"num_warps", "num_stages", "maxnreg"},  # the forward (one pass)
     # the backward's loop (one pass, both forms, any G; "red": "ptr" sums a group's dB, dC with pointer atomics
     # instead of TMA reduce-add)
     "bwd": {"num_warps", "num_stages", "maxnreg", "red"},
@@ -456,7 +456,7 @@ def tuning_arg(text: str) -> dict:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from None
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise argparse.ArgumentTypeError('want {"kind": {"option": value}}, e.g. \'{"ffwd": {"num_warps": 8}}\'')
+        raise argparse.ArgumentTypeError('want {"kind": {"option": value}}, e.g. \'{"fwd": {"num_warps": 8}}\'')
     for kind, options in value.items():
         unknown = set(options) - TUNING_OPTIONS.get(kind, set())
         if kind not in TUNING_OPTIONS or unknown:
@@ -536,9 +536,9 @@ def check(device, limit: int | None = None) -> bool:
 
 
 SSD_SWEEP = {
-    "ffwd": [{"num_stages": st} for st in (2, 3, 1)] + [{"num_warps": 8, "num_stages": 2}],
-    # the backward's two reductions of dB, dC over G = 1's heads
-    "bwd": [{"red": "tma"}, {"red": "ptr"}],
+    "fwd": [{"num_stages": st} for st in (2, 3, 1)] + [{"num_warps": 8, "num_stages": 2}],
+    # the backward's prefetch depth, and its two reductions of dB, dC over G = 1's heads
+    "bwd": [{"num_stages": st} for st in (2, 1, 3)] + [{"red": "ptr"}],
 }
 # options that --check runs besides the defaults, on the first SSD shape: fp32 state checkpoints (what bf16 costs),
 # the backward with pointer atomics for dB and dC
@@ -546,8 +546,8 @@ CHECK_BWD_FORMS = [{"state": {"fp32": True}}, {"bwd": {"red": "ptr"}}]
 
 
 def sweep(device) -> dict:
-    """Time the SSD kernels' options (forward alone: the one-pass forward's stages and warps; then forward+backward:
-    the backward's two dB/dC reductions) and keep the fastest."""
+    """Time the SSD kernels' options (forward alone: the forward's stages and warps; then forward+backward: the
+    backward's stages and its two dB/dC reductions) and keep the fastest."""
     ins = ssd_inputs(device)
     cot = torch.randn_like(ins["x"])
 
@@ -556,7 +556,7 @@ def sweep(device) -> dict:
 
     best = {}
     fwd_bwd = grad_run(fwd, list(ins.values()), cot)
-    for kind, run in (("ffwd", no_grad_run(fwd)), ("bwd", fwd_bwd)):
+    for kind, run in (("fwd", no_grad_run(fwd)), ("bwd", fwd_bwd)):
         timings = []
         for opts in SSD_SWEEP[kind]:
             ssd_mod.SSD_TUNING[kind] = opts
@@ -586,7 +586,7 @@ def main() -> int:
     parser.add_argument("--variants", action="store_true", help="also time the ops at the variants' own shapes")
     parser.add_argument("--graphs", action="store_true", help="also time each op replayed from a CUDA graph")
     parser.add_argument("--tuning", type=tuning_arg, default={}, help='SSD_TUNING entries (JSON) for the check and the '
-                        'timing, e.g. \'{"ffwd": {"num_warps": 8}}\' or \'{"bwd": {"red": "ptr"}}\' (kinds: "ffwd" '
+                        'timing, e.g. \'{"fwd": {"num_warps": 8}}\' or \'{"bwd": {"red": "ptr"}}\' (kinds: "fwd" '
                         'the forward, "bwd" the backward, "state"; options: TUNING_OPTIONS)')  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():

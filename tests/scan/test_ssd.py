@@ -188,7 +188,7 @@ def test_under_torch_compile(ssd):
     assert abs(compiled(*args).item() - layer(*args).item()) < 1e-4
 
 
-def _onepass_inputs(bsz, seqlen, nheads, hdim, dstate, dtype, ngroups=None, seed=0):
+def _scan_inputs(bsz, seqlen, nheads, hdim, dstate, dtype, ngroups=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -277,7 +277,7 @@ def test_backward_generic_matches_reference(ssd, case, monkeypatch):
     """The backward of the generic form with per-head B and C (G == H; the pre-rotated Mamba-3 call) against the
     float64 reference, gradients of every input in the inputs' dtypes."""
     seqlen, chunk, nheads, hdim, dstate, opts, with_final = case
-    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, seed=seqlen)
+    inp = _scan_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, seed=seqlen)
     calls, pads = _count_bwd(ssd, monkeypatch)
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, chunk, with_final)
     assert calls and not pads, "the backward did not run on the inputs themselves"
@@ -289,7 +289,7 @@ def test_backward_generic_matches_reference(ssd, case, monkeypatch):
 
 
 def test_backward_generic_bf16_inputs(ssd, monkeypatch):
-    inp = _onepass_inputs(2, 45, 2, 16, 16, torch.bfloat16, seed=3)
+    inp = _scan_inputs(2, 45, 2, 16, 16, torch.bfloat16, seed=3)
     opts = ("e", "D", "z", "h0")
     calls, pads = _count_bwd(ssd, monkeypatch)
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
@@ -304,7 +304,7 @@ def test_backward_generic_bf16_inputs(ssd, monkeypatch):
 def test_backward_generic_shared_rows(ssd, monkeypatch, groups):
     """The generic form with a group's B and C rows shared by its heads (G < H; sums of dB and dC over them) against
     the float64 reference."""
-    inp = _onepass_inputs(2, 37, 4, 16, 16, torch.float32, ngroups=groups, seed=11)
+    inp = _scan_inputs(2, 37, 4, 16, 16, torch.float32, ngroups=groups, seed=11)
     opts = ("e", "D", "z", "h0")
     calls, pads = _count_bwd(ssd, monkeypatch)
     got = _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True)
@@ -431,7 +431,7 @@ def test_backward_bc_reduction_choice(ssd, monkeypatch):
 def test_backward_from_the_final_state_alone(ssd, monkeypatch, dstate):
     """A loss on the final state only: the op's backward gets no output gradient (autograd does not fill zeros for
     unused outputs) and must still give every input's gradient, directly and through the padded copies."""
-    inp = _onepass_inputs(1, 40, 2, 16, dstate, torch.float32, seed=5)
+    inp = _scan_inputs(1, 40, 2, 16, dstate, torch.float32, seed=5)
     calls, pads = _count_bwd(ssd, monkeypatch)
     outs = []
     for fn in (ssd.ssd_generic_scan, ssd.ssd_generic_scan_ref):
@@ -446,14 +446,14 @@ def test_backward_from_the_final_state_alone(ssd, monkeypatch, dstate):
 
 
 def _check_fwd(ssd, monkeypatch, run, inp, tol, padded=False):
-    """run(ref) with the one-pass forward (which every Triton call takes; it and the backward through the zero-padded
+    """run(ref) with the forward (which every Triton call takes; it and the backward through the zero-padded
     copies exactly when `padded`) against the float64 reference (ref=True): outputs and every input's gradient, in
     the inputs' dtypes."""
-    calls = _count(ssd, monkeypatch, "_ssd_fwd_onepass")
+    calls = _count(ssd, monkeypatch, "_ssd_fwd")
     pads = _count(ssd, monkeypatch, "_ssd_fwd_padded")
     bwd_calls, bwd_pads = _count_bwd(ssd, monkeypatch)
     got = run(False)
-    assert calls and bwd_calls, "the one-pass forward or the backward did not run"
+    assert calls and bwd_calls, "the forward or the backward did not run"
     assert bool(pads) == bool(bwd_pads) == padded, "the padded copies were " + ("skipped" if padded else "made")
     ref = run(True)
     assert got.keys() == ref.keys()
@@ -475,11 +475,11 @@ FFWD_GENERIC_IDS = [f"T{c[0]}_H{c[2]}G{c[3]}P{c[4]}N{c[5]}" for c in FFWD_GENERI
 
 
 @pytest.mark.parametrize("case", FFWD_GENERIC_CASES, ids=FFWD_GENERIC_IDS)
-def test_onepass_forward_generic(ssd, case, monkeypatch):
-    """The one-pass forward of the generic form against the float64 reference, with the gradients of every input
+def test_forward_generic(ssd, case, monkeypatch):
+    """The forward of the generic form against the float64 reference, with the gradients of every input
     (the backward reads the states it stores)."""
     seqlen, chunk, nheads, groups, hdim, dstate, opts, with_final = case
-    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, ngroups=groups, seed=seqlen)
+    inp = _scan_inputs(2, seqlen, nheads, hdim, dstate, torch.float32, ngroups=groups, seed=seqlen)
 
     def run(ref):
         if ref:
@@ -507,8 +507,8 @@ def _ssd_form_run(ssd, inp, opts, chunk, softplus):
 
 
 @pytest.mark.parametrize("case", FFWD_SSD_CASES, ids=[f"T{c[0]}_H{c[2]}G{c[3]}_sp{int(c[7])}" for c in FFWD_SSD_CASES])
-def test_onepass_forward_ssd_form(ssd, case, monkeypatch):
-    """The one-pass forward of the Mamba-2 form (dt, A, dt_bias, softplus) against the float64 reference, final
+def test_forward_ssd_form(ssd, case, monkeypatch):
+    """The forward of the Mamba-2 form (dt, A, dt_bias, softplus) against the float64 reference, final
     state and gradients included."""
     seqlen, chunk, nheads, groups, hdim, dstate, opts, softplus, d_matrix = case
     inp = _inputs(2, seqlen, nheads, hdim, groups, dstate, torch.float32, seed=seqlen)
@@ -520,10 +520,10 @@ def test_onepass_forward_ssd_form(ssd, case, monkeypatch):
 
 
 @pytest.mark.parametrize("form", ["generic", "ssd"])
-def test_onepass_forward_bf16(ssd, form, monkeypatch):
+def test_forward_bf16(ssd, form, monkeypatch):
     """bf16 inputs: Mamba-3's call (per-head rows, e, per-head D, z, h0) and Mamba-2's (one group, dt_bias)."""
     if form == "generic":
-        inp = _onepass_inputs(2, 45, 2, 32, 16, torch.bfloat16, seed=3)
+        inp = _scan_inputs(2, 45, 2, 32, 16, torch.bfloat16, seed=3)
 
         def run(ref):
             fn = ssd.ssd_generic_scan_ref if ref else ssd.ssd_generic_scan
@@ -540,13 +540,13 @@ def _f64(v):
 
 
 @pytest.mark.parametrize("dstate", [16, 18], ids=["aligned", "padded"])
-def test_onepass_forward_without_grad(ssd, monkeypatch, dstate):
-    """Without autograd the one-pass forward stores no chunk states and no output before the gate (directly, and
+def test_forward_without_grad(ssd, monkeypatch, dstate):
+    """Without autograd the forward stores no chunk states and no output before the gate (directly, and
     through the padded copies); the outputs still match the float64 reference."""
-    inp = _onepass_inputs(1, 40, 2, 16, dstate, torch.float32, seed=9)
+    inp = _scan_inputs(1, 40, 2, 16, dstate, torch.float32, seed=9)
     args = [inp[k] for k in ("x", "la", "w", "B", "C")]
     kw = {"e": inp["e"], "D": inp["D"], "z": inp["z"], "h0": inp["h0"], "return_final_state": True}
-    calls = _count(ssd, monkeypatch, "_ssd_fwd_onepass")
+    calls = _count(ssd, monkeypatch, "_ssd_fwd")
     pads = _count(ssd, monkeypatch, "_ssd_fwd_padded")
     with torch.no_grad():
         got = ssd.ssd_generic_scan(*args, 16, **kw)
@@ -569,12 +569,12 @@ FFWD_PADDED_CASES = [
 @pytest.mark.parametrize(
     "case", FFWD_PADDED_CASES, ids=[f"P{c[4]}N{c[5]}G{c[3]}_{str(c[6])[6:]}" for c in FFWD_PADDED_CASES]
 )
-def test_onepass_forward_pads_unaligned_rows(ssd, monkeypatch, case):
+def test_forward_pads_unaligned_rows(ssd, monkeypatch, case):
     """Rows the tensor descriptors cannot take (P or N times the element size not a multiple of 16 bytes) run the
     one-pass forward and the backward on zero-padded copies (the backward padding the states the forward copied back
     out); outputs, final state and every gradient against the float64 reference."""
     seqlen, chunk, nheads, groups, hdim, dstate, dtype, opts = case
-    inp = _onepass_inputs(2, seqlen, nheads, hdim, dstate, dtype, ngroups=groups, seed=seqlen + hdim)
+    inp = _scan_inputs(2, seqlen, nheads, hdim, dstate, dtype, ngroups=groups, seed=seqlen + hdim)
 
     def run(ref):
         fn = ssd.ssd_generic_scan_ref if ref else ssd.ssd_generic_scan
@@ -584,10 +584,10 @@ def test_onepass_forward_pads_unaligned_rows(ssd, monkeypatch, case):
 
 
 @pytest.mark.parametrize("shifted", [("x",), ("B", "z")])
-def test_onepass_forward_pads_unaligned_bases(ssd, monkeypatch, shifted):
+def test_forward_pads_unaligned_bases(ssd, monkeypatch, shifted):
     """Contiguous inputs whose storage starts one element past a 16-byte boundary (rows aligned, base not) run
     through the padded copies too, forward and backward; gradients included."""
-    inp = _onepass_inputs(2, 37, 2, 16, 16, torch.float32, seed=11)
+    inp = _scan_inputs(2, 37, 2, 16, 16, torch.float32, seed=11)
     opts = ("e", "D", "z", "h0")
 
     def run(ref):

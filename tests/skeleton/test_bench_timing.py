@@ -110,21 +110,21 @@ def test_tuning_argument_takes_known_kinds_and_options_only():
     defaults under the tuned label."""
     import argparse
 
-    assert scan.tuning_arg('{"ffwd": {"num_warps": 8}, "state": {"fp32": true}}') == {
-        "ffwd": {"num_warps": 8},
+    assert scan.tuning_arg('{"fwd": {"num_warps": 8}, "state": {"fp32": true}}') == {
+        "fwd": {"num_warps": 8},
         "state": {"fp32": True},
     }
     assert scan.tuning_arg('{"bwd": {"red": "ptr", "num_warps": 8, "num_stages": 2}}') == {
         "bwd": {"red": "ptr", "num_warps": 8, "num_stages": 2}
     }
     for bad, message in [
-        ("{ffwd", "not JSON"),
-        ('["ffwd"]', "want"),
-        ('{"ffwd": 8}', "want"),
-        ('{"fwd": {"num_warps": 8}}', "unknown kind 'fwd'"),
+        ("{fwd", "not JSON"),
+        ('["fwd"]', "want"),
+        ('{"fwd": 8}', "want"),
+        ('{"ffwd": {"num_warps": 8}}', "unknown kind 'ffwd'"),  # the forward's old name, from when there were two
         ('{"fout": {"num_warps": 8}}', "unknown kind 'fout'"),  # the two-kernel forward is gone
-        ('{"ffwd": {"bp": 32}}', r"unknown ffwd option\(s\) \['bp'\]"),  # and the one-pass forward's split of P
-        ('{"ffwd": {"num_warp": 8}}', r"unknown ffwd option\(s\) \['num_warp'\]"),
+        ('{"fwd": {"bp": 32}}', r"unknown fwd option\(s\) \['bp'\]"),  # and the forward's split of P
+        ('{"fwd": {"num_warp": 8}}', r"unknown fwd option\(s\) \['num_warp'\]"),
         ('{"fused": {"red": "ptr"}}', "unknown kind 'fused'"),  # the backward is "bwd": one form
         ('{"carry": {"bp": 32}}', "unknown kind 'carry'"),  # the split backward is gone
         ('{"bwd": {"on": 0}}', r"unknown bwd option\(s\) \['on'\]"),  # and its switch
@@ -148,13 +148,13 @@ def test_tuning_options_are_what_the_kernels_read_and_the_sweep_sets():
 
 def test_tuned_restores_the_tuning_when_the_run_raises():
     scan.ssd_mod.SSD_TUNING.clear()
-    scan.ssd_mod.SSD_TUNING["ffwd"] = {"num_warps": 4}
+    scan.ssd_mod.SSD_TUNING["fwd"] = {"num_warps": 4}
 
     def boom():
-        assert scan.ssd_mod.SSD_TUNING == {"ffwd": {"num_warps": 8}}
+        assert scan.ssd_mod.SSD_TUNING == {"fwd": {"num_warps": 8}}
         raise RuntimeError("kernel failed")
 
     with pytest.raises(RuntimeError):
-        scan.tuned({"ffwd": {"num_warps": 8}}, boom)
-    assert scan.ssd_mod.SSD_TUNING == {"ffwd": {"num_warps": 4}}
+        scan.tuned({"fwd": {"num_warps": 8}}, boom)
+    assert scan.ssd_mod.SSD_TUNING == {"fwd": {"num_warps": 4}}
     scan.ssd_mod.SSD_TUNING.clear()
