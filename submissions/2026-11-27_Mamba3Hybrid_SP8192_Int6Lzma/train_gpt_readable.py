@@ -1226,7 +1226,7 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # The generic form (`ssd_generic_scan`, used by Mamba-3) takes la, w per position and one extra coefficient e_t on
 # the diagonal (the j == t term uses w_t + e_t), so trapezoidal rules fit the same kernels.
 #
-# Forward, one pass (`_ssd_fwd_onepass_kernel`): one program per (batch, head) walks the chunks of Q steps in order
+# Forward, one pass (`_ssd_fwd_kernel`): one program per (batch, head) walks the chunks of Q steps in order
 # with the fp32 state in registers; per chunk it stores the chunk-start state for the backward (B x H x chunks x N x P,
 # in the dot dtype: bf16 for bf16 inputs on the GPU, which the H100 check measured to cost nothing against fp32
 # checkpoints, 4.81e-3 vs 4.80e-3 worst relative RMS error), steps the state (the one serial dot) and forms the chunk's
@@ -1234,7 +1234,7 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # state's term, D x and the gate), so x, B and C are read once per chunk and the states are never read back. On the H100
 # at 64 x 1024 it took 0.363 ms against 0.670 for the two kernels it replaced in Mamba-3 (a sequential state kernel,
 # then an output kernel per chunk reading the states back), and SSD's graphed forward went from 0.415 to 0.269 ms.
-# Every tile moves through tensor descriptors; the rare rows they cannot take (`_ssd_onepass_ok`: unaligned bases, P or
+# Every tile moves through tensor descriptors; the rare rows they cannot take (`_ssd_desc_ok`: unaligned bases, P or
 # N rows not a multiple of 16 bytes) run the same kernel on zero-padded copies (`_ssd_fwd_padded`). TMA blocks are at
 # most 256 long, so chunks, P and N are limited to 256 where the kernels run.
 #
@@ -1253,6 +1253,8 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # pass first took Mamba-3's call). A gate folded into the loop (dz and the gated dy there, no pre-pass) was tried and
 # lost: 1.171 ms against 1.079 for pre-pass and loop, its loop spilling three times as much. Rows that the tensor
 # descriptors cannot take run the same kernels on zero-padded copies (`_ssd_bwd_padded`, the chunk states included).
+# Both loops run at two stages, Triton prefetching the next chunk's tiles during the current one's work: for the
+# latency-bound backward that was worth 22% of SSD's fwd+bwd on the H100 (`_ssd_launch`).
 #
 # Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1339,7 +1341,7 @@ def _ssd_silu(z, FAST: tl.constexpr):
 
 
 @triton.jit
-def _ssd_fwd_onepass_kernel(
+def _ssd_fwd_kernel(
     XD, BD, CD, ZD, YD, YPD, CKD, DT, A, DTB, LA, W, E, DS, H0, HT,
     T, H, G, P, N, NC,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -1694,15 +1696,19 @@ SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults b
 
 
 def _ssd_launch(kind: str, q: int, dot) -> dict:
-    """Launch options of one kernel ("ffwd" the forward, "bwd" the backward's loop): tuned overrides first
-    ("num_warps", "num_stages", and "maxnreg" to cap registers for occupancy), else 4 warps (on the H100, 8 warps for
-    the two forward kernels the one-pass forward replaced took SSD's forward from 0.414 to 0.563 ms and Mamba-3's from
-    0.780 to 1.193), and no software pipelining where the tiles would overflow shared memory (fp32 dots, chunks >= 128)
-    nor in the backward ("bwd": offline sm_90, 2 stages held the next chunk's tiles and spilled 944 B against 616 B at
-    1). The forward ("ffwd") at 4 warps / 2 stages, offline sm_90 at Mamba-3's call: 196 registers and 83 KB of shared
-    memory, so two programs per SM (at 3 stages 117 KB, one)."""
+    """Launch options of one kernel ("fwd" the forward, "bwd" the backward's loop): tuned overrides first
+    ("num_warps", "num_stages", and "maxnreg" to cap registers for occupancy), else 4 warps and 2 stages, so that
+    Triton prefetches the next chunk's tiles while the current one computes; 1 stage where the tiles would overflow
+    shared memory (fp32 dots, chunks >= 128). On the H100 at 64 x 1024 (H 16, P 64, N 64, chunk 64, graphed
+    fwd+bwd) the backward at 2 stages took SSD from 1.102 to 0.862 ms (its loop 0.784 -> 0.544) and Mamba-3 from 1.985
+    to 1.877 (0.767 -> 0.635), although offline sm_90 its loop is longer and spills more (Mamba-3's call: 2,517 SASS,
+    224 B of stack, 54 / 53 local stores / loads, against 2,290, 80 B, 20 / 22 at 1 stage; 91 KB of shared memory, so
+    still two programs per SM): the loop is latency-bound, and the prefetch hides the loads' latency. 3 stages were
+    slower (1.259, 2.138), as were 8 warps (1.537) and a cap of 168 registers at 1 stage (1.394). For the forward, 8
+    warps took the two kernels the one-pass forward replaced from 0.414 to 0.563 ms; at 3 stages SSD's forward alone
+    went 0.269 -> 0.256 but Mamba-3's fwd+bwd 1.877 -> 2.009 (117 KB of shared memory: one program per SM)."""
     wide = dot == tl.float32 or q >= 128
-    opts = {"num_warps": 4, "num_stages": 1 if wide or kind == "bwd" else 2}
+    opts = {"num_warps": 4, "num_stages": 1 if wide else 2}
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages", "maxnreg")}
     return opts | ({} if wide else tuned)
 
@@ -1774,10 +1780,10 @@ def _ssd_scan_impl(
     dot, prec = _ssd_dot_dtype(x)
     gates = tuple(t if t is not None else x for t in (dt, A, dt_bias, la, w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
-    launch = _ssd_launch("ffwd", chunk_size, dot)
+    launch = _ssd_launch("fwd", chunk_size, dot)
     args = (x, gates, e, B, C, D, d_mat, z, h0c, y, final, ckpt, yp, chunk_size, flags, launch)
-    if _ssd_onepass_ok(x, B, C, y, *(t for t in (z, yp, ckpt) if t is not None)):
-        _ssd_fwd_onepass(*args)
+    if _ssd_desc_ok(x, B, C, y, *(t for t in (z, yp, ckpt) if t is not None)):
+        _ssd_fwd(*args)
     else:
         _ssd_fwd_padded(*args)
     final = final.to(_ssd_fin_dtype(x)) if final is not None else scan_none(x)
@@ -1799,9 +1805,9 @@ def _ssd_kernel_inputs(D, h0, dt, A, dt_bias, la, w, e, nheads: int, hdim: int, 
     return d_mat, h0c, (dt.contiguous(), f32(A), f32(dt_bias), None, None, None)
 
 
-def _ssd_fwd_onepass(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chunk_size, flags, launch):
-    """Launch `_ssd_fwd_onepass_kernel` over batch * heads: y (and yp, ckpt, final where given) written in place.
-    gates: (dt, A, dt_bias, la, w) with placeholders. The tensors given to descriptors must pass `_ssd_onepass_ok`."""
+def _ssd_fwd(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chunk_size, flags, launch):
+    """Launch `_ssd_fwd_kernel` over batch * heads: y (and yp, ckpt, final where given) written in place.
+    gates: (dt, A, dt_bias, la, w) with placeholders. The tensors given to descriptors must pass `_ssd_desc_ok`."""
     bsz, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -1811,7 +1817,7 @@ def _ssd_fwd_onepass(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chu
     ypd = _ssd_desc(yp, chunk_size, bp) if yp is not None else yd
     bd, cd = _ssd_desc(B, chunk_size, bn), _ssd_desc(C, chunk_size, bn)
     ckd = TensorDescriptor.from_tensor(ckpt.view(-1, dstate, hdim), [1, bn, bp]) if ckpt is not None else xd
-    _ssd_fwd_onepass_kernel[(bsz * nheads,)](
+    _ssd_fwd_kernel[(bsz * nheads,)](
         xd, bd, cd, zd, yd, ypd, ckd, *gates, e if e is not None else x, d_mat if d_mat is not None else x,
         h0 if h0 is not None else x, final if final is not None else x, seqlen, nheads, ngroups, hdim, dstate, nchunks,
         Q=chunk_size, BP=bp, BN=bn, HAS_E=e is not None, HAS_D=d_mat is not None,
@@ -1822,8 +1828,8 @@ def _ssd_fwd_onepass(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chu
 
 
 def _ssd_fwd_padded(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chunk_size, flags, launch):
-    """The forward for the rare calls whose rows the tensor descriptors cannot take (`_ssd_onepass_ok`: a base not
-    16-byte aligned, or P or N times the element size not a multiple of 16): `_ssd_fwd_onepass` on fresh copies with
+    """The forward for the rare calls whose rows the tensor descriptors cannot take (`_ssd_desc_ok`: a base not
+    16-byte aligned, or P or N times the element size not a multiple of 16): `_ssd_fwd` on fresh copies with
     P and N zero-padded to aligned rows (zero columns of x, z, B, C, D and h0 change nothing: the padded state rows
     stay 0 and the padded output columns are dropped), then y, yp, ckpt and final copied out in their own layouts
     (ckpt (B, H, NC, N, P), unpadded: the backward pads its own copy where it must, `_ssd_bwd_padded`). Speed does
@@ -1836,7 +1842,7 @@ def _ssd_fwd_padded(x, gates, e, B, C, D, d_mat, z, h0, y, final, ckpt, yp, chun
     ys, yps = torch.empty_like(xs), (torch.empty_like(xs) if yp is not None else None)
     cks = ckpt.new_empty((*ckpt.shape[:-2], nc, pc)) if ckpt is not None else None
     fins = final.new_empty((*final.shape[:-2], pc, nc)) if final is not None else None
-    _ssd_fwd_onepass(xs, gates, e, bs, cs, D, d_pad, zs, h0s, ys, fins, cks, yps, chunk_size, flags, launch)
+    _ssd_fwd(xs, gates, e, bs, cs, D, d_pad, zs, h0s, ys, fins, cks, yps, chunk_size, flags, launch)
     y.copy_(_ssd_cut(ys, hdim))
     if yp is not None:
         yp.copy_(_ssd_cut(yps, hdim))
@@ -1952,7 +1958,7 @@ def _ssd_scan_bwd_impl(
     z_c = z.contiguous() if z is not None else None
     d_mat, h0c, gates = _ssd_kernel_inputs(D, h0, dt, A, dt_bias, la, w, e, nheads, hdim, generic)
     dfin = dfinal.float().contiguous() if dfinal is not None else None
-    run = _ssd_bwd if _ssd_onepass_ok(x_c, B_c, C_c, ckpt, dy) else _ssd_bwd_padded
+    run = _ssd_bwd if _ssd_desc_ok(x_c, B_c, C_c, ckpt, dy) else _ssd_bwd_padded
     grads = run(
         x_c, gates, B_c, C_c, d_mat, D is not None and D.dim() == 1, z_c, yp if z is not None else None, h0c, ckpt,
         dy, dfin, chunk_size, dt_softplus, generic,
@@ -1967,7 +1973,7 @@ def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t.permute(0, 2, 1, 3), [1, 1, q, cols])
 
 
-def _ssd_onepass_ok(*tensors: torch.Tensor) -> bool:
+def _ssd_desc_ok(*tensors: torch.Tensor) -> bool:
     """Whether the kernels' tensor descriptors can take these tensors: 16-byte aligned bases and rows."""
     return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
 
@@ -1984,7 +1990,7 @@ def _ssd_bwd(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_siz
     """The backward, either form and any number of groups: the gate pre-pass, then `_ssd_bwd_kernel` over batch *
     heads; the op's 12 gradients in its input order (None for absent inputs), for the caller to cast to the inputs'
     dtypes. gates: contiguous (dt, A, dt_bias, la, w, e) of the form, fp32 except dt; d_mat: D as (H, P) fp32,
-    d_head: D was one value per head. The tensors given to descriptors must pass `_ssd_onepass_ok`. With G < H the
+    d_head: D was one value per head. The tensors given to descriptors must pass `_ssd_desc_ok`. With G < H the
     heads of a group add their dB, dC shares into fp32 rows (`_ssd_bc_red`); with G == H each program stores its own."""
     dt, A, dtb, la, w, e = gates
     bsz, seqlen, nheads, hdim = x.shape
@@ -2043,7 +2049,7 @@ def _ssd_bwd(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_siz
 
 
 def _ssd_bwd_padded(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_size, dt_softplus, generic):
-    """The backward for the rare calls whose rows the tensor descriptors cannot take (`_ssd_onepass_ok`), as the
+    """The backward for the rare calls whose rows the tensor descriptors cannot take (`_ssd_desc_ok`), as the
     forward does them (`_ssd_fwd_padded`): `_ssd_bwd` on fresh copies with P and N zero-padded to aligned rows (x,
     dy, z, the output before the gate, B, C, D, h0, the final state's gradient, and the chunk states, which the
     forward stores (B, H, NC, N, P) unpadded), then the gradients cut back to the op's shapes. The zero columns
