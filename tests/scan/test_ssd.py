@@ -596,3 +596,44 @@ def test_forward_pads_unaligned_bases(ssd, monkeypatch, shifted):
         return _run_generic(ssd.ssd_generic_scan, inp, opts, 16, True, shift=shifted)
 
     _check_fwd(ssd, monkeypatch, run, inp, 2e-5, padded=True)
+
+
+def test_launch_options(ssd, monkeypatch):
+    """Two stages for both loops where the tiles fit (bf16 dots, chunks below 128); the register cap of 168 only for
+    the lean forward (three programs per SM); a tuned option overrides the defaults, except where tiles are wide."""
+    import triton.language as tl
+
+    base = {"num_warps": 4, "num_stages": 2}
+    assert ssd._ssd_launch("bwd", 64, tl.bfloat16) == base
+    assert ssd._ssd_launch("fwd", 64, tl.bfloat16) == base
+    assert ssd._ssd_launch("bwd", 64, tl.bfloat16, lean=True) == base
+    assert ssd._ssd_launch("fwd", 64, tl.bfloat16, lean=True) == base | {"maxnreg": 168}
+    for q, dot in ((128, tl.bfloat16), (64, tl.float32)):
+        assert ssd._ssd_launch("fwd", q, dot, lean=True) == {"num_warps": 4, "num_stages": 1}
+    monkeypatch.setitem(ssd.SSD_TUNING, "fwd", {"maxnreg": 200, "num_stages": 3})
+    assert ssd._ssd_launch("fwd", 64, tl.bfloat16, lean=True) == {"num_warps": 4, "num_stages": 3, "maxnreg": 200}
+    assert ssd._ssd_launch("fwd", 128, tl.bfloat16, lean=True) == {"num_warps": 4, "num_stages": 1}
+
+
+def test_forward_is_lean_only_for_the_ungated_mamba2_form(ssd, monkeypatch):
+    """Which calls the forward launches as lean: Mamba-2's form without z at chunk, P, N <= 64; not with z, not the
+    generic (Mamba-3) form, not at chunk 128."""
+    seen = []
+    original = ssd._ssd_launch
+
+    def spy(kind, q, dot, lean=False):
+        if kind == "fwd":
+            seen.append(lean)
+        return original(kind, q, dot, lean)
+
+    monkeypatch.setattr(ssd, "_ssd_launch", spy)
+    inp = _scan_inputs(1, 40, 2, 16, 16, torch.float32, seed=9)
+    x, B, C = inp["x"], inp["B"], inp["C"]
+    dt = torch.rand(1, 40, 2)
+    A = -torch.rand(2) - 0.5
+    with torch.no_grad():
+        ssd.ssd_scan(x, dt, A, B, C, 32)
+        ssd.ssd_scan(x, dt, A, B, C, 32, z=torch.randn_like(x))
+        ssd.ssd_scan(x, dt, A, B, C, 128)
+        ssd.ssd_generic_scan(x, -dt, dt, B, C, 32)
+    assert seen == [True, False, False, False]
