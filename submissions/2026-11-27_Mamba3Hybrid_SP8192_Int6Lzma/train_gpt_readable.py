@@ -1254,7 +1254,8 @@ def m3_gates(dt: torch.Tensor, trap: torch.Tensor, angles: torch.Tensor, theta0:
 # lost: 1.171 ms against 1.079 for pre-pass and loop, its loop spilling three times as much. Rows that the tensor
 # descriptors cannot take run the same kernels on zero-padded copies (`_ssd_bwd_padded`, the chunk states included).
 # Both loops run at two stages, Triton prefetching the next chunk's tiles during the current one's work: for the
-# latency-bound backward that was worth 22% of SSD's fwd+bwd on the H100 (`_ssd_launch`).
+# latency-bound backward that was worth 22% of SSD's fwd+bwd on the H100. The forward of Mamba-2's ungated form is
+# capped at 168 registers, which fits three of its programs per SM (`_ssd_launch`).
 #
 # Dispatch: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 (CPU tests), else the sequential reference.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1695,7 +1696,7 @@ def _ssd_dot_dtype(x: torch.Tensor) -> tuple:
 SSD_TUNING: dict = {}  # kernel kind -> launch options overriding the defaults below (see _ssd_launch)
 
 
-def _ssd_launch(kind: str, q: int, dot) -> dict:
+def _ssd_launch(kind: str, q: int, dot, lean: bool = False) -> dict:
     """Launch options of one kernel ("fwd" the forward, "bwd" the backward's loop): tuned overrides first
     ("num_warps", "num_stages", and "maxnreg" to cap registers for occupancy), else 4 warps and 2 stages, so that
     Triton prefetches the next chunk's tiles while the current one computes; 1 stage where the tiles would overflow
@@ -1706,9 +1707,15 @@ def _ssd_launch(kind: str, q: int, dot) -> dict:
     still two programs per SM): the loop is latency-bound, and the prefetch hides the loads' latency. 3 stages were
     slower (1.259, 2.138), as were 8 warps (1.537) and a cap of 168 registers at 1 stage (1.394). For the forward, 8
     warps took the two kernels the one-pass forward replaced from 0.414 to 0.563 ms; at 3 stages SSD's forward alone
-    went 0.269 -> 0.256 but Mamba-3's fwd+bwd 1.877 -> 2.009 (117 KB of shared memory: one program per SM)."""
+    went 0.269 -> 0.256 but Mamba-3's fwd+bwd 1.877 -> 2.009 (117 KB of shared memory: one program per SM).
+    lean: the forward of Mamba-2's form without a gate, with chunk, P and N at most 64, whose tiles take 74.5 KB of
+    shared memory (offline sm_90), so that three programs fit per SM once its registers are capped at 168 (189 ->
+    168, 16 B of stack): SSD's forward went 0.269 -> 0.222 ms, fwd+bwd 0.865 -> 0.835. Mamba-3's forward (83 KB, two
+    programs per SM either way) only lost by the cap (0.494 -> 0.517)."""
     wide = dot == tl.float32 or q >= 128
     opts = {"num_warps": 4, "num_stages": 1 if wide else 2}
+    if lean and kind == "fwd" and not wide:
+        opts["maxnreg"] = 168
     tuned = {k: v for k, v in SSD_TUNING.get(kind, {}).items() if k in ("num_warps", "num_stages", "maxnreg")}
     return opts | ({} if wide else tuned)
 
@@ -1780,7 +1787,7 @@ def _ssd_scan_impl(
     dot, prec = _ssd_dot_dtype(x)
     gates = tuple(t if t is not None else x for t in (dt, A, dt_bias, la, w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
-    launch = _ssd_launch("fwd", chunk_size, dot)
+    launch = _ssd_launch("fwd", chunk_size, dot, lean=not generic and z is None and max(chunk_size, hdim, dstate) <= 64)
     args = (x, gates, e, B, C, D, d_mat, z, h0c, y, final, ckpt, yp, chunk_size, flags, launch)
     if _ssd_desc_ok(x, B, C, y, *(t for t in (z, yp, ckpt) if t is not None)):
         _ssd_fwd(*args)
