@@ -1318,6 +1318,16 @@ def _ssd_state_t(bh64, offs_p, offs_n, P, N):
 
 
 @triton.jit
+def _ssd_head_d(DS, h, offs_p, mask_p, P, D_HEAD: tl.constexpr):
+    """Head h's skip weight from the (H, P) matrix: one value when D is per head (Mamba-3; a scalar, not a row held
+    across the loop), else the head's [BP] row."""
+    if D_HEAD:
+        return tl.load(DS + h * P).to(tl.float32)
+    else:
+        return tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _ssd_exp2(x, FAST: tl.constexpr):
     """2^x; FAST (on the GPU): the hardware's ex2 with denormal results flushed to 0 (one instruction, where tl.exp2
     adds a range test and two scalings per element for denormals). The interpreter runs no inline assembly."""
@@ -1389,10 +1399,9 @@ def _ssd_fwd_kernel(
     else:
         state = tl.zeros((BN, BP), dtype=tl.float32)
     if HAS_D:
-        if D_HEAD:  # one D per head (Mamba-3): a scalar, not a row held across the loop
-            d_row = tl.load(DS + h * P).to(tl.float32)
-        else:
-            d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        d_row = _ssd_head_d(DS, h, offs_p, mask_p, P, D_HEAD)
+        if not D_HEAD:
+            d_row = d_row[None, :]
     # the loop's own stage count (the launch's): with it Triton also prefetches z, which feeds no dot
     for c in tl.range(0, NC, num_stages=NS):
         tq = c * Q + offs_q
@@ -1559,10 +1568,7 @@ def _ssd_bwd_kernel(
     else:
         dst = tl.zeros((BN, BP), dtype=tl.float32)
     if HAS_D:
-        if D_HEAD:  # one D per head (Mamba-3): a scalar, not a row held across the loop
-            d_row = tl.load(DS + h * P).to(tl.float32)
-        else:
-            d_row = tl.load(DS + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        d_row = _ssd_head_d(DS, h, offs_p, mask_p, P, D_HEAD)
     upper = tl.where(offs_q[:, None] <= offs_q[None, :], 1.0, 0.0).to(DOT)
     dd_acc = tl.sum(tl.zeros((Q,), dtype=tl.float32), axis=0)  # a per-head D's gradient, summed over the chunks
     if not GENERIC:  # SSD: la = dt A, w = dt; A's gradient sum(dla dt) summed over the chunks
