@@ -637,3 +637,75 @@ def test_forward_is_lean_only_for_the_ungated_mamba2_form(ssd, monkeypatch):
         ssd.ssd_scan(x, dt, A, B, C, 128)
         ssd.ssd_generic_scan(x, -dt, dt, B, C, 32)
     assert seen == [True, False, False, False]
+
+
+def _strided_run(ssd, wide_cols, d_per_head, dtype=torch.float32, seed=21):
+    """y and the gradients of the generic form with x and z taken as slices of one wider (B, T, wide_cols) tensor,
+    as Mamba-3's x and z come out of its input projection, and the same from contiguous copies."""
+    bsz, seqlen, nheads, hdim, dstate = 2, 37, 2, 16, 16
+    inp = _scan_inputs(bsz, seqlen, nheads, hdim, dstate, dtype, seed=seed)
+    inner = nheads * hdim
+    gen = torch.Generator().manual_seed(seed + 1)
+    wide = torch.randn(bsz, seqlen, wide_cols, generator=gen, dtype=torch.float64).to(dtype)
+    cot = torch.randn(bsz, seqlen, nheads, hdim, generator=gen, dtype=torch.float64).to(dtype)
+    D = inp["D"] if d_per_head else inp["Dm"]
+    results = []
+    for in_place in (True, False):
+        w_leaf = wide.clone().requires_grad_()
+        z = w_leaf[..., :inner].reshape(bsz, seqlen, nheads, hdim)
+        x = w_leaf[..., inner : 2 * inner].reshape(bsz, seqlen, nheads, hdim)
+        if not in_place:
+            x, z = x.contiguous(), z.contiguous()
+        others = {k: inp[k].clone().requires_grad_() for k in ("la", "w", "e", "B", "C")}
+        d = D.clone().requires_grad_()
+        y = ssd.ssd_generic_scan(x, others["la"], others["w"], others["B"], others["C"], 16, e=others["e"], D=d, z=z)
+        (y.double() * cot.double()).sum().backward()
+        results.append([y.detach(), w_leaf.grad, d.grad] + [others[k].grad for k in ("la", "w", "e", "B", "C")])
+    return results
+
+
+@pytest.mark.parametrize("d_per_head", [True, False])
+def test_strided_x_and_z_are_read_in_place(ssd, monkeypatch, d_per_head):
+    """With SSD_TUNING["rows"]["in_place"], x and z as slices of a wider row (40 fp32 columns, 160 bytes; z from
+    column 0, x from column 32) reach the kernels without a copy, forward and backward (the pre-pass reads z for the
+    gate, and x for a per-column D), and give what contiguous copies give."""
+    monkeypatch.setitem(ssd.SSD_TUNING, "rows", {"in_place": 1})
+    seen = {}
+    for name in ("_ssd_fwd", "_ssd_bwd"):
+        original = getattr(ssd, name)
+
+        def spy(*args, _name=name, _orig=original):
+            seen.setdefault(_name, []).append(args[0].is_contiguous())
+            return _orig(*args)
+
+        monkeypatch.setattr(ssd, name, spy)
+    strided, dense = _strided_run(ssd, 2 * 2 * 16 + 8, d_per_head)
+    assert seen["_ssd_fwd"] == [False, True] and seen["_ssd_bwd"] == [False, True]
+    for got, ref in zip(strided, dense):
+        assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), _rel(got, ref)
+
+
+def test_rows_that_descriptors_cannot_take_are_copied(ssd, monkeypatch):
+    """_ssd_rows keeps a tensor whose strides the tensor descriptors take and copies one they cannot: a row stride
+    that is not a multiple of 16 bytes, a broadcast (stride 0) dimension, or a transposed last dimension. Without
+    the switch it copies every strided tensor, as before it existed."""
+    wide = torch.randn(2, 5, 40)
+    aligned = wide[..., 8:24].reshape(2, 5, 2, 8)
+    copied = ssd._ssd_rows(aligned)
+    assert copied is not aligned and copied.is_contiguous() and torch.equal(copied, aligned)
+    monkeypatch.setitem(ssd.SSD_TUNING, "rows", {"in_place": 1})
+    assert ssd._ssd_rows(aligned) is aligned
+    for bad in (torch.randn(2, 5, 37)[..., :16].reshape(2, 5, 2, 8), torch.randn(2, 1, 1, 8).expand(2, 5, 2, 8),
+                torch.randn(2, 5, 8, 2).transpose(-1, -2)):  # fmt: skip
+        kept = ssd._ssd_rows(bad)
+        assert kept is not bad and kept.is_contiguous() and torch.equal(kept, bad)
+    assert ssd._ssd_rows(None) is None
+
+
+def test_strided_rows_that_descriptors_cannot_take_still_match(ssd, monkeypatch):
+    """With a wider row of 37 fp32 columns (148 bytes, not a multiple of 16) x and z are copied, and the results
+    are those of contiguous inputs."""
+    monkeypatch.setitem(ssd.SSD_TUNING, "rows", {"in_place": 1})
+    strided, dense = _strided_run(ssd, 2 * 2 * 16 + 5, True)
+    for got, ref in zip(strided, dense):
+        assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), _rel(got, ref)
