@@ -1461,14 +1461,16 @@ def _ssd_chunk_consts(la, offs_q, Q: tl.constexpr):
 
 @triton.jit
 def _ssd_bwd_gate_kernel(
-    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC,
+    X, Z, YP, DY, DZ, DYE, DD_PART, T, H, P, NC, SXB, SXT, SXH, SZB, SZT, SZH,
     Q: tl.constexpr, BP: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
 ):  # fmt: skip
     """Pre-pass of the backward, one program per (batch, chunk, head), elementwise: with the gate, dz (from the
     output before it) and dy through it; with a D per column, the chunk's dD share (column sums of dy x, for which it
     reads x). So the backward's loop reads one gated dy and neither z nor the output before the gate. dy . x
     per position (e's terms) and a per-head D's gradient come from the loop's pair tile instead: on the H100 that
-    took Mamba-3's graphed fwd+bwd from 2.074 to 1.983 ms at 64 x 1024, the pre-pass no longer reading x."""
+    took Mamba-3's graphed fwd+bwd from 2.074 to 1.983 ms at 64 x 1024, the pre-pass no longer reading x. x and z
+    are read through their own (batch, time, head) strides, as the op takes them in place (`_ssd_rows`); the output
+    before the gate, dy and the results are contiguous."""
     b64 = (tl.program_id(0) // NC).to(tl.int64)
     c = tl.program_id(0) % NC
     h = tl.program_id(1)
@@ -1477,11 +1479,13 @@ def _ssd_bwd_gate_kernel(
     mask_p = offs_p < P
     mask_t = c * Q + offs_q < T
     xp_mask = mask_t[:, None] & mask_p[None, :]
-    row = (b64 * T + c * Q + offs_q) * H + h
+    tq64 = (c * Q + offs_q).to(tl.int64)
+    row = (b64 * T + tq64) * H + h
     loc = row[:, None] * P + offs_p[None, :]
     dy = tl.load(DY + loc, mask=xp_mask, other=0.0).to(tl.float32)
     if HAS_Z:
-        zz = tl.load(Z + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        z_loc = (b64 * SZB + tq64 * SZT + h * SZH)[:, None] + offs_p[None, :]
+        zz = tl.load(Z + z_loc, mask=xp_mask, other=0.0).to(tl.float32)
         yp = tl.load(YP + loc, mask=xp_mask, other=0.0).to(tl.float32)
         sz = tl.sigmoid(zz)
         tl.store(DZ + loc, (dy * yp * sz * (1.0 + zz * (1.0 - sz))).to(DZ.dtype.element_ty), mask=xp_mask)
@@ -1489,7 +1493,8 @@ def _ssd_bwd_gate_kernel(
         tl.store(DYE + loc, dy, mask=xp_mask)
         dy = dy.to(tl.float32)  # dD and dy . x from the gated dy as the loop sees it
     if HAS_D:
-        x = tl.load(X + loc, mask=xp_mask, other=0.0).to(tl.float32)
+        x_loc = (b64 * SXB + tq64 * SXT + h * SXH)[:, None] + offs_p[None, :]
+        x = tl.load(X + x_loc, mask=xp_mask, other=0.0).to(tl.float32)
         tl.store(DD_PART + ((b64 * NC + c) * H + h) * P + offs_p, tl.sum(dy * x, axis=0), mask=mask_p)
 
 
@@ -1780,16 +1785,15 @@ def _ssd_scan_impl(
         return y, final.to(_ssd_fin_dtype(x)) if want_final else scan_none(x), scan_none(x), scan_none(x)
     bsz, seqlen, nheads, hdim = x.shape
     dstate = B.shape[3]
-    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
-    z = z.contiguous() if z is not None else None
+    x, B, C, z = _ssd_rows(x), _ssd_rows(B), _ssd_rows(C), _ssd_rows(z)
     d_mat, h0c, (dt, A, dt_bias, la, w, e) = _ssd_kernel_inputs(D, h0, dt, A, dt_bias, la, w, e, nheads, hdim, generic)
     nchunks = triton.cdiv(seqlen, chunk_size)
-    y = torch.empty_like(x)
+    y = _ssd_new(x)
     final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
     ckpt = yp = None
     if grad:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
-        yp = torch.empty_like(x) if z is not None else None
+        yp = _ssd_new(x) if z is not None else None
     dot, prec = _ssd_dot_dtype(x)
     gates = tuple(t if t is not None else x for t in (dt, A, dt_bias, la, w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
@@ -1967,8 +1971,7 @@ def _ssd_scan_bwd_impl(
     if ckpt.numel() == 0:
         raise RuntimeError("ssd scan: backward needs the chunk states; run the forward with grad enabled")
     nheads, hdim = x.shape[2], x.shape[3]
-    x_c, B_c, C_c, dy = x.contiguous(), B.contiguous(), C.contiguous(), dy.contiguous()
-    z_c = z.contiguous() if z is not None else None
+    x_c, B_c, C_c, z_c, dy = _ssd_rows(x), _ssd_rows(B), _ssd_rows(C), _ssd_rows(z), dy.contiguous()
     d_mat, h0c, gates = _ssd_kernel_inputs(D, h0, dt, A, dt_bias, la, w, e, nheads, hdim, generic)
     dfin = dfinal.float().contiguous() if dfinal is not None else None
     run = _ssd_bwd if _ssd_desc_ok(x_c, B_c, C_c, ckpt, dy) else _ssd_bwd_padded
@@ -1979,8 +1982,33 @@ def _ssd_scan_bwd_impl(
     return tuple(g.to(t.dtype) if g is not None else scan_none(x) for g, t in zip(grads, inputs))
 
 
+def _ssd_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t itself where the kernels can read it in place, else a contiguous copy. In place: its rows contiguous and
+    every other stride positive and a multiple of 16 bytes, as for Mamba-3's x and z, slices of the input
+    projection's output. A strided bf16 copy kernel took 54.5 ms of mamba3-hybrid's 740 ms step on the H100
+    (record micro-batch, `bench/profile_step.py`), more than the scan's backward loop; these copies are its likely
+    source. Off unless SSD_TUNING["rows"]["in_place"] is set: the CPU tests cover it, the GPU has not checked it yet
+    (`bench/scan.py --check` runs Mamba-3 with x and z in place under this switch)."""
+    if t is None:
+        return None
+    if not SSD_TUNING.get("rows", {}).get("in_place"):
+        return t.contiguous()
+    aligned = all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+    positive = all(s > 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    if t.stride(-1) == 1 and aligned and positive:
+        return t
+    return t.contiguous()
+
+
+def _ssd_new(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of t's shape, dtype and device, whatever t's strides (the op's results are contiguous,
+    as its fake results are)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
-    """A (batch, T, H, cols) tensor's descriptor as (batch, H, T, cols) (strides permuted, no copy) with one chunk of
+    """A (batch, T, H, cols) tensor's descriptor (its own strides: a slice of a wider row needs no copy) as (batch, H,
+    T, cols) (strides permuted, no copy) with one chunk of
     one head, [1, 1, q, cols pow2], per block: unit dims only in front, so the kernel's [q, cols] view of a block
     needs no register reshape."""
     return TensorDescriptor.from_tensor(t.permute(0, 2, 1, 3), [1, 1, q, cols])
@@ -2011,7 +2039,7 @@ def _ssd_bwd(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_siz
     f32 = {"device": x.device, "dtype": torch.float32}
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-    dz = torch.empty_like(z) if z is not None else None
+    dz = _ssd_new(z) if z is not None else None
     dye = torch.empty_like(dy) if z is not None else dy
     # a per-head D's gradient comes from the loop (the sum of dy . x over positions), a per-column D's from the
     # pre-pass's column sums (it then reads x)
@@ -2022,16 +2050,17 @@ def _ssd_bwd(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_siz
     if z is not None or pre_dcol:
         _ssd_bwd_gate_kernel[(bsz * nchunks, nheads)](
             x, z if z is not None else x, yp if z is not None else x, dy, dz if z is not None else x, dye,
-            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, Q=chunk_size, BP=bp,
+            dd_part if dd_part is not None else x, seqlen, nheads, hdim, nchunks, *x.stride()[:3],
+            *(z if z is not None else x).stride()[:3], Q=chunk_size, BP=bp,
             HAS_Z=z is not None, HAS_D=pre_dcol, num_warps=4,
         )  # fmt: skip
-    dx = torch.empty_like(x)
+    dx = _ssd_new(x)
     grouped = ngroups < nheads
     red = _ssd_bc_red() if grouped else 0
     if grouped:  # the group's heads sum into these
         dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
     else:
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dB, dC = _ssd_new(B), _ssd_new(C)
     dla = dw = de = ddt = da = None
     if generic:
         dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
