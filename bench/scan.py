@@ -598,7 +598,7 @@ def main() -> int:
     parser.add_argument("--graphs", action="store_true", help="also time each op replayed from a CUDA graph")
     parser.add_argument("--tuning", type=tuning_arg, default={}, help='SSD_TUNING entries (JSON) for the check and the '
                         'timing, e.g. \'{"fwd": {"num_warps": 8}}\' or \'{"bwd": {"red": "ptr"}}\' (kinds: "fwd" '
-                        'the forward, "bwd" the backward, "state"; options: TUNING_OPTIONS)')  # fmt: skip
+                        'the forward, "bwd" the backward, "state", "rows"; options: TUNING_OPTIONS)')  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan.py needs a CUDA GPU (run it through the device); nothing measured", file=sys.stderr)
