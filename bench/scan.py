@@ -525,8 +525,8 @@ def check(device, limit: int | None = None) -> bool:
                 x, z = ins["x"], ins["z"]
                 if wide:  # as mamba3-hybrid passes them: slices of one projection row, with 64 more columns
                     row = torch.cat((z.flatten(2), x.flatten(2), z.new_zeros(*z.shape[:2], 64)), dim=-1)
-                    z, x = (row[..., k * x[0, 0].numel() :][..., : x[0, 0].numel()].unflatten(-1, x.shape[2:])
-                            for k in (0, 1))  # fmt: skip
+                    n = x[0, 0].numel()
+                    z, x = (row[..., k * n : (k + 1) * n].unflatten(-1, x.shape[2:]) for k in (0, 1))
                 y, fin = fn(x, ins["dt"], ins["adt"], ins["trap"], ins["q"], ins["k"], ins["angles"],
                             q_bias=ins["q_bias"], k_bias=ins["k_bias"], D=ins["D"], z=z, chunk_size=CHUNK,
                             initial_state=st, return_final_state=True)  # fmt: skip
