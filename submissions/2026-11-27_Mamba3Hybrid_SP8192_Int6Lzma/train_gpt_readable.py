@@ -1788,12 +1788,12 @@ def _ssd_scan_impl(
     x, B, C, z = _ssd_rows(x), _ssd_rows(B), _ssd_rows(C), _ssd_rows(z)
     d_mat, h0c, (dt, A, dt_bias, la, w, e) = _ssd_kernel_inputs(D, h0, dt, A, dt_bias, la, w, e, nheads, hdim, generic)
     nchunks = triton.cdiv(seqlen, chunk_size)
-    y = _ssd_new(x)
+    y = x.new_empty(x.shape)
     final = torch.empty(bsz, nheads, hdim, dstate, device=x.device, dtype=torch.float32) if want_final else None
     ckpt = yp = None
     if grad:
         ckpt = torch.empty(bsz, nheads, nchunks, dstate, hdim, device=x.device, dtype=_ssd_state_dtype(x))
-        yp = _ssd_new(x) if z is not None else None
+        yp = x.new_empty(x.shape) if z is not None else None
     dot, prec = _ssd_dot_dtype(x)
     gates = tuple(t if t is not None else x for t in (dt, A, dt_bias, la, w))
     flags = {"GENERIC": generic, "DT_SOFTPLUS": dt_softplus, "HAS_DTB": dt_bias is not None, "DOT": dot, "PREC": prec}
@@ -2000,12 +2000,6 @@ def _ssd_rows(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def _ssd_new(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor of t's shape, dtype and device, whatever t's strides (the op's results are contiguous,
-    as its fake results are)."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
     """A (batch, T, H, cols) tensor's descriptor (its own strides: a slice of a wider row needs no copy) as (batch, H,
     T, cols) (strides permuted, no copy) with one chunk of
@@ -2039,7 +2033,7 @@ def _ssd_bwd(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_siz
     f32 = {"device": x.device, "dtype": torch.float32}
     dot, prec = _ssd_dot_dtype(x)
     bp, bn = _ssd_pow2(hdim), _ssd_pow2(dstate)
-    dz = _ssd_new(z) if z is not None else None
+    dz = z.new_empty(z.shape) if z is not None else None
     dye = torch.empty_like(dy) if z is not None else dy
     # a per-head D's gradient comes from the loop (the sum of dy . x over positions), a per-column D's from the
     # pre-pass's column sums (it then reads x)
@@ -2054,13 +2048,13 @@ def _ssd_bwd(x, gates, B, C, d_mat, d_head, z, yp, h0, ckpt, dy, dfin, chunk_siz
             *(z if z is not None else x).stride()[:3], Q=chunk_size, BP=bp,
             HAS_Z=z is not None, HAS_D=pre_dcol, num_warps=4,
         )  # fmt: skip
-    dx = _ssd_new(x)
+    dx = x.new_empty(x.shape)
     grouped = ngroups < nheads
     red = _ssd_bc_red() if grouped else 0
     if grouped:  # the group's heads sum into these
         dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
     else:
-        dB, dC = _ssd_new(B), _ssd_new(C)
+        dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
     dla = dw = de = ddt = da = None
     if generic:
         dla, dw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
