@@ -445,7 +445,6 @@ TUNING_OPTIONS = {
     # instead of TMA reduce-add)
     "bwd": {"num_warps", "num_stages", "maxnreg", "red"},
     "state": {"fp32"},  # fp32 chunk states instead of the dot dtype's (what bf16 costs)
-    "rows": {"in_place"},  # x and z read where they lie (slices of a wider row) instead of contiguous copies
 }
 
 
@@ -534,7 +533,7 @@ def check(device, limit: int | None = None) -> bool:
 
             m3_forms = [("", None, False)]
             if (seq, groups) == m3_shapes[0]:
-                m3_forms.append((" x, z in place", {"rows": {"in_place": 1}}, True))
+                m3_forms.append((" x, z in place", None, True))
             for label, form, wide in m3_forms:
                 errs = tuned(form, compare, lambda i, w=wide: run_m3(i, mamba3_siso_scan, w),
                              lambda i, w=wide: run_m3(i, mamba3_siso_scan_ref, w), base)  # fmt: skip
@@ -598,7 +597,7 @@ def main() -> int:
     parser.add_argument("--graphs", action="store_true", help="also time each op replayed from a CUDA graph")
     parser.add_argument("--tuning", type=tuning_arg, default={}, help='SSD_TUNING entries (JSON) for the check and the '
                         'timing, e.g. \'{"fwd": {"num_warps": 8}}\' or \'{"bwd": {"red": "ptr"}}\' (kinds: "fwd" '
-                        'the forward, "bwd" the backward, "state", "rows"; options: TUNING_OPTIONS)')  # fmt: skip
+                        'the forward, "bwd" the backward, "state"; options: TUNING_OPTIONS)')  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/scan.py needs a CUDA GPU (run it through the device); nothing measured", file=sys.stderr)

@@ -1985,14 +1985,10 @@ def _ssd_scan_bwd_impl(
 def _ssd_rows(t: torch.Tensor | None) -> torch.Tensor | None:
     """t itself where the kernels can read it in place, else a contiguous copy. In place: its rows contiguous and
     every other stride positive and a multiple of 16 bytes, as for Mamba-3's x and z, slices of the input
-    projection's output. A strided bf16 copy kernel took 54.5 ms of mamba3-hybrid's 740 ms step on the H100
-    (record micro-batch, `bench/profile_step.py`), more than the scan's backward loop; these copies are its likely
-    source. Off unless SSD_TUNING["rows"]["in_place"] is set: the CPU tests cover it, the GPU has not checked it yet
-    (`bench/scan.py --check` runs Mamba-3 with x and z in place under this switch)."""
+    projection's output. Copying them cost mamba3-hybrid 54.5 ms of its 743 ms step on the H100 (record micro-batch,
+    `bench/profile_step.py`); read in place, the step took 694 ms (docs/benchmarks.md)."""
     if t is None:
         return None
-    if not SSD_TUNING.get("rows", {}).get("in_place"):
-        return t.contiguous()
     aligned = all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
     positive = all(s > 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
     if t.stride(-1) == 1 and aligned and positive:

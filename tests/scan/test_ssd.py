@@ -666,10 +666,9 @@ def _strided_run(ssd, wide_cols, d_per_head, dtype=torch.float32, seed=21):
 
 @pytest.mark.parametrize("d_per_head", [True, False])
 def test_strided_x_and_z_are_read_in_place(ssd, monkeypatch, d_per_head):
-    """With SSD_TUNING["rows"]["in_place"], x and z as slices of a wider row (40 fp32 columns, 160 bytes; z from
+    """x and z as slices of a wider row (40 fp32 columns, 160 bytes; z from
     column 0, x from column 32) reach the kernels without a copy, forward and backward (the pre-pass reads z for the
     gate, and x for a per-column D), and give what contiguous copies give."""
-    monkeypatch.setitem(ssd.SSD_TUNING, "rows", {"in_place": 1})
     seen = {}
     for name in ("_ssd_fwd", "_ssd_bwd"):
         original = getattr(ssd, name)
@@ -685,16 +684,13 @@ def test_strided_x_and_z_are_read_in_place(ssd, monkeypatch, d_per_head):
         assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), _rel(got, ref)
 
 
-def test_rows_that_descriptors_cannot_take_are_copied(ssd, monkeypatch):
+def test_rows_that_descriptors_cannot_take_are_copied(ssd):
     """_ssd_rows keeps a tensor whose strides the tensor descriptors take and copies one they cannot: a row stride
     that is not a multiple of 16 bytes, a broadcast (stride 0) dimension, or a transposed last dimension. Without
-    the switch it copies every strided tensor, as before it existed."""
+    a contiguous tensor is passed as it is."""
     wide = torch.randn(2, 5, 40)
     aligned = wide[..., 8:24].reshape(2, 5, 2, 8)
-    copied = ssd._ssd_rows(aligned)
-    assert copied is not aligned and copied.is_contiguous() and torch.equal(copied, aligned)
-    monkeypatch.setitem(ssd.SSD_TUNING, "rows", {"in_place": 1})
-    assert ssd._ssd_rows(aligned) is aligned
+    assert ssd._ssd_rows(aligned) is aligned and ssd._ssd_rows(wide) is wide
     for bad in (torch.randn(2, 5, 37)[..., :16].reshape(2, 5, 2, 8), torch.randn(2, 1, 1, 8).expand(2, 5, 2, 8),
                 torch.randn(2, 5, 8, 2).transpose(-1, -2)):  # fmt: skip
         kept = ssd._ssd_rows(bad)
@@ -702,10 +698,9 @@ def test_rows_that_descriptors_cannot_take_are_copied(ssd, monkeypatch):
     assert ssd._ssd_rows(None) is None
 
 
-def test_strided_rows_that_descriptors_cannot_take_still_match(ssd, monkeypatch):
+def test_strided_rows_that_descriptors_cannot_take_still_match(ssd):
     """With a wider row of 37 fp32 columns (148 bytes, not a multiple of 16) x and z are copied, and the results
     are those of contiguous inputs."""
-    monkeypatch.setitem(ssd.SSD_TUNING, "rows", {"in_place": 1})
     strided, dense = _strided_run(ssd, 2 * 2 * 16 + 5, True)
     for got, ref in zip(strided, dense):
         assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), _rel(got, ref)

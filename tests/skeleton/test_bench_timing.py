@@ -114,7 +114,6 @@ def test_tuning_argument_takes_known_kinds_and_options_only():
         "fwd": {"num_warps": 8},
         "state": {"fp32": True},
     }
-    assert scan.tuning_arg('{"rows": {"in_place": 1}}') == {"rows": {"in_place": 1}}
     assert scan.tuning_arg('{"bwd": {"red": "ptr", "num_warps": 8, "num_stages": 2}}') == {
         "bwd": {"red": "ptr", "num_warps": 8, "num_stages": 2}
     }
