@@ -1177,10 +1177,15 @@ def _sel_config(DM: int, N: int, config: dict | None) -> dict:
     in parallel (0: chosen from the shape, see `_sel_segments`). On the H100 at the reference shape (N 16) one warp
     of 32 channels (a channel's 16 states as 4 x 4 per thread) was fastest for both; 64 channels per warp make the
     forward slower and spill in the backward, several warps add barriers. Wider states keep 512 state elements per
-    warp (N 64: 8 channels), which keeps the backward's tiles in registers."""
+    warp (N 64: 8 channels), which keeps the backward's tiles in registers. BWD_REGS caps the backward's registers
+    (0: no cap). It holds 220-255, so eight one-warp programs fit per SM and the loop waits on its own dependent
+    chains (Nsight Compute: 1.9 warps per scheduler, issue slots 55% busy). On the H100 (graphed fwd+bwd) a cap of
+    128 took N 16 at D 1024, 64 x 1024, from 3.315 to 3.209 ms (168: 3.461), and 168 took ttsm's shape from 1.309 to
+    1.273 (128: 1.70, 200: 1.57)."""
     bn = triton.next_power_of_2(N)
     bd = max(8, 512 // bn)
-    cfg = {"BD": bd, "CK": 128, "BN": bn, "num_warps": 1, "FWD_BD": bd, "FWD_WARPS": 1, "SEG": 0}
+    regs = 128 if bn <= 16 else 168
+    cfg = {"BD": bd, "CK": 128, "BN": bn, "num_warps": 1, "FWD_BD": bd, "FWD_WARPS": 1, "SEG": 0, "BWD_REGS": regs}
     if os.environ.get("TRITON_INTERPRET") == "1":
         cfg.update(BD=4, CK=8, FWD_BD=8)
     if config:
@@ -1374,7 +1379,7 @@ def _sel_scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, h0, ck, dout, dfin, 
     flags = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         HAS_H0=h0c is not None, HAS_DFIN=True, ASM=_sel_asm(), CK=cfg["CK"], BD=cfg["BD"], BN=cfg["BN"],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], **({"maxnreg": cfg["BWD_REGS"]} if cfg["BWD_REGS"] > 0 else {}),
     )  # fmt: skip
     if nseg > 1:
         _sel_bwd_kernel[(Bsz, nblk, nseg - 1)](*args, 1, LOCAL=True, CARRY_IN=False, **flags)

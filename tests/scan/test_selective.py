@@ -209,3 +209,29 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
     mod = importlib.import_module("templates.scan.selective")
     inputs = {k: (v.cpu() if v is not None else None) for k, v in make_inputs(1, 6, 3, 2, torch.float32).items()}
     assert torch.equal(mod.selective_scan(**inputs), mod.selective_scan_ref(**inputs))
+
+
+@pytest.mark.parametrize("N, regs", [(16, 128), (64, 168), (16, 0)])
+def test_backward_register_cap(sel, monkeypatch, N, regs):
+    """The backward launches under the register cap its state width was timed with on the H100 (`_sel_config`):
+    128 for N <= 16, 168 above; BWD_REGS 0 launches it uncapped. The gradients stay the reference's."""
+    seen = []
+    kernel = sel._sel_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs.get("maxnreg"))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(sel, "_sel_bwd_kernel", Spy())
+    inputs = make_inputs(1, 9, 4, N, torch.float32, h0=False)
+    cots = [torch.randn(1, 9, 4, device=DEV, dtype=torch.float64), torch.randn(1, 4, N, device=DEV).double()]
+    config = {"BWD_REGS": 0} if regs == 0 else None
+    y, fin, g = run(sel.selective_scan, inputs, cots, config=config)
+    y_ref, fin_ref, g_ref = run(ref64(sel), inputs, cots)
+    assert seen and all(r == (regs or None) for r in seen)  # the segments' summary pass too, where there is one
+    for name in g:
+        assert rel_err(g[name], g_ref[name]) < 1e-5, name
