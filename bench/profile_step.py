@@ -70,6 +70,24 @@ def load_script(name: str, folder: Path, env: dict[str, str]):
     return module
 
 
+def train_step(model, base, optimizers: list, x, y, accum: int, graph_grads: bool) -> None:
+    """One optimiser step of accum micro-steps, as the script's own loop takes it. graph_grads (a compile mode with
+    CUDA graphs): the first micro-step's .grad is the backward graph's output, which the next replay overwrites, so
+    it is cloned before the next micro-step adds to it."""
+    import torch
+
+    for micro in range(accum):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            loss = model(x, y)
+        (loss / accum).backward()
+        if micro == 0 and graph_grads and accum > 1:
+            for param in base.parameters():
+                param.grad = None if param.grad is None else param.grad.clone()
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def profile_variant(name: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -100,14 +118,10 @@ def profile_variant(name: str, args: argparse.Namespace) -> dict:
     x = torch.randint(0, cfg.vocab_size, (rows, seq), device=device)
     y = torch.randint(0, cfg.vocab_size, (rows, seq), device=device)
 
+    graph_grads = hp.compile and hp.compile_mode in ("reduce-overhead", "max-autotune")
+
     def step() -> None:
-        for _ in range(accum):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(x, y)
-            (loss / accum).backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        train_step(model, base, optimizers, x, y, accum, graph_grads)
 
     started = time.perf_counter()
     for _ in range(3):  # compile and autotune

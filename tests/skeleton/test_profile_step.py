@@ -56,3 +56,33 @@ def test_the_assembled_script_gives_the_profiler_its_parts(tmp_path, monkeypatch
 def test_markdown_names_a_failed_variant():
     text = _profiler().markdown([{"variant": "lru", "error": "exit 1: CUDA error"}])
     assert "lru: failed" in text and "CUDA error" in text
+
+
+@pytest.mark.parametrize("graph_grads", [False, True])
+def test_a_step_under_cuda_graphs_clones_the_first_micro_steps_gradients(graph_grads):
+    """Under a CUDA-graph compile mode the first micro-step's .grad is a graph output that the next replay
+    overwrites: the profiler's step clones it before the second micro-step adds to it, as the script's loop does
+    (without that, ttsm's reduce-overhead step failed under the profiler). The summed gradient is the same."""
+    import torch
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(4, 3)
+    model = lambda x, y: torch.nn.functional.mse_loss(base(x).float(), y)  # noqa: E731
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    first_ptr = []
+    base.weight.register_post_accumulate_grad_hook(lambda p: first_ptr.append(p.grad.data_ptr()))
+    seen = {}
+
+    class Record(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self):
+            seen["ptr"] = base.weight.grad.data_ptr()
+            seen["grad"] = base.weight.grad.clone()
+
+    _profiler().train_step(model, base, [Record(base.parameters())], x, y, 2, graph_grads)
+    assert len(first_ptr) == 2 and (seen["ptr"] != first_ptr[0]) == graph_grads
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.autograd.grad(model(x, y), base.weight)[0]
+    assert torch.allclose(seen["grad"], expected, atol=1e-6)
