@@ -1998,9 +1998,8 @@ def _ssd_rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _ssd_desc(t: torch.Tensor, q: int, cols: int) -> TensorDescriptor:
     """A (batch, T, H, cols) tensor's descriptor (its own strides: a slice of a wider row needs no copy) as (batch, H,
-    T, cols) (strides permuted, no copy) with one chunk of
-    one head, [1, 1, q, cols pow2], per block: unit dims only in front, so the kernel's [q, cols] view of a block
-    needs no register reshape."""
+    T, cols) (strides permuted, no copy) with one chunk of one head, [1, 1, q, cols pow2], per block: unit dims only
+    in front, so the kernel's [q, cols] view of a block needs no register reshape."""
     return TensorDescriptor.from_tensor(t.permute(0, 2, 1, 3), [1, 1, q, cols])
 
 
