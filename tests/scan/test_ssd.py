@@ -237,14 +237,15 @@ def _run_generic(fn, inp, opts, chunk, with_final, cast=None, shift=()):
     return res | {f"d{n}": g for n, g in zip(names, grads)}
 
 
-def _count(ssd, monkeypatch, name: str) -> list:
-    """Calls of the module function `name` (so a test can assert that it ran, or that it did not)."""
+def _count(ssd, monkeypatch, name: str, record=lambda *args, **kwargs: 1) -> list:
+    """Calls of the module function `name` (so a test can assert that it ran, or that it did not), each as what
+    `record` makes of the call's arguments."""
     calls = []
     original = getattr(ssd, name)
 
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
+    def counted(*args, **kwargs):
+        calls.append(record(*args, **kwargs))
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(ssd, name, counted)
     return calls
@@ -618,15 +619,7 @@ def test_launch_options(ssd, monkeypatch):
 def test_forward_is_lean_only_for_the_ungated_mamba2_form(ssd, monkeypatch):
     """Which calls the forward launches as lean: Mamba-2's form without z at chunk, P, N <= 64; not with z, not the
     generic (Mamba-3) form, not at chunk 128."""
-    seen = []
-    original = ssd._ssd_launch
-
-    def spy(kind, q, dot, lean=False):
-        if kind == "fwd":
-            seen.append(lean)
-        return original(kind, q, dot, lean)
-
-    monkeypatch.setattr(ssd, "_ssd_launch", spy)
+    seen = _count(ssd, monkeypatch, "_ssd_launch", lambda kind, *_, lean=False: (kind, lean))
     inp = _scan_inputs(1, 40, 2, 16, 16, torch.float32, seed=9)
     x, B, C = inp["x"], inp["B"], inp["C"]
     dt = torch.rand(1, 40, 2)
@@ -636,7 +629,7 @@ def test_forward_is_lean_only_for_the_ungated_mamba2_form(ssd, monkeypatch):
         ssd.ssd_scan(x, dt, A, B, C, 32, z=torch.randn_like(x))
         ssd.ssd_scan(x, dt, A, B, C, 128)
         ssd.ssd_generic_scan(x, -dt, dt, B, C, 32)
-    assert seen == [True, False, False, False]
+    assert [lean for kind, lean in seen if kind == "fwd"] == [True, False, False, False]
 
 
 def _strided_run(ssd, wide_cols, d_per_head, dtype=torch.float32, seed=21):
@@ -666,18 +659,10 @@ def _strided_run(ssd, wide_cols, d_per_head, dtype=torch.float32, seed=21):
 
 @pytest.mark.parametrize("d_per_head", [True, False])
 def test_strided_x_and_z_are_read_in_place(ssd, monkeypatch, d_per_head):
-    """x and z as slices of a wider row (40 fp32 columns, 160 bytes; z from
-    column 0, x from column 32) reach the kernels without a copy, forward and backward (the pre-pass reads z for the
-    gate, and x for a per-column D), and give what contiguous copies give."""
-    seen = {}
-    for name in ("_ssd_fwd", "_ssd_bwd"):
-        original = getattr(ssd, name)
-
-        def spy(*args, _name=name, _orig=original):
-            seen.setdefault(_name, []).append(args[0].is_contiguous())
-            return _orig(*args)
-
-        monkeypatch.setattr(ssd, name, spy)
+    """x and z as slices of a wider row (40 fp32 columns, 160 bytes; z from column 0, x from column 32) reach the
+    kernels without a copy, forward and backward (the pre-pass reads z for the gate, and x for a per-column D), and
+    give what contiguous copies give."""
+    seen = {name: _count(ssd, monkeypatch, name, lambda x, *_: x.is_contiguous()) for name in ("_ssd_fwd", "_ssd_bwd")}
     strided, dense = _strided_run(ssd, 2 * 2 * 16 + 8, d_per_head)
     assert seen["_ssd_fwd"] == [False, True] and seen["_ssd_bwd"] == [False, True]
     for got, ref in zip(strided, dense):
@@ -686,8 +671,8 @@ def test_strided_x_and_z_are_read_in_place(ssd, monkeypatch, d_per_head):
 
 def test_rows_that_descriptors_cannot_take_are_copied(ssd):
     """_ssd_rows keeps a tensor whose strides the tensor descriptors take and copies one they cannot: a row stride
-    that is not a multiple of 16 bytes, a broadcast (stride 0) dimension, or a transposed last dimension. Without
-    a contiguous tensor is passed as it is."""
+    that is not a multiple of 16 bytes, a broadcast (stride 0) dimension, or a transposed last dimension; a
+    contiguous tensor is passed as it is."""
     wide = torch.randn(2, 5, 40)
     aligned = wide[..., 8:24].reshape(2, 5, 2, 8)
     assert ssd._ssd_rows(aligned) is aligned and ssd._ssd_rows(wide) is wide
