@@ -128,6 +128,7 @@ def test_tuning_argument_takes_known_kinds_and_options_only():
         ('{"fused": {"red": "ptr"}}', "unknown kind 'fused'"),  # the backward is "bwd": one form
         ('{"carry": {"bp": 32}}', "unknown kind 'carry'"),  # the split backward is gone
         ('{"bwd": {"on": 0}}', r"unknown bwd option\(s\) \['on'\]"),  # and its switch
+        ('{"rows": {"in_place": 1}}', "unknown kind 'rows'"),  # x and z are read in place always: no switch
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             scan.tuning_arg(bad)
